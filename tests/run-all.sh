@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the tests need, builds everything with warnings as errors, runs every test project
+# (unit and integration) and prints one summary line: "N passed, N failed, N skipped".
+set -uo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+bash integration/install-deps.sh || exit 1
+dotnet build Stargz.sln -c Release -warnaserror -nologo -v q || exit 1
+results="$top/artifacts/test-results"
+rm -rf "$results"; mkdir -p "$results"
+rc=0
+# Projects run one after another: integration tests start containerd/registries and mount FUSE,
+# and the machine has 2 cores.
+for proj in $(find tests integration -name '*.Tests.csproj' | sort); do
+  name=$(basename "$proj" .csproj)
+  echo "=== $name"
+  dotnet test --project "$proj" -c Release --no-build --results-directory "$results/$name" --report-trx \
+    --minimum-expected-tests 1 -- ${STARGZ_TEST_ARGS:-} || rc=1
+done
+python3 - "$results" <<'PY'
+import sys, glob, xml.etree.ElementTree as ET
+p = f = s = 0
+for trx in glob.glob(sys.argv[1] + "/**/*.trx", recursive=True):
+    c = ET.parse(trx).getroot().find(".//{*}ResultSummary/{*}Counters")
+    if c is None: continue
+    p += int(c.get("passed", 0)); f += int(c.get("failed", 0)) + int(c.get("error", 0))
+    s += int(c.get("notExecuted", 0))
+print(f"Tests: {p} passed, {f} failed, {s} skipped")
+PY
+exit $rc
