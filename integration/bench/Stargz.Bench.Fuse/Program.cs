@@ -1,0 +1,2 @@
+Console.Error.WriteLine("benchmark not written yet");
+return 2;
