@@ -1,0 +1,161 @@
+using System.Diagnostics;
+
+namespace Stargz.TestSupport;
+
+/// <summary>
+/// A private containerd 1.6 (Debian package) with its own root, state and socket, optionally routing the snapshotter
+/// name <c>stargz</c> to our daemon through a proxy plugin. Dispose stops it and unmounts what it left under its dirs.
+/// </summary>
+public sealed class LocalContainerd : IAsyncDisposable
+{
+    private readonly Process _process;
+    private readonly TempDir _dir;
+
+    public string Socket { get; }
+    public string RootDir { get; }
+    public string StateDir { get; }
+    public string ConfigPath { get; }
+    public string LogPath { get; }
+    public string Namespace { get; } = "default";
+
+    private LocalContainerd(Process p, TempDir dir, string socket, string config, string log)
+    {
+        _process = p; _dir = dir; Socket = socket; ConfigPath = config; LogPath = log;
+        RootDir = Path.Combine(dir.Path, "root");
+        StateDir = Path.Combine(dir.Path, "state");
+    }
+
+    /// <param name="stargzSocket">our daemon's socket for the `stargz` proxy plugin, or null for none.</param>
+    /// <param name="enableCri">load the CRI plugin with `stargz` as its snapshotter (kubelet path).</param>
+    /// <param name="extraToml">appended verbatim to the config.</param>
+    public static async Task<LocalContainerd> StartAsync(string? stargzSocket = null, bool enableCri = false, string? extraToml = null)
+    {
+        Requires.Root();
+        var bin = Requires.Command("containerd");
+        Requires.Command("runc");
+        // Socket paths must stay short (108 bytes), so the dir lives directly under /tmp.
+        var dir = new TempDir("ctd");
+        var sock = Path.Combine(dir.Path, "c.sock");
+        var cfg = Path.Combine(dir.Path, "config.toml");
+        var log = Path.Combine(dir.Path, "containerd.log");
+        var toml = $"""
+            version = 2
+            root = "{dir.Path}/root"
+            state = "{dir.Path}/state"
+            {(enableCri ? "" : "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]")}
+            [grpc]
+              address = "{sock}"
+            [ttrpc]
+              address = "{sock}.ttrpc"
+            [debug]
+              address = ""
+            [metrics]
+              address = ""
+            """;
+        if (stargzSocket != null)
+            toml += $"""
+
+            [proxy_plugins]
+              [proxy_plugins.stargz]
+                type = "snapshot"
+                address = "{stargzSocket}"
+            """;
+        if (enableCri)
+            toml += $"""
+
+            [plugins."io.containerd.grpc.v1.cri"]
+              disable_snapshot_annotations = false
+              sandbox_image = "127.0.0.1/none/pause:never"
+              [plugins."io.containerd.grpc.v1.cri".containerd]
+                snapshotter = "stargz"
+              [plugins."io.containerd.grpc.v1.cri".cni]
+                bin_dir = "{dir.Path}/cni-bin"
+                conf_dir = "{dir.Path}/cni-conf"
+            """;
+        if (extraToml != null) toml += "\n" + extraToml;
+        await File.WriteAllTextAsync(cfg, toml + "\n");
+        var psi = new ProcessStartInfo(bin) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
+        psi.ArgumentList.Add("--config");
+        psi.ArgumentList.Add(cfg);
+        var logWriter = new StreamWriter(log) { AutoFlush = true };
+        var p = Process.Start(psi) ?? throw new InvalidOperationException("cannot start containerd");
+        p.OutputDataReceived += (_, e) => { if (e.Data != null) lock (logWriter) logWriter.WriteLine(e.Data); };
+        p.ErrorDataReceived += (_, e) => { if (e.Data != null) lock (logWriter) logWriter.WriteLine(e.Data); };
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        var c = new LocalContainerd(p, dir, sock, cfg, log);
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+        while (DateTime.UtcNow < deadline)
+        {
+            if (p.HasExited) throw new InvalidOperationException($"containerd exited {p.ExitCode}: {c.ReadLog()}");
+            if (File.Exists(sock) && (await c.CtrAsync("version")).ExitCode == 0) return c;
+            await Task.Delay(100);
+        }
+        await c.DisposeAsync();
+        throw new TimeoutException("containerd did not come up within 30 s");
+    }
+
+    public string ReadLog()
+    {
+        try
+        {
+            using var fs = new FileStream(LogPath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+            using var r = new StreamReader(fs);
+            return r.ReadToEnd();
+        }
+        catch (IOException e) { return $"(log unreadable: {e.Message})"; }
+    }
+
+    /// <summary>Runs `ctr -a SOCK -n NS args...`.</summary>
+    public Task<ProcessResult> CtrAsync(params string[] args) => RunTool("ctr", args);
+
+    /// <summary>Runs `ctr-remote -a SOCK -n NS args...` (the reference's eStargz tools).</summary>
+    public Task<ProcessResult> CtrRemoteAsync(params string[] args) => RunTool("ctr-remote", args);
+
+    private Task<ProcessResult> RunTool(string tool, string[] args, TimeSpan? timeout = null)
+    {
+        var all = new List<string> { "-a", Socket, "-n", Namespace };
+        all.AddRange(args);
+        return ProcessRunner.RunAsync(Requires.Command(tool), all, timeout ?? TimeSpan.FromMinutes(5));
+    }
+
+    /// <summary>
+    /// Converts a plain image in the registry to eStargz (or zstd:chunked) with the reference tool and pushes it:
+    /// pull SRC, `ctr-remote image convert --oci --estargz SRC DST`, push DST. Returns DST.
+    /// </summary>
+    public async Task<string> ConvertWithReferenceAsync(string src, string dst, bool zstdChunked = false, params string[] extraConvertArgs)
+    {
+        (await CtrAsync("image", "pull", "--plain-http", src)).EnsureSuccess($"ctr pull {src}");
+        var conv = new List<string> { "image", "convert", "--oci", zstdChunked ? "--zstdchunked" : "--estargz" };
+        conv.AddRange(extraConvertArgs);
+        conv.Add(src);
+        conv.Add(dst);
+        (await CtrRemoteAsync(conv.ToArray())).EnsureSuccess($"ctr-remote convert {src} -> {dst}");
+        (await CtrAsync("image", "push", "--plain-http", dst)).EnsureSuccess($"ctr push {dst}");
+        return dst;
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        try
+        {
+            // Tasks first, so runc shims do not outlive the test.
+            var tasks = await CtrAsync("tasks", "ls", "-q");
+            foreach (var id in tasks.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+                await CtrAsync("tasks", "kill", "-s", "SIGKILL", id);
+        }
+        catch (Exception e) when (e is InvalidOperationException or TimeoutException or IOException) { }
+        try
+        {
+            if (!_process.HasExited)
+            {
+                _process.Kill();
+                await _process.WaitForExitAsync();
+            }
+        }
+        catch (InvalidOperationException) { }
+        _process.Dispose();
+        Mounts.UnmountAllUnder(_dir.Path);
+        _dir.Dispose();
+    }
+}
