@@ -38,6 +38,28 @@ public class HarnessTests
         Assert.Contains("containerd.io/snapshot/stargz/toc.digest", manifest.StdOut);
     }
 
+    [Fact]
+    public async Task PythonImageOfThreeLayersRunsItsInterpreterOnRealContainerd()
+    {
+        Requires.Root();
+        var ct = TestContext.Current.CancellationToken;
+        await using var registry = await LocalRegistry.StartAsync();
+        using var work = new TempDir("harness-py");
+        var layers = TestImages.WritePythonLayers(work.Path, dataMegabytes: 8);
+        var layout = Path.Combine(work.Path, "oci");
+        await TestImages.BuildAsync(layout, "v1", layers);
+        await TestImages.PushAsync(layout, "v1", registry.Host, "harness/python:v1");
+        await using var ctd = await LocalContainerd.StartAsync();
+        var src = $"{registry.Host}/harness/python:v1";
+        (await ctd.CtrAsync("image", "pull", "--plain-http", src)).EnsureSuccess("ctr pull");
+        var run = await ctd.CtrAsync("run", "--rm", src, "harness-py", "/usr/bin/python3", "-c",
+            "import json, hashlib; print(json.dumps({'sha': hashlib.sha256(open('/data/message.txt','rb').read()).hexdigest()[:12]}))");
+        run.EnsureSuccess("ctr run python3");
+        var expected = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(
+            await File.ReadAllBytesAsync(Path.Combine(layers[2], "data", "message.txt"), ct)))[..12];
+        Assert.Equal($"{{\"sha\": \"{expected}\"}}", run.StdOut.Trim());
+    }
+
     private static async Task<string> ManifestDigest(LocalContainerd ctd, string image)
     {
         var ls = (await ctd.CtrAsync("images", "ls")).EnsureSuccess("ctr images ls").StdOut;

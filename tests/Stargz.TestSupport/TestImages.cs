@@ -60,4 +60,59 @@ public static class TestImages
         foreach (var d in new[] { "etc", "tmp", "proc", "sys", "dev", "root" })
             Directory.CreateDirectory(Path.Combine(rootDir, d));
     }
+
+    /// <summary>
+    /// Lays out the three layer directories of a ~200 MB image with a real program: (1) busybox + the C libraries
+    /// python3 needs, (2) the python3.11 interpreter and its stdlib, (3) dist-packages plus
+    /// <paramref name="dataMegabytes"/> MB of incompressible generated data under /data (so a lazy pull that fetches
+    /// only what it needs is visibly smaller than the image). Returns the three dirs.
+    /// </summary>
+    public static IReadOnlyList<string> WritePythonLayers(string workDir, int dataMegabytes = 100)
+    {
+        var python = "/usr/bin/python3.11";
+        if (!File.Exists(python)) Requires.Missing("python3.11 (Debian package python3) is not installed");
+        var l1 = Path.Combine(workDir, "py-l1");
+        var l2 = Path.Combine(workDir, "py-l2");
+        var l3 = Path.Combine(workDir, "py-l3");
+        WriteBusybox(l1);
+        foreach (var lib in new[] { "libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1" })
+            CopyResolved($"/lib/x86_64-linux-gnu/{lib}", Path.Combine(l1, "lib/x86_64-linux-gnu", lib));
+        CopyResolved("/lib64/ld-linux-x86-64.so.2", Path.Combine(l1, "lib64/ld-linux-x86-64.so.2"));
+        CopyResolved(python, Path.Combine(l2, "usr/bin/python3.11"));
+        File.CreateSymbolicLink(Path.Combine(l2, "usr/bin/python3"), "python3.11");
+        CopyTree("/usr/lib/python3.11", Path.Combine(l2, "usr/lib/python3.11"));
+        if (Directory.Exists("/usr/lib/python3/dist-packages"))
+            CopyTree("/usr/lib/python3/dist-packages", Path.Combine(l3, "usr/lib/python3/dist-packages"));
+        var data = Path.Combine(l3, "data");
+        Directory.CreateDirectory(data);
+        var rng = new Random(20261123);
+        var buf = new byte[1 << 20];
+        for (int i = 0; i < dataMegabytes; i++)
+        {
+            rng.NextBytes(buf);
+            File.WriteAllBytes(Path.Combine(data, $"blob-{i:D3}.bin"), buf);
+        }
+        File.WriteAllText(Path.Combine(data, "message.txt"), "hello from the python image\n");
+        return [l1, l2, l3];
+    }
+
+    private static void CopyResolved(string src, string dst)
+    {
+        Directory.CreateDirectory(Path.GetDirectoryName(dst)!);
+        var real = new FileInfo(src).ResolveLinkTarget(returnFinalTarget: true)?.FullName ?? src;
+        File.Copy(real, dst, overwrite: true);
+        File.SetUnixFileMode(dst, File.GetUnixFileMode(real));
+    }
+
+    private static void CopyTree(string src, string dst)
+    {
+        Directory.CreateDirectory(dst);
+        foreach (var entry in new DirectoryInfo(src).EnumerateFileSystemInfos())
+        {
+            var target = Path.Combine(dst, entry.Name);
+            if (entry.LinkTarget != null) File.CreateSymbolicLink(target, entry.LinkTarget);
+            else if (entry is DirectoryInfo) { if (entry.Name != "__pycache__") CopyTree(entry.FullName, target); }
+            else if (entry is FileInfo f) { f.CopyTo(target, overwrite: true); File.SetUnixFileMode(target, f.UnixFileMode); }
+        }
+    }
 }
