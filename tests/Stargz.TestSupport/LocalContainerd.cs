@@ -26,9 +26,10 @@ public sealed class LocalContainerd : IAsyncDisposable
     }
 
     /// <param name="stargzSocket">our daemon's socket for the `stargz` proxy plugin, or null for none.</param>
-    /// <param name="enableCri">load the CRI plugin with `stargz` as its snapshotter (kubelet path).</param>
+    /// <param name="enableCri">load the CRI plugin (kubelet path) with <paramref name="criSnapshotter"/> as its snapshotter.</param>
     /// <param name="extraToml">appended verbatim to the config.</param>
-    public static async Task<LocalContainerd> StartAsync(string? stargzSocket = null, bool enableCri = false, string? extraToml = null)
+    public static async Task<LocalContainerd> StartAsync(string? stargzSocket = null, bool enableCri = false, string? extraToml = null,
+        string criSnapshotter = "stargz")
     {
         Requires.Root();
         var bin = Requires.Command("containerd");
@@ -67,7 +68,7 @@ public sealed class LocalContainerd : IAsyncDisposable
               disable_snapshot_annotations = false
               sandbox_image = "127.0.0.1/none/pause:never"
               [plugins."io.containerd.grpc.v1.cri".containerd]
-                snapshotter = "stargz"
+                snapshotter = "{criSnapshotter}"
               [plugins."io.containerd.grpc.v1.cri".cni]
                 bin_dir = "{dir.Path}/cni-bin"
                 conf_dir = "{dir.Path}/cni-conf"
@@ -112,9 +113,12 @@ public sealed class LocalContainerd : IAsyncDisposable
     /// <summary>Runs `ctr-remote -a SOCK -n NS args...` (the reference's eStargz tools).</summary>
     public Task<ProcessResult> CtrRemoteAsync(params string[] args) => RunTool("ctr-remote", args);
 
-    private Task<ProcessResult> RunTool(string tool, string[] args, TimeSpan? timeout = null)
+    /// <summary>Runs `ctr` in another namespace (CRI uses `k8s.io`).</summary>
+    public Task<ProcessResult> CtrInNamespaceAsync(string ns, params string[] args) => RunTool("ctr", args, ns: ns);
+
+    private Task<ProcessResult> RunTool(string tool, string[] args, TimeSpan? timeout = null, string? ns = null)
     {
-        var all = new List<string> { "-a", Socket, "-n", Namespace };
+        var all = new List<string> { "-a", Socket, "-n", ns ?? Namespace };
         all.AddRange(args);
         return ProcessRunner.RunAsync(Requires.Command(tool), all, timeout ?? TimeSpan.FromMinutes(5));
     }
