@@ -1,0 +1,147 @@
+using System.Text;
+using System.Text.Json;
+
+namespace Stargz.Registry;
+
+/// <summary>Credentials for one registry host. ToString never shows the secret.</summary>
+public sealed record RegistryCredential(string? Username, string? Secret, string? IdentityToken = null)
+{
+    public bool HasBasic => !string.IsNullOrEmpty(Username) && Secret is not null;
+    public override string ToString() => $"credential(user={Username ?? "-"}, secret={(Secret is null ? "none" : "***")}, identitytoken={(IdentityToken is null ? "none" : "***")})";
+}
+
+/// <summary>Supplies credentials for a registry host (host[:port]); null when it has none.</summary>
+public interface ICredentialProvider
+{
+    ValueTask<RegistryCredential?> GetAsync(string host, CancellationToken ct);
+}
+
+/// <summary>Credentials given in code or by the daemon's config, keyed by host.</summary>
+public sealed class StaticCredentialProvider : ICredentialProvider
+{
+    private readonly Dictionary<string, RegistryCredential> _byHost = new(StringComparer.OrdinalIgnoreCase);
+
+    public StaticCredentialProvider Add(string host, RegistryCredential credential)
+    {
+        _byHost[host] = credential;
+        return this;
+    }
+
+    public StaticCredentialProvider Add(string host, string username, string password) => Add(host, new RegistryCredential(username, password));
+
+    public ValueTask<RegistryCredential?> GetAsync(string host, CancellationToken ct)
+        => ValueTask.FromResult(_byHost.TryGetValue(host, out var c) ? c
+            : host == ImageReference.DockerHubApiHost && _byHost.TryGetValue(ImageReference.DockerHubHost, out var d) ? d : null);
+}
+
+/// <summary>Asks several providers in order; the first that knows the host wins.</summary>
+public sealed class ChainedCredentialProvider(params ICredentialProvider[] providers) : ICredentialProvider
+{
+    public async ValueTask<RegistryCredential?> GetAsync(string host, CancellationToken ct)
+    {
+        foreach (var p in providers)
+        {
+            var c = await p.GetAsync(host, ct).ConfigureAwait(false);
+            if (c is not null) return c;
+        }
+        return null;
+    }
+}
+
+/// <summary>
+/// Reads docker's <c>config.json</c> (<c>$DOCKER_CONFIG/config.json</c> or <c>~/.docker/config.json</c>):
+/// <c>auths[HOST].auth</c> (base64 user:password), <c>username</c>/<c>password</c>, <c>identitytoken</c>.
+/// Re-read when the file changes. Credential helpers are not run.
+/// </summary>
+public sealed class DockerConfigCredentialProvider : ICredentialProvider
+{
+    private readonly string _path;
+    private readonly Lock _lock = new();
+    private DateTime _loadedMtime = DateTime.MinValue;
+    private Dictionary<string, RegistryCredential> _entries = new(StringComparer.OrdinalIgnoreCase);
+
+    public DockerConfigCredentialProvider(string? path = null)
+    {
+        _path = path ?? DefaultPath();
+    }
+
+    public string Path => _path;
+
+    public static string DefaultPath()
+    {
+        var dir = Environment.GetEnvironmentVariable("DOCKER_CONFIG");
+        if (string.IsNullOrEmpty(dir))
+            dir = System.IO.Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".docker");
+        return System.IO.Path.Combine(dir, "config.json");
+    }
+
+    public ValueTask<RegistryCredential?> GetAsync(string host, CancellationToken ct)
+    {
+        var entries = Load();
+        if (entries.TryGetValue(host, out var c)) return ValueTask.FromResult<RegistryCredential?>(c);
+        if (host is ImageReference.DockerHubHost or ImageReference.DockerHubApiHost or "index.docker.io")
+        {
+            foreach (var k in (ReadOnlySpan<string>)["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"])
+                if (entries.TryGetValue(k, out c)) return ValueTask.FromResult<RegistryCredential?>(c);
+        }
+        return ValueTask.FromResult<RegistryCredential?>(null);
+    }
+
+    private Dictionary<string, RegistryCredential> Load()
+    {
+        lock (_lock)
+        {
+            var mtime = File.Exists(_path) ? File.GetLastWriteTimeUtc(_path) : DateTime.MinValue;
+            if (mtime == _loadedMtime) return _entries;
+            _entries = mtime == DateTime.MinValue ? new(StringComparer.OrdinalIgnoreCase) : Parse(File.ReadAllBytes(_path), _path);
+            _loadedMtime = mtime;
+            return _entries;
+        }
+    }
+
+    internal static Dictionary<string, RegistryCredential> Parse(byte[] json, string source)
+    {
+        var result = new Dictionary<string, RegistryCredential>(StringComparer.OrdinalIgnoreCase);
+        JsonDocument doc;
+        try { doc = JsonDocument.Parse(json); }
+        catch (JsonException e) { throw new FormatException($"{source}: not valid JSON: {e.Message}", e); }
+        using (doc)
+        {
+            if (!doc.RootElement.TryGetProperty("auths", out var auths) || auths.ValueKind != JsonValueKind.Object) return result;
+            foreach (var entry in auths.EnumerateObject())
+            {
+                if (entry.Value.ValueKind != JsonValueKind.Object) continue;
+                string? user = Str(entry.Value, "username"), pass = Str(entry.Value, "password");
+                var auth = Str(entry.Value, "auth");
+                if (!string.IsNullOrEmpty(auth))
+                {
+                    string decoded;
+                    try { decoded = Encoding.UTF8.GetString(Convert.FromBase64String(auth)); }
+                    catch (FormatException) { throw new FormatException($"{source}: auths[\"{entry.Name}\"].auth is not base64"); }
+                    var colon = decoded.IndexOf(':');
+                    if (colon < 0) throw new FormatException($"{source}: auths[\"{entry.Name}\"].auth is not user:password");
+                    user = decoded[..colon];
+                    pass = decoded[(colon + 1)..];
+                }
+                var idt = Str(entry.Value, "identitytoken");
+                if (user is null && pass is null && idt is null) continue;
+                result[KeyOf(entry.Name)] = new RegistryCredential(user, pass, string.IsNullOrEmpty(idt) ? null : idt);
+            }
+        }
+        return result;
+    }
+
+    // Keys may be URLs ("https://host:port/v1/"); the host part is what we look up by.
+    private static string KeyOf(string name)
+    {
+        if (name == "https://index.docker.io/v1/") return name;
+        var s = name;
+        var scheme = s.IndexOf("://", StringComparison.Ordinal);
+        if (scheme >= 0) s = s[(scheme + 3)..];
+        var slash = s.IndexOf('/');
+        return slash >= 0 ? s[..slash] : s;
+    }
+
+    private static string? Str(JsonElement e, string name)
+        => e.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.String ? v.GetString() : null;
+}

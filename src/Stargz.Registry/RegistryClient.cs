@@ -1,0 +1,412 @@
+using System.Collections.Concurrent;
+using System.Net;
+using System.Net.Http.Headers;
+using System.Net.Sockets;
+using System.Security.Cryptography;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace Stargz.Registry;
+
+/// <summary>
+/// The distribution client: resolves references to manifests and opens blobs for ranged reads.
+/// Thread-safe; keep one per process (it owns a connection pool per endpoint config).
+/// </summary>
+public sealed class RegistryClient : IDisposable
+{
+    private readonly ConcurrentDictionary<string, Endpoint> _endpoints = new(StringComparer.Ordinal);
+    // Hosts (endpoint or redirect target) found not to support multi-range requests.
+    private readonly ConcurrentDictionary<string, bool> _singleRangeHosts = new(StringComparer.OrdinalIgnoreCase);
+    private long _requests;
+    private long _bytes;
+    private bool _disposed;
+
+    public RegistryHostsConfig Hosts { get; }
+    public ICredentialProvider Credentials { get; }
+    internal ILogger Logger { get; }
+
+    /// <summary>HTTP requests sent by this client (all hosts, including token requests and retries).</summary>
+    public long RequestCount => Interlocked.Read(ref _requests);
+    /// <summary>Blob body bytes received by this client.</summary>
+    public long BytesFetched => Interlocked.Read(ref _bytes);
+
+    public RegistryClient(RegistryHostsConfig? hosts = null, ICredentialProvider? credentials = null, ILogger? logger = null)
+    {
+        Hosts = hosts ?? new RegistryHostsConfig();
+        Credentials = credentials ?? new StaticCredentialProvider();
+        Logger = logger ?? NullLogger.Instance;
+    }
+
+    internal void CountRequest() => Interlocked.Increment(ref _requests);
+    internal void CountBytes(long n) => Interlocked.Add(ref _bytes, n);
+    internal BlobOptions Blob => Hosts.Blob;
+
+    internal bool IsSingleRangeHost(string host) => Hosts.Blob.ForceSingleRangeMode || _singleRangeHosts.ContainsKey(host);
+    internal void MarkSingleRangeHost(string host)
+    {
+        if (_singleRangeHosts.TryAdd(host, true))
+            Logger.LogInformation("host {Host} does not serve multi-range requests; using single ranges from now on", host);
+    }
+
+    internal IReadOnlyList<Endpoint> EndpointsFor(string registryHost)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        var cfgs = Hosts.EndpointsFor(registryHost);
+        var list = new Endpoint[cfgs.Count];
+        for (var i = 0; i < cfgs.Count; i++)
+        {
+            var c = cfgs[i];
+            var key = $"{c.Host}|{c.UsesPlainHttp}|{c.SkipVerify}|{string.Join(',', c.CaFiles)}|{c.ClientCertFile}|{c.ClientKeyFile}|{c.RequestTimeout}|{c.PathPrefix}";
+            list[i] = _endpoints.GetOrAdd(key, _ => new Endpoint(c));
+        }
+        return list;
+    }
+
+    internal static string PullScope(ImageReference r) => $"repository:{r.Repository}:pull";
+
+    // ---------------------------------------------------------------- manifests
+
+    /// <summary>
+    /// Resolves <paramref name="reference"/> to an image manifest. For an index or manifest list the entry
+    /// matching <paramref name="platform"/> (default: this machine) is fetched. Verifies digests.
+    /// </summary>
+    public async Task<ResolvedManifest> ResolveAsync(ImageReference reference, Platform? platform = null, CancellationToken ct = default)
+    {
+        var (bytes, mediaType, host) = await FetchManifestAsync(reference, reference.ManifestReference, ct).ConfigureAwait(false);
+        var digest = Sha256Digest(bytes.Span);
+        var m = ManifestParser.Parse(bytes.Span, reference.ToString(), host);
+        mediaType = ResolveMediaType(mediaType, m);
+        string? indexDigest = null;
+        Platform? selected = null;
+        if (MediaTypes.IsIndex(mediaType))
+        {
+            var want = platform ?? Platform.Current;
+            Descriptor? pick = null;
+            if (m.Manifests is not null)
+                foreach (var d in m.Manifests)
+                {
+                    if (!MediaTypes.IsManifest(d.MediaType) && d.MediaType.Length != 0) continue;
+                    if (d.Platform is null || want.Matches(d.Platform.ToPlatform())) { pick = d; break; }
+                }
+            if (pick is null)
+                throw new NotFoundException($"index {reference} ({digest}) from {host} has no manifest for platform {want}", host, reference.ToString());
+            indexDigest = digest;
+            selected = pick.Platform?.ToPlatform();
+            (bytes, mediaType, host) = await FetchManifestAsync(reference, pick.Digest, ct).ConfigureAwait(false);
+            digest = Sha256Digest(bytes.Span);
+            m = ManifestParser.Parse(bytes.Span, reference.ToString(), host);
+            mediaType = ResolveMediaType(mediaType, m);
+            if (pick.Size != 0 && pick.Size != bytes.Length)
+                throw new DigestMismatchException($"manifest {pick.Digest} of {reference} from {host}: index says {pick.Size} bytes, got {bytes.Length}", host, reference.ToString());
+        }
+        if (!MediaTypes.IsManifest(mediaType))
+            throw new RegistryException($"{reference} from {host} is a {mediaType}, not an image manifest (only OCI and Docker schema 2 are supported)",
+                host: host, subject: reference.ToString());
+        if (m.Config is null || string.IsNullOrEmpty(m.Config.Digest))
+            throw new RegistryException($"manifest {digest} of {reference} from {host} has no config", host: host, subject: reference.ToString());
+        return new ResolvedManifest
+        {
+            Reference = reference,
+            Digest = digest,
+            MediaType = mediaType,
+            Config = m.Config,
+            Layers = (IReadOnlyList<Descriptor>?)m.Layers ?? [],
+            Annotations = m.Annotations,
+            IndexDigest = indexDigest,
+            Platform = selected,
+            Raw = bytes,
+            ServedBy = host,
+        };
+    }
+
+    /// <summary>HEAD on the manifest: its digest, size and media type without downloading it.</summary>
+    public Task<Descriptor> HeadManifestAsync(ImageReference reference, CancellationToken ct = default)
+    {
+        var eps = EndpointsFor(reference.Host);
+        var scope = PullScope(reference);
+        var subject = reference.ToString();
+        return OnEndpointsAsync(eps, 0, subject, async (ep, tct) =>
+        {
+            using var resp = await SendAsync(ep, () =>
+            {
+                var r = new HttpRequestMessage(HttpMethod.Head, ep.Url(reference.Repository, "manifests", reference.ManifestReference));
+                r.Headers.Accept.ParseAdd(MediaTypes.ManifestAccept);
+                return r;
+            }, scope, subject, tct).ConfigureAwait(false);
+            ThrowForStatus(resp, ep.Host, subject);
+            var digest = resp.Headers.TryGetValues("Docker-Content-Digest", out var v) ? v.FirstOrDefault() : null;
+            if (string.IsNullOrEmpty(digest))
+            {
+                if (reference.Digest is null)
+                    throw new RegistryException($"{ep.Host} sent no Docker-Content-Digest for HEAD {subject}", resp.StatusCode, ep.Host, subject);
+                digest = reference.Digest;
+            }
+            return new Descriptor
+            {
+                Digest = digest,
+                MediaType = resp.Content.Headers.ContentType?.MediaType ?? "",
+                Size = resp.Content.Headers.ContentLength ?? 0,
+            };
+        }, ct);
+    }
+
+    /// <summary>Fetches a manifest by tag or digest; verifies the digest when one is asked for.</summary>
+    public async Task<(ReadOnlyMemory<byte> Bytes, string MediaType, string Host)> FetchManifestAsync(ImageReference repo, string tagOrDigest, CancellationToken ct = default)
+    {
+        var eps = EndpointsFor(repo.Host);
+        var scope = PullScope(repo);
+        var subject = $"{repo.Name}@{tagOrDigest}";
+        var max = Blob.MaxManifestBytes;
+        return await OnEndpointsAsync(eps, 0, subject, async (ep, tct) =>
+        {
+            using var resp = await SendAsync(ep, () =>
+            {
+                var r = new HttpRequestMessage(HttpMethod.Get, ep.Url(repo.Repository, "manifests", tagOrDigest));
+                r.Headers.Accept.ParseAdd(MediaTypes.ManifestAccept);
+                return r;
+            }, scope, subject, tct).ConfigureAwait(false);
+            ThrowForStatus(resp, ep.Host, subject);
+            var bytes = await ReadLimitedAsync(resp, max, ep.Host, subject, tct).ConfigureAwait(false);
+            if (tagOrDigest.Contains(':'))
+            {
+                var got = Sha256Digest(bytes);
+                if (got != tagOrDigest)
+                    throw new DigestMismatchException($"manifest {subject} from {ep.Host} has digest {got}", ep.Host, subject);
+            }
+            return ((ReadOnlyMemory<byte>)bytes, resp.Content.Headers.ContentType?.MediaType ?? "", ep.Host);
+        }, ct).ConfigureAwait(false);
+    }
+
+    /// <summary>Downloads a small blob (an image config) whole, verified against its digest.</summary>
+    public async Task<byte[]> FetchBlobBytesAsync(ImageReference repo, string digest, int maxBytes = 16 << 20, CancellationToken ct = default)
+    {
+        var blob = await OpenBlobAsync(repo, digest, ct).ConfigureAwait(false);
+        if (blob.Size > maxBytes)
+            throw new RegistryException($"blob {digest} of {repo.Name} is {blob.Size} bytes, more than the {maxBytes} allowed", host: blob.Host, subject: digest);
+        var buf = new byte[blob.Size];
+        await blob.ReadAtAsync(0, buf, ct).ConfigureAwait(false);
+        if (digest.StartsWith("sha256:", StringComparison.Ordinal) && Sha256Digest(buf) != digest)
+            throw new DigestMismatchException($"blob {digest} of {repo.Name} from {blob.Host} does not match its digest", blob.Host, digest);
+        return buf;
+    }
+
+    /// <summary>Finds the blob (HEAD, mirrors first) and returns a handle for ranged reads.</summary>
+    public async Task<RemoteBlob> OpenBlobAsync(ImageReference repoRef, string digest, CancellationToken ct = default)
+    {
+        ArgumentNullException.ThrowIfNull(repoRef);
+        _ = repoRef.WithDigest(digest); // validates the digest
+        var eps = EndpointsFor(repoRef.Host);
+        var scope = PullScope(repoRef);
+        var subject = $"{repoRef.Name}@{digest}";
+        var found = await OnEndpointsAsync(eps, 0, subject, async (ep, tct) =>
+        {
+            var url = ep.Url(repoRef.Repository, "blobs", digest);
+            var resp = await SendAsync(ep, () => new HttpRequestMessage(HttpMethod.Head, url), scope, subject, tct).ConfigureAwait(false);
+            string? redirect = null;
+            if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
+            {
+                redirect = new Uri(new Uri(url), loc).AbsoluteUri;
+                resp.Dispose();
+                CountRequest();
+                resp = await ep.Client.SendAsync(new HttpRequestMessage(HttpMethod.Head, redirect), HttpCompletionOption.ResponseHeadersRead, tct).ConfigureAwait(false);
+            }
+            using (resp)
+            {
+                ThrowForStatus(resp, ep.Host, subject);
+                var size = resp.Content.Headers.ContentLength
+                    ?? throw new RegistryException($"{ep.Host} sent no Content-Length for HEAD {subject}", resp.StatusCode, ep.Host, subject);
+                return (ep, size, redirect);
+            }
+        }, ct).ConfigureAwait(false);
+        var index = Array.IndexOf((Endpoint[])eps, found.ep);
+        return new RemoteBlob(this, repoRef, digest, found.size, eps, index, scope, found.redirect);
+    }
+
+    private static string ResolveMediaType(string header, ManifestJson m)
+    {
+        if (MediaTypes.IsIndex(header) || MediaTypes.IsManifest(header)) return header;
+        if (!string.IsNullOrEmpty(m.MediaType)) return m.MediaType;
+        // OCI allows mediaType to be absent: tell index from manifest by shape.
+        return m.Manifests is not null ? MediaTypes.OciIndex : MediaTypes.OciManifest;
+    }
+
+    internal static string Sha256Digest(ReadOnlySpan<byte> data)
+    {
+        Span<byte> h = stackalloc byte[32];
+        SHA256.HashData(data, h);
+        return "sha256:" + Convert.ToHexStringLower(h);
+    }
+
+    private static async Task<byte[]> ReadLimitedAsync(HttpResponseMessage resp, int max, string host, string subject, CancellationToken ct)
+    {
+        if (resp.Content.Headers.ContentLength is long cl && cl > max)
+            throw new RegistryException($"{subject} from {host} is {cl} bytes, more than the {max} allowed", resp.StatusCode, host, subject);
+        await using var s = await resp.Content.ReadAsStreamAsync(ct).ConfigureAwait(false);
+        using var ms = new MemoryStream();
+        var buf = new byte[16384];
+        int n;
+        while ((n = await s.ReadAsync(buf, ct).ConfigureAwait(false)) > 0)
+        {
+            if (ms.Length + n > max)
+                throw new RegistryException($"{subject} from {host} is more than the {max} bytes allowed", resp.StatusCode, host, subject);
+            ms.Write(buf, 0, n);
+        }
+        return ms.ToArray();
+    }
+
+    // ---------------------------------------------------------------- request plumbing
+
+    internal static bool IsRedirect(HttpStatusCode s) => s is HttpStatusCode.MovedPermanently or HttpStatusCode.Found
+        or HttpStatusCode.SeeOther or HttpStatusCode.TemporaryRedirect or HttpStatusCode.PermanentRedirect;
+
+    /// <summary>Maps an unsuccessful status to the typed exception; 5xx/429 become retryable.</summary>
+    internal static void ThrowForStatus(HttpResponseMessage resp, string host, string subject)
+    {
+        var s = resp.StatusCode;
+        if ((int)s is >= 200 and < 300) return;
+        if (s == HttpStatusCode.NotFound) throw new NotFoundException($"{subject} not found on {host}", host, subject);
+        if (s is HttpStatusCode.Unauthorized or HttpStatusCode.Forbidden)
+            throw new UnauthorizedException($"{host} refused access to {subject}: {(int)s} {s}", s, host, subject);
+        if ((int)s >= 500 || s == HttpStatusCode.TooManyRequests || s == HttpStatusCode.RequestTimeout)
+            throw new TransientRegistryException($"{host} answered {(int)s} {s} for {subject}", s, host, subject, RetryAfter(resp));
+        throw new RegistryException($"{host} answered {(int)s} {s} for {subject}", s, host, subject);
+    }
+
+    private static TimeSpan? RetryAfter(HttpResponseMessage resp)
+    {
+        var ra = resp.Headers.RetryAfter;
+        if (ra?.Delta is { } d) return d;
+        if (ra?.Date is { } at) return at - DateTimeOffset.UtcNow;
+        return null;
+    }
+
+    /// <summary>
+    /// Sends one request to the registry with authentication. A 401 updates the endpoint's challenge
+    /// (and drops a stale token) and the request is sent once more; a second 401 is returned to the caller.
+    /// </summary>
+    internal async Task<HttpResponseMessage> SendAsync(Endpoint ep, Func<HttpRequestMessage> make, string scope, string subject,
+        CancellationToken ct)
+    {
+        for (var pass = 0; ; pass++)
+        {
+            var (auth, tokenTask) = await ep.Auth.GetHeaderAsync(this, ep, scope, ct).ConfigureAwait(false);
+            using var req = make();
+            req.Headers.Authorization = auth;
+            CountRequest();
+            var resp = await ep.Client.SendAsync(req, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+            if (resp.StatusCode != HttpStatusCode.Unauthorized || pass > 0) return resp;
+            var ch = AuthChallenge.Pick(resp.Headers);
+            if (ch is null) return resp;
+            resp.Dispose();
+            var before = ep.Auth.Challenge;
+            ep.Auth.Challenge = ch;
+            if (tokenTask is not null) ep.Auth.Invalidate(scope, tokenTask);
+            if (auth is not null && before is not null && before.Scheme == ch.Scheme && tokenTask is null)
+                throw new UnauthorizedException($"{ep.Host} rejected the {ch.Scheme} credentials for {subject}", HttpStatusCode.Unauthorized, ep.Host, subject);
+            Logger.LogDebug("{Host} asked for {Scheme} auth for {Subject}", ep.Host, ch.Scheme, subject);
+        }
+    }
+
+    /// <summary>
+    /// Runs <paramref name="op"/> on each endpoint from <paramref name="start"/> until one succeeds.
+    /// NotFound/Unauthorized/transport failures on a mirror move on to the next; the last endpoint's error is thrown.
+    /// </summary>
+    internal async Task<T> OnEndpointsAsync<T>(IReadOnlyList<Endpoint> eps, int start, string subject,
+        Func<Endpoint, CancellationToken, Task<T>> op, CancellationToken ct)
+    {
+        for (var i = start; ; i++)
+        {
+            var ep = eps[i];
+            var last = i == eps.Count - 1;
+            try
+            {
+                return await RetryAsync(ep, subject, op, ep.RequestTimeout ?? Blob.FetchingTimeout, failFastOnConnect: !last, ct).ConfigureAwait(false);
+            }
+            catch (RegistryException e) when (!last && !ct.IsCancellationRequested && e is not DigestMismatchException)
+            {
+                Logger.LogWarning("endpoint {Host} failed for {Subject} ({Error}); trying {Next}", ep.Host, subject, e.Message, eps[i + 1].Host);
+            }
+        }
+    }
+
+    /// <summary>
+    /// One operation with a hard per-attempt timeout and jittered exponential backoff on 5xx/429,
+    /// connection resets and timeouts. Caller cancellation stops at once.
+    /// </summary>
+    internal async Task<T> RetryAsync<T>(Endpoint ep, string subject, Func<Endpoint, CancellationToken, Task<T>> op, TimeSpan timeout,
+        bool failFastOnConnect, CancellationToken ct)
+    {
+        var max = Blob.MaxRetries;
+        for (var attempt = 0; ; attempt++)
+        {
+            using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            cts.CancelAfter(timeout);
+            Exception error;
+            TimeSpan? hint = null;
+            try
+            {
+                return await op(ep, cts.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (ct.IsCancellationRequested)
+            {
+                throw;
+            }
+            catch (OperationCanceledException e)
+            {
+                error = new RegistryException($"request to {ep.Host} for {subject} timed out after {timeout.TotalSeconds:0.#} s", host: ep.Host, subject: subject, inner: e);
+            }
+            catch (TransientRegistryException e)
+            {
+                error = e;
+                hint = e.RetryAfter;
+            }
+            catch (HttpRequestException e) when (failFastOnConnect && IsConnectFailure(e))
+            {
+                throw new RegistryException($"cannot connect to {ep.Host} for {subject}: {e.Message}", host: ep.Host, subject: subject, inner: e);
+            }
+            catch (Exception e) when (e is HttpRequestException or IOException or ObjectDisposedException { ObjectName: null })
+            {
+                error = new RegistryException($"connection to {ep.Host} failed for {subject}: {e.Message}", host: ep.Host, subject: subject, inner: e);
+            }
+            if (attempt >= max)
+            {
+                if (error is RegistryException re && re is not TransientRegistryException) throw re;
+                throw new RegistryException($"{error.Message} (gave up after {attempt + 1} attempts)",
+                    (error as RegistryException)?.StatusCode, ep.Host, subject, error);
+            }
+            var delay = Backoff(attempt, hint);
+            Logger.LogDebug("retrying {Subject} on {Host} in {Delay} ms after: {Error}", subject, ep.Host, (int)delay.TotalMilliseconds, error.Message);
+            await Task.Delay(delay, ct).ConfigureAwait(false);
+        }
+    }
+
+    internal TimeSpan Backoff(int attempt, TimeSpan? hint)
+    {
+        var min = Blob.MinWait.TotalMilliseconds;
+        var maxw = Blob.MaxWait.TotalMilliseconds;
+        var cap = Math.Min(maxw, min * Math.Pow(2, Math.Min(attempt, 30)));
+        // Half fixed, half random: spreads retries of many readers without ever going below min/2.
+        var ms = cap / 2 + Random.Shared.NextDouble() * cap / 2;
+        if (hint is { } h && h.TotalMilliseconds > ms) ms = Math.Min(h.TotalMilliseconds, maxw);
+        return TimeSpan.FromMilliseconds(ms);
+    }
+
+    private static bool IsConnectFailure(HttpRequestException e)
+        => e.HttpRequestError == HttpRequestError.ConnectionError
+           && e.InnerException is SocketException { SocketErrorCode: SocketError.ConnectionRefused or SocketError.HostUnreachable or SocketError.NetworkUnreachable or SocketError.HostNotFound };
+
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        foreach (var ep in _endpoints.Values) ep.Dispose();
+        _endpoints.Clear();
+    }
+}
+
+/// <summary>A failure worth retrying (5xx, 429, a short body); surfaces as <see cref="RegistryException"/> when retries run out.</summary>
+public sealed class TransientRegistryException(string message, HttpStatusCode? status, string? host, string? subject, TimeSpan? retryAfter = null)
+    : RegistryException(message, status, host, subject)
+{
+    public TimeSpan? RetryAfter { get; } = retryAfter;
+}

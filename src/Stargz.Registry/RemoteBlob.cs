@@ -1,0 +1,592 @@
+using System.Buffers;
+using System.Globalization;
+using System.Net;
+using System.Net.Http.Headers;
+using Microsoft.Extensions.Logging;
+
+namespace Stargz.Registry;
+
+/// <summary>One byte range of a blob and where its bytes go.</summary>
+public readonly record struct BlobRange(long Offset, Memory<byte> Destination)
+{
+    public long End => Offset + Destination.Length;
+}
+
+/// <summary>
+/// A blob in a registry, read by ranges. Thread-safe. Reads go to the endpoint (mirror or origin) that
+/// answered HEAD, through a storage redirect while it keeps working; identical concurrent reads share
+/// one request.
+/// </summary>
+public sealed class RemoteBlob
+{
+    private readonly RegistryClient _client;
+    private readonly ImageReference _repo;
+    private readonly IReadOnlyList<Endpoint> _endpoints;
+    private readonly string _scope;
+    private readonly string _subject;
+    private readonly Dictionary<(long, int), Flight> _flights = new();
+    private volatile int _endpointIndex;
+    private volatile string? _redirect;
+    private long _requests;
+    private long _bytes;
+
+    internal RemoteBlob(RegistryClient client, ImageReference repo, string digest, long size, IReadOnlyList<Endpoint> endpoints,
+        int endpointIndex, string scope, string? redirect)
+    {
+        _client = client; _repo = repo; Digest = digest; Size = size; _endpoints = endpoints;
+        _endpointIndex = endpointIndex; _scope = scope; _redirect = redirect;
+        _subject = $"{repo.Name}@{digest}";
+    }
+
+    public string Digest { get; }
+    public long Size { get; }
+    public ImageReference Repository => _repo;
+    /// <summary>Host of the endpoint currently serving this blob.</summary>
+    public string Host => _endpoints[_endpointIndex].Host;
+    /// <summary>The storage URL the registry redirected to, while it is being used.</summary>
+    public string? RedirectUrl => _redirect;
+    /// <summary>HTTP requests this blob made (retries, redirects and fallbacks included).</summary>
+    public long RequestCount => Interlocked.Read(ref _requests);
+    /// <summary>Body bytes this blob received.</summary>
+    public long BytesFetched => Interlocked.Read(ref _bytes);
+
+    // ---------------------------------------------------------------- single range + single-flight
+
+    /// <summary>Fills <paramref name="destination"/> with the blob's bytes at <paramref name="offset"/>, or throws.</summary>
+    public ValueTask ReadAtAsync(long offset, Memory<byte> destination, CancellationToken ct = default)
+    {
+        CheckBounds(offset, destination.Length);
+        if (destination.Length == 0) return ValueTask.CompletedTask;
+        return new ValueTask(ReadSharedAsync(offset, destination, ct));
+    }
+
+    private sealed class Flight
+    {
+        public required Task<byte[]> Task;
+        public int Refs;
+        public bool Done;
+    }
+
+    // Concurrent reads of the same range (this blob object = same repository scope) share one fetch into
+    // a pooled buffer; each caller copies out, the last one out returns the buffer.
+    private async Task ReadSharedAsync(long offset, Memory<byte> destination, CancellationToken ct)
+    {
+        var key = (offset, destination.Length);
+        Flight f;
+        lock (_flights)
+        {
+            if (_flights.TryGetValue(key, out var existing))
+            {
+                f = existing;
+                f.Refs++;
+            }
+            else
+            {
+                f = new Flight { Task = null!, Refs = 1 };
+                _flights[key] = f;
+                f.Task = FetchIntoPooledAsync(key, f);
+            }
+        }
+        try
+        {
+            var buf = await f.Task.WaitAsync(ct).ConfigureAwait(false);
+            buf.AsSpan(0, destination.Length).CopyTo(destination.Span);
+        }
+        finally
+        {
+            Release(f);
+        }
+    }
+
+    private async Task<byte[]> FetchIntoPooledAsync((long Offset, int Length) key, Flight f)
+    {
+        await Task.Yield(); // leave the lock before any I/O
+        var buf = ArrayPool<byte>.Shared.Rent(key.Length);
+        var ok = false;
+        try
+        {
+            await FetchSingleAsync(key.Offset, buf.AsMemory(0, key.Length), CancellationToken.None).ConfigureAwait(false);
+            ok = true;
+            return buf;
+        }
+        finally
+        {
+            lock (_flights)
+            {
+                _flights.Remove(key);
+                f.Done = true;
+                if (!ok || f.Refs == 0) ArrayPool<byte>.Shared.Return(buf);
+            }
+        }
+    }
+
+    private void Release(Flight f)
+    {
+        lock (_flights)
+        {
+            f.Refs--;
+            if (f.Refs == 0 && f.Done && f.Task.IsCompletedSuccessfully) ArrayPool<byte>.Shared.Return(f.Task.Result);
+        }
+    }
+
+    private void CheckBounds(long offset, int length)
+    {
+        if (offset < 0 || length < 0 || offset + length > Size)
+            throw new ArgumentOutOfRangeException(nameof(offset), $"range {offset}+{length} is outside blob {_subject} of {Size} bytes");
+    }
+
+    /// <summary>One single-range GET with retries, redirect reuse and endpoint fallback.</summary>
+    private Task FetchSingleAsync(long offset, Memory<byte> dest, CancellationToken ct)
+    {
+        return RunAsync(async (ep, tct) =>
+        {
+            var rangeHeader = new RangeHeaderValue(offset, offset + dest.Length - 1);
+            using var resp = await GetAsync(ep, rangeHeader, tct).ConfigureAwait(false);
+            await using var body = await resp.Content.ReadAsStreamAsync(tct).ConfigureAwait(false);
+            if (resp.StatusCode == HttpStatusCode.OK)
+            {
+                // Server ignored Range: skip to the offset in the full body.
+                await SkipAsync(body, offset, tct).ConfigureAwait(false);
+            }
+            else
+            {
+                var cr = resp.Content.Headers.ContentRange;
+                if (cr?.From != offset)
+                    throw new RegistryException($"{ep.Host} answered range {cr} for {offset}-{offset + dest.Length - 1} of {_subject}",
+                        resp.StatusCode, ep.Host, _subject);
+            }
+            await ReadExactlyAsync(body, dest, ep.Host, tct).ConfigureAwait(false);
+            return true;
+        }, ct);
+    }
+
+    private async Task SkipAsync(Stream s, long n, CancellationToken ct)
+    {
+        var buf = ArrayPool<byte>.Shared.Rent(65536);
+        try
+        {
+            while (n > 0)
+            {
+                var r = await s.ReadAsync(buf.AsMemory(0, (int)Math.Min(n, buf.Length)), ct).ConfigureAwait(false);
+                if (r == 0) throw new TransientRegistryException($"body of {_subject} ended early", null, Host, _subject);
+                CountBytes(r);
+                n -= r;
+            }
+        }
+        finally { ArrayPool<byte>.Shared.Return(buf); }
+    }
+
+    private async ValueTask ReadExactlyAsync(Stream s, Memory<byte> dest, string host, CancellationToken ct)
+    {
+        var got = 0;
+        while (got < dest.Length)
+        {
+            var r = await s.ReadAsync(dest[got..], ct).ConfigureAwait(false);
+            if (r == 0)
+                throw new TransientRegistryException($"body of {_subject} from {host} ended after {got} of {dest.Length} bytes", null, host, _subject);
+            got += r;
+            CountBytes(r);
+        }
+    }
+
+    private void CountBytes(long n)
+    {
+        Interlocked.Add(ref _bytes, n);
+        _client.CountBytes(n);
+    }
+
+    /// <summary>
+    /// GET of the blob with a Range header: through the remembered redirect if any (no registry auth sent
+    /// there), else through the registry, following and remembering a redirect. Returns a 200/206 response.
+    /// A failing redirect URL is forgotten so the next attempt asks the registry for a fresh one.
+    /// </summary>
+    private async Task<HttpResponseMessage> GetAsync(Endpoint ep, RangeHeaderValue range, CancellationToken ct)
+    {
+        var redirect = _redirect;
+        if (redirect is not null)
+        {
+            HttpResponseMessage? r = null;
+            try
+            {
+                r = await SendPlainAsync(ep, redirect, range, ct).ConfigureAwait(false);
+                if (r.StatusCode is HttpStatusCode.OK or HttpStatusCode.PartialContent) return r;
+                _client.Logger.LogInformation("redirect URL for {Subject} answered {Status}; asking {Host} again", _subject, (int)r.StatusCode, ep.Host);
+            }
+            catch (Exception e) when (e is HttpRequestException or IOException)
+            {
+                _client.Logger.LogInformation("redirect URL for {Subject} failed ({Error}); asking {Host} again", _subject, e.Message, ep.Host);
+            }
+            r?.Dispose();
+            Interlocked.CompareExchange(ref _redirect, null, redirect);
+        }
+        var url = ep.Url(_repo.Repository, "blobs", Digest);
+        var resp = await _client.SendAsync(ep, () =>
+        {
+            var m = new HttpRequestMessage(HttpMethod.Get, url);
+            m.Headers.Range = range;
+            return m;
+        }, _scope, _subject, ct).ConfigureAwait(false);
+        Interlocked.Increment(ref _requests);
+        if (RegistryClient.IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
+        {
+            var target = new Uri(new Uri(url), loc).AbsoluteUri;
+            resp.Dispose();
+            _redirect = target;
+            resp = await SendPlainAsync(ep, target, range, ct).ConfigureAwait(false);
+            if (resp.StatusCode is not (HttpStatusCode.OK or HttpStatusCode.PartialContent))
+            {
+                Interlocked.CompareExchange(ref _redirect, null, target);
+                using (resp)
+                {
+                    RegistryClient.ThrowForStatus(resp, new Uri(target).Authority, _subject);
+                    throw new TransientRegistryException($"redirect target for {_subject} answered {(int)resp.StatusCode}", resp.StatusCode, ep.Host, _subject);
+                }
+            }
+            return resp;
+        }
+        if (resp.StatusCode is HttpStatusCode.OK or HttpStatusCode.PartialContent) return resp;
+        using (resp)
+        {
+            if (resp.StatusCode == HttpStatusCode.RequestedRangeNotSatisfiable)
+                throw new RegistryException($"{ep.Host} cannot serve range {range} of {_subject} ({Size} bytes)", resp.StatusCode, ep.Host, _subject);
+            RegistryClient.ThrowForStatus(resp, ep.Host, _subject);
+            throw new RegistryException($"{ep.Host} answered {(int)resp.StatusCode} for {_subject}", resp.StatusCode, ep.Host, _subject);
+        }
+    }
+
+    private async Task<HttpResponseMessage> SendPlainAsync(Endpoint ep, string url, RangeHeaderValue range, CancellationToken ct)
+    {
+        using var req = new HttpRequestMessage(HttpMethod.Get, url);
+        req.Headers.Range = range;
+        _client.CountRequest();
+        Interlocked.Increment(ref _requests);
+        return await ep.Client.SendAsync(req, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+    }
+
+    /// <summary>Runs a fetch on the current endpoint with retries; on failure falls back to later endpoints and stays there.</summary>
+    private async Task RunAsync(Func<Endpoint, CancellationToken, Task<bool>> op, CancellationToken ct)
+    {
+        var start = _endpointIndex;
+        var timeoutEp = _endpoints[start];
+        await _client.OnEndpointsAsync(_endpoints, start, _subject, async (ep, tct) =>
+        {
+            var idx = IndexOf(ep);
+            if (idx != _endpointIndex)
+            {
+                // A later endpoint serves this blob from now on; its redirect (if any) is its own.
+                _endpointIndex = idx;
+                _redirect = null;
+            }
+            return await op(ep, tct).ConfigureAwait(false);
+        }, ct).ConfigureAwait(false);
+        _ = timeoutEp;
+    }
+
+    private int IndexOf(Endpoint ep)
+    {
+        for (var i = 0; i < _endpoints.Count; i++) if (ReferenceEquals(_endpoints[i], ep)) return i;
+        return 0;
+    }
+
+    // ---------------------------------------------------------------- liveness
+
+    /// <summary>
+    /// Cheap liveness check: a one-byte read through the current path. If that fails the redirect is
+    /// dropped and the registry asked again (refreshing the redirect URL and connection).
+    /// </summary>
+    public async Task CheckAsync(CancellationToken ct = default)
+    {
+        var one = new byte[1];
+        try
+        {
+            await FetchSingleAsync(0, one, ct).ConfigureAwait(false);
+        }
+        catch (RegistryException) when (_redirect is not null && !ct.IsCancellationRequested)
+        {
+            _redirect = null;
+            await FetchSingleAsync(0, one, ct).ConfigureAwait(false);
+        }
+    }
+
+    // ---------------------------------------------------------------- multi-range
+
+    private struct Group
+    {
+        public long Start, End;   // [Start, End)
+        public int First, Count;  // into the sorted index array
+        public bool Done;
+    }
+
+    /// <summary>
+    /// Fills every range. Overlapping/adjacent ranges are merged; the rest go in one
+    /// <c>multipart/byteranges</c> request (per <see cref="BlobOptions.MaxRangesPerRequest"/>) where the host
+    /// supports it, else one request per merged range. A host that answers a multi-range request with a
+    /// whole body or a broken multipart is remembered and gets single ranges afterwards.
+    /// </summary>
+    public async Task ReadRangesAsync(IReadOnlyList<BlobRange> ranges, CancellationToken ct = default)
+    {
+        var n = ranges.Count;
+        if (n == 0) return;
+        for (var i = 0; i < n; i++) CheckBounds(ranges[i].Offset, ranges[i].Destination.Length);
+        if (n == 1)
+        {
+            await ReadAtAsync(ranges[0].Offset, ranges[0].Destination, ct).ConfigureAwait(false);
+            return;
+        }
+        var order = ArrayPool<int>.Shared.Rent(n);
+        var keys = ArrayPool<long>.Shared.Rent(n);
+        var groups = ArrayPool<Group>.Shared.Rent(n);
+        try
+        {
+            for (var i = 0; i < n; i++) { order[i] = i; keys[i] = ranges[i].Offset; }
+            Array.Sort(keys, order, 0, n);
+            var g = 0;
+            for (var i = 0; i < n; i++)
+            {
+                var r = ranges[order[i]];
+                if (r.Destination.Length == 0) continue;
+                if (g > 0 && r.Offset <= groups[g - 1].End)
+                {
+                    ref var last = ref groups[g - 1];
+                    if (r.End > last.End) last.End = r.End;
+                    last.Count = i - last.First + 1;
+                }
+                else
+                {
+                    groups[g++] = new Group { Start = r.Offset, End = r.End, First = i, Count = 1 };
+                }
+            }
+            var single = g == 1 || _client.IsSingleRangeHost(CurrentRangeHost());
+            if (!single)
+            {
+                var per = Math.Max(1, _client.Blob.MaxRangesPerRequest);
+                for (var b = 0; b < g; b += per)
+                {
+                    var count = Math.Min(per, g - b);
+                    if (count == 1 || _client.IsSingleRangeHost(CurrentRangeHost())) break;
+                    await FetchMultiAsync(ranges, order, new ArraySegment<Group>(groups, b, count), ct).ConfigureAwait(false);
+                }
+            }
+            // Whatever is not done yet (single-range host, fallback, leftovers) goes one merged range at a time.
+            for (var i = 0; i < g; i++)
+            {
+                if (groups[i].Done) continue;
+                await FetchGroupSingleAsync(ranges, order, groups[i], ct).ConfigureAwait(false);
+                groups[i].Done = true;
+            }
+        }
+        finally
+        {
+            ArrayPool<int>.Shared.Return(order);
+            ArrayPool<long>.Shared.Return(keys);
+            ArrayPool<Group>.Shared.Return(groups);
+        }
+    }
+
+    private string CurrentRangeHost()
+    {
+        var r = _redirect;
+        return r is not null && Uri.TryCreate(r, UriKind.Absolute, out var u) ? u.Authority : Host;
+    }
+
+    private async Task FetchGroupSingleAsync(IReadOnlyList<BlobRange> ranges, int[] order, Group grp, CancellationToken ct)
+    {
+        if (grp.Count == 1)
+        {
+            var r = ranges[order[grp.First]];
+            await ReadAtAsync(r.Offset, r.Destination, ct).ConfigureAwait(false);
+            return;
+        }
+        var len = checked((int)(grp.End - grp.Start));
+        var buf = ArrayPool<byte>.Shared.Rent(len);
+        try
+        {
+            await ReadAtAsync(grp.Start, buf.AsMemory(0, len), ct).ConfigureAwait(false);
+            for (var k = 0; k < grp.Count; k++)
+            {
+                var r = ranges[order[grp.First + k]];
+                buf.AsSpan((int)(r.Offset - grp.Start), r.Destination.Length).CopyTo(r.Destination.Span);
+            }
+        }
+        finally { ArrayPool<byte>.Shared.Return(buf); }
+    }
+
+    private async Task FetchMultiAsync(IReadOnlyList<BlobRange> ranges, int[] order, ArraySegment<Group> batch, CancellationToken ct)
+    {
+        var header = new RangeHeaderValue();
+        for (var i = 0; i < batch.Count; i++) header.Ranges.Add(new RangeItemHeaderValue(batch[i].Start, batch[i].End - 1));
+        await RunAsync(async (ep, tct) =>
+        {
+            using var resp = await GetAsync(ep, header, tct).ConfigureAwait(false);
+            var rangeHost = resp.RequestMessage?.RequestUri?.Authority ?? ep.Host;
+            if (resp.StatusCode == HttpStatusCode.OK)
+            {
+                // Whole body for a multi-range request: this host does not do ranges the way we need.
+                _client.MarkSingleRangeHost(rangeHost);
+                return false;
+            }
+            await using var body = await resp.Content.ReadAsStreamAsync(tct).ConfigureAwait(false);
+            var ctype = resp.Content.Headers.ContentType;
+            if (ctype?.MediaType is not null && ctype.MediaType.Equals("multipart/byteranges", StringComparison.OrdinalIgnoreCase))
+            {
+                string? boundary = null;
+                foreach (var p in ctype.Parameters)
+                    if (p.Name.Equals("boundary", StringComparison.OrdinalIgnoreCase)) boundary = p.Value?.Trim('"');
+                if (string.IsNullOrEmpty(boundary))
+                {
+                    _client.MarkSingleRangeHost(rangeHost);
+                    return false;
+                }
+                using var reader = new MultipartReader(body, boundary);
+                while (true)
+                {
+                    var part = await reader.NextPartAsync(tct).ConfigureAwait(false);
+                    if (part is null) break;
+                    var (from, to) = part.Value;
+                    await CopyPartAsync(reader, ranges, order, batch, from, to, ep.Host, tct).ConfigureAwait(false);
+                }
+            }
+            else
+            {
+                // A single 206 part: the server merged our ranges (or served only one).
+                var cr = resp.Content.Headers.ContentRange;
+                if (cr?.From is not long from || cr.To is not long to)
+                {
+                    _client.MarkSingleRangeHost(rangeHost);
+                    return false;
+                }
+                using var reader = new MultipartReader(body, null);
+                await CopyPartAsync(reader, ranges, order, batch, from, to, ep.Host, tct).ConfigureAwait(false);
+            }
+            return true;
+        }, ct).ConfigureAwait(false);
+    }
+
+    /// <summary>Streams one part [from, to] into every destination it overlaps; marks groups it covers whole.</summary>
+    private async Task CopyPartAsync(MultipartReader reader, IReadOnlyList<BlobRange> ranges, int[] order, ArraySegment<Group> batch,
+        long from, long to, string host, CancellationToken ct)
+    {
+        var pos = from;
+        var end = to + 1;
+        // First group that may overlap: groups are sorted and disjoint.
+        var gi = 0;
+        while (gi < batch.Count && batch[gi].End <= from) gi++;
+        while (pos < end)
+        {
+            var chunk = await reader.ReadBodyAsync((int)Math.Min(end - pos, int.MaxValue), ct).ConfigureAwait(false);
+            if (chunk.Length == 0)
+                throw new TransientRegistryException($"multipart body of {_subject} from {host} ended at {pos} inside part {from}-{to}", null, host, _subject);
+            CountBytes(chunk.Length);
+            var cEnd = pos + chunk.Length;
+            for (var k = gi; k < batch.Count && batch[k].Start < cEnd; k++)
+            {
+                var grp = batch[k];
+                if (grp.End <= pos) continue;
+                for (var j = 0; j < grp.Count; j++)
+                {
+                    var r = ranges[order[grp.First + j]];
+                    var s = Math.Max(pos, r.Offset);
+                    var e = Math.Min(cEnd, r.End);
+                    if (s >= e) continue;
+                    chunk.Span.Slice((int)(s - pos), (int)(e - s)).CopyTo(r.Destination.Span.Slice((int)(s - r.Offset)));
+                }
+            }
+            pos = cEnd;
+        }
+        var arr = batch.Array!;
+        for (var k = gi; k < batch.Count && batch[k].Start <= to; k++)
+            if (batch[k].Start >= from && batch[k].End <= end) arr[batch.Offset + k].Done = true;
+    }
+
+    /// <summary>Reads multipart/byteranges parts from a stream with one pooled buffer.</summary>
+    private sealed class MultipartReader : IDisposable
+    {
+        private readonly Stream _s;
+        private readonly string? _boundary;
+        private byte[] _buf = ArrayPool<byte>.Shared.Rent(65536);
+        private int _start, _end;
+
+        public MultipartReader(Stream s, string? boundary) { _s = s; _boundary = boundary; }
+
+        private async ValueTask<bool> FillAsync(CancellationToken ct)
+        {
+            if (_start > 0 && _start == _end) { _start = _end = 0; }
+            if (_end == _buf.Length)
+            {
+                if (_start == 0) throw new FormatException("multipart line longer than 64 KiB");
+                Buffer.BlockCopy(_buf, _start, _buf, 0, _end - _start);
+                _end -= _start; _start = 0;
+            }
+            var n = await _s.ReadAsync(_buf.AsMemory(_end), ct).ConfigureAwait(false);
+            _end += n;
+            return n > 0;
+        }
+
+        private async ValueTask<string?> ReadLineAsync(CancellationToken ct)
+        {
+            while (true)
+            {
+                var idx = Array.IndexOf(_buf, (byte)'\n', _start, _end - _start);
+                if (idx >= 0)
+                {
+                    var len = idx - _start;
+                    if (len > 0 && _buf[idx - 1] == '\r') len--;
+                    var line = System.Text.Encoding.ASCII.GetString(_buf, _start, len);
+                    _start = idx + 1;
+                    return line;
+                }
+                if (!await FillAsync(ct).ConfigureAwait(false)) return null;
+            }
+        }
+
+        /// <summary>Advances to the next part and returns its Content-Range, or null at the closing boundary.</summary>
+        public async ValueTask<(long From, long To)?> NextPartAsync(CancellationToken ct)
+        {
+            var open = "--" + _boundary;
+            string? line;
+            do
+            {
+                line = await ReadLineAsync(ct).ConfigureAwait(false);
+                if (line is null) throw new IOException("multipart body ended before its closing boundary");
+            } while (line.TrimEnd() != open && line.TrimEnd() != open + "--");
+            if (line.TrimEnd() == open + "--") return null;
+            long? from = null, to = null;
+            while ((line = await ReadLineAsync(ct).ConfigureAwait(false)) is { Length: > 0 })
+            {
+                var colon = line.IndexOf(':');
+                if (colon <= 0 || !line.AsSpan(0, colon).Trim().Equals("Content-Range", StringComparison.OrdinalIgnoreCase)) continue;
+                // bytes FROM-TO/TOTAL
+                var v = line[(colon + 1)..].Trim();
+                if (v.StartsWith("bytes ", StringComparison.OrdinalIgnoreCase)) v = v[6..].Trim();
+                var dash = v.IndexOf('-');
+                var slash = v.IndexOf('/');
+                if (dash > 0 && slash > dash
+                    && long.TryParse(v.AsSpan(0, dash), NumberStyles.None, CultureInfo.InvariantCulture, out var f)
+                    && long.TryParse(v.AsSpan(dash + 1, slash - dash - 1), NumberStyles.None, CultureInfo.InvariantCulture, out var t))
+                {
+                    from = f; to = t;
+                }
+            }
+            if (line is null) throw new IOException("multipart body ended inside part headers");
+            if (from is null || to is null || to < from) throw new FormatException("multipart part without a valid Content-Range");
+            return (from.Value, to.Value);
+        }
+
+        /// <summary>Up to <paramref name="max"/> body bytes from the buffer (refilling it when empty); empty at end of stream.</summary>
+        public async ValueTask<ReadOnlyMemory<byte>> ReadBodyAsync(int max, CancellationToken ct)
+        {
+            if (_start == _end && !await FillAsync(ct).ConfigureAwait(false)) return ReadOnlyMemory<byte>.Empty;
+            var n = Math.Min(max, _end - _start);
+            var m = new ReadOnlyMemory<byte>(_buf, _start, n);
+            _start += n;
+            return m;
+        }
+
+        public void Dispose()
+        {
+            var b = _buf;
+            _buf = [];
+            if (b.Length > 0) ArrayPool<byte>.Shared.Return(b);
+        }
+    }
+}
