@@ -14,7 +14,7 @@ rc=0
 for proj in $(find tests integration -name '*.Tests.csproj' | sort); do
   name=$(basename "$proj" .csproj)
   echo "=== $name"
-  dotnet test --project "$proj" -c Release --no-build --results-directory "$results/$name" --report-trx \
+  dotnet test --project "$proj" -c Release --no-build --results-directory "$results/$name" --report-xunit-trx \
     --minimum-expected-tests 1 -- ${STARGZ_TEST_ARGS:-} || rc=1
 done
 python3 - "$results" <<'PY'
