@@ -1,0 +1,88 @@
+using System.Runtime.InteropServices;
+
+namespace Stargz.Snapshotter;
+
+/// <summary>The few Linux calls the store needs: umount2, syncfs, fsync of directories, lstat for disk usage.</summary>
+internal static class Native
+{
+    public const int MNT_DETACH = 2;
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int umount2(string target, int flags);
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int open(string path, int flags, int mode);
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int close(int fd);
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int fsync(int fd);
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int syncfs(int fd);
+
+    [DllImport("libc", SetLastError = true, EntryPoint = "lstat")]
+    private static extern int lstat_raw(string path, byte[] buf);
+
+    private const int O_RDONLY = 0, O_DIRECTORY = 0x10000, O_CLOEXEC = 0x80000;
+
+    public static void Unmount(string target, bool detach)
+    {
+        if (umount2(target, detach ? MNT_DETACH : 0) != 0)
+        {
+            var errno = Marshal.GetLastPInvokeError();
+            throw new IOException($"umount {target}: errno {errno}");
+        }
+    }
+
+    /// <summary>fsync of a directory (makes a rename or create in it durable).</summary>
+    public static void FsyncDir(string dir) => WithFd(dir, fd => fsync(fd), "fsync");
+
+    /// <summary>Flushes the whole filesystem holding <paramref name="path"/> (committed layer data must survive power loss).</summary>
+    public static void SyncFs(string path) => WithFd(path, fd => syncfs(fd), "syncfs");
+
+    private static void WithFd(string path, Func<int, int> op, string what)
+    {
+        var fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+        if (fd < 0) throw new IOException($"open {path} for {what}: errno {Marshal.GetLastPInvokeError()}");
+        try
+        {
+            if (op(fd) != 0) throw new IOException($"{what} {path}: errno {Marshal.GetLastPInvokeError()}");
+        }
+        finally { close(fd); }
+    }
+
+    /// <summary>(dev, ino, blocks*512) of a path without following symlinks; null if it vanished.</summary>
+    public static (ulong Dev, ulong Ino, long Bytes)? Lstat(string path)
+    {
+        var buf = new byte[256];
+        if (lstat_raw(path, buf) != 0) return null;
+        ulong dev = BitConverter.ToUInt64(buf, 0), ino = BitConverter.ToUInt64(buf, 8);
+        long blocks = RuntimeInformation.ProcessArchitecture switch
+        {
+            Architecture.X64 => BitConverter.ToInt64(buf, 64),   // x86_64 struct stat: st_blocks at 64
+            Architecture.Arm64 => BitConverter.ToInt64(buf, 64), // asm-generic struct stat: st_blocks at 64 too
+            _ => -1,
+        };
+        if (blocks < 0) return (dev, ino, new FileInfo(path).Length);
+        return (dev, ino, blocks * 512);
+    }
+
+    /// <summary>Mount points at or below <paramref name="dir"/> from /proc/self/mountinfo, deepest first.</summary>
+    public static List<string> MountsUnder(string dir)
+    {
+        var prefix = dir.TrimEnd('/') + "/";
+        var list = new List<string>();
+        foreach (var line in File.ReadAllLines("/proc/self/mountinfo"))
+        {
+            var parts = line.Split(' ');
+            if (parts.Length < 5) continue;
+            var mp = parts[4].Replace("\\040", " ").Replace("\\011", "\t").Replace("\\012", "\n").Replace("\\134", "\\");
+            if (mp == dir.TrimEnd('/') || mp.StartsWith(prefix, StringComparison.Ordinal)) list.Add(mp);
+        }
+        return list.OrderByDescending(m => m.Length).ToList();
+    }
+
+    public static bool IsMountPoint(string path) => MountsUnder(path).Contains(path.TrimEnd('/'));
+}

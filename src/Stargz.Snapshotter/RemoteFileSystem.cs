@@ -1,0 +1,20 @@
+namespace Stargz.Snapshotter;
+
+/// <summary>
+/// The one seam between the snapshotter and the lazy layer: the snapshotter knows nothing else about layers.
+/// </summary>
+public interface IRemoteFileSystem
+{
+    // Mounts the remote layer described by labels at mountpoint, or throws RemoteLayerUnavailableException (not eStargz,
+    // missing TOC digest, registry unreachable...) whose Message says why; the snapshotter then falls back.
+    Task MountAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct);
+    Task CheckAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct); // throws if unhealthy -> Unavailable
+    Task UnmountAsync(string mountpoint, CancellationToken ct);
+}
+
+/// <summary>The remote layer cannot be served (the snapshotter falls back to an ordinary snapshot or answers Unavailable).</summary>
+public class RemoteLayerUnavailableException : Exception
+{
+    public RemoteLayerUnavailableException(string message) : base(message) { }
+    public RemoteLayerUnavailableException(string message, Exception inner) : base(message, inner) { }
+}

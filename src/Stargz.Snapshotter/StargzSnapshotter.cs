@@ -1,0 +1,570 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using Containerd.Types;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace Stargz.Snapshotter;
+
+public sealed class SnapshotterOptions
+{
+    /// <summary>Root dir: metadata.db and snapshots/ID/{fs,work} live below it.</summary>
+    public required string Root { get; init; }
+
+    /// <summary>The lazy layer; null runs a pure overlay snapshotter (remote snapshots are never created).</summary>
+    public IRemoteFileSystem? RemoteFileSystem { get; init; }
+
+    /// <summary>How long a successful Check of a remote layer stays valid ([blob] valid_interval).</summary>
+    public TimeSpan CheckValidInterval { get; init; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>Check remote layers on every call ([blob] check_always).</summary>
+    public bool CheckAlways { get; init; }
+
+    /// <summary>Force overlay's userxattr option on/off; null detects (needed inside a user namespace).</summary>
+    public bool? UserXattr { get; init; }
+}
+
+/// <summary>
+/// containerd's overlayfs snapshotter semantics plus one hook: remote layers mounted through
+/// <see cref="IRemoteFileSystem"/>. Namespaces are kept apart (empty string when no namespace header arrives);
+/// keys are opaque. Every call's metadata work is one LiteDB transaction under <c>_gate</c>; slow work (remote
+/// mounts, disk usage, syncfs) runs outside it. Remote Prepares single-flight per (namespace, chainID).
+/// </summary>
+public sealed class StargzSnapshotter : IAsyncDisposable
+{
+    public const string TargetRefLabel = "containerd.io/snapshot.ref";
+    public const string RemoteLabel = "containerd.io/snapshot/remote";
+    public const string RemoteLabelValue = "remote snapshot";
+
+    private readonly SnapshotterOptions _opt;
+    private readonly ILogger _log;
+    private readonly MetaStore _store;
+    private readonly string _snapshotsDir;
+    private readonly SemaphoreSlim _gate = new(1, 1);
+    private readonly KeyedLock _targetLocks = new();
+    private readonly ConcurrentDictionary<long, DateTime> _lastChecked = new();
+    private readonly ConcurrentDictionary<long, string> _unrestored = new();
+    private readonly bool _indexOff;
+    private readonly bool _userXattr;
+    private int _disposed;
+
+    public string Root => _opt.Root;
+    public bool HasRemoteFileSystem => _opt.RemoteFileSystem != null;
+
+    /// <summary>Remote snapshots that could not be re-mounted at start (id -> why); Check retries them.</summary>
+    public IReadOnlyDictionary<long, string> UnrestoredRemoteSnapshots => _unrestored;
+
+    private StargzSnapshotter(SnapshotterOptions opt, ILogger log)
+    {
+        _opt = opt;
+        _log = log;
+        Directory.CreateDirectory(opt.Root);
+        _snapshotsDir = Path.Combine(opt.Root, "snapshots");
+        Directory.CreateDirectory(_snapshotsDir);
+        _store = new MetaStore(Path.Combine(opt.Root, "metadata.db"));
+        _indexOff = File.Exists("/sys/module/overlay/parameters/index");
+        _userXattr = opt.UserXattr ?? InUserNamespace();
+    }
+
+    /// <summary>Opens the store under the root and restores remote snapshots (stale mounts unmounted, layers re-mounted).</summary>
+    public static async Task<StargzSnapshotter> OpenAsync(SnapshotterOptions opt, ILogger? log, CancellationToken ct)
+    {
+        var s = new StargzSnapshotter(opt, log ?? NullLogger.Instance);
+        try
+        {
+            await s.RestoreAsync(ct);
+        }
+        catch
+        {
+            await s.DisposeAsync();
+            throw;
+        }
+        return s;
+    }
+
+    private static bool InUserNamespace()
+    {
+        try
+        {
+            var map = File.ReadAllText("/proc/self/uid_map").Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries);
+            return !(map.Length >= 3 && map[0] == "0" && map[1] == "0" && map[2] == "4294967295");
+        }
+        catch (IOException) { return false; }
+    }
+
+    public string SnapshotDir(long id) => Path.Combine(_snapshotsDir, id.ToString(System.Globalization.CultureInfo.InvariantCulture));
+    public string FsDir(long id) => Path.Combine(SnapshotDir(id), "fs");
+    public string WorkDir(long id) => Path.Combine(SnapshotDir(id), "work");
+
+    // ---------------------------------------------------------------- restore
+
+    private async Task RestoreAsync(CancellationToken ct)
+    {
+        foreach (var mp in Native.MountsUnder(_snapshotsDir))
+        {
+            try
+            {
+                Native.Unmount(mp, detach: true);
+                _log.LogInformation("unmounted stale mount {Mountpoint} left by a previous run", mp);
+            }
+            catch (IOException e)
+            {
+                _log.LogWarning("cannot unmount stale mount {Mountpoint}: {Error}", mp, e.Message);
+            }
+        }
+        List<SnapshotRecord> remotes;
+        await _gate.WaitAsync(ct);
+        try { remotes = _store.All().Where(r => r.IsRemote).ToList(); }
+        finally { _gate.Release(); }
+        int ok = 0;
+        foreach (var r in remotes)
+        {
+            if (_opt.RemoteFileSystem == null)
+            {
+                _unrestored[r.Id] = "no remote filesystem is configured in this daemon";
+                _log.LogError("remote snapshot {Key} (namespace {Namespace}, layer {Digest}) cannot be restored: no remote filesystem is configured",
+                    r.Key, r.Namespace, LayerDigest(r.Labels));
+                continue;
+            }
+            try
+            {
+                Directory.CreateDirectory(FsDir(r.Id));
+                await _opt.RemoteFileSystem.MountAsync(FsDir(r.Id), r.Labels, ct);
+                _lastChecked[r.Id] = DateTime.UtcNow;
+                ok++;
+            }
+            catch (Exception e) when (e is not OperationCanceledException)
+            {
+                _unrestored[r.Id] = e.Message;
+                _log.LogError("remote snapshot {Key} (namespace {Namespace}, layer {Digest}) could not be restored: {Error}",
+                    r.Key, r.Namespace, LayerDigest(r.Labels), e.Message);
+            }
+        }
+        if (remotes.Count > 0)
+            _log.LogInformation("restored {Restored} of {Total} remote snapshots", ok, remotes.Count);
+    }
+
+    // ---------------------------------------------------------------- API
+
+    public Task<IReadOnlyList<Mount>> PrepareAsync(string ns, string key, string parent, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+        => CreateAsync(ns, SnapshotKind.Active, key, parent, labels, ct);
+
+    public Task<IReadOnlyList<Mount>> ViewAsync(string ns, string key, string parent, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+        => CreateAsync(ns, SnapshotKind.View, key, parent, labels, ct);
+
+    private async Task<IReadOnlyList<Mount>> CreateAsync(string ns, SnapshotKind kind, string key, string parent,
+        IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+    {
+        if (string.IsNullOrEmpty(key)) throw SnapshotterException.InvalidArgument("snapshot key must not be empty");
+        parent ??= "";
+        if (parent.Length > 0)
+            await CheckChainAsync(ns, parent, ct);
+
+        if (kind == SnapshotKind.Active && _opt.RemoteFileSystem != null && labels.TryGetValue(TargetRefLabel, out var target) && target.Length > 0)
+        {
+            // Single flight per chainID: the first caller mounts and commits; the rest wait and see AlreadyExists.
+            using var _ = await _targetLocks.AcquireAsync(ns + "\u0000" + target, ct);
+            var rec = await WithStoreAsync(() =>
+            {
+                if (_store.Get(ns, target) != null)
+                    throw SnapshotterException.AlreadyExists($"target snapshot {target} already exists");
+                return CreateRecord(ns, kind, key, parent, labels);
+            }, ct);
+            if (await TryRemoteAsync(rec, target, labels, ct))
+                throw SnapshotterException.AlreadyExists($"target snapshot {target} (remote snapshot)");
+            return await MountsForAsync(rec, ct);
+        }
+
+        var created = await WithStoreAsync(() => CreateRecord(ns, kind, key, parent, labels), ct);
+        _log.LogDebug("created {Kind} snapshot {Key} (id {Id}, parent {Parent})", kind, key, created.Id, parent);
+        return await MountsForAsync(created, ct);
+    }
+
+    /// <summary>Mounts the layer remotely and commits it under <paramref name="target"/>; false means fall back.</summary>
+    private async Task<bool> TryRemoteAsync(SnapshotRecord rec, string target, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+    {
+        var fs = FsDir(rec.Id);
+        var sw = Stopwatch.StartNew();
+        try
+        {
+            await _opt.RemoteFileSystem!.MountAsync(fs, labels, ct);
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            _log.LogInformation("layer {Digest} for {Target} (key {Key}) is not served remotely, falling back to an ordinary snapshot: {Reason}",
+                LayerDigest(labels), target, rec.Key, e.Message);
+            return false;
+        }
+        try
+        {
+            var commitLabels = new Dictionary<string, string>(labels, StringComparer.Ordinal) { [RemoteLabel] = RemoteLabelValue };
+            await WithStoreAsync(() =>
+            {
+                var cur = _store.Get(rec.Namespace, rec.Key) ?? throw SnapshotterException.NotFound($"active snapshot {rec.Key} vanished");
+                if (_store.Get(rec.Namespace, target) != null) throw SnapshotterException.AlreadyExists($"target snapshot {target} already exists");
+                cur.Key = target;
+                cur.Kind = SnapshotKind.Committed;
+                cur.Labels = commitLabels;
+                cur.Created = cur.Updated = DateTime.UtcNow;
+                _store.Update(cur);
+                return 0;
+            }, CancellationToken.None);
+        }
+        catch
+        {
+            try { await _opt.RemoteFileSystem!.UnmountAsync(fs, CancellationToken.None); }
+            catch (Exception ue) when (ue is not OperationCanceledException)
+            {
+                _log.LogWarning("cannot unmount remote layer at {Mountpoint} after a failed commit of {Target}: {Error}", fs, target, ue.Message);
+            }
+            throw;
+        }
+        _lastChecked[rec.Id] = DateTime.UtcNow;
+        _log.LogInformation("remote snapshot {Target} (layer {Digest}) mounted in {Ms} ms", target, LayerDigest(labels), sw.ElapsedMilliseconds);
+        return true;
+    }
+
+    /// <summary>Inside a transaction: validate, allocate an id, make the dirs under a temp name, rename into place.</summary>
+    private SnapshotRecord CreateRecord(string ns, SnapshotKind kind, string key, string parent, IReadOnlyDictionary<string, string> labels)
+    {
+        if (_store.Get(ns, key) != null) throw SnapshotterException.AlreadyExists($"snapshot {key} already exists");
+        if (parent.Length > 0)
+        {
+            var p = _store.Get(ns, parent) ?? throw SnapshotterException.NotFound($"parent snapshot {parent} does not exist");
+            if (p.Kind != SnapshotKind.Committed)
+                throw SnapshotterException.InvalidArgument($"parent {parent} is not a committed snapshot");
+        }
+        var now = DateTime.UtcNow;
+        var rec = new SnapshotRecord
+        {
+            Id = _store.NextId(), Namespace = ns, Key = key, Parent = parent, Kind = kind, Created = now, Updated = now,
+            Labels = new Dictionary<string, string>(labels, StringComparer.Ordinal),
+        };
+        var temp = Path.Combine(_snapshotsDir, "new-" + Guid.NewGuid().ToString("N"));
+        var final = SnapshotDir(rec.Id);
+        Directory.CreateDirectory(Path.Combine(temp, "fs"));
+        File.SetUnixFileMode(Path.Combine(temp, "fs"), (UnixFileMode)0b111_101_101);
+        if (kind == SnapshotKind.Active) Directory.CreateDirectory(Path.Combine(temp, "work"));
+        var renamed = false;
+        try
+        {
+            _store.Insert(rec);
+            if (Directory.Exists(final))
+            {
+                // Left by a crash between rename and metadata commit: the id was never committed, so the dir is an orphan.
+                _log.LogWarning("removing orphan snapshot dir {Dir} (id {Id} was never committed)", final, rec.Id);
+                RemoveDirTree(final);
+            }
+            Directory.Move(temp, final);
+            renamed = true;
+            Native.FsyncDir(_snapshotsDir);
+            return rec;
+        }
+        catch
+        {
+            RemoveDirTree(renamed ? final : temp);
+            throw;
+        }
+    }
+
+    public async Task<IReadOnlyList<Mount>> MountsAsync(string ns, string key, CancellationToken ct)
+    {
+        var rec = await WithStoreAsync(() => _store.Get(ns, key) ?? throw SnapshotterException.NotFound($"snapshot {key} does not exist"), ct);
+        await CheckChainAsync(ns, key, ct);
+        return await MountsForAsync(rec, ct);
+    }
+
+    private async Task<IReadOnlyList<Mount>> MountsForAsync(SnapshotRecord rec, CancellationToken ct)
+    {
+        var parents = await WithStoreAsync(() => Ancestors(rec.Namespace, rec.Parent).Select(p => p.Id).ToList(), ct);
+        var m = new Mount();
+        if (parents.Count == 0 || (rec.Kind == SnapshotKind.View && parents.Count == 1))
+        {
+            var src = parents.Count == 0 ? FsDir(rec.Id) : FsDir(parents[0]);
+            m.Type = "bind";
+            m.Source = src;
+            m.Options.Add(rec.Kind == SnapshotKind.Active ? "rw" : "ro");
+            m.Options.Add("rbind");
+            return [m];
+        }
+        m.Type = "overlay";
+        m.Source = "overlay";
+        if (_indexOff) m.Options.Add("index=off");
+        if (_userXattr) m.Options.Add("userxattr");
+        if (rec.Kind == SnapshotKind.Active)
+        {
+            m.Options.Add("workdir=" + WorkDir(rec.Id));
+            m.Options.Add("upperdir=" + FsDir(rec.Id));
+        }
+        m.Options.Add("lowerdir=" + string.Join(':', parents.Select(FsDir)));
+        return [m];
+    }
+
+    /// <summary>The chain from <paramref name="key"/> down to the base layer (key first). Inside the gate.</summary>
+    private List<SnapshotRecord> Ancestors(string ns, string key)
+    {
+        var list = new List<SnapshotRecord>();
+        var seen = new HashSet<string>(StringComparer.Ordinal);
+        while (key.Length > 0)
+        {
+            if (!seen.Add(key)) throw new InvalidOperationException($"parent cycle at snapshot {key}");
+            var r = _store.Get(ns, key) ?? throw SnapshotterException.NotFound($"snapshot {key} (in a parent chain) does not exist");
+            list.Add(r);
+            key = r.Parent;
+        }
+        return list;
+    }
+
+    public async Task CommitAsync(string ns, string name, string key, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+    {
+        if (string.IsNullOrEmpty(name)) throw SnapshotterException.InvalidArgument("commit name must not be empty");
+        var rec = await WithStoreAsync(() =>
+        {
+            var r = _store.Get(ns, key) ?? throw SnapshotterException.NotFound($"active snapshot {key} does not exist");
+            if (r.Kind != SnapshotKind.Active) throw SnapshotterException.FailedPrecondition($"snapshot {key} is not active ({r.Kind})");
+            if (_store.Get(ns, name) != null) throw SnapshotterException.AlreadyExists($"snapshot {name} already exists");
+            return r;
+        }, ct);
+        // Usage and durability outside the gate: a big layer must not stall every other call.
+        var fs = FsDir(rec.Id);
+        var (size, inodes) = DiskUsage.Of(fs);
+        Native.SyncFs(fs);
+        await WithStoreAsync(() =>
+        {
+            var r = _store.Get(ns, key) ?? throw SnapshotterException.NotFound($"active snapshot {key} does not exist");
+            if (r.Id != rec.Id || r.Kind != SnapshotKind.Active) throw SnapshotterException.FailedPrecondition($"snapshot {key} changed during commit");
+            if (_store.Get(ns, name) != null) throw SnapshotterException.AlreadyExists($"snapshot {name} already exists");
+            r.Key = name;
+            r.Kind = SnapshotKind.Committed;
+            r.Labels = new Dictionary<string, string>(labels, StringComparer.Ordinal);
+            r.Created = r.Updated = DateTime.UtcNow;
+            r.Size = size;
+            r.Inodes = inodes;
+            _store.Update(r);
+            return 0;
+        }, ct);
+        _log.LogDebug("committed {Key} as {Name} ({Size} bytes, {Inodes} inodes)", key, name, size, inodes);
+    }
+
+    public async Task RemoveAsync(string ns, string key, CancellationToken ct)
+    {
+        string? trash = null;
+        await _gate.WaitAsync(ct);
+        try
+        {
+            ThrowIfDisposed();
+            var rec = _store.InTransaction(() =>
+            {
+                var r = _store.Get(ns, key) ?? throw SnapshotterException.NotFound($"snapshot {key} does not exist");
+                if (_store.HasChildren(ns, key)) throw SnapshotterException.FailedPrecondition($"cannot remove snapshot {key}: it has children");
+                return r;
+            });
+            await UnmountLayerAsync(rec, ct);
+            trash = Path.Combine(_snapshotsDir, "rm-" + rec.Id.ToString(System.Globalization.CultureInfo.InvariantCulture));
+            var dir = SnapshotDir(rec.Id);
+            var moved = false;
+            _store.InTransaction(() =>
+            {
+                _store.Delete(rec);
+                if (Directory.Exists(dir))
+                {
+                    Directory.Move(dir, trash);
+                    moved = true;
+                }
+            });
+            if (!moved) trash = null;
+            _lastChecked.TryRemove(rec.Id, out _);
+            _unrestored.TryRemove(rec.Id, out _);
+            _log.LogDebug("removed snapshot {Key} (id {Id})", key, rec.Id);
+        }
+        finally { _gate.Release(); }
+        if (trash != null) RemoveDirTree(trash);
+    }
+
+    private async Task UnmountLayerAsync(SnapshotRecord rec, CancellationToken ct)
+    {
+        var fs = FsDir(rec.Id);
+        if (rec.IsRemote && _opt.RemoteFileSystem != null && !_unrestored.ContainsKey(rec.Id))
+        {
+            try { await _opt.RemoteFileSystem.UnmountAsync(fs, ct); }
+            catch (Exception e) when (e is not OperationCanceledException)
+            {
+                _log.LogWarning("remote filesystem failed to unmount {Mountpoint} of {Key}: {Error}", fs, rec.Key, e.Message);
+            }
+        }
+        foreach (var mp in Native.MountsUnder(SnapshotDir(rec.Id)))
+        {
+            try { Native.Unmount(mp, detach: true); }
+            catch (IOException e)
+            {
+                throw SnapshotterException.FailedPrecondition($"cannot unmount {mp} of snapshot {rec.Key}: {e.Message}");
+            }
+        }
+    }
+
+    public Task<SnapshotRecord> StatAsync(string ns, string key, CancellationToken ct)
+        => WithStoreAsync(() => _store.Get(ns, key) ?? throw SnapshotterException.NotFound($"snapshot {key} does not exist"), ct);
+
+    /// <summary>Updates labels only. Field paths: none (replace labels), "labels", "labels.KEY"; anything else is InvalidArgument.</summary>
+    public Task<SnapshotRecord> UpdateAsync(string ns, string name, IReadOnlyDictionary<string, string> labels, IReadOnlyList<string> paths, CancellationToken ct)
+        => WithStoreAsync(() =>
+        {
+            var r = _store.Get(ns, name) ?? throw SnapshotterException.NotFound($"snapshot {name} does not exist");
+            if (paths.Count == 0)
+                r.Labels = new Dictionary<string, string>(labels, StringComparer.Ordinal);
+            foreach (var p in paths)
+            {
+                if (p == "labels")
+                    r.Labels = new Dictionary<string, string>(labels, StringComparer.Ordinal);
+                else if (p.StartsWith("labels.", StringComparison.Ordinal))
+                {
+                    var k = p["labels.".Length..];
+                    if (labels.TryGetValue(k, out var v)) r.Labels[k] = v;
+                    else r.Labels.Remove(k);
+                }
+                else throw SnapshotterException.InvalidArgument($"cannot update field {p} of snapshot {name}");
+            }
+            r.Updated = DateTime.UtcNow;
+            _store.Update(r);
+            return r;
+        }, ct);
+
+    public Task<List<SnapshotRecord>> ListAsync(string ns, IEnumerable<string> filters, CancellationToken ct)
+    {
+        var f = SnapshotFilter.Parse(filters);
+        return WithStoreAsync(() => _store.InNamespace(ns).Where(f.Match).OrderBy(r => r.Id).ToList(), ct);
+    }
+
+    public async Task<(long Size, long Inodes)> UsageAsync(string ns, string key, CancellationToken ct)
+    {
+        var r = await StatAsync(ns, key, ct);
+        if (r.Kind == SnapshotKind.Active) return DiskUsage.Of(FsDir(r.Id));
+        return (r.Size, r.Inodes);
+    }
+
+    /// <summary>Removes snapshot dirs with no metadata (crash leftovers, new-*/rm-* dirs), unmounting what they hold.</summary>
+    public async Task<int> CleanupAsync(CancellationToken ct)
+    {
+        var removed = 0;
+        await _gate.WaitAsync(ct);
+        try
+        {
+            ThrowIfDisposed();
+            var live = _store.InTransaction(() => _store.All().Select(r => r.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ToHashSet());
+            foreach (var dir in Directory.GetDirectories(_snapshotsDir))
+            {
+                if (live.Contains(Path.GetFileName(dir))) continue;
+                foreach (var mp in Native.MountsUnder(dir))
+                {
+                    try { Native.Unmount(mp, detach: true); }
+                    catch (IOException e) { _log.LogWarning("cleanup cannot unmount {Mountpoint}: {Error}", mp, e.Message); }
+                }
+                _log.LogInformation("cleanup removes orphan snapshot dir {Dir}", dir);
+                RemoveDirTree(dir);
+                removed++;
+            }
+        }
+        finally { _gate.Release(); }
+        return removed;
+    }
+
+    // ---------------------------------------------------------------- check
+
+    /// <summary>Checks every remote layer in the chain from <paramref name="key"/> down; Unavailable if one cannot be served.</summary>
+    private async Task CheckChainAsync(string ns, string key, CancellationToken ct)
+    {
+        var chain = await WithStoreAsync(() => Ancestors(ns, key), ct);
+        foreach (var r in chain)
+        {
+            if (!r.IsRemote) continue;
+            var fs = FsDir(r.Id);
+            var fsys = _opt.RemoteFileSystem;
+            if (fsys == null)
+                throw SnapshotterException.Unavailable($"layer {LayerDigest(r.Labels)} of remote snapshot {r.Key} cannot be served: no remote filesystem is configured");
+            if (_unrestored.ContainsKey(r.Id))
+            {
+                try
+                {
+                    await fsys.MountAsync(fs, r.Labels, ct);
+                    _unrestored.TryRemove(r.Id, out _);
+                    _lastChecked[r.Id] = DateTime.UtcNow;
+                    _log.LogInformation("remote snapshot {Key} (layer {Digest}) restored on demand", r.Key, LayerDigest(r.Labels));
+                    continue;
+                }
+                catch (Exception e) when (e is not OperationCanceledException)
+                {
+                    throw SnapshotterException.Unavailable($"layer {LayerDigest(r.Labels)} of remote snapshot {r.Key} is not mounted: {e.Message}", e);
+                }
+            }
+            if (!_opt.CheckAlways && _lastChecked.TryGetValue(r.Id, out var at) && DateTime.UtcNow - at < _opt.CheckValidInterval)
+                continue;
+            try
+            {
+                await fsys.CheckAsync(fs, r.Labels, ct);
+                _lastChecked[r.Id] = DateTime.UtcNow;
+            }
+            catch (Exception e) when (e is not OperationCanceledException)
+            {
+                _lastChecked.TryRemove(r.Id, out _);
+                _log.LogWarning("layer {Digest} of remote snapshot {Key} is unavailable: {Error}", LayerDigest(r.Labels), r.Key, e.Message);
+                throw SnapshotterException.Unavailable($"layer {LayerDigest(r.Labels)} of remote snapshot {r.Key} is unavailable: {e.Message}", e);
+            }
+        }
+    }
+
+    public static string LayerDigest(IReadOnlyDictionary<string, string> labels)
+        => labels.TryGetValue("containerd.io/snapshot/remote/stargz.digest", out var d) ? d
+         : labels.TryGetValue("containerd.io/snapshot/cri.layer-digest", out d) ? d
+         : labels.TryGetValue(TargetRefLabel, out d) ? d : "(unknown digest)";
+
+    // ---------------------------------------------------------------- plumbing
+
+    private async Task<T> WithStoreAsync<T>(Func<T> body, CancellationToken ct)
+    {
+        await _gate.WaitAsync(ct);
+        try
+        {
+            ThrowIfDisposed();
+            return _store.InTransaction(body);
+        }
+        finally { _gate.Release(); }
+    }
+
+    private void ThrowIfDisposed()
+    {
+        if (Volatile.Read(ref _disposed) != 0) throw SnapshotterException.Unavailable("snapshotter is shutting down");
+    }
+
+    private void RemoveDirTree(string dir)
+    {
+        try { Directory.Delete(dir, recursive: true); }
+        catch (DirectoryNotFoundException) { }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _log.LogWarning("cannot remove {Dir}: {Error} (Cleanup retries)", dir, e.Message);
+        }
+    }
+
+    /// <summary>Waits for in-flight metadata work, unmounts remote layers (restored at next start), closes the store.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        await _gate.WaitAsync();
+        try
+        {
+            if (Interlocked.Exchange(ref _disposed, 1) != 0) return;
+            if (_opt.RemoteFileSystem != null)
+            {
+                foreach (var r in _store.All().Where(r => r.IsRemote && !_unrestored.ContainsKey(r.Id)))
+                {
+                    try { await _opt.RemoteFileSystem.UnmountAsync(FsDir(r.Id), CancellationToken.None); }
+                    catch (Exception e) when (e is not OperationCanceledException)
+                    {
+                        _log.LogWarning("shutdown: cannot unmount remote layer {Key} at {Mountpoint}: {Error}", r.Key, FsDir(r.Id), e.Message);
+                    }
+                }
+            }
+            _store.Dispose();
+        }
+        finally { _gate.Release(); }
+    }
+}
