@@ -19,6 +19,8 @@ public sealed class LocalRegistry : IAsyncDisposable
     public string StorageDir { get; }
     public string ConfigPath { get; }
     public bool Tls { get; }
+    /// <summary>http(s)://host:port — the registry's base URL (no /v2).</summary>
+    public string BaseUrl => $"{(Tls ? "https" : "http")}://{Host}";
 
     private LocalRegistry(Process p, int port, string storage, string config, bool tls, TempDir? owned)
     {
@@ -87,6 +89,73 @@ public sealed class LocalRegistry : IAsyncDisposable
         }
         await reg.DisposeAsync();
         throw new TimeoutException("docker-registry did not listen within 20 s");
+    }
+
+    /// <summary>An `auth:` block for htpasswd Basic auth (file made with `htpasswd -Bbn`).</summary>
+    public static string HtpasswdAuthYaml(string htpasswdFile) => $"""
+        auth:
+          htpasswd:
+            realm: stargz-test
+            path: {htpasswdFile}
+        """;
+
+    /// <summary>An `auth:` block for token (Bearer) auth; tokens are JWTs signed by a key whose cert is in <paramref name="rootCertBundle"/>.</summary>
+    public static string TokenAuthYaml(string realm, string service, string issuer, string rootCertBundle) => $"""
+        auth:
+          token:
+            realm: {realm}
+            service: {service}
+            issuer: {issuer}
+            rootcertbundle: {rootCertBundle}
+        """;
+
+    /// <summary>Lines for `http:` that serve TLS with <paramref name="certFile"/>; with <paramref name="clientCaFile"/> client certs are required.</summary>
+    public static string TlsYaml(string certFile, string keyFile, string? clientCaFile = null)
+        => $"tls:\n  certificate: {certFile}\n  key: {keyFile}"
+           + (clientCaFile is null ? "" : $"\n  clientcas:\n    - {clientCaFile}");
+
+    /// <summary>Pushes a blob with one monolithic PUT upload (POST then PUT ?digest=). Returns its digest.</summary>
+    public static async Task<string> PushBlobAsync(HttpClient http, string baseUrl, string repository, byte[] data,
+        CancellationToken ct = default)
+    {
+        var digest = "sha256:" + Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(data));
+        using var post = await http.PostAsync($"{baseUrl}/v2/{repository}/blobs/uploads/", null, ct);
+        if (post.StatusCode != HttpStatusCode.Accepted)
+            throw new InvalidOperationException($"upload start for {repository} answered {(int)post.StatusCode}");
+        var loc = post.Headers.Location ?? throw new InvalidOperationException("upload start without Location");
+        var abs = loc.IsAbsoluteUri ? loc : new Uri(new Uri(baseUrl), loc);
+        var sep = abs.Query.Length > 0 ? "&" : "?";
+        using var content = new ByteArrayContent(data);
+        content.Headers.ContentType = new System.Net.Http.Headers.MediaTypeHeaderValue("application/octet-stream");
+        using var put = await http.PutAsync($"{abs}{sep}digest={Uri.EscapeDataString(digest)}", content, ct);
+        if (put.StatusCode != HttpStatusCode.Created)
+            throw new InvalidOperationException($"blob PUT {digest} to {repository} answered {(int)put.StatusCode}: {await put.Content.ReadAsStringAsync(ct)}");
+        return digest;
+    }
+
+    /// <summary>Pushes a manifest or index under <paramref name="reference"/> (tag or digest). Returns its digest.</summary>
+    public static async Task<string> PushManifestAsync(HttpClient http, string baseUrl, string repository, string reference,
+        byte[] json, string mediaType, CancellationToken ct = default)
+    {
+        using var content = new ByteArrayContent(json);
+        content.Headers.ContentType = new System.Net.Http.Headers.MediaTypeHeaderValue(mediaType);
+        using var put = await http.PutAsync($"{baseUrl}/v2/{repository}/manifests/{reference}", content, ct);
+        if (put.StatusCode != HttpStatusCode.Created)
+            throw new InvalidOperationException($"manifest PUT {repository}:{reference} answered {(int)put.StatusCode}: {await put.Content.ReadAsStringAsync(ct)}");
+        return "sha256:" + Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(json));
+    }
+
+    /// <summary>Instance shortcut for <see cref="PushBlobAsync(HttpClient,string,string,byte[],CancellationToken)"/> on a plain-HTTP registry without auth.</summary>
+    public async Task<string> PushBlobAsync(string repository, byte[] data, CancellationToken ct = default)
+    {
+        using var http = new HttpClient();
+        return await PushBlobAsync(http, BaseUrl, repository, data, ct);
+    }
+
+    public async Task<string> PushManifestAsync(string repository, string reference, byte[] json, string mediaType, CancellationToken ct = default)
+    {
+        using var http = new HttpClient();
+        return await PushManifestAsync(http, BaseUrl, repository, reference, json, mediaType, ct);
     }
 
     private static string Indent(string? s, int n)

@@ -1,0 +1,152 @@
+using Stargz.Registry.Tests.Infra;
+using Stargz.TestSupport;
+
+namespace Stargz.Registry.Tests;
+
+/// <summary>Against a real docker-registry over plain HTTP on 127.0.0.1.</summary>
+public class PlainRegistryTests(SharedRegistry shared) : IClassFixture<SharedRegistry>
+{
+    private static CancellationToken Ct => TestContext.Current.CancellationToken;
+
+    [Fact]
+    public async Task Resolve_index_selects_platform_and_keeps_annotations()
+    {
+        var (reg, img) = await shared.GetAsync();
+        using var client = new RegistryClient();
+        var r = ImageReference.Parse($"{reg.Host}/{img.Repository}:{img.Tag}");
+
+        var amd = await client.ResolveAsync(r, Platform.Parse("linux/amd64"), Ct);
+        Assert.Equal(img.AmdManifest, amd.Digest);
+        Assert.Equal(img.IndexDigest, amd.IndexDigest);
+        Assert.Equal(MediaTypes.OciManifest, amd.MediaType);
+        Assert.Equal(img.ConfigDigest, amd.Config.Digest);
+        Assert.Equal(img.LayerDigests, amd.Layers.Select(l => l.Digest).ToArray());
+        Assert.Equal(img.Layers.Select(l => (long)l.Length).ToArray(), amd.Layers.Select(l => l.Size).ToArray());
+        Assert.Equal($"sha256:{1:x64}", amd.Layers[1].Annotation(PushedImage.TocAnnotation));
+        Assert.Equal("amd64", amd.Annotations!["org.example.arch"]);
+        Assert.Equal("amd64", amd.Platform!.Architecture);
+
+        var arm = await client.ResolveAsync(r, Platform.Parse("linux/arm64"), Ct);
+        Assert.Equal(img.ArmManifest, arm.Digest);
+
+        var none = await Assert.ThrowsAsync<NotFoundException>(() => client.ResolveAsync(r, Platform.Parse("linux/s390x"), Ct));
+        Assert.Contains("linux/s390x", none.Message);
+
+        // A plain manifest by digest, and HEAD giving the digest of a tag.
+        var byDigest = await client.ResolveAsync(r.WithDigest(img.ArmManifest), null, Ct);
+        Assert.Equal(img.ArmManifest, byDigest.Digest);
+        Assert.Null(byDigest.IndexDigest);
+        var head = await client.HeadManifestAsync(r, Ct);
+        Assert.Equal(img.IndexDigest, head.Digest);
+        Assert.Equal(MediaTypes.OciIndex, head.MediaType);
+
+        var cfg = await client.FetchBlobBytesAsync(r, img.ConfigDigest, ct: Ct);
+        Assert.Contains("\"amd64\"", System.Text.Encoding.UTF8.GetString(cfg));
+    }
+
+    [Fact]
+    public async Task Missing_things_raise_NotFound_with_host_and_reference()
+    {
+        var (reg, img) = await shared.GetAsync();
+        using var client = new RegistryClient();
+        var missingTag = ImageReference.Parse($"{reg.Host}/{img.Repository}:nope");
+        var e = await Assert.ThrowsAsync<NotFoundException>(() => client.ResolveAsync(missingTag, null, Ct));
+        Assert.Contains(reg.Host, e.Message);
+        Assert.Contains("nope", e.Message);
+        var missingBlob = "sha256:" + new string('e', 64);
+        var b = await Assert.ThrowsAsync<NotFoundException>(() => client.OpenBlobAsync(missingTag, missingBlob, Ct));
+        Assert.Contains(missingBlob, b.Message);
+        Assert.Equal(reg.Host, b.Host);
+    }
+
+    [Fact]
+    public async Task Ranged_read_equals_curl_r()
+    {
+        var (reg, img) = await shared.GetAsync();
+        var curl = Requires.Command("curl");
+        using var client = new RegistryClient();
+        var repo = ImageReference.Parse($"{reg.Host}/{img.Repository}");
+        var blob = await client.OpenBlobAsync(repo, img.LayerDigests[0], Ct);
+        Assert.Equal(img.Layers[0].Length, blob.Size);
+        using var dir = new TempDir("curl");
+        foreach (var (from, len) in new (long, int)[] { (0, 1), (12345, 4096), (blob.Size - 777, 777), (1_000_000, 65537) })
+        {
+            var mine = new byte[len];
+            await blob.ReadAtAsync(from, mine, Ct);
+            var outFile = Path.Combine(dir.Path, $"r{from}");
+            (await ProcessRunner.RunAsync(curl, ["-sSf", "-r", $"{from}-{from + len - 1}", "-o", outFile,
+                $"{reg.BaseUrl}/v2/{img.Repository}/blobs/{img.LayerDigests[0]}"], TimeSpan.FromSeconds(30))).EnsureSuccess("curl -r");
+            Assert.Equal(await File.ReadAllBytesAsync(outFile, Ct), mine);
+        }
+        Assert.Throws<ArgumentOutOfRangeException>(() => { _ = blob.ReadAtAsync(blob.Size - 1, new byte[2], Ct); });
+        Assert.True(blob.BytesFetched >= 1 + 4096 + 777 + 65537);
+    }
+
+    [Fact]
+    public async Task Hundred_scattered_ranges_cost_one_request()
+    {
+        var (reg, img) = await shared.GetAsync();
+        await using var proxy = await RegistryProxy.StartAsync(reg.BaseUrl);
+        using var client = new RegistryClient();
+        var repo = ImageReference.Parse($"{proxy.Host}/{img.Repository}");
+        var blob = await client.OpenBlobAsync(repo, img.LayerDigests[0], Ct);
+        var rnd = new Random(7);
+        var ranges = new List<BlobRange>();
+        for (var i = 0; i < 100; i++)
+        {
+            // Scattered, unordered, some overlapping and adjacent.
+            long off = i % 10 == 9 ? ranges[^1].Offset + 10 : rnd.NextInt64(0, blob.Size - 5000);
+            ranges.Add(new BlobRange(off, new byte[rnd.Next(1, 5000)]));
+        }
+        var before = proxy.BlobGets();
+        await blob.ReadRangesAsync(ranges, Ct);
+        Assert.Equal(1, proxy.BlobGets() - before);
+        var multi = proxy.Seen.Last(s => s.Method == "GET");
+        Assert.Contains(",", multi.Range);
+        foreach (var r in ranges)
+            Assert.True(img.Layers[0].AsSpan((int)r.Offset, r.Destination.Length).SequenceEqual(r.Destination.Span), $"range at {r.Offset}");
+    }
+
+    [Fact]
+    public async Task Concurrent_identical_reads_share_one_request()
+    {
+        var (reg, img) = await shared.GetAsync();
+        await using var proxy = await RegistryProxy.StartAsync(reg.BaseUrl);
+        // Hold the first blob GET briefly so all readers are surely concurrent.
+        var release = new TaskCompletionSource();
+        proxy.Hook = async (ctx, p) =>
+        {
+            if (ctx.Request.Method == "GET" && ctx.Request.Path.Value!.Contains("/blobs/")) await release.Task;
+            return false;
+        };
+        using var client = new RegistryClient();
+        var blob = await client.OpenBlobAsync(ImageReference.Parse($"{proxy.Host}/{img.Repository}"), img.LayerDigests[1], Ct);
+        var bufs = Enumerable.Range(0, 20).Select(_ => new byte[10000]).ToArray();
+        var reads = bufs.Select(b => blob.ReadAtAsync(5000, b, Ct).AsTask()).ToArray();
+        await Task.Delay(300, Ct);
+        release.SetResult();
+        await Task.WhenAll(reads);
+        Assert.Equal(1, proxy.BlobGets(img.LayerDigests[1]));
+        foreach (var b in bufs) Assert.Equal(img.Layers[1].AsSpan(5000, 10000).ToArray(), b);
+        // A different range is a different request.
+        await blob.ReadAtAsync(5001, new byte[10], Ct);
+        Assert.Equal(2, proxy.BlobGets(img.LayerDigests[1]));
+    }
+
+    [Fact]
+    public async Task Cancellation_stops_a_read()
+    {
+        var (reg, img) = await shared.GetAsync();
+        await using var proxy = await RegistryProxy.StartAsync(reg.BaseUrl);
+        proxy.Hook = async (ctx, p) =>
+        {
+            if (ctx.Request.Method != "GET") return false;
+            try { await Task.Delay(Timeout.Infinite, ctx.RequestAborted); } catch (OperationCanceledException) { }
+            return true;
+        };
+        using var client = new RegistryClient(SharedRegistry.FastRetries());
+        var blob = await client.OpenBlobAsync(ImageReference.Parse($"{proxy.Host}/{img.Repository}"), img.LayerDigests[1], Ct);
+        using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(300));
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => await blob.ReadAtAsync(0, new byte[100], cts.Token));
+    }
+}
