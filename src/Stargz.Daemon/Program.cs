@@ -1,10 +1,111 @@
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Routing;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+using Prometheus;
+using Stargz.Snapshotter;
+
 namespace Stargz.Daemon;
 
 public static class Program
 {
-    public static int Main(string[] args)
+    public static async Task<int> Main(string[] args)
     {
-        Console.Error.WriteLine("stargz-snapshotter: not implemented yet");
-        return 2;
+        DaemonOptions opt;
+        try { opt = DaemonOptions.Parse(args); }
+        catch (ArgumentException e)
+        {
+            await Console.Error.WriteLineAsync($"stargz-snapshotter: {e.Message}\n{DaemonOptions.Usage}");
+            return 2;
+        }
+        if (opt.ShowHelp)
+        {
+            Console.WriteLine(DaemonOptions.Usage);
+            return 0;
+        }
+
+        var warnings = new List<string>();
+        DaemonConfig config;
+        try { config = ConfigLoader.Load(opt.ConfigPath, opt.ConfigGiven, warnings); }
+        catch (ConfigException e)
+        {
+            await Console.Error.WriteLineAsync($"stargz-snapshotter: invalid config: {e.Message}");
+            return 1;
+        }
+
+        var level = DaemonOptions.ParseLogLevel(opt.LogLevel);
+        if (config.Debug && level > LogLevel.Debug) level = LogLevel.Debug;
+        void ConfigureLogging(ILoggingBuilder b)
+        {
+            b.ClearProviders();
+            b.SetMinimumLevel(level);
+            b.AddFilter("Microsoft", level <= LogLevel.Debug ? LogLevel.Information : LogLevel.Warning);
+            b.AddFilter("Grpc", LogLevel.Warning);
+            b.AddJsonConsole(o =>
+            {
+                o.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ";
+                o.UseUtcTimestamp = true;
+                o.IncludeScopes = false;
+            });
+            // Logs go to stderr like the reference's (stdout stays free).
+            b.AddConsole(c => c.LogToStandardErrorThreshold = LogLevel.Trace);
+        }
+        using var loggerFactory = LoggerFactory.Create(ConfigureLogging);
+        var log = loggerFactory.CreateLogger("stargz-snapshotter");
+        foreach (var w in warnings) log.LogWarning("config: {Warning}", w);
+
+        var remote = RemoteLayerWiring.Create(config, log);
+        StargzSnapshotter snapshotter;
+        try
+        {
+            snapshotter = await StargzSnapshotter.OpenAsync(new SnapshotterOptions
+            {
+                Root = opt.Root,
+                RemoteFileSystem = remote,
+                CheckValidInterval = TimeSpan.FromSeconds(config.Blob.ValidInterval),
+                CheckAlways = config.Blob.CheckAlways,
+            }, loggerFactory.CreateLogger<StargzSnapshotter>(), CancellationToken.None);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or LiteDB.LiteException)
+        {
+            log.LogCritical("cannot open root {Root}: {Error}", opt.Root, e.Message);
+            return 1;
+        }
+
+        var serverOpt = new SnapshotterServerOptions { SocketPath = opt.Address, SocketGroup = opt.SocketGroup };
+        var metricsEndpoint = !config.NoPrometheus && config.MetricsAddress.Length > 0 ? ConfigLoader.ParseEndpoint(config.MetricsAddress) : null;
+        var app = SnapshotterServer.Build(snapshotter, serverOpt,
+            configureBuilder: b =>
+            {
+                b.Services.AddSingleton<MetricsInterceptor>();
+                b.Services.Configure<Grpc.AspNetCore.Server.GrpcServiceOptions>(o => o.Interceptors.Add<MetricsInterceptor>());
+                if (metricsEndpoint != null)
+                    b.WebHost.ConfigureKestrel(k => k.Listen(metricsEndpoint, lo => lo.Protocols = Microsoft.AspNetCore.Server.Kestrel.Core.HttpProtocols.Http1));
+            },
+            configureApp: a =>
+            {
+                if (metricsEndpoint != null) a.MapMetrics("/metrics").RequireHost($"*:{metricsEndpoint.Port}");
+            },
+            configureLogging: ConfigureLogging);
+        try
+        {
+            await SnapshotterServer.StartAsync(app, serverOpt, CancellationToken.None);
+        }
+        catch (Exception e) when (e is IOException or ArgumentException or InvalidOperationException)
+        {
+            log.LogCritical("cannot serve on {Address}: {Error}", opt.Address, e.Message);
+            await snapshotter.DisposeAsync();
+            return 1;
+        }
+        log.LogInformation("serving containerd snapshots API on {Address} (root {Root}, remote layers {Remote}, metrics {Metrics})",
+            opt.Address, opt.Root, remote != null ? "on" : "off", metricsEndpoint?.ToString() ?? "off");
+
+        // SIGTERM/SIGINT: the host stops accepting, drains in-flight calls (shutdown timeout), then we close the store.
+        await app.WaitForShutdownAsync();
+        log.LogInformation("shutting down: in-flight calls drained, closing the metadata store");
+        await app.DisposeAsync();
+        await snapshotter.DisposeAsync();
+        log.LogInformation("stopped");
+        return 0;
     }
 }

@@ -1,0 +1,223 @@
+using System.Globalization;
+using System.Net;
+using Tomlyn;
+using Tomlyn.Model;
+
+namespace Stargz.Daemon;
+
+/// <summary>A config file the daemon refuses to start with; the message names the file and the key.</summary>
+public sealed class ConfigException(string message) : Exception(message);
+
+/// <summary>
+/// Reads config.toml into <see cref="DaemonConfig"/>: every key typed and range-checked; unknown keys are collected
+/// as warnings (the daemon logs them) so a config written for the reference still starts.
+/// </summary>
+public static class ConfigLoader
+{
+    public const string DefaultPath = "/etc/containerd-stargz-grpc/config.toml";
+
+    /// <summary>Loads <paramref name="path"/>. A missing file is fine only when it is the default path (defaults apply).</summary>
+    public static DaemonConfig Load(string path, bool explicitPath, List<string> warnings)
+    {
+        if (!File.Exists(path))
+        {
+            if (explicitPath && path != DefaultPath) throw new ConfigException($"config file {path} does not exist");
+            return new DaemonConfig();
+        }
+        string text;
+        try { text = File.ReadAllText(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new ConfigException($"config file {path}: {e.Message}"); }
+        return Parse(text, path, warnings);
+    }
+
+    public static DaemonConfig Parse(string toml, string source, List<string> warnings)
+    {
+        TomlTable model;
+        try { model = TomlSerializer.Deserialize<TomlTable>(toml) ?? new TomlTable(); }
+        catch (TomlException e) { throw new ConfigException($"config file {source} is not valid TOML: {e.Message}"); }
+        var c = new DaemonConfig();
+        var r = new Reader(source, warnings);
+        foreach (var (key, value) in model)
+        {
+            switch (key)
+            {
+                case "noprefetch": c.NoPrefetch = r.Bool(key, value); break;
+                case "no_background_fetch": c.NoBackgroundFetch = r.Bool(key, value); break;
+                case "prefetch_size": c.PrefetchSize = r.NonNegative(key, value); break;
+                case "prefetch_timeout_sec": c.PrefetchTimeoutSec = r.NonNegative(key, value); break;
+                case "allow_no_verification": c.AllowNoVerification = r.Bool(key, value); break;
+                case "disable_verification": c.DisableVerification = r.Bool(key, value); break;
+                case "max_concurrency": c.MaxConcurrency = r.NonNegative(key, value); break;
+                case "no_prometheus": c.NoPrometheus = r.Bool(key, value); break;
+                case "debug": c.Debug = r.Bool(key, value); break;
+                case "resolve_result_entry_ttl_sec": c.ResolveResultEntryTtlSec = r.NonNegative(key, value); break;
+                case "metrics_address": c.MetricsAddress = r.Str(key, value); break;
+                case "blob": ReadBlob(c.Blob, r.Table(key, value), r); break;
+                case "directory_cache": ReadDirCache(c.DirectoryCache, r.Table(key, value), r); break;
+                case "fuse": ReadFuse(c.Fuse, r.Table(key, value), r); break;
+                case "resolver": ReadResolver(c, r.Table(key, value), r); break;
+                default: r.Unknown(key); break;
+            }
+        }
+        Validate(c, source);
+        return c;
+    }
+
+    private static void ReadBlob(DaemonConfig.BlobConfig b, TomlTable t, Reader r)
+    {
+        foreach (var (k, v) in t)
+        {
+            var key = "blob." + k;
+            switch (k)
+            {
+                case "chunk_size": b.ChunkSize = r.NonNegative(key, v); break;
+                case "fetching_timeout_sec": b.FetchingTimeoutSec = r.NonNegative(key, v); break;
+                case "force_single_range_mode": b.ForceSingleRangeMode = r.Bool(key, v); break;
+                case "prefetch_chunk_size": b.PrefetchChunkSize = r.NonNegative(key, v); break;
+                case "max_retries": b.MaxRetries = r.NonNegative(key, v); break;
+                case "min_wait_msec": b.MinWaitMsec = r.NonNegative(key, v); break;
+                case "max_wait_msec": b.MaxWaitMsec = r.NonNegative(key, v); break;
+                case "valid_interval": b.ValidInterval = r.NonNegative(key, v); break;
+                case "check_always": b.CheckAlways = r.Bool(key, v); break;
+                default: r.Unknown(key); break;
+            }
+        }
+    }
+
+    private static void ReadDirCache(DaemonConfig.DirectoryCacheConfig d, TomlTable t, Reader r)
+    {
+        foreach (var (k, v) in t)
+        {
+            var key = "directory_cache." + k;
+            switch (k)
+            {
+                case "max_lru_cache_entry": d.MaxLruCacheEntry = r.NonNegative(key, v); break;
+                case "max_cache_fds": d.MaxCacheFds = r.NonNegative(key, v); break;
+                case "sync_add": d.SyncAdd = r.Bool(key, v); break;
+                case "direct": d.Direct = r.Bool(key, v); break;
+                default: r.Unknown(key); break;
+            }
+        }
+    }
+
+    private static void ReadFuse(DaemonConfig.FuseConfig f, TomlTable t, Reader r)
+    {
+        foreach (var (k, v) in t)
+        {
+            var key = "fuse." + k;
+            switch (k)
+            {
+                case "attr_timeout": f.AttrTimeout = r.Long(key, v); break;
+                case "entry_timeout": f.EntryTimeout = r.Long(key, v); break;
+                default: r.Unknown(key); break;
+            }
+        }
+    }
+
+    private static void ReadResolver(DaemonConfig c, TomlTable t, Reader r)
+    {
+        foreach (var (k, v) in t)
+        {
+            if (k != "host") { r.Unknown("resolver." + k); continue; }
+            foreach (var (host, hv) in r.Table("resolver.host", v))
+            {
+                var hostKey = $"resolver.host.\"{host}\"";
+                var mirrors = new List<DaemonConfig.MirrorConfig>();
+                foreach (var (hk, mv) in r.Table(hostKey, hv))
+                {
+                    if (hk != "mirrors") { r.Unknown(hostKey + "." + hk); continue; }
+                    IEnumerable<object?> items = mv switch
+                    {
+                        TomlTableArray ta => ta,
+                        TomlArray a => a,
+                        _ => throw new ConfigException($"{r.Source}: {hostKey}.mirrors must be an array of tables, got {TypeName(mv)}"),
+                    };
+                    int i = 0;
+                    foreach (var item in items)
+                    {
+                        var mk = $"{hostKey}.mirrors[{i++}]";
+                        var mt = r.Table(mk, item);
+                        string? mhost = null;
+                        bool insecure = false;
+                        long timeout = 0;
+                        foreach (var (fk, fv) in mt)
+                        {
+                            switch (fk)
+                            {
+                                case "host": mhost = r.Str(mk + ".host", fv); break;
+                                case "insecure": insecure = r.Bool(mk + ".insecure", fv); break;
+                                case "request_timeout_sec": timeout = r.NonNegative(mk + ".request_timeout_sec", fv); break;
+                                default: r.Unknown(mk + "." + fk); break;
+                            }
+                        }
+                        if (string.IsNullOrWhiteSpace(mhost)) throw new ConfigException($"{r.Source}: {mk}.host is required");
+                        mirrors.Add(new DaemonConfig.MirrorConfig(mhost, insecure, timeout));
+                    }
+                }
+                c.ResolverHosts[host] = mirrors;
+            }
+        }
+    }
+
+    private static void Validate(DaemonConfig c, string source)
+    {
+        if (c.Blob.MaxWaitMsec < c.Blob.MinWaitMsec)
+            throw new ConfigException($"{source}: blob.max_wait_msec ({c.Blob.MaxWaitMsec}) is less than blob.min_wait_msec ({c.Blob.MinWaitMsec})");
+        if (c.Blob.ChunkSize == 0)
+            throw new ConfigException($"{source}: blob.chunk_size must be greater than 0");
+        if (c.MetricsAddress.Length > 0 && ParseEndpoint(c.MetricsAddress) == null)
+            throw new ConfigException($"{source}: metrics_address \"{c.MetricsAddress}\" is not HOST:PORT with an IP host (e.g. 127.0.0.1:8234)");
+    }
+
+    /// <summary>"127.0.0.1:8234", "[::1]:8234" or "localhost:8234" -> endpoint; null when malformed.</summary>
+    public static IPEndPoint? ParseEndpoint(string s)
+    {
+        var colon = s.LastIndexOf(':');
+        if (colon <= 0) return null;
+        var host = s[..colon].Trim('[', ']');
+        if (!int.TryParse(s[(colon + 1)..], NumberStyles.None, CultureInfo.InvariantCulture, out var port) || port is < 1 or > 65535) return null;
+        if (host == "localhost") return new IPEndPoint(IPAddress.Loopback, port);
+        return IPAddress.TryParse(host, out var ip) ? new IPEndPoint(ip, port) : null;
+    }
+
+    private static string TypeName(object? v) => v switch
+    {
+        null => "nothing",
+        bool => "a boolean",
+        long or int => "an integer",
+        double => "a float",
+        string => "a string",
+        TomlTable => "a table",
+        TomlArray or TomlTableArray => "an array",
+        _ => v.GetType().Name,
+    };
+
+    private sealed class Reader(string source, List<string> warnings)
+    {
+        public string Source => source;
+
+        public void Unknown(string key) => warnings.Add($"{source}: unknown key \"{key}\" ignored");
+
+        public bool Bool(string key, object? v) => v is bool b ? b
+            : throw new ConfigException($"{source}: {key} must be a boolean (true/false), got {TypeName(v)}");
+
+        public long Long(string key, object? v) => v switch
+        {
+            long l => l,
+            int i => i,
+            _ => throw new ConfigException($"{source}: {key} must be an integer, got {TypeName(v)}"),
+        };
+
+        public long NonNegative(string key, object? v)
+        {
+            var l = Long(key, v);
+            return l >= 0 ? l : throw new ConfigException($"{source}: {key} must not be negative, got {l}");
+        }
+
+        public string Str(string key, object? v) => v as string
+            ?? throw new ConfigException($"{source}: {key} must be a string, got {TypeName(v)}");
+
+        public TomlTable Table(string key, object? v) => v as TomlTable
+            ?? throw new ConfigException($"{source}: {key} must be a table, got {TypeName(v)}");
+    }
+}

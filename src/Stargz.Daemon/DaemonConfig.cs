@@ -1,0 +1,57 @@
+namespace Stargz.Daemon;
+
+/// <summary>
+/// The daemon's config.toml, with the reference containerd-stargz-grpc's keys and defaults
+/// (/etc/containerd-stargz-grpc/config.toml). Parsed and validated by <see cref="ConfigLoader"/>.
+/// </summary>
+public sealed class DaemonConfig
+{
+    // top level
+    public bool NoPrefetch { get; set; }
+    public bool NoBackgroundFetch { get; set; }
+    public long PrefetchSize { get; set; }
+    public long PrefetchTimeoutSec { get; set; } = 10;
+    public bool AllowNoVerification { get; set; }
+    public bool DisableVerification { get; set; }
+    public long MaxConcurrency { get; set; } = 2;
+    public bool NoPrometheus { get; set; }
+    public bool Debug { get; set; }
+    public long ResolveResultEntryTtlSec { get; set; } = 120;
+    /// <summary>host:port for Prometheus /metrics ("" = off), e.g. 127.0.0.1:8234.</summary>
+    public string MetricsAddress { get; set; } = "";
+
+    public BlobConfig Blob { get; } = new();
+    public DirectoryCacheConfig DirectoryCache { get; } = new();
+    public FuseConfig Fuse { get; } = new();
+    /// <summary>[resolver.host."HOST"] mirrors, by host.</summary>
+    public Dictionary<string, List<MirrorConfig>> ResolverHosts { get; } = new(StringComparer.Ordinal);
+
+    public sealed class BlobConfig
+    {
+        public long ChunkSize { get; set; } = 50000;
+        public long FetchingTimeoutSec { get; set; } = 300;
+        public bool ForceSingleRangeMode { get; set; }
+        public long PrefetchChunkSize { get; set; }
+        public long MaxRetries { get; set; } = 5;
+        public long MinWaitMsec { get; set; } = 30;
+        public long MaxWaitMsec { get; set; } = 300;
+        public long ValidInterval { get; set; } = 60;
+        public bool CheckAlways { get; set; }
+    }
+
+    public sealed class DirectoryCacheConfig
+    {
+        public long MaxLruCacheEntry { get; set; } = 10;
+        public long MaxCacheFds { get; set; } = 10;
+        public bool SyncAdd { get; set; }
+        public bool Direct { get; set; } = true;
+    }
+
+    public sealed class FuseConfig
+    {
+        public long AttrTimeout { get; set; } = 1;
+        public long EntryTimeout { get; set; } = 1;
+    }
+
+    public sealed record MirrorConfig(string Host, bool Insecure, long RequestTimeoutSec);
+}

@@ -1,0 +1,59 @@
+using System.Diagnostics;
+using Grpc.Core;
+using Grpc.Core.Interceptors;
+using Prometheus;
+
+namespace Stargz.Daemon;
+
+/// <summary>Prometheus metrics of the snapshots API: latency histogram and call counter by operation and gRPC code.</summary>
+public sealed class MetricsInterceptor : Interceptor
+{
+    public static readonly Histogram Latency = Prometheus.Metrics.CreateHistogram(
+        "stargz_snapshotter_operation_duration_seconds", "Latency of snapshots API calls.",
+        new HistogramConfiguration { LabelNames = ["operation"], Buckets = Histogram.ExponentialBuckets(0.0005, 2, 18) });
+
+    public static readonly Counter Calls = Prometheus.Metrics.CreateCounter(
+        "stargz_snapshotter_operations_total", "Snapshots API calls by operation and gRPC status code.",
+        new CounterConfiguration { LabelNames = ["operation", "code"] });
+
+    public static readonly Gauge InFlight = Prometheus.Metrics.CreateGauge(
+        "stargz_snapshotter_operations_in_flight", "Snapshots API calls being served.");
+
+    private static string Op(string method) => method[(method.LastIndexOf('/') + 1)..];
+
+    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context,
+        UnaryServerMethod<TRequest, TResponse> continuation)
+    {
+        var op = Op(context.Method);
+        var sw = Stopwatch.StartNew();
+        InFlight.Inc();
+        var code = StatusCode.OK;
+        try { return await continuation(request, context); }
+        catch (RpcException e) { code = e.StatusCode; throw; }
+        catch { code = StatusCode.Unknown; throw; }
+        finally
+        {
+            InFlight.Dec();
+            Latency.WithLabels(op).Observe(sw.Elapsed.TotalSeconds);
+            Calls.WithLabels(op, code.ToString()).Inc();
+        }
+    }
+
+    public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream,
+        ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
+    {
+        var op = Op(context.Method);
+        var sw = Stopwatch.StartNew();
+        InFlight.Inc();
+        var code = StatusCode.OK;
+        try { await continuation(request, responseStream, context); }
+        catch (RpcException e) { code = e.StatusCode; throw; }
+        catch { code = StatusCode.Unknown; throw; }
+        finally
+        {
+            InFlight.Dec();
+            Latency.WithLabels(op).Observe(sw.Elapsed.TotalSeconds);
+            Calls.WithLabels(op, code.ToString()).Inc();
+        }
+    }
+}
