@@ -1,0 +1,770 @@
+using System.Collections.Concurrent;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+
+namespace Stargz.Fuse;
+
+/// <summary>
+/// One mounted FUSE filesystem: the /dev/fuse connection, its reader threads and the bridge from kernel requests
+/// to an <see cref="IFuseFileSystem"/>. Create with <see cref="Mount"/>; end with <see cref="Unmount"/> or Dispose.
+/// </summary>
+public sealed unsafe partial class FuseServer : IDisposable
+{
+    private const int OutHeaderSize = 16;
+    private const int InHeaderSize = 40;
+    private const ulong PassthroughHandleBit = 1UL << 63;
+    private const uint OurMinor = 40; // 7.40 adds backing_id and max_stack_depth (passthrough)
+
+    private readonly IFuseFileSystem _fs;
+    private readonly FuseMountOptions _opt;
+    private readonly int _masterFd;
+    private readonly List<int> _fds = [];
+    private readonly List<Thread> _threads = [];
+    private readonly int _requestBufSize;
+    private readonly int _replyBufSize;
+    private readonly ConcurrentQueue<byte[]> _replyPool = new();
+    private readonly ConcurrentDictionary<ulong, CancellationTokenSource> _inflight = new();
+    private readonly ConcurrentDictionary<ulong, byte> _orphanInterrupts = new();
+    private readonly Lock _lookupLock = new();
+    private readonly Dictionary<ulong, ulong> _lookups = [];
+    private readonly Lock _backingLock = new();
+    private readonly Dictionary<ulong, (int Id, int Refs)> _backing = [];
+    private readonly TaskCompletionSource _initDone = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly long[] _opCounts = new long[(int)Opcode.MaxKnown];
+    private int _liveReaders;
+    private int _unmounted;
+    private int _fdsClosed;
+    private volatile bool _passthroughUsable;
+    private int _maxRead;
+
+    /// <summary>Absolute path of the mount point.</summary>
+    public string MountPoint { get; }
+    /// <summary>Negotiated protocol minor version (7.x).</summary>
+    public uint ProtocolMinor { get; private set; }
+    /// <summary>True when the kernel accepted passthrough in INIT.</summary>
+    public bool PassthroughNegotiated { get; private set; }
+    /// <summary>Completes when the kernel connection ends (unmount, abort, or device closed).</summary>
+    public Task Completion => _completion.Task;
+    /// <summary>READ requests that reached user space (passthrough reads never do).</summary>
+    public long ReadRequests => Interlocked.Read(ref _opCounts[(int)Opcode.Read]);
+    /// <summary>Opens answered with a kernel backing file.</summary>
+    public long PassthroughOpens => Interlocked.Read(ref _passthroughOpens);
+    private long _passthroughOpens;
+    /// <summary>Requests of <paramref name="opcode"/> (FUSE opcode number) seen so far.</summary>
+    public long RequestCount(int opcode) => opcode is > 0 and < (int)Opcode.MaxKnown ? Interlocked.Read(ref _opCounts[opcode]) : 0;
+
+    private FuseServer(string mountPoint, IFuseFileSystem fs, FuseMountOptions opt, int fd)
+    {
+        MountPoint = mountPoint;
+        _fs = fs;
+        _opt = opt;
+        _masterFd = fd;
+        _maxRead = Math.Clamp(opt.MaxRead / 4096 * 4096, 4096, 256 * 4096);
+        // One request must fit: header + write header + max_write, and never below the kernel's 8 KiB minimum.
+        _requestBufSize = 128 * 1024 + 8192;
+        // Replies carry up to max_read bytes of data or a readdir page set of the same bound.
+        _replyBufSize = OutHeaderSize + Math.Max(_maxRead, 256 * 4096);
+    }
+
+    /// <summary>Mounts <paramref name="fs"/> at <paramref name="mountPoint"/> and starts serving; returns after INIT.</summary>
+    public static FuseServer Mount(string mountPoint, IFuseFileSystem fs, FuseMountOptions? options = null)
+    {
+        var opt = options ?? new FuseMountOptions();
+        mountPoint = Path.GetFullPath(mountPoint);
+        if (!Directory.Exists(mountPoint)) throw new DirectoryNotFoundException(mountPoint);
+        bool viaFusermount = opt.UseFusermount || Native.GetUid() != 0;
+        int fd;
+        if (viaFusermount)
+        {
+            fd = Fusermount.Mount(mountPoint, BuildFusermountOptions(opt));
+        }
+        else
+        {
+            fd = Native.Open("/dev/fuse", Native.O_RDWR | Native.O_CLOEXEC, 0);
+            if (fd < 0) throw new IOException($"open /dev/fuse: errno {Native.LastErrno}");
+            var data = $"fd={fd},rootmode=40000,user_id={Native.GetUid()},group_id={Native.GetGid()}" +
+                       (opt.AllowOther ? ",allow_other" : "") + (opt.DefaultPermissions ? ",default_permissions" : "") +
+                       $",max_read={Math.Clamp(opt.MaxRead / 4096 * 4096, 4096, 256 * 4096)}";
+            ulong flags = Native.MS_NOSUID | Native.MS_NODEV | (opt.ReadOnly ? Native.MS_RDONLY : 0);
+            var type = opt.Subtype is { Length: > 0 } st ? "fuse." + st : "fuse";
+            if (Native.Mount(opt.FsName, mountPoint, type, flags, data) != 0)
+            {
+                int e = Native.LastErrno;
+                Native.Close(fd);
+                throw new IOException($"mount {mountPoint}: errno {e}");
+            }
+        }
+        var server = new FuseServer(mountPoint, fs, opt, fd);
+        try
+        {
+            server.Start();
+            if (!server._initDone.Task.Wait(opt.InitTimeout))
+                throw new TimeoutException($"FUSE INIT did not arrive within {opt.InitTimeout}");
+            if (server._initDone.Task.IsFaulted) server._initDone.Task.GetAwaiter().GetResult();
+            if (opt.ReadAheadKb is int ra) server.SetReadAhead(ra);
+        }
+        catch
+        {
+            server.Unmount();
+            throw;
+        }
+        return server;
+    }
+
+    private static string BuildFusermountOptions(FuseMountOptions opt)
+    {
+        var s = $"rootmode=40000,user_id={Native.GetUid()},group_id={Native.GetGid()},fsname={opt.FsName},nosuid,nodev";
+        if (opt.Subtype is { Length: > 0 }) s += ",subtype=" + opt.Subtype;
+        if (opt.ReadOnly) s += ",ro";
+        if (opt.AllowOther) s += ",allow_other";
+        if (opt.DefaultPermissions) s += ",default_permissions";
+        return s + $",max_read={Math.Clamp(opt.MaxRead / 4096 * 4096, 4096, 256 * 4096)}";
+    }
+
+    private void Start()
+    {
+        _fds.Add(_masterFd);
+        int n = Math.Clamp(_opt.ReaderThreads, 1, 64);
+        for (int i = 1; i < n; i++)
+        {
+            // A cloned fd has its own request queue in the kernel, so readers do not contend on one fd.
+            int c = Native.Open("/dev/fuse", Native.O_RDWR | Native.O_CLOEXEC, 0);
+            if (c < 0) break;
+            uint master = (uint)_masterFd;
+            if (Native.Ioctl(c, Native.FUSE_DEV_IOC_CLONE, &master) != 0)
+            {
+                _opt.Log?.Invoke($"FUSE_DEV_IOC_CLONE failed: errno {Native.LastErrno}; sharing one fd");
+                Native.Close(c);
+                c = _masterFd;
+            }
+            _fds.Add(c);
+        }
+        _liveReaders = _fds.Count;
+        for (int i = 0; i < _fds.Count; i++)
+        {
+            var t = new Thread(ReaderLoop) { IsBackground = true, Name = $"fuse-reader-{i}" };
+            _threads.Add(t);
+            t.Start(_fds[i]);
+        }
+    }
+
+    /// <summary>Per-thread state: buffers reused for every request served on that thread.</summary>
+    private sealed class ReaderContext
+    {
+        public int Fd;
+        public byte[] Reply = [];
+        public CancellationTokenSource Cts = new();
+        public readonly FuseDirWriter Dir = new();
+    }
+
+    private void ReaderLoop(object? state)
+    {
+        var ctx = new ReaderContext { Fd = (int)state!, Reply = RentReply() };
+        var req = GC.AllocateUninitializedArray<byte>(_requestBufSize, pinned: true);
+        byte* reqPtr = (byte*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(req));
+        try
+        {
+            while (true)
+            {
+                nint n = Native.Read(ctx.Fd, reqPtr, req.Length);
+                if (n < 0)
+                {
+                    int e = Native.LastErrno;
+                    // ENOENT: the request was interrupted before we got it; EINTR/EAGAIN: retry.
+                    if (e is Native.EINTR or Native.EAGAIN or Native.ENOENT) continue;
+                    if (e != Native.ENODEV) _opt.Log?.Invoke($"read /dev/fuse: errno {e}");
+                    break;
+                }
+                if (n < InHeaderSize) continue;
+                try
+                {
+                    Dispatch(ctx, new ReadOnlySpan<byte>(reqPtr, (int)n));
+                }
+                catch (Exception ex)
+                {
+                    _opt.Log?.Invoke($"FUSE handler failed: {ex}");
+                    var h = MemoryMarshal.Read<InHeader>(new ReadOnlySpan<byte>(reqPtr, InHeaderSize));
+                    if (h.Opcode is not ((uint)Opcode.Forget or (uint)Opcode.BatchForget or (uint)Opcode.Interrupt))
+                        ReplyError(ctx.Fd, h.Unique, Errno.EIO);
+                }
+            }
+        }
+        finally
+        {
+            ReturnReply(ctx.Reply);
+            ctx.Cts.Dispose();
+            if (Interlocked.Decrement(ref _liveReaders) == 0) OnAllReadersDone();
+        }
+    }
+
+    private void OnAllReadersDone()
+    {
+        _initDone.TrySetException(new IOException("FUSE connection ended before INIT"));
+        foreach (var cts in _inflight.Values)
+        {
+            try { cts.Cancel(); } catch (ObjectDisposedException) { }
+        }
+        CloseFds();
+        _completion.TrySetResult();
+    }
+
+    private void CloseFds()
+    {
+        if (Interlocked.Exchange(ref _fdsClosed, 1) == 1) return;
+        var seen = new HashSet<int>();
+        foreach (var fd in _fds)
+            if (seen.Add(fd)) Native.Close(fd);
+    }
+
+    private byte[] RentReply()
+        => _replyPool.TryDequeue(out var b) ? b : GC.AllocateUninitializedArray<byte>(_replyBufSize, pinned: true);
+
+    private void ReturnReply(byte[] b)
+    {
+        if (_replyPool.Count < 64) _replyPool.Enqueue(b);
+    }
+
+    // ---------------------------------------------------------------- dispatch
+
+    private void Dispatch(ReaderContext ctx, ReadOnlySpan<byte> req)
+    {
+        var h = MemoryMarshal.Read<InHeader>(req);
+        var args = req[InHeaderSize..];
+        var op = (Opcode)h.Opcode;
+        if (h.Opcode < (uint)Opcode.MaxKnown) Interlocked.Increment(ref _opCounts[h.Opcode]);
+        switch (op)
+        {
+            case Opcode.Init: HandleInit(ctx, h, args); break;
+            case Opcode.Lookup: HandleLookup(ctx, h, args); break;
+            case Opcode.Forget: ForgetInode(h.NodeId, MemoryMarshal.Read<ForgetIn>(args).NLookup); break;
+            case Opcode.BatchForget: HandleBatchForget(args); break;
+            case Opcode.GetAttr: HandleGetAttr(ctx, h); break;
+            case Opcode.ReadLink: HandleReadLink(ctx, h); break;
+            case Opcode.Open: HandleOpen(ctx, h, args); break;
+            case Opcode.Read: HandleRead(ctx, h, args); break;
+            case Opcode.Release: HandleRelease(ctx, h, args); break;
+            case Opcode.OpenDir: HandleOpenDir(ctx, h); break;
+            case Opcode.ReadDir: HandleReadDir(ctx, h, args, plus: false); break;
+            case Opcode.ReadDirPlus: HandleReadDir(ctx, h, args, plus: true); break;
+            case Opcode.ReleaseDir:
+                _fs.ReleaseDir(h.NodeId, MemoryMarshal.Read<ReleaseIn>(args).Fh);
+                ReplyError(ctx.Fd, h.Unique, 0);
+                break;
+            case Opcode.StatFs: HandleStatFs(ctx, h); break;
+            case Opcode.GetXattr: HandleGetXattr(ctx, h, args); break;
+            case Opcode.ListXattr: HandleListXattr(ctx, h, args); break;
+            case Opcode.Access:
+                // Read-only: refuse write access, allow the rest (default_permissions already checked mode bits).
+                ReplyError(ctx.Fd, h.Unique, (MemoryMarshal.Read<AccessIn>(args).Mask & 2) != 0 ? Errno.EROFS : 0);
+                break;
+            case Opcode.Flush: case Opcode.FSync: case Opcode.FSyncDir: case Opcode.SyncFs:
+                ReplyError(ctx.Fd, h.Unique, 0);
+                break;
+            case Opcode.Interrupt: HandleInterrupt(MemoryMarshal.Read<InterruptIn>(args).Unique); break;
+            case Opcode.LSeek: HandleLSeek(ctx, h, args); break;
+            case Opcode.Destroy:
+                ReplyError(ctx.Fd, h.Unique, 0);
+                break;
+            case Opcode.NotifyReply: break; // we never send notifications that expect a reply
+            case Opcode.SetAttr: case Opcode.Symlink: case Opcode.MkNod: case Opcode.MkDir: case Opcode.Unlink:
+            case Opcode.RmDir: case Opcode.Rename: case Opcode.Link: case Opcode.Write: case Opcode.SetXattr:
+            case Opcode.RemoveXattr: case Opcode.Create: case Opcode.Rename2: case Opcode.FAllocate:
+            case Opcode.CopyFileRange: case Opcode.TmpFile:
+                ReplyError(ctx.Fd, h.Unique, Errno.EROFS);
+                break;
+            default:
+                ReplyError(ctx.Fd, h.Unique, Errno.ENOSYS);
+                break;
+        }
+    }
+
+    private void HandleInit(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args)
+    {
+        var init = MemoryMarshal.Read<InitIn>(args);
+        if (init.Major != 7 || init.Minor < 31)
+        {
+            // Newer majors re-send INIT after our answer; older minors lack what we rely on.
+            if (init.Major > 7)
+            {
+                var o = new InitOut { Major = 7, Minor = OurMinor };
+                ReplyStruct(ctx, h.Unique, o, 8);
+                return;
+            }
+            ReplyError(ctx.Fd, h.Unique, Native.EPROTO);
+            _initDone.TrySetException(new IOException($"kernel FUSE protocol {init.Major}.{init.Minor} is too old (need 7.31)"));
+            return;
+        }
+        ulong kernelFlags = init.Flags;
+        if ((kernelFlags & InitFlags.InitExt) != 0) kernelFlags |= (ulong)init.Flags2 << 32;
+        ulong want = InitFlags.AsyncRead | InitFlags.BigWrites | InitFlags.DoReaddirplus | InitFlags.ReaddirplusAuto |
+                     InitFlags.ParallelDirops | InitFlags.MaxPages | InitFlags.CacheSymlinks | InitFlags.AsyncDio |
+                     InitFlags.InitExt | InitFlags.NoExportSupport;
+        uint minor = Math.Min(init.Minor, OurMinor);
+        if (_opt.Passthrough && minor >= 40) want |= InitFlags.Passthrough;
+        ulong flags = kernelFlags & want;
+        var o2 = new InitOut
+        {
+            Major = 7,
+            Minor = minor,
+            MaxReadahead = init.MaxReadahead,
+            Flags = (uint)flags,
+            Flags2 = (uint)(flags >> 32),
+            MaxBackground = 64,
+            CongestionThreshold = 48,
+            MaxWrite = 128 * 1024,
+            TimeGran = 1,
+            MaxPages = (ushort)(_maxRead / 4096),
+            // Backing files live on ordinary filesystems (depth 0); depth 1 leaves room for overlayfs on top of us.
+            MaxStackDepth = (flags & InitFlags.Passthrough) != 0 ? 1u : 0u,
+        };
+        ProtocolMinor = minor;
+        PassthroughNegotiated = (flags & InitFlags.Passthrough) != 0;
+        _passthroughUsable = PassthroughNegotiated;
+        if (_opt.Passthrough && !PassthroughNegotiated)
+            _opt.Log?.Invoke($"kernel did not accept FUSE passthrough (protocol 7.{init.Minor}); reads go through user space");
+        ReplyStruct(ctx, h.Unique, o2, Marshal.SizeOf<InitOut>());
+        _initDone.TrySetResult();
+    }
+
+    internal EntryOut MakeEntryOut(in FuseEntry e)
+    {
+        var et = e.EntryTimeout ?? _opt.EntryTimeout;
+        var at = e.AttrTimeout ?? _opt.AttrTimeout;
+        var eo = new EntryOut
+        {
+            NodeId = e.Ino,
+            Generation = e.Generation,
+            EntryValid = (ulong)(et.Ticks / TimeSpan.TicksPerSecond),
+            EntryValidNsec = (uint)(et.Ticks % TimeSpan.TicksPerSecond * 100),
+            AttrValid = (ulong)(at.Ticks / TimeSpan.TicksPerSecond),
+            AttrValidNsec = (uint)(at.Ticks % TimeSpan.TicksPerSecond * 100),
+            Attr = e.Attr,
+        };
+        if (eo.Attr.Ino == 0) eo.Attr.Ino = e.Ino;
+        if (eo.Attr.BlkSize == 0) eo.Attr.BlkSize = 4096;
+        return eo;
+    }
+
+    private void HandleLookup(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args)
+    {
+        var name = CString(args);
+        int rc = _fs.Lookup(h.NodeId, name, out var entry);
+        if (rc == Errno.ENOENT && _opt.NegativeTimeout > TimeSpan.Zero)
+        {
+            // A zero node id with a timeout lets the kernel cache "does not exist".
+            var neg = MakeEntryOut(new FuseEntry { EntryTimeout = _opt.NegativeTimeout });
+            neg.NodeId = 0;
+            ReplyStruct(ctx, h.Unique, neg, Marshal.SizeOf<EntryOut>());
+            return;
+        }
+        if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        var eo = MakeEntryOut(entry);
+        AddLookup(entry.Ino);
+        ReplyStruct(ctx, h.Unique, eo, Marshal.SizeOf<EntryOut>());
+    }
+
+    private void HandleBatchForget(ReadOnlySpan<byte> args)
+    {
+        var bf = MemoryMarshal.Read<BatchForgetIn>(args);
+        var items = MemoryMarshal.Cast<byte, ForgetOne>(args[8..]);
+        int n = (int)Math.Min(bf.Count, (uint)items.Length);
+        for (int i = 0; i < n; i++) ForgetInode(items[i].NodeId, items[i].NLookup);
+    }
+
+    internal void AddLookup(ulong ino)
+    {
+        lock (_lookupLock)
+            CollectionsMarshal.GetValueRefOrAddDefault(_lookups, ino, out _)++;
+    }
+
+    private void ForgetInode(ulong ino, ulong n)
+    {
+        bool gone = false;
+        lock (_lookupLock)
+        {
+            ref ulong c = ref CollectionsMarshal.GetValueRefOrNullRef(_lookups, ino);
+            if (Unsafe.IsNullRef(ref c)) return;
+            if (c <= n) { _lookups.Remove(ino); gone = true; }
+            else c -= n;
+        }
+        if (gone && ino != 1) _fs.Forget(ino);
+    }
+
+    /// <summary>The kernel's current reference count on <paramref name="ino"/> (0 when forgotten).</summary>
+    public ulong LookupCount(ulong ino)
+    {
+        lock (_lookupLock) return _lookups.TryGetValue(ino, out var c) ? c : 0;
+    }
+
+    private void HandleGetAttr(ReaderContext ctx, in InHeader h)
+    {
+        int rc = _fs.GetAttr(h.NodeId, out var attr);
+        if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        if (attr.Ino == 0) attr.Ino = h.NodeId;
+        if (attr.BlkSize == 0) attr.BlkSize = 4096;
+        var at = _opt.AttrTimeout;
+        var ao = new AttrOut
+        {
+            AttrValid = (ulong)(at.Ticks / TimeSpan.TicksPerSecond),
+            AttrValidNsec = (uint)(at.Ticks % TimeSpan.TicksPerSecond * 100),
+            Attr = attr,
+        };
+        ReplyStruct(ctx, h.Unique, ao, Marshal.SizeOf<AttrOut>());
+    }
+
+    private void HandleReadLink(ReaderContext ctx, in InHeader h)
+    {
+        int rc = _fs.ReadLink(h.NodeId, out var target);
+        if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        ReplyBytes(ctx, h.Unique, target.Span);
+    }
+
+    private void HandleOpen(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args)
+    {
+        var oi = MemoryMarshal.Read<OpenIn>(args);
+        // O_WRONLY/O_RDWR or O_TRUNC would modify a read-only tree.
+        if ((oi.Flags & 3) != 0 || (oi.Flags & 0x200) != 0) { ReplyError(ctx.Fd, h.Unique, Errno.EROFS); return; }
+        int rc = _fs.Open(h.NodeId, (int)oi.Flags, out var r);
+        if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        var oo = new OpenOut { Fh = r.Handle & ~PassthroughHandleBit };
+        if (r.KeepCache) oo.OpenFlags |= OpenFlags.KeepCache;
+        if (r.DirectIo) oo.OpenFlags |= OpenFlags.DirectIo;
+        if (_passthroughUsable && (r.BackingPath != null || r.BackingFile != null) && TryBacking(h.NodeId, r, out int id))
+        {
+            oo.OpenFlags = OpenFlags.Passthrough;
+            oo.BackingId = id;
+            oo.Fh |= PassthroughHandleBit;
+            Interlocked.Increment(ref _passthroughOpens);
+        }
+        ReplyStruct(ctx, h.Unique, oo, Marshal.SizeOf<OpenOut>());
+    }
+
+    /// <summary>
+    /// One backing id per inode, shared by its opens: the kernel refuses two different backing files on one inode.
+    /// </summary>
+    private bool TryBacking(ulong ino, in FuseOpenResult r, out int id)
+    {
+        lock (_backingLock)
+        {
+            ref var slot = ref CollectionsMarshal.GetValueRefOrNullRef(_backing, ino);
+            if (!Unsafe.IsNullRef(ref slot))
+            {
+                slot.Refs++;
+                id = slot.Id;
+                return true;
+            }
+            int fd;
+            bool own = false;
+            if (r.BackingFile != null) fd = (int)r.BackingFile.DangerousGetHandle();
+            else
+            {
+                fd = Native.Open(r.BackingPath!, Native.O_RDONLY | Native.O_CLOEXEC, 0);
+                if (fd < 0)
+                {
+                    _opt.Log?.Invoke($"passthrough: open {r.BackingPath}: errno {Native.LastErrno}; serving reads in user space");
+                    id = 0;
+                    return false;
+                }
+                own = true;
+            }
+            var map = new BackingMap { Fd = fd };
+            id = Native.Ioctl(_masterFd, Native.FUSE_DEV_IOC_BACKING_OPEN, &map);
+            int e = id < 0 ? Native.LastErrno : 0;
+            // The kernel holds its own reference to the file once registered.
+            if (own) Native.Close(fd);
+            if (id < 0)
+            {
+                _opt.Log?.Invoke($"passthrough refused (errno {e}); serving reads in user space");
+                if (e is Native.EPERM or Native.ENOTTY or Native.EOPNOTSUPP) _passthroughUsable = false;
+                id = 0;
+                return false;
+            }
+            _backing[ino] = (id, 1);
+            return true;
+        }
+    }
+
+    private void ReleaseBacking(ulong ino)
+    {
+        lock (_backingLock)
+        {
+            ref var slot = ref CollectionsMarshal.GetValueRefOrNullRef(_backing, ino);
+            if (Unsafe.IsNullRef(ref slot)) return;
+            if (--slot.Refs > 0) return;
+            int id = slot.Id;
+            _backing.Remove(ino);
+            Native.Ioctl(_masterFd, Native.FUSE_DEV_IOC_BACKING_CLOSE, &id);
+        }
+    }
+
+    private void HandleRelease(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args)
+    {
+        var ri = MemoryMarshal.Read<ReleaseIn>(args);
+        if ((ri.Fh & PassthroughHandleBit) != 0) ReleaseBacking(h.NodeId);
+        _fs.Release(h.NodeId, ri.Fh & ~PassthroughHandleBit);
+        ReplyError(ctx.Fd, h.Unique, 0);
+    }
+
+    private void HandleRead(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args)
+    {
+        var ri = MemoryMarshal.Read<ReadIn>(args);
+        int size = (int)Math.Min(ri.Size, (uint)_maxRead);
+        var buf = ctx.Reply;
+        ulong unique = h.Unique;
+        ValueTask<int> vt;
+        try
+        {
+            vt = _fs.ReadAsync(h.NodeId, ri.Fh & ~PassthroughHandleBit, (long)ri.Offset,
+                new Memory<byte>(buf, OutHeaderSize, size), ctx.Cts.Token);
+        }
+        catch (Exception ex)
+        {
+            ReplyError(ctx.Fd, unique, ErrnoOf(ex));
+            return;
+        }
+        if (vt.IsCompleted)
+        {
+            int r;
+            try { r = vt.GetAwaiter().GetResult(); }
+            catch (Exception ex) { r = -ErrnoOf(ex); }
+            FinishRead(ctx.Fd, buf, unique, r, size);
+            return;
+        }
+        // Slow path: the buffer and token now belong to this read; the thread takes fresh ones.
+        var cts = ctx.Cts;
+        ctx.Cts = new CancellationTokenSource();
+        ctx.Reply = RentReply();
+        _inflight[unique] = cts;
+        if (!_orphanInterrupts.IsEmpty && _orphanInterrupts.TryRemove(unique, out _)) cts.Cancel();
+        _ = CompleteReadAsync(ctx.Fd, buf, unique, size, vt, cts);
+    }
+
+    private void FinishRead(int fd, byte[] buf, ulong unique, int r, int size)
+    {
+        if (r < 0) { ReplyError(fd, unique, -r); return; }
+        Send(fd, buf, unique, 0, Math.Min(r, size));
+    }
+
+    private static int ErrnoOf(Exception ex) => ex switch
+    {
+        FuseException fe => fe.Errno,
+        OperationCanceledException => Errno.EINTR,
+        TimeoutException => Errno.ETIMEDOUT,
+        _ => Errno.EIO,
+    };
+
+    private void HandleInterrupt(ulong target)
+    {
+        if (_inflight.TryGetValue(target, out var cts))
+        {
+            try { cts.Cancel(); } catch (ObjectDisposedException) { }
+            return;
+        }
+        // Either still running synchronously (finishes on its own) or about to go async: remember briefly.
+        if (_orphanInterrupts.Count > 1024) _orphanInterrupts.Clear();
+        _orphanInterrupts[target] = 0;
+    }
+
+    private void HandleOpenDir(ReaderContext ctx, in InHeader h)
+    {
+        int rc = _fs.OpenDir(h.NodeId, out ulong handle);
+        if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        // Directories of a read-only tree never change: let the kernel cache their listings.
+        var oo = new OpenOut { Fh = handle, OpenFlags = OpenFlags.KeepCache | OpenFlags.CacheDir };
+        ReplyStruct(ctx, h.Unique, oo, Marshal.SizeOf<OpenOut>());
+    }
+
+    private void HandleReadDir(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args, bool plus)
+    {
+        var ri = MemoryMarshal.Read<ReadIn>(args);
+        int size = (int)Math.Min(ri.Size, (uint)(ctx.Reply.Length - OutHeaderSize));
+        ctx.Dir.Reset(this, ctx.Reply, OutHeaderSize, size, plus);
+        int rc;
+        try { rc = _fs.ReadDir(h.NodeId, ri.Fh, (long)ri.Offset, ctx.Dir); }
+        catch (Exception ex) { rc = ErrnoOf(ex); }
+        if (rc != 0 && ctx.Dir.Count == 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        Send(ctx.Fd, ctx.Reply, h.Unique, 0, ctx.Dir.Length);
+    }
+
+    private void HandleStatFs(ReaderContext ctx, in InHeader h)
+    {
+        int rc = _fs.StatFs(h.NodeId, out var s);
+        if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        var k = new KStatFs
+        {
+            Blocks = s.Blocks, BFree = s.BlocksFree, BAvail = s.BlocksAvailable, Files = s.Files, FFree = s.FilesFree,
+            BSize = s.BlockSize == 0 ? 4096 : s.BlockSize, NameLen = s.NameLen == 0 ? 255 : s.NameLen,
+            FrSize = s.FragmentSize == 0 ? (s.BlockSize == 0 ? 4096 : s.BlockSize) : s.FragmentSize,
+        };
+        ReplyStruct(ctx, h.Unique, k, Marshal.SizeOf<KStatFs>());
+    }
+
+    private void HandleGetXattr(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args)
+    {
+        var gi = MemoryMarshal.Read<GetXattrIn>(args);
+        var name = CString(args[8..]);
+        int rc = _fs.GetXattr(h.NodeId, name, out var value);
+        if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        ReplySized(ctx, h.Unique, gi.Size, value.Span);
+    }
+
+    private void HandleListXattr(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args)
+    {
+        var gi = MemoryMarshal.Read<GetXattrIn>(args);
+        int rc = _fs.ListXattr(h.NodeId, out var names);
+        if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        ReplySized(ctx, h.Unique, gi.Size, names.Span);
+    }
+
+    /// <summary>xattr protocol: size 0 asks for the length; a too-small buffer is ERANGE.</summary>
+    private void ReplySized(ReaderContext ctx, ulong unique, uint size, ReadOnlySpan<byte> value)
+    {
+        if (size == 0)
+        {
+            ReplyStruct(ctx, unique, new GetXattrOut { Size = (uint)value.Length }, 8);
+            return;
+        }
+        if (value.Length > size) { ReplyError(ctx.Fd, unique, Errno.ERANGE); return; }
+        ReplyBytes(ctx, unique, value);
+    }
+
+    private void HandleLSeek(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args)
+    {
+        var li = MemoryMarshal.Read<LSeekIn>(args);
+        int rc = _fs.GetAttr(h.NodeId, out var attr);
+        if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
+        // Files here have no holes: data runs from 0 to size, the only hole is at the end.
+        const uint SeekData = 3, SeekHole = 4;
+        if (li.Whence is not (SeekData or SeekHole)) { ReplyError(ctx.Fd, h.Unique, Errno.EINVAL); return; }
+        if (li.Offset >= attr.Size) { ReplyError(ctx.Fd, h.Unique, Errno.ENXIO); return; }
+        ulong off = li.Whence == SeekData ? li.Offset : attr.Size;
+        ReplyStruct(ctx, h.Unique, new LSeekOut { Offset = off }, 8);
+    }
+
+    // ---------------------------------------------------------------- replies
+
+    private static ReadOnlySpan<byte> CString(ReadOnlySpan<byte> s)
+    {
+        int z = s.IndexOf((byte)0);
+        return z >= 0 ? s[..z] : s;
+    }
+
+    private void ReplyStruct<T>(ReaderContext ctx, ulong unique, in T value, int size) where T : unmanaged
+    {
+        var span = ctx.Reply.AsSpan(OutHeaderSize, size);
+        span.Clear();
+        MemoryMarshal.Write(span, in value);
+        Send(ctx.Fd, ctx.Reply, unique, 0, Math.Min(size, sizeof(T)));
+    }
+
+    private void ReplyBytes(ReaderContext ctx, ulong unique, ReadOnlySpan<byte> payload)
+    {
+        payload.CopyTo(ctx.Reply.AsSpan(OutHeaderSize));
+        Send(ctx.Fd, ctx.Reply, unique, 0, payload.Length);
+    }
+
+    private void ReplyError(int fd, ulong unique, int errno)
+    {
+        OutHeader oh = new() { Len = OutHeaderSize, Error = -errno, Unique = unique };
+        WriteReply(fd, (byte*)&oh, OutHeaderSize);
+    }
+
+    /// <summary>Writes header + <paramref name="payloadLen"/> bytes already placed after it in <paramref name="buf"/>.</summary>
+    private void Send(int fd, byte[] buf, ulong unique, int errno, int payloadLen)
+    {
+        var oh = new OutHeader { Len = (uint)(OutHeaderSize + payloadLen), Error = -errno, Unique = unique };
+        MemoryMarshal.Write(buf, in oh);
+        fixed (byte* p = buf) WriteReply(fd, p, OutHeaderSize + payloadLen);
+    }
+
+    private void WriteReply(int fd, byte* p, int len)
+    {
+        while (true)
+        {
+            nint w = Native.Write(fd, p, len);
+            if (w >= 0) return;
+            int e = Native.LastErrno;
+            if (e == Native.EINTR) continue;
+            // ENOENT: the request was interrupted and is gone; ENODEV: connection ended. Both are normal.
+            if (e is not (Native.ENOENT or Native.ENODEV)) _opt.Log?.Invoke($"write /dev/fuse: errno {e}");
+            return;
+        }
+    }
+
+    // ---------------------------------------------------------------- lifetime
+
+    /// <summary>
+    /// Unmounts and waits (bounded) for the readers to end. <paramref name="lazy"/> = false: a clean umount2, and if
+    /// the mount is busy the connection is aborted (MNT_FORCE: open files then fail with ENOTCONN) and the mount
+    /// detached. <paramref name="lazy"/> = true: detach now and keep serving already open files until they close;
+    /// <see cref="Completion"/> finishes then. Safe to call more than once.
+    /// </summary>
+    public void Unmount(bool lazy = false)
+    {
+        if (Interlocked.Exchange(ref _unmounted, 1) == 1) { if (!lazy) WaitReaders(TimeSpan.FromSeconds(5)); return; }
+        bool viaFusermount = _opt.UseFusermount || Native.GetUid() != 0;
+        if (viaFusermount)
+        {
+            Fusermount.Unmount(MountPoint, lazy);
+        }
+        else if (lazy)
+        {
+            Native.Umount2(MountPoint, Native.MNT_DETACH);
+            return;
+        }
+        else if (Native.Umount2(MountPoint, 0) != 0 && Native.LastErrno == Native.EBUSY)
+        {
+            // fuse's umount_begin aborts the connection, which wakes every reader and every waiting caller.
+            if (Native.Umount2(MountPoint, Native.MNT_FORCE) != 0)
+                Native.Umount2(MountPoint, Native.MNT_DETACH);
+        }
+        if (lazy) return;
+        if (!WaitReaders(TimeSpan.FromSeconds(10)))
+            _opt.Log?.Invoke($"FUSE readers of {MountPoint} did not stop within 10 s");
+    }
+
+    private bool WaitReaders(TimeSpan timeout) => _completion.Task.Wait(timeout);
+
+    private void SetReadAhead(int kb)
+    {
+        var dev = MountInfo.Find(MountPoint)?.DeviceId;
+        if (dev == null) return;
+        try { File.WriteAllText($"/sys/class/bdi/{dev}/read_ahead_kb", kb.ToString()); }
+        catch (IOException e) { _opt.Log?.Invoke($"read_ahead_kb: {e.Message}"); }
+        catch (UnauthorizedAccessException e) { _opt.Log?.Invoke($"read_ahead_kb: {e.Message}"); }
+    }
+
+    public void Dispose() => Unmount();
+
+    // ---------------------------------------------------------------- static helpers
+
+    /// <summary>True if <paramref name="path"/> is a FUSE mount whose server is gone ("Transport endpoint is not connected").</summary>
+    public static bool IsDeadMount(string path)
+    {
+        int e = Native.StatErrno(path);
+        return e is Native.ENOTCONN or Native.ECONNABORTED;
+    }
+
+    /// <summary>True if <paramref name="path"/> is a mount point (per /proc/self/mountinfo).</summary>
+    public static bool IsMountPoint(string path) => MountInfo.Find(Path.GetFullPath(path)) != null;
+
+    /// <summary>
+    /// If <paramref name="path"/> is a dead FUSE mount, aborts what is left of its connection and detaches it.
+    /// Returns true when a dead mount was removed.
+    /// </summary>
+    public static bool CleanupDeadMount(string path)
+    {
+        path = Path.GetFullPath(path);
+        if (!IsDeadMount(path)) return false;
+        if (Native.Umount2(path, 0) != 0)
+        {
+            int e = Native.LastErrno;
+            if (e == Native.EBUSY && Native.Umount2(path, Native.MNT_DETACH) != 0)
+                throw new IOException($"umount2 {path} (detach): errno {Native.LastErrno}");
+            if (e is not (Native.EBUSY or Native.EINVAL) && Native.Umount2(path, Native.MNT_DETACH) != 0)
+                throw new IOException($"umount2 {path}: errno {e}");
+        }
+        return true;
+    }
+}

@@ -1,0 +1,85 @@
+using System.Runtime.InteropServices;
+
+namespace Stargz.Fuse;
+
+/// <summary>The few libc calls the server needs. All set errno; callers read it with Marshal.GetLastPInvokeError.</summary>
+internal static unsafe partial class Native
+{
+    public const int O_RDONLY = 0, O_RDWR = 2, O_CLOEXEC = 0x80000;
+    public const int EPERM = 1, ENOENT = 2, EINTR = 4, EIO = 5, EBADF = 9, EAGAIN = 11, EACCES = 13, EBUSY = 16,
+        EINVAL = 22, ENODEV = 19, ENOTDIR = 20, EISDIR = 21, ERANGE = 34, ENOSYS = 38, ENODATA = 61, EROFS = 30,
+        ENXIO = 6, EPROTO = 71, ENOTTY = 25, EOPNOTSUPP = 95, ENOTCONN = 107, ECONNABORTED = 103, ENOTSUP = 95;
+    public const ulong MS_RDONLY = 1, MS_NOSUID = 2, MS_NODEV = 4;
+    public const int MNT_FORCE = 1, MNT_DETACH = 2;
+    public const short POLLIN = 1;
+
+    // _IOR(229, 0, uint32_t), _IOW(229, 1, struct fuse_backing_map /*16 bytes*/), _IOW(229, 2, uint32_t)
+    public const uint FUSE_DEV_IOC_CLONE = 0x8004E500;
+    public const uint FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501;
+    public const uint FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502;
+
+    [LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int Open(string path, int flags, int mode);
+
+    [LibraryImport("libc", EntryPoint = "close", SetLastError = true)]
+    public static partial int Close(int fd);
+
+    [LibraryImport("libc", EntryPoint = "read", SetLastError = true)]
+    public static partial nint Read(int fd, byte* buf, nint count);
+
+    [LibraryImport("libc", EntryPoint = "write", SetLastError = true)]
+    public static partial nint Write(int fd, byte* buf, nint count);
+
+    [LibraryImport("libc", EntryPoint = "ioctl", SetLastError = true)]
+    public static partial int Ioctl(int fd, nuint request, void* arg);
+
+    [LibraryImport("libc", EntryPoint = "mount", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int Mount(string source, string target, string fstype, ulong flags, string data);
+
+    [LibraryImport("libc", EntryPoint = "umount2", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int Umount2(string target, int flags);
+
+    [LibraryImport("libc", EntryPoint = "poll", SetLastError = true)]
+    public static partial int Poll(PollFd* fds, nuint nfds, int timeoutMs);
+
+    // glibc >= 2.33 exports stat/lstat as real symbols; Debian 12 ships 2.36. struct stat is 144 bytes on x86_64/arm64.
+    [LibraryImport("libc", EntryPoint = "stat", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int Stat(string path, byte* statBuf);
+
+    [LibraryImport("libc", EntryPoint = "getuid")]
+    public static partial uint GetUid();
+
+    [LibraryImport("libc", EntryPoint = "getgid")]
+    public static partial uint GetGid();
+
+    [LibraryImport("libc", EntryPoint = "socketpair", SetLastError = true)]
+    public static partial int SocketPair(int domain, int type, int protocol, int* sv);
+
+    [LibraryImport("libc", EntryPoint = "recvmsg", SetLastError = true)]
+    public static partial nint RecvMsg(int fd, MsgHdr* msg, int flags);
+
+    [LibraryImport("libc", EntryPoint = "fcntl", SetLastError = true)]
+    public static partial int Fcntl(int fd, int cmd, int arg);
+
+    [StructLayout(LayoutKind.Sequential)]
+    public struct PollFd { public int Fd; public short Events; public short REvents; }
+
+    [StructLayout(LayoutKind.Sequential)]
+    public struct IoVec { public void* Base; public nuint Len; }
+
+    [StructLayout(LayoutKind.Sequential)]
+    public struct MsgHdr
+    {
+        public void* Name; public uint NameLen; public IoVec* Iov; public nuint IovLen;
+        public void* Control; public nuint ControlLen; public int Flags;
+    }
+
+    public static int LastErrno => Marshal.GetLastPInvokeError();
+
+    /// <summary>Stat a path and return 0 or the errno (used to spot dead FUSE mounts: ENOTCONN).</summary>
+    public static int StatErrno(string path)
+    {
+        byte* buf = stackalloc byte[256];
+        return Stat(path, buf) == 0 ? 0 : LastErrno;
+    }
+}

@@ -1,0 +1,155 @@
+using System.Runtime.InteropServices;
+using System.Text;
+using Microsoft.Win32.SafeHandles;
+
+namespace Stargz.Fuse;
+
+/// <summary>errno values a filesystem returns (positive). The bridge negates them on the wire.</summary>
+public static class Errno
+{
+    public const int EPERM = 1, ENOENT = 2, EINTR = 4, EIO = 5, ENXIO = 6, EBADF = 9, EAGAIN = 11, ENOMEM = 12,
+        EACCES = 13, EBUSY = 16, EEXIST = 17, ENOTDIR = 20, EISDIR = 21, EINVAL = 22, ENOSPC = 28, EROFS = 30,
+        ERANGE = 34, ENAMETOOLONG = 36, ENOSYS = 38, ENOTEMPTY = 39, ENODATA = 61, ENOTSUP = 95, ETIMEDOUT = 110;
+}
+
+/// <summary>File type bits of <see cref="FuseAttr.Mode"/> (as in stat(2)).</summary>
+public static class UnixMode
+{
+    public const uint S_IFMT = 0xF000, S_IFSOCK = 0xC000, S_IFLNK = 0xA000, S_IFREG = 0x8000, S_IFBLK = 0x6000,
+        S_IFDIR = 0x4000, S_IFCHR = 0x2000, S_IFIFO = 0x1000;
+}
+
+/// <summary>
+/// Attributes of an inode, laid out exactly as the kernel's <c>struct fuse_attr</c> so the bridge copies it
+/// into replies without conversion. Times are seconds since the epoch plus nanoseconds.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct FuseAttr
+{
+    public ulong Ino;
+    public ulong Size;
+    /// <summary>512-byte blocks allocated (what `du` and `stat -c %b` show).</summary>
+    public ulong Blocks;
+    public ulong ATime, MTime, CTime;
+    public uint ATimeNsec, MTimeNsec, CTimeNsec;
+    /// <summary>File type and permission bits, e.g. <c>UnixMode.S_IFREG | 0o644</c>.</summary>
+    public uint Mode;
+    public uint NLink;
+    public uint Uid, Gid;
+    /// <summary>Device number for char/block devices in the kernel's new encoding (see <see cref="MakeDev"/>).</summary>
+    public uint RDev;
+    public uint BlkSize;
+    public uint Flags;
+
+    /// <summary>Encodes major/minor as the kernel's new_encode_dev (what FUSE carries in rdev).</summary>
+    public static uint MakeDev(uint major, uint minor) => (minor & 0xff) | (major << 8) | ((minor & ~0xffu) << 12);
+}
+
+/// <summary>The answer to a lookup: the inode, its generation, attributes and how long the kernel may cache them.</summary>
+public struct FuseEntry
+{
+    /// <summary>Inode number; must be stable for the life of the mount and never 0. 1 is the root.</summary>
+    public ulong Ino;
+    /// <summary>Changes if an inode number is reused for a different object (a read-only tree keeps it 0 or 1).</summary>
+    public ulong Generation;
+    public FuseAttr Attr;
+    /// <summary>Overrides the mount's entry timeout for this name when set.</summary>
+    public TimeSpan? EntryTimeout;
+    /// <summary>Overrides the mount's attribute timeout for this inode when set.</summary>
+    public TimeSpan? AttrTimeout;
+}
+
+/// <summary>What an open returns.</summary>
+public struct FuseOpenResult
+{
+    /// <summary>The filesystem's own handle, passed back to read/release. Must be below 2^63 (the bridge uses the top bit).</summary>
+    public ulong Handle;
+    /// <summary>Keep the kernel page cache across opens (right for immutable files).</summary>
+    public bool KeepCache;
+    /// <summary>Bypass the page cache; every read reaches the filesystem.</summary>
+    public bool DirectIo;
+    /// <summary>
+    /// A local file holding the complete bytes of this file. With passthrough enabled and accepted by the kernel,
+    /// reads go straight to it and never reach <see cref="IFuseFileSystem.ReadAsync"/>; otherwise ignored.
+    /// </summary>
+    public string? BackingPath;
+    /// <summary>Same as <see cref="BackingPath"/> but an already open file (the bridge does not take ownership).</summary>
+    public SafeFileHandle? BackingFile;
+}
+
+/// <summary>statfs(2) figures for the mount.</summary>
+public struct FuseStatFs
+{
+    public ulong Blocks, BlocksFree, BlocksAvailable, Files, FilesFree;
+    public uint BlockSize, NameLen, FragmentSize;
+}
+
+/// <summary>Thrown by a handler to answer with a specific errno (returning a negative value works too).</summary>
+public sealed class FuseException(int errno, string? message = null)
+    : Exception(message ?? $"errno {errno}")
+{
+    public int Errno { get; } = errno;
+}
+
+/// <summary>
+/// Fills one READDIR/READDIRPLUS reply. The filesystem calls <see cref="Add(ReadOnlySpan{byte}, in FuseEntry, long)"/>
+/// for entries starting at the requested offset until it returns false (reply full). <c>nextOffset</c> is the
+/// offset the kernel passes back to continue after this entry (any stable non-zero cookie; an index + 1 is typical).
+/// Emit "." and ".." yourself if you want them listed.
+/// </summary>
+public sealed class FuseDirWriter
+{
+    private byte[] _buf = [];
+    private int _start, _pos, _end;
+    private FuseServer? _server;
+
+    /// <summary>True for READDIRPLUS: the entry's attributes are sent and count as a lookup.</summary>
+    public bool IsPlus { get; private set; }
+    /// <summary>Number of entries added so far in this reply.</summary>
+    public int Count { get; private set; }
+
+    internal void Reset(FuseServer server, byte[] buf, int start, int size, bool plus)
+    {
+        _server = server; _buf = buf; _start = start; _pos = start; _end = start + size; IsPlus = plus; Count = 0;
+    }
+
+    internal int Length => _pos - _start;
+
+    public bool Add(string name, in FuseEntry entry, long nextOffset)
+    {
+        Span<byte> tmp = stackalloc byte[1024];
+        int n = Encoding.UTF8.GetBytes(name, tmp);
+        return Add(tmp[..n], entry, nextOffset);
+    }
+
+    public bool Add(ReadOnlySpan<byte> name, in FuseEntry entry, long nextOffset)
+    {
+        int direntLen = (24 + name.Length + 7) & ~7;
+        int need = IsPlus ? direntLen + Marshal.SizeOf<EntryOut>() : direntLen;
+        if (_pos + need > _end) return false;
+        var span = _buf.AsSpan(_pos, need);
+        span.Clear();
+        int p = 0;
+        if (IsPlus)
+        {
+            var eo = _server!.MakeEntryOut(entry);
+            MemoryMarshal.Write(span, in eo);
+            p = Marshal.SizeOf<EntryOut>();
+            bool dot = name.Length == 1 && name[0] == (byte)'.' || name.Length == 2 && name[0] == (byte)'.' && name[1] == (byte)'.';
+            // The kernel takes a reference on every READDIRPLUS entry except "." and "..".
+            if (!dot && entry.Ino != 0) _server.AddLookup(entry.Ino);
+        }
+        var d = new DirentHeader
+        {
+            Ino = entry.Attr.Ino != 0 ? entry.Attr.Ino : entry.Ino,
+            Off = (ulong)nextOffset,
+            NameLen = (uint)name.Length,
+            Type = (entry.Attr.Mode & UnixMode.S_IFMT) >> 12,
+        };
+        MemoryMarshal.Write(span[p..], in d);
+        name.CopyTo(span[(p + 24)..]);
+        _pos += need;
+        Count++;
+        return true;
+    }
+}
