@@ -38,3 +38,32 @@ public sealed class SharedRegistry : IAsyncDisposable
         return c;
     }
 }
+
+/// <summary>A registry (auth or TLS configured) over storage that already holds a pushed image.</summary>
+public sealed class PreparedRegistry : IAsyncDisposable
+{
+    public required LocalRegistry Registry { get; init; }
+    public required PushedImage Image { get; init; }
+    public required TempDir Dir { get; init; }
+
+    /// <summary>
+    /// Pushes the image into a plain registry first, then serves the same storage with the given
+    /// auth/TLS settings: pushing through auth would need the client under test.
+    /// </summary>
+    public static async Task<PreparedRegistry> StartAsync(TempDir dir, string? extraHttpYaml = null, string? authYaml = null, bool tls = false)
+    {
+        Requires.Command("docker-registry");
+        var storage = dir.Sub("storage");
+        PushedImage img;
+        await using (var plain = await LocalRegistry.StartAsync(storageDir: storage))
+            img = await PushedImage.PushAsync(plain.BaseUrl, "test/app");
+        var reg = await LocalRegistry.StartAsync(extraHttpYaml, authYaml, storage, tls: tls);
+        return new PreparedRegistry { Registry = reg, Image = img, Dir = dir };
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await Registry.DisposeAsync();
+        Dir.Dispose();
+    }
+}
