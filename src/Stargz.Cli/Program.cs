@@ -1,10 +1,200 @@
+using System.Text.Json;
+using Stargz.Estargz;
+
 namespace Stargz.Cli;
 
 public static class Program
 {
-    public static int Main(string[] args)
+    private const string Usage = """
+        usage:
+          stargz blob build [--chunk-size N] [--level L] [--prioritize PATH]... [--zstd] [--parallelism N] IN OUT
+              IN: a tar, tar.gz or tar.zst ("-" = stdin); prints {"tocDigest","diffId","size","uncompressedSize"}
+          stargz blob toc BLOB                      print the TOC JSON exactly as stored
+          stargz blob verify BLOB --toc-digest D    exit 0 only if the TOC and every chunk verify
+          stargz blob extract BLOB DIR              write the tree (modes, owners, times, links, xattrs)
+        """;
+
+    public static async Task<int> Main(string[] args)
     {
-        Console.Error.WriteLine("usage: stargz blob build|toc|verify|extract ...");
+        using var cts = new CancellationTokenSource();
+        Console.CancelKeyPress += (_, e) => { e.Cancel = true; cts.Cancel(); };
+        try
+        {
+            if (args.Length >= 2 && args[0] == "blob")
+            {
+                var rest = args[2..];
+                return args[1] switch
+                {
+                    "build" => await BlobBuild(rest, cts.Token),
+                    "toc" => await BlobToc(rest, cts.Token),
+                    "verify" => await BlobVerify(rest, cts.Token),
+                    "extract" => await BlobExtract(rest, cts.Token),
+                    _ => Fail(),
+                };
+            }
+            return Fail();
+        }
+        catch (UsageException e)
+        {
+            Console.Error.WriteLine($"stargz: {e.Message}");
+            Console.Error.Write(Usage);
+            return 2;
+        }
+        catch (EstargzFormatException e)
+        {
+            Console.Error.WriteLine($"stargz: {e.GetType().Name}: {e.Message}");
+            return 1;
+        }
+        catch (IOException e)
+        {
+            Console.Error.WriteLine($"stargz: {e.Message}");
+            return 1;
+        }
+        catch (UnauthorizedAccessException e)
+        {
+            Console.Error.WriteLine($"stargz: {e.Message}");
+            return 1;
+        }
+    }
+
+    private static int Fail()
+    {
+        Console.Error.Write(Usage);
         return 2;
+    }
+
+    private sealed class UsageException(string message) : Exception(message);
+
+    private static (List<string> Positional, Dictionary<string, List<string>> Flags) Parse(string[] args, HashSet<string> valued, HashSet<string> boolean)
+    {
+        var pos = new List<string>();
+        var flags = new Dictionary<string, List<string>>(StringComparer.Ordinal);
+        for (int i = 0; i < args.Length; i++)
+        {
+            var a = args[i];
+            if (a.StartsWith("--", StringComparison.Ordinal) && a.Length > 2)
+            {
+                string name = a;
+                string? value = null;
+                int eq = a.IndexOf('=');
+                if (eq > 0) { name = a[..eq]; value = a[(eq + 1)..]; }
+                if (boolean.Contains(name)) { flags[name] = ["true"]; continue; }
+                if (!valued.Contains(name)) throw new UsageException($"unknown flag {name}");
+                if (value is null)
+                {
+                    if (i + 1 >= args.Length) throw new UsageException($"{name} needs a value");
+                    value = args[++i];
+                }
+                if (!flags.TryGetValue(name, out var l)) flags[name] = l = new List<string>();
+                l.Add(value);
+            }
+            else pos.Add(a);
+        }
+        return (pos, flags);
+    }
+
+    private static int IntFlag(Dictionary<string, List<string>> f, string name, int? def, out bool present)
+    {
+        present = f.TryGetValue(name, out var v);
+        if (!present) return def ?? 0;
+        if (!int.TryParse(v![^1], System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out var n))
+            throw new UsageException($"{name} must be an integer");
+        return n;
+    }
+
+    private static async Task<int> BlobBuild(string[] args, CancellationToken ct)
+    {
+        var (pos, f) = Parse(args, ["--chunk-size", "--level", "--prioritize", "--parallelism"], ["--zstd", "--allow-prioritized-not-found"]);
+        if (pos.Count != 2) throw new UsageException("blob build needs IN and OUT");
+        var o = new BuildOptions
+        {
+            ChunkSize = IntFlag(f, "--chunk-size", 4 << 20, out _),
+            Compression = f.ContainsKey("--zstd") ? BlobCompression.Zstd : BlobCompression.Gzip,
+            Prioritized = f.TryGetValue("--prioritize", out var p) ? p : [],
+            AllowPrioritizedNotFound = f.ContainsKey("--allow-prioritized-not-found"),
+        };
+        int level = IntFlag(f, "--level", null, out var hasLevel);
+        if (hasLevel) o = o with { CompressionLevel = level };
+        int par = IntFlag(f, "--parallelism", null, out var hasPar);
+        if (hasPar) o = o with { Parallelism = par };
+        if (o.ChunkSize <= 0) throw new UsageException("--chunk-size must be positive");
+
+        await using Stream input = pos[0] == "-" ? Console.OpenStandardInput() : new FileStream(pos[0], FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
+        var tmp = pos[1] + ".tmp-" + Environment.ProcessId;
+        BuildResult r;
+        try
+        {
+            await using (var output = new FileStream(tmp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20))
+                r = await EstargzBuilder.BuildAsync(input, output, o, ct);
+            File.Move(tmp, pos[1], overwrite: true);
+        }
+        catch
+        {
+            File.Delete(tmp);
+            throw;
+        }
+        using var stdout = Console.OpenStandardOutput();
+        using (var w = new Utf8JsonWriter(stdout))
+        {
+            w.WriteStartObject();
+            w.WriteString("tocDigest", r.TocDigest);
+            w.WriteString("diffId", r.DiffId);
+            w.WriteNumber("size", r.Size);
+            w.WriteNumber("uncompressedSize", r.UncompressedSize);
+            if (r.ZstdManifestChecksum is not null) w.WriteString("zstdManifestChecksum", r.ZstdManifestChecksum);
+            if (r.ZstdManifestPosition is not null) w.WriteString("zstdManifestPosition", r.ZstdManifestPosition);
+            w.WriteEndObject();
+        }
+        stdout.Write("\n"u8);
+        return 0;
+    }
+
+    private static async Task<int> BlobToc(string[] args, CancellationToken ct)
+    {
+        var (pos, _) = Parse(args, [], []);
+        if (pos.Count != 1) throw new UsageException("blob toc needs BLOB");
+        using var blob = new FileBlobSource(pos[0]);
+        var footer = await EstargzReader.ReadFooterAsync(blob, ct);
+        long len = footer.TocLength >= 0 ? footer.TocLength : blob.Size - footer.FooterSize - footer.TocOffset;
+        if (len <= 0 || len > TocLimits.Default.MaxTocCompressedBytes || footer.TocOffset + len > blob.Size)
+            throw new EstargzFormatException($"footer points at an invalid TOC range [{footer.TocOffset}, +{len})");
+        var compressed = new byte[len];
+        await blob.ReadAtAsync(footer.TocOffset, compressed, ct);
+        var json = EstargzReader.DecodeToc(compressed, footer.Compression);
+        Toc.Parse(json); // refuse to print something that is not a TOC
+        using var stdout = Console.OpenStandardOutput();
+        stdout.Write(json);
+        if (json.Length == 0 || json[^1] != (byte)'\n') stdout.Write("\n"u8);
+        return 0;
+    }
+
+    private static async Task<int> BlobVerify(string[] args, CancellationToken ct)
+    {
+        var (pos, f) = Parse(args, ["--toc-digest", "--diff-id"], []);
+        if (pos.Count != 1) throw new UsageException("blob verify needs BLOB");
+        if (!f.TryGetValue("--toc-digest", out var d)) throw new UsageException("blob verify needs --toc-digest D");
+        using var blob = new FileBlobSource(pos[0]);
+        var r = await EstargzReader.OpenAsync(blob, d[^1], null, ct);
+        await r.VerifyAllAsync(ct);
+        if (f.TryGetValue("--diff-id", out var want))
+        {
+            var got = await r.ComputeDiffIdAsync(ct);
+            if (got != want[^1])
+                throw new DigestMismatchException("layer diffID", want[^1], got);
+        }
+        int files = 0, chunks = 0;
+        foreach (var n in r.Tree.Nodes) if (n.IsRegular) { files++; chunks += n.Chunks.Count; }
+        Console.WriteLine($"ok: TOC {r.TocDigest}, {files} files, {chunks} chunks verified ({r.Compression})");
+        return 0;
+    }
+
+    private static async Task<int> BlobExtract(string[] args, CancellationToken ct)
+    {
+        var (pos, f) = Parse(args, ["--toc-digest"], []);
+        if (pos.Count != 2) throw new UsageException("blob extract needs BLOB and DIR");
+        using var blob = new FileBlobSource(pos[0]);
+        var r = await EstargzReader.OpenAsync(blob, f.TryGetValue("--toc-digest", out var d) ? d[^1] : null, null, ct);
+        await EstargzExtractor.ExtractAsync(r, pos[1], null, ct);
+        return 0;
     }
 }
