@@ -21,6 +21,9 @@ public sealed class RegistryClient : IDisposable
     private long _bytes;
     private bool _disposed;
 
+    /// <summary>In-flight shared range reads (single-flight), guarded by locking the dictionary itself.</summary>
+    internal Dictionary<FlightKey, Flight> Flights { get; } = new();
+
     public RegistryHostsConfig Hosts { get; }
     public ICredentialProvider Credentials { get; }
     internal ILogger Logger { get; }
@@ -218,7 +221,8 @@ public sealed class RegistryClient : IDisposable
                 return (ep, size, redirect);
             }
         }, ct).ConfigureAwait(false);
-        var index = Array.IndexOf((Endpoint[])eps, found.ep);
+        var index = 0;
+        while (!ReferenceEquals(eps[index], found.ep)) index++;
         return new RemoteBlob(this, repoRef, digest, found.size, eps, index, scope, found.redirect);
     }
 
@@ -364,7 +368,7 @@ public sealed class RegistryClient : IDisposable
             {
                 throw new RegistryException($"cannot connect to {ep.Host} for {subject}: {e.Message}", host: ep.Host, subject: subject, inner: e);
             }
-            catch (Exception e) when (e is HttpRequestException or IOException or ObjectDisposedException { ObjectName: null })
+            catch (Exception e) when (e is HttpRequestException or IOException)
             {
                 error = new RegistryException($"connection to {ep.Host} failed for {subject}: {e.Message}", host: ep.Host, subject: subject, inner: e);
             }

@@ -6,6 +6,15 @@ using Microsoft.Extensions.Logging;
 
 namespace Stargz.Registry;
 
+internal readonly record struct FlightKey(string Repository, string Digest, long Offset, int Length);
+
+internal sealed class Flight
+{
+    public required Task<byte[]> Task;
+    public int Refs;
+    public bool Done;
+}
+
 /// <summary>One byte range of a blob and where its bytes go.</summary>
 public readonly record struct BlobRange(long Offset, Memory<byte> Destination)
 {
@@ -24,7 +33,6 @@ public sealed class RemoteBlob
     private readonly IReadOnlyList<Endpoint> _endpoints;
     private readonly string _scope;
     private readonly string _subject;
-    private readonly Dictionary<(long, int), Flight> _flights = new();
     private volatile int _endpointIndex;
     private volatile string? _redirect;
     private long _requests;
@@ -60,22 +68,17 @@ public sealed class RemoteBlob
         return new ValueTask(ReadSharedAsync(offset, destination, ct));
     }
 
-    private sealed class Flight
-    {
-        public required Task<byte[]> Task;
-        public int Refs;
-        public bool Done;
-    }
-
-    // Concurrent reads of the same range (this blob object = same repository scope) share one fetch into
-    // a pooled buffer; each caller copies out, the last one out returns the buffer.
+    // Concurrent reads of the same range of the same blob in the same repository (= token scope), through
+    // any RemoteBlob of this client, share one fetch into a pooled buffer; each caller copies out and the
+    // last one out returns the buffer. The shared fetch is bounded by its own timeouts, not by one caller.
     private async Task ReadSharedAsync(long offset, Memory<byte> destination, CancellationToken ct)
     {
-        var key = (offset, destination.Length);
+        var key = new FlightKey(_repo.Name, Digest, offset, destination.Length);
+        var flights = _client.Flights;
         Flight f;
-        lock (_flights)
+        lock (flights)
         {
-            if (_flights.TryGetValue(key, out var existing))
+            if (flights.TryGetValue(key, out var existing))
             {
                 f = existing;
                 f.Refs++;
@@ -83,7 +86,7 @@ public sealed class RemoteBlob
             else
             {
                 f = new Flight { Task = null!, Refs = 1 };
-                _flights[key] = f;
+                flights[key] = f;
                 f.Task = FetchIntoPooledAsync(key, f);
             }
         }
@@ -98,7 +101,7 @@ public sealed class RemoteBlob
         }
     }
 
-    private async Task<byte[]> FetchIntoPooledAsync((long Offset, int Length) key, Flight f)
+    private async Task<byte[]> FetchIntoPooledAsync(FlightKey key, Flight f)
     {
         await Task.Yield(); // leave the lock before any I/O
         var buf = ArrayPool<byte>.Shared.Rent(key.Length);
@@ -111,9 +114,9 @@ public sealed class RemoteBlob
         }
         finally
         {
-            lock (_flights)
+            lock (_client.Flights)
             {
-                _flights.Remove(key);
+                _client.Flights.Remove(key);
                 f.Done = true;
                 if (!ok || f.Refs == 0) ArrayPool<byte>.Shared.Return(buf);
             }
@@ -122,7 +125,7 @@ public sealed class RemoteBlob
 
     private void Release(Flight f)
     {
-        lock (_flights)
+        lock (_client.Flights)
         {
             f.Refs--;
             if (f.Refs == 0 && f.Done && f.Task.IsCompletedSuccessfully) ArrayPool<byte>.Shared.Return(f.Task.Result);
@@ -266,9 +269,7 @@ public sealed class RemoteBlob
     /// <summary>Runs a fetch on the current endpoint with retries; on failure falls back to later endpoints and stays there.</summary>
     private async Task RunAsync(Func<Endpoint, CancellationToken, Task<bool>> op, CancellationToken ct)
     {
-        var start = _endpointIndex;
-        var timeoutEp = _endpoints[start];
-        await _client.OnEndpointsAsync(_endpoints, start, _subject, async (ep, tct) =>
+        await _client.OnEndpointsAsync(_endpoints, _endpointIndex, _subject, async (ep, tct) =>
         {
             var idx = IndexOf(ep);
             if (idx != _endpointIndex)
@@ -279,7 +280,6 @@ public sealed class RemoteBlob
             }
             return await op(ep, tct).ConfigureAwait(false);
         }, ct).ConfigureAwait(false);
-        _ = timeoutEp;
     }
 
     private int IndexOf(Endpoint ep)

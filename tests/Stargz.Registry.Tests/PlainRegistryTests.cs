@@ -121,8 +121,10 @@ public class PlainRegistryTests(SharedRegistry shared) : IClassFixture<SharedReg
         };
         using var client = new RegistryClient();
         var blob = await client.OpenBlobAsync(ImageReference.Parse($"{proxy.Host}/{img.Repository}"), img.LayerDigests[1], Ct);
+        // A second handle on the same blob (as another layer reader would open) shares the flight too.
+        var blob2 = await client.OpenBlobAsync(ImageReference.Parse($"{proxy.Host}/{img.Repository}"), img.LayerDigests[1], Ct);
         var bufs = Enumerable.Range(0, 20).Select(_ => new byte[10000]).ToArray();
-        var reads = bufs.Select(b => blob.ReadAtAsync(5000, b, Ct).AsTask()).ToArray();
+        var reads = bufs.Select((b, i) => (i % 2 == 0 ? blob : blob2).ReadAtAsync(5000, b, Ct).AsTask()).ToArray();
         await Task.Delay(300, Ct);
         release.SetResult();
         await Task.WhenAll(reads);
