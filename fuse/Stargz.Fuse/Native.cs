@@ -42,9 +42,11 @@ internal static unsafe partial class Native
     [LibraryImport("libc", EntryPoint = "poll", SetLastError = true)]
     public static partial int Poll(PollFd* fds, nuint nfds, int timeoutMs);
 
-    // glibc >= 2.33 exports stat/lstat as real symbols; Debian 12 ships 2.36. struct stat is 144 bytes on x86_64/arm64.
-    [LibraryImport("libc", EntryPoint = "stat", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
-    public static partial int Stat(string path, byte* statBuf);
+    // statx (glibc >= 2.28); struct statx is 256 bytes.
+    [LibraryImport("libc", EntryPoint = "statx", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int Statx(int dirfd, string path, int flags, uint mask, byte* statxBuf);
+
+    public const int AT_FDCWD = -100, AT_STATX_FORCE_SYNC = 0x2000;
 
     [LibraryImport("libc", EntryPoint = "getuid")]
     public static partial uint GetUid();
@@ -76,10 +78,13 @@ internal static unsafe partial class Native
 
     public static int LastErrno => Marshal.GetLastPInvokeError();
 
-    /// <summary>Stat a path and return 0 or the errno (used to spot dead FUSE mounts: ENOTCONN).</summary>
+    /// <summary>
+    /// Stat a path and return 0 or the errno (used to spot dead FUSE mounts: ENOTCONN). Forces a round trip to the
+    /// filesystem: a plain stat may be answered from the kernel's attribute cache even after the server died.
+    /// </summary>
     public static int StatErrno(string path)
     {
-        byte* buf = stackalloc byte[256];
-        return Stat(path, buf) == 0 ? 0 : LastErrno;
+        byte* buf = stackalloc byte[512];
+        return Statx(AT_FDCWD, path, AT_STATX_FORCE_SYNC, 0x7ff /*STATX_BASIC_STATS*/, buf) == 0 ? 0 : LastErrno;
     }
 }

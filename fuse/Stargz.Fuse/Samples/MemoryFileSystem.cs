@@ -123,6 +123,15 @@ public sealed class MemoryFileSystem : IFuseFileSystem
         return Link(path, n);
     }
 
+    /// <summary>A file whose bytes are those of the local file <paramref name="backingPath"/> (passthrough candidate).</summary>
+    public Node AddBackedFile(string path, string backingPath, uint perm = 0x1A4)
+    {
+        var n = NewNode(UnixMode.S_IFREG | perm);
+        n.BackingPath = backingPath;
+        SetSize(n, new FileInfo(backingPath).Length);
+        return Link(path, n);
+    }
+
     private static void SetSize(Node n, long size)
     {
         n.Attr.Size = (ulong)size;

@@ -1,0 +1,58 @@
+using System.Diagnostics;
+using Stargz.TestSupport;
+
+namespace Stargz.Fuse.Tests;
+
+public sealed class KillServerTests
+{
+    [Fact]
+    public async Task Killing_the_server_leaves_no_hung_reader_and_the_dead_mount_is_cleaned()
+    {
+        Requires.Fuse();
+        var ct = TestContext.Current.CancellationToken;
+        using var dir = new TempDir("fuse-kill");
+        var mnt = dir.Sub("mnt");
+        using var host = Process.Start(TestHost.StartInfo(mnt))!;
+        Process? reader = null;
+        try
+        {
+            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            wait.CancelAfter(TimeSpan.FromSeconds(30));
+            Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
+            Assert.Equal("hello from the child\n", await Tools.Out("cat", Path.Combine(mnt, "hello.txt")));
+
+            // A reader stuck in a READ the server will never answer.
+            reader = Process.Start(new ProcessStartInfo(Requires.Command("cat"), Path.Combine(mnt, "block.bin"))
+            { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true })!;
+            Assert.Equal("READ-PENDING", await host.StandardOutput.ReadLineAsync(wait.Token));
+            Assert.False(reader.HasExited);
+
+            host.Kill(); // SIGKILL: no cleanup code of the server runs
+            await host.WaitForExitAsync(wait.Token);
+
+            using var readerWait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            readerWait.CancelAfter(TimeSpan.FromSeconds(15));
+            await reader.WaitForExitAsync(readerWait.Token);
+            Assert.NotEqual(0, reader.ExitCode);
+
+            var stat = await Tools.Run("stat", mnt);
+            Assert.NotEqual(0, stat.ExitCode);
+            Assert.Contains("Transport endpoint is not connected", stat.StdErr);
+            Assert.True(FuseServer.IsDeadMount(mnt));
+
+            Assert.True(FuseServer.CleanupDeadMount(mnt));
+            Assert.False(FuseServer.IsMountPoint(mnt));
+            Assert.False(FuseServer.IsDeadMount(mnt));
+            Assert.Equal(0, (await Tools.Run("stat", mnt)).ExitCode);
+            Assert.False(FuseServer.CleanupDeadMount(mnt)); // nothing left to clean
+        }
+        finally
+        {
+            if (!host.HasExited) host.Kill();
+            if (reader is { HasExited: false }) reader.Kill();
+            reader?.Dispose();
+            FuseServer.CleanupDeadMount(mnt);
+            if (FuseServer.IsMountPoint(mnt)) await Tools.Run("umount", "-l", mnt);
+        }
+    }
+}

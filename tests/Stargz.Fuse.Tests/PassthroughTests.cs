@@ -1,0 +1,109 @@
+using Stargz.Fuse.Samples;
+using Stargz.TestSupport;
+
+namespace Stargz.Fuse.Tests;
+
+public sealed class PassthroughTests
+{
+    private static void RequirePassthroughKernel()
+    {
+        Requires.Fuse();
+        var v = Environment.OSVersion.Version;
+        if (v.Major < 6 || v.Major == 6 && v.Minor < 9) Requires.Missing($"FUSE passthrough needs Linux 6.9+, this is {v}");
+    }
+
+    private static string MakeBacking(string dir, int size)
+    {
+        var path = Path.Combine(dir, "backing.bin");
+        var data = new byte[size];
+        new Random(7).NextBytes(data);
+        File.WriteAllBytes(path, data);
+        return path;
+    }
+
+    [Fact]
+    public async Task With_passthrough_reads_go_to_the_backing_file_and_skip_user_space()
+    {
+        RequirePassthroughKernel();
+        using var dir = new TempDir("fuse-pt");
+        var backing = MakeBacking(dir.Path, 8 << 20);
+        var fs = new MemoryFileSystem();
+        fs.AddBackedFile("data.bin", backing);
+        var mnt = dir.Sub("mnt");
+        using var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { Passthrough = true });
+        Assert.True(server.PassthroughNegotiated, "kernel did not negotiate FUSE passthrough");
+
+        var file = Path.Combine(mnt, "data.bin");
+        Assert.Equal($"{8 << 20}\n", await Tools.Out("stat", "-c", "%s", file));
+        var cmp = await Tools.Run("cmp", file, backing);
+        Assert.True(cmp.ExitCode == 0, cmp.StdOut + cmp.StdErr);
+        Assert.True(server.PassthroughOpens >= 1);
+        Assert.Equal(0, fs.ReadCalls);
+
+        // Overlayfs still stacks on a passthrough FUSE mount (the reason max_stack_depth is 1).
+        var other = dir.Sub("other");
+        var merged = dir.Sub("merged");
+        await Tools.Out("mount", "-t", "overlay", "overlay", "-o", $"lowerdir={mnt}:{other}", merged);
+        try
+        {
+            var viaOverlay = await Tools.Run("cmp", Path.Combine(merged, "data.bin"), backing);
+            Assert.True(viaOverlay.ExitCode == 0, viaOverlay.StdOut + viaOverlay.StdErr);
+        }
+        finally
+        {
+            await Tools.Run("umount", merged);
+        }
+        Assert.Equal(0, fs.ReadCalls);
+    }
+
+    [Fact]
+    public async Task Without_passthrough_the_same_bytes_come_through_user_space()
+    {
+        Requires.Fuse();
+        using var dir = new TempDir("fuse-nopt");
+        var backing = MakeBacking(dir.Path, 4 << 20);
+        var fs = new MemoryFileSystem();
+        fs.AddBackedFile("data.bin", backing);
+        var mnt = dir.Sub("mnt");
+        using var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { Passthrough = false });
+        Assert.False(server.PassthroughNegotiated);
+        var cmp = await Tools.Run("cmp", Path.Combine(mnt, "data.bin"), backing);
+        Assert.True(cmp.ExitCode == 0, cmp.StdOut + cmp.StdErr);
+        Assert.Equal(0, server.PassthroughOpens);
+        Assert.True(fs.ReadCalls > 0);
+    }
+
+    [Fact]
+    public async Task When_the_kernel_refuses_a_backing_file_reads_fall_back_to_user_space()
+    {
+        RequirePassthroughKernel();
+        using var dir = new TempDir("fuse-ptfb");
+        // A backing file on overlayfs is already one level deep: the kernel refuses it for max_stack_depth 1.
+        var l1 = dir.Sub("l1");
+        var l2 = dir.Sub("l2");
+        MakeBacking(l1, 2 << 20);
+        var ovl = dir.Sub("ovl");
+        await Tools.Out("mount", "-t", "overlay", "overlay", "-o", $"lowerdir={l1}:{l2}", ovl);
+        var mnt = dir.Sub("mnt");
+        var log = new List<string>();
+        try
+        {
+            var backing = Path.Combine(ovl, "backing.bin");
+            var fs = new MemoryFileSystem();
+            fs.AddBackedFile("data.bin", backing);
+            using (var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { Passthrough = true, Log = m => { lock (log) log.Add(m); } }))
+            {
+                Assert.True(server.PassthroughNegotiated);
+                var cmp = await Tools.Run("cmp", Path.Combine(mnt, "data.bin"), backing);
+                Assert.True(cmp.ExitCode == 0, cmp.StdOut + cmp.StdErr);
+                Assert.Equal(0, server.PassthroughOpens);
+                Assert.True(fs.ReadCalls > 0);
+            }
+            lock (log) Assert.Contains(log, m => m.Contains("passthrough refused"));
+        }
+        finally
+        {
+            await Tools.Run("umount", ovl);
+        }
+    }
+}

@@ -1,0 +1,59 @@
+using System.Diagnostics;
+using System.Runtime.CompilerServices;
+using Stargz.Fuse.Samples;
+
+namespace Stargz.Fuse.Tests;
+
+/// <summary>
+/// The test executable doubles as a tiny FUSE server process for tests that must kill the server:
+/// started with STARGZ_FUSE_TESTHOST=MOUNTPOINT it mounts a small tree, reports on stdout and serves until killed.
+/// </summary>
+internal static class TestHost
+{
+    public const string EnvVar = "STARGZ_FUSE_TESTHOST";
+
+#pragma warning disable CA2255 // the module initializer is the only hook that runs before xunit's generated Main
+    [ModuleInitializer]
+#pragma warning restore CA2255
+    internal static void MaybeServe()
+    {
+        var mnt = Environment.GetEnvironmentVariable(EnvVar);
+        if (string.IsNullOrEmpty(mnt)) return;
+        try
+        {
+            var fs = new MemoryFileSystem();
+            fs.AddFile("hello.txt", "hello from the child\n");
+            fs.AddFile("block.bin", new byte[4096]).BlockReads = true;
+            var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost" });
+            Console.Out.WriteLine("READY");
+            Console.Out.Flush();
+            bool reported = false;
+            while (!server.Completion.Wait(50))
+            {
+                if (!reported && fs.ReadCalls > 0)
+                {
+                    Console.Out.WriteLine("READ-PENDING");
+                    Console.Out.Flush();
+                    reported = true;
+                }
+            }
+            Environment.Exit(0);
+        }
+        catch (Exception e)
+        {
+            Console.Error.WriteLine(e);
+            Environment.Exit(3);
+        }
+    }
+
+    /// <summary>A start info that runs this test assembly in host mode.</summary>
+    public static ProcessStartInfo StartInfo(string mountPoint)
+    {
+        var self = Environment.ProcessPath!;
+        var psi = new ProcessStartInfo(self) { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true };
+        // Under `dotnet exec` the process is the muxer; then name our assembly explicitly.
+        if (Path.GetFileNameWithoutExtension(self) == "dotnet") psi.ArgumentList.Add(typeof(TestHost).Assembly.Location);
+        psi.Environment[EnvVar] = mountPoint;
+        return psi;
+    }
+}
