@@ -100,6 +100,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
 
     private async Task RestoreAsync(CancellationToken ct)
     {
+        await RecoverInterruptedRemovesAsync(ct);
         foreach (var mp in Native.MountsUnder(_snapshotsDir))
         {
             try
@@ -142,6 +143,26 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         }
         if (remotes.Count > 0)
             _log.LogInformation("restored {Restored} of {Total} remote snapshots", ok, remotes.Count);
+    }
+
+    /// <summary>
+    /// A crash inside Remove's transaction (dir renamed to rm-ID, metadata not yet committed) leaves a live snapshot
+    /// without its dir: move it back. rm-ID dirs of deleted snapshots are left for Cleanup.
+    /// </summary>
+    private async Task RecoverInterruptedRemovesAsync(CancellationToken ct)
+    {
+        HashSet<long> live;
+        await _gate.WaitAsync(ct);
+        try { live = _store.InTransaction(() => _store.All().Select(r => r.Id).ToHashSet()); }
+        finally { _gate.Release(); }
+        foreach (var dir in Directory.GetDirectories(_snapshotsDir, "rm-*"))
+        {
+            if (!long.TryParse(Path.GetFileName(dir)[3..], out var id) || !live.Contains(id)) continue;
+            if (Directory.Exists(SnapshotDir(id))) continue;
+            Directory.Move(dir, SnapshotDir(id));
+            Native.FsyncDir(_snapshotsDir);
+            _log.LogWarning("snapshot id {Id}: remove was interrupted before its metadata commit; dir moved back", id);
+        }
     }
 
     // ---------------------------------------------------------------- API
@@ -258,6 +279,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             Directory.Move(temp, final);
             renamed = true;
             Native.FsyncDir(_snapshotsDir);
+            FaultInjection.Hit("create:after-rename");
             return rec;
         }
         catch
@@ -329,6 +351,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         var fs = FsDir(rec.Id);
         var (size, inodes) = DiskUsage.Of(fs);
         Native.SyncFs(fs);
+        FaultInjection.Hit("commit:after-usage");
         await WithStoreAsync(() =>
         {
             var r = _store.Get(ns, key) ?? throw SnapshotterException.NotFound($"active snapshot {key} does not exist");
@@ -370,8 +393,10 @@ public sealed class StargzSnapshotter : IAsyncDisposable
                 {
                     Directory.Move(dir, trash);
                     moved = true;
+                    FaultInjection.Hit("remove:after-rename");
                 }
             });
+            FaultInjection.Hit("remove:after-commit");
             if (!moved) trash = null;
             _lastChecked.TryRemove(rec.Id, out _);
             _unrestored.TryRemove(rec.Id, out _);
