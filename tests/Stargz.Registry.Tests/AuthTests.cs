@@ -105,6 +105,23 @@ public class AuthTests
     }
 
     [Fact]
+    public async Task Identity_token_from_docker_config_is_exchanged_with_a_refresh_grant()
+    {
+        var dir = new TempDir("reg-token-idt");
+        await using var tokens = await TokenServer.StartAsync(dir.Path);
+        tokens.RequiredCredentials = ("nobody-uses-basic", "x");
+        tokens.RefreshToken = "long-lived-refresh-token";
+        await using var p = await PreparedRegistry.StartAsync(dir,
+            authYaml: LocalRegistry.TokenAuthYaml(tokens.Realm, TokenServer.Service, TokenServer.Issuer, tokens.RootCertFile));
+        var cfgFile = Path.Combine(dir.Path, "config.json");
+        await File.WriteAllTextAsync(cfgFile, $$"""{"auths": {"https://{{p.Registry.Host}}/v2/": {"identitytoken": "long-lived-refresh-token"} } }""", Ct);
+        using var client = new RegistryClient(null, new DockerConfigCredentialProvider(cfgFile));
+        var m = await client.ResolveAsync(ImageReference.Parse($"{p.Registry.Host}/{p.Image.Repository}:{p.Image.Tag}"), Platform.Parse("linux/amd64"), Ct);
+        Assert.Equal(p.Image.AmdManifest, m.Digest);
+        Assert.Equal(1, tokens.RefreshGrants);
+    }
+
+    [Fact]
     public async Task Expired_bearer_token_is_fetched_again()
     {
         var dir = new TempDir("reg-token-exp");

@@ -35,6 +35,28 @@ public class FailureTests(SharedRegistry shared) : IClassFixture<SharedRegistry>
     }
 
     [Fact]
+    public async Task Too_many_requests_is_retried_after_the_servers_delay()
+    {
+        var (reg, img) = await shared.GetAsync();
+        var n = 0;
+        await using var proxy = await RegistryProxy.StartAsync(reg.BaseUrl, (ctx, _) =>
+        {
+            if (!IsBlobGet(ctx) || Interlocked.Increment(ref n) > 1) return Task.FromResult(false);
+            ctx.Response.StatusCode = 429;
+            ctx.Response.Headers.RetryAfter = "1";
+            return Task.FromResult(true);
+        });
+        var cfg = SharedRegistry.FastRetries();
+        cfg.Blob = cfg.Blob with { MaxWait = TimeSpan.FromSeconds(5) };
+        using var client = new RegistryClient(cfg);
+        var blob = await client.OpenBlobAsync(ImageReference.Parse($"{proxy.Host}/{img.Repository}"), img.LayerDigests[1], Ct);
+        var buf = new byte[321];
+        await blob.ReadAtAsync(3, buf, Ct);
+        Assert.Equal(img.Layers[1].AsSpan(3, 321).ToArray(), buf);
+        Assert.Equal(2, proxy.BlobGets());
+    }
+
+    [Fact]
     public async Task Retries_give_up_with_status_host_and_digest()
     {
         var (reg, img) = await shared.GetAsync();

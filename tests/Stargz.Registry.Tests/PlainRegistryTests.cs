@@ -136,6 +136,26 @@ public class PlainRegistryTests(SharedRegistry shared) : IClassFixture<SharedReg
     }
 
     [Fact]
+    public async Task Sequential_reads_reuse_one_connection()
+    {
+        var (reg, img) = await shared.GetAsync();
+        var connections = new System.Collections.Concurrent.ConcurrentDictionary<string, int>();
+        await using var proxy = await RegistryProxy.StartAsync(reg.BaseUrl, (ctx, _) =>
+        {
+            connections.AddOrUpdate(ctx.Connection.Id, 1, (_, v) => v + 1);
+            return Task.FromResult(false);
+        });
+        using var client = new RegistryClient();
+        var blob = await client.OpenBlobAsync(ImageReference.Parse($"{proxy.Host}/{img.Repository}"), img.LayerDigests[0], Ct);
+        var buf = new byte[2048];
+        for (var i = 0; i < 20; i++) await blob.ReadAtAsync(i * 4096, buf, Ct);
+        Assert.Single(connections);
+        Assert.Equal(21, connections.Values.Single());
+        Assert.Equal(21, client.RequestCount);
+        Assert.Equal(20 * 2048, client.BytesFetched);
+    }
+
+    [Fact]
     public async Task Cancellation_stops_a_read()
     {
         var (reg, img) = await shared.GetAsync();

@@ -27,6 +27,10 @@ public sealed class TokenServer : IAsyncDisposable
     /// <summary>Seconds a token is valid (expires_in).</summary>
     public int ExpiresIn { get; set; } = 300;
     public (string User, string Password)? RequiredCredentials { get; set; }
+    /// <summary>When set, POST /token with grant_type=refresh_token and this refresh_token is accepted (docker identity tokens).</summary>
+    public string? RefreshToken { get; set; }
+    public int RefreshGrants => Volatile.Read(ref _refreshGrants);
+    private int _refreshGrants;
     /// <summary>Scopes seen in token requests, in order.</summary>
     public List<string> Scopes { get; } = [];
 
@@ -54,14 +58,32 @@ public sealed class TokenServer : IAsyncDisposable
     {
         Interlocked.Increment(ref _requests);
         if (ctx.Request.Path != "/token") { ctx.Response.StatusCode = 404; return; }
-        if (RequiredCredentials is { } need)
+        string scope, service;
+        if (ctx.Request.Method == "POST")
+        {
+            var form = await ctx.Request.ReadFormAsync();
+            if (RefreshToken is null || form["grant_type"] != "refresh_token" || form["refresh_token"] != RefreshToken)
+            {
+                ctx.Response.StatusCode = 401;
+                return;
+            }
+            Interlocked.Increment(ref _refreshGrants);
+            scope = form["scope"].ToString();
+            service = form["service"].ToString();
+        }
+        else if (RequiredCredentials is { } need)
         {
             var auth = ctx.Request.Headers.Authorization.ToString();
             var want = "Basic " + Convert.ToBase64String(Encoding.UTF8.GetBytes(need.User + ":" + need.Password));
             if (auth != want) { ctx.Response.StatusCode = 401; return; }
+            scope = ctx.Request.Query["scope"].ToString();
+            service = ctx.Request.Query["service"].ToString();
         }
-        var scope = ctx.Request.Query["scope"].ToString();
-        var service = ctx.Request.Query["service"].ToString();
+        else
+        {
+            scope = ctx.Request.Query["scope"].ToString();
+            service = ctx.Request.Query["service"].ToString();
+        }
         lock (Scopes) Scopes.Add(scope);
         var access = new List<object>();
         foreach (var s in scope.Split(' ', StringSplitOptions.RemoveEmptyEntries))
@@ -80,7 +102,9 @@ public sealed class TokenServer : IAsyncDisposable
         var sig = _key.SignData(Encoding.ASCII.GetBytes(signingInput), HashAlgorithmName.SHA256, RSASignaturePadding.Pkcs1);
         var jwt = signingInput + "." + B64(sig);
         ctx.Response.ContentType = "application/json";
-        await ctx.Response.WriteAsync(JsonSerializer.Serialize(new { token = jwt, expires_in = ExpiresIn, issued_at = DateTimeOffset.UtcNow.ToString("O") }));
+        await ctx.Response.WriteAsync(JsonSerializer.Serialize(ctx.Request.Method == "POST"
+            ? new { access_token = jwt, expires_in = ExpiresIn, issued_at = DateTimeOffset.UtcNow.ToString("O") } as object
+            : new { token = jwt, expires_in = ExpiresIn, issued_at = DateTimeOffset.UtcNow.ToString("O") }));
     }
 
     private static string B64(byte[] b) => Convert.ToBase64String(b).TrimEnd('=').Replace('+', '-').Replace('/', '_');
