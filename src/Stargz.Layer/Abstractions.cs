@@ -1,0 +1,51 @@
+namespace Stargz.Layer;
+
+/// <summary>
+/// One chunk of a regular file as the TOC describes it: where its bytes sit in the file, where its compressed
+/// member sits in the blob, where the chunk starts inside the decompressed member, and its sha256 digest.
+/// </summary>
+internal readonly record struct LayerChunk(long FileOffset, long Size, long BlobOffset, long BlobLength, long InnerOffset, string? Digest)
+{
+    public long FileEnd => FileOffset + Size;
+    public long BlobEnd => BlobOffset + BlobLength;
+}
+
+/// <summary>A range of the blob to read into <see cref="Destination"/> (its length is the range's length).</summary>
+internal readonly record struct FetchRange(long Offset, Memory<byte> Destination);
+
+/// <summary>
+/// Ranged reads of one layer blob. The registry adapter sends every range list as one request where the registry
+/// supports multi-range; tests use an in-memory blob. Implementations throw on any failure.
+/// </summary>
+internal interface IRangeFetcher
+{
+    long Size { get; }
+
+    Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken);
+}
+
+/// <summary>Decompresses one chunk: <paramref name="compressed"/> is the member, the chunk starts at <paramref name="innerOffset"/>.</summary>
+internal interface IChunkDecoder
+{
+    void Decode(ReadOnlySpan<byte> compressed, long innerOffset, Span<byte> destination);
+}
+
+/// <summary>Who asked for a chunk: a reader waiting in the kernel, the mount-time prefetch, or the background fetch.</summary>
+internal enum FetchPriority
+{
+    OnDemand,
+    Prefetch,
+    Background,
+}
+
+/// <summary>
+/// A layer read failed and the caller must see EIO: the registry did not answer within the fetching timeout, a
+/// chunk did not match its digest, or the blob could not be read. Never carries partial data.
+/// </summary>
+public sealed class LayerIOException : IOException
+{
+    /// <summary>The errno the FUSE reply carries (EIO).</summary>
+    public const int Errno = 5;
+
+    public LayerIOException(string message, Exception? inner = null) : base(message, inner) { HResult = Errno; }
+}

@@ -1,0 +1,220 @@
+using System.Collections.Concurrent;
+using System.Runtime.InteropServices;
+using System.Security.Cryptography;
+using System.Text;
+using Microsoft.Extensions.Caching.Memory;
+
+namespace Stargz.Layer;
+
+/// <summary>
+/// Decompressed, verified chunks: a size-bounded memory cache in front of a disk cache. Keys are chunk digests
+/// ("sha256:HEX"), so a chunk shared by several layers or images is stored once; chunks without a digest (only
+/// when verification is off) use a layer-local key and live apart. Disk writes are atomic (temp file, fsync,
+/// rename, fsync of the directory), and a disk chunk is hashed again the first time this process uses it, so a
+/// torn or altered file is dropped instead of served. One instance serves every layer of a daemon.
+/// </summary>
+public sealed class ChunkCache : IDisposable
+{
+    private readonly MemoryCache _memory;
+    private readonly string? _chunkDir;
+    private readonly string? _tmpDir;
+    private readonly bool _durable;
+    // Disk files this process has hashed (or written) already: later reads of them skip the re-hash.
+    private readonly ConcurrentDictionary<string, byte> _trustedOnDisk = new(StringComparer.Ordinal);
+    private long _memoryHits, _diskHits, _misses, _diskWrites, _diskRejected;
+
+    public ChunkCache(string? directory, long memoryBytes, bool durableWrites = true)
+    {
+        _memory = new MemoryCache(new MemoryCacheOptions { SizeLimit = Math.Max(1, memoryBytes), CompactionPercentage = 0.25 });
+        _durable = durableWrites;
+        if (directory != null)
+        {
+            _chunkDir = Path.Combine(directory, "chunks");
+            _tmpDir = Path.Combine(directory, "tmp");
+            Directory.CreateDirectory(_chunkDir);
+            Directory.CreateDirectory(_tmpDir);
+            // Leftovers of writes a crash interrupted: never renamed, so never visible; just remove them.
+            foreach (var f in Directory.EnumerateFiles(_tmpDir))
+            {
+                try { File.Delete(f); } catch (IOException) { }
+            }
+        }
+    }
+
+    public long MemoryHits => Interlocked.Read(ref _memoryHits);
+    public long DiskHits => Interlocked.Read(ref _diskHits);
+    public long Misses => Interlocked.Read(ref _misses);
+    public long DiskWrites => Interlocked.Read(ref _diskWrites);
+    /// <summary>Disk chunks found corrupt (wrong length or digest) and deleted.</summary>
+    public long DiskRejected => Interlocked.Read(ref _diskRejected);
+
+    /// <summary>Memory only, no I/O: the hot path of a read whose chunks are all cached.</summary>
+    public bool TryGetMemory(string key, out byte[] data)
+    {
+        if (_memory.TryGetValue(key, out var o) && o is byte[] b)
+        {
+            Interlocked.Increment(ref _memoryHits);
+            data = b;
+            return true;
+        }
+        data = null!;
+        return false;
+    }
+
+    /// <summary>True when the chunk is in memory or a file for it exists on disk (no hashing).</summary>
+    public bool Contains(string key) => _memory.TryGetValue(key, out _) || (_chunkDir != null && File.Exists(PathOf(key)));
+
+    /// <summary>
+    /// Memory, then disk. A disk chunk not yet checked by this process is read whole and hashed against
+    /// <paramref name="digest"/> (when given); on mismatch the file is deleted and the call reports a miss.
+    /// </summary>
+    public async ValueTask<byte[]?> TryGetAsync(string key, string? digest, long size, bool keepInMemory, CancellationToken cancellationToken)
+    {
+        if (TryGetMemory(key, out var m)) return m;
+        if (_chunkDir == null)
+        {
+            Interlocked.Increment(ref _misses);
+            return null;
+        }
+        var path = PathOf(key);
+        byte[] data;
+        try
+        {
+            using var h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete, FileOptions.Asynchronous);
+            var len = RandomAccess.GetLength(h);
+            if (len != size)
+            {
+                Reject(path, key);
+                return null;
+            }
+            data = GC.AllocateUninitializedArray<byte>((int)size);
+            var read = 0;
+            while (read < data.Length)
+            {
+                var n = await RandomAccess.ReadAsync(h, data.AsMemory(read), read, cancellationToken).ConfigureAwait(false);
+                if (n == 0) break;
+                read += n;
+            }
+            if (read != data.Length)
+            {
+                Reject(path, key);
+                return null;
+            }
+        }
+        catch (FileNotFoundException) { Interlocked.Increment(ref _misses); return null; }
+        catch (DirectoryNotFoundException) { Interlocked.Increment(ref _misses); return null; }
+        if (digest != null && !_trustedOnDisk.ContainsKey(key))
+        {
+            if (!Digests.Matches(data, digest))
+            {
+                Reject(path, key);
+                return null;
+            }
+            _trustedOnDisk.TryAdd(key, 0);
+        }
+        Interlocked.Increment(ref _diskHits);
+        if (keepInMemory) AddMemory(key, data);
+        return data;
+    }
+
+    private void Reject(string path, string key)
+    {
+        Interlocked.Increment(ref _diskRejected);
+        Interlocked.Increment(ref _misses);
+        _trustedOnDisk.TryRemove(key, out _);
+        try { File.Delete(path); } catch (IOException) { }
+    }
+
+    /// <summary>Keeps a verified chunk in memory. The array must never be written again.</summary>
+    public void AddMemory(string key, byte[] data)
+    {
+        using var e = _memory.CreateEntry(key);
+        e.Size = Math.Max(1, data.Length);
+        e.Value = data;
+    }
+
+    /// <summary>
+    /// Stores a verified chunk on disk unless it is there already. Returns the directory written into (so a
+    /// batch can fsync each directory once), or null when nothing was written.
+    /// </summary>
+    public string? WriteDisk(string key, ReadOnlySpan<byte> data)
+    {
+        if (_chunkDir == null || _tmpDir == null) return null;
+        var path = PathOf(key);
+        if (File.Exists(path)) return null;
+        var dir = Path.GetDirectoryName(path)!;
+        Directory.CreateDirectory(dir);
+        var tmp = Path.Combine(_tmpDir, Guid.NewGuid().ToString("N"));
+        try
+        {
+            using (var fs = new FileStream(tmp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1, FileOptions.None))
+            {
+                fs.Write(data);
+                if (_durable) fs.Flush(flushToDisk: true);
+            }
+            File.Move(tmp, path, overwrite: true);
+        }
+        catch
+        {
+            try { File.Delete(tmp); } catch (IOException) { }
+            throw;
+        }
+        _trustedOnDisk.TryAdd(key, 0);
+        Interlocked.Increment(ref _diskWrites);
+        return dir;
+    }
+
+    /// <summary>Makes the renames into <paramref name="directory"/> durable.</summary>
+    public void SyncDirectory(string directory)
+    {
+        if (!_durable) return;
+        FsyncDirectory(directory);
+    }
+
+    /// <summary>Forgets which disk chunks were checked, as a restarted process would (tests of the restart path).</summary>
+    internal void ForgetTrust() => _trustedOnDisk.Clear();
+
+    internal string PathOf(string key)
+    {
+        // "sha256:HEX" -> chunks/HE/HEX ; any other key (layer-local, unverified) -> chunks/x/sha256(key)
+        if (key.StartsWith("sha256:", StringComparison.Ordinal) && key.Length == 71)
+            return Path.Combine(_chunkDir!, key.Substring(7, 2), key.Substring(7));
+        var h = Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(key)));
+        return Path.Combine(_chunkDir!, "x", h);
+    }
+
+    public void Dispose() => _memory.Dispose();
+
+    internal static void FsyncDirectory(string directory)
+    {
+        var fd = open(directory, 0x10000 /* O_RDONLY|O_DIRECTORY */);
+        if (fd < 0) return;
+        try { fsync(fd); } finally { close(fd); }
+    }
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int open([MarshalAs(UnmanagedType.LPUTF8Str)] string path, int flags);
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int fsync(int fd);
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int close(int fd);
+}
+
+/// <summary>sha256 digests in the "sha256:HEX" form the TOC uses.</summary>
+internal static class Digests
+{
+    public static bool Matches(ReadOnlySpan<byte> data, string digest)
+    {
+        if (!digest.StartsWith("sha256:", StringComparison.Ordinal) || digest.Length != 71) return false;
+        Span<byte> hash = stackalloc byte[32];
+        SHA256.HashData(data, hash);
+        Span<byte> want = stackalloc byte[32];
+        if (Convert.FromHexString(digest.AsSpan(7), want, out _, out var written) != System.Buffers.OperationStatus.Done || written != 32)
+            return false;
+        return CryptographicOperations.FixedTimeEquals(hash, want);
+    }
+
+    public static string Of(ReadOnlySpan<byte> data) => "sha256:" + Convert.ToHexStringLower(SHA256.HashData(data));
+}

@@ -1,0 +1,393 @@
+using System.Buffers;
+using System.Collections.Concurrent;
+
+namespace Stargz.Layer;
+
+/// <summary>
+/// The verified reader of one layer blob: maps a file range to its chunks, serves cached ones from
+/// <see cref="ChunkCache"/>, and fetches missing ones from the blob — neighbours merged into one range, scattered
+/// ones sent as one multi-range list — then decompresses, checks each chunk's digest and caches it. One fetch per
+/// chunk however many callers (single-flight per cache key); a fetch runs detached from the caller that started it,
+/// so an interrupted reader cancels only its own wait; every fetch is bounded by the fetching timeout and fails
+/// with <see cref="LayerIOException"/> (EIO), after which the next read tries the registry again.
+/// </summary>
+internal sealed class ChunkFetcher : IDisposable
+{
+    private const long MaxMergedRange = 16L << 20;
+
+    private readonly IRangeFetcher _blob;
+    private readonly IChunkDecoder _decoder;
+    private readonly ChunkCache _cache;
+    private readonly FetchGate _gate;
+    private readonly LayerStats _stats;
+    private readonly LayerOptions _options;
+    private readonly string _layerDigest;
+    private readonly bool _verify;
+    private readonly CancellationTokenSource _lifetime = new();
+    private readonly ConcurrentDictionary<string, TaskCompletionSource<byte[]>> _inflight = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<Task, byte> _loads = new();
+
+    public ChunkFetcher(IRangeFetcher blob, IChunkDecoder decoder, ChunkCache cache, FetchGate gate, LayerStats stats,
+        string layerDigest, LayerOptions options)
+    {
+        _blob = blob;
+        _decoder = decoder;
+        _cache = cache;
+        _gate = gate;
+        _stats = stats;
+        _options = options;
+        _layerDigest = layerDigest;
+        _verify = !options.DisableVerification;
+        Interlocked.Exchange(ref _stats.BlobSize, blob.Size);
+    }
+
+    public LayerStats Stats => _stats;
+
+    /// <summary>Cancelled when the layer is unmounted: stops prefetch, background fetch and fetches in flight.</summary>
+    public CancellationToken Lifetime => _lifetime.Token;
+
+    internal int InflightCount => _inflight.Count;
+
+    internal string KeyOf(in LayerChunk c) =>
+        _verify && c.Digest != null ? c.Digest : $"{_layerDigest}@{c.BlobOffset}+{c.InnerOffset}+{c.Size}";
+
+    /// <summary>
+    /// Reads up to <paramref name="destination"/>.Length bytes of a file at <paramref name="offset"/>. Returns the
+    /// bytes read (0 at or past the end). Every byte returned was verified against its chunk digest.
+    /// </summary>
+    public ValueTask<int> ReadAsync(LayerChunk[] chunks, long fileSize, long offset, Memory<byte> destination, CancellationToken cancellationToken)
+    {
+        if (offset >= fileSize || destination.IsEmpty) return new ValueTask<int>(0);
+        var len = (int)Math.Min(destination.Length, fileSize - offset);
+        var first = FindChunk(chunks, offset);
+        var last = FindChunk(chunks, offset + len - 1);
+        if (first < 0 || last < 0)
+            return ValueTask.FromException<int>(new LayerIOException($"no chunk covers offset {offset} of a {fileSize}-byte file"));
+        // Fast path: every chunk in memory, no allocation, no await.
+        var span = destination.Span;
+        for (var i = first; i <= last; i++)
+        {
+            ref readonly var c = ref chunks[i];
+            if (_verify && c.Digest == null) break;
+            if (!_cache.TryGetMemory(KeyOf(c), out var data)) return ReadSlowAsync(chunks, i, last, offset, len, destination, cancellationToken);
+            Interlocked.Increment(ref _stats.CacheHits);
+            CopyOut(c, data, offset, len, span);
+        }
+        if (first <= last && _verify && chunks[first].Digest == null)
+            return ReadSlowAsync(chunks, first, last, offset, len, destination, cancellationToken);
+        return new ValueTask<int>(len);
+    }
+
+    private async ValueTask<int> ReadSlowAsync(LayerChunk[] chunks, int from, int last, long offset, int len, Memory<byte> destination, CancellationToken ct)
+    {
+        var count = last - from + 1;
+        var results = ArrayPool<byte[]?>.Shared.Rent(count);
+        try
+        {
+            await AcquireAsync(chunks, from, count, results, FetchPriority.OnDemand, ct).ConfigureAwait(false);
+            var span = destination.Span;
+            for (var i = 0; i < count; i++)
+                CopyOut(chunks[from + i], results[i]!, offset, len, span);
+            return len;
+        }
+        finally
+        {
+            Array.Clear(results, 0, count);
+            ArrayPool<byte[]?>.Shared.Return(results);
+        }
+    }
+
+    private static void CopyOut(in LayerChunk c, byte[] data, long offset, int len, Span<byte> destination)
+    {
+        var start = Math.Max(offset, c.FileOffset);
+        var end = Math.Min(c.FileEnd, offset + len);
+        if (end <= start) return;
+        data.AsSpan((int)(start - c.FileOffset), (int)(end - start)).CopyTo(destination.Slice((int)(start - offset)));
+    }
+
+    /// <summary>Index of the chunk holding file offset <paramref name="offset"/>, or -1.</summary>
+    internal static int FindChunk(LayerChunk[] chunks, long offset)
+    {
+        int lo = 0, hi = chunks.Length - 1, found = -1;
+        while (lo <= hi)
+        {
+            var mid = (lo + hi) >>> 1;
+            if (chunks[mid].FileOffset <= offset) { found = mid; lo = mid + 1; }
+            else hi = mid - 1;
+        }
+        if (found >= 0 && offset >= chunks[found].FileEnd) return -1;
+        return found;
+    }
+
+    /// <summary>
+    /// Makes chunks [start, start+count) of <paramref name="chunks"/> available; fills <paramref name="results"/>
+    /// (when given) with their verified data. Cached chunks are taken as they are; chunks another caller is
+    /// fetching are awaited; the rest are claimed and fetched together by one detached task.
+    /// </summary>
+    public async Task AcquireAsync(LayerChunk[] chunks, int start, int count, byte[]?[]? results, FetchPriority priority, CancellationToken ct)
+    {
+        List<(int Index, Task<byte[]> Task)>? waits = null;
+        List<Pending>? claimed = null;
+        for (var i = 0; i < count; i++)
+        {
+            ref readonly var c = ref chunks[start + i];
+            if (_verify && c.Digest == null)
+                throw new LayerIOException($"chunk at blob offset {c.BlobOffset} has no digest and verification is on");
+            var key = KeyOf(c);
+            if (_cache.TryGetMemory(key, out var data))
+            {
+                Interlocked.Increment(ref _stats.CacheHits);
+                if (results != null) results[i] = data;
+                continue;
+            }
+            while (true)
+            {
+                if (_inflight.TryGetValue(key, out var running))
+                {
+                    (waits ??= []).Add((i, running.Task));
+                    break;
+                }
+                var tcs = new TaskCompletionSource<byte[]>(TaskCreationOptions.RunContinuationsAsynchronously);
+                if (_inflight.TryAdd(key, tcs))
+                {
+                    (claimed ??= []).Add(new Pending(c, key, tcs));
+                    (waits ??= []).Add((i, tcs.Task));
+                    break;
+                }
+            }
+        }
+        if (claimed != null)
+        {
+            if (_lifetime.IsCancellationRequested)
+            {
+                foreach (var p in claimed) Fail(p, new LayerIOException("layer is unmounted"));
+            }
+            else
+            {
+                // Detached: the caller's cancellation (FUSE INTERRUPT) must not fail the other waiters.
+                var load = Task.Run(() => LoadAsync(claimed, priority), CancellationToken.None);
+                _loads.TryAdd(load, 0);
+                _ = load.ContinueWith(static (t, s) => ((ConcurrentDictionary<Task, byte>)s!).TryRemove(t, out _), _loads,
+                    CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+            }
+        }
+        if (waits == null) return;
+        foreach (var (index, task) in waits)
+        {
+            var data = await task.WaitAsync(ct).ConfigureAwait(false);
+            if (results != null) results[index] = data;
+        }
+    }
+
+    private sealed record Pending(LayerChunk Chunk, string Key, TaskCompletionSource<byte[]> Completion);
+
+    private async Task LoadAsync(List<Pending> claimed, FetchPriority priority)
+    {
+        List<Pending>? toFetch = null;
+        foreach (var p in claimed)
+        {
+            byte[]? data = null;
+            try
+            {
+                data = await _cache.TryGetAsync(p.Key, _verify ? p.Chunk.Digest : null, p.Chunk.Size,
+                    keepInMemory: priority != FetchPriority.Background, _lifetime.Token).ConfigureAwait(false);
+            }
+            catch (IOException) { }
+            catch (UnauthorizedAccessException) { }
+            catch (OperationCanceledException) { }
+            if (data != null)
+            {
+                Interlocked.Increment(ref _stats.CacheHits);
+                p.Completion.TrySetResult(data);
+                _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
+            }
+            else
+            {
+                (toFetch ??= []).Add(p);
+            }
+        }
+        if (toFetch != null)
+        {
+            Interlocked.Add(ref _stats.CacheMisses, toFetch.Count);
+            await FetchAsync(toFetch, priority).ConfigureAwait(false);
+        }
+    }
+
+    private async Task FetchAsync(List<Pending> pending, FetchPriority priority)
+    {
+        pending.Sort(static (a, b) =>
+        {
+            var r = a.Chunk.BlobOffset.CompareTo(b.Chunk.BlobOffset);
+            return r != 0 ? r : a.Chunk.InnerOffset.CompareTo(b.Chunk.InnerOffset);
+        });
+        // Merge neighbours (and chunks sharing one compressed member) into ranges.
+        var groups = new List<(long Offset, long End, int First, int Last)>();
+        for (var i = 0; i < pending.Count; i++)
+        {
+            var c = pending[i].Chunk;
+            if (groups.Count > 0)
+            {
+                var g = groups[^1];
+                if (c.BlobOffset <= g.End + _options.MergeGapBytes && Math.Max(g.End, c.BlobEnd) - g.Offset <= MaxMergedRange)
+                {
+                    groups[^1] = (g.Offset, Math.Max(g.End, c.BlobEnd), g.First, i);
+                    continue;
+                }
+            }
+            groups.Add((c.BlobOffset, c.BlobEnd, i, i));
+        }
+        var buffers = new byte[groups.Count][];
+        var ranges = new FetchRange[groups.Count];
+        long total = 0;
+        for (var g = 0; g < groups.Count; g++)
+        {
+            var len = (int)(groups[g].End - groups[g].Offset);
+            buffers[g] = ArrayPool<byte>.Shared.Rent(len);
+            ranges[g] = new FetchRange(groups[g].Offset, buffers[g].AsMemory(0, len));
+            total += len;
+        }
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_lifetime.Token);
+        timeout.CancelAfter(_options.FetchingTimeout);
+        List<Pending>? done = null;
+        List<byte[]>? doneData = null;
+        try
+        {
+            await _gate.EnterAsync(priority, timeout.Token).ConfigureAwait(false);
+            try
+            {
+                Interlocked.Increment(ref _stats.FetchCalls);
+                Interlocked.Add(ref _stats.RangeRequests, groups.Count);
+                await _blob.FetchAsync(ranges, timeout.Token).ConfigureAwait(false);
+                Interlocked.Add(ref _stats.FetchedBytes, total);
+            }
+            finally
+            {
+                _gate.Exit(priority);
+            }
+            var keepInMemory = priority != FetchPriority.Background || _options.CacheDirectory == null;
+            for (var g = 0; g < groups.Count; g++)
+            {
+                var (offset, _, firstIdx, lastIdx) = groups[g];
+                for (var i = firstIdx; i <= lastIdx; i++)
+                {
+                    var p = pending[i];
+                    var c = p.Chunk;
+                    try
+                    {
+                        var data = GC.AllocateUninitializedArray<byte>((int)c.Size);
+                        _decoder.Decode(buffers[g].AsSpan((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
+                        if (_verify && !Digests.Matches(data, c.Digest!))
+                            throw new LayerIOException($"chunk at blob offset {c.BlobOffset} does not match its digest {c.Digest}");
+                        if (keepInMemory) _cache.AddMemory(p.Key, data);
+                        Interlocked.Increment(ref _stats.ChunksFetched);
+                        p.Completion.TrySetResult(data);
+                        (done ??= []).Add(p);
+                        (doneData ??= []).Add(data);
+                    }
+                    catch (Exception e)
+                    {
+                        Fail(p, e as LayerIOException ?? new LayerIOException($"chunk at blob offset {c.BlobOffset} cannot be decoded: {e.Message}", e));
+                    }
+                }
+            }
+        }
+        catch (OperationCanceledException) when (_lifetime.IsCancellationRequested)
+        {
+            FailAll(pending, () => new LayerIOException("layer is unmounted"));
+        }
+        catch (OperationCanceledException)
+        {
+            FailAll(pending, () => new LayerIOException($"registry did not deliver the chunk within {_options.FetchingTimeout.TotalSeconds:0.#} s"));
+        }
+        catch (Exception e)
+        {
+            FailAll(pending, () => new LayerIOException($"fetching chunks failed: {e.Message}", e));
+        }
+        finally
+        {
+            foreach (var b in buffers) ArrayPool<byte>.Shared.Return(b);
+        }
+        if (done == null) return;
+        // Waiters already have their data; now make it durable, then let later callers find it in the cache.
+        HashSet<string>? dirs = null;
+        for (var i = 0; i < done.Count; i++)
+        {
+            try
+            {
+                var dir = _cache.WriteDisk(done[i].Key, doneData![i]);
+                if (dir != null) (dirs ??= []).Add(dir);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                _stats.RecordError($"cache write failed: {e.Message}");
+            }
+        }
+        if (dirs != null) foreach (var d in dirs) _cache.SyncDirectory(d);
+        foreach (var p in done) _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
+    }
+
+    private void FailAll(List<Pending> pending, Func<LayerIOException> error)
+    {
+        var e = error();
+        foreach (var p in pending)
+            if (!p.Completion.Task.IsCompleted) Fail(p, e);
+    }
+
+    private void Fail(Pending p, Exception e)
+    {
+        _stats.RecordError(e.Message);
+        p.Completion.TrySetException(e);
+        _ = p.Completion.Task.Exception; // observed: a waiter may have gone away (interrupt)
+        _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
+    }
+
+    /// <summary>
+    /// Fetches every chunk of <paramref name="byBlobOffset"/> (sorted by blob offset) that is not cached yet, in
+    /// batches of about <c>prefetch_chunk_size</c> blob bytes, one batch at a time. Returns the blob bytes covered.
+    /// </summary>
+    internal async Task<long> FetchAllAsync(LayerChunk[] byBlobOffset, int start, int end, FetchPriority priority,
+        Action<long>? progress, CancellationToken ct)
+    {
+        var batchBytes = _options.EffectivePrefetchChunkSize;
+        long covered = 0;
+        var i = start;
+        while (i < end)
+        {
+            ct.ThrowIfCancellationRequested();
+            var first = i;
+            var batchStart = byBlobOffset[i].BlobOffset;
+            while (i < end && (i == first || byBlobOffset[i].BlobEnd - batchStart <= batchBytes)) i++;
+            var bytes = byBlobOffset[i - 1].BlobEnd - batchStart;
+            var anyMissing = false;
+            for (var k = first; k < i && !anyMissing; k++)
+                anyMissing = !_cache.Contains(KeyOf(byBlobOffset[k]));
+            if (anyMissing)
+                await AcquireAsync(byBlobOffset, first, i - first, null, priority, ct).ConfigureAwait(false);
+            covered += bytes;
+            progress?.Invoke(bytes);
+        }
+        return covered;
+    }
+
+    /// <summary>
+    /// Waits until every fetch started so far has finished, including its disk writes (waiters get their data
+    /// before the chunk is written; this is for unmount and tests that restart the cache).
+    /// </summary>
+    public async Task DrainAsync()
+    {
+        while (!_loads.IsEmpty)
+        {
+            foreach (var t in _loads.Keys)
+            {
+                try { await t.ConfigureAwait(false); } catch (Exception) { /* the waiters saw it */ }
+                _loads.TryRemove(t, out _);
+            }
+        }
+    }
+
+    public void Dispose()
+    {
+        _lifetime.Cancel();
+        _lifetime.Dispose();
+    }
+}

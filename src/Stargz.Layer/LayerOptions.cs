@@ -1,0 +1,55 @@
+namespace Stargz.Layer;
+
+/// <summary>
+/// Settings of the lazy layer. Property names follow the reference daemon's config.toml keys (in comments) so the
+/// daemon maps its config onto this type one to one. Zero / null means "the reference default".
+/// </summary>
+public sealed record LayerOptions
+{
+    /// <summary>Where chunks are cached on disk (the daemon's root + "/stargz/chunks"); null = memory only.</summary>
+    public string? CacheDirectory { get; init; }
+
+    /// <summary>Upper bound of decompressed chunk bytes kept in memory.</summary>
+    public long MemoryCacheBytes { get; init; } = 256L << 20;
+
+    /// <summary><c>noprefetch</c>.</summary>
+    public bool NoPrefetch { get; init; }
+
+    /// <summary><c>no_background_fetch</c>.</summary>
+    public bool NoBackgroundFetch { get; init; }
+
+    /// <summary><c>prefetch_size</c>: bytes of the blob prefetched when the layer has no landmark (0 = none).</summary>
+    public long PrefetchSize { get; init; }
+
+    /// <summary><c>prefetch_timeout_sec</c> (reference default 10).</summary>
+    public TimeSpan PrefetchTimeout { get; init; } = TimeSpan.FromSeconds(10);
+
+    /// <summary><c>allow_no_verification</c>: mount layers whose TOC digest is not in the labels.</summary>
+    public bool AllowNoVerification { get; init; }
+
+    /// <summary><c>disable_verification</c>: do not check chunk digests (operator's explicit choice).</summary>
+    public bool DisableVerification { get; init; }
+
+    /// <summary><c>max_concurrency</c>: registry fetches in flight at once, all layers together (reference default 2).</summary>
+    public int MaxConcurrency { get; init; } = 2;
+
+    /// <summary><c>[blob] fetching_timeout_sec</c> (reference default 300): an uncached read fails with EIO after it.</summary>
+    public TimeSpan FetchingTimeout { get; init; } = TimeSpan.FromSeconds(300);
+
+    /// <summary><c>[blob] prefetch_chunk_size</c>: bytes per range request of prefetch and background fetch (0 = 4 MiB).</summary>
+    public long PrefetchChunkSize { get; init; }
+
+    /// <summary>Missing chunks closer than this in the blob are fetched in one range (the gap bytes are discarded).</summary>
+    public long MergeGapBytes { get; init; } = 32 << 10;
+
+    /// <summary>Pause between two background-fetch batches, so on-demand reads always find the network free.</summary>
+    public TimeSpan BackgroundPause { get; init; } = TimeSpan.FromMilliseconds(50);
+
+    /// <summary>Use <c>user.overlay.opaque</c> (overlay mounted with userxattr) instead of <c>trusted.overlay.opaque</c>.</summary>
+    public bool UserXattrOpaque { get; init; }
+
+    /// <summary>Write each chunk to disk with fsync + rename + dir fsync (crash safe). Off only for throwaway caches.</summary>
+    public bool DurableDiskWrites { get; init; } = true;
+
+    internal long EffectivePrefetchChunkSize => PrefetchChunkSize > 0 ? PrefetchChunkSize : 4L << 20;
+}

@@ -1,0 +1,240 @@
+using System.Diagnostics;
+using Stargz.Layer;
+using Stargz.TestSupport;
+
+namespace Stargz.Layer.Tests.Unit;
+
+public class ChunkFetcherTests
+{
+    private static CancellationToken Ct => TestContext.Current.CancellationToken;
+
+    private static (byte[] Blob, BlobBuilder B) TwoFiles()
+    {
+        var b = new BlobBuilder()
+            .AddFile("big", BlobBuilder.Random(300_000, 1), 50_000)
+            .AddFile("small", BlobBuilder.Random(1_000, 2), 50_000)
+            .AddFile("packed", BlobBuilder.Random(120_000, 3), 40_000);
+        b.AddFileOneMember("inner", BlobBuilder.Random(100_000, 4), 30_000);
+        return (b.Build(), b);
+    }
+
+    [Fact]
+    public async Task EveryReadReturnsTheOriginalBytesWhateverTheOffsetAndLength()
+    {
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob);
+        var rnd = new Random(7);
+        foreach (var (name, (content, chunks)) in b.Files)
+        {
+            Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 4096 + rnd.Next(70_000), Ct));
+            for (var i = 0; i < 30; i++)
+            {
+                var off = rnd.Next(content.Length);
+                var buf = new byte[rnd.Next(1, 90_000)];
+                var n = await rig.Fetcher.ReadAsync(chunks, content.Length, off, buf, Ct);
+                Assert.Equal(Math.Min(buf.Length, content.Length - off), n);
+                Assert.True(content.AsSpan(off, n).SequenceEqual(buf.AsSpan(0, n)), $"{name} @{off}+{n}");
+            }
+            Assert.Equal(0, await rig.Fetcher.ReadAsync(chunks, content.Length, content.Length, new byte[10], Ct));
+        }
+        // Each chunk came from the registry once; everything after was a cache hit.
+        var total = 0;
+        foreach (var f in b.Files.Values) total += f.Chunks.Length;
+        Assert.Equal(total, rig.Stats.Snapshot().ChunksFetched);
+        Assert.True(rig.Stats.Snapshot().CacheHits > 0);
+    }
+
+    [Fact]
+    public async Task AReadSpanningNeighbouringChunksIsOneRangeRequest()
+    {
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob);
+        var (content, chunks) = b.Files["big"];
+        var buf = new byte[170_000]; // chunks 0..3 of 50 000 bytes, from offset 10 000
+        Assert.Equal(buf.Length, await rig.Fetcher.ReadAsync(chunks, content.Length, 10_000, buf, Ct));
+        Assert.True(content.AsSpan(10_000, buf.Length).SequenceEqual(buf));
+        Assert.Equal(1, rig.Blob.Calls);
+        Assert.Equal(1, rig.Blob.Ranges);
+        Assert.Equal(4, rig.Stats.Snapshot().ChunksFetched);
+        Assert.Equal(chunks[3].BlobEnd - chunks[0].BlobOffset, rig.Stats.Snapshot().FetchedBytes);
+    }
+
+    [Fact]
+    public async Task ScatteredMissingChunksGoAsOneMultiRangeRequest()
+    {
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob, new LayerOptions { MergeGapBytes = 0 });
+        var (content, chunks) = b.Files["big"];
+        // Cache chunk 1 and 3 first, then read chunks 0..4: the missing 0, 2, 4 are not neighbours.
+        await rig.Fetcher.ReadAsync(chunks, content.Length, 50_000, new byte[10], Ct);
+        await rig.Fetcher.ReadAsync(chunks, content.Length, 150_000, new byte[10], Ct);
+        Assert.Equal(2, rig.Blob.Calls);
+        var buf = new byte[250_000];
+        Assert.Equal(buf.Length, await rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct));
+        Assert.True(content.AsSpan(0, buf.Length).SequenceEqual(buf));
+        Assert.Equal(3, rig.Blob.Calls);
+        Assert.Equal(2 + 3, rig.Blob.Ranges);
+    }
+
+    [Fact]
+    public async Task ChunksSharingOneCompressedMemberAreFetchedOnce()
+    {
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob);
+        var (content, chunks) = b.Files["inner"];
+        Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, content.Length, Ct));
+        Assert.Equal(1, rig.Blob.Calls);
+        Assert.Equal(1, rig.Blob.Ranges);
+        Assert.Equal(chunks[0].BlobLength, rig.Stats.Snapshot().FetchedBytes);
+    }
+
+    [Fact]
+    public async Task FiftyParallelReadersOfOneChunkCauseOneFetch()
+    {
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob, new LayerOptions { MaxConcurrency = 8 });
+        rig.Blob.GoDown(); // hold the first fetch until every reader has arrived
+        var (content, chunks) = b.Files["big"];
+        var readers = new Task<byte[]>[50];
+        for (var i = 0; i < readers.Length; i++)
+        {
+            var off = 100_000 + i * 7;
+            readers[i] = Task.Run(async () =>
+            {
+                var buf = new byte[1000];
+                var n = await rig.Fetcher.ReadAsync(chunks, content.Length, off, buf, Ct);
+                return buf.AsSpan(0, n).ToArray();
+            }, Ct);
+        }
+        while (rig.Blob.Calls == 0) await Task.Delay(5, Ct);
+        await Task.Delay(100, Ct);
+        rig.Blob.ComeBack();
+        var results = await Task.WhenAll(readers);
+        for (var i = 0; i < results.Length; i++)
+            Assert.True(content.AsSpan(100_000 + i * 7, 1000).SequenceEqual(results[i]));
+        Assert.Equal(1, rig.Blob.Calls);
+        Assert.Equal(1, rig.Stats.Snapshot().ChunksFetched);
+    }
+
+    [Fact]
+    public async Task ARegistryServingOtherBytesGivesEioAndNeverTheWrongBytes()
+    {
+        // Two chunks with equal compressed length but different content: swap one for the other in the blob,
+        // so the member decompresses fine and only the digest can tell.
+        var a = new byte[40_000];
+        var z = new byte[40_000];
+        Array.Fill(a, (byte)'a');
+        Array.Fill(z, (byte)'z');
+        var b = new BlobBuilder { Stored = true }.AddFile("a", a, 40_000).AddFile("z", z, 40_000);
+        var blob = b.Build();
+        var ca = b.Files["a"].Chunks[0];
+        var cz = b.Files["z"].Chunks[0];
+        Assert.Equal(ca.BlobLength, cz.BlobLength);
+        Array.Copy(blob, cz.BlobOffset, blob, ca.BlobOffset, ca.BlobLength);
+        using var rig = new FetcherRig(blob);
+        var buf = new byte[100];
+        var e = await Assert.ThrowsAsync<LayerIOException>(() => rig.Fetcher.ReadAsync(b.Files["a"].Chunks, a.Length, 0, buf, Ct).AsTask());
+        Assert.Contains("digest", e.Message);
+        Assert.All(buf, x => Assert.Equal(0, x));
+        Assert.Equal(0, rig.Stats.Snapshot().ChunksFetched);
+        Assert.Equal(1, rig.Stats.Snapshot().Errors);
+        // Nothing was cached: the next read asks again (and fails again).
+        await Assert.ThrowsAsync<LayerIOException>(() => rig.Fetcher.ReadAsync(b.Files["a"].Chunks, a.Length, 0, buf, Ct).AsTask());
+        Assert.Equal(2, rig.Blob.Calls);
+        // The untouched file still reads fine.
+        Assert.Equal(z, await rig.ReadAllAsync(b.Files["z"].Chunks, z.Length, z.Length, Ct));
+    }
+
+    [Fact]
+    public async Task AFlippedCompressedByteGivesEio()
+    {
+        var (blob, b) = TwoFiles();
+        var (content, chunks) = b.Files["small"];
+        blob[chunks[0].BlobOffset + chunks[0].BlobLength / 2] ^= 0x40;
+        using var rig = new FetcherRig(blob);
+        var buf = new byte[content.Length];
+        await Assert.ThrowsAsync<LayerIOException>(() => rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct).AsTask());
+        Assert.False(content.AsSpan().SequenceEqual(buf));
+    }
+
+    [Fact]
+    public async Task AnUnreachableRegistryGivesEioWithinTheTimeoutAndTheLayerRecovers()
+    {
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob, new LayerOptions { FetchingTimeout = TimeSpan.FromMilliseconds(500) });
+        var (content, chunks) = b.Files["big"];
+        var buf = new byte[1000];
+        await rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct); // chunk 0 cached
+        rig.Blob.GoDown();
+        var sw = Stopwatch.StartNew();
+        var e = await Assert.ThrowsAsync<LayerIOException>(() => rig.Fetcher.ReadAsync(chunks, content.Length, 200_000, buf, Ct).AsTask());
+        sw.Stop();
+        Assert.Contains("within", e.Message);
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), $"EIO only after {sw.Elapsed}");
+        // Cached data keeps working while the registry is away.
+        Assert.Equal(1000, await rig.Fetcher.ReadAsync(chunks, content.Length, 10, buf, Ct));
+        Assert.True(content.AsSpan(10, 1000).SequenceEqual(buf));
+        rig.Blob.ComeBack();
+        Assert.Equal(1000, await rig.Fetcher.ReadAsync(chunks, content.Length, 200_000, buf, Ct));
+        Assert.True(content.AsSpan(200_000, 1000).SequenceEqual(buf));
+        Assert.Equal(0, rig.Fetcher.InflightCount);
+    }
+
+    [Fact]
+    public async Task AnInterruptedReaderDoesNotFailTheOthersWaitingForTheSameChunk()
+    {
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob);
+        var (content, chunks) = b.Files["big"];
+        rig.Blob.GoDown();
+        using var interrupt = CancellationTokenSource.CreateLinkedTokenSource(Ct);
+        var first = rig.Fetcher.ReadAsync(chunks, content.Length, 0, new byte[100], interrupt.Token).AsTask();
+        while (rig.Blob.Calls == 0) await Task.Delay(5, Ct);
+        var buf = new byte[100];
+        var second = rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct).AsTask();
+        interrupt.Cancel();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => first);
+        rig.Blob.ComeBack();
+        Assert.Equal(100, await second);
+        Assert.True(content.AsSpan(0, 100).SequenceEqual(buf));
+        Assert.Equal(1, rig.Blob.Calls);
+    }
+
+    [Fact]
+    public async Task ReadsAfterUnmountFailWithEio()
+    {
+        var (blob, b) = TwoFiles();
+        var rig = new FetcherRig(blob);
+        var (content, chunks) = b.Files["big"];
+        rig.Blob.GoDown();
+        var pending = rig.Fetcher.ReadAsync(chunks, content.Length, 0, new byte[100], Ct).AsTask();
+        while (rig.Blob.Calls == 0) await Task.Delay(5, Ct);
+        rig.Dispose();
+        await Assert.ThrowsAsync<LayerIOException>(() => pending);
+    }
+
+    [Fact]
+    public async Task BackgroundFetchGivesWayToOnDemandReads()
+    {
+        var b = new BlobBuilder();
+        for (var i = 0; i < 40; i++) b.AddFile("f" + i, BlobBuilder.Random(20_000, 100 + i), 20_000);
+        var blob = b.Build();
+        var all = new List<LayerChunk>();
+        foreach (var f in b.Files.Values) all.AddRange(f.Chunks);
+        all.Sort((x, y) => x.BlobOffset.CompareTo(y.BlobOffset));
+        var arr = all.ToArray();
+        using var rig = new FetcherRig(blob, new LayerOptions { MaxConcurrency = 1, PrefetchChunkSize = 30_000 });
+        rig.Blob.Delay = TimeSpan.FromMilliseconds(30);
+        var background = rig.Fetcher.FetchAllAsync(arr, 0, arr.Length, FetchPriority.Background, null, Ct);
+        while (rig.Blob.Calls < 2) await Task.Delay(5, Ct);
+        var (content, chunks) = b.Files["f39"];
+        var buf = new byte[content.Length];
+        Assert.Equal(buf.Length, await rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct));
+        Assert.Equal(content, buf);
+        Assert.False(background.IsCompleted, "the on-demand read waited for the whole background fetch");
+        await background;
+        // The last file was fetched exactly once: by the reader, not again by the background fetch.
+        var last = chunks[0].BlobOffset;
+        Assert.Single(rig.Blob.Log, l => l.Offset <= last && last < l.Offset + l.Length);
+    }
+}

@@ -1,0 +1,180 @@
+using System.IO.Compression;
+using Stargz.Layer;
+
+namespace Stargz.Layer.Tests.Unit;
+
+/// <summary>An in-memory layer blob that counts what is asked of it and can be slowed, cut off or tampered with.</summary>
+internal sealed class MemoryBlob : IRangeFetcher
+{
+    private readonly object _lock = new();
+    private TaskCompletionSource _open = NewOpen(true);
+    public byte[] Bytes;
+    public int Calls;
+    public int Ranges;
+    public readonly List<(long Offset, int Length)> Log = [];
+    public TimeSpan Delay;
+
+    public MemoryBlob(byte[] bytes) => Bytes = bytes;
+
+    public long Size => Bytes.Length;
+
+    private static TaskCompletionSource NewOpen(bool open)
+    {
+        var t = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        if (open) t.SetResult();
+        return t;
+    }
+
+    /// <summary>While down, every request hangs until its caller gives up (a registry that stopped answering).</summary>
+    public void GoDown() { lock (_lock) if (_open.Task.IsCompleted) _open = NewOpen(false); }
+
+    public void ComeBack() { lock (_lock) _open.TrySetResult(); }
+
+    public async Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken)
+    {
+        Interlocked.Increment(ref Calls);
+        Interlocked.Add(ref Ranges, ranges.Count);
+        lock (_lock) foreach (var r in ranges) Log.Add((r.Offset, r.Destination.Length));
+        Task open;
+        lock (_lock) open = _open.Task;
+        await open.WaitAsync(cancellationToken);
+        if (Delay > TimeSpan.Zero) await Task.Delay(Delay, cancellationToken);
+        foreach (var r in ranges)
+        {
+            if (r.Offset + r.Destination.Length > Bytes.Length) throw new IOException("range beyond blob");
+            Bytes.AsMemory((int)r.Offset, r.Destination.Length).CopyTo(r.Destination);
+        }
+    }
+}
+
+internal sealed class GzipTestDecoder : IChunkDecoder
+{
+    public void Decode(ReadOnlySpan<byte> compressed, long innerOffset, Span<byte> destination)
+    {
+        using var gz = new GZipStream(new MemoryStream(compressed.ToArray()), CompressionMode.Decompress);
+        var skip = new byte[4096];
+        while (innerOffset > 0)
+        {
+            var n = gz.Read(skip, 0, (int)Math.Min(skip.Length, innerOffset));
+            if (n == 0) throw new InvalidDataException("member shorter than inner offset");
+            innerOffset -= n;
+        }
+        gz.ReadExactly(destination);
+    }
+}
+
+/// <summary>Builds a blob of gzip members, one per chunk, the way eStargz lays out regular files.</summary>
+internal sealed class BlobBuilder
+{
+    private readonly MemoryStream _blob = new();
+    public readonly Dictionary<string, (byte[] Content, LayerChunk[] Chunks)> Files = new();
+
+    public BlobBuilder()
+    {
+        // Something before the first file, as a tar header would be.
+        WriteMember(new byte[512]);
+    }
+
+    /// <summary>Stored (uncompressed) deflate blocks: member length depends on data length only.</summary>
+    public bool Stored;
+
+    public byte[] Gzip(ReadOnlySpan<byte> data)
+    {
+        var ms = new MemoryStream();
+        using (var gz = new GZipStream(ms, Stored ? CompressionLevel.NoCompression : CompressionLevel.Optimal, leaveOpen: true)) gz.Write(data);
+        return ms.ToArray();
+    }
+
+    private long WriteMember(ReadOnlySpan<byte> data)
+    {
+        var off = _blob.Position;
+        _blob.Write(Gzip(data));
+        return off;
+    }
+
+    public BlobBuilder AddFile(string name, byte[] content, int chunkSize)
+    {
+        var chunks = new List<LayerChunk>();
+        for (long o = 0; o < content.Length; o += chunkSize)
+        {
+            var len = (int)Math.Min(chunkSize, content.Length - o);
+            var part = content.AsSpan((int)o, len);
+            var off = WriteMember(part);
+            chunks.Add(new LayerChunk(o, len, off, _blob.Position - off, 0, Digests.Of(part)));
+        }
+        Files[name] = (content, chunks.ToArray());
+        return this;
+    }
+
+    /// <summary>Two chunks in one gzip member, addressed by inner offset (newer eStargz).</summary>
+    public BlobBuilder AddFileOneMember(string name, byte[] content, int chunkSize)
+    {
+        var off = WriteMember(content);
+        var blen = _blob.Position - off;
+        var chunks = new List<LayerChunk>();
+        for (long o = 0; o < content.Length; o += chunkSize)
+        {
+            var len = (int)Math.Min(chunkSize, content.Length - o);
+            chunks.Add(new LayerChunk(o, len, off, blen, o, Digests.Of(content.AsSpan((int)o, len))));
+        }
+        Files[name] = (content, chunks.ToArray());
+        return this;
+    }
+
+    public byte[] Build()
+    {
+        WriteMember(new byte[1024]); // end-of-archive, TOC and footer would follow
+        return _blob.ToArray();
+    }
+
+    public static byte[] Random(int length, int seed)
+    {
+        var b = new byte[length];
+        new Random(seed).NextBytes(b);
+        // Half compressible so members differ in size.
+        for (var i = 0; i < b.Length; i += 2) b[i] = (byte)(i / 1000);
+        return b;
+    }
+}
+
+/// <summary>A ChunkFetcher with its blob, cache and stats, disposed together.</summary>
+internal sealed class FetcherRig : IDisposable
+{
+    public readonly MemoryBlob Blob;
+    public readonly ChunkCache Cache;
+    public readonly FetchGate Gate;
+    public readonly LayerStats Stats = new();
+    public readonly ChunkFetcher Fetcher;
+    private readonly bool _ownCache;
+
+    public FetcherRig(byte[] blob, LayerOptions? options = null, ChunkCache? cache = null, string layer = "sha256:layer")
+    {
+        options ??= new LayerOptions();
+        Blob = new MemoryBlob(blob);
+        _ownCache = cache == null;
+        Cache = cache ?? new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites);
+        Gate = new FetchGate(options.MaxConcurrency);
+        Fetcher = new ChunkFetcher(Blob, new GzipTestDecoder(), Cache, Gate, Stats, layer, options);
+    }
+
+    public async Task<byte[]> ReadAllAsync(LayerChunk[] chunks, long size, int bufferSize, CancellationToken ct)
+    {
+        var result = new byte[size];
+        long off = 0;
+        while (off < size)
+        {
+            var n = await Fetcher.ReadAsync(chunks, size, off, result.AsMemory((int)off, (int)Math.Min(bufferSize, size - off)), ct);
+            Assert.True(n > 0);
+            off += n;
+        }
+        return result;
+    }
+
+    public void Dispose()
+    {
+        Fetcher.DrainAsync().GetAwaiter().GetResult();
+        Fetcher.Dispose();
+        Gate.Dispose();
+        if (_ownCache) Cache.Dispose();
+    }
+}
