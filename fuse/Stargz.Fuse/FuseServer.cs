@@ -297,7 +297,8 @@ public sealed unsafe partial class FuseServer : IDisposable
         }
         ulong kernelFlags = init.Flags;
         if ((kernelFlags & InitFlags.InitExt) != 0) kernelFlags |= (ulong)init.Flags2 << 32;
-        ulong want = InitFlags.AsyncRead | InitFlags.BigWrites | InitFlags.DoReaddirplus | InitFlags.ReaddirplusAuto |
+        // Readdirplus always (not "auto"): listings of a layer are almost always followed by stats of every entry.
+        ulong want = InitFlags.AsyncRead | InitFlags.BigWrites | InitFlags.DoReaddirplus |
                      InitFlags.ParallelDirops | InitFlags.MaxPages | InitFlags.CacheSymlinks | InitFlags.AsyncDio |
                      InitFlags.InitExt | InitFlags.NoExportSupport;
         uint minor = Math.Min(init.Minor, OurMinor);
