@@ -256,6 +256,24 @@ public class FailureTests(SharedRegistry shared) : IClassFixture<SharedRegistry>
     }
 
     [Fact]
+    public async Task Tampered_manifest_is_rejected_by_digest()
+    {
+        var (reg, img) = await shared.GetAsync();
+        await using var proxy = await RegistryProxy.StartAsync(reg.BaseUrl, async (ctx, _) =>
+        {
+            if (ctx.Request.Method != "GET" || !ctx.Request.Path.Value!.Contains("/manifests/sha256:")) return false;
+            ctx.Response.ContentType = MediaTypes.OciManifest;
+            await ctx.Response.WriteAsync("""{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"digest":"sha256:00","size":1},"layers":[]}""");
+            return true;
+        });
+        using var client = new RegistryClient(SharedRegistry.FastRetries());
+        var e = await Assert.ThrowsAsync<DigestMismatchException>(() =>
+            client.ResolveAsync(ImageReference.Parse($"{proxy.Host}/{img.Repository}:{img.Tag}"), Platform.Parse("linux/amd64"), Ct));
+        Assert.Contains(img.AmdManifest, e.Message);
+        Assert.Contains(proxy.Host, e.Message);
+    }
+
+    [Fact]
     public async Task Stalled_server_hits_the_request_timeout()
     {
         var (reg, img) = await shared.GetAsync();

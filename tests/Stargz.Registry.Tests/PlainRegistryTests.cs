@@ -45,6 +45,45 @@ public class PlainRegistryTests(SharedRegistry shared) : IClassFixture<SharedReg
     }
 
     [Fact]
+    public async Task Docker_schema2_manifest_list_and_size_limit()
+    {
+        var (reg, img) = await shared.GetAsync();
+        using var http = new HttpClient();
+        using var fetcher = new RegistryClient();
+        var cfgBytes = await fetcher.FetchBlobBytesAsync(ImageReference.Parse($"{reg.Host}/{img.Repository}"), img.ConfigDigest, ct: Ct);
+        var manifest = System.Text.Json.JsonSerializer.SerializeToUtf8Bytes(new
+        {
+            schemaVersion = 2, mediaType = MediaTypes.DockerManifest,
+            config = new { mediaType = MediaTypes.DockerConfig, digest = img.ConfigDigest, size = cfgBytes.Length },
+            layers = img.LayerDigests.Select((d, i) => new { mediaType = "application/vnd.docker.image.rootfs.diff.tar.gzip", digest = d, size = img.Layers[i].Length }).ToArray(),
+        });
+        // The layers must exist in this repository too: push the same bytes.
+        foreach (var l in img.Layers) await LocalRegistry.PushBlobAsync(http, reg.BaseUrl, "test/docker", l, Ct);
+        await LocalRegistry.PushBlobAsync(http, reg.BaseUrl, "test/docker", cfgBytes, Ct);
+        var md = await LocalRegistry.PushManifestAsync(http, reg.BaseUrl, "test/docker", "m", manifest, MediaTypes.DockerManifest, Ct);
+        var list = System.Text.Json.JsonSerializer.SerializeToUtf8Bytes(new
+        {
+            schemaVersion = 2, mediaType = MediaTypes.DockerManifestList,
+            manifests = new[] { new { mediaType = MediaTypes.DockerManifest, digest = md, size = manifest.Length, platform = new { os = "linux", architecture = "amd64" } } },
+        });
+        var ld = await LocalRegistry.PushManifestAsync(http, reg.BaseUrl, "test/docker", "list", list, MediaTypes.DockerManifestList, Ct);
+
+        using var client = new RegistryClient();
+        var m = await client.ResolveAsync(ImageReference.Parse($"{reg.Host}/test/docker:list"), Platform.Parse("linux/amd64"), Ct);
+        Assert.Equal(md, m.Digest);
+        Assert.Equal(ld, m.IndexDigest);
+        Assert.Equal(MediaTypes.DockerManifest, m.MediaType);
+        Assert.Equal(img.LayerDigests, m.Layers.Select(l => l.Digest).ToArray());
+        Assert.Equal(manifest, m.Raw.ToArray());
+
+        var small = new RegistryHostsConfig();
+        small.Blob = small.Blob with { MaxManifestBytes = 200 };
+        using var limited = new RegistryClient(small);
+        var e = await Assert.ThrowsAsync<RegistryException>(() => limited.ResolveAsync(ImageReference.Parse($"{reg.Host}/test/docker:m"), null, Ct));
+        Assert.Contains("more than the 200", e.Message);
+    }
+
+    [Fact]
     public async Task Missing_things_raise_NotFound_with_host_and_reference()
     {
         var (reg, img) = await shared.GetAsync();
