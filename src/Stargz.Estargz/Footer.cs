@@ -18,7 +18,7 @@ public readonly record struct FooterInfo(long TocOffset, long TocLength, BlobCom
 /// <summary>
 /// Footers: eStargz (51-byte empty gzip member whose Extra field holds subfield "SG" = %016x(tocOffset) + "STARGZ"),
 /// legacy stargz (47 bytes, the same payload as the bare Extra field) and zstd:chunked (a skippable frame whose
-/// 40-byte payload is tocOffset, compressed length, uncompressed length, manifest type, "GNUlInUx", all LE).
+/// 40-byte payload is tocOffset, compressed length, uncompressed length, manifest type, "GnUlInUx", all LE).
 /// </summary>
 public static class Footer
 {
@@ -30,7 +30,7 @@ public static class Footer
     /// <summary>The most tail bytes any footer needs.</summary>
     public const int MaxFooterSize = 51;
 
-    private static ReadOnlySpan<byte> ZstdChunkedMagic => "GNUlInUx"u8;
+    private static ReadOnlySpan<byte> ZstdChunkedMagic => "GnUlInUx"u8;
     internal static ReadOnlySpan<byte> SkippableMagic => [0x50, 0x2a, 0x4d, 0x18];
     private const ulong ManifestTypeCrfs = 1;
 

@@ -22,11 +22,13 @@ public sealed class TocTree
     }
 
     /// <summary>Cleans a TOC / tar name: strips "./" and "/" decorations, collapses "//" and "."; throws
-    /// <see cref="TocValidationException"/> for absolute names, ".." components, NUL bytes.</summary>
+    /// <see cref="TocValidationException"/> for absolute names (other than the root "/", which umoci writes),
+    /// ".." components, NUL bytes.</summary>
     public static string CleanName(string name)
     {
         if (name.Contains('\0')) throw new TocValidationException("name contains a NUL byte", name);
-        if (name.StartsWith('/')) throw new TocValidationException("absolute name", name);
+        if (name.StartsWith('/') && name.AsSpan().TrimStart('/').TrimStart('.').Length != 0)
+            throw new TocValidationException("absolute name", name);
         var parts = name.Split('/', StringSplitOptions.RemoveEmptyEntries);
         int n = 0;
         for (int i = 0; i < parts.Length; i++)

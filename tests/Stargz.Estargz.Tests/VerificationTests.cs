@@ -148,7 +148,7 @@ public class FooterTests
         var f = Footer.BuildZstd(1000, 200, 5000);
         Assert.Equal(48, f.Length);
         Assert.Equal(new byte[] { 0x50, 0x2a, 0x4d, 0x18, 40, 0, 0, 0 }, f[..8]);
-        Assert.Equal("GNUlInUx"u8.ToArray(), f[^8..]);
+        Assert.Equal("GnUlInUx"u8.ToArray(), f[^8..]);
         Assert.True(Footer.TryParse(f, out var info));
         Assert.Equal(new FooterInfo(1000, 200, BlobCompression.Zstd, false, 48), info);
         Assert.Equal(992, info.PayloadEnd);
