@@ -92,9 +92,9 @@ internal sealed class AuthState
     {
         var ch = Challenge;
         if (ch is null) return (null, null);
-        var cred = await client.Credentials.GetAsync(ep.Host, ct).ConfigureAwait(false);
         if (ch.IsBasic)
         {
+            var cred = await client.Credentials.GetAsync(ep.Host, ct).ConfigureAwait(false);
             if (cred is null || !cred.HasBasic)
                 throw new UnauthorizedException($"registry {ep.Host} asks for Basic auth and no credentials are configured for it",
                     System.Net.HttpStatusCode.Unauthorized, ep.Host, scope);
@@ -104,7 +104,12 @@ internal sealed class AuthState
         if (!ch.IsBearer) return (null, null);
         while (true)
         {
-            var task = _tokens.GetOrAdd(scope, s => FetchTokenAsync(client, ep, ch, s, cred));
+            // A cached token needs no credential lookup: the common path of every blob read.
+            if (!_tokens.TryGetValue(scope, out var task))
+            {
+                var cred = await client.Credentials.GetAsync(ep.Host, ct).ConfigureAwait(false);
+                task = _tokens.GetOrAdd(scope, s => FetchTokenAsync(client, ep, ch, s, cred));
+            }
             BearerToken tok;
             try
             {

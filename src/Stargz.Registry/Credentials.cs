@@ -58,11 +58,16 @@ public sealed class DockerConfigCredentialProvider : ICredentialProvider
     private readonly string _path;
     private readonly Lock _lock = new();
     private DateTime _loadedMtime = DateTime.MinValue;
+    private long _checkedAtMs;
+    private bool _checkedOnce;
+    private readonly long _recheckMs;
     private Dictionary<string, RegistryCredential> _entries = new(StringComparer.OrdinalIgnoreCase);
 
-    public DockerConfigCredentialProvider(string? path = null)
+    /// <param name="recheckInterval">how often the file's mtime is looked at (default 1 s).</param>
+    public DockerConfigCredentialProvider(string? path = null, TimeSpan? recheckInterval = null)
     {
         _path = path ?? DefaultPath();
+        _recheckMs = (long)(recheckInterval ?? TimeSpan.FromSeconds(1)).TotalMilliseconds;
     }
 
     public string Path => _path;
@@ -91,6 +96,11 @@ public sealed class DockerConfigCredentialProvider : ICredentialProvider
     {
         lock (_lock)
         {
+            // Look at the file at most once per interval: this can run for requests on the hot path.
+            var now = Environment.TickCount64;
+            if (_checkedOnce && now - _checkedAtMs < _recheckMs) return _entries;
+            _checkedOnce = true;
+            _checkedAtMs = now;
             var mtime = File.Exists(_path) ? File.GetLastWriteTimeUtc(_path) : DateTime.MinValue;
             if (mtime == _loadedMtime) return _entries;
             _entries = mtime == DateTime.MinValue ? new(StringComparer.OrdinalIgnoreCase) : Parse(File.ReadAllBytes(_path), _path);

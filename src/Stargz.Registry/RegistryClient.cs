@@ -211,7 +211,8 @@ public sealed class RegistryClient : IDisposable
                 redirect = new Uri(new Uri(url), loc).AbsoluteUri;
                 resp.Dispose();
                 CountRequest();
-                resp = await ep.Client.SendAsync(new HttpRequestMessage(HttpMethod.Head, redirect), HttpCompletionOption.ResponseHeadersRead, tct).ConfigureAwait(false);
+                using var head = new HttpRequestMessage(HttpMethod.Head, redirect);
+                resp = await ep.Client.SendAsync(head, HttpCompletionOption.ResponseHeadersRead, tct).ConfigureAwait(false);
             }
             using (resp)
             {

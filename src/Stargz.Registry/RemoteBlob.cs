@@ -310,6 +310,8 @@ public sealed class RemoteBlob
 
     // ---------------------------------------------------------------- multi-range
 
+    private const int SingleRangeParallelism = 4;
+
     private struct Group
     {
         public long Start, End;   // [Start, End)
@@ -368,12 +370,19 @@ public sealed class RemoteBlob
                 }
             }
             // Whatever is not done yet (single-range host, fallback, leftovers) goes one merged range at a time.
+            // A few at a time: enough to hide latency without flooding a host that only does single ranges.
+            var window = new List<Task>(SingleRangeParallelism);
             for (var i = 0; i < g; i++)
             {
                 if (groups[i].Done) continue;
-                await FetchGroupSingleAsync(ranges, order, groups[i], ct).ConfigureAwait(false);
-                groups[i].Done = true;
+                window.Add(FetchGroupSingleAsync(ranges, order, groups[i], ct));
+                if (window.Count == SingleRangeParallelism)
+                {
+                    await Task.WhenAll(window).ConfigureAwait(false);
+                    window.Clear();
+                }
             }
+            await Task.WhenAll(window).ConfigureAwait(false);
         }
         finally
         {

@@ -91,7 +91,7 @@ public class ConfigTests
               "https://ghcr.io/v2/": {"identitytoken": "refresh-me"}
             } }
             """, Ct);
-        var p = new DockerConfigCredentialProvider(file);
+        var p = new DockerConfigCredentialProvider(file, TimeSpan.Zero);
         var c = await p.GetAsync("127.0.0.1:5000", Ct);
         Assert.Equal("alice", c!.Username);
         Assert.Equal("s3cr:et", c.Secret);
