@@ -147,6 +147,23 @@ public class PlainRegistryTests(SharedRegistry shared) : IClassFixture<SharedReg
     }
 
     [Fact]
+    public async Task Many_ranges_are_split_into_batches_of_the_configured_size()
+    {
+        var (reg, img) = await shared.GetAsync();
+        await using var proxy = await RegistryProxy.StartAsync(reg.BaseUrl);
+        var cfg = new RegistryHostsConfig();
+        cfg.Blob = cfg.Blob with { MaxRangesPerRequest = 10 };
+        using var client = new RegistryClient(cfg);
+        var blob = await client.OpenBlobAsync(ImageReference.Parse($"{proxy.Host}/{img.Repository}"), img.LayerDigests[0], Ct);
+        var ranges = new List<BlobRange>();
+        for (var i = 0; i < 35; i++) ranges.Add(new BlobRange(i * 40_000L + i, new byte[100 + i]));
+        await blob.ReadRangesAsync(ranges, Ct);
+        Assert.Equal(4, proxy.BlobGets());
+        foreach (var r in ranges)
+            Assert.True(img.Layers[0].AsSpan((int)r.Offset, r.Destination.Length).SequenceEqual(r.Destination.Span), $"range at {r.Offset}");
+    }
+
+    [Fact]
     public async Task Concurrent_identical_reads_share_one_request()
     {
         var (reg, img) = await shared.GetAsync();
