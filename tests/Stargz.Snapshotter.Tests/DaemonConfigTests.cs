@@ -1,0 +1,155 @@
+using System.Net.Http;
+using Containerd.Services.Snapshots.V1;
+using Stargz.Daemon;
+using Stargz.TestSupport;
+
+namespace Stargz.Snapshotter.Tests;
+
+/// <summary>The daemon's config.toml (reference keys), flags, and what an operator sees when one is wrong.</summary>
+public class DaemonConfigTests
+{
+    private static CancellationToken Ct => TestContext.Current.CancellationToken;
+
+    [Fact]
+    public void EveryReferenceKeyIsParsedIntoTheTypedConfig()
+    {
+        var warnings = new List<string>();
+        var c = ConfigLoader.Parse("""
+            noprefetch = true
+            no_background_fetch = true
+            prefetch_size = 10485760
+            prefetch_timeout_sec = 20
+            allow_no_verification = true
+            disable_verification = false
+            max_concurrency = 4
+            no_prometheus = false
+            debug = true
+            resolve_result_entry_ttl_sec = 30
+            metrics_address = "127.0.0.1:8234"
+            [blob]
+            chunk_size = 100000
+            fetching_timeout_sec = 60
+            force_single_range_mode = true
+            prefetch_chunk_size = 65536
+            max_retries = 3
+            min_wait_msec = 10
+            max_wait_msec = 100
+            valid_interval = 30
+            check_always = true
+            [directory_cache]
+            max_lru_cache_entry = 50
+            max_cache_fds = 20
+            sync_add = true
+            direct = false
+            [fuse]
+            attr_timeout = 5
+            entry_timeout = -1
+            [resolver.host."docker.io".mirrors]
+            """.Replace("[resolver.host.\"docker.io\".mirrors]", """
+            [[resolver.host."docker.io".mirrors]]
+            host = "mirror.example:5000"
+            insecure = true
+            request_timeout_sec = 7
+            [[resolver.host."docker.io".mirrors]]
+            host = "second.example"
+            """), "test.toml", warnings);
+        Assert.Empty(warnings);
+        Assert.True(c.NoPrefetch && c.NoBackgroundFetch && c.AllowNoVerification && c.Debug);
+        Assert.Equal(10485760, c.PrefetchSize);
+        Assert.Equal(20, c.PrefetchTimeoutSec);
+        Assert.Equal(4, c.MaxConcurrency);
+        Assert.Equal(30, c.ResolveResultEntryTtlSec);
+        Assert.Equal("127.0.0.1:8234", c.MetricsAddress);
+        Assert.Equal(100000, c.Blob.ChunkSize);
+        Assert.Equal(60, c.Blob.FetchingTimeoutSec);
+        Assert.True(c.Blob.ForceSingleRangeMode && c.Blob.CheckAlways);
+        Assert.Equal(65536, c.Blob.PrefetchChunkSize);
+        Assert.Equal((3L, 10L, 100L, 30L), (c.Blob.MaxRetries, c.Blob.MinWaitMsec, c.Blob.MaxWaitMsec, c.Blob.ValidInterval));
+        Assert.Equal((50L, 20L, true, false), (c.DirectoryCache.MaxLruCacheEntry, c.DirectoryCache.MaxCacheFds, c.DirectoryCache.SyncAdd, c.DirectoryCache.Direct));
+        Assert.Equal((5L, -1L), (c.Fuse.AttrTimeout, c.Fuse.EntryTimeout));
+        var mirrors = c.ResolverHosts["docker.io"];
+        Assert.Equal([new DaemonConfig.MirrorConfig("mirror.example:5000", true, 7), new DaemonConfig.MirrorConfig("second.example", false, 0)], mirrors);
+    }
+
+    [Fact]
+    public void DefaultsMatchTheReferenceAndUnknownKeysOnlyWarn()
+    {
+        var warnings = new List<string>();
+        var c = ConfigLoader.Parse("""
+            shiny_new_option = 1
+            [blob]
+            surprise = "x"
+            [snapshotter]
+            allow_invalid_mounts_on_restart = true
+            """, "cfg.toml", warnings);
+        Assert.Equal(3, warnings.Count);
+        Assert.Contains(warnings, w => w.Contains("\"shiny_new_option\""));
+        Assert.Contains(warnings, w => w.Contains("\"blob.surprise\""));
+        Assert.Equal(60, c.Blob.ValidInterval);
+        Assert.Equal(50000, c.Blob.ChunkSize);
+        Assert.Equal(2, c.MaxConcurrency);
+        Assert.True(c.DirectoryCache.Direct);
+        Assert.Equal("", c.MetricsAddress);
+    }
+
+    [Theory]
+    [InlineData("noprefetch = \"yes\"", "noprefetch must be a boolean")]
+    [InlineData("prefetch_size = -1", "prefetch_size must not be negative")]
+    [InlineData("[blob]\nchunk_size = 1.5", "blob.chunk_size must be an integer")]
+    [InlineData("[blob]\nmin_wait_msec = 500\nmax_wait_msec = 100", "blob.max_wait_msec (100) is less than blob.min_wait_msec (500)")]
+    [InlineData("blob = 3", "blob must be a table")]
+    [InlineData("metrics_address = \"nowhere\"", "metrics_address \"nowhere\" is not HOST:PORT")]
+    [InlineData("[[resolver.host.\"r.io\".mirrors]]\ninsecure = true", "resolver.host.\"r.io\".mirrors[0].host is required")]
+    [InlineData("this is = not toml [", "is not valid TOML")]
+    public void BadValuesAreClearErrorsNamingTheKey(string toml, string expected)
+    {
+        var e = Assert.Throws<ConfigException>(() => ConfigLoader.Parse(toml, "bad.toml", []));
+        Assert.Contains(expected, e.Message);
+        Assert.Contains("bad.toml", e.Message);
+    }
+
+    [Fact]
+    public void FlagsParseLikeTheReferenceAndDefaultToItsPaths()
+    {
+        var d = DaemonOptions.Parse([]);
+        Assert.Equal("/run/containerd-stargz-grpc/containerd-stargz-grpc.sock", d.Address);
+        Assert.Equal("/var/lib/containerd-stargz-grpc", d.Root);
+        Assert.Equal("/etc/containerd-stargz-grpc/config.toml", d.ConfigPath);
+        var o = DaemonOptions.Parse(["--address", "/tmp/x.sock", "-root=/tmp/r", "--config", "/tmp/c.toml", "--log-level", "debug"]);
+        Assert.Equal(("/tmp/x.sock", "/tmp/r", "/tmp/c.toml", "debug"), (o.Address, o.Root, o.ConfigPath, o.LogLevel));
+        Assert.Throws<ArgumentException>(() => DaemonOptions.Parse(["--log-level", "loud"]));
+        Assert.Throws<ArgumentException>(() => DaemonOptions.Parse(["--bogus"]));
+        Assert.Throws<ArgumentException>(() => DaemonOptions.Parse(["--root"]));
+    }
+
+    [Fact]
+    public async Task AnInvalidConfigStopsTheDaemonWithAClearMessage()
+    {
+        await using var d = await LocalDaemon.StartAsync(configToml: "[blob]\nvalid_interval = \"soon\"\n", waitReady: false);
+        Assert.Equal(1, await d.WaitExitAsync(TimeSpan.FromSeconds(30)));
+        Assert.Contains("invalid config", d.Log);
+        Assert.Contains("blob.valid_interval must be an integer", d.Log);
+        Assert.False(File.Exists(d.Socket));
+    }
+
+    [Fact]
+    public async Task UnknownKeysAreLoggedAndMetricsAreServedOnTheConfiguredAddress()
+    {
+        var port = LocalRegistry.FreePort();
+        await using var d = await LocalDaemon.StartAsync(configToml: $"metrics_address = \"127.0.0.1:{port}\"\nnot_a_key = true\n");
+        Assert.Contains("unknown key \\u0022not_a_key\\u0022", d.Log);
+        using (var ch = Client.Channel(d.Socket))
+        {
+            var c = new Snapshots.SnapshotsClient(ch);
+            await c.PrepareAsync(new PrepareSnapshotRequest { Key = "k" }, cancellationToken: Ct);
+            await Client.CodeOf(async () => await c.StatAsync(new StatSnapshotRequest { Key = "missing" }, cancellationToken: Ct));
+        }
+        using var http = new HttpClient();
+        var text = await http.GetStringAsync($"http://127.0.0.1:{port}/metrics", Ct);
+        Assert.Contains("stargz_snapshotter_operations_total{operation=\"Prepare\",code=\"OK\"} 1", text);
+        Assert.Contains("stargz_snapshotter_operations_total{operation=\"Stat\",code=\"NotFound\"} 1", text);
+        Assert.Contains("stargz_snapshotter_operation_duration_seconds_bucket{operation=\"Prepare\"", text);
+        // The socket is owner-only.
+        Assert.Equal((UnixFileMode)0b110_000_000, File.GetUnixFileMode(d.Socket));
+    }
+}
