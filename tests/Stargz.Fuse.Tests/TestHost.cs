@@ -24,9 +24,15 @@ internal static class TestHost
             var fs = new MemoryFileSystem();
             fs.AddFile("hello.txt", "hello from the child\n");
             fs.AddFile("block.bin", new byte[4096]).BlockReads = true;
-            var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost" });
+            var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Log = Console.Error.WriteLine });
             Console.Out.WriteLine("READY");
             Console.Out.Flush();
+            // "unmount" on stdin: end cleanly (the non-root test uses this to exercise fusermount3 -u).
+            new Thread(() =>
+            {
+                var cmd = Console.In.ReadLine();
+                if (cmd == "unmount") server.Unmount();
+            }) { IsBackground = true }.Start();
             bool reported = false;
             while (!server.Completion.Wait(50))
             {
@@ -47,10 +53,21 @@ internal static class TestHost
     }
 
     /// <summary>A start info that runs this test assembly in host mode.</summary>
-    public static ProcessStartInfo StartInfo(string mountPoint)
+    /// <param name="asUser">run as this uid/gid through setpriv (null: as ourselves).</param>
+    public static ProcessStartInfo StartInfo(string mountPoint, int? asUser = null)
     {
         var self = Environment.ProcessPath!;
-        var psi = new ProcessStartInfo(self) { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true };
+        var psi = new ProcessStartInfo(self)
+        {
+            UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true,
+        };
+        if (asUser is int uid)
+        {
+            psi.FileName = Stargz.TestSupport.Requires.Command("setpriv");
+            foreach (var a in new[] { $"--reuid={uid}", $"--regid={uid}", "--clear-groups", "--", self }) psi.ArgumentList.Add(a);
+            psi.Environment["HOME"] = "/tmp";
+            psi.Environment["DOTNET_CLI_TELEMETRY_OPTOUT"] = "1";
+        }
         // Under `dotnet exec` the process is the muxer; then name our assembly explicitly.
         if (Path.GetFileNameWithoutExtension(self) == "dotnet") psi.ArgumentList.Add(typeof(TestHost).Assembly.Location);
         psi.Environment[EnvVar] = mountPoint;
