@@ -78,8 +78,12 @@ try
         });
         if (passthrough && !server.PassthroughNegotiated) throw new InvalidOperationException("passthrough not negotiated");
         var secs = measure(mnt);
+        long allocated = Alloc.Last;
+        long requests = 0;
+        for (int op = 1; op < 64; op++) requests += server.RequestCount(op);
         Console.Error.WriteLine($"  fuse{(passthrough ? "+pt" : "")} {secs:0.000}s: READ {server.ReadRequests}, LOOKUP {server.RequestCount(1)}, " +
-            $"GETATTR {server.RequestCount(3)}, READDIRPLUS {server.RequestCount(44)}, READDIR {server.RequestCount(28)}");
+            $"GETATTR {server.RequestCount(3)}, READDIRPLUS {server.RequestCount(44)}, READDIR {server.RequestCount(28)}; " +
+            $"{allocated} B allocated in the timed section (whole process) = {(double)allocated / Math.Max(1, requests):0.0} B/request");
         return secs;
     }
 
@@ -148,13 +152,14 @@ static double SequentialRead(string path, long size, int readers)
     long slice = size / readers;
     var threads = new Thread[readers];
     long total = 0;
-    var sw = Stopwatch.StartNew();
+    using var go = new ManualResetEventSlim();
     for (int r = 0; r < readers; r++)
     {
         long start = r * slice, end = r == readers - 1 ? size : start + slice;
+        var buf = GC.AllocateUninitializedArray<byte>(1 << 20, pinned: true);
         threads[r] = new Thread(() =>
         {
-            var buf = GC.AllocateUninitializedArray<byte>(1 << 20, pinned: true);
+            go.Wait();
             long got = 0;
             for (long off = start; off < end;)
             {
@@ -167,8 +172,12 @@ static double SequentialRead(string path, long size, int readers)
         });
         threads[r].Start();
     }
+    long allocBefore = GC.GetTotalAllocatedBytes(precise: true);
+    var sw = Stopwatch.StartNew();
+    go.Set();
     foreach (var t in threads) t.Join();
     sw.Stop();
+    Alloc.Last = GC.GetTotalAllocatedBytes(precise: true) - allocBefore;
     if (total != size) throw new IOException($"read {total} of {size} bytes");
     return sw.Elapsed.TotalSeconds;
 }
@@ -180,11 +189,15 @@ static double FindStat(string dir, int expected)
     psi.ArgumentList.Add(dir);
     psi.ArgumentList.Add("-printf");
     psi.ArgumentList.Add("%s %m %n\n");
+    long allocBefore = GC.GetTotalAllocatedBytes(precise: true);
     using var p = Process.Start(psi)!;
     int lines = 0;
-    while (p.StandardOutput.ReadLine() != null) lines++;
+    var buf = new byte[1 << 16];
+    var stdout = p.StandardOutput.BaseStream;
+    for (int n; (n = stdout.Read(buf)) > 0;) lines += buf.AsSpan(0, n).Count((byte)'\n');
     p.WaitForExit();
     sw.Stop();
+    Alloc.Last = GC.GetTotalAllocatedBytes(precise: true) - allocBefore;
     if (p.ExitCode != 0 || lines != expected) throw new IOException($"find: exit {p.ExitCode}, {lines} of {expected} entries");
     return sw.Elapsed.TotalSeconds;
 }
@@ -196,4 +209,10 @@ static void Run(string file, params string[] a)
     using var p = Process.Start(psi)!;
     p.WaitForExit();
     if (p.ExitCode != 0) throw new InvalidOperationException($"{file} {string.Join(' ', a)} exited {p.ExitCode}");
+}
+
+static class Alloc
+{
+    /// <summary>Bytes the whole process allocated during the last timed section (server and benchmark together).</summary>
+    public static long Last;
 }
