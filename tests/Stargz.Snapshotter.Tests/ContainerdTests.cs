@@ -1,3 +1,4 @@
+using System.Text.Json;
 using Containerd.Services.Snapshots.V1;
 using Stargz.TestSupport;
 
@@ -66,5 +67,68 @@ public class ContainerdTests
         Assert.NotNull(again);
         again.EnsureSuccess($"ctr run after restart\ndaemon log:\n{daemon.Log}");
         Assert.Equal("hello from layer 2", again.StdOut.Trim());
+    }
+
+    /// <summary>
+    /// The remote path against real containerd and the real reference client: `ctr-remote image rpull` sends the stargz
+    /// labels, our snapshotter mounts each layer through the seam (here the bind-mount test double serving the layer's
+    /// source dir in place of the lazy layer), commits it under the chainID and answers AlreadyExists; containerd finds it
+    /// with its Walk filter, skips the download, and `ctr run` works on the remote layers.
+    /// </summary>
+    [Fact]
+    public async Task RpullMakesRemoteSnapshotsThatContainerdUsesWithoutDownloadingTheLayers()
+    {
+        Requires.Root();
+        Requires.Command("containerd");
+        Requires.Command("runc");
+        Requires.Command("ctr-remote");
+        await using var registry = await LocalRegistry.StartAsync();
+        using var work = new TempDir("sgs-img");
+        var l1 = work.Sub("layer1");
+        TestImages.WriteBusybox(l1);
+        var l2 = work.Sub("layer2");
+        Directory.CreateDirectory(Path.Combine(l2, "data"));
+        await File.WriteAllTextAsync(Path.Combine(l2, "data", "hello.txt"), "served remotely\n", Ct);
+        var layout = Path.Combine(work.Path, "oci");
+        await TestImages.BuildAsync(layout, "v1", [l1, l2]);
+        await TestImages.PushAsync(layout, "v1", registry.Host, "snap/remote:v1");
+        var image = $"{registry.Host}/snap/remote:v1";
+        var digests = await LayerDigests(registry.Host, "snap/remote", "v1");
+        Assert.Equal(2, digests.Count);
+
+        var seam = new BindMountRemoteFileSystemDouble();
+        seam.AddLayer(digests[0], l1);
+        seam.AddLayer(digests[1], l2);
+        await using var sn = await InProcessSnapshotter.StartAsync(seam);
+        await using var ctd = await LocalContainerd.StartAsync(stargzSocket: sn.Socket);
+
+        (await ctd.CtrRemoteAsync("image", "rpull", "--plain-http", "--snapshotter", "stargz", image)).EnsureSuccess("ctr-remote rpull");
+        Assert.Equal(1, seam.MountCalls(digests[0]));
+        Assert.Equal(1, seam.MountCalls(digests[1]));
+        var remote = await Client.ListAll(sn.Client, Ct, "labels.\"containerd.io/snapshot/remote\"==\"remote snapshot\"");
+        Assert.Equal(2, remote.Count);
+        Assert.All(remote, i => Assert.StartsWith("sha256:", i.Name)); // committed under the bare chainID
+
+        // No layer blob was downloaded into containerd's content store.
+        var content = (await ctd.CtrAsync("content", "ls", "-q")).EnsureSuccess("ctr content ls").StdOut;
+        Assert.DoesNotContain(digests[0], content);
+        Assert.DoesNotContain(digests[1], content);
+
+        var run = await ctd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, "remote-run", "/bin/cat", "/data/hello.txt");
+        run.EnsureSuccess($"ctr run on remote snapshots\ncontainerd log:\n{ctd.ReadLog()}");
+        Assert.Equal("served remotely", run.StdOut.Trim());
+    }
+
+    /// <summary>Layer digests of REPO:TAG, bottom first, from the registry's manifest.</summary>
+    private static async Task<List<string>> LayerDigests(string host, string repo, string tag)
+    {
+        using var http = new HttpClient();
+        var req = new HttpRequestMessage(HttpMethod.Get, $"http://{host}/v2/{repo}/manifests/{tag}");
+        req.Headers.Accept.ParseAdd("application/vnd.oci.image.manifest.v1+json");
+        req.Headers.Accept.ParseAdd("application/vnd.docker.distribution.manifest.v2+json");
+        using var resp = await http.SendAsync(req, Ct);
+        resp.EnsureSuccessStatusCode();
+        using var doc = JsonDocument.Parse(await resp.Content.ReadAsStringAsync(Ct));
+        return doc.RootElement.GetProperty("layers").EnumerateArray().Select(l => l.GetProperty("digest").GetString()!).ToList();
     }
 }
