@@ -248,16 +248,25 @@ public static class EstargzBuilder
         // Consumer: in order, assign member offsets, write.
         var consumer = Task.Run(async () =>
         {
-            await foreach (var job in channel.Reader.ReadAllAsync(ct).ConfigureAwait(false))
+            try
             {
-                var (buf, len) = await job.Compressed!.ConfigureAwait(false);
-                try
+                await foreach (var job in channel.Reader.ReadAllAsync(ct).ConfigureAwait(false))
                 {
-                    if (job.Chunks is not null) foreach (var te in job.Chunks) te.Offset = written;
-                    await output.WriteAsync(buf.AsMemory(0, len), ct).ConfigureAwait(false);
-                    written += len;
+                    var (buf, len) = await job.Compressed!.ConfigureAwait(false);
+                    try
+                    {
+                        if (job.Chunks is not null) foreach (var te in job.Chunks) te.Offset = written;
+                        await output.WriteAsync(buf.AsMemory(0, len), ct).ConfigureAwait(false);
+                        written += len;
+                    }
+                    finally { ArrayPool<byte>.Shared.Return(buf); }
                 }
-                finally { ArrayPool<byte>.Shared.Return(buf); }
+            }
+            catch (Exception e)
+            {
+                // Unblock the producer: its next write to the channel fails instead of waiting forever.
+                channel.Writer.TryComplete(e);
+                throw;
             }
         }, ct);
 
@@ -351,7 +360,8 @@ public static class EstargzBuilder
             channel.Writer.TryComplete(failure);
         }
         try { await consumer.ConfigureAwait(false); }
-        catch (Exception) when (failure is not null) { }
+        catch (Exception ce) when (failure is null or ChannelClosedException) { failure = ce; }
+        catch (Exception) { }
         if (failure is not null) { pending.Dispose(); System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(failure).Throw(); }
 
         var toc = new Toc { Version = 1, Entries = tocEntries };
