@@ -150,7 +150,14 @@ internal sealed class AuthState
             var q = new StringBuilder(realm);
             q.Append(realm.Contains('?') ? '&' : '?');
             if (ch.Service is { } svc) q.Append("service=").Append(Uri.EscapeDataString(svc)).Append('&');
-            q.Append("scope=").Append(Uri.EscapeDataString(scope));
+            // One scope parameter per scope (distribution's token spec), e.g. a push plus a cross-repository mount source.
+            var first = true;
+            foreach (var one in scope.Split(' ', StringSplitOptions.RemoveEmptyEntries))
+            {
+                if (!first) q.Append('&');
+                q.Append("scope=").Append(Uri.EscapeDataString(one));
+                first = false;
+            }
             req = new HttpRequestMessage(HttpMethod.Get, q.ToString());
             if (cred is { HasBasic: true })
                 req.Headers.Authorization = new AuthenticationHeaderValue("Basic",

@@ -12,7 +12,7 @@ namespace Stargz.Registry;
 /// The distribution client: resolves references to manifests and opens blobs for ranged reads.
 /// Thread-safe; keep one per process (it owns a connection pool per endpoint config).
 /// </summary>
-public sealed class RegistryClient : IDisposable
+public sealed partial class RegistryClient : IDisposable
 {
     private readonly ConcurrentDictionary<string, Endpoint> _endpoints = new(StringComparer.Ordinal);
     // Hosts (endpoint or redirect target) found not to support multi-range requests.

@@ -76,12 +76,12 @@ public sealed class TokenServer : IAsyncDisposable
             var auth = ctx.Request.Headers.Authorization.ToString();
             var want = "Basic " + Convert.ToBase64String(Encoding.UTF8.GetBytes(need.User + ":" + need.Password));
             if (auth != want) { ctx.Response.StatusCode = 401; return; }
-            scope = ctx.Request.Query["scope"].ToString();
+            scope = string.Join(" ", ctx.Request.Query["scope"].Where(s => !string.IsNullOrEmpty(s)));
             service = ctx.Request.Query["service"].ToString();
         }
         else
         {
-            scope = ctx.Request.Query["scope"].ToString();
+            scope = string.Join(" ", ctx.Request.Query["scope"].Where(s => !string.IsNullOrEmpty(s)));
             service = ctx.Request.Query["service"].ToString();
         }
         lock (Scopes) Scopes.Add(scope);
