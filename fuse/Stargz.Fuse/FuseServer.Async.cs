@@ -8,10 +8,19 @@ public sealed partial class FuseServer
         int r;
         try { r = await vt.ConfigureAwait(false); }
         catch (Exception ex) { r = -ErrnoOf(ex); }
-        _inflight.TryRemove(unique, out _);
+        // Reply before leaving the in-flight table: fds are closed only once that table is empty.
         FinishRead(fd, buf, unique, r, size);
+        _inflight.TryRemove(unique, out _);
         ReturnReply(buf);
         cts.Dispose();
     }
 
+    private async Task DrainThenCloseAsync()
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+        while (!_inflight.IsEmpty && DateTime.UtcNow < deadline) await Task.Delay(10).ConfigureAwait(false);
+        if (_inflight.IsEmpty) CloseFds();
+        else _opt.Log?.Invoke($"{_inflight.Count} FUSE reads did not finish after the connection ended; leaving fds open");
+        _completion.TrySetResult();
+    }
 }

@@ -205,8 +205,9 @@ public sealed unsafe partial class FuseServer : IDisposable
         {
             try { cts.Cancel(); } catch (ObjectDisposedException) { }
         }
-        CloseFds();
-        _completion.TrySetResult();
+        // Async reads still finishing would write to our fds; closing them first could let a reused fd number
+        // receive a stray reply. Wait (bounded) for them, and rather leak the fds than risk that.
+        _ = Task.Run(DrainThenCloseAsync);
     }
 
     private void CloseFds()
