@@ -21,6 +21,15 @@ for (int i = 0; i < args.Length; i++)
         case "--out": outFile = args[++i]; break;
         case "--readahead-kb": readAheadKb = int.Parse(args[++i]) is var ra && ra > 0 ? ra : null; break;
         case "--threads": readerThreads = int.Parse(args[++i]); break;
+        case "--generator-only":
+        {
+            // How fast the server can produce the bytes it serves without passthrough (one core).
+            var gbuf = new byte[1 << 20];
+            var gsw = Stopwatch.StartNew();
+            for (long off = 0; off < 1L << 30; off += gbuf.Length) TestPattern.Fill(off, gbuf);
+            Console.WriteLine($"generator: {1024 / gsw.Elapsed.TotalSeconds:N0} MiB/s");
+            return 0;
+        }
         default: Console.Error.WriteLine($"unknown argument {args[i]}"); return 2;
     }
 }
