@@ -1,13 +1,15 @@
+global using LayerChunk = Stargz.Estargz.ChunkInfo;
+
 namespace Stargz.Layer;
 
-/// <summary>
-/// One chunk of a regular file as the TOC describes it: where its bytes sit in the file, where its compressed
-/// member sits in the blob, where the chunk starts inside the decompressed member, and its sha256 digest.
-/// </summary>
-internal readonly record struct LayerChunk(long FileOffset, long Size, long BlobOffset, long BlobLength, long InnerOffset, string? Digest)
+/// <summary>Positions of a chunk (the TOC's <see cref="LayerChunk"/>) that the fetcher uses.</summary>
+internal static class ChunkExtensions
 {
-    public long FileEnd => FileOffset + Size;
-    public long BlobEnd => BlobOffset + BlobLength;
+    extension(LayerChunk c)
+    {
+        public long FileEnd => c.FileOffset + c.Size;
+        public long BlobEnd => c.BlobOffset + c.BlobLength;
+    }
 }
 
 /// <summary>A range of the blob to read into <see cref="Destination"/> (its length is the range's length).</summary>

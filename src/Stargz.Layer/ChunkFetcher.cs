@@ -342,19 +342,21 @@ internal sealed class ChunkFetcher : IDisposable
     }
 
     /// <summary>
-    /// Fetches every chunk of <paramref name="byBlobOffset"/> (sorted by blob offset) that is not cached yet, in
-    /// batches of about <c>prefetch_chunk_size</c> blob bytes, one batch at a time. Returns the blob bytes covered.
+    /// Fetches every chunk of <paramref name="byBlobOffset"/>[<paramref name="next"/>.Value, <paramref name="end"/>)
+    /// (sorted by blob offset) that is not cached yet, in batches of about <c>prefetch_chunk_size</c> blob bytes,
+    /// one batch at a time, waiting <paramref name="pause"/> between batches. <paramref name="next"/> advances past
+    /// each finished batch, so a caller that caught an error resumes where it stopped.
+    /// <paramref name="progress"/> receives the blob bytes each batch covered.
     /// </summary>
-    internal async Task<long> FetchAllAsync(LayerChunk[] byBlobOffset, int start, int end, FetchPriority priority,
-        Action<long>? progress, CancellationToken ct)
+    internal async Task FetchAllAsync(LayerChunk[] byBlobOffset, System.Runtime.CompilerServices.StrongBox<int> next, int end,
+        FetchPriority priority, TimeSpan pause, Action<long>? progress, CancellationToken ct)
     {
         var batchBytes = _options.EffectivePrefetchChunkSize;
-        long covered = 0;
-        var i = start;
-        while (i < end)
+        while (next.Value < end)
         {
             ct.ThrowIfCancellationRequested();
-            var first = i;
+            var first = next.Value;
+            var i = first;
             var batchStart = byBlobOffset[i].BlobOffset;
             while (i < end && (i == first || byBlobOffset[i].BlobEnd - batchStart <= batchBytes)) i++;
             var bytes = byBlobOffset[i - 1].BlobEnd - batchStart;
@@ -362,11 +364,13 @@ internal sealed class ChunkFetcher : IDisposable
             for (var k = first; k < i && !anyMissing; k++)
                 anyMissing = !_cache.Contains(KeyOf(byBlobOffset[k]));
             if (anyMissing)
+            {
                 await AcquireAsync(byBlobOffset, first, i - first, null, priority, ct).ConfigureAwait(false);
-            covered += bytes;
+                if (pause > TimeSpan.Zero && i < end) await Task.Delay(pause, ct).ConfigureAwait(false);
+            }
+            next.Value = i;
             progress?.Invoke(bytes);
         }
-        return covered;
     }
 
     /// <summary>

@@ -51,5 +51,8 @@ public sealed record LayerOptions
     /// <summary>Write each chunk to disk with fsync + rename + dir fsync (crash safe). Off only for throwaway caches.</summary>
     public bool DurableDiskWrites { get; init; } = true;
 
+    /// <summary><c>resolve_result_entry_ttl_sec</c> (reference default 120): how long a fetched TOC is reused.</summary>
+    public TimeSpan ResolveResultEntryTtl { get; init; } = TimeSpan.FromSeconds(120);
+
     internal long EffectivePrefetchChunkSize => PrefetchChunkSize > 0 ? PrefetchChunkSize : 4L << 20;
 }

@@ -225,7 +225,7 @@ public class ChunkFetcherTests
         var arr = all.ToArray();
         using var rig = new FetcherRig(blob, new LayerOptions { MaxConcurrency = 1, PrefetchChunkSize = 30_000 });
         rig.Blob.Delay = TimeSpan.FromMilliseconds(30);
-        var background = rig.Fetcher.FetchAllAsync(arr, 0, arr.Length, FetchPriority.Background, null, Ct);
+        var background = rig.Fetcher.FetchAllAsync(arr, new System.Runtime.CompilerServices.StrongBox<int>(0), arr.Length, FetchPriority.Background, TimeSpan.FromMilliseconds(10), null, Ct);
         while (rig.Blob.Calls < 2) await Task.Delay(5, Ct);
         var (content, chunks) = b.Files["f39"];
         var buf = new byte[content.Length];

@@ -1,0 +1,332 @@
+using System.Text;
+using Stargz.Estargz;
+using Stargz.Fuse;
+
+namespace Stargz.Layer;
+
+/// <summary>
+/// The node tree of one layer as fuse/ serves it. Built once from the TOC: inode numbers are assigned in a stable
+/// depth-first order (1 = root, children by ordinal name), every name of a hardlinked file shares one inode whose
+/// nlink counts the names, and overlayfs conventions are applied — <c>.wh.NAME</c> becomes a char device 0/0 named
+/// NAME (unless NAME exists in the same directory), <c>.wh..wh..opq</c> becomes the opaque xattr on its directory,
+/// and the <c>.wh.*</c> entries themselves are not listed. Metadata calls never block; reads go to the chunk fetcher.
+/// </summary>
+internal sealed class LayerFileSystem : IFuseFileSystem
+{
+    internal const string WhiteoutPrefix = ".wh.";
+    internal const string OpaqueMarker = ".wh..wh..opq";
+
+    internal sealed class Inode
+    {
+        public ulong Ino;
+        public Inode? Parent;
+        public TocNode? Node;
+        public FuseAttr Attr;
+        public Dictionary<string, Inode>? ByName;
+        public Dictionary<string, Inode>.AlternateLookup<ReadOnlySpan<char>> Lookup;
+        public byte[][]? ChildNames;
+        public Inode[]? Children;
+        public byte[]? LinkTarget;
+        public LayerChunk[] Chunks = [];
+        public (byte[] Name, byte[] Value)[] Xattrs = [];
+        public byte[] XattrNames = [];
+        public bool Opaque;
+        public bool IsWhiteout;
+    }
+
+    private readonly Inode[] _inodes;
+    private readonly ChunkFetcher _fetcher;
+    private readonly ulong _totalBytes;
+
+    public LayerFileSystem(TocNode root, ChunkFetcher fetcher, bool userXattrOpaque)
+    {
+        _fetcher = fetcher;
+        var list = new List<Inode>();
+        var byNode = new Dictionary<TocNode, Inode>(ReferenceEqualityComparer.Instance);
+        var opaqueName = Encoding.ASCII.GetBytes(userXattrOpaque ? "user.overlay.opaque" : "trusted.overlay.opaque");
+        ulong total = 0;
+        var rootInode = NewInode(root, null, list, byNode, ref total);
+        var stack = new Stack<Inode>();
+        stack.Push(rootInode);
+        // Depth-first, children sorted: the same TOC always yields the same inode numbers.
+        var pending = new List<Inode>();
+        while (stack.Count > 0)
+        {
+            var dir = stack.Pop();
+            var children = dir.Node!.Children;
+            var names = new List<string>();
+            if (children != null) names.AddRange(children.Keys);
+            names.Sort(StringComparer.Ordinal);
+            var visible = new SortedDictionary<string, Inode>(StringComparer.Ordinal);
+            foreach (var name in names)
+            {
+                var child = children![name];
+                if (name == OpaqueMarker)
+                {
+                    dir.Opaque = true;
+                    continue;
+                }
+                if (name.StartsWith(WhiteoutPrefix, StringComparison.Ordinal))
+                {
+                    var target = name[WhiteoutPrefix.Length..];
+                    if (target.Length == 0 || children.ContainsKey(target)) continue;
+                    var wh = new Inode { Ino = (ulong)list.Count + 1, Parent = dir, IsWhiteout = true };
+                    wh.Attr = AttrOf(child.Entry, wh.Ino, UnixMode.S_IFCHR, 0, 1);
+                    wh.Attr.RDev = 0;
+                    wh.Attr.Mode = UnixMode.S_IFCHR; // 0/0 char device, no permission bits, as overlayfs makes them
+                    list.Add(wh);
+                    visible[target] = wh;
+                    continue;
+                }
+                if (!byNode.TryGetValue(child, out var inode))
+                {
+                    inode = NewInode(child, dir, list, byNode, ref total);
+                    if (child.IsDirectory) pending.Add(inode);
+                }
+                visible[name] = inode;
+            }
+            dir.ByName = new Dictionary<string, Inode>(visible, StringComparer.Ordinal);
+            dir.Lookup = dir.ByName.GetAlternateLookup<ReadOnlySpan<char>>();
+            dir.ChildNames = new byte[visible.Count][];
+            dir.Children = new Inode[visible.Count];
+            var k = 0;
+            uint subdirs = 0;
+            foreach (var (name, inode) in visible)
+            {
+                dir.ChildNames[k] = Encoding.UTF8.GetBytes(name);
+                dir.Children[k++] = inode;
+                if (inode.Node is { IsDirectory: true }) subdirs++;
+            }
+            dir.Attr.NLink = 2 + subdirs;
+            if (dir.Opaque)
+            {
+                var xs = new List<(byte[], byte[])>(dir.Xattrs) { (opaqueName, "y"u8.ToArray()) };
+                SetXattrs(dir, xs);
+            }
+            // Push in reverse so the first child directory is numbered next.
+            for (var i = pending.Count - 1; i >= 0; i--) stack.Push(pending[i]);
+            pending.Clear();
+        }
+        _inodes = list.ToArray();
+        _totalBytes = total;
+    }
+
+    public int InodeCount => _inodes.Length;
+
+    private static Inode NewInode(TocNode node, Inode? parent, List<Inode> list, Dictionary<TocNode, Inode> byNode, ref ulong total)
+    {
+        var e = node.Entry;
+        var inode = new Inode { Ino = (ulong)list.Count + 1, Parent = parent, Node = node };
+        list.Add(inode);
+        byNode[node] = inode;
+        uint type;
+        ulong size = 0;
+        switch (node.Type)
+        {
+            case TocEntryType.Dir: type = UnixMode.S_IFDIR; size = 4096; break;
+            case TocEntryType.Reg:
+                type = UnixMode.S_IFREG;
+                size = (ulong)node.Size;
+                inode.Chunks = node.Chunks as LayerChunk[] ?? [.. node.Chunks];
+                total += size;
+                break;
+            case TocEntryType.Symlink:
+                type = UnixMode.S_IFLNK;
+                inode.LinkTarget = Encoding.UTF8.GetBytes(e.LinkName ?? "");
+                size = (ulong)inode.LinkTarget.Length;
+                break;
+            case TocEntryType.Char: type = UnixMode.S_IFCHR; break;
+            case TocEntryType.Block: type = UnixMode.S_IFBLK; break;
+            case TocEntryType.Fifo: type = UnixMode.S_IFIFO; break;
+            default: type = UnixMode.S_IFREG; break;
+        }
+        inode.Attr = AttrOf(e, inode.Ino, type, size, (uint)Math.Max(1, node.NumLink));
+        if (node.Type is TocEntryType.Char or TocEntryType.Block)
+            inode.Attr.RDev = FuseAttr.MakeDev((uint)e.DevMajor, (uint)e.DevMinor);
+        if (e.Xattrs is { Count: > 0 } xattrs)
+        {
+            var xs = new List<(byte[], byte[])>(xattrs.Count);
+            foreach (var (name, value) in xattrs) xs.Add((Encoding.UTF8.GetBytes(name), value));
+            SetXattrs(inode, xs);
+        }
+        return inode;
+    }
+
+    private static void SetXattrs(Inode inode, List<(byte[] Name, byte[] Value)> xs)
+    {
+        inode.Xattrs = xs.ToArray();
+        var names = new List<byte>();
+        foreach (var (n, _) in xs)
+        {
+            names.AddRange(n);
+            names.Add(0);
+        }
+        inode.XattrNames = names.ToArray();
+    }
+
+    private static FuseAttr AttrOf(TocEntry e, ulong ino, uint type, ulong size, uint nlink)
+    {
+        long sec = 0;
+        uint nsec = 0;
+        if (e.ModTime is { } t)
+        {
+            sec = t.ToUnixTimeSeconds();
+            nsec = (uint)((t.UtcTicks - DateTimeOffset.UnixEpoch.UtcTicks - sec * TimeSpan.TicksPerSecond) * 100);
+        }
+        return new FuseAttr
+        {
+            Ino = ino,
+            Size = size,
+            Blocks = (size + 511) / 512,
+            ATime = (ulong)sec, MTime = (ulong)sec, CTime = (ulong)sec,
+            ATimeNsec = nsec, MTimeNsec = nsec, CTimeNsec = nsec,
+            Mode = type | (uint)(e.Mode & 0xFFF),
+            NLink = nlink,
+            Uid = (uint)e.Uid,
+            Gid = (uint)e.Gid,
+            BlkSize = 4096,
+        };
+    }
+
+    internal Inode? Get(ulong ino) => ino - 1 < (ulong)_inodes.Length ? _inodes[ino - 1] : null;
+
+    /// <summary>Path lookup for tests and the daemon ("a/b"); follows no symlinks.</summary>
+    internal Inode? Resolve(string path)
+    {
+        var cur = _inodes[0];
+        foreach (var part in path.Split('/', StringSplitOptions.RemoveEmptyEntries))
+        {
+            if (cur.ByName == null || !cur.ByName.TryGetValue(part, out var next)) return null;
+            cur = next;
+        }
+        return cur;
+    }
+
+    public int Lookup(ulong parent, ReadOnlySpan<byte> name, out FuseEntry entry)
+    {
+        entry = default;
+        var dir = Get(parent);
+        if (dir == null) return Errno.ENOENT;
+        if (dir.ByName == null) return Errno.ENOTDIR;
+        if (name.Length > 255) return Errno.ENAMETOOLONG;
+        Span<char> chars = stackalloc char[256];
+        int n;
+        try { n = Encoding.UTF8.GetChars(name, chars); }
+        catch (ArgumentException) { return Errno.ENOENT; }
+        if (!dir.Lookup.TryGetValue(chars[..n], out var child)) return Errno.ENOENT;
+        entry = new FuseEntry { Ino = child.Ino, Attr = child.Attr };
+        return 0;
+    }
+
+    public int GetAttr(ulong ino, out FuseAttr attr)
+    {
+        var i = Get(ino);
+        if (i == null)
+        {
+            attr = default;
+            return Errno.ENOENT;
+        }
+        attr = i.Attr;
+        return 0;
+    }
+
+    public int ReadLink(ulong ino, out ReadOnlyMemory<byte> target)
+    {
+        var i = Get(ino);
+        target = i?.LinkTarget;
+        return i?.LinkTarget == null ? Errno.EINVAL : 0;
+    }
+
+    public int Open(ulong ino, int flags, out FuseOpenResult result)
+    {
+        result = new FuseOpenResult { KeepCache = true };
+        var i = Get(ino);
+        if (i == null) return Errno.ENOENT;
+        if (i.ByName != null) return Errno.EISDIR;
+        return 0;
+    }
+
+    public ValueTask<int> ReadAsync(ulong ino, ulong handle, long offset, Memory<byte> destination, CancellationToken cancellationToken)
+    {
+        var i = Get(ino);
+        if (i == null) return new ValueTask<int>(-Errno.EBADF);
+        if (i.Node is not { IsRegular: true }) return new ValueTask<int>(-Errno.EINVAL);
+        var t = _fetcher.ReadAsync(i.Chunks, (long)i.Attr.Size, offset, destination, cancellationToken);
+        return t.IsCompletedSuccessfully ? t : AwaitRead(t);
+    }
+
+    private static async ValueTask<int> AwaitRead(ValueTask<int> t)
+    {
+        try { return await t.ConfigureAwait(false); }
+        catch (LayerIOException) { return -Errno.EIO; }
+        catch (OperationCanceledException) { return -Errno.EINTR; }
+    }
+
+    public int OpenDir(ulong ino, out ulong handle)
+    {
+        handle = 0;
+        var i = Get(ino);
+        if (i == null) return Errno.ENOENT;
+        return i.ByName == null ? Errno.ENOTDIR : 0;
+    }
+
+    public int ReadDir(ulong ino, ulong handle, long offset, FuseDirWriter writer)
+    {
+        var dir = Get(ino);
+        if (dir == null) return Errno.ENOENT;
+        if (dir.Children == null) return Errno.ENOTDIR;
+        for (var k = offset; k < dir.Children.Length + 2; k++)
+        {
+            bool ok;
+            if (k == 0) ok = writer.Add("."u8, new FuseEntry { Ino = dir.Ino, Attr = dir.Attr }, 1);
+            else if (k == 1)
+            {
+                var p = dir.Parent ?? dir;
+                ok = writer.Add(".."u8, new FuseEntry { Ino = p.Ino, Attr = p.Attr }, 2);
+            }
+            else
+            {
+                var c = dir.Children[k - 2];
+                ok = writer.Add(dir.ChildNames![k - 2], new FuseEntry { Ino = c.Ino, Attr = c.Attr }, k + 1);
+            }
+            if (!ok) break;
+        }
+        return 0;
+    }
+
+    public int GetXattr(ulong ino, ReadOnlySpan<byte> name, out ReadOnlyMemory<byte> value)
+    {
+        value = default;
+        var i = Get(ino);
+        if (i == null) return Errno.ENOENT;
+        foreach (var (n, v) in i.Xattrs)
+        {
+            if (name.SequenceEqual(n))
+            {
+                value = v;
+                return 0;
+            }
+        }
+        return Errno.ENODATA;
+    }
+
+    public int ListXattr(ulong ino, out ReadOnlyMemory<byte> names)
+    {
+        var i = Get(ino);
+        names = i?.XattrNames ?? default;
+        return i == null ? Errno.ENOENT : 0;
+    }
+
+    public int StatFs(ulong ino, out FuseStatFs stat)
+    {
+        stat = new FuseStatFs
+        {
+            BlockSize = 4096,
+            FragmentSize = 4096,
+            NameLen = 255,
+            Blocks = (_totalBytes + 4095) / 4096,
+            Files = (ulong)_inodes.Length,
+        };
+        return 0;
+    }
+}

@@ -1,0 +1,259 @@
+using System.Collections.Concurrent;
+using System.Globalization;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+using Stargz.Estargz;
+using Stargz.Fuse;
+using Stargz.Registry;
+
+namespace Stargz.Layer;
+
+/// <summary>Snapshot labels the layer manager reads (set by ctr-remote / nerdctl, or containerd's CRI plugin).</summary>
+public static class LayerLabelKeys
+{
+    public const string Reference = "containerd.io/snapshot/remote/stargz.reference";
+    public const string Digest = "containerd.io/snapshot/remote/stargz.digest";
+    public const string Layers = "containerd.io/snapshot/remote/stargz.layers";
+    public const string Prefetch = "containerd.io/snapshot/remote/stargz.prefetch";
+    public const string Urls = "containerd.io/snapshot/remote/urls";
+    public const string CriImageRef = "containerd.io/snapshot/cri.image-ref";
+    public const string CriLayerDigest = "containerd.io/snapshot/cri.layer-digest";
+    public const string CriImageLayers = "containerd.io/snapshot/cri.image-layers";
+    public const string TocDigest = LayerLabels.TocDigestAnnotation;
+}
+
+/// <summary>A mounted layer as the daemon reports it.</summary>
+public sealed record MountedLayerInfo(string MountPoint, string Reference, string Digest, string TocDigest, LayerStatsSnapshot Stats);
+
+/// <summary>
+/// The seam the snapshotter uses: mount a layer (described by snapshot labels) as a lazily fetched, verified,
+/// read-only FUSE filesystem; check that it still works; unmount it. One <see cref="ChunkCache"/> and one fetch
+/// gate (<c>max_concurrency</c>) serve every layer. Resolved TOCs are kept for <c>resolve_result_entry_ttl_sec</c>,
+/// and the other layers named in the labels are resolved ahead so their mounts find the TOC ready.
+/// </summary>
+public sealed class LayerManager : IAsyncDisposable
+{
+    private sealed record Resolved(RemoteBlobFetcher Blob, ResolvedToc Toc, DateTime At);
+
+    private sealed record Mounted(RemoteLayer Layer, FuseServer Server, RemoteBlobFetcher Blob);
+
+    private readonly RegistryClient _registry;
+    private readonly LayerOptions _options;
+    private readonly FuseMountOptions _fuse;
+    private readonly ILogger _log;
+    private readonly FetchGate _gate;
+    private readonly ConcurrentDictionary<string, Lazy<Task<Resolved>>> _resolved = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, Mounted> _mounts = new(StringComparer.Ordinal);
+    private readonly SemaphoreSlim _mountLock = new(1, 1);
+    private readonly CancellationTokenSource _disposed = new();
+
+    public LayerManager(RegistryClient registry, LayerOptions options, FuseMountOptions? fuseOptions = null, ILogger? logger = null)
+    {
+        _registry = registry;
+        _options = options;
+        _fuse = fuseOptions ?? new FuseMountOptions { AllowOther = true };
+        _log = logger ?? NullLogger.Instance;
+        _gate = new FetchGate(options.MaxConcurrency);
+        Cache = new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites);
+    }
+
+    /// <summary>The chunk cache shared by all layers.</summary>
+    public ChunkCache Cache { get; }
+
+    public LayerOptions Options => _options;
+
+    /// <summary>Every mounted layer with its current statistics.</summary>
+    public IReadOnlyList<MountedLayerInfo> Layers
+    {
+        get
+        {
+            var list = new List<MountedLayerInfo>();
+            foreach (var (mp, m) in _mounts)
+                list.Add(new MountedLayerInfo(mp, m.Layer.Reference, m.Layer.Digest, m.Layer.TocDigest, m.Layer.Stats.Snapshot()));
+            return list;
+        }
+    }
+
+    /// <summary>The layer mounted at <paramref name="mountpoint"/>, or null.</summary>
+    public RemoteLayer? GetLayer(string mountpoint) => _mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m) ? m.Layer : null;
+
+    private static string? Label(IReadOnlyDictionary<string, string> labels, string key, string? fallback = null)
+    {
+        if (labels.TryGetValue(key, out var v) && !string.IsNullOrWhiteSpace(v)) return v.Trim();
+        if (fallback != null && labels.TryGetValue(fallback, out v) && !string.IsNullOrWhiteSpace(v)) return v.Trim();
+        return null;
+    }
+
+    /// <summary>
+    /// Resolves the layer the labels describe (footer + TOC, TOC digest checked) and mounts it at
+    /// <paramref name="mountpoint"/>. Returns once the mount serves requests; prefetch and background fetch go on
+    /// afterwards. Throws <see cref="LayerResolveException"/> (with the reason) when the layer cannot be served
+    /// lazily, so the caller can fall back to a normal pull.
+    /// </summary>
+    public async Task MountAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+    {
+        mountpoint = Path.GetFullPath(mountpoint);
+        var reference = Label(labels, LayerLabelKeys.Reference, LayerLabelKeys.CriImageRef)
+            ?? throw new LayerResolveException($"no image reference label ({LayerLabelKeys.Reference} or {LayerLabelKeys.CriImageRef})");
+        var digest = Label(labels, LayerLabelKeys.Digest, LayerLabelKeys.CriLayerDigest)
+            ?? throw new LayerResolveException($"no layer digest label ({LayerLabelKeys.Digest} or {LayerLabelKeys.CriLayerDigest})");
+        var tocDigest = Label(labels, LayerLabelKeys.TocDigest);
+        if (tocDigest == null && !_options.AllowNoVerification && !_options.DisableVerification)
+            throw new LayerResolveException(
+                $"layer {digest} has no TOC digest label ({LayerLabelKeys.TocDigest}); refusing to mount it unverified (set allow_no_verification to permit)");
+        long? prefetchSize = null;
+        if (Label(labels, LayerLabelKeys.Prefetch) is { } p && long.TryParse(p, NumberStyles.None, CultureInfo.InvariantCulture, out var ps))
+            prefetchSize = ps;
+        ImageReference imageRef;
+        try { imageRef = ImageReference.Parse(reference); }
+        catch (Exception e) { throw new LayerResolveException($"bad image reference '{reference}': {e.Message}", e); }
+
+        var resolved = await ResolveAsync(imageRef, digest, ct).ConfigureAwait(false);
+        if (tocDigest != null && !string.Equals(tocDigest, resolved.Toc.TocDigest, StringComparison.Ordinal))
+            throw new LayerResolveException($"layer {digest}: TOC digest {resolved.Toc.TocDigest} does not match the label's {tocDigest}");
+        ResolveAhead(imageRef, digest, Label(labels, LayerLabelKeys.Layers, LayerLabelKeys.CriImageLayers));
+
+        await _mountLock.WaitAsync(ct).ConfigureAwait(false);
+        try
+        {
+            if (_mounts.ContainsKey(mountpoint)) throw new InvalidOperationException($"{mountpoint} is already mounted");
+            if (FuseServer.IsDeadMount(mountpoint)) FuseServer.CleanupDeadMount(mountpoint);
+            var layer = new RemoteLayer(reference, digest, resolved.Toc, resolved.Blob, Cache, _gate, _options);
+            FuseServer server;
+            try
+            {
+                server = await Task.Run(() => FuseServer.Mount(mountpoint, layer.FileSystem, _fuse), ct).ConfigureAwait(false);
+            }
+            catch
+            {
+                await layer.DisposeAsync().ConfigureAwait(false);
+                throw;
+            }
+            _mounts[mountpoint] = new Mounted(layer, server, resolved.Blob);
+            layer.StartBackgroundWork(prefetchSize);
+            _log.LogInformation("mounted layer {Digest} of {Reference} at {MountPoint} (prefetch to {PrefetchEnd})",
+                digest, reference, mountpoint, layer.PrefetchEnd);
+        }
+        finally
+        {
+            _mountLock.Release();
+        }
+    }
+
+    private Task<Resolved> ResolveAsync(ImageReference imageRef, string digest, CancellationToken ct)
+    {
+        var key = imageRef.Host + "/" + imageRef.Repository + "@" + digest;
+        while (true)
+        {
+            var lazy = _resolved.GetOrAdd(key, _ => new Lazy<Task<Resolved>>(() => FetchTocAsync(imageRef, digest)));
+            var task = lazy.Value;
+            if (task.IsCompletedSuccessfully && DateTime.UtcNow - task.Result.At > _options.ResolveResultEntryTtl)
+            {
+                _resolved.TryRemove(new KeyValuePair<string, Lazy<Task<Resolved>>>(key, lazy));
+                continue;
+            }
+            if (task.IsFaulted || task.IsCanceled)
+            {
+                // A failed resolution is not kept: the next mount asks the registry again.
+                _resolved.TryRemove(new KeyValuePair<string, Lazy<Task<Resolved>>>(key, lazy));
+                if (task.IsFaulted) return task;
+                continue;
+            }
+            return AwaitResolved(key, lazy, task, ct);
+        }
+    }
+
+    private async Task<Resolved> AwaitResolved(string key, Lazy<Task<Resolved>> lazy, Task<Resolved> task, CancellationToken ct)
+    {
+        try { return await task.WaitAsync(ct).ConfigureAwait(false); }
+        catch (Exception) when (task.IsFaulted)
+        {
+            _resolved.TryRemove(new KeyValuePair<string, Lazy<Task<Resolved>>>(key, lazy));
+            throw;
+        }
+    }
+
+    private async Task<Resolved> FetchTocAsync(ImageReference imageRef, string digest)
+    {
+        // Not tied to one caller's token: others may be waiting for the same TOC. Bounded by the fetching timeout.
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_disposed.Token);
+        timeout.CancelAfter(_options.FetchingTimeout);
+        RemoteBlob blob;
+        try
+        {
+            blob = await _registry.OpenBlobAsync(imageRef, digest, timeout.Token).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is RegistryException or OperationCanceledException or HttpRequestException or IOException)
+        {
+            throw new LayerResolveException($"layer {digest} of {imageRef}: {e.Message}", e);
+        }
+        var fetcher = new RemoteBlobFetcher(blob);
+        try
+        {
+            // The digest policy is applied by the mount; here the TOC is fetched and its digest computed.
+            var toc = await LayerResolver.ResolveAsync(fetcher, digest, null, _options with { AllowNoVerification = true }, timeout.Token)
+                .ConfigureAwait(false);
+            return new Resolved(fetcher, toc, DateTime.UtcNow);
+        }
+        catch (Exception e) when (e is RegistryException or OperationCanceledException or HttpRequestException or IOException)
+        {
+            throw new LayerResolveException($"layer {digest} of {imageRef}: fetching the TOC failed: {e.Message}", e);
+        }
+    }
+
+    private void ResolveAhead(ImageReference imageRef, string digest, string? layers)
+    {
+        if (layers == null) return;
+        foreach (var d in layers.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+        {
+            // The label may be cut short; only complete digests are used.
+            if (d == digest || !d.StartsWith("sha256:", StringComparison.Ordinal) || d.Length != 71) continue;
+            var t = ResolveAsync(imageRef, d, _disposed.Token);
+            _ = t.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
+        }
+    }
+
+    /// <summary>
+    /// Throws when the layer at <paramref name="mountpoint"/> is not mounted, its FUSE connection is gone, or
+    /// its registry does not answer (the blob's connection is refreshed on the way).
+    /// </summary>
+    public async Task CheckAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+    {
+        mountpoint = Path.GetFullPath(mountpoint);
+        if (!_mounts.TryGetValue(mountpoint, out var m)) throw new InvalidOperationException($"no layer is mounted at {mountpoint}");
+        if (m.Server.Completion.IsCompleted || FuseServer.IsDeadMount(mountpoint))
+            throw new IOException($"the FUSE mount at {mountpoint} is gone");
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        timeout.CancelAfter(_options.FetchingTimeout);
+        await m.Blob.Blob.CheckAsync(timeout.Token).ConfigureAwait(false);
+    }
+
+    /// <summary>Unmounts the layer at <paramref name="mountpoint"/>, stops its prefetch and background fetch.</summary>
+    public async Task UnmountAsync(string mountpoint, CancellationToken ct)
+    {
+        mountpoint = Path.GetFullPath(mountpoint);
+        if (!_mounts.TryRemove(mountpoint, out var m))
+            throw new InvalidOperationException($"no layer is mounted at {mountpoint}");
+        await StopAsync(m).WaitAsync(ct).ConfigureAwait(false);
+        _log.LogInformation("unmounted layer {Digest} from {MountPoint}", m.Layer.Digest, mountpoint);
+    }
+
+    private static async Task StopAsync(Mounted m)
+    {
+        await m.Layer.DisposeAsync().ConfigureAwait(false); // fails waiting reads first, so unmount is not busy on them
+        await Task.Run(() => m.Server.Unmount()).ConfigureAwait(false);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (_disposed.IsCancellationRequested) return;
+        _disposed.Cancel();
+        foreach (var mp in _mounts.Keys)
+            if (_mounts.TryRemove(mp, out var m))
+                await StopAsync(m).ConfigureAwait(false);
+        _gate.Dispose();
+        Cache.Dispose();
+        _mountLock.Dispose();
+        _disposed.Dispose();
+    }
+}

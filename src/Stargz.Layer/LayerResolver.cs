@@ -1,0 +1,79 @@
+using Stargz.Estargz;
+
+namespace Stargz.Layer;
+
+/// <summary>Why a layer cannot be mounted lazily (the snapshotter then falls back to a normal pull).</summary>
+public sealed class LayerResolveException(string message, Exception? inner = null) : Exception(message, inner);
+
+/// <summary>A layer's footer and TOC, fetched and checked.</summary>
+internal sealed record ResolvedToc(EstargzReader Reader, string TocDigest, bool Verified, int RangeRequests);
+
+/// <summary>
+/// Fetches a layer's footer and TOC with as few range requests as possible: one speculative read of the blob's tail
+/// (big enough for the footer and, for most layers, the whole TOC), and a second read only when the TOC starts
+/// before that tail. The TOC digest is checked against the layer annotation; without one the layer is refused
+/// unless <c>allow_no_verification</c> is set.
+/// </summary>
+internal static class LayerResolver
+{
+    /// <summary>Bytes read from the blob's end at first. TOCs of typical images compress to a few hundred KiB.</summary>
+    public const int SpeculativeTailBytes = 1 << 20;
+
+    public static async Task<ResolvedToc> ResolveAsync(IBlobSource blob, string layerDigest, string? expectedTocDigest,
+        LayerOptions options, CancellationToken ct)
+    {
+        if (expectedTocDigest is null && !options.AllowNoVerification && !options.DisableVerification)
+            throw new LayerResolveException(
+                $"layer {layerDigest} has no TOC digest label ({LayerLabels.TocDigestAnnotation}); refusing to mount it unverified (set allow_no_verification to permit)");
+        if (blob.Size < Footer.ZstdPayloadSize)
+            throw new LayerResolveException($"layer {layerDigest} is {blob.Size} bytes, too small to be eStargz");
+        var tailLen = (int)Math.Min(blob.Size, SpeculativeTailBytes);
+        var tail = new byte[tailLen];
+        var tailStart = blob.Size - tailLen;
+        await blob.ReadAtAsync(tailStart, tail, ct).ConfigureAwait(false);
+        var requests = 1;
+        if (!Footer.TryParse(tail, out var footer))
+            throw new LayerResolveException($"layer {layerDigest} has no eStargz footer (not eStargz, or truncated)");
+        var tocLen = footer.TocLength >= 0 ? footer.TocLength : blob.Size - footer.FooterSize - footer.TocOffset;
+        if (footer.TocOffset < 0 || tocLen <= 0 || footer.TocOffset + tocLen > blob.Size - footer.FooterSize + (footer.Compression == BlobCompression.Zstd ? footer.FooterSize : 0))
+            throw new LayerResolveException($"layer {layerDigest}: footer points at a TOC [{footer.TocOffset}, +{tocLen}) outside the {blob.Size}-byte blob");
+        var limits = TocLimits.Default;
+        if (tocLen > limits.MaxTocCompressedBytes)
+            throw new LayerResolveException($"layer {layerDigest}: compressed TOC of {tocLen} bytes is over the limit");
+        ReadOnlyMemory<byte> compressed;
+        if (footer.TocOffset >= tailStart)
+        {
+            compressed = tail.AsMemory((int)(footer.TocOffset - tailStart), (int)tocLen);
+        }
+        else
+        {
+            var buf = new byte[tocLen];
+            await blob.ReadAtAsync(footer.TocOffset, buf, ct).ConfigureAwait(false);
+            requests++;
+            compressed = buf;
+        }
+        byte[] json;
+        Toc toc;
+        try
+        {
+            json = EstargzReader.DecodeToc(compressed.Span, footer.Compression, limits);
+        }
+        catch (Exception e) when (e is EstargzFormatException or InvalidDataException)
+        {
+            throw new LayerResolveException($"layer {layerDigest}: TOC cannot be decoded: {e.Message}", e);
+        }
+        var digest = ChunkDecoder.Sha256Digest(json);
+        if (expectedTocDigest is not null && !string.Equals(expectedTocDigest, digest, StringComparison.Ordinal))
+            throw new LayerResolveException($"layer {layerDigest}: TOC digest {digest} does not match the label's {expectedTocDigest}");
+        try
+        {
+            toc = Toc.Parse(json, limits);
+            var reader = EstargzReader.FromToc(toc, footer.TocOffset, footer.Compression, blob: null, tocDigest: digest);
+            return new ResolvedToc(reader, digest, expectedTocDigest is not null, requests);
+        }
+        catch (Exception e) when (e is EstargzFormatException or System.Text.Json.JsonException or InvalidDataException)
+        {
+            throw new LayerResolveException($"layer {layerDigest}: TOC is invalid: {e.Message}", e);
+        }
+    }
+}

@@ -1,0 +1,141 @@
+using System.Runtime.CompilerServices;
+using Stargz.Estargz;
+
+namespace Stargz.Layer;
+
+/// <summary>
+/// One resolved layer: its TOC, node tree and verified chunk reader, plus the mount-time prefetch and the
+/// background fetch of everything else. Prefetch covers the blob up to <c>.prefetch.landmark</c> (nothing with
+/// <c>.no.prefetch.landmark</c>, else <c>prefetch_size</c>), in large ranges, bounded by <c>prefetch_timeout_sec</c>;
+/// the background fetch follows at low priority and stops when the layer is disposed (unmounted).
+/// </summary>
+public sealed class RemoteLayer : IAsyncDisposable
+{
+    private readonly LayerOptions _options;
+    private readonly LayerChunk[] _byBlobOffset;
+    private Task _work = Task.CompletedTask;
+    private int _disposed;
+
+    internal RemoteLayer(string reference, string digest, ResolvedToc toc, IRangeFetcher blob, ChunkCache cache, FetchGate gate, LayerOptions options)
+    {
+        Reference = reference;
+        Digest = digest;
+        TocDigest = toc.TocDigest;
+        Reader = toc.Reader;
+        _options = options;
+        Stats = new LayerStats();
+        Fetcher = new ChunkFetcher(blob, new EstargzChunkDecoder(toc.Reader.Compression), cache, gate, Stats, digest, options);
+        FileSystem = new LayerFileSystem(toc.Reader.Root, Fetcher, options.UserXattrOpaque);
+        _byBlobOffset = CollectChunks(toc.Reader);
+    }
+
+    public string Reference { get; }
+    public string Digest { get; }
+    public string TocDigest { get; }
+    public LayerStats Stats { get; }
+    internal EstargzReader Reader { get; }
+    internal ChunkFetcher Fetcher { get; }
+    internal LayerFileSystem FileSystem { get; }
+
+    /// <summary>Finishes when prefetch and background fetch are over (done, failed, or stopped).</summary>
+    public Task BackgroundWork => _work;
+
+    /// <summary>Where the prefetch ends in the blob (0 = no prefetch).</summary>
+    public long PrefetchEnd { get; private set; }
+
+    private static LayerChunk[] CollectChunks(EstargzReader reader)
+    {
+        var all = new List<LayerChunk>();
+        var seen = new HashSet<(long, long)>();
+        foreach (var node in reader.Tree.Nodes)
+        {
+            if (!node.IsRegular) continue;
+            foreach (var c in node.Chunks)
+                if (seen.Add((c.BlobOffset, c.InnerOffset))) all.Add(c);
+        }
+        all.Sort(static (a, b) =>
+        {
+            var r = a.BlobOffset.CompareTo(b.BlobOffset);
+            return r != 0 ? r : a.InnerOffset.CompareTo(b.InnerOffset);
+        });
+        return all.ToArray();
+    }
+
+    /// <summary>Starts prefetch then background fetch; returns at once (the mount never waits for them).</summary>
+    internal void StartBackgroundWork(long? prefetchSizeLabel)
+    {
+        long end = 0;
+        if (!_options.NoPrefetch && !Reader.HasNoPrefetchLandmark)
+            end = Reader.PrefetchLandmarkOffset ?? prefetchSizeLabel ?? _options.PrefetchSize;
+        PrefetchEnd = end;
+        _work = Task.Run(() => RunAsync(end));
+    }
+
+    private async Task RunAsync(long prefetchEnd)
+    {
+        var lifetime = Fetcher.Lifetime;
+        var split = 0;
+        while (split < _byBlobOffset.Length && _byBlobOffset[split].BlobOffset < prefetchEnd) split++;
+        if (split > 0)
+        {
+            Interlocked.Exchange(ref Stats.PrefetchTotalBytes, _byBlobOffset[split - 1].BlobEnd - _byBlobOffset[0].BlobOffset);
+            Volatile.Write(ref Stats.PrefetchState, (int)FetchStageState.Running);
+            using var timeout = CancellationTokenSource.CreateLinkedTokenSource(lifetime);
+            timeout.CancelAfter(_options.PrefetchTimeout);
+            try
+            {
+                await Fetcher.FetchAllAsync(_byBlobOffset, new StrongBox<int>(0), split, FetchPriority.Prefetch, TimeSpan.Zero,
+                    b => Interlocked.Add(ref Stats.PrefetchFetchedBytes, b), timeout.Token).ConfigureAwait(false);
+                Volatile.Write(ref Stats.PrefetchState, (int)FetchStageState.Done);
+            }
+            catch (Exception e) when (e is OperationCanceledException or LayerIOException)
+            {
+                Volatile.Write(ref Stats.PrefetchState, (int)FetchStageState.Failed);
+                if (lifetime.IsCancellationRequested) return;
+                Stats.RecordError(e is OperationCanceledException
+                    ? $"prefetch did not finish within {_options.PrefetchTimeout.TotalSeconds:0.#} s"
+                    : $"prefetch: {e.Message}");
+            }
+        }
+        if (_options.NoBackgroundFetch || split >= _byBlobOffset.Length) return;
+        Interlocked.Exchange(ref Stats.BackgroundTotalBytes, _byBlobOffset[^1].BlobEnd - _byBlobOffset[split].BlobOffset);
+        Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Running);
+        var next = new StrongBox<int>(split);
+        var backoff = TimeSpan.FromSeconds(1);
+        while (true)
+        {
+            try
+            {
+                await Fetcher.FetchAllAsync(_byBlobOffset, next, _byBlobOffset.Length, FetchPriority.Background, _options.BackgroundPause,
+                    b => Interlocked.Add(ref Stats.BackgroundDoneBytes, b), lifetime).ConfigureAwait(false);
+                Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Done);
+                return;
+            }
+            catch (OperationCanceledException)
+            {
+                Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Failed);
+                return;
+            }
+            catch (LayerIOException)
+            {
+                // The registry is away: try again later, from where it stopped.
+                try { await Task.Delay(backoff, lifetime).ConfigureAwait(false); }
+                catch (OperationCanceledException)
+                {
+                    Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Failed);
+                    return;
+                }
+                backoff = TimeSpan.FromTicks(Math.Min(backoff.Ticks * 2, TimeSpan.FromSeconds(60).Ticks));
+            }
+        }
+    }
+
+    /// <summary>Stops prefetch and background fetch and fails reads still waiting; waits for disk writes in flight.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) == 1) return;
+        Fetcher.Dispose();
+        try { await _work.ConfigureAwait(false); } catch (Exception) { /* recorded in stats */ }
+        await Fetcher.DrainAsync().ConfigureAwait(false);
+    }
+}
