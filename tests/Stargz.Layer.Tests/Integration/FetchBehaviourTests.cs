@@ -1,0 +1,219 @@
+using System.Diagnostics;
+using System.Formats.Tar;
+using System.Security.Cryptography;
+using Stargz.Estargz;
+using Stargz.Layer.Tests.Support;
+using Stargz.TestSupport;
+
+namespace Stargz.Layer.Tests.Integration;
+
+/// <summary>
+/// What the layer asks of the registry, counted by a proxy in front of a real docker-registry while real processes
+/// read through a real FUSE mount.
+/// </summary>
+public class FetchBehaviourTests
+{
+    private static CancellationToken Ct => TestContext.Current.CancellationToken;
+
+    private static byte[] Small(int i) => System.Text.Encoding.UTF8.GetBytes($"small file number {i}\n");
+
+    [Fact]
+    public async Task ReadingOneSmallFileOfA200MBLayerFetchesAtMostTwoRangesAfterTheToc()
+    {
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true });
+        // 200 files of 1 MB of random bytes (incompressible: the blob is ~200 MB), small files between them.
+        var tarPath = Path.Combine(rig.Dir.Path, "big.tar");
+        using (var fs = File.Create(tarPath))
+        using (var w = new TarWriter(fs, TarEntryFormat.Pax))
+        {
+            TestTars.Dir(w, "data/");
+            var rnd = new Random(5);
+            var buf = new byte[1 << 20];
+            for (var i = 0; i < 200; i++)
+            {
+                rnd.NextBytes(buf);
+                TestTars.File(w, $"data/blob{i:000}.bin", buf);
+                if (i % 20 == 0) TestTars.File(w, $"data/small{i:000}.txt", Small(i));
+            }
+        }
+        var blobPath = Path.Combine(rig.Dir.Path, "big.esgz");
+        BuildResult built;
+        using (var input = File.OpenRead(tarPath))
+        using (var output = File.Create(blobPath))
+            built = await EstargzBuilder.BuildAsync(input, output, new BuildOptions { ChunkSize = 1 << 20, CompressionLevel = 1 }, Ct);
+        Assert.True(built.Size > 200_000_000, $"blob is only {built.Size} bytes");
+        string digest;
+        using (var blob = File.OpenRead(blobPath))
+        {
+            var sha = "sha256:" + Convert.ToHexStringLower(await SHA256.HashDataAsync(blob, Ct));
+            blob.Position = 0;
+            digest = (await rig.Client.PushBlobAsync(Stargz.Registry.ImageReference.Parse($"{rig.Registry.Host}/big/layer:latest"), blob, sha, built.Size, null, Ct)).Digest;
+        }
+        File.Delete(blobPath);
+        File.Delete(tarPath);
+
+        rig.Proxy.ResetCounts();
+        var mp = await rig.MountAsync(rig.Labels("big/layer", digest, built.TocDigest), Ct);
+        var tocRanges = rig.Proxy.Ranges;
+        Assert.InRange(tocRanges, 1, 2); // one speculative tail read (+ one more only for a TOC bigger than the tail)
+        rig.Proxy.ResetCounts();
+
+        Assert.Equal(Small(100), await File.ReadAllBytesAsync(Path.Combine(mp, "data/small100.txt"), Ct));
+        Assert.InRange(rig.Proxy.Ranges, 1, 2);
+        Assert.InRange(rig.Proxy.RangeRequests, 1, 2);
+        var st = rig.Manager.GetLayer(mp)!.Stats.Snapshot();
+        TestContext.Current.TestOutputHelper?.WriteLine(
+            $"blob {built.Size} bytes; mount: {tocRanges} range(s); small file: {rig.Proxy.RangeRequests} request(s), {rig.Proxy.Ranges} range(s), {st.FetchedBytes} bytes");
+        Assert.True(st.FetchedBytes < 2 << 20, $"fetched {st.FetchedBytes} bytes for a {Small(100).Length}-byte file");
+    }
+
+    [Fact]
+    public async Task FiftyParallelReadersOfOneChunkCauseOneFetch()
+    {
+        var content = TestTars.Random(4_000_000, 3);
+        var tar = TestTars.Write(w =>
+        {
+            TestTars.File(w, "one-chunk.bin", content);
+            TestTars.File(w, "other", Small(1));
+        });
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 8 << 20, CompressionLevel = 1 }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true, MaxConcurrency = 8 });
+        var digest = await rig.PushAsync("par/layer", blob, Ct);
+        var mp = await rig.MountAsync(rig.Labels("par/layer", digest, built.TocDigest), Ct);
+        rig.Proxy.ResetCounts();
+        using var start = new Barrier(50);
+        var readers = new Task<byte[]>[50];
+        for (var i = 0; i < readers.Length; i++)
+        {
+            var offset = i * 65_536;
+            readers[i] = Task.Factory.StartNew(() =>
+            {
+                using var f = new FileStream(Path.Combine(mp, "one-chunk.bin"), FileMode.Open, FileAccess.Read, FileShare.Read, 1, FileOptions.None);
+                f.Position = offset;
+                var buf = new byte[10_000];
+                start.SignalAndWait(Ct);
+                f.ReadExactly(buf);
+                return buf;
+            }, Ct, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        }
+        var results = await Task.WhenAll(readers);
+        for (var i = 0; i < results.Length; i++)
+            Assert.True(content.AsSpan(i * 65_536, 10_000).SequenceEqual(results[i]), $"reader {i} got wrong bytes");
+        Assert.Equal(1, rig.Proxy.RangeRequests);
+        Assert.Equal(1, rig.Manager.GetLayer(mp)!.Stats.Snapshot().ChunksFetched);
+    }
+
+    [Fact]
+    public async Task AFlippedByteInTheRegistrysBlobGivesEioAndNeverTheWrongBytes()
+    {
+        var victim = TestTars.Random(300_000, 4);
+        var tar = TestTars.Write(w =>
+        {
+            TestTars.File(w, "victim.bin", victim);
+            TestTars.File(w, "bystander.txt", Small(2));
+        });
+        // Stored deflate blocks: the flipped byte still decompresses, so only the checks can catch it.
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 1 << 20, CompressionLevel = 0 }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true });
+        var digest = await rig.PushAsync("flip/layer", blob, Ct);
+        var entry = built.Toc.Entries.First(e => e.Name == "victim.bin");
+        var stored = rig.RegistryBlobPath(digest);
+        var bytes = await File.ReadAllBytesAsync(stored, Ct);
+        bytes[entry.Offset + 1000] ^= 0x01;
+        await File.WriteAllBytesAsync(stored, bytes, Ct);
+
+        var mp = await rig.MountAsync(rig.Labels("flip/layer", digest, built.TocDigest), Ct);
+        var buf = new byte[victim.Length];
+        var e = Assert.ThrowsAny<IOException>(() =>
+        {
+            using var f = File.OpenRead(Path.Combine(mp, "victim.bin"));
+            f.ReadExactly(buf);
+        });
+        Assert.DoesNotContain("End of stream", e.Message);
+        Assert.All(buf, b => Assert.Equal(0, b));
+        // Still EIO on a second try (nothing bad was cached), and the rest of the layer is fine.
+        Assert.ThrowsAny<IOException>(() => File.ReadAllBytes(Path.Combine(mp, "victim.bin")));
+        Assert.Equal(Small(2), await File.ReadAllBytesAsync(Path.Combine(mp, "bystander.txt"), Ct));
+        Assert.True(rig.Manager.GetLayer(mp)!.Stats.Snapshot().Errors >= 1);
+    }
+
+    private static byte[] ManyFilesTar(out Dictionary<string, byte[]> files)
+    {
+        var f = new Dictionary<string, byte[]>();
+        for (var i = 0; i < 12; i++) f[$"f{i:00}.bin"] = TestTars.Random(150_000 + i * 10_000, 10 + i);
+        f["same-as-f00.bin"] = f["f00.bin"];
+        files = f;
+        return TestTars.Write(w => { foreach (var (n, d) in f) TestTars.File(w, n, d); });
+    }
+
+    [Fact]
+    public async Task AfterARestartCachedChunksAreServedWithZeroRegistryRequests()
+    {
+        var tar = ManyFilesTar(out var files);
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 64 << 10, CompressionLevel = 1 }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true });
+        var digest = await rig.PushAsync("restart/layer", blob, Ct);
+        var labels = rig.Labels("restart/layer", digest, built.TocDigest);
+        var mp = await rig.MountAsync(labels, Ct);
+        foreach (var (n, d) in files) Assert.Equal(d, await File.ReadAllBytesAsync(Path.Combine(mp, n), Ct));
+        Assert.True(rig.Proxy.RangeRequests > 1);
+        await rig.Manager.UnmountAsync(mp, Ct);
+
+        await rig.RestartManagerAsync();
+        var mp2 = await rig.MountAsync(labels, Ct);
+        rig.Proxy.ResetCounts();
+        foreach (var (n, d) in files) Assert.Equal(d, await File.ReadAllBytesAsync(Path.Combine(mp2, n), Ct));
+        Assert.Equal(0, rig.Proxy.RangeRequests);
+        Assert.Equal(0, rig.Proxy.BlobGets);
+        Assert.Equal(0, rig.Manager.Cache.DiskRejected);
+        Assert.True(rig.Manager.Cache.DiskHits > 0);
+    }
+
+    [Fact]
+    public async Task AnUnreachableRegistryGivesEioWithinTheTimeoutCachedDataStillReadsAndTheLayerRecovers()
+    {
+        var tar = ManyFilesTar(out var files);
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 64 << 10, CompressionLevel = 1 }, Ct);
+        var timeout = TimeSpan.FromSeconds(3);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true, FetchingTimeout = timeout });
+        var digest = await rig.PushAsync("down/layer", blob, Ct);
+        var mp = await rig.MountAsync(rig.Labels("down/layer", digest, built.TocDigest), Ct);
+        Assert.Equal(files["f00.bin"], await File.ReadAllBytesAsync(Path.Combine(mp, "f00.bin"), Ct));
+
+        rig.Proxy.Down();
+        var sw = Stopwatch.StartNew();
+        Assert.ThrowsAny<IOException>(() => File.ReadAllBytes(Path.Combine(mp, "f05.bin")));
+        sw.Stop();
+        Assert.True(sw.Elapsed < timeout * 4, $"EIO came after {sw.Elapsed}, the timeout is {timeout}");
+        // Same chunks as f00 (cached by us, never read through the kernel): served while the registry is away.
+        Assert.Equal(files["same-as-f00.bin"], await File.ReadAllBytesAsync(Path.Combine(mp, "same-as-f00.bin"), Ct));
+
+        rig.Proxy.Up();
+        Assert.Equal(files["f05.bin"], await File.ReadAllBytesAsync(Path.Combine(mp, "f05.bin"), Ct));
+        await rig.Manager.CheckAsync(mp, rig.Labels("down/layer", digest, built.TocDigest), Ct);
+    }
+
+    [Fact]
+    public async Task PrioritizedFilesArePrefetchedAndTheBackgroundFetchGetsTheRest()
+    {
+        var tar = ManyFilesTar(out var files);
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions
+        {
+            ChunkSize = 64 << 10, CompressionLevel = 1, Prioritized = ["f03.bin", "f07.bin"],
+        }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { BackgroundPause = TimeSpan.FromMilliseconds(1) });
+        var digest = await rig.PushAsync("prefetch/layer", blob, Ct);
+        var mp = await rig.MountAsync(rig.Labels("prefetch/layer", digest, built.TocDigest), Ct);
+        var layer = rig.Manager.GetLayer(mp)!;
+        Assert.True(layer.PrefetchEnd > 0);
+        await layer.BackgroundWork.WaitAsync(TimeSpan.FromSeconds(60), Ct);
+        var st = layer.Stats.Snapshot();
+        Assert.Equal(FetchStageState.Done, st.Prefetch);
+        Assert.Equal(FetchStageState.Done, st.Background);
+        Assert.Equal(st.BackgroundTotalBytes, st.BackgroundDoneBytes);
+        Assert.True(st.PrefetchFetchedBytes > files["f03.bin"].Length / 2);
+        rig.Proxy.ResetCounts();
+        foreach (var (n, d) in files) Assert.Equal(d, await File.ReadAllBytesAsync(Path.Combine(mp, n), Ct));
+        Assert.Equal(0, rig.Proxy.RangeRequests);
+    }
+}
