@@ -19,6 +19,21 @@ public sealed class MetricsInterceptor : Interceptor
     public static readonly Gauge InFlight = Prometheus.Metrics.CreateGauge(
         "stargz_snapshotter_operations_in_flight", "Snapshots API calls being served.");
 
+    public static readonly Gauge RemoteSnapshots = Prometheus.Metrics.CreateGauge(
+        "stargz_snapshotter_remote_snapshots", "Remote snapshots in the store.");
+
+    public static readonly Gauge UnrestoredRemoteSnapshots = Prometheus.Metrics.CreateGauge(
+        "stargz_snapshotter_remote_snapshots_unavailable", "Remote snapshots whose layer is not mounted (restore failed).");
+
+    /// <summary>Refreshes the snapshot gauges on every scrape.</summary>
+    public static void TrackSnapshotter(Stargz.Snapshotter.StargzSnapshotter sn) =>
+        Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
+        {
+            var (remote, unrestored) = sn.RemoteSnapshotCounts();
+            RemoteSnapshots.Set(remote);
+            UnrestoredRemoteSnapshots.Set(unrestored);
+        });
+
     private static string Op(string method) => method[(method.LastIndexOf('/') + 1)..];
 
     public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context,

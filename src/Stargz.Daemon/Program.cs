@@ -72,6 +72,7 @@ public static class Program
             return 1;
         }
 
+        MetricsInterceptor.TrackSnapshotter(snapshotter);
         var serverOpt = new SnapshotterServerOptions { SocketPath = opt.Address, SocketGroup = opt.SocketGroup };
         var metricsEndpoint = !config.NoPrometheus && config.MetricsAddress.Length > 0 ? ConfigLoader.ParseEndpoint(config.MetricsAddress) : null;
         var app = SnapshotterServer.Build(snapshotter, serverOpt,

@@ -12,9 +12,12 @@ public sealed class MetaStore : IDisposable
     private readonly LiteDatabase _db;
     private readonly ILiteCollection<BsonDocument> _snaps;
     private readonly ILiteCollection<BsonDocument> _meta;
+    private readonly string _path;
+    private bool _wrote;
 
     public MetaStore(string path)
     {
+        _path = path;
         _db = new LiteDatabase(new ConnectionString { Filename = path, Connection = ConnectionType.Direct });
         _snaps = _db.GetCollection("snapshots", BsonAutoId.Int64);
         _snaps.EnsureIndex("nk", "$.nk", unique: true);
@@ -24,21 +27,32 @@ public sealed class MetaStore : IDisposable
 
     private static string Nk(string ns, string key) => ns + "\u0000" + key;
 
-    /// <summary>Runs <paramref name="body"/> in one transaction: commits when it returns, rolls back when it throws.</summary>
+    /// <summary>
+    /// Runs <paramref name="body"/> in one transaction: commits when it returns, rolls back when it throws. A commit that
+    /// wrote is made durable before returning: LiteDB 5 queues log pages to a background writer and never fsyncs, so a
+    /// checkpoint (which waits for the queue and folds the log into the data file) is followed by an fsync of the file.
+    /// </summary>
     public T InTransaction<T>(Func<T> body)
     {
         if (!_db.BeginTrans()) throw new InvalidOperationException("metadata transaction already open on this thread");
+        _wrote = false;
+        T r;
         try
         {
-            var r = body();
-            if (!_db.Commit()) throw new IOException("metadata commit failed");
-            return r;
+            r = body();
+            if (!_db.Commit() && _wrote) throw new IOException("metadata commit failed");
         }
         catch
         {
             _db.Rollback();
             throw;
         }
+        if (_wrote)
+        {
+            _db.Checkpoint();
+            Native.FsyncFile(_path);
+        }
+        return r;
     }
 
     public void InTransaction(Action body) => InTransaction(() => { body(); return 0; });
@@ -49,6 +63,7 @@ public sealed class MetaStore : IDisposable
         var doc = _meta.FindById("seq") ?? new BsonDocument { ["_id"] = "seq", ["v"] = 0L };
         var next = doc["v"].AsInt64 + 1;
         doc["v"] = next;
+        _wrote = true;
         _meta.Upsert(doc);
         return next;
     }
@@ -68,15 +83,21 @@ public sealed class MetaStore : IDisposable
     public void Insert(SnapshotRecord r)
     {
         if (r.Id <= 0) throw new ArgumentException("record needs an id");
+        _wrote = true;
         _snaps.Insert(ToDoc(r));
     }
 
     public void Update(SnapshotRecord r)
     {
+        _wrote = true;
         if (!_snaps.Update(ToDoc(r))) throw SnapshotterException.NotFound($"snapshot {r.Key} (id {r.Id}) vanished from metadata");
     }
 
-    public void Delete(SnapshotRecord r) => _snaps.Delete(r.Id);
+    public void Delete(SnapshotRecord r)
+    {
+        _wrote = true;
+        _snaps.Delete(r.Id);
+    }
 
     private static BsonDocument ToDoc(SnapshotRecord r)
     {

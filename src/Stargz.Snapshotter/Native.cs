@@ -39,6 +39,18 @@ internal static class Native
     /// <summary>fsync of a directory (makes a rename or create in it durable).</summary>
     public static void FsyncDir(string dir) => WithFd(dir, fd => fsync(fd), "fsync");
 
+    /// <summary>fsync of a regular file through a descriptor of our own (LiteDB keeps its handles private).</summary>
+    public static void FsyncFile(string file)
+    {
+        var fd = open(file, O_RDONLY | O_CLOEXEC, 0);
+        if (fd < 0) throw new IOException($"open {file} for fsync: errno {Marshal.GetLastPInvokeError()}");
+        try
+        {
+            if (fsync(fd) != 0) throw new IOException($"fsync {file}: errno {Marshal.GetLastPInvokeError()}");
+        }
+        finally { close(fd); }
+    }
+
     /// <summary>Flushes the whole filesystem holding <paramref name="path"/> (committed layer data must survive power loss).</summary>
     public static void SyncFs(string path) => WithFd(path, fd => syncfs(fd), "syncfs");
 
@@ -67,6 +79,27 @@ internal static class Native
         };
         if (blocks < 0) return (dev, ino, new FileInfo(path).Length);
         return (dev, ino, blocks * 512);
+    }
+
+    /// <summary>Owner (uid, gid) of a path, not following symlinks; null if it vanished.</summary>
+    public static (int Uid, int Gid)? Owner(string path)
+    {
+        var buf = new byte[256];
+        if (lstat_raw(path, buf) != 0) return null;
+        return RuntimeInformation.ProcessArchitecture switch
+        {
+            Architecture.X64 => (BitConverter.ToInt32(buf, 28), BitConverter.ToInt32(buf, 32)),
+            Architecture.Arm64 => (BitConverter.ToInt32(buf, 24), BitConverter.ToInt32(buf, 28)),
+            _ => null,
+        };
+    }
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int lchown(string path, int owner, int group);
+
+    public static void Chown(string path, int uid, int gid)
+    {
+        if (lchown(path, uid, gid) != 0) throw new IOException($"lchown {path} {uid}:{gid}: errno {Marshal.GetLastPInvokeError()}");
     }
 
     /// <summary>Mount points at or below <paramref name="dir"/> from /proc/self/mountinfo, deepest first.</summary>

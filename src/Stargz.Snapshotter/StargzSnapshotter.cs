@@ -51,6 +51,15 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     public string Root => _opt.Root;
     public bool HasRemoteFileSystem => _opt.RemoteFileSystem != null;
 
+    /// <summary>(remote snapshots in the store, of which not mounted) — for the daemon's gauges.</summary>
+    public (int Remote, int Unrestored) RemoteSnapshotCounts()
+    {
+        if (Volatile.Read(ref _disposed) != 0) return (0, 0);
+        return (Volatile.Read(ref _remoteCount), _unrestored.Count);
+    }
+
+    private int _remoteCount;
+
     /// <summary>Remote snapshots that could not be re-mounted at start (id -> why); Check retries them.</summary>
     public IReadOnlyDictionary<long, string> UnrestoredRemoteSnapshots => _unrestored;
 
@@ -117,6 +126,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         await _gate.WaitAsync(ct);
         try { remotes = _store.All().Where(r => r.IsRemote).ToList(); }
         finally { _gate.Release(); }
+        Volatile.Write(ref _remoteCount, remotes.Count);
         int ok = 0;
         foreach (var r in remotes)
         {
@@ -241,6 +251,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             throw;
         }
         _lastChecked[rec.Id] = DateTime.UtcNow;
+        Interlocked.Increment(ref _remoteCount);
         _log.LogInformation("remote snapshot {Target} (layer {Digest}) mounted in {Ms} ms", target, LayerDigest(labels), sw.ElapsedMilliseconds);
         return true;
     }
@@ -249,10 +260,11 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     private SnapshotRecord CreateRecord(string ns, SnapshotKind kind, string key, string parent, IReadOnlyDictionary<string, string> labels)
     {
         if (_store.Get(ns, key) != null) throw SnapshotterException.AlreadyExists($"snapshot {key} already exists");
+        SnapshotRecord? parentRec = null;
         if (parent.Length > 0)
         {
-            var p = _store.Get(ns, parent) ?? throw SnapshotterException.NotFound($"parent snapshot {parent} does not exist");
-            if (p.Kind != SnapshotKind.Committed)
+            parentRec = _store.Get(ns, parent) ?? throw SnapshotterException.NotFound($"parent snapshot {parent} does not exist");
+            if (parentRec.Kind != SnapshotKind.Committed)
                 throw SnapshotterException.InvalidArgument($"parent {parent} is not a committed snapshot");
         }
         var now = DateTime.UtcNow;
@@ -266,6 +278,10 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         Directory.CreateDirectory(Path.Combine(temp, "fs"));
         File.SetUnixFileMode(Path.Combine(temp, "fs"), (UnixFileMode)0b111_101_101);
         if (kind == SnapshotKind.Active) Directory.CreateDirectory(Path.Combine(temp, "work"));
+        // As containerd's overlay snapshotter: the new upper dir takes the owner of the parent's root, so an image
+        // whose / belongs to a non-root user keeps it in the container.
+        if (parentRec != null && Native.Owner(FsDir(parentRec.Id)) is { } owner && owner != (0, 0))
+            Native.Chown(Path.Combine(temp, "fs"), owner.Uid, owner.Gid);
         var renamed = false;
         try
         {
@@ -400,6 +416,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             if (!moved) trash = null;
             _lastChecked.TryRemove(rec.Id, out _);
             _unrestored.TryRemove(rec.Id, out _);
+            if (rec.IsRemote) Interlocked.Decrement(ref _remoteCount);
             _log.LogDebug("removed snapshot {Key} (id {Id})", key, rec.Id);
         }
         finally { _gate.Release(); }

@@ -149,6 +149,7 @@ public class DaemonConfigTests
         Assert.Contains("stargz_snapshotter_operations_total{operation=\"Prepare\",code=\"OK\"} 1", text);
         Assert.Contains("stargz_snapshotter_operations_total{operation=\"Stat\",code=\"NotFound\"} 1", text);
         Assert.Contains("stargz_snapshotter_operation_duration_seconds_bucket{operation=\"Prepare\"", text);
+        Assert.Contains("stargz_snapshotter_remote_snapshots 0", text);
         // The socket is owner-only.
         Assert.Equal((UnixFileMode)0b110_000_000, File.GetUnixFileMode(d.Socket));
     }

@@ -164,6 +164,7 @@ public class DaemonProcessTests
         var c = Connect(d, out ch);
         var stop = new CancellationTokenSource();
         var done = 0;
+        var acknowledged = new System.Collections.Concurrent.ConcurrentBag<string>();
         async Task Worker(int w)
         {
             var parent = "";
@@ -177,6 +178,7 @@ public class DaemonProcessTests
                     await File.WriteAllTextAsync(Path.Combine(dir, $"f{i}"), $"{w}/{i}", stop.Token);
                     var name = $"w{w}-layer-{i}";
                     await c.CommitAsync(new CommitSnapshotRequest { Name = name, Key = key }, cancellationToken: stop.Token);
+                    acknowledged.Add(name);
                     if (i % 3 == 2)
                     {
                         await c.PrepareAsync(new PrepareSnapshotRequest { Key = $"w{w}-tmp-{i}", Parent = name }, cancellationToken: stop.Token);
@@ -202,6 +204,9 @@ public class DaemonProcessTests
         using (ch)
         {
             await AssertInvariants(d, c);
+            // Every commit the daemon acknowledged before it died is still there.
+            var committedNames = (await Client.ListAll(c, Ct, "kind==committed")).Select(i => i.Name).ToHashSet();
+            Assert.All(acknowledged, n => Assert.Contains(n, committedNames));
             // Every committed layer still holds the file written before its commit.
             foreach (var i in await Client.ListAll(c, Ct, "kind==committed"))
             {

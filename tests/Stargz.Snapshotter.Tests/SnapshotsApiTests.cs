@@ -293,6 +293,21 @@ public class SnapshotsApiTests
         finally { await app.StopAsync(Ct); }
     }
 
+    [Fact]
+    public async Task ANewUpperDirTakesTheOwnerOfItsParentsRoot()
+    {
+        Requires.Root();
+        await using var s = await InProcessSnapshotter.StartAsync();
+        var c = s.Client;
+        var m = (await c.PrepareAsync(Prep("k"), cancellationToken: Ct)).Mounts.Single();
+        (await ProcessRunner.RunAsync(Requires.Command("chown"), ["1234:2345", m.Source])).EnsureSuccess("chown");
+        await c.CommitAsync(Commit("owned", "k"), cancellationToken: Ct);
+        var child = (await c.PrepareAsync(Prep("child", "owned"), cancellationToken: Ct)).Mounts.Single();
+        var upper = child.Options.Single(o => o.StartsWith("upperdir=", StringComparison.Ordinal))["upperdir=".Length..];
+        var stat = await ProcessRunner.RunAsync(Requires.Command("stat"), ["-c", "%u:%g", upper]);
+        Assert.Equal("1234:2345", stat.EnsureSuccess("stat").StdOut.Trim());
+    }
+
     internal static async Task MountAsync(Mount m, string target)
     {
         var mount = Requires.Command("mount");
