@@ -83,10 +83,14 @@ public sealed class BlobSourceStream : Stream
 
     public override int Read(Span<byte> buffer)
     {
-        var tmp = new byte[Math.Min(buffer.Length, 1 << 20)];
-        int n = ReadAsync(tmp, CancellationToken.None).AsTask().GetAwaiter().GetResult();
-        tmp.AsSpan(0, n).CopyTo(buffer);
-        return n;
+        var tmp = System.Buffers.ArrayPool<byte>.Shared.Rent(Math.Min(buffer.Length, 1 << 20));
+        try
+        {
+            int n = ReadAsync(tmp.AsMemory(0, Math.Min(buffer.Length, tmp.Length)), CancellationToken.None).AsTask().GetAwaiter().GetResult();
+            tmp.AsSpan(0, n).CopyTo(buffer);
+            return n;
+        }
+        finally { System.Buffers.ArrayPool<byte>.Shared.Return(tmp); }
     }
 
     public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)

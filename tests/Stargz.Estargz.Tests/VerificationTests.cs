@@ -143,6 +143,26 @@ public class FooterTests
     }
 
     [Fact]
+    public async Task LegacyStargzBlob_IsReadEndToEnd()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        var content = System.Security.Cryptography.RandomNumberGenerator.GetBytes(30_000);
+        var (blob, r) = await Blobs.BuildAsync(TreeModel.ToTar([new ModelEntry { Path = "f", Type = System.Formats.Tar.TarEntryType.RegularFile, Content = content }]),
+            new BuildOptions { ChunkSize = 8192 });
+        // Swap the 51-byte footer for a 47-byte legacy one pointing at the same TOC.
+        var legacy = new MemoryStream();
+        legacy.Write(blob.AsSpan(0, blob.Length - Footer.Size));
+        legacy.Write([0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 255, 22, 0]);
+        legacy.Write(System.Text.Encoding.ASCII.GetBytes(r.TocOffset.ToString("x16", System.Globalization.CultureInfo.InvariantCulture) + "STARGZ"));
+        legacy.Write([1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+        var reader = await Blobs.OpenAsync(legacy.ToArray(), r.TocDigest);
+        Assert.True(reader.Footer!.Value.Legacy);
+        var buf = new byte[content.Length];
+        Assert.Equal(content.Length, await reader.ReadFileAsync(reader.Lookup("f")!, 0, buf, ct));
+        Assert.Equal(content, buf);
+    }
+
+    [Fact]
     public void ZstdChunkedFooter_RoundTrips()
     {
         var f = Footer.BuildZstd(1000, 200, 5000);
