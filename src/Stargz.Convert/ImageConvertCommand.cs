@@ -1,0 +1,198 @@
+using System.Globalization;
+using Stargz.Registry;
+
+namespace Stargz.Convert;
+
+/// <summary>
+/// <c>stargz image convert [--zstd] [--chunk-size N] [--level L] [--prioritize PATH]... [--platform P | --all-platforms]
+/// [--plain-http] [--user U:P] [--work-dir DIR] SRC DST</c>: the CLI command, kept here so the CLI only forwards to it.
+/// Prints one line per layer and the pushed digest; exit code 0 on success, 1 on a failed conversion, 2 on bad usage.
+/// </summary>
+public static class ImageConvertCommand
+{
+    public const string Usage = """
+        usage: stargz image convert [options] SRC DST
+
+        Converts the image SRC in a registry to eStargz (or zstd:chunked) and pushes it as DST (OCI media types,
+        layers annotated with their TOC digest). Layers that are already eStargz are copied as they are.
+
+        options:
+          --zstd, --zstdchunked      write zstd:chunked layers instead of eStargz (gzip)
+          --estargz, --oci           accepted for ctr-remote compatibility (the defaults)
+          --chunk-size N             largest chunk of a file in bytes (default 4194304)
+          --level L                  compression level (gzip 0-9, default 9; zstd 1-22, default 3)
+          --prioritize PATH          put PATH first in the layers that hold it (repeatable); a prefetch landmark follows
+          --platform OS/ARCH[/VAR]   platform picked from an index (default: this machine)
+          --all-platforms            convert every platform of an index and push an index
+          --plain-http               talk plain HTTP to the SRC and DST registries
+          --user USER:PASSWORD       credentials for the SRC and DST registries (default: ~/.docker/config.json)
+          --work-dir DIR             where temporary layer files go (default: the system temp dir)
+          --parallel N               layers converted at once (default 2)
+        """;
+
+    /// <summary>Parses <paramref name="args"/> (after <c>image convert</c>), converts, prints a summary.</summary>
+    public static async Task<int> RunAsync(string[] args, TextWriter stdout, TextWriter stderr, CancellationToken ct)
+    {
+        ArgumentNullException.ThrowIfNull(args);
+        ArgumentNullException.ThrowIfNull(stdout);
+        ArgumentNullException.ThrowIfNull(stderr);
+        Parsed p;
+        try
+        {
+            p = Parse(args);
+        }
+        catch (UsageException e)
+        {
+            await stderr.WriteLineAsync($"stargz image convert: {e.Message}").ConfigureAwait(false);
+            await stderr.WriteLineAsync(Usage).ConfigureAwait(false);
+            return 2;
+        }
+        if (p.Help)
+        {
+            await stdout.WriteLineAsync(Usage).ConfigureAwait(false);
+            return 0;
+        }
+
+        var hosts = new RegistryHostsConfig();
+        if (p.PlainHttp)
+            foreach (var h in new[] { p.Source.Host, p.Target.Host }.Distinct(StringComparer.OrdinalIgnoreCase))
+                hosts.Set(h, new HostConfig { Origin = new EndpointConfig { Host = h, PlainHttp = true } });
+        ICredentialProvider creds = new DockerConfigCredentialProvider();
+        if (p.User is { } user)
+        {
+            var c = user.IndexOf(':');
+            var stat = new StaticCredentialProvider();
+            foreach (var h in new[] { p.Source.Host, p.Target.Host }.Distinct(StringComparer.OrdinalIgnoreCase))
+                stat.Add(h, user[..c], user[(c + 1)..]);
+            creds = stat;
+        }
+        using var client = new RegistryClient(hosts, creds);
+        var converter = new ImageConverter(client);
+        try
+        {
+            var started = DateTime.UtcNow;
+            var result = await converter.ConvertAsync(p.Source, p.Target, p.Options, ct).ConfigureAwait(false);
+            foreach (var m in result.Manifests)
+            {
+                var plat = m.Platform is null ? "" : $" [{m.Platform}]";
+                foreach (var l in m.Layers)
+                {
+                    var what = l.Action switch
+                    {
+                        LayerAction.Converted => "converted",
+                        LayerAction.CopiedAsIs => "copied (already eStargz)",
+                        _ => "kept (foreign)",
+                    };
+                    await stdout.WriteLineAsync($"layer {l.Source.Digest} -> {l.Target.Digest} {what}{plat} toc={l.TocDigest ?? "-"} size={l.Target.Size}")
+                        .ConfigureAwait(false);
+                }
+            }
+            await stdout.WriteLineAsync(string.Create(CultureInfo.InvariantCulture,
+                $"{result.Target}: {result.Digest} ({result.MediaType}, {(DateTime.UtcNow - started).TotalSeconds:0.0} s)")).ConfigureAwait(false);
+            return 0;
+        }
+        catch (ImageConvertException e)
+        {
+            await stderr.WriteLineAsync($"stargz image convert: {e.Message}").ConfigureAwait(false);
+            return 1;
+        }
+        catch (RegistryException e)
+        {
+            await stderr.WriteLineAsync($"stargz image convert: {e.Message}").ConfigureAwait(false);
+            return 1;
+        }
+        catch (IOException e)
+        {
+            await stderr.WriteLineAsync($"stargz image convert: {e.Message}").ConfigureAwait(false);
+            return 1;
+        }
+    }
+
+    private sealed class UsageException(string message) : Exception(message);
+
+    private sealed record Parsed(ImageReference Source, ImageReference Target, ConvertOptions Options, bool PlainHttp, string? User, bool Help);
+
+    private static Parsed Parse(string[] args)
+    {
+        var zstd = false;
+        int? chunk = null, level = null;
+        var parallel = 2;
+        var prio = new List<string>();
+        Platform? platform = null;
+        bool all = false, plain = false, help = false;
+        string? user = null, work = null;
+        var positional = new List<string>();
+        for (var i = 0; i < args.Length; i++)
+        {
+            var a = args[i];
+            string? inline = null;
+            if (a.StartsWith("--", StringComparison.Ordinal) && a.Contains('='))
+            {
+                inline = a[(a.IndexOf('=') + 1)..];
+                a = a[..a.IndexOf('=')];
+            }
+            string Value()
+            {
+                if (inline is not null) return inline;
+                if (i + 1 >= args.Length) throw new UsageException($"{a} needs a value");
+                return args[++i];
+            }
+            int Int(int min)
+            {
+                var v = Value();
+                if (!int.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture, out var n) || n < min)
+                    throw new UsageException($"{a} wants an integer of at least {min}, not \"{v}\"");
+                return n;
+            }
+            switch (a)
+            {
+                case "-h" or "--help": help = true; break;
+                case "--zstd" or "--zstdchunked": zstd = true; break;
+                case "--estargz" or "--oci": break;
+                case "--chunk-size" or "--estargz-chunk-size": chunk = Int(1); break;
+                case "--level" or "--estargz-compression-level": level = Int(0); break;
+                case "--prioritize": prio.Add(Value()); break;
+                case "--platform":
+                    try { platform = Platform.Parse(Value()); }
+                    catch (FormatException e) { throw new UsageException(e.Message); }
+                    break;
+                case "--all-platforms": all = true; break;
+                case "--plain-http": plain = true; break;
+                case "--user":
+                    user = Value();
+                    if (!user.Contains(':')) throw new UsageException("--user wants USER:PASSWORD");
+                    break;
+                case "--work-dir": work = Value(); break;
+                case "--parallel": parallel = Int(1); break;
+                default:
+                    if (a.StartsWith('-') && a != "-") throw new UsageException($"unknown option {a}");
+                    positional.Add(a);
+                    break;
+            }
+        }
+        if (help) return new Parsed(ImageReference.Parse("x"), ImageReference.Parse("x"), new ConvertOptions(), false, null, true);
+        if (positional.Count != 2) throw new UsageException($"want SRC and DST, got {positional.Count} argument(s)");
+        if (all && platform is not null) throw new UsageException("--platform and --all-platforms exclude each other");
+        if (level is { } lv && (zstd ? lv is < 1 or > 22 : lv > 9))
+            throw new UsageException(zstd ? "zstd level must be 1-22" : "gzip level must be 0-9");
+        ImageReference src, dst;
+        try
+        {
+            src = ImageReference.Parse(positional[0]);
+            dst = ImageReference.Parse(positional[1]);
+        }
+        catch (InvalidReferenceException e) { throw new UsageException(e.Message); }
+        var options = new ConvertOptions
+        {
+            Format = zstd ? LayerFormat.ZstdChunked : LayerFormat.Estargz,
+            ChunkSize = chunk,
+            CompressionLevel = level,
+            Prioritized = prio,
+            Platform = platform,
+            AllPlatforms = all,
+            WorkDirectory = work,
+            MaxParallelLayers = parallel,
+        };
+        return new Parsed(src, dst, options, plain, user, false);
+    }
+}
