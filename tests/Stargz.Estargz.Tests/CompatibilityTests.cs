@@ -169,6 +169,62 @@ public class CompatibilityTests(ReferenceToolsFixture fx) : IClassFixture<Refere
         Assert.Equal(await DescribeTreeAsync(tree), await DescribeTreeAsync(outDir, ignoreLandmarks: true));
     }
 
+    [Theory]
+    [InlineData(BlobCompression.Gzip)]
+    [InlineData(BlobCompression.Zstd)]
+    public async Task OurLayer_InAnImage_IsPulledUnpackedAndRunByContainerd(BlobCompression compression)
+    {
+        var ct = TestContext.Current.CancellationToken;
+        var (registry, ctd, _) = await fx.GetAsync();
+        Requires.Command("runc");
+        var rootfs = fx.Work.Sub($"run-rootfs-{compression}");
+        TestImages.WriteBusybox(rootfs);
+        Directory.CreateDirectory(Path.Combine(rootfs, "data"));
+        await File.WriteAllTextAsync(Path.Combine(rootfs, "data/hello.txt"), $"hello from our {compression} layer\n", ct);
+        var tar = Path.Combine(fx.Work.Path, $"run-{compression}.tar");
+        (await ProcessRunner.RunAsync("tar", ["--numeric-owner", "-C", rootfs, "-cf", tar, "."])).EnsureSuccess("tar");
+
+        // An OCI layout holding one image whose only layer is our blob.
+        var layout = fx.Work.Sub($"run-layout-{compression}");
+        var blobs = Directory.CreateDirectory(Path.Combine(layout, "blobs", "sha256")).FullName;
+        var tmpBlob = Path.Combine(layout, "layer.tmp");
+        BuildResult r;
+        await using (var input = File.OpenRead(tar))
+        await using (var output = File.Create(tmpBlob))
+            r = await EstargzBuilder.BuildAsync(input, output, new BuildOptions { Compression = compression, Prioritized = ["bin/cat", "data/hello.txt"] }, ct);
+        var layerDigest = TreeModel.Sha256(await File.ReadAllBytesAsync(tmpBlob, ct));
+        File.Move(tmpBlob, Path.Combine(blobs, layerDigest[7..]));
+        string Put(string json)
+        {
+            var bytes = System.Text.Encoding.UTF8.GetBytes(json);
+            var d = TreeModel.Sha256(bytes);
+            File.WriteAllBytes(Path.Combine(blobs, d[7..]), bytes);
+            return $"\"digest\":\"{d}\",\"size\":{bytes.Length}";
+        }
+        var config = Put($$$"""{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["/bin/cat","/data/hello.txt"]},"rootfs":{"type":"layers","diff_ids":["{{{r.DiffId}}}"]}}""");
+        var mediaType = compression == BlobCompression.Gzip ? "application/vnd.oci.image.layer.v1.tar+gzip" : "application/vnd.oci.image.layer.v1.tar+zstd";
+        var manifest = Put($$$"""
+            {"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
+             "config":{"mediaType":"application/vnd.oci.image.config.v1+json",{{{config}}}},
+             "layers":[{"mediaType":"{{{mediaType}}}","digest":"{{{layerDigest}}}","size":{{{r.Size}}},
+               "annotations":{"{{{LayerLabels.TocDigestAnnotation}}}":"{{{r.TocDigest}}}","{{{LayerLabels.UncompressedSizeAnnotation}}}":"{{{r.UncompressedSize}}}"}}]}
+            """);
+        await File.WriteAllTextAsync(Path.Combine(layout, "oci-layout"), """{"imageLayoutVersion":"1.0.0"}""", ct);
+        await File.WriteAllTextAsync(Path.Combine(layout, "index.json"), $$$"""
+            {"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json",{{{manifest}}},"annotations":{"org.opencontainers.image.ref.name":"v1"}}]}
+            """, ct);
+        var name = $"ours/run-{compression.ToString().ToLowerInvariant()}:v1";
+        await TestImages.PushAsync(layout, "v1", registry.Host, name);
+
+        // containerd pulls it, checks the diffID while unpacking with its stock snapshotter, and runc runs from it.
+        var image = $"{registry.Host}/{name}";
+        (await ctd.CtrAsync("image", "pull", "--plain-http", image)).EnsureSuccess("ctr pull");
+        var run = (await ctd.CtrAsync("run", "--rm", image, $"ours-{compression}", "/bin/cat", "/data/hello.txt")).EnsureSuccess("ctr run");
+        Assert.Equal($"hello from our {compression} layer", run.StdOut.Trim());
+        var tocOfPulled = (await ctd.CtrRemoteAsync(["image", "get-toc-digest", .. (compression == BlobCompression.Zstd ? new[] { "--zstdchunked" } : []), layerDigest])).EnsureSuccess("get-toc-digest");
+        Assert.Equal(r.TocDigest, tocOfPulled.StdOut.Trim());
+    }
+
     private static async Task<(JsonElement Layer, string DiffId)> FirstLayerAsync(string host, string repo, string tag, CancellationToken ct)
     {
         var manifest = await GetJsonAsync($"http://{host}/v2/{repo}/manifests/{tag}", ct);
