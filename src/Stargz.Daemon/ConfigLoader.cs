@@ -180,6 +180,15 @@ public static class ConfigLoader
         return IPAddress.TryParse(host, out var ip) ? new IPEndPoint(ip, port) : null;
     }
 
+    /// <summary>Keys the reference daemon knows that this build does not act on (cache types, keychains, FUSE manager...).</summary>
+    private static readonly HashSet<string> ReferenceOnlyKeys = new(StringComparer.Ordinal)
+    {
+        "http_cache_type", "filesystem_cache_type", "resolve_result_entry", "kubeconfig_keychain", "cri_keychain",
+        "snapshotter", "listen_path", "metadata_store", "debug_address", "fuse_manager", "image_service_path",
+        "enable_keychain", "kubeconfig_path", "fuse.passthrough", "fuse.merge_buffer_size",
+        "fuse.passthrough_max_stack_depth", "directory_cache.cache_dir",
+    };
+
     private static string TypeName(object? v) => v switch
     {
         null => "nothing",
@@ -196,7 +205,9 @@ public static class ConfigLoader
     {
         public string Source => source;
 
-        public void Unknown(string key) => warnings.Add($"{source}: unknown key \"{key}\" ignored");
+        public void Unknown(string key) => warnings.Add(ReferenceOnlyKeys.Contains(key)
+            ? $"{source}: key \"{key}\" of the reference daemon is not supported by this build and is ignored"
+            : $"{source}: unknown key \"{key}\" ignored");
 
         public bool Bool(string key, object? v) => v is bool b ? b
             : throw new ConfigException($"{source}: {key} must be a boolean (true/false), got {TypeName(v)}");

@@ -201,8 +201,15 @@ public sealed class StargzSnapshotter : IAsyncDisposable
                     throw SnapshotterException.AlreadyExists($"target snapshot {target} already exists");
                 return CreateRecord(ns, kind, key, parent, labels);
             }, ct);
-            if (await TryRemoteAsync(rec, target, labels, ct))
-                throw SnapshotterException.AlreadyExists($"target snapshot {target} (remote snapshot)");
+            bool remote;
+            try { remote = await TryRemoteAsync(rec, target, labels, ct); }
+            catch
+            {
+                // Cancelled or the commit failed: containerd never learns this key, so nobody else would remove it.
+                await DropAsync(rec);
+                throw;
+            }
+            if (remote) throw SnapshotterException.AlreadyExists($"target snapshot {target} (remote snapshot)");
             return await MountsForAsync(rec, ct);
         }
 
@@ -421,6 +428,26 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         }
         finally { _gate.Release(); }
         if (trash != null) RemoveDirTree(trash);
+    }
+
+    /// <summary>Best-effort removal of a snapshot this process just created and could not hand out.</summary>
+    private async Task DropAsync(SnapshotRecord rec)
+    {
+        try
+        {
+            foreach (var mp in Native.MountsUnder(SnapshotDir(rec.Id))) Native.Unmount(mp, detach: true);
+            await WithStoreAsync(() =>
+            {
+                var cur = _store.Get(rec.Namespace, rec.Key);
+                if (cur != null && cur.Id == rec.Id) _store.Delete(cur);
+                return 0;
+            }, CancellationToken.None);
+            RemoveDirTree(SnapshotDir(rec.Id));
+        }
+        catch (Exception e) when (e is IOException or SnapshotterException or UnauthorizedAccessException)
+        {
+            _log.LogWarning("cannot drop snapshot {Key} (id {Id}) after a failed remote prepare: {Error} (Cleanup retries)", rec.Key, rec.Id, e.Message);
+        }
     }
 
     private async Task UnmountLayerAsync(SnapshotRecord rec, CancellationToken ct)

@@ -85,6 +85,7 @@ public class DaemonConfigTests
         Assert.Equal(3, warnings.Count);
         Assert.Contains(warnings, w => w.Contains("\"shiny_new_option\""));
         Assert.Contains(warnings, w => w.Contains("\"blob.surprise\""));
+        Assert.Contains(warnings, w => w.Contains("\"snapshotter\" of the reference daemon is not supported"));
         Assert.Equal(60, c.Blob.ValidInterval);
         Assert.Equal(50000, c.Blob.ChunkSize);
         Assert.Equal(2, c.MaxConcurrency);
@@ -120,6 +121,16 @@ public class DaemonConfigTests
         Assert.Throws<ArgumentException>(() => DaemonOptions.Parse(["--log-level", "loud"]));
         Assert.Throws<ArgumentException>(() => DaemonOptions.Parse(["--bogus"]));
         Assert.Throws<ArgumentException>(() => DaemonOptions.Parse(["--root"]));
+    }
+
+    [Fact]
+    public async Task SocketGroupMakesTheSocketGroupReadableAndWritable()
+    {
+        Requires.Root();
+        await using var d = await LocalDaemon.StartAsync(extraArgs: ["--socket-group", "daemon"]);
+        Assert.Equal((UnixFileMode)0b110_110_000, File.GetUnixFileMode(d.Socket));
+        var group = (await ProcessRunner.RunAsync(Requires.Command("stat"), ["-c", "%G", d.Socket])).EnsureSuccess("stat").StdOut.Trim();
+        Assert.Equal("daemon", group);
     }
 
     [Fact]

@@ -200,4 +200,23 @@ public class RemoteSnapshotTests
         await s.ReopenAsync(fs3);
         Assert.Single(Mounts.Under(stray));
     }
+
+    [Fact]
+    public async Task ShutdownLetsAnInFlightPrepareFinishAndKeepsItsSnapshot()
+    {
+        Requires.Root();
+        using var layers = new TempDir("sgs-layers");
+        var fs = new BindMountRemoteFileSystemDouble { MountDelay = TimeSpan.FromSeconds(1.5) };
+        fs.AddLayer("sha256:l1", Layer(layers, "l1", "f", "x"));
+        await using var s = await InProcessSnapshotter.StartAsync(fs);
+        var inFlight = Client.CodeOf(async () => await s.Client.PrepareAsync(RemotePrep("k1", "sha256:c1", "sha256:l1"), cancellationToken: Ct));
+        while (fs.MountCalls("sha256:l1") == 0) await Task.Delay(10, Ct);
+        await s.StopAsync(); // graceful stop while the mount is under way
+        Assert.Equal(StatusCode.AlreadyExists, await inFlight);
+
+        var fs2 = new BindMountRemoteFileSystemDouble();
+        fs2.AddLayer("sha256:l1", Path.Combine(layers.Path, "l1"));
+        await s.ReopenAsync(fs2);
+        Assert.Equal("remote snapshot", (await s.Client.StatAsync(new StatSnapshotRequest { Key = "sha256:c1" }, cancellationToken: Ct)).Info.Labels["containerd.io/snapshot/remote"]);
+    }
 }

@@ -115,16 +115,20 @@ public sealed class InProcessSnapshotter : IAsyncDisposable
         await OpenAsync(remote);
     }
 
+    /// <summary>Stops the server as SIGTERM does (graceful: in-flight calls finish), then closes the store.</summary>
+    public Task StopAsync() => CloseAsync();
+
     private async Task CloseAsync()
     {
-        _channel?.Dispose();
-        _channel = null;
+        // Server first, as SIGTERM does: it drains calls still in flight on the open connection.
         if (_app != null)
         {
             await _app.StopAsync();
             await _app.DisposeAsync();
             _app = null;
         }
+        _channel?.Dispose();
+        _channel = null;
         if (Snapshotter != null) await Snapshotter.DisposeAsync();
     }
 
