@@ -13,17 +13,21 @@ public static class ChunkDecoder
     /// uncompressed bytes and fills <paramref name="destination"/> exactly. Never reads before the member start.
     /// Throws <see cref="EstargzFormatException"/> if the data is corrupt or ends early.
     /// </summary>
-    public static unsafe void Decompress(BlobCompression c, ReadOnlySpan<byte> compressed, long innerOffset, Span<byte> destination)
+    public static void Decompress(BlobCompression c, ReadOnlySpan<byte> compressed, long innerOffset, Span<byte> destination)
     {
         if (innerOffset < 0) throw new EstargzFormatException($"negative innerOffset {innerOffset}");
+        if (c == BlobCompression.Zstd) DecompressZstd(compressed, innerOffset, destination);
+        else DecompressGzip(compressed, innerOffset, destination);
+    }
+
+    private static unsafe void DecompressGzip(ReadOnlySpan<byte> compressed, long innerOffset, Span<byte> destination)
+    {
         fixed (byte* p = compressed)
         {
             using var ums = new UnmanagedMemoryStream(p, compressed.Length);
             try
             {
-                using Stream dec = c == BlobCompression.Gzip
-                    ? new GZipStream(ums, CompressionMode.Decompress, leaveOpen: true)
-                    : new DecompressionStream(ums, bufferSize: 0, checkEndOfStream: false, leaveOpen: true);
+                using var dec = new GZipStream(ums, CompressionMode.Decompress, leaveOpen: true);
                 if (innerOffset > 0) Skip(dec, innerOffset);
                 int done = 0;
                 while (done < destination.Length)
@@ -33,9 +37,42 @@ public static class ChunkDecoder
                     done += n;
                 }
             }
-            catch (InvalidDataException e) { throw new EstargzFormatException($"corrupt {c} data: {e.Message}", e); }
-            catch (ZstdException e) { throw new EstargzFormatException($"corrupt {c} data: {e.Message}", e); }
-            catch (IOException e) when (e is not EndOfStreamException) { throw new EstargzFormatException($"corrupt {c} data: {e.Message}", e); }
+            catch (InvalidDataException e) { throw new EstargzFormatException($"corrupt gzip data: {e.Message}", e); }
+            catch (IOException e) when (e is not EndOfStreamException) { throw new EstargzFormatException($"corrupt gzip data: {e.Message}", e); }
+        }
+    }
+
+    [ThreadStatic] private static Decompressor? t_zstd;
+
+    /// <summary>zstd with a per-thread reusable context: no allocation per chunk.</summary>
+    private static void DecompressZstd(ReadOnlySpan<byte> compressed, long innerOffset, Span<byte> destination)
+    {
+        var d = t_zstd ??= new Decompressor();
+        d.ResetStream();
+        byte[]? scratch = innerOffset > 0 ? ArrayPool<byte>.Shared.Rent(16384) : null;
+        try
+        {
+            int inPos = 0, done = 0;
+            long skip = innerOffset;
+            while (done < destination.Length)
+            {
+                var target = skip > 0 ? scratch.AsSpan(0, (int)Math.Min(skip, scratch!.Length)) : destination[done..];
+                var status = d.UnwrapStream(compressed[inPos..], target, out int consumed, out int written);
+                if (status == OperationStatus.InvalidData) throw new EstargzFormatException("corrupt zstd data");
+                inPos += consumed;
+                if (skip > 0) skip -= written; else done += written;
+                if (consumed == 0 && written == 0)
+                    throw new EstargzFormatException($"compressed chunk ended after {innerOffset - skip + done} bytes, {innerOffset + destination.Length} expected");
+            }
+        }
+        catch (ZstdException e)
+        {
+            d.ResetStream();
+            throw new EstargzFormatException($"corrupt zstd data: {e.Message}", e);
+        }
+        finally
+        {
+            if (scratch is not null) ArrayPool<byte>.Shared.Return(scratch);
         }
     }
 
