@@ -73,6 +73,9 @@ public sealed unsafe partial class FuseServer : IDisposable
         var opt = options ?? new FuseMountOptions();
         mountPoint = Path.GetFullPath(mountPoint);
         if (!Directory.Exists(mountPoint)) throw new DirectoryNotFoundException(mountPoint);
+        // Both end up inside a comma-separated option string.
+        foreach (var v in new[] { opt.FsName, opt.Subtype ?? "" })
+            if (v.AsSpan().IndexOfAny(", \t\n\\") >= 0) throw new ArgumentException($"'{v}' may not contain commas, blanks or backslashes");
         bool viaFusermount = opt.UseFusermount || Native.GetUid() != 0;
         int fd;
         if (viaFusermount)
@@ -128,7 +131,8 @@ public sealed unsafe partial class FuseServer : IDisposable
         int n = Math.Clamp(_opt.ReaderThreads, 1, 64);
         for (int i = 1; i < n; i++)
         {
-            // A cloned fd has its own request queue in the kernel, so readers do not contend on one fd.
+            // A cloned fd shares the connection's input queue but has its own processing list, so readers do not
+            // serialise on one file; replies must go back on the fd the request was read from.
             int c = Native.Open("/dev/fuse", Native.O_RDWR | Native.O_CLOEXEC, 0);
             if (c < 0) break;
             uint master = (uint)_masterFd;

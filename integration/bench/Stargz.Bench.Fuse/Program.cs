@@ -115,7 +115,7 @@ try
         rows.Add(Row($"sequential read {sizeMib} MiB, {readers} reader(s)", size / t, size / f, size / p, "MiB/s", 1.0 / (1 << 20)));
     }
     {
-        var total = entries + entries / DirFanout + 1;
+        var total = entries + (entries + DirFanout - 1) / DirFanout + 1; // files + their directories + the tree root
         var (t, f, p) = Compare(root => FindStat(Path.Combine(root, "tree"), total));
         rows.Add(Row($"find + stat over {entries:N0} entries", total / t, total / f, total / p, "entries/s", 1));
     }
