@@ -27,9 +27,13 @@ public static class TreeModel
         var opaque = new List<string>();
         var whiteouts = new List<(string Dir, string Name, FileView View)>();
         using var reader = new TarReader(tar);
-        TarEntry? e;
-        while ((e = reader.GetNextEntry(copyData: false)) != null)
+        while (true)
         {
+            TarEntry? e;
+            // Some writers end the archive without the two zero blocks; what was read is compared in full anyway.
+            try { e = reader.GetNextEntry(copyData: true); }
+            catch (EndOfStreamException) { break; }
+            if (e == null) break;
             var path = Clean(e.Name);
             if (path.Length == 0) continue;
             var name = path[(path.LastIndexOf('/') + 1)..];
@@ -104,6 +108,16 @@ public static class TreeModel
             var xs = new List<string>(v.Xattrs.Split(',', StringSplitOptions.RemoveEmptyEntries)) { opaqueXattr + "=" + Convert.ToBase64String("y"u8) };
             xs.Sort(StringComparer.Ordinal);
             views[d] = v with { Xattrs = string.Join(",", xs) };
+        }
+        // Parents the tar never names (a whiteout-only layer names just the whiteout): root-owned 0755 dirs, mtime 0.
+        foreach (var p in views.Keys.ToList())
+        {
+            var d = p;
+            while (d.Contains('/'))
+            {
+                d = d[..d.LastIndexOf('/')];
+                if (!views.ContainsKey(d)) views[d] = new FileView('d', 0x1ED, 0, 0, 0, 0, null, null, "", 2, 0, 0);
+            }
         }
         // Directory link counts: 2 + subdirectories.
         var subdirs = new Dictionary<string, uint>(StringComparer.Ordinal);
