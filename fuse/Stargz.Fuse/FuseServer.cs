@@ -518,6 +518,19 @@ public sealed unsafe partial class FuseServer : IDisposable
         int size = (int)Math.Min(ri.Size, (uint)_maxRead);
         var buf = ctx.Reply;
         ulong unique = h.Unique;
+        bool direct;
+        ReadOnlyMemory<byte> data;
+        try { direct = _fs.TryReadDirect(h.NodeId, ri.Fh & ~PassthroughHandleBit, (long)ri.Offset, size, out data); }
+        catch (Exception ex)
+        {
+            ReplyError(ctx.Fd, unique, ErrnoOf(ex));
+            return;
+        }
+        if (direct)
+        {
+            SendGather(ctx.Fd, unique, data.Length <= size ? data : data[..size]);
+            return;
+        }
         ValueTask<int> vt;
         try
         {
@@ -682,6 +695,26 @@ public sealed unsafe partial class FuseServer : IDisposable
         var oh = new OutHeader { Len = (uint)(OutHeaderSize + payloadLen), Error = -errno, Unique = unique };
         MemoryMarshal.Write(buf, in oh);
         fixed (byte* p = buf) WriteReply(fd, p, OutHeaderSize + payloadLen);
+    }
+
+    /// <summary>Header from the stack, payload from the caller's memory: one writev, no copy in user space.</summary>
+    private void SendGather(int fd, ulong unique, ReadOnlyMemory<byte> payload)
+    {
+        var oh = new OutHeader { Len = (uint)(OutHeaderSize + payload.Length), Error = 0, Unique = unique };
+        using var pin = payload.Pin();
+        Native.IoVec* iov = stackalloc Native.IoVec[2];
+        iov[0] = new Native.IoVec { Base = &oh, Len = OutHeaderSize };
+        iov[1] = new Native.IoVec { Base = pin.Pointer, Len = (nuint)payload.Length };
+        while (true)
+        {
+            // /dev/fuse takes a reply in one write; it never writes partially.
+            nint w = Native.Writev(fd, iov, payload.Length == 0 ? 1 : 2);
+            if (w >= 0) return;
+            int e = Native.LastErrno;
+            if (e == Native.EINTR) continue;
+            if (e is not (Native.ENOENT or Native.ENODEV)) _opt.Log?.Invoke($"writev /dev/fuse: errno {e}");
+            return;
+        }
     }
 
     private void WriteReply(int fd, byte* p, int len)

@@ -36,6 +36,18 @@ public interface IFuseFileSystem
     /// </summary>
     ValueTask<int> ReadAsync(ulong ino, ulong handle, long offset, Memory<byte> destination, CancellationToken cancellationToken);
 
+    /// <summary>
+    /// Optional fast path, tried before <see cref="ReadAsync"/>: if the bytes already sit in memory, return them and
+    /// the bridge writes them to the kernel straight from there (no copy into a reply buffer). Return exactly
+    /// <paramref name="size"/> bytes, fewer only at end of file (a short reply means EOF to the kernel). The memory
+    /// must stay unchanged until this call's caller has written the reply (it does so before returning).
+    /// </summary>
+    bool TryReadDirect(ulong ino, ulong handle, long offset, int size, out ReadOnlyMemory<byte> data)
+    {
+        data = default;
+        return false;
+    }
+
     void Release(ulong ino, ulong handle) { }
 
     int OpenDir(ulong ino, out ulong handle)

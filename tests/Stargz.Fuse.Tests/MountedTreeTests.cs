@@ -160,6 +160,20 @@ public sealed class MountedTreeTests(MountFixture fx) : IClassFixture<MountFixtu
     }
 
     [Fact]
+    public async Task A_file_held_in_memory_is_served_byte_for_byte()
+    {
+        using var tmp = new Stargz.TestSupport.TempDir("fuse-mem");
+        var expected = System.IO.Path.Combine(tmp.Path, "expected.bin");
+        await File.WriteAllBytesAsync(expected, TestTree.RandomBytes, TestContext.Current.CancellationToken);
+        var r = await Tools.Run("cmp", fx.Path("random.bin"), expected);
+        Assert.True(r.ExitCode == 0, r.StdOut + r.StdErr);
+        // A read starting past the end returns nothing; one straddling the end returns the tail.
+        var tail = await Tools.Out("sh", "-c", $"tail -c 5 {fx.Path("random.bin")} | od -An -tu1");
+        var want = string.Join(" ", TestTree.RandomBytes[^5..].Select(b => b.ToString()));
+        Assert.Equal(want, string.Join(" ", tail.Split(' ', StringSplitOptions.RemoveEmptyEntries)).Trim());
+    }
+
+    [Fact]
     public async Task Interrupting_a_blocked_reader_cancels_the_read()
     {
         long before = fx.Fs.CancelledReads;

@@ -9,11 +9,21 @@ internal static class TestTree
 {
     public const long LargeSize = 1L << 30;
     public const int BigDirEntries = 10_000;
+    /// <summary>8 MiB + 123 bytes held in memory (served through the zero-copy TryReadDirect path).</summary>
+    public static readonly byte[] RandomBytes = MakeRandom();
+
+    private static byte[] MakeRandom()
+    {
+        var b = new byte[(8 << 20) + 123];
+        new Random(42).NextBytes(b);
+        return b;
+    }
 
     public static MemoryFileSystem Build()
     {
         var fs = new MemoryFileSystem();
         fs.AddFile("hello.txt", "hello world\n");
+        fs.AddFile("random.bin", RandomBytes);
         fs.AddFile("dir/sub/deep.txt", "deep\n", 0x180 /*0600*/);
         fs.AddFile("dir/exec.sh", "#!/bin/sh\necho hi\n", 0x1ED /*0755*/);
         for (int i = 0; i < BigDirEntries; i++) fs.AddFile($"big/f{i:D5}", $"{i}\n");
