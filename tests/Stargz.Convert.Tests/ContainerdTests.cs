@@ -75,6 +75,38 @@ public class ContainerdTests(SourceImageFixture fixture) : IClassFixture<SourceI
         => CheckAsync(LayerFormat.ZstdChunked, "zstd");
 
     [Fact]
+    public async Task Python_image_of_three_layers_converted_by_us_runs_its_interpreter_on_containerd()
+    {
+        Requires.Root();
+        Requires.Command("containerd");
+        Requires.Command("ctr-remote");
+        var f = await fixture.GetAsync();
+        using var work = new TempDir("convert-py");
+        var layers = TestImages.WritePythonLayers(work.Path, dataMegabytes: 8);
+        var layout = Path.Combine(work.Path, "oci");
+        await TestImages.BuildAsync(layout, "v1", layers);
+        await TestImages.PushAsync(layout, "v1", f.Registry.Host, "src/python:v1");
+        using var client = new RegistryClient();
+        var dst = $"{f.Registry.Host}/out/python:esgz";
+        var result = await new ImageConverter(client).ConvertAsync(ImageReference.Parse($"{f.Registry.Host}/src/python:v1"), ImageReference.Parse(dst),
+            new ConvertOptions { Prioritized = ["/usr/bin/python3.11", "/usr/lib/python3.11/json/__init__.py"] }, Ct);
+        Assert.Equal(3, result.Manifests.Single().Layers.Count);
+
+        await using var ctd = await LocalContainerd.StartAsync();
+        (await ctd.CtrAsync("image", "pull", "--plain-http", dst)).EnsureSuccess("ctr pull");
+        var run = (await ctd.CtrAsync("run", "--rm", dst, "py", "/usr/bin/python3", "-c",
+            "import json, hashlib; print(json.dumps({'sha': hashlib.sha256(open('/data/message.txt','rb').read()).hexdigest()[:12]}))"))
+            .EnsureSuccess("ctr run python3");
+        var expected = System.Convert.ToHexStringLower(SHA256.HashData(await File.ReadAllBytesAsync(Path.Combine(layers[2], "data", "message.txt"), Ct)))[..12];
+        Assert.Equal($"{{\"sha\": \"{expected}\"}}", run.StdOut.Trim());
+        foreach (var layer in result.Manifests.Single().Layers)
+        {
+            var toc = (await ctd.CtrRemoteAsync("image", "get-toc-digest", layer.Target.Digest)).EnsureSuccess("get-toc-digest").StdOut.Trim();
+            Assert.Equal(layer.TocDigest, toc);
+        }
+    }
+
+    [Fact]
     public async Task Image_converted_by_ctr_remote_is_copied_as_is_by_our_converter()
     {
         Requires.Root();

@@ -128,6 +128,39 @@ public class ConvertTests(SourceImageFixture fixture) : IClassFixture<SourceImag
     }
 
     [Fact]
+    public async Task Docker_schema2_image_from_another_registry_becomes_OCI_and_copies_back()
+    {
+        var f = await fixture.GetAsync();
+        await using var other = await LocalRegistry.StartAsync();
+        var skopeo = Requires.Command("skopeo");
+        (await ProcessRunner.RunAsync(skopeo, ["copy", "--quiet", "--dest-tls-verify=false", "--format", "v2s2",
+            $"oci:{f.LayoutDir}:{SourceImageFixture.Tag}", $"docker://{other.Host}/src/docker:v1"], TimeSpan.FromMinutes(2)))
+            .EnsureSuccess("skopeo copy --format v2s2");
+        using var client = new RegistryClient();
+        var src = ImageReference.Parse($"{other.Host}/src/docker:v1");
+        var srcM = await client.ResolveAsync(src, null, Ct);
+        Assert.Equal(MediaTypes.DockerManifest, srcM.MediaType);
+        Assert.All(srcM.Layers, l => Assert.Equal("application/vnd.docker.image.rootfs.diff.tar.gzip", l.MediaType));
+
+        // Across registries: layers are downloaded from one and pushed to the other.
+        var dst = ImageReference.Parse($"{f.Registry.Host}/out/from-docker:v1");
+        var res = await new ImageConverter(client).ConvertAsync(src, dst, null, Ct);
+        var m = await client.ResolveAsync(dst, null, Ct);
+        Assert.Equal(MediaTypes.OciManifest, m.MediaType);
+        Assert.Equal(MediaTypes.OciConfig, m.Config.MediaType);
+        Assert.All(m.Layers, l => Assert.Equal("application/vnd.oci.image.layer.v1.tar+gzip", l.MediaType));
+        Assert.All(m.Layers, l => Assert.NotNull(l.Annotation(LayerLabels.TocDigestAnnotation)));
+
+        // And back into the first registry: already eStargz, so the blobs travel unchanged (download + push, no mount).
+        var back = ImageReference.Parse($"{other.Host}/out/back:v1");
+        var res2 = await new ImageConverter(client).ConvertAsync(dst, back, null, Ct);
+        Assert.All(res2.Manifests[0].Layers, l => Assert.Equal(LayerAction.CopiedAsIs, l.Action));
+        Assert.Equal(res.Digest, res2.Digest);
+        foreach (var l in m.Layers)
+            Assert.Equal(await LayerContent.DownloadAsync(client, dst, l.Digest), await LayerContent.DownloadAsync(client, back, l.Digest));
+    }
+
+    [Fact]
     public async Task Conversion_is_reproducible()
     {
         var f = await fixture.GetAsync();

@@ -24,6 +24,8 @@ public sealed class SourceImageFixture : IAsyncDisposable
 
     public LocalRegistry Registry => _registry ?? throw new InvalidOperationException("not started");
     public string Reference => $"{Registry.Host}/{Repository}:{Tag}";
+    /// <summary>The OCI layout (umoci) the image was built in; tag <see cref="Tag"/>.</summary>
+    public string LayoutDir => Path.Combine(_dir?.Path ?? throw new InvalidOperationException("not started"), "oci");
     /// <summary>Payload of /data/big.bin (3 MiB + 12345 bytes of random data).</summary>
     public byte[] Big { get; } = MakeBig();
 
