@@ -1,5 +1,4 @@
 using System.Buffers;
-using System.Formats.Tar;
 using System.IO.Compression;
 using System.Security.Cryptography;
 using System.Threading.Channels;
@@ -132,59 +131,13 @@ public static class EstargzBuilder
     {
         var list = new List<SrcEntry>();
         var byName = new Dictionary<string, SrcEntry>(StringComparer.Ordinal);
-        using var tr = new TarReader(source, leaveOpen: true);
-        while (true)
+        var tr = new TarStreamReader(source);
+        while (tr.Next() is var (m, dataOffset))
         {
             ct.ThrowIfCancellationRequested();
-            TarEntry? e;
-            try { e = tr.GetNextEntry(copyData: false); }
-            catch (Exception ex) when (ex is InvalidDataException or FormatException or EndOfStreamException or ArgumentException)
-            {
-                throw new EstargzFormatException($"input is not a valid tar: {ex.Message}", ex);
-            }
-            if (e is null) break;
-            if (e.EntryType == TarEntryType.GlobalExtendedAttributes) continue;
-            var clean = TocTree.CleanName(e.Name);
+            var clean = TocTree.CleanName(m.Name);
             if (clean == LayerLabels.TocTarName || clean == LayerLabels.PrefetchLandmark || clean == LayerLabels.NoPrefetchLandmark) continue;
-            byte flag = e.EntryType switch
-            {
-                TarEntryType.RegularFile or TarEntryType.V7RegularFile or TarEntryType.ContiguousFile => (byte)'0',
-                TarEntryType.HardLink => (byte)'1',
-                TarEntryType.SymbolicLink => (byte)'2',
-                TarEntryType.CharacterDevice => (byte)'3',
-                TarEntryType.BlockDevice => (byte)'4',
-                TarEntryType.Directory => (byte)'5',
-                TarEntryType.Fifo => (byte)'6',
-                _ => throw new EstargzFormatException($"unsupported tar entry type {e.EntryType} for \"{e.Name}\""),
-            };
-            var m = new TarMeta
-            {
-                Name = e.Name,
-                TypeFlag = flag,
-                Mode = (long)e.Mode,
-                Uid = e.Uid,
-                Gid = e.Gid,
-                MTime = e.ModificationTime.ToUnixTimeSeconds(),
-                LinkName = flag is (byte)'1' or (byte)'2' ? e.LinkName : null,
-                Size = flag == (byte)'0' ? e.Length : 0,
-            };
-            if (e is PosixTarEntry p)
-            {
-                m.UserName = string.IsNullOrEmpty(p.UserName) ? null : p.UserName;
-                m.GroupName = string.IsNullOrEmpty(p.GroupName) ? null : p.GroupName;
-                if (flag is (byte)'3' or (byte)'4') { m.DevMajor = p.DeviceMajor; m.DevMinor = p.DeviceMinor; }
-            }
-            if (e is PaxTarEntry pax)
-            {
-                foreach (var kv in pax.ExtendedAttributes)
-                {
-                    if (!kv.Key.StartsWith("SCHILY.xattr.", StringComparison.Ordinal)) continue;
-                    (m.Xattrs ??= new Dictionary<string, byte[]>(StringComparer.Ordinal))[kv.Key["SCHILY.xattr.".Length..]] =
-                        System.Text.Encoding.UTF8.GetBytes(kv.Value);
-                }
-            }
-            var se = new SrcEntry { Meta = m, Clean = clean, DataOffset = flag == (byte)'0' && m.Size > 0 ? e.DataOffset : 0 };
-            if (flag == (byte)'0' && m.Size > 0 && se.DataOffset < 0) throw new EstargzFormatException($"cannot locate the data of \"{e.Name}\"");
+            var se = new SrcEntry { Meta = m, Clean = clean, DataOffset = m.TypeFlag == (byte)'0' && m.Size > 0 ? dataOffset : 0 };
             if (byName.TryGetValue(clean, out var old)) old.Removed = true;
             byName[clean] = se;
             list.Add(se);
