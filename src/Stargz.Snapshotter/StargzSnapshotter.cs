@@ -42,6 +42,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     private readonly string _snapshotsDir;
     private readonly SemaphoreSlim _gate = new(1, 1);
     private readonly KeyedLock _targetLocks = new();
+    private readonly KeyedLock _commitLocks = new();
     private readonly ConcurrentDictionary<long, DateTime> _lastChecked = new();
     private readonly ConcurrentDictionary<long, string> _unrestored = new();
     private readonly bool _indexOff;
@@ -363,6 +364,9 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     public async Task CommitAsync(string ns, string name, string key, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {
         if (string.IsNullOrEmpty(name)) throw SnapshotterException.InvalidArgument("commit name must not be empty");
+        // Single flight per (namespace, name) and per key: one commit computes usage and syncs, the rest see the outcome.
+        using var byName = await _commitLocks.AcquireAsync("n\u0000" + ns + "\u0000" + name, ct);
+        using var byKey = await _commitLocks.AcquireAsync("k\u0000" + ns + "\u0000" + key, ct);
         var rec = await WithStoreAsync(() =>
         {
             var r = _store.Get(ns, key) ?? throw SnapshotterException.NotFound($"active snapshot {key} does not exist");

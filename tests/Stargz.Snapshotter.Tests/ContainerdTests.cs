@@ -67,6 +67,27 @@ public class ContainerdTests
         Assert.NotNull(again);
         again.EnsureSuccess($"ctr run after restart\ndaemon log:\n{daemon.Log}");
         Assert.Equal("hello from layer 2", again.StdOut.Trim());
+
+        // SIGKILL (no shutdown code at all), start again: still runnable.
+        await daemon.KillAsync();
+        await daemon.RestartAsync();
+        var third = await RunUntilReachable(ctd, image, "run-3", "/bin/cat", "/data/more.txt");
+        third.EnsureSuccess($"ctr run after SIGKILL\ndaemon log:\n{daemon.Log}");
+        Assert.Equal("and layer 3", third.StdOut.Trim());
+    }
+
+    /// <summary>`ctr run` retried while containerd's proxy client is in reconnect backoff after our daemon restarted.</summary>
+    private static async Task<ProcessResult> RunUntilReachable(LocalContainerd ctd, string image, string id, params string[] cmd)
+    {
+        ProcessResult r = null!;
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+        for (int i = 0; DateTime.UtcNow < deadline; i++)
+        {
+            r = await ctd.CtrAsync(["run", "--rm", "--snapshotter", "stargz", image, $"{id}-{i}", .. cmd]);
+            if (r.ExitCode == 0) break;
+            await Task.Delay(1000, Ct);
+        }
+        return r;
     }
 
     /// <summary>
@@ -117,6 +138,17 @@ public class ContainerdTests
         var run = await ctd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, "remote-run", "/bin/cat", "/data/hello.txt");
         run.EnsureSuccess($"ctr run on remote snapshots\ncontainerd log:\n{ctd.ReadLog()}");
         Assert.Equal("served remotely", run.StdOut.Trim());
+
+        // Restart the snapshotter: the remote layers are mounted again from the store and a new container runs.
+        var seam2 = new BindMountRemoteFileSystemDouble();
+        seam2.AddLayer(digests[0], l1);
+        seam2.AddLayer(digests[1], l2);
+        await sn.ReopenAsync(seam2);
+        Assert.Equal(1, seam2.MountCalls(digests[0]));
+        Assert.Equal(1, seam2.MountCalls(digests[1]));
+        var after = await RunUntilReachable(ctd, image, "remote-run-2", "/bin/cat", "/data/hello.txt");
+        after.EnsureSuccess($"ctr run after restore\ncontainerd log:\n{ctd.ReadLog()}");
+        Assert.Equal("served remotely", after.StdOut.Trim());
     }
 
     /// <summary>Layer digests of REPO:TAG, bottom first, from the registry's manifest.</summary>

@@ -294,6 +294,25 @@ public class SnapshotsApiTests
     }
 
     [Fact]
+    public async Task ConcurrentCommitsToOneNameOrOfOneKey_ExactlyOneWins()
+    {
+        await using var s = await InProcessSnapshotter.StartAsync();
+        var c = s.Client;
+        for (int i = 0; i < 6; i++) await c.PrepareAsync(Prep($"k{i}"), cancellationToken: Ct);
+        var sameName = await Task.WhenAll(Enumerable.Range(0, 6).Select(i =>
+            Client.CodeOf(async () => await c.CommitAsync(Commit("the-layer", $"k{i}"), cancellationToken: Ct))));
+        Assert.Equal(1, sameName.Count(x => x == StatusCode.OK));
+        Assert.Equal(5, sameName.Count(x => x == StatusCode.AlreadyExists));
+
+        await c.PrepareAsync(Prep("one-key"), cancellationToken: Ct);
+        var sameKey = await Task.WhenAll(Enumerable.Range(0, 6).Select(i =>
+            Client.CodeOf(async () => await c.CommitAsync(Commit($"name-{i}", "one-key"), cancellationToken: Ct))));
+        Assert.Equal(1, sameKey.Count(x => x == StatusCode.OK));
+        Assert.Equal(5, sameKey.Count(x => x == StatusCode.NotFound));
+        Assert.Equal(2, (await Client.ListAll(c, Ct, "kind==committed")).Count);
+    }
+
+    [Fact]
     public async Task ANewUpperDirTakesTheOwnerOfItsParentsRoot()
     {
         Requires.Root();
