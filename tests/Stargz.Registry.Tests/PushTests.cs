@@ -177,6 +177,44 @@ public class PushTests(SharedRegistry shared) : IClassFixture<SharedRegistry>
     }
 
     [Fact]
+    public async Task Failed_upload_requests_are_retried_from_the_start_of_the_stream_or_with_the_same_chunk()
+    {
+        var (reg, _) = await shared.GetAsync();
+        var puts = 0;
+        var patches = 0;
+        await using var proxy = await RegistryProxy.StartAsync(reg.BaseUrl, async (ctx, p) =>
+        {
+            // Keep the upload session URLs pointing at the proxy.
+            ctx.Response.OnStarting(() =>
+            {
+                if (ctx.Response.Headers.Location.ToString() is { Length: > 0 } loc) ctx.Response.Headers.Location = loc.Replace(reg.Host, p.Host);
+                return Task.CompletedTask;
+            });
+            var upload = ctx.Request.Path.Value!.Contains("/blobs/uploads/", StringComparison.Ordinal);
+            var fail = upload && ((ctx.Request.Method == "PUT" && ctx.Request.ContentLength > 0 && Interlocked.Increment(ref puts) == 1)
+                                  || (ctx.Request.Method == "PATCH" && Interlocked.Increment(ref patches) == 2));
+            if (!fail) return false;
+            await ctx.Request.Body.CopyToAsync(Stream.Null, ctx.RequestAborted); // the whole body went out, then the registry failed
+            ctx.Response.StatusCode = 503;
+            return true;
+        });
+        using var client = new RegistryClient(SharedRegistry.FastRetries());
+        var r = ImageReference.Parse($"{proxy.Host}/push/retry:latest");
+
+        var mono = Random(3_000_000, 23);
+        var res = await client.PushBlobAsync(r, new MemoryStream(mono), Sha(mono), mono.Length, ct: Ct);
+        Assert.Equal(BlobPushOutcome.UploadedMonolithic, res.Outcome);
+        Assert.Equal(2, puts);
+        Assert.Equal(mono, await Download(client, r, Sha(mono)));
+
+        var chunked = Random((5 << 19) + 7, 24);
+        var res2 = await client.PushBlobAsync(r, new TrickleStream(chunked), options: new BlobPushOptions { ChunkSize = 1 << 20 }, ct: Ct);
+        Assert.Equal(BlobPushOutcome.UploadedChunked, res2.Outcome);
+        Assert.Equal(4, patches); // three chunks, the second sent twice
+        Assert.Equal(chunked, await Download(client, r, Sha(chunked)));
+    }
+
+    [Fact]
     public async Task Cancellation_stops_a_chunked_upload()
     {
         var (reg, _) = await shared.GetAsync();
