@@ -187,6 +187,49 @@ public class HostileInputTests
     }
 
     [Fact]
+    public async Task BuilderRejects_BrokenTarInput_WithAFormatError()
+    {
+        var good = TreeModel.ToTar([new ModelEntry { Path = "f", Type = TarEntryType.RegularFile, Content = new byte[3000] }]);
+        // The file's data runs past the end of the input.
+        var cut = good[..2000];
+        var e1 = await Assert.ThrowsAnyAsync<EstargzFormatException>(() => Blobs.BuildAsync(cut));
+        Assert.Contains("past the end", e1.Message);
+        // A header whose checksum does not match.
+        var bad = (byte[])good.Clone();
+        int hdr = FindUstar(bad);
+        bad[hdr + 10] ^= 0x20;
+        Assert.Contains("checksum", (await Assert.ThrowsAnyAsync<EstargzFormatException>(() => Blobs.BuildAsync(bad))).Message);
+        // A malformed PAX record (length field lies).
+        var pax = (byte[])good.Clone();
+        int rec = pax.AsSpan(512).IndexOf("mtime="u8) + 512;
+        Assert.True(rec > 512);
+        pax[rec - 2] = (byte)'9';
+        FixChecksum(pax, 0);
+        await Assert.ThrowsAnyAsync<EstargzFormatException>(() => Blobs.BuildAsync(pax));
+        // An entry type eStargz cannot carry (sparse 'S').
+        var sparse = (byte[])good.Clone();
+        sparse[hdr + 156] = (byte)'S';
+        FixChecksum(sparse, hdr);
+        Assert.Contains("unsupported", (await Assert.ThrowsAnyAsync<EstargzFormatException>(() => Blobs.BuildAsync(sparse))).Message);
+    }
+
+    private static int FindUstar(byte[] tar)
+    {
+        for (int off = 0; off < tar.Length; off += 512)
+            if (tar[off + 156] == (byte)'0') return off;
+        throw new InvalidOperationException("no regular file header");
+    }
+
+    private static void FixChecksum(byte[] tar, int off)
+    {
+        var h = tar.AsSpan(off, 512);
+        h.Slice(148, 8).Fill((byte)' ');
+        int sum = 0;
+        foreach (var b in h) sum += b;
+        Encoding.ASCII.GetBytes(Convert.ToString(sum, 8).PadLeft(6, '0') + "\0 ", h.Slice(148, 8));
+    }
+
+    [Fact]
     public async Task Extract_NeverWritesOutsideTheTarget()
     {
         // A symlink pointing outside, followed by a file "through" it, is refused by the tree before any write.
