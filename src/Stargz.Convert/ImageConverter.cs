@@ -95,6 +95,8 @@ public sealed class ImageConverter
         private readonly RegistryClient _client = owner._client;
         private readonly ILogger _log = owner._log;
         private readonly string _src = source.ToString();
+        // Cancelled by the caller or by the first failing layer: the other layers stop instead of finishing for nothing.
+        private CancellationTokenSource _abort = new();
         // "/bin/sh" and "./bin/sh" name the tar entry "bin/sh".
         private readonly IReadOnlyList<string> _prioritized = o.Prioritized.Select(NormalisePath).ToList();
 
@@ -102,6 +104,9 @@ public sealed class ImageConverter
 
         public async Task<ConvertResult> ExecuteAsync(CancellationToken ct)
         {
+            using var abort = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            _abort.Dispose();
+            _abort = abort;
             var (bytes, mediaType, _) = await Wrap(() => _client.FetchManifestAsync(source, source.ManifestReference, ct), null).ConfigureAwait(false);
             var top = ParseObject(bytes.Span, $"manifest of {_src}");
             mediaType = DetectMediaType(mediaType, top);
@@ -152,7 +157,7 @@ public sealed class ImageConverter
                 tasks.Add(ConvertManifestAsync(digest, p, tagged: false, ct));
             }
             if (tasks.Count == 0) throw Fail($"index {_src} has no image manifests to convert");
-            var done = await Task.WhenAll(tasks).ConfigureAwait(false);
+            var done = await WhenAllAsync(tasks).ConfigureAwait(false);
             var list = new JsonArray();
             for (var i = 0; i < done.Length; i++)
             {
@@ -198,7 +203,7 @@ public sealed class ImageConverter
             if (diffIds.Count != layers.Count)
                 throw Fail($"config {configDesc.Digest} of {_src} lists {diffIds.Count} diff_ids for {layers.Count} layers");
 
-            var outcomes = await Task.WhenAll(layers.Select((l, i) => LayerAsync(l, diffIds[i], ct))).ConfigureAwait(false);
+            var outcomes = await WhenAllAsync(layers.Select((l, i) => LayerAsync(l, diffIds[i])).ToList()).ConfigureAwait(false);
 
             if (o.Prioritized.Count > 0 && outcomes.Any(x => x.Action == LayerAction.Converted))
             {
@@ -238,12 +243,41 @@ public sealed class ImageConverter
             return new ConvertedManifest(digest, mdigest, mbytes.Length, platform, cfgOut, converted);
         }
 
-        private Task<LayerOutcome> LayerAsync(Descriptor layer, string diffId, CancellationToken ct)
+        private Task<LayerOutcome> LayerAsync(Descriptor layer, string diffId)
         {
             // Two manifests (platforms) or two positions may share a layer: convert it once.
             var key = layer.Digest;
-            var lazy = _layers.GetOrAdd(key, _ => new Lazy<Task<LayerOutcome>>(() => ConvertLayerAsync(layer, diffId, ct)));
+            var lazy = _layers.GetOrAdd(key, _ => new Lazy<Task<LayerOutcome>>(() => GuardedAsync(layer, diffId)));
             return lazy.Value;
+        }
+
+        private async Task<LayerOutcome> GuardedAsync(Descriptor layer, string diffId)
+        {
+            try
+            {
+                return await ConvertLayerAsync(layer, diffId, _abort.Token).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is not OperationCanceledException)
+            {
+                await _abort.CancelAsync().ConfigureAwait(false);
+                throw;
+            }
+        }
+
+        /// <summary>All results; on failure the first real error, not the cancellations it caused in the others.</summary>
+        private static async Task<T[]> WhenAllAsync<T>(IReadOnlyList<Task<T>> tasks)
+        {
+            try
+            {
+                return await Task.WhenAll(tasks).ConfigureAwait(false);
+            }
+            catch (Exception)
+            {
+                var real = tasks.Where(t => t.IsFaulted).SelectMany(t => t.Exception!.InnerExceptions)
+                    .FirstOrDefault(e => e is not OperationCanceledException);
+                if (real is not null) System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(real);
+                throw;
+            }
         }
 
         private async Task<LayerOutcome> ConvertLayerAsync(Descriptor layer, string diffId, CancellationToken ct)

@@ -278,10 +278,19 @@ public class ConvertTests(SourceImageFixture fixture) : IClassFixture<SourceImag
         using var client = new RegistryClient();
         using var work = new TempDir("convert-cancel");
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(Ct);
-        cts.CancelAfter(TimeSpan.FromMilliseconds(300));
+        // Cancel once a layer is being built (its temp files exist under the work dir).
+        var watcher = Task.Run(async () =>
+        {
+            while (!cts.IsCancellationRequested)
+            {
+                if (Directory.EnumerateFiles(work.Path, "*", SearchOption.AllDirectories).Any()) { await cts.CancelAsync(); return; }
+                await Task.Delay(1, Ct);
+            }
+        }, Ct);
         var dst = ImageReference.Parse($"{f.Registry.Host}/out/cancelled:x");
         await Assert.ThrowsAnyAsync<OperationCanceledException>(() => new ImageConverter(client).ConvertAsync(ImageReference.Parse(f.Reference), dst,
             new ConvertOptions { WorkDirectory = work.Path, CompressionLevel = 9, ChunkSize = 4096 }, cts.Token));
+        await watcher;
         Assert.Empty(Directory.EnumerateFileSystemEntries(work.Path));
         await Assert.ThrowsAsync<NotFoundException>(() => client.ResolveAsync(dst, null, Ct));
     }
