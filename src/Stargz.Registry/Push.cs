@@ -47,13 +47,16 @@ public sealed partial class RegistryClient
     }
 
     /// <summary>HEAD on a blob in <paramref name="repo"/>'s repository: its size, or null when the registry does not have it there.</summary>
-    public async Task<long?> StatBlobAsync(ImageReference repo, string digest, CancellationToken ct = default)
+    public Task<long?> StatBlobAsync(ImageReference repo, string digest, CancellationToken ct = default)
+        => StatBlobAsync(repo, digest, PullScope(repo), ct);
+
+    // The push path asks with the push scope, so a push needs one token, not two.
+    private async Task<long?> StatBlobAsync(ImageReference repo, string digest, string scope, CancellationToken ct)
     {
         ArgumentNullException.ThrowIfNull(repo);
         _ = repo.WithDigest(digest);
         var ep = PushEndpoint(repo);
         var subject = $"{repo.Name}@{digest}";
-        var scope = PullScope(repo);
         return await RetryAsync(ep, subject, async (e, tct) =>
         {
             using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Head, e.Url(repo.Repository, "blobs", digest)), scope, subject, tct)
@@ -88,7 +91,7 @@ public sealed partial class RegistryClient
             _ = repo.WithDigest(digest);
             if (!digest.StartsWith("sha256:", StringComparison.Ordinal))
                 throw new ArgumentException($"only sha256 digests can be pushed, not {digest}", nameof(digest));
-            if (options.SkipExisting && await StatBlobAsync(repo, digest, ct).ConfigureAwait(false) is long have && (size is null || have < 0 || have == size))
+            if (options.SkipExisting && await StatBlobAsync(repo, digest, PushScope(repo), ct).ConfigureAwait(false) is long have && (size is null || have < 0 || have == size))
                 return new BlobPushResult(digest, have >= 0 ? have : size ?? -1, BlobPushOutcome.Existed);
         }
         if (digest is not null && content.CanSeek && !options.ForceChunked)

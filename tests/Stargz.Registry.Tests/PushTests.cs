@@ -259,9 +259,11 @@ public class PushTests(SharedRegistry shared) : IClassFixture<SharedRegistry>
         using var client = new RegistryClient(null, new StaticCredentialProvider().Add(p.Registry.Host, "pusher", "s3cret"));
         var r = ImageReference.Parse($"{p.Registry.Host}/team/pushed:v1");
         var data = Random(1_200_000, 21);
+        var before = tokens.Requests;
         var res = await client.PushBlobAsync(r, new MemoryStream(data), Sha(data), data.Length, ct: Ct);
         Assert.Equal(BlobPushOutcome.UploadedMonolithic, res.Outcome);
         Assert.Contains("repository:team/pushed:pull,push", tokens.Scopes);
+        Assert.Equal(1, tokens.Requests - before); // HEAD, POST and PUT share one token
 
         // Mount a layer of the prepared image into the new repository: one token for both repositories.
         Assert.True(await client.MountBlobAsync(r, p.Image.LayerDigests[1], p.Image.Repository, Ct));
