@@ -125,5 +125,6 @@ public class ContainerdTests(SourceImageFixture fixture) : IClassFixture<SourceI
         Assert.Equal(refM.Layers.Select(l => l.Annotation(LayerLabels.TocDigestAnnotation)), result.Manifests.Single().Layers.Select(l => l.TocDigest));
         var output = await RunAsync(ctd, dst, "copied");
         Assert.StartsWith(SourceImageFixture.Hello + "\n", output);
+        Assert.Equal(await RunAsync(ctd, f.Reference, "original"), output);
     }
 }
