@@ -778,32 +778,37 @@ public sealed unsafe partial class FuseServer : IDisposable
 
     // ---------------------------------------------------------------- static helpers
 
-    /// <summary>True if <paramref name="path"/> is a FUSE mount whose server is gone ("Transport endpoint is not connected").</summary>
-    public static bool IsDeadMount(string path)
+    /// <summary>
+    /// True if <paramref name="path"/> is a FUSE mount whose server is gone ("Transport endpoint is not connected").
+    /// With <paramref name="timeout"/>, a server that does not answer a forced stat in time counts as gone too
+    /// (the probing thread stays blocked until the mount is aborted or the server answers).
+    /// </summary>
+    public static bool IsDeadMount(string path, TimeSpan? timeout = null)
     {
-        int e = Native.StatErrno(path);
-        return e is Native.ENOTCONN or Native.ECONNABORTED;
+        if (timeout is not TimeSpan t) return Native.StatErrno(path) is Native.ENOTCONN or Native.ECONNABORTED;
+        var probe = Task.Factory.StartNew(() => Native.StatErrno(path), CancellationToken.None,
+            TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        if (!probe.Wait(t)) return true;
+        return probe.Result is Native.ENOTCONN or Native.ECONNABORTED;
     }
 
     /// <summary>True if <paramref name="path"/> is a mount point (per /proc/self/mountinfo).</summary>
     public static bool IsMountPoint(string path) => MountInfo.Find(Path.GetFullPath(path)) != null;
 
     /// <summary>
-    /// If <paramref name="path"/> is a dead FUSE mount, aborts what is left of its connection and detaches it.
-    /// Returns true when a dead mount was removed.
+    /// If <paramref name="path"/> is a dead (or, with <paramref name="timeout"/>, unresponsive) FUSE mount, aborts
+    /// its connection (MNT_FORCE: anything still waiting on it gets ENOTCONN) and unmounts it, detaching if busy.
+    /// Returns true when such a mount was removed.
     /// </summary>
-    public static bool CleanupDeadMount(string path)
+    public static bool CleanupDeadMount(string path, TimeSpan? timeout = null)
     {
         path = Path.GetFullPath(path);
-        if (!IsDeadMount(path)) return false;
-        if (Native.Umount2(path, 0) != 0)
-        {
-            int e = Native.LastErrno;
-            if (e == Native.EBUSY && Native.Umount2(path, Native.MNT_DETACH) != 0)
-                throw new IOException($"umount2 {path} (detach): errno {Native.LastErrno}");
-            if (e is not (Native.EBUSY or Native.EINVAL) && Native.Umount2(path, Native.MNT_DETACH) != 0)
-                throw new IOException($"umount2 {path}: errno {e}");
-        }
+        if (!IsDeadMount(path, timeout)) return false;
+        if (Native.Umount2(path, Native.MNT_FORCE) == 0) return true;
+        int e = Native.LastErrno;
+        if (e == Native.EINVAL) return false; // not a mount point
+        if (Native.Umount2(path, Native.MNT_DETACH) != 0)
+            throw new IOException($"umount2 {path} (detach): errno {Native.LastErrno}");
         return true;
     }
 }

@@ -55,4 +55,44 @@ public sealed class KillServerTests
             if (FuseServer.IsMountPoint(mnt)) await Tools.Run("umount", "-l", mnt);
         }
     }
+
+    [Fact]
+    public async Task A_stopped_server_is_detected_by_timeout_and_its_mount_aborted_and_removed()
+    {
+        Requires.Fuse();
+        var ct = TestContext.Current.CancellationToken;
+        using var dir = new TempDir("fuse-stop");
+        var mnt = dir.Sub("mnt");
+        using var host = Process.Start(TestHost.StartInfo(mnt))!;
+        try
+        {
+            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            wait.CancelAfter(TimeSpan.FromSeconds(30));
+            Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
+            Assert.False(FuseServer.IsDeadMount(mnt, TimeSpan.FromSeconds(5)));
+
+            await Tools.Out("kill", "-STOP", host.Id.ToString());
+            // Alive but not answering: only a bounded probe can tell, and it must not hang the caller.
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            Assert.True(FuseServer.IsDeadMount(mnt, TimeSpan.FromSeconds(1)));
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20));
+            Assert.True(FuseServer.CleanupDeadMount(mnt, TimeSpan.FromSeconds(1)));
+            Assert.False(FuseServer.IsMountPoint(mnt));
+
+            // Resumed, the server finds its connection gone and ends on its own.
+            await Tools.Out("kill", "-CONT", host.Id.ToString());
+            await host.WaitForExitAsync(wait.Token);
+            Assert.Equal(0, host.ExitCode);
+        }
+        finally
+        {
+            if (!host.HasExited)
+            {
+                await Tools.Run("kill", "-CONT", host.Id.ToString());
+                host.Kill();
+            }
+            FuseServer.CleanupDeadMount(mnt, TimeSpan.FromSeconds(1));
+            if (FuseServer.IsMountPoint(mnt)) await Tools.Run("umount", "-l", mnt);
+        }
+    }
 }
