@@ -6,7 +6,8 @@ namespace Stargz.Convert;
 /// <summary>
 /// <c>stargz image convert [--zstd] [--chunk-size N] [--level L] [--prioritize PATH]... [--platform P | --all-platforms]
 /// [--plain-http] [--user U:P] [--work-dir DIR] SRC DST</c>: the CLI command, kept here so the CLI only forwards to it.
-/// Prints one line per layer and the pushed digest; exit code 0 on success, 1 on a failed conversion, 2 on bad usage.
+/// Prints one line per layer and the pushed digest; exit code 0 on success, 1 on a failed conversion, 2 on bad usage,
+/// 130 when <c>ct</c> was cancelled (Ctrl-C).
 /// </summary>
 public static class ImageConvertCommand
 {
@@ -101,10 +102,15 @@ public static class ImageConvertCommand
             await stderr.WriteLineAsync($"stargz image convert: {e.Message}").ConfigureAwait(false);
             return 1;
         }
-        catch (IOException e)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             await stderr.WriteLineAsync($"stargz image convert: {e.Message}").ConfigureAwait(false);
             return 1;
+        }
+        catch (OperationCanceledException) when (ct.IsCancellationRequested)
+        {
+            await stderr.WriteLineAsync("stargz image convert: cancelled").ConfigureAwait(false);
+            return 130;
         }
     }
 

@@ -313,6 +313,9 @@ public class ConvertTests(SourceImageFixture fixture) : IClassFixture<SourceImag
         foreach (var l in m.Layers)
             Assert.Contains(lines, x => x.Contains(l.Digest) && x.Contains("toc=" + l.Annotation(LayerLabels.TocDigestAnnotation)));
 
+        var help = new StringWriter();
+        Assert.Equal(0, await ImageConvertCommand.RunAsync(["--help"], help, new StringWriter(), Ct));
+        Assert.Contains("--zstd", help.ToString());
         var err = new StringWriter();
         Assert.Equal(2, await ImageConvertCommand.RunAsync(["--chunk-size", "zero", f.Reference, dst], new StringWriter(), err, Ct));
         Assert.Contains("--chunk-size", err.ToString());
@@ -322,5 +325,8 @@ public class ConvertTests(SourceImageFixture fixture) : IClassFixture<SourceImag
         err = new StringWriter();
         Assert.Equal(1, await ImageConvertCommand.RunAsync([$"{f.Registry.Host}/src/nothing:here", dst], new StringWriter(), err, Ct));
         Assert.Contains("src/nothing", err.ToString());
+        using var cancelled = CancellationTokenSource.CreateLinkedTokenSource(Ct);
+        await cancelled.CancelAsync();
+        Assert.Equal(130, await ImageConvertCommand.RunAsync(["--zstd", f.Reference, $"{f.Registry.Host}/out/cli:zstd"], new StringWriter(), new StringWriter(), cancelled.Token));
     }
 }
