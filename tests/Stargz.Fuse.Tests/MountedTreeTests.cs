@@ -174,6 +174,18 @@ public sealed class MountedTreeTests(MountFixture fx) : IClassFixture<MountFixtu
     }
 
     [Fact]
+    public async Task Seek_data_and_hole_see_files_without_holes()
+    {
+        var script = "import os,sys\n" +
+                     "fd=os.open(sys.argv[1],os.O_RDONLY)\n" +
+                     "print(os.lseek(fd,3,os.SEEK_DATA),os.lseek(fd,3,os.SEEK_HOLE))\n" +
+                     "try:\n  os.lseek(fd,12,os.SEEK_DATA)\nexcept OSError as e:\n  print(e.strerror)\n";
+        var outp = await Tools.Out("python3", "-c", script, fx.Path("hello.txt"));
+        Assert.Equal("3 12\nNo such device or address\n", outp);
+        Assert.True(fx.Server!.RequestCount(46) > 0, "LSEEK never reached the server");
+    }
+
+    [Fact]
     public async Task Interrupting_a_blocked_reader_cancels_the_read()
     {
         long before = fx.Fs.CancelledReads;
