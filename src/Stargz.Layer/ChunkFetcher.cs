@@ -389,9 +389,10 @@ internal sealed class ChunkFetcher : IDisposable
         }
     }
 
+    /// <summary>Unmount: cancels prefetch, background fetch and fetches in flight (their waiters get EIO).</summary>
     public void Dispose()
     {
+        // Cancelled, not disposed: fetches still finishing read the token.
         _lifetime.Cancel();
-        _lifetime.Dispose();
     }
 }

@@ -172,8 +172,8 @@ internal sealed class FetcherRig : IDisposable
 
     public void Dispose()
     {
-        Fetcher.DrainAsync().GetAwaiter().GetResult();
         Fetcher.Dispose();
+        Fetcher.DrainAsync().GetAwaiter().GetResult();
         Gate.Dispose();
         if (_ownCache) Cache.Dispose();
     }
