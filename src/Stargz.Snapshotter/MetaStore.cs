@@ -29,8 +29,8 @@ public sealed class MetaStore : IDisposable
 
     /// <summary>
     /// Runs <paramref name="body"/> in one transaction: commits when it returns, rolls back when it throws. A commit that
-    /// wrote is made durable before returning: LiteDB 5 queues log pages to a background writer and never fsyncs, so a
-    /// checkpoint (which waits for the queue and folds the log into the data file) is followed by an fsync of the file.
+    /// wrote is made durable before returning: LiteDB 5 hands its log writes to the OS but never fsyncs them (a SIGKILL
+    /// keeps them, a power loss may not), so a checkpoint folds the log into the data file and we fsync that file.
     /// </summary>
     public T InTransaction<T>(Func<T> body)
     {
