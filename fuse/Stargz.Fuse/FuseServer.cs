@@ -13,6 +13,8 @@ public sealed unsafe partial class FuseServer : IDisposable
     private const int OutHeaderSize = 16;
     private const int InHeaderSize = 40;
     private const ulong PassthroughHandleBit = 1UL << 63;
+    private const ulong CachedOpenBit = 1UL << 62;
+    private const ulong HandleBits = PassthroughHandleBit | CachedOpenBit;
     private const uint OurMinor = 40; // 7.40 adds backing_id and max_stack_depth (passthrough)
 
     private readonly IFuseFileSystem _fs;
@@ -29,6 +31,7 @@ public sealed unsafe partial class FuseServer : IDisposable
     private readonly Dictionary<ulong, ulong> _lookups = [];
     private readonly Lock _backingLock = new();
     private readonly Dictionary<ulong, (int Id, int Refs)> _backing = [];
+    private readonly Dictionary<ulong, int> _cachedOpens = [];
     private readonly TaskCompletionSource _initDone = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly long[] _opCounts = new long[(int)Opcode.MaxKnown];
@@ -433,15 +436,21 @@ public sealed unsafe partial class FuseServer : IDisposable
         if ((oi.Flags & 3) != 0 || (oi.Flags & 0x200) != 0) { ReplyError(ctx.Fd, h.Unique, Errno.EROFS); return; }
         int rc = _fs.Open(h.NodeId, (int)oi.Flags, out var r);
         if (rc != 0) { ReplyError(ctx.Fd, h.Unique, rc); return; }
-        var oo = new OpenOut { Fh = r.Handle & ~PassthroughHandleBit };
+        var oo = new OpenOut { Fh = r.Handle & ~HandleBits };
         if (r.KeepCache) oo.OpenFlags |= OpenFlags.KeepCache;
         if (r.DirectIo) oo.OpenFlags |= OpenFlags.DirectIo;
-        if (_passthroughUsable && (r.BackingPath != null || r.BackingFile != null) && TryBacking(h.NodeId, r, out int id))
+        if (_passthroughUsable)
         {
-            oo.OpenFlags = OpenFlags.Passthrough;
-            oo.BackingId = id;
-            oo.Fh |= PassthroughHandleBit;
-            Interlocked.Increment(ref _passthroughOpens);
+            // The kernel fails an open (EIO) that mixes passthrough and page-cache I/O on one inode, so an inode
+            // stays in the mode of its first open until all its opens are released.
+            if (ChoosePassthrough(h.NodeId, r, out int id))
+            {
+                oo.OpenFlags = OpenFlags.Passthrough;
+                oo.BackingId = id;
+                oo.Fh |= PassthroughHandleBit;
+                Interlocked.Increment(ref _passthroughOpens);
+            }
+            else oo.Fh |= CachedOpenBit;
         }
         ReplyStruct(ctx, h.Unique, oo, Marshal.SizeOf<OpenOut>());
     }
@@ -449,7 +458,7 @@ public sealed unsafe partial class FuseServer : IDisposable
     /// <summary>
     /// One backing id per inode, shared by its opens: the kernel refuses two different backing files on one inode.
     /// </summary>
-    private bool TryBacking(ulong ino, in FuseOpenResult r, out int id)
+    private bool ChoosePassthrough(ulong ino, in FuseOpenResult r, out int id)
     {
         lock (_backingLock)
         {
@@ -460,35 +469,48 @@ public sealed unsafe partial class FuseServer : IDisposable
                 id = slot.Id;
                 return true;
             }
-            int fd;
-            bool own = false;
-            if (r.BackingFile != null) fd = (int)r.BackingFile.DangerousGetHandle();
-            else
+            id = 0;
+            bool cachedOpen = _cachedOpens.ContainsKey(ino);
+            if (cachedOpen || (r.BackingPath == null && r.BackingFile == null) || !TryRegisterBacking(r, out id))
             {
-                fd = Native.Open(r.BackingPath!, Native.O_RDONLY | Native.O_CLOEXEC, 0);
-                if (fd < 0)
-                {
-                    _opt.Log?.Invoke($"passthrough: open {r.BackingPath}: errno {Native.LastErrno}; serving reads in user space");
-                    id = 0;
-                    return false;
-                }
-                own = true;
-            }
-            var map = new BackingMap { Fd = fd };
-            id = Native.Ioctl(_masterFd, Native.FUSE_DEV_IOC_BACKING_OPEN, &map);
-            int e = id < 0 ? Native.LastErrno : 0;
-            // The kernel holds its own reference to the file once registered.
-            if (own) Native.Close(fd);
-            if (id < 0)
-            {
-                _opt.Log?.Invoke($"passthrough refused (errno {e}); serving reads in user space");
-                if (e is Native.EPERM or Native.ENOTTY or Native.EOPNOTSUPP) _passthroughUsable = false;
-                id = 0;
+                CollectionsMarshal.GetValueRefOrAddDefault(_cachedOpens, ino, out _)++;
                 return false;
             }
             _backing[ino] = (id, 1);
             return true;
         }
+    }
+
+    /// <summary>Registers the backing file with the kernel (caller holds the backing lock).</summary>
+    private bool TryRegisterBacking(in FuseOpenResult r, out int id)
+    {
+        int fd;
+        bool own = false;
+        if (r.BackingFile != null) fd = (int)r.BackingFile.DangerousGetHandle();
+        else
+        {
+            fd = Native.Open(r.BackingPath!, Native.O_RDONLY | Native.O_CLOEXEC, 0);
+            if (fd < 0)
+            {
+                _opt.Log?.Invoke($"passthrough: open {r.BackingPath}: errno {Native.LastErrno}; serving reads in user space");
+                id = 0;
+                return false;
+            }
+            own = true;
+        }
+        var map = new BackingMap { Fd = fd };
+        id = Native.Ioctl(_masterFd, Native.FUSE_DEV_IOC_BACKING_OPEN, &map);
+        int e = id < 0 ? Native.LastErrno : 0;
+        // The kernel holds its own reference to the file once registered.
+        if (own) Native.Close(fd);
+        if (id < 0)
+        {
+            _opt.Log?.Invoke($"passthrough refused (errno {e}); serving reads in user space");
+            if (e is Native.EPERM or Native.ENOTTY or Native.EOPNOTSUPP) _passthroughUsable = false;
+            id = 0;
+            return false;
+        }
+        return true;
     }
 
     private void ReleaseBacking(ulong ino)
@@ -504,11 +526,21 @@ public sealed unsafe partial class FuseServer : IDisposable
         }
     }
 
+    private void ReleaseCachedOpen(ulong ino)
+    {
+        lock (_backingLock)
+        {
+            ref int c = ref CollectionsMarshal.GetValueRefOrNullRef(_cachedOpens, ino);
+            if (!Unsafe.IsNullRef(ref c) && --c <= 0) _cachedOpens.Remove(ino);
+        }
+    }
+
     private void HandleRelease(ReaderContext ctx, in InHeader h, ReadOnlySpan<byte> args)
     {
         var ri = MemoryMarshal.Read<ReleaseIn>(args);
         if ((ri.Fh & PassthroughHandleBit) != 0) ReleaseBacking(h.NodeId);
-        _fs.Release(h.NodeId, ri.Fh & ~PassthroughHandleBit);
+        else if ((ri.Fh & CachedOpenBit) != 0) ReleaseCachedOpen(h.NodeId);
+        _fs.Release(h.NodeId, ri.Fh & ~HandleBits);
         ReplyError(ctx.Fd, h.Unique, 0);
     }
 
@@ -520,7 +552,7 @@ public sealed unsafe partial class FuseServer : IDisposable
         ulong unique = h.Unique;
         bool direct;
         ReadOnlyMemory<byte> data;
-        try { direct = _fs.TryReadDirect(h.NodeId, ri.Fh & ~PassthroughHandleBit, (long)ri.Offset, size, out data); }
+        try { direct = _fs.TryReadDirect(h.NodeId, ri.Fh & ~HandleBits, (long)ri.Offset, size, out data); }
         catch (Exception ex)
         {
             ReplyError(ctx.Fd, unique, ErrnoOf(ex));
@@ -534,7 +566,7 @@ public sealed unsafe partial class FuseServer : IDisposable
         ValueTask<int> vt;
         try
         {
-            vt = _fs.ReadAsync(h.NodeId, ri.Fh & ~PassthroughHandleBit, (long)ri.Offset,
+            vt = _fs.ReadAsync(h.NodeId, ri.Fh & ~HandleBits, (long)ri.Offset,
                 new Memory<byte>(buf, OutHeaderSize, size), ctx.Cts.Token);
         }
         catch (Exception ex)

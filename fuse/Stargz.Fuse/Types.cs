@@ -62,7 +62,7 @@ public struct FuseEntry
 /// <summary>What an open returns.</summary>
 public struct FuseOpenResult
 {
-    /// <summary>The filesystem's own handle, passed back to read/release. Must be below 2^63 (the bridge uses the top bit).</summary>
+    /// <summary>The filesystem's own handle, passed back to read/release. Must be below 2^62 (the bridge uses the two top bits).</summary>
     public ulong Handle;
     /// <summary>Keep the kernel page cache across opens (right for immutable files).</summary>
     public bool KeepCache;

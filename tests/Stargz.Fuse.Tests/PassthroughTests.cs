@@ -106,4 +106,37 @@ public sealed class PassthroughTests
             await Tools.Run("umount", ovl);
         }
     }
+
+    [Fact]
+    public async Task A_file_open_through_user_space_is_not_switched_to_passthrough_under_its_readers()
+    {
+        RequirePassthroughKernel();
+        var ct = TestContext.Current.CancellationToken;
+        using var dir = new TempDir("fuse-ptmix");
+        var backing = MakeBacking(dir.Path, 4 << 20);
+        var fs = new MemoryFileSystem();
+        var node = fs.AddBackedFile("data.bin", backing);
+        node.OfferPassthrough = false; // the layer has not finished fetching this file yet
+        var mnt = dir.Sub("mnt");
+        using var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { Passthrough = true });
+        var file = Path.Combine(mnt, "data.bin");
+
+        var first = new FileStream(file, FileMode.Open, FileAccess.Read, FileShare.Read, 1);
+        Assert.Equal(4096, await first.ReadAsync(new byte[4096], ct));
+        node.OfferPassthrough = true; // now complete: new opens may use passthrough
+        // The kernel refuses passthrough on an inode that has cached opens; the bridge must not ask for it.
+        var second = await Tools.Run("cmp", file, backing);
+        Assert.True(second.ExitCode == 0, second.StdOut + second.StdErr);
+        Assert.Equal(0, server.PassthroughOpens);
+        await first.DisposeAsync();
+
+        // Once the last cached open is released, a new open gets passthrough.
+        for (int i = 0; i < 50 && server.PassthroughOpens == 0; i++)
+        {
+            var again = await Tools.Run("cmp", file, backing);
+            Assert.True(again.ExitCode == 0, again.StdOut + again.StdErr);
+            if (server.PassthroughOpens == 0) await Task.Delay(100, ct);
+        }
+        Assert.True(server.PassthroughOpens > 0);
+    }
 }

@@ -25,6 +25,8 @@ public sealed class MemoryFileSystem : IFuseFileSystem
         internal Dictionary<string, byte[]>? Xattrs;
         /// <summary>A local file with this file's complete bytes: offered to the kernel for passthrough.</summary>
         public string? BackingPath { get; set; }
+        /// <summary>Offer <see cref="BackingPath"/> for passthrough on open (false: serve it through user space only).</summary>
+        public bool OfferPassthrough { get; set; } = true;
         /// <summary>Reads fail with this errno (0 = serve normally).</summary>
         public int FailReads { get; set; }
         /// <summary>Reads never finish on their own (until interrupted): to test hung readers and INTERRUPT.</summary>
@@ -213,7 +215,7 @@ public sealed class MemoryFileSystem : IFuseFileSystem
         if ((n.Attr.Mode & UnixMode.S_IFMT) == UnixMode.S_IFDIR) return Errno.EISDIR;
         result.KeepCache = !n.BlockReads && n.FailReads == 0;
         result.DirectIo = n.BlockReads || n.FailReads != 0;
-        result.BackingPath = n.BackingPath;
+        result.BackingPath = n.OfferPassthrough ? n.BackingPath : null;
         return 0;
     }
 
