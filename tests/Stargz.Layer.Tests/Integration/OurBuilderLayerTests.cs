@@ -55,11 +55,16 @@ public class OurBuilderLayerTests
         Assert.Equal(Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(new byte[] { 0x0f })), view.ContentSha);
     }
 
-    [Fact]
-    public async Task AMountedLayerShowsExactlyTheTarsTree()
+    [Theory]
+    [InlineData(BlobCompression.Gzip)]
+    [InlineData(BlobCompression.Zstd)]
+    public async Task AMountedLayerShowsExactlyTheTarsTree(BlobCompression compression)
     {
         var tar = RichTar();
-        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 1 << 20, CompressionLevel = 1 }, Ct);
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions
+        {
+            ChunkSize = 1 << 20, CompressionLevel = compression == BlobCompression.Gzip ? 1 : 3, Compression = compression,
+        }, Ct);
         await using var rig = await LayerRig.StartAsync();
         var digest = await rig.PushAsync("ours/rich", blob, Ct);
         var mp = await rig.MountAsync(rig.Labels("ours/rich", digest, built.TocDigest), Ct);
@@ -74,6 +79,16 @@ public class OurBuilderLayerTests
         Assert.Contains("trusted.overlay.opaque=", actual["var/cache"].Xattrs);
         Assert.False(File.Exists(Path.Combine(mp, "var/.wh.old-log")));
         Assert.Equal("tool", new FileInfo(Path.Combine(mp, "bin/sh")).LinkTarget);
+        // Hardlinks are one inode; inode numbers stay the same for the life of the mount.
+        var ino = TreeModel.InodeOf(Path.Combine(mp, "bin/tool"));
+        Assert.Equal(ino, TreeModel.InodeOf(Path.Combine(mp, "bin/tool-again")));
+        Assert.Equal(ino, TreeModel.InodeOf(Path.Combine(mp, "home/user/tool-third")));
+        Assert.NotEqual(ino, TreeModel.InodeOf(Path.Combine(mp, "bin/sh")));
+        // statfs: what df shows for the layer.
+        var statfs = (await ProcessRunner.RunAsync("stat", ["-f", "-c", "%T %b %c", mp])).EnsureSuccess("stat -f").StdOut.Split(' ');
+        Assert.True(long.Parse(statfs[1]) * 4096 >= 3_500_000, $"statfs blocks {statfs[1]}");
+        var distinct = actual.Keys.Select(p => TreeModel.InodeOf(Path.Combine(mp, p))).Distinct().Count();
+        Assert.Equal(distinct + 2 /* root, landmark */, long.Parse(statfs[2]));
         var st = rig.Manager.GetLayer(mp)!.Stats.Snapshot();
         Assert.Equal(blob.Length, st.BlobSize);
         Assert.Equal(0, st.Errors);

@@ -184,6 +184,9 @@ public static class TreeModel
     [DllImport("libc", SetLastError = true)]
     private static extern nint lgetxattr([MarshalAs(UnmanagedType.LPUTF8Str)] string path, [MarshalAs(UnmanagedType.LPUTF8Str)] string name, byte[]? value, nint size);
 
+    /// <summary>The inode number lstat reports.</summary>
+    public static ulong InodeOf(string path) => Lstat(path).Ino;
+
     private static StatBuf Lstat(string path)
     {
         if (lstat(path, out var st) != 0) throw new IOException($"lstat {path}: errno {Marshal.GetLastPInvokeError()}");
