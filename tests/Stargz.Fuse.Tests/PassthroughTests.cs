@@ -139,4 +139,27 @@ public sealed class PassthroughTests
         }
         Assert.True(server.PassthroughOpens > 0);
     }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task A_binary_on_the_mount_executes(bool passthrough)
+    {
+        // exec maps the file (mmap, PROT_EXEC): what containers do with every binary of a layer.
+        if (passthrough) RequirePassthroughKernel();
+        else Requires.Fuse();
+        using var dir = new TempDir("fuse-exec");
+        var echo = Requires.Command("echo");
+        var backing = Path.Combine(dir.Path, "echo-copy");
+        File.Copy(echo, backing);
+        var fs = new MemoryFileSystem();
+        if (passthrough) fs.AddBackedFile("bin/echo", backing, 0x1ED);
+        else fs.AddFile("bin/echo", File.ReadAllBytes(backing), 0x1ED);
+        var mnt = dir.Sub("mnt");
+        using var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { Passthrough = passthrough });
+        var r = await ProcessRunner.RunAsync(Path.Combine(mnt, "bin", "echo"), ["hello", "from", "fuse"], TimeSpan.FromSeconds(30));
+        Assert.Equal(0, r.ExitCode);
+        Assert.Equal("hello from fuse\n", r.StdOut);
+        if (passthrough) Assert.True(server.PassthroughOpens > 0);
+    }
 }
