@@ -68,7 +68,6 @@ public static class EstargzBuilder
         if (o.Compression == BlobCompression.Gzip && (level < 0 || level > 9)) throw new ArgumentOutOfRangeException(nameof(o), "gzip level must be 0-9");
         if (o.Compression == BlobCompression.Zstd && (level < 1 || level > 22)) throw new ArgumentOutOfRangeException(nameof(o), "zstd level must be 1-22");
 
-        string? spoolPath = null;
         Stream source = tarOrTarGz;
         try
         {
@@ -83,7 +82,7 @@ public static class EstargzBuilder
             }
             else
             {
-                spoolPath = Path.Combine(o.TempDirectory ?? Path.GetTempPath(), $"stargz-build-{Guid.NewGuid():N}.tar");
+                var spoolPath = Path.Combine(o.TempDirectory ?? Path.GetTempPath(), $"stargz-build-{Guid.NewGuid():N}.tar");
                 var spool = new FileStream(spoolPath, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.None, 1 << 16, FileOptions.DeleteOnClose);
                 var all = new PrefixedStream(head.AsMemory(0, got), tarOrTarGz);
                 Stream dec = gz ? new GZipStream(all, CompressionMode.Decompress) : zst ? new DecompressionStream(all) : all;
@@ -178,11 +177,11 @@ public static class EstargzBuilder
         }
         var landmark = new SrcEntry
         {
-            Meta = new TarMeta { Name = o.Prioritized.Count > missed.Count && first.Count > 0 ? LayerLabels.PrefetchLandmark : LayerLabels.NoPrefetchLandmark, TypeFlag = (byte)'0', Size = 1, Mode = 0x1a4 },
+            // Nothing prioritized (or none of it found): the layer says "do not prefetch".
+            Meta = new TarMeta { Name = first.Count > 0 ? LayerLabels.PrefetchLandmark : LayerLabels.NoPrefetchLandmark, TypeFlag = (byte)'0', Size = 1, Mode = 0x1a4 },
             Clean = "",
             InlineData = [LayerLabels.LandmarkContents],
         };
-        if (first.Count == 0) landmark.Meta.Name = LayerLabels.NoPrefetchLandmark;
         var result = new List<SrcEntry>(entries.Count + 1);
         result.AddRange(first);
         result.Add(landmark);
