@@ -11,7 +11,7 @@ public sealed partial class FuseServer
         // Reply before leaving the in-flight table: fds are closed only once that table is empty.
         FinishRead(fd, buf, unique, r, size);
         _inflight.TryRemove(unique, out _);
-        ReturnReply(buf);
+        DataBuffers.Return(buf); // small per-thread buffers are not pooled: Return ignores them
         cts.Dispose();
     }
 

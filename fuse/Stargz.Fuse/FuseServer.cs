@@ -23,8 +23,9 @@ public sealed unsafe partial class FuseServer : IDisposable
     private readonly List<int> _fds = [];
     private readonly List<Thread> _threads = [];
     private readonly int _requestBufSize;
-    private readonly int _replyBufSize;
-    private readonly ConcurrentQueue<byte[]> _replyPool = new();
+    // Per-thread reply buffer for everything but large READs (entries, attrs, xattrs, readdir pages).
+    private const int SmallReplySize = OutHeaderSize + 128 * 1024;
+    private const int MaxWrite = 32 * 1024;
     private readonly ConcurrentDictionary<ulong, CancellationTokenSource> _inflight = new();
     private readonly ConcurrentDictionary<ulong, byte> _orphanInterrupts = new();
     private readonly Lock _lookupLock = new();
@@ -65,9 +66,8 @@ public sealed unsafe partial class FuseServer : IDisposable
         _masterFd = fd;
         _maxRead = Math.Clamp(opt.MaxRead / 4096 * 4096, 4096, 256 * 4096);
         // One request must fit: header + write header + max_write, and never below the kernel's 8 KiB minimum.
-        _requestBufSize = 128 * 1024 + 8192;
-        // Replies carry up to max_read bytes of data or a readdir page set of the same bound.
-        _replyBufSize = OutHeaderSize + Math.Max(_maxRead, 256 * 4096);
+        // Small on purpose: a snapshotter runs one mount per layer, and writes are refused anyway.
+        _requestBufSize = MaxWrite + 8192;
     }
 
     /// <summary>Mounts <paramref name="fs"/> at <paramref name="mountPoint"/> and starts serving; returns after INIT.</summary>
@@ -167,7 +167,7 @@ public sealed unsafe partial class FuseServer : IDisposable
 
     private void ReaderLoop(object? state)
     {
-        var ctx = new ReaderContext { Fd = (int)state!, Reply = RentReply() };
+        var ctx = new ReaderContext { Fd = (int)state!, Reply = GC.AllocateUninitializedArray<byte>(SmallReplySize, pinned: true) };
         var req = GC.AllocateUninitializedArray<byte>(_requestBufSize, pinned: true);
         byte* reqPtr = (byte*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(req));
         try
@@ -199,7 +199,6 @@ public sealed unsafe partial class FuseServer : IDisposable
         }
         finally
         {
-            ReturnReply(ctx.Reply);
             ctx.Cts.Dispose();
             if (Interlocked.Decrement(ref _liveReaders) == 0) OnAllReadersDone();
         }
@@ -223,14 +222,6 @@ public sealed unsafe partial class FuseServer : IDisposable
         var seen = new HashSet<int>();
         foreach (var fd in _fds)
             if (seen.Add(fd)) Native.Close(fd);
-    }
-
-    private byte[] RentReply()
-        => _replyPool.TryDequeue(out var b) ? b : GC.AllocateUninitializedArray<byte>(_replyBufSize, pinned: true);
-
-    private void ReturnReply(byte[] b)
-    {
-        if (_replyPool.Count < 64) _replyPool.Enqueue(b);
     }
 
     // ---------------------------------------------------------------- dispatch
@@ -321,7 +312,7 @@ public sealed unsafe partial class FuseServer : IDisposable
             Flags2 = (uint)(flags >> 32),
             MaxBackground = 64,
             CongestionThreshold = 48,
-            MaxWrite = 128 * 1024,
+            MaxWrite = MaxWrite,
             TimeGran = 1,
             MaxPages = (ushort)(_maxRead / 4096),
             // Backing files live on ordinary filesystems (depth 0); depth 1 leaves room for overlayfs on top of us.
@@ -548,7 +539,6 @@ public sealed unsafe partial class FuseServer : IDisposable
     {
         var ri = MemoryMarshal.Read<ReadIn>(args);
         int size = (int)Math.Min(ri.Size, (uint)_maxRead);
-        var buf = ctx.Reply;
         ulong unique = h.Unique;
         bool direct;
         ReadOnlyMemory<byte> data;
@@ -563,6 +553,9 @@ public sealed unsafe partial class FuseServer : IDisposable
             SendGather(ctx.Fd, unique, data.Length <= size ? data : data[..size]);
             return;
         }
+        // Small reads use the thread's buffer; big ones a pooled 1 MiB buffer shared by all mounts.
+        bool pooled = size > SmallReplySize - OutHeaderSize;
+        var buf = pooled ? DataBuffers.Rent() : ctx.Reply;
         ValueTask<int> vt;
         try
         {
@@ -571,6 +564,7 @@ public sealed unsafe partial class FuseServer : IDisposable
         }
         catch (Exception ex)
         {
+            if (pooled) DataBuffers.Return(buf);
             ReplyError(ctx.Fd, unique, ErrnoOf(ex));
             return;
         }
@@ -580,12 +574,13 @@ public sealed unsafe partial class FuseServer : IDisposable
             try { r = vt.GetAwaiter().GetResult(); }
             catch (Exception ex) { r = -ErrnoOf(ex); }
             FinishRead(ctx.Fd, buf, unique, r, size);
+            if (pooled) DataBuffers.Return(buf);
             return;
         }
         // Slow path: the buffer and token now belong to this read; the thread takes fresh ones.
         var cts = ctx.Cts;
         ctx.Cts = new CancellationTokenSource();
-        ctx.Reply = RentReply();
+        if (!pooled) ctx.Reply = GC.AllocateUninitializedArray<byte>(SmallReplySize, pinned: true);
         _inflight[unique] = cts;
         if (!_orphanInterrupts.IsEmpty && _orphanInterrupts.TryRemove(unique, out _)) cts.Cancel();
         _ = CompleteReadAsync(ctx.Fd, buf, unique, size, vt, cts);
@@ -842,5 +837,23 @@ public sealed unsafe partial class FuseServer : IDisposable
         if (Native.Umount2(path, Native.MNT_DETACH) != 0)
             throw new IOException($"umount2 {path} (detach): errno {Native.LastErrno}");
         return true;
+    }
+}
+
+/// <summary>
+/// 1 MiB reply buffers for large READs, pinned and shared by every mount in the process: a snapshotter has one
+/// mount per layer, and per-mount buffers would multiply idle memory by the number of layers.
+/// </summary>
+internal static class DataBuffers
+{
+    public const int Size = 16 + 256 * 4096;
+    private const int MaxRetained = 64;
+    private static readonly ConcurrentQueue<byte[]> Pool = new();
+
+    public static byte[] Rent() => Pool.TryDequeue(out var b) ? b : GC.AllocateUninitializedArray<byte>(Size, pinned: true);
+
+    public static void Return(byte[] b)
+    {
+        if (b.Length == Size && Pool.Count < MaxRetained) Pool.Enqueue(b);
     }
 }
