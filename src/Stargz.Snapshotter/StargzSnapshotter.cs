@@ -610,6 +610,13 @@ public sealed class StargzSnapshotter : IAsyncDisposable
 
     private void RemoveDirTree(string dir)
     {
+        // Never recurse into a mount: deleting through it would destroy what it serves.
+        var mounted = Directory.Exists(dir) ? Native.MountsUnder(dir) : [];
+        if (mounted.Count > 0)
+        {
+            _log.LogWarning("not removing {Dir}: {Mountpoint} is still mounted (Cleanup retries)", dir, mounted[0]);
+            return;
+        }
         try { Directory.Delete(dir, recursive: true); }
         catch (DirectoryNotFoundException) { }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)

@@ -219,4 +219,23 @@ public class RemoteSnapshotTests
         await s.ReopenAsync(fs2);
         Assert.Equal("remote snapshot", (await s.Client.StatAsync(new StatSnapshotRequest { Key = "sha256:c1" }, cancellationToken: Ct)).Info.Labels["containerd.io/snapshot/remote"]);
     }
+
+    [Fact]
+    public async Task CleanupUnmountsAndRemovesADirNoSnapshotOwns()
+    {
+        Requires.Root();
+        using var layers = new TempDir("sgs-layers");
+        var fs = new BindMountRemoteFileSystemDouble();
+        fs.AddLayer("sha256:l1", Layer(layers, "l1", "f.txt", "must survive"));
+        await using var s = await InProcessSnapshotter.StartAsync(fs);
+        // A layer mount left in a dir with no metadata (e.g. a crash after mounting, before the commit).
+        var orphan = Path.Combine(s.Root, "snapshots", "new-crashed", "fs");
+        await fs.MountAsync(orphan, new Dictionary<string, string> { [BindMountRemoteFileSystemDouble.DigestLabel] = "sha256:l1" }, Ct);
+        Assert.Single(Mounts.Under(orphan));
+
+        await s.Client.CleanupAsync(new CleanupRequest(), cancellationToken: Ct);
+        Assert.Empty(Mounts.Under(Path.Combine(s.Root, "snapshots")));
+        Assert.False(Directory.Exists(Path.GetDirectoryName(orphan)));
+        Assert.Equal("must survive", await File.ReadAllTextAsync(Path.Combine(layers.Path, "l1", "f.txt"), Ct));
+    }
 }
