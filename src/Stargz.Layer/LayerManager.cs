@@ -163,6 +163,13 @@ public sealed class LayerManager : IAsyncDisposable
         }
     }
 
+    /// <summary>The TOC resolution of a layer (started by a mount or ahead of one), or null if none is cached.</summary>
+    internal Task? ResolutionOf(string reference, string digest)
+    {
+        var r = ImageReference.Parse(reference);
+        return _resolved.TryGetValue(r.Host + "/" + r.Repository + "@" + digest, out var lazy) ? lazy.Value : null;
+    }
+
     private async Task<Resolved> AwaitResolved(string key, Lazy<Task<Resolved>> lazy, Task<Resolved> task, CancellationToken ct)
     {
         try { return await task.WaitAsync(ct).ConfigureAwait(false); }

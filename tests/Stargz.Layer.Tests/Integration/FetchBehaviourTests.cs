@@ -188,6 +188,9 @@ public class FetchBehaviourTests
         // Same chunks as f00 (cached by us, never read through the kernel): served while the registry is away.
         Assert.Equal(files["same-as-f00.bin"], await File.ReadAllBytesAsync(Path.Combine(mp, "same-as-f00.bin"), Ct));
 
+        // The daemon's health check sees the registry is away (bounded by the same timeout).
+        await Assert.ThrowsAnyAsync<Exception>(() => rig.Manager.CheckAsync(mp, rig.Labels("down/layer", digest, built.TocDigest), Ct));
+
         rig.Proxy.Up();
         Assert.Equal(files["f05.bin"], await File.ReadAllBytesAsync(Path.Combine(mp, "f05.bin"), Ct));
         await rig.Manager.CheckAsync(mp, rig.Labels("down/layer", digest, built.TocDigest), Ct);
@@ -215,5 +218,31 @@ public class FetchBehaviourTests
         rig.Proxy.ResetCounts();
         foreach (var (n, d) in files) Assert.Equal(d, await File.ReadAllBytesAsync(Path.Combine(mp, n), Ct));
         Assert.Equal(0, rig.Proxy.RangeRequests);
+    }
+
+    [Fact]
+    public async Task OtherLayersOfTheImageAreResolvedAheadSoTheirMountsNeedNoTocFetch()
+    {
+        var (blobA, builtA) = await LayerRig.BuildAsync(TestTars.Write(w => TestTars.File(w, "a", Small(1))), null, Ct);
+        var (blobB, builtB) = await LayerRig.BuildAsync(TestTars.Write(w => TestTars.File(w, "b", Small(2))), null, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true });
+        var a = await rig.PushAsync("ahead/app", blobA, Ct);
+        var b = await rig.PushAsync("ahead/app", blobB, Ct);
+        var layers = a + "," + b;
+        var mpA = await rig.MountAsync(rig.Labels("ahead/app", a, builtA.TocDigest, layers), Ct);
+        var ahead = rig.Manager.ResolutionOf($"{rig.Proxy.Host}/ahead/app:latest", b);
+        Assert.NotNull(ahead);
+        await ahead.WaitAsync(TimeSpan.FromSeconds(30), Ct);
+        rig.Proxy.ResetCounts();
+        var mpB = await rig.MountAsync(rig.Labels("ahead/app", b, builtB.TocDigest, layers), Ct);
+        Assert.Equal(0, rig.Proxy.Requests);
+        Assert.Equal(Small(2), await File.ReadAllBytesAsync(Path.Combine(mpB, "b"), Ct));
+        Assert.Equal(Small(1), await File.ReadAllBytesAsync(Path.Combine(mpA, "a"), Ct));
+
+        await rig.Manager.UnmountAsync(mpB, Ct);
+        Assert.DoesNotContain(Mounts.List(), m => m.MountPoint == mpB);
+        await Assert.ThrowsAsync<InvalidOperationException>(() => rig.Manager.CheckAsync(mpB, new Dictionary<string, string>(), Ct));
+        await rig.Manager.CheckAsync(mpA, new Dictionary<string, string>(), Ct);
+        Assert.Single(rig.Manager.Layers);
     }
 }
