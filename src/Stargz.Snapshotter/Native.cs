@@ -81,6 +81,26 @@ internal static class Native
         return (dev, ino, blocks * 512);
     }
 
+    [DllImport("libc", SetLastError = true)]
+    private static extern int flock(int fd, int operation);
+
+    private const int O_RDWR = 2, O_CREAT = 0x40, LOCK_EX = 2, LOCK_NB = 4;
+
+    /// <summary>
+    /// Takes an exclusive advisory lock on <paramref name="path"/> (created if needed) and returns its fd, held until
+    /// <see cref="CloseFd"/>; null when another process holds it.
+    /// </summary>
+    public static int? TryLockFile(string path)
+    {
+        var fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0b110_000_000);
+        if (fd < 0) throw new IOException($"open {path}: errno {Marshal.GetLastPInvokeError()}");
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0) return fd;
+        close(fd);
+        return null;
+    }
+
+    public static void CloseFd(int fd) => close(fd);
+
     /// <summary>Owner (uid, gid) of a path, not following symlinks; null if it vanished.</summary>
     public static (int Uid, int Gid)? Owner(string path)
     {

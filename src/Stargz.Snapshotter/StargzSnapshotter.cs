@@ -48,6 +48,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     private readonly bool _indexOff;
     private readonly bool _userXattr;
     private int _disposed;
+    private readonly int _rootLock;
 
     public string Root => _opt.Root;
     public bool HasRemoteFileSystem => _opt.RemoteFileSystem != null;
@@ -69,9 +70,17 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         _opt = opt;
         _log = log;
         Directory.CreateDirectory(opt.Root);
+        // One daemon per root: two processes writing one LiteDB file would corrupt it.
+        _rootLock = Native.TryLockFile(Path.Combine(opt.Root, "lock"))
+            ?? throw new IOException($"root {opt.Root} is in use by another snapshotter process (lock {Path.Combine(opt.Root, "lock")} is held)");
         _snapshotsDir = Path.Combine(opt.Root, "snapshots");
         Directory.CreateDirectory(_snapshotsDir);
-        _store = new MetaStore(Path.Combine(opt.Root, "metadata.db"));
+        try { _store = new MetaStore(Path.Combine(opt.Root, "metadata.db")); }
+        catch
+        {
+            Native.CloseFd(_rootLock);
+            throw;
+        }
         _indexOff = File.Exists("/sys/module/overlay/parameters/index");
         _userXattr = opt.UserXattr ?? InUserNamespace();
     }
@@ -644,6 +653,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
                 }
             }
             _store.Dispose();
+            Native.CloseFd(_rootLock);
         }
         finally { _gate.Release(); }
     }

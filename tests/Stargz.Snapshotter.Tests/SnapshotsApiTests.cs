@@ -313,6 +313,17 @@ public class SnapshotsApiTests
     }
 
     [Fact]
+    public async Task ASecondSnapshotterOnTheSameRootIsRefused()
+    {
+        await using var s = await InProcessSnapshotter.StartAsync();
+        var e = await Assert.ThrowsAsync<IOException>(async () =>
+            await StargzSnapshotter.OpenAsync(new SnapshotterOptions { Root = s.Root }, null, Ct));
+        Assert.Contains("in use by another snapshotter", e.Message);
+        // The first one is unaffected.
+        await s.Client.PrepareAsync(Prep("still-works"), cancellationToken: Ct);
+    }
+
+    [Fact]
     public async Task ANewUpperDirTakesTheOwnerOfItsParentsRoot()
     {
         Requires.Root();
