@@ -23,6 +23,12 @@ public sealed class ChunkCache : IDisposable
     private readonly ConcurrentDictionary<string, byte> _trustedOnDisk = new(StringComparer.Ordinal);
     private long _memoryHits, _diskHits, _misses, _diskWrites, _diskRejected;
 
+    /// <summary>
+    /// Chunks being loaded or fetched right now, by cache key, across every layer using this cache: a chunk
+    /// shared by two layers is fetched once even when both read it at the same moment.
+    /// </summary>
+    internal ConcurrentDictionary<string, TaskCompletionSource<byte[]>> Inflight { get; } = new(StringComparer.Ordinal);
+
     public ChunkCache(string? directory, long memoryBytes, bool durableWrites = true)
     {
         _memory = new MemoryCache(new MemoryCacheOptions { SizeLimit = Math.Max(1, memoryBytes), CompactionPercentage = 0.25 });

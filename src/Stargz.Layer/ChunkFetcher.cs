@@ -7,7 +7,7 @@ namespace Stargz.Layer;
 /// The verified reader of one layer blob: maps a file range to its chunks, serves cached ones from
 /// <see cref="ChunkCache"/>, and fetches missing ones from the blob — neighbours merged into one range, scattered
 /// ones sent as one multi-range list — then decompresses, checks each chunk's digest and caches it. One fetch per
-/// chunk however many callers (single-flight per cache key); a fetch runs detached from the caller that started it,
+/// chunk however many callers, across all layers sharing the cache (single-flight per cache key); a fetch runs detached from the caller that started it,
 /// so an interrupted reader cancels only its own wait; every fetch is bounded by the fetching timeout and fails
 /// with <see cref="LayerIOException"/> (EIO), after which the next read tries the registry again.
 /// </summary>
@@ -24,7 +24,7 @@ internal sealed class ChunkFetcher : IDisposable
     private readonly string _layerDigest;
     private readonly bool _verify;
     private readonly CancellationTokenSource _lifetime = new();
-    private readonly ConcurrentDictionary<string, TaskCompletionSource<byte[]>> _inflight = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, TaskCompletionSource<byte[]>> _inflight;
     private readonly ConcurrentDictionary<Task, byte> _loads = new();
 
     public ChunkFetcher(IRangeFetcher blob, IChunkDecoder decoder, ChunkCache cache, FetchGate gate, LayerStats stats,
@@ -38,6 +38,7 @@ internal sealed class ChunkFetcher : IDisposable
         _options = options;
         _layerDigest = layerDigest;
         _verify = !options.DisableVerification;
+        _inflight = cache.Inflight;
         Interlocked.Exchange(ref _stats.BlobSize, blob.Size);
     }
 

@@ -20,14 +20,14 @@ internal static class LayerResolver
     public const int SpeculativeTailBytes = 1 << 20;
 
     public static async Task<ResolvedToc> ResolveAsync(IBlobSource blob, string layerDigest, string? expectedTocDigest,
-        LayerOptions options, CancellationToken ct)
+        LayerOptions options, CancellationToken ct, int speculativeTailBytes = SpeculativeTailBytes)
     {
         if (expectedTocDigest is null && !options.AllowNoVerification && !options.DisableVerification)
             throw new LayerResolveException(
                 $"layer {layerDigest} has no TOC digest label ({LayerLabels.TocDigestAnnotation}); refusing to mount it unverified (set allow_no_verification to permit)");
         if (blob.Size < Footer.ZstdPayloadSize)
             throw new LayerResolveException($"layer {layerDigest} is {blob.Size} bytes, too small to be eStargz");
-        var tailLen = (int)Math.Min(blob.Size, SpeculativeTailBytes);
+        var tailLen = (int)Math.Min(blob.Size, Math.Max(Footer.MaxFooterSize, speculativeTailBytes));
         var tail = new byte[tailLen];
         var tailStart = blob.Size - tailLen;
         await blob.ReadAtAsync(tailStart, tail, ct).ConfigureAwait(false);

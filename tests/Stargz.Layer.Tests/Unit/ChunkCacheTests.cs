@@ -129,4 +129,26 @@ public class ChunkCacheTests
         using var strict = new FetcherRig(b.Build());
         await Assert.ThrowsAsync<LayerIOException>(() => strict.Fetcher.ReadAsync(noDigest, content.Length, 0, new byte[10], Ct).AsTask());
     }
+
+    [Fact]
+    public async Task TwoLayersReadingTheSameChunkAtOnceFetchItOnce()
+    {
+        var shared = BlobBuilder.Random(60_000, 15);
+        var b1 = new BlobBuilder().AddFile("x", shared, 60_000);
+        var b2 = new BlobBuilder().AddFile("pad", BlobBuilder.Random(5000, 16), 60_000).AddFile("y", shared, 60_000);
+        using var cache = new ChunkCache(null, 1 << 20);
+        using var l1 = new FetcherRig(b1.Build(), null, cache, "sha256:l1");
+        using var l2 = new FetcherRig(b2.Build(), null, cache, "sha256:l2");
+        l1.Blob.GoDown();
+        l2.Blob.GoDown();
+        var r1 = l1.ReadAllAsync(b1.Files["x"].Chunks, shared.Length, shared.Length, Ct);
+        while (l1.Blob.Calls == 0) await Task.Delay(5, Ct);
+        var r2 = l2.ReadAllAsync(b2.Files["y"].Chunks, shared.Length, shared.Length, Ct);
+        await Task.Delay(50, Ct);
+        l1.Blob.ComeBack();
+        l2.Blob.ComeBack();
+        Assert.Equal(shared, await r1);
+        Assert.Equal(shared, await r2);
+        Assert.Equal(1, l1.Blob.Calls + l2.Blob.Calls);
+    }
 }
