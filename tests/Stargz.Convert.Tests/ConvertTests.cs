@@ -161,6 +161,49 @@ public class ConvertTests(SourceImageFixture fixture) : IClassFixture<SourceImag
     }
 
     [Fact]
+    public async Task Plain_tar_and_zstd_source_layers_give_the_same_image_as_gzip_ones()
+    {
+        var f = await fixture.GetAsync();
+        using var client = new RegistryClient();
+        var src = ImageReference.Parse(f.Reference);
+        var srcM = await client.ResolveAsync(src, null, Ct);
+        // The same image with layer 1 stored as a plain tar and layer 2 as tar+zstd (same tars, so the same diff_ids).
+        var layers = new List<object>();
+        for (var i = 0; i < srcM.Layers.Count; i++)
+        {
+            var l = srcM.Layers[i];
+            if (i is not (0 or 1)) { layers.Add(new { mediaType = l.MediaType, digest = l.Digest, size = l.Size }); continue; }
+            var tar = LayerContent.Decompress(await LayerContent.DownloadAsync(client, src, l.Digest));
+            byte[] blob = tar;
+            var mt = "application/vnd.oci.image.layer.v1.tar";
+            if (i == 1)
+            {
+                using var z = new ZstdSharp.Compressor(3);
+                blob = z.Wrap(tar).ToArray();
+                mt = "application/vnd.oci.image.layer.v1.tar+zstd";
+            }
+            var d = await f.Registry.PushBlobAsync(SourceImageFixture.Repository, blob, Ct);
+            layers.Add(new { mediaType = mt, digest = d, size = blob.Length });
+        }
+        var manifest = JsonSerializer.SerializeToUtf8Bytes(new
+        {
+            schemaVersion = 2,
+            mediaType = MediaTypes.OciManifest,
+            config = new { mediaType = srcM.Config.MediaType, digest = srcM.Config.Digest, size = srcM.Config.Size },
+            layers,
+        });
+        await f.Registry.PushManifestAsync(SourceImageFixture.Repository, "mixed", manifest, MediaTypes.OciManifest, Ct);
+
+        var converter = new ImageConverter(client);
+        var fromGzip = await converter.ConvertAsync(src, ImageReference.Parse($"{f.Registry.Host}/out/mixed:from-gzip"), null, Ct);
+        var fromMixed = await converter.ConvertAsync(ImageReference.Parse($"{f.Registry.Host}/{SourceImageFixture.Repository}:mixed"),
+            ImageReference.Parse($"{f.Registry.Host}/out/mixed:from-mixed"), null, Ct);
+        Assert.All(fromMixed.Manifests[0].Layers, l => Assert.Equal(LayerAction.Converted, l.Action));
+        Assert.Equal(fromGzip.Manifests[0].Layers.Select(l => l.Target.Digest), fromMixed.Manifests[0].Layers.Select(l => l.Target.Digest));
+        Assert.Equal(fromGzip.Digest, fromMixed.Digest);
+    }
+
+    [Fact]
     public async Task Conversion_is_reproducible()
     {
         var f = await fixture.GetAsync();
