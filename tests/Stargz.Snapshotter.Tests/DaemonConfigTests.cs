@@ -110,6 +110,19 @@ public class DaemonConfigTests
     }
 
     [Fact]
+    public void AMissingDefaultConfigMeansDefaults_AMissingNamedOneIsAnError()
+    {
+        using var dir = new TempDir("sgs-cfg");
+        var missing = Path.Combine(dir.Path, "absent.toml");
+        Assert.Equal(60, ConfigLoader.Load(missing, explicitPath: false, []).Blob.ValidInterval);
+        var e = Assert.Throws<ConfigException>(() => ConfigLoader.Load(missing, explicitPath: true, []));
+        Assert.Contains("does not exist", e.Message);
+        var present = Path.Combine(dir.Path, "c.toml");
+        File.WriteAllText(present, "[blob]\nvalid_interval = 5\n");
+        Assert.Equal(5, ConfigLoader.Load(present, explicitPath: true, []).Blob.ValidInterval);
+    }
+
+    [Fact]
     public void FlagsParseLikeTheReferenceAndDefaultToItsPaths()
     {
         var d = DaemonOptions.Parse([]);
