@@ -36,4 +36,6 @@ public sealed record ConvertOptions
     public int? BuilderParallelism { get; init; }
     /// <summary>Options for blob uploads.</summary>
     public BlobPushOptions? Push { get; init; }
+    /// <summary>Told about each distinct layer as soon as it is done (from the converting thread; keep it quick).</summary>
+    public IProgress<ConvertedLayer>? Progress { get; init; }
 }

@@ -69,25 +69,15 @@ public static class ImageConvertCommand
         }
         using var client = new RegistryClient(hosts, creds);
         var converter = new ImageConverter(client);
+        // One line per distinct layer as soon as it is done.
+        var progress = new LineProgress(stdout);
         try
         {
             var started = DateTime.UtcNow;
-            var result = await converter.ConvertAsync(p.Source, p.Target, p.Options, ct).ConfigureAwait(false);
+            var result = await converter.ConvertAsync(p.Source, p.Target, p.Options with { Progress = progress }, ct).ConfigureAwait(false);
             foreach (var m in result.Manifests)
-            {
-                var plat = m.Platform is null ? "" : $" [{m.Platform}]";
-                foreach (var l in m.Layers)
-                {
-                    var what = l.Action switch
-                    {
-                        LayerAction.Converted => "converted",
-                        LayerAction.CopiedAsIs => "copied (already eStargz)",
-                        _ => "kept (foreign)",
-                    };
-                    await stdout.WriteLineAsync($"layer {l.Source.Digest} -> {l.Target.Digest} {what}{plat} toc={l.TocDigest ?? "-"} size={l.Target.Size}")
-                        .ConfigureAwait(false);
-                }
-            }
+                if (m.Platform is not null)
+                    await stdout.WriteLineAsync($"manifest {m.Digest} [{m.Platform}] from {m.SourceDigest}").ConfigureAwait(false);
             await stdout.WriteLineAsync(string.Create(CultureInfo.InvariantCulture,
                 $"{result.Target}: {result.Digest} ({result.MediaType}, {(DateTime.UtcNow - started).TotalSeconds:0.0} s)")).ConfigureAwait(false);
             return 0;
@@ -111,6 +101,22 @@ public static class ImageConvertCommand
         {
             await stderr.WriteLineAsync("stargz image convert: cancelled").ConfigureAwait(false);
             return 130;
+        }
+    }
+
+    private sealed class LineProgress(TextWriter w) : IProgress<ConvertedLayer>
+    {
+        private readonly Lock _lock = new();
+
+        public void Report(ConvertedLayer l)
+        {
+            var what = l.Action switch
+            {
+                LayerAction.Converted => "converted",
+                LayerAction.CopiedAsIs => "copied (already eStargz)",
+                _ => "kept (foreign)",
+            };
+            lock (_lock) w.WriteLine($"layer {l.Source.Digest} -> {l.Target.Digest} {what} toc={l.TocDigest ?? "-"} size={l.Target.Size}");
         }
     }
 

@@ -255,7 +255,9 @@ public sealed class ImageConverter
         {
             try
             {
-                return await ConvertLayerAsync(layer, diffId, _abort.Token).ConfigureAwait(false);
+                var outcome = await ConvertLayerAsync(layer, diffId, _abort.Token).ConfigureAwait(false);
+                o.Progress?.Report(new ConvertedLayer(layer, outcome.Target, outcome.DiffId ?? diffId, outcome.Action));
+                return outcome;
             }
             catch (Exception e) when (e is not OperationCanceledException)
             {
