@@ -68,9 +68,10 @@ public sealed class LifecycleTests
         using var dir = new TempDir("fuse-lazy");
         var mnt = dir.Sub("mnt");
         var server = FuseServer.Mount(mnt, SmallTree());
+        FileStream? open = null;
         try
         {
-            var open = new FileStream(Path.Combine(mnt, "a.txt"), FileMode.Open, FileAccess.Read, FileShare.Read, 1);
+            open = new FileStream(Path.Combine(mnt, "a.txt"), FileMode.Open, FileAccess.Read, FileShare.Read, 1);
             server.Unmount(lazy: true);
             Assert.False(FuseServer.IsMountPoint(mnt));
             Assert.False(server.Completion.IsCompleted);
@@ -82,6 +83,8 @@ public sealed class LifecycleTests
         }
         finally
         {
+            // Closing the last file ends a detached mount; only then can the server stop.
+            open?.Dispose();
             server.Dispose();
         }
     }
