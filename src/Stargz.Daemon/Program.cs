@@ -9,6 +9,12 @@ namespace Stargz.Daemon;
 
 public static class Program
 {
+    private static async Task DisposeRemoteAsync(IRemoteFileSystem? remote)
+    {
+        if (remote is IAsyncDisposable ad) await ad.DisposeAsync();
+        else if (remote is IDisposable d) d.Dispose();
+    }
+
     public static async Task<int> Main(string[] args)
     {
         DaemonOptions opt;
@@ -54,7 +60,7 @@ public static class Program
         var log = loggerFactory.CreateLogger("stargz-snapshotter");
         foreach (var w in warnings) log.LogWarning("config: {Warning}", w);
 
-        var remote = RemoteLayerWiring.Create(config, log);
+        var remote = RemoteLayerWiring.Create(config, opt.Root, loggerFactory, log);
         StargzSnapshotter snapshotter;
         try
         {
@@ -69,6 +75,7 @@ public static class Program
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or LiteDB.LiteException)
         {
             log.LogCritical("cannot open root {Root}: {Error}", opt.Root, e.Message);
+            await DisposeRemoteAsync(remote);
             return 1;
         }
 
@@ -96,6 +103,7 @@ public static class Program
         {
             log.LogCritical("cannot serve on {Address}: {Error}", opt.Address, e.Message);
             await snapshotter.DisposeAsync();
+            await DisposeRemoteAsync(remote);
             return 1;
         }
         log.LogInformation("serving containerd snapshots API on {Address} (root {Root}, remote layers {Remote}, metrics {Metrics})",
@@ -106,6 +114,7 @@ public static class Program
         log.LogInformation("shutting down: in-flight calls drained, closing the metadata store");
         await app.DisposeAsync();
         await snapshotter.DisposeAsync();
+        await DisposeRemoteAsync(remote);
         log.LogInformation("stopped");
         return 0;
     }

@@ -10,9 +10,12 @@ namespace Stargz.Daemon;
 /// </summary>
 public static class RemoteLayerWiring
 {
-    public static IRemoteFileSystem? Create(DaemonConfig config, ILogger log)
+    /// <param name="root">the daemon's --root (the layer keeps its caches below it, as the reference does).</param>
+    /// <returns>the remote filesystem, or null for a plain overlay snapshotter. If it is (async) disposable, the daemon
+    /// disposes it after the snapshotter has closed.</returns>
+    public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log)
     {
-        _ = config;
+        _ = (config, root, loggers);
         log.LogWarning("no remote filesystem is wired into this build: running as a plain overlay snapshotter (layers are downloaded by containerd)");
         return null;
     }
