@@ -104,6 +104,7 @@ public class ConvertTests(SourceImageFixture fixture) : IClassFixture<SourceImag
             var tar = LayerContent.Decompress(blob);
             Assert.Equal(diffIds[i], LayerContent.Sha256(tar));
             Assert.Equal(result.Manifests[0].Layers[i].DiffId, diffIds[i]);
+            Assert.Equal(tar.Length.ToString(System.Globalization.CultureInfo.InvariantCulture), l.Annotation(LayerLabels.UncompressedSizeAnnotation));
         }
     }
 
