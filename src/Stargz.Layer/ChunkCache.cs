@@ -177,6 +177,17 @@ public sealed class ChunkCache : IDisposable
         FsyncDirectory(directory);
     }
 
+    /// <summary>
+    /// The disk file of a chunk this process has verified (hashed on read, or written itself), or null: a file
+    /// FUSE passthrough may serve directly.
+    /// </summary>
+    internal string? TrustedPath(string key)
+    {
+        if (_chunkDir == null || !_trustedOnDisk.ContainsKey(key)) return null;
+        var path = PathOf(key);
+        return File.Exists(path) ? path : null;
+    }
+
     /// <summary>Forgets which disk chunks were checked, as a restarted process would (tests of the restart path).</summary>
     internal void ForgetTrust() => _trustedOnDisk.Clear();
 

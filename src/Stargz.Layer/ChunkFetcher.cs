@@ -49,6 +49,9 @@ internal sealed class ChunkFetcher : IDisposable
 
     internal int InflightCount => _inflight.Count;
 
+    /// <summary>A verified disk file holding exactly this chunk's bytes, or null (verification off: never).</summary>
+    internal string? TrustedDiskPath(in LayerChunk c) => _verify && c.Digest != null ? _cache.TrustedPath(c.Digest) : null;
+
     internal string KeyOf(in LayerChunk c) =>
         _verify && c.Digest != null ? c.Digest : $"{_layerDigest}@{c.BlobOffset}+{c.InnerOffset}+{c.Size}";
 

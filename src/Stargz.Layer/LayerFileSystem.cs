@@ -243,6 +243,10 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         var i = Get(ino);
         if (i == null) return Errno.ENOENT;
         if (i.ByName != null) return Errno.EISDIR;
+        // A file that is one chunk, already verified on disk: offer the chunk file for FUSE passthrough (used only
+        // when the mount negotiated it; reads then never reach us).
+        if (i.Chunks.Length == 1 && i.Chunks[0].FileOffset == 0 && (ulong)i.Chunks[0].Size == i.Attr.Size)
+            result.BackingPath = _fetcher.TrustedDiskPath(i.Chunks[0]);
         return 0;
     }
 

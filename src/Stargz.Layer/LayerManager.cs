@@ -74,6 +74,9 @@ public sealed class LayerManager : IAsyncDisposable
         }
     }
 
+    /// <summary>The FUSE server of the mount (tests and diagnostics), or null.</summary>
+    internal FuseServer? ServerOf(string mountpoint) => _mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m) ? m.Server : null;
+
     /// <summary>The layer mounted at <paramref name="mountpoint"/>, or null.</summary>
     public RemoteLayer? GetLayer(string mountpoint) => _mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m) ? m.Layer : null;
 
@@ -122,7 +125,8 @@ public sealed class LayerManager : IAsyncDisposable
             FuseServer server;
             try
             {
-                server = await Task.Run(() => FuseServer.Mount(mountpoint, layer.FileSystem, _fuse), ct).ConfigureAwait(false);
+                // Not cancellable once started: a mount made after the caller gave up would leak.
+                server = await Task.Run(() => FuseServer.Mount(mountpoint, layer.FileSystem, _fuse), CancellationToken.None).ConfigureAwait(false);
             }
             catch
             {

@@ -292,4 +292,34 @@ public class FetchBehaviourTests
             .Select(e => e.ChunkDigest).Distinct().Count();
         Assert.Equal(distinct, st.ChunksFetched);
     }
+
+    [Fact]
+    public async Task AVerifiedSingleChunkFileIsServedByFusePassthroughOnItsNextOpen()
+    {
+        var tar = ManyFilesTar(out var files);
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 1 << 20, CompressionLevel = 1 }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true },
+            new Stargz.Fuse.FuseMountOptions { AllowOther = true, Passthrough = true });
+        var digest = await rig.PushAsync("pt/layer", blob, Ct);
+        var mp = await rig.MountAsync(rig.Labels("pt/layer", digest, built.TocDigest), Ct);
+        var server = rig.Manager.ServerOf(mp)!;
+        Assert.Equal(files["f02.bin"], await File.ReadAllBytesAsync(Path.Combine(mp, "f02.bin"), Ct)); // fetched, verified, on disk
+        await rig.Manager.GetLayer(mp)!.Fetcher.DrainAsync();
+        Assert.Equal(0, server.PassthroughOpens);
+        // Another file read once (its open was not passthrough: the chunk was not on disk yet), then opened again.
+        Assert.Equal(files["f03.bin"], await File.ReadAllBytesAsync(Path.Combine(mp, "f03.bin"), Ct));
+        await rig.Manager.GetLayer(mp)!.Fetcher.DrainAsync();
+        using (var h = File.OpenHandle(Path.Combine(mp, "f03.bin")))
+        {
+            var buf = new byte[files["f03.bin"].Length];
+            Assert.Equal(buf.Length, RandomAccess.Read(h, buf, 0));
+            Assert.Equal(files["f03.bin"], buf);
+        }
+        if (!server.PassthroughNegotiated)
+        {
+            TestContext.Current.TestOutputHelper?.WriteLine("kernel did not negotiate FUSE passthrough; only the bytes were checked");
+            return;
+        }
+        Assert.True(server.PassthroughOpens >= 1, "the verified chunk file was not used for passthrough");
+    }
 }

@@ -20,8 +20,9 @@ internal sealed class LayerRig : IAsyncDisposable
     public TempDir Dir { get; } = new("layer-it");
     public LayerOptions Options { get; private set; } = null!;
     private int _mounts;
+    private Stargz.Fuse.FuseMountOptions? _fuse;
 
-    public static async Task<LayerRig> StartAsync(LayerOptions? options = null)
+    public static async Task<LayerRig> StartAsync(LayerOptions? options = null, Stargz.Fuse.FuseMountOptions? fuse = null)
     {
         Requires.Fuse();
         var rig = new LayerRig();
@@ -31,7 +32,8 @@ internal sealed class LayerRig : IAsyncDisposable
             rig.Proxy = new CountingProxy(rig.Registry.Host);
             rig.Client = new RegistryClient();
             rig.Options = (options ?? new LayerOptions()) with { CacheDirectory = options?.CacheDirectory ?? rig.Dir.Sub("cache") };
-            rig.Manager = new LayerManager(rig.Client, rig.Options);
+            rig._fuse = fuse;
+            rig.Manager = new LayerManager(rig.Client, rig.Options, fuse);
             return rig;
         }
         catch
@@ -45,7 +47,7 @@ internal sealed class LayerRig : IAsyncDisposable
     public async Task RestartManagerAsync()
     {
         await Manager.DisposeAsync();
-        Manager = new LayerManager(Client, Options);
+        Manager = new LayerManager(Client, Options, _fuse);
     }
 
     /// <summary>Builds an eStargz blob from a tar with our builder.</summary>
