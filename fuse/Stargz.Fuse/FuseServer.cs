@@ -75,6 +75,8 @@ public sealed unsafe partial class FuseServer : IDisposable
     {
         var opt = options ?? new FuseMountOptions();
         mountPoint = Path.GetFullPath(mountPoint);
+        // A server that crashed leaves "Transport endpoint is not connected" behind: clear it so a restart can remount.
+        if (IsDeadMount(mountPoint)) CleanupDeadMount(mountPoint);
         if (!Directory.Exists(mountPoint)) throw new DirectoryNotFoundException(mountPoint);
         // Both end up inside a comma-separated option string.
         foreach (var v in new[] { opt.FsName, opt.Subtype ?? "" })

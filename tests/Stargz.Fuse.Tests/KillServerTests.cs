@@ -95,4 +95,36 @@ public sealed class KillServerTests
             if (FuseServer.IsMountPoint(mnt)) await Tools.Run("umount", "-l", mnt);
         }
     }
+
+    [Fact]
+    public async Task Mounting_again_over_the_dead_mount_of_a_killed_server_works()
+    {
+        Requires.Fuse();
+        var ct = TestContext.Current.CancellationToken;
+        using var dir = new TempDir("fuse-remount");
+        var mnt = dir.Sub("mnt");
+        using (var host = Process.Start(TestHost.StartInfo(mnt))!)
+        {
+            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            wait.CancelAfter(TimeSpan.FromSeconds(30));
+            Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
+            host.Kill();
+            await host.WaitForExitAsync(wait.Token);
+        }
+        try
+        {
+            Assert.True(FuseServer.IsDeadMount(mnt));
+            var fs = new Stargz.Fuse.Samples.MemoryFileSystem();
+            fs.AddFile("again.txt", "second life\n");
+            using var server = FuseServer.Mount(mnt, fs);
+            Assert.Equal("second life\n", await Tools.Out("cat", Path.Combine(mnt, "again.txt")));
+            server.Unmount();
+            Assert.False(FuseServer.IsMountPoint(mnt));
+        }
+        finally
+        {
+            FuseServer.CleanupDeadMount(mnt);
+            for (int i = 0; i < 5 && FuseServer.IsMountPoint(mnt); i++) await Tools.Run("umount", "-l", mnt);
+        }
+    }
 }
