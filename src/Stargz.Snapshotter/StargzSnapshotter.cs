@@ -422,16 +422,30 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             trash = Path.Combine(_snapshotsDir, "rm-" + rec.Id.ToString(System.Globalization.CultureInfo.InvariantCulture));
             var dir = SnapshotDir(rec.Id);
             var moved = false;
-            _store.InTransaction(() =>
+            try
             {
-                _store.Delete(rec);
-                if (Directory.Exists(dir))
+                _store.InTransaction(() =>
                 {
-                    Directory.Move(dir, trash);
-                    moved = true;
-                    FaultInjection.Hit("remove:after-rename");
+                    _store.Delete(rec);
+                    if (Directory.Exists(dir))
+                    {
+                        Directory.Move(dir, trash);
+                        moved = true;
+                        FaultInjection.Hit("remove:after-rename");
+                    }
+                });
+            }
+            catch
+            {
+                if (moved && !Directory.Exists(dir)) Directory.Move(trash, dir);
+                // The layer is already unmounted: the next Check mounts it again instead of trusting a stale result.
+                if (rec.IsRemote)
+                {
+                    _unrestored[rec.Id] = "remove failed after the layer was unmounted";
+                    _lastChecked.TryRemove(rec.Id, out _);
                 }
-            });
+                throw;
+            }
             FaultInjection.Hit("remove:after-commit");
             if (!moved) trash = null;
             _lastChecked.TryRemove(rec.Id, out _);
