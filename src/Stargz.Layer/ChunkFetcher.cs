@@ -35,7 +35,7 @@ internal sealed class ChunkFetcher : IDisposable
         _cache = cache;
         _gate = gate;
         _stats = stats;
-        _options = options;
+        _options = options = options.Normalized();
         _layerDigest = layerDigest;
         _verify = !options.DisableVerification;
         _inflight = cache.Inflight;

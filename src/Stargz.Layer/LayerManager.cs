@@ -50,6 +50,7 @@ public sealed class LayerManager : IAsyncDisposable
     public LayerManager(RegistryClient registry, LayerOptions options, FuseMountOptions? fuseOptions = null, ILogger? logger = null)
     {
         _registry = registry;
+        options = options.Normalized();
         _options = options;
         _fuse = fuseOptions ?? new FuseMountOptions { AllowOther = true };
         _log = logger ?? NullLogger.Instance;

@@ -2,7 +2,7 @@ namespace Stargz.Layer;
 
 /// <summary>
 /// Settings of the lazy layer. Property names follow the reference daemon's config.toml keys (in comments) so the
-/// daemon maps its config onto this type one to one. Zero / null means "the reference default".
+/// daemon maps its config onto this type one to one. Zero means "the reference default" (see <see cref="Normalized"/>).
 /// </summary>
 public sealed record LayerOptions
 {
@@ -53,6 +53,22 @@ public sealed record LayerOptions
 
     /// <summary><c>resolve_result_entry_ttl_sec</c> (reference default 120): how long a fetched TOC is reused.</summary>
     public TimeSpan ResolveResultEntryTtl { get; init; } = TimeSpan.FromSeconds(120);
+
+    /// <summary>
+    /// A copy where zero or negative values (an unset config key) become the reference defaults: fetching timeout
+    /// 300 s, prefetch timeout 10 s, resolve TTL 120 s, max_concurrency 2, memory cache 256 MiB.
+    /// </summary>
+    public LayerOptions Normalized() => this with
+    {
+        FetchingTimeout = FetchingTimeout > TimeSpan.Zero ? FetchingTimeout : TimeSpan.FromSeconds(300),
+        PrefetchTimeout = PrefetchTimeout > TimeSpan.Zero ? PrefetchTimeout : TimeSpan.FromSeconds(10),
+        ResolveResultEntryTtl = ResolveResultEntryTtl > TimeSpan.Zero ? ResolveResultEntryTtl : TimeSpan.FromSeconds(120),
+        MaxConcurrency = MaxConcurrency > 0 ? MaxConcurrency : 2,
+        MemoryCacheBytes = MemoryCacheBytes > 0 ? MemoryCacheBytes : 256L << 20,
+        PrefetchSize = Math.Max(0, PrefetchSize),
+        MergeGapBytes = Math.Max(0, MergeGapBytes),
+        BackgroundPause = BackgroundPause > TimeSpan.Zero ? BackgroundPause : TimeSpan.Zero,
+    };
 
     internal long EffectivePrefetchChunkSize => PrefetchChunkSize > 0 ? PrefetchChunkSize : 4L << 20;
 }

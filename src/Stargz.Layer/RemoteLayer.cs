@@ -22,7 +22,7 @@ public sealed class RemoteLayer : IAsyncDisposable
         Digest = digest;
         TocDigest = toc.TocDigest;
         Reader = toc.Reader;
-        _options = options;
+        _options = options = options.Normalized();
         Stats = new LayerStats();
         Fetcher = new ChunkFetcher(blob, new EstargzChunkDecoder(toc.Reader.Compression), cache, gate, Stats, digest, options);
         FileSystem = new LayerFileSystem(toc.Reader.Root, Fetcher, options.UserXattrOpaque);

@@ -238,4 +238,24 @@ public class ChunkFetcherTests
         var last = chunks[0].BlobOffset;
         Assert.Single(rig.Blob.Log, l => l.Offset <= last && last < l.Offset + l.Length);
     }
+
+    [Fact]
+    public async Task UnsetConfigValuesMeanTheReferenceDefaultsNotZero()
+    {
+        var unset = new LayerOptions
+        {
+            FetchingTimeout = TimeSpan.Zero, PrefetchTimeout = TimeSpan.Zero, ResolveResultEntryTtl = TimeSpan.Zero,
+            MaxConcurrency = 0, MemoryCacheBytes = 0,
+        };
+        var n = unset.Normalized();
+        Assert.Equal(TimeSpan.FromSeconds(300), n.FetchingTimeout);
+        Assert.Equal(TimeSpan.FromSeconds(10), n.PrefetchTimeout);
+        Assert.Equal(TimeSpan.FromSeconds(120), n.ResolveResultEntryTtl);
+        Assert.Equal(2, n.MaxConcurrency);
+        // A fetcher given the raw zeros still reads (a zero timeout would fail every fetch at once).
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob, unset with { MemoryCacheBytes = 1 << 20 });
+        var (content, chunks) = b.Files["small"];
+        Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 4096, Ct));
+    }
 }
