@@ -72,13 +72,12 @@ internal sealed class ChunkFetcher : IDisposable
         for (var i = first; i <= last; i++)
         {
             ref readonly var c = ref chunks[i];
-            if (_verify && c.Digest == null) break;
-            if (!_cache.TryGetMemory(KeyOf(c), out var data)) return ReadSlowAsync(chunks, i, last, offset, len, destination, cancellationToken);
+            // A chunk without a digest (verification on) goes the slow way, which refuses it with EIO.
+            if ((_verify && c.Digest == null) || !_cache.TryGetMemory(KeyOf(c), out var data))
+                return ReadSlowAsync(chunks, i, last, offset, len, destination, cancellationToken);
             Interlocked.Increment(ref _stats.CacheHits);
             CopyOut(c, data, offset, len, span);
         }
-        if (first <= last && _verify && chunks[first].Digest == null)
-            return ReadSlowAsync(chunks, first, last, offset, len, destination, cancellationToken);
         return new ValueTask<int>(len);
     }
 

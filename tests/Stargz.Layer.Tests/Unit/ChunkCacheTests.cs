@@ -128,6 +128,12 @@ public class ChunkCacheTests
         // With verification on, a chunk without a digest is refused.
         using var strict = new FetcherRig(b.Build());
         await Assert.ThrowsAsync<LayerIOException>(() => strict.Fetcher.ReadAsync(noDigest, content.Length, 0, new byte[10], Ct).AsTask());
+        // Also when only a later chunk of the read lacks its digest and the first one is cached.
+        var mixed = (LayerChunk[])chunks.Clone();
+        mixed[1] = mixed[1] with { Digest = null };
+        Assert.Equal(10, await strict.Fetcher.ReadAsync(mixed, content.Length, 0, new byte[10], Ct));
+        var buf = new byte[30_000];
+        await Assert.ThrowsAsync<LayerIOException>(() => strict.Fetcher.ReadAsync(mixed, content.Length, 0, buf, Ct).AsTask());
     }
 
     [Fact]
