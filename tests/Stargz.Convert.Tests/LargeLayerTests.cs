@@ -18,12 +18,12 @@ public class LargeLayerTests
     private static CancellationToken Ct => TestContext.Current.CancellationToken;
 
     [Fact]
-    public async Task A_layer_of_96_MiB_converts_without_the_live_heap_growing_by_its_size()
+    public async Task A_layer_of_64_MiB_converts_without_the_live_heap_growing_by_its_size()
     {
         Requires.Command("docker-registry");
         Requires.Command("umoci");
         Requires.Command("skopeo");
-        const int megabytes = 96;
+        const int megabytes = 64;
         await using var registry = await LocalRegistry.StartAsync();
         using var work = new TempDir("convert-large");
         var layer = work.Sub("layer");
