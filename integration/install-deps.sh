@@ -18,5 +18,7 @@ fi
 command -v dotnet >/dev/null || { echo "install-deps: the .NET 10 SDK (dotnet) is required" >&2; exit 1; }
 # containerd's Debian package may start a system instance; our tests run their own private ones.
 modprobe fuse 2>/dev/null || true
+# Debian's udev default; some machines ship 0600, which keeps non-root FUSE mounts (fusermount3) from working.
+[ -c /dev/fuse ] && chmod 0666 /dev/fuse
 modprobe overlay 2>/dev/null || true
 echo "install-deps: ok"

@@ -1,22 +1,157 @@
 using Microsoft.Extensions.Logging;
+using Prometheus;
+using Stargz.Fuse;
+using Stargz.Layer;
+using Stargz.Registry;
 using Stargz.Snapshotter;
 
 namespace Stargz.Daemon;
 
 /// <summary>
-/// Where the lazy layer (src/Stargz.Layer) is adapted to <see cref="IRemoteFileSystem"/>. Until that adapter lands,
-/// the daemon runs as a plain overlay snapshotter: every Prepare is an ordinary snapshot, and remote snapshots found in
-/// the metadata are reported as not restorable (Unavailable to anything stacked on them).
+/// Where the lazy layer (src/Stargz.Layer) is adapted to the snapshotter's one seam, <see cref="IRemoteFileSystem"/>,
+/// and the daemon's config is mapped onto the registry client, the layer and FUSE options.
 /// </summary>
 public static class RemoteLayerWiring
 {
-    /// <param name="root">the daemon's --root (the layer keeps its caches below it, as the reference does).</param>
-    /// <returns>the remote filesystem, or null for a plain overlay snapshotter. If it is (async) disposable, the daemon
-    /// disposes it after the snapshotter has closed.</returns>
+    /// <param name="root">the daemon's --root (the layer keeps its chunk cache below it, as the reference does).</param>
+    /// <returns>the remote filesystem; the daemon disposes it after the snapshotter has closed.</returns>
     public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log)
     {
-        _ = (config, root, loggers);
-        log.LogWarning("no remote filesystem is wired into this build: running as a plain overlay snapshotter (layers are downloaded by containerd)");
-        return null;
+        var hosts = new RegistryHostsConfig
+        {
+            Blob = new BlobOptions
+            {
+                FetchingTimeout = TimeSpan.FromSeconds(config.Blob.FetchingTimeoutSec),
+                MaxRetries = (int)config.Blob.MaxRetries,
+                MinWait = TimeSpan.FromMilliseconds(config.Blob.MinWaitMsec),
+                MaxWait = TimeSpan.FromMilliseconds(config.Blob.MaxWaitMsec),
+                ForceSingleRangeMode = config.Blob.ForceSingleRangeMode,
+            },
+        };
+        foreach (var (host, mirrors) in config.ResolverHosts)
+        {
+            var endpoints = new List<EndpointConfig>(mirrors.Count);
+            foreach (var m in mirrors)
+                endpoints.Add(new EndpointConfig
+                {
+                    Host = m.Host,
+                    PlainHttp = m.Insecure ? true : null,
+                    RequestTimeout = m.RequestTimeoutSec > 0 ? TimeSpan.FromSeconds(m.RequestTimeoutSec) : null,
+                });
+            hosts.Set(host, new HostConfig { Mirrors = endpoints });
+        }
+        // Registry credentials come from the docker config of the user running the daemon, as with the reference.
+        var registry = new RegistryClient(hosts, new DockerConfigCredentialProvider(), loggers.CreateLogger("stargz.registry"));
+        var options = new LayerOptions
+        {
+            CacheDirectory = Path.Combine(root, "stargz", "cache"),
+            NoPrefetch = config.NoPrefetch,
+            NoBackgroundFetch = config.NoBackgroundFetch,
+            PrefetchSize = config.PrefetchSize,
+            PrefetchTimeout = TimeSpan.FromSeconds(config.PrefetchTimeoutSec),
+            AllowNoVerification = config.AllowNoVerification,
+            DisableVerification = config.DisableVerification,
+            MaxConcurrency = (int)Math.Max(1, config.MaxConcurrency),
+            FetchingTimeout = TimeSpan.FromSeconds(config.Blob.FetchingTimeoutSec),
+            PrefetchChunkSize = config.Blob.PrefetchChunkSize,
+            ResolveResultEntryTtl = TimeSpan.FromSeconds(config.ResolveResultEntryTtlSec),
+        };
+        var fuse = new FuseMountOptions
+        {
+            // containerd and runc read the layer as other users too (the reference mounts with allow_other).
+            AllowOther = true,
+            AttrTimeout = TimeSpan.FromSeconds(config.Fuse.AttrTimeout),
+            EntryTimeout = TimeSpan.FromSeconds(config.Fuse.EntryTimeout),
+        };
+        var manager = new LayerManager(registry, options, fuse, loggers.CreateLogger("stargz.layer"));
+        LayerMetrics.Track(manager);
+        log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}",
+            options.CacheDirectory, options.MaxConcurrency, options.NoPrefetch ? "off" : "on", options.NoBackgroundFetch ? "off" : "on");
+        return new LazyLayerFileSystem(manager, registry);
     }
+}
+
+/// <summary>The seam implemented by the layer manager: layer errors become "cannot be served remotely".</summary>
+public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient registry) : IRemoteFileSystem, IAsyncDisposable
+{
+    public LayerManager Manager => manager;
+
+    public async Task MountAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+    {
+        try
+        {
+            await manager.MountAsync(mountpoint, labels, ct).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not OperationCanceledException || !ct.IsCancellationRequested)
+        {
+            // Not eStargz, no TOC digest, registry down, FUSE refused: the snapshotter falls back and logs this.
+            throw new RemoteLayerUnavailableException(e.Message, e);
+        }
+    }
+
+    public async Task CheckAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+    {
+        try
+        {
+            await manager.CheckAsync(mountpoint, labels, ct).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not OperationCanceledException || !ct.IsCancellationRequested)
+        {
+            throw new RemoteLayerUnavailableException($"layer at {mountpoint} cannot be served: {e.Message}", e);
+        }
+    }
+
+    public Task UnmountAsync(string mountpoint, CancellationToken ct) => manager.UnmountAsync(mountpoint, ct);
+
+    public async ValueTask DisposeAsync()
+    {
+        await manager.DisposeAsync().ConfigureAwait(false);
+        registry.Dispose();
+    }
+}
+
+/// <summary>Prometheus gauges of the lazy layers, refreshed on each scrape.</summary>
+public static class LayerMetrics
+{
+    private static readonly Gauge Mounted = Prometheus.Metrics.CreateGauge(
+        "stargz_layers_mounted", "Remote layers mounted through FUSE.");
+    private static readonly Gauge FetchedBytes = Prometheus.Metrics.CreateGauge(
+        "stargz_layer_fetched_bytes", "Compressed bytes fetched from registries by the mounted layers.");
+    private static readonly Gauge BlobBytes = Prometheus.Metrics.CreateGauge(
+        "stargz_layer_blob_bytes", "Total size of the mounted layers' blobs.");
+    private static readonly Gauge CacheHits = Prometheus.Metrics.CreateGauge(
+        "stargz_layer_cache_hits", "Chunk cache hits of the mounted layers.");
+    private static readonly Gauge CacheMisses = Prometheus.Metrics.CreateGauge(
+        "stargz_layer_cache_misses", "Chunk cache misses of the mounted layers.");
+    private static readonly Gauge Errors = Prometheus.Metrics.CreateGauge(
+        "stargz_layer_errors", "Fetch/verify errors of the mounted layers.");
+    private static readonly Gauge BackgroundDone = Prometheus.Metrics.CreateGauge(
+        "stargz_layer_background_fetched_bytes", "Bytes the background fetch has brought in.");
+    private static readonly Gauge BackgroundTotal = Prometheus.Metrics.CreateGauge(
+        "stargz_layer_background_total_bytes", "Bytes the background fetch has to bring in.");
+
+    public static void Track(LayerManager manager) =>
+        Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
+        {
+            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0;
+            var layers = manager.Layers;
+            foreach (var l in layers)
+            {
+                fetched += l.Stats.FetchedBytes;
+                blob += l.Stats.BlobSize;
+                hits += l.Stats.CacheHits;
+                misses += l.Stats.CacheMisses;
+                errors += l.Stats.Errors;
+                bgDone += l.Stats.BackgroundDoneBytes;
+                bgTotal += l.Stats.BackgroundTotalBytes;
+            }
+            Mounted.Set(layers.Count);
+            FetchedBytes.Set(fetched);
+            BlobBytes.Set(blob);
+            CacheHits.Set(hits);
+            CacheMisses.Set(misses);
+            Errors.Set(errors);
+            BackgroundDone.Set(bgDone);
+            BackgroundTotal.Set(bgTotal);
+        });
 }

@@ -1,0 +1,78 @@
+using System.Net.Http;
+using System.Text.RegularExpressions;
+using Stargz.TestSupport;
+
+namespace Stargz.Integration.Tests;
+
+/// <summary>
+/// Registry + our daemon + containerd wired through the `stargz` proxy plugin, all real, on loopback and private dirs.
+/// Images are built from local files, converted by the reference ctr-remote, pushed, and then removed from containerd
+/// so that a pull starts from nothing.
+/// </summary>
+public sealed class E2eRig : IAsyncDisposable
+{
+    public required LocalRegistry Registry { get; init; }
+    public required LocalDaemon Daemon { get; init; }
+    public required LocalContainerd Containerd { get; init; }
+    public required int MetricsPort { get; init; }
+    public required TempDir Work { get; init; }
+
+    public static async Task<E2eRig> StartAsync(string extraDaemonToml = "", bool enableCri = false)
+    {
+        Requires.Fuse();
+        var registry = await LocalRegistry.StartAsync();
+        var port = LocalRegistry.FreePort();
+        var daemon = await LocalDaemon.StartAsync($"metrics_address = \"127.0.0.1:{port}\"\n{extraDaemonToml}");
+        var ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket, enableCri: enableCri);
+        return new E2eRig { Registry = registry, Daemon = daemon, Containerd = ctd, MetricsPort = port, Work = new TempDir("e2e") };
+    }
+
+    /// <summary>Builds the image from <paramref name="layers"/>, pushes it as NAME:v1, converts it to NAME:esgz with
+    /// ctr-remote, and leaves containerd with neither image nor content. Returns the eStargz reference.</summary>
+    public async Task<string> PushEstargzAsync(string name, IReadOnlyList<string> layers)
+    {
+        var layout = Path.Combine(Work.Path, "oci-" + name.Replace('/', '-'));
+        await TestImages.BuildAsync(layout, "v1", layers);
+        await TestImages.PushAsync(layout, "v1", Registry.Host, $"{name}:v1");
+        var src = $"{Registry.Host}/{name}:v1";
+        var dst = $"{Registry.Host}/{name}:esgz";
+        await Containerd.ConvertWithReferenceAsync(src, dst);
+        await ForgetImagesAsync(src, dst);
+        return dst;
+    }
+
+    /// <summary>Removes images from containerd and lets its GC drop their content and snapshots.</summary>
+    public async Task ForgetImagesAsync(params string[] images)
+    {
+        foreach (var i in images) await Containerd.CtrAsync("images", "rm", "--sync", i);
+        await Containerd.CtrAsync("content", "prune", "references");
+    }
+
+    /// <summary>Reads one gauge from the daemon's Prometheus endpoint.</summary>
+    public async Task<double> MetricAsync(string name)
+    {
+        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(10) };
+        var text = await http.GetStringAsync($"http://127.0.0.1:{MetricsPort}/metrics");
+        var m = Regex.Match(text, "^" + Regex.Escape(name) + @" ([0-9.eE+-]+)$", RegexOptions.Multiline);
+        if (!m.Success) throw new InvalidOperationException($"metric {name} not found in:\n{text}");
+        return double.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
+    }
+
+    /// <summary>Our FUSE mounts (one per remote layer) under the daemon's root.</summary>
+    public List<Mounts.MountInfo> FuseMounts() =>
+        Mounts.Under(Daemon.Root).Where(m => m.FsType.StartsWith("fuse", StringComparison.Ordinal)).ToList();
+
+    public async Task<List<string>> ContentDigestsAsync()
+    {
+        var ls = (await Containerd.CtrAsync("content", "ls", "-q")).EnsureSuccess("ctr content ls").StdOut;
+        return ls.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await Containerd.DisposeAsync();
+        await Daemon.DisposeAsync();
+        await Registry.DisposeAsync();
+        Work.Dispose();
+    }
+}

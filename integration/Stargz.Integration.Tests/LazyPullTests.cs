@@ -1,0 +1,57 @@
+using System.Security.Cryptography;
+using System.Text.Json;
+using Stargz.TestSupport;
+
+namespace Stargz.Integration.Tests;
+
+/// <summary>What a user of `ctr-remote image rpull` sees: remote snapshots, no layer download, a container that runs.</summary>
+public class LazyPullTests
+{
+    [Fact]
+    public async Task RpullOfEstargzImageMountsLayersLazilyAndTheContainerRuns()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        await using var rig = await E2eRig.StartAsync();
+        var layers = TestImages.WritePythonLayers(rig.Work.Path, dataMegabytes: 64);
+        var image = await rig.PushEstargzAsync("e2e/python", layers);
+        var manifest = await ManifestLayersAsync(rig, image);
+
+        (await rig.Containerd.CtrRemoteAsync("image", "rpull", "--plain-http", image)).EnsureSuccess("ctr-remote rpull");
+
+        // Every layer is a FUSE mount of ours, and none of the layer blobs went into containerd's content store.
+        Assert.Equal(manifest.Count, rig.FuseMounts().Count);
+        var content = await rig.ContentDigestsAsync();
+        foreach (var (digest, _) in manifest) Assert.DoesNotContain(digest, content);
+
+        var run = await rig.Containerd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, "lazy-run",
+            "/usr/bin/python3", "-c", "import json, hashlib; print(json.dumps({'sha': hashlib.sha256(open('/data/message.txt','rb').read()).hexdigest()}))");
+        run.EnsureSuccess("ctr run on the lazily pulled image");
+        var expected = Convert.ToHexStringLower(SHA256.HashData(await File.ReadAllBytesAsync(Path.Combine(layers[2], "data", "message.txt"), ct)));
+        Assert.Equal($"{{\"sha\": \"{expected}\"}}", run.StdOut.Trim());
+
+        // Bytes fetched so far are a small part of the image (the 64 MB of data were never read).
+        var total = manifest.Sum(l => l.Size);
+        var fetched = await rig.MetricAsync("stargz_layer_fetched_bytes");
+        Assert.True(fetched > 0, "nothing fetched: the container's files did not come through our layers");
+        Assert.True(fetched < total * 0.5, $"fetched {fetched} of {total} bytes: not lazy");
+    }
+
+    internal static async Task<List<(string Digest, long Size)>> ManifestLayersAsync(E2eRig rig, string image)
+    {
+        // The manifest as the registry serves it (what containerd will be told about).
+        var slash = image.IndexOf('/');
+        var colon = image.LastIndexOf(':');
+        var repo = image[(slash + 1)..colon];
+        var tag = image[(colon + 1)..];
+        using var http = new HttpClient();
+        using var req = new HttpRequestMessage(HttpMethod.Get, $"http://{rig.Registry.Host}/v2/{repo}/manifests/{tag}");
+        req.Headers.Accept.ParseAdd("application/vnd.oci.image.manifest.v1+json");
+        using var resp = await http.SendAsync(req);
+        resp.EnsureSuccessStatusCode();
+        using var doc = JsonDocument.Parse(await resp.Content.ReadAsStringAsync());
+        var list = new List<(string, long)>();
+        foreach (var l in doc.RootElement.GetProperty("layers").EnumerateArray())
+            list.Add((l.GetProperty("digest").GetString()!, l.GetProperty("size").GetInt64()));
+        return list;
+    }
+}
