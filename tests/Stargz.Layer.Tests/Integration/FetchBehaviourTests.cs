@@ -174,7 +174,7 @@ public class FetchBehaviourTests
     {
         var tar = ManyFilesTar(out var files);
         var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 64 << 10, CompressionLevel = 1 }, Ct);
-        var timeout = TimeSpan.FromSeconds(3);
+        var timeout = TimeSpan.FromSeconds(5);
         await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true, FetchingTimeout = timeout });
         var digest = await rig.PushAsync("down/layer", blob, Ct);
         var mp = await rig.MountAsync(rig.Labels("down/layer", digest, built.TocDigest), Ct);
