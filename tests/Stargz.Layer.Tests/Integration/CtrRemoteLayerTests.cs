@@ -72,8 +72,10 @@ public class CtrRemoteLayerTests
     private static async Task Umoci(params string[] args) =>
         (await ProcessRunner.RunAsync(Requires.Command("umoci"), args)).EnsureSuccess("umoci " + string.Join(' ', args));
 
-    [Fact]
-    public async Task LayersConvertedByCtrRemoteMountAsTheirOriginalTarsAndStackInOverlayfs()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task LayersConvertedByCtrRemoteMountAsTheirOriginalTarsAndStackInOverlayfs(bool zstdChunked)
     {
         Requires.Fuse();
         Requires.Command("ctr-remote");
@@ -90,7 +92,7 @@ public class CtrRemoteLayerTests
         await Umoci("insert", "--image", layout + ":v1", "--no-history", "--opaque", freshDir, "/var/cache/app");
         await TestImages.PushAsync(layout, "v1", rig.Registry.Host, "ref/app:v1");
         await using (var ctd = await LocalContainerd.StartAsync())
-            await ctd.ConvertWithReferenceAsync($"{rig.Registry.Host}/ref/app:v1", $"{rig.Registry.Host}/ref/app:esgz");
+            await ctd.ConvertWithReferenceAsync($"{rig.Registry.Host}/ref/app:v1", $"{rig.Registry.Host}/ref/app:esgz", zstdChunked);
 
         var src = await rig.Client.ResolveAsync(ImageReference.Parse($"{rig.Registry.Host}/ref/app:v1"), null, Ct);
         var dst = await rig.Client.ResolveAsync(ImageReference.Parse($"{rig.Registry.Host}/ref/app:esgz"), null, Ct);
