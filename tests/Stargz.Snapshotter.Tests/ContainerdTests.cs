@@ -29,8 +29,12 @@ public class ContainerdTests
         var l3 = work.Sub("layer3");
         Directory.CreateDirectory(Path.Combine(l3, "data"));
         await File.WriteAllTextAsync(Path.Combine(l3, "data", "more.txt"), "and layer 3\n", Ct);
+        // Layer 2 adds a file that a fourth layer deletes (an OCI whiteout): the container must not see it.
+        await File.WriteAllTextAsync(Path.Combine(l2, "data", "gone.txt"), "deleted above\n", Ct);
         var layout = Path.Combine(work.Path, "oci");
         await TestImages.BuildAsync(layout, "v1", [l1, l2, l3]);
+        (await ProcessRunner.RunAsync(Requires.Command("umoci"), ["insert", "--image", $"{layout}:v1", "--no-history", "--whiteout", "/data/gone.txt"]))
+            .EnsureSuccess("umoci insert --whiteout");
         await TestImages.PushAsync(layout, "v1", registry.Host, "snap/plain:v1");
         var image = $"{registry.Host}/snap/plain:v1";
 
@@ -42,12 +46,15 @@ public class ContainerdTests
         var run = await ctd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, "run-1", "/bin/cat", "/data/hello.txt", "/data/more.txt");
         run.EnsureSuccess($"ctr run\ndaemon log:\n{daemon.Log}\ncontainerd log:\n{ctd.ReadLog()}");
         Assert.Equal("hello from layer 2\nand layer 3", run.StdOut.Trim());
+        var ls = await ctd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, "run-ls", "/bin/ls", "/data");
+        ls.EnsureSuccess("ctr run ls");
+        Assert.Equal(["hello.txt", "more.txt"], ls.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
 
         // The layers live in our store: three committed snapshots, keyed as containerd's proxy sends them.
         using (var ch = Client.Channel(daemon.Socket))
         {
             var committed = await Client.ListAll(new Snapshots.SnapshotsClient(ch), Ct, "kind==committed");
-            Assert.Equal(3, committed.Count);
+            Assert.Equal(4, committed.Count);
             Assert.All(committed, i => Assert.StartsWith("default/", i.Name));
         }
 
