@@ -12,6 +12,9 @@ public static class Program
           stargz blob toc BLOB                      print the TOC JSON exactly as stored
           stargz blob verify BLOB --toc-digest D    exit 0 only if the TOC and every chunk verify
           stargz blob extract BLOB DIR              write the tree (modes, owners, times, links, xattrs)
+          stargz image convert [--zstd] [--chunk-size N] [--level L] [--prioritize PATH]... [--plain-http]
+                               [--platform P | --all-platforms] [--user U:P] SRC DST
+              registry to registry: every layer rebuilt as eStargz (or zstd:chunked), annotated with its TOC digest
         """;
 
     public static async Task<int> Main(string[] args)
@@ -20,6 +23,8 @@ public static class Program
         Console.CancelKeyPress += (_, e) => { e.Cancel = true; cts.Cancel(); };
         try
         {
+            if (args.Length >= 2 && args[0] == "image" && args[1] == "convert")
+                return await Stargz.Convert.ImageConvertCommand.RunAsync(args[2..], Console.Out, Console.Error, cts.Token);
             if (args.Length >= 2 && args[0] == "blob")
             {
                 var rest = args[2..];
