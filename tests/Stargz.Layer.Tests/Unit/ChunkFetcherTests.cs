@@ -258,4 +258,31 @@ public class ChunkFetcherTests
         var (content, chunks) = b.Files["small"];
         Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 4096, Ct));
     }
+
+    [Fact]
+    public async Task ACachedReadAllocatesNothing()
+    {
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob);
+        var (content, chunks) = b.Files["big"];
+        Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 128 << 10, Ct)); // everything cached
+        var buf = new byte[128 << 10];
+        for (var i = 0; i < 100; i++) ReadSync(rig, chunks, content.Length, i * 997, buf); // warm up
+        var before = GC.GetAllocatedBytesForCurrentThread();
+        var sw = Stopwatch.StartNew();
+        long total = 0;
+        for (var i = 0; i < 2000; i++) total += ReadSync(rig, chunks, content.Length, (i * 7919) % content.Length, buf);
+        sw.Stop();
+        var allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+        TestContext.Current.TestOutputHelper?.WriteLine($"cached reads: {total / sw.Elapsed.TotalSeconds / (1 << 20):0} MiB/s, {allocated} bytes allocated");
+        Assert.True(total > 0);
+        Assert.Equal(0, allocated);
+    }
+
+    private static int ReadSync(FetcherRig rig, LayerChunk[] chunks, long size, long offset, byte[] buf)
+    {
+        var t = rig.Fetcher.ReadAsync(chunks, size, offset, buf, CancellationToken.None);
+        Assert.True(t.IsCompletedSuccessfully, "a cached read went asynchronous");
+        return t.Result;
+    }
 }
