@@ -268,8 +268,9 @@ public class ChunkFetcherTests
         Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 128 << 10, Ct)); // everything cached
         var buf = new byte[128 << 10];
         for (var i = 0; i < 100; i++) ReadSync(rig, chunks, content.Length, i * 997, buf); // warm up
+        var sw = new Stopwatch();
         var before = GC.GetAllocatedBytesForCurrentThread();
-        var sw = Stopwatch.StartNew();
+        sw.Start();
         long total = 0;
         for (var i = 0; i < 2000; i++) total += ReadSync(rig, chunks, content.Length, (i * 7919) % content.Length, buf);
         sw.Stop();
