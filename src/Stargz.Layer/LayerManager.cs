@@ -147,6 +147,11 @@ public sealed class LayerManager : IAsyncDisposable
 
     private Task<Resolved> ResolveAsync(ImageReference imageRef, string digest, CancellationToken ct)
     {
+        // Forget expired TOCs nobody asked for again (they would otherwise stay for the daemon's life).
+        var now = DateTime.UtcNow;
+        foreach (var (k, l) in _resolved)
+            if (l.IsValueCreated && l.Value.IsCompletedSuccessfully && now - l.Value.Result.At > _options.ResolveResultEntryTtl)
+                _resolved.TryRemove(new KeyValuePair<string, Lazy<Task<Resolved>>>(k, l));
         var key = imageRef.Host + "/" + imageRef.Repository + "@" + digest;
         while (true)
         {

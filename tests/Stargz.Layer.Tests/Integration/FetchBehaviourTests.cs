@@ -134,7 +134,10 @@ public class FetchBehaviourTests
         // Still EIO on a second try (nothing bad was cached), and the rest of the layer is fine.
         Assert.ThrowsAny<IOException>(() => File.ReadAllBytes(Path.Combine(mp, "victim.bin")));
         Assert.Equal(Small(2), await File.ReadAllBytesAsync(Path.Combine(mp, "bystander.txt"), Ct));
-        Assert.True(rig.Manager.GetLayer(mp)!.Stats.Snapshot().Errors >= 1);
+        var st = rig.Manager.GetLayer(mp)!.Stats.Snapshot();
+        Assert.True(st.Errors >= 1);
+        TestContext.Current.TestOutputHelper?.WriteLine($"last error: {st.LastError}");
+        Assert.Contains("does not match its digest", st.LastError);
     }
 
     private static byte[] ManyFilesTar(out Dictionary<string, byte[]> files)
