@@ -186,6 +186,19 @@ internal sealed class ChunkFetcher : IDisposable
 
     private async Task LoadAsync(List<Pending> claimed, FetchPriority priority)
     {
+        try
+        {
+            await LoadCoreAsync(claimed, priority).ConfigureAwait(false);
+        }
+        catch (Exception e)
+        {
+            // Whatever went wrong, no waiter may be left hanging on a claim nobody will complete.
+            FailAll(claimed, () => e as LayerIOException ?? new LayerIOException($"loading chunks failed: {e.Message}", e));
+        }
+    }
+
+    private async Task LoadCoreAsync(List<Pending> claimed, FetchPriority priority)
+    {
         List<Pending>? toFetch = null;
         foreach (var p in claimed)
         {
