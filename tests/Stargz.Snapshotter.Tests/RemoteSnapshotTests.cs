@@ -126,7 +126,8 @@ public class RemoteSnapshotTests
         using var layers = new TempDir("sgs-layers");
         var fs = new BindMountRemoteFileSystemDouble();
         fs.AddLayer("sha256:l1", Layer(layers, "l1", "f", "x"));
-        await using var s = await InProcessSnapshotter.StartAsync(fs, validInterval: TimeSpan.FromMilliseconds(500));
+        // valid_interval long enough that a loaded machine does not expire it between two calls of this test.
+        await using var s = await InProcessSnapshotter.StartAsync(fs, validInterval: TimeSpan.FromSeconds(3));
         var c = s.Client;
         await Client.CodeOf(async () => await c.PrepareAsync(RemotePrep("k1", "sha256:c1", "sha256:l1"), cancellationToken: Ct));
         await c.PrepareAsync(new PrepareSnapshotRequest { Key = "container", Parent = "sha256:c1" }, cancellationToken: Ct);
@@ -134,7 +135,10 @@ public class RemoteSnapshotTests
         Assert.Equal(0, fs.CheckCalls);
 
         fs.SetUnhealthy("sha256:l1", true);
-        await Task.Delay(600, Ct);
+        // Within valid_interval the last good check still stands.
+        await c.MountsAsync(new MountsRequest { Key = "container" }, cancellationToken: Ct);
+        Assert.Equal(0, fs.CheckCalls);
+        await Task.Delay(3100, Ct);
         var e = await Assert.ThrowsAsync<RpcException>(async () => await c.MountsAsync(new MountsRequest { Key = "container" }, cancellationToken: Ct));
         Assert.Equal(StatusCode.Unavailable, e.StatusCode);
         Assert.Contains("sha256:l1", e.Status.Detail);
