@@ -1,0 +1,231 @@
+using System.Globalization;
+using System.Net.Http;
+using System.Security.Cryptography;
+using System.Text.RegularExpressions;
+using Stargz.TestSupport;
+
+namespace Stargz.Integration.Tests;
+
+/// <summary>
+/// Registry + our daemon + containerd (stargz proxy plugin) for the restart, outage and tampering tests. Unlike
+/// <see cref="E2eRig"/> the registry keeps its storage in the rig's work dir, so it can be stopped and started again on
+/// the same port with the same blobs. The daemon runs without prefetch and background fetch, so only what a container
+/// reads is fetched, and with a small <c>[blob] fetching_timeout_sec</c>.
+/// </summary>
+public sealed class OutageRig : IAsyncDisposable
+{
+    public const int FetchingTimeoutSec = 5;
+
+    private LocalRegistry? _registry;
+    private readonly string _registryStorage;
+    private readonly int _registryPort;
+
+    public LocalDaemon Daemon { get; }
+    public LocalContainerd Containerd { get; }
+    public int MetricsPort { get; }
+    public TempDir Work { get; }
+    public LocalRegistry Registry => _registry ?? throw new InvalidOperationException("the registry is stopped");
+    public string RegistryHost => $"127.0.0.1:{_registryPort}";
+    public string RegistryStorage => _registryStorage;
+
+    private OutageRig(LocalRegistry registry, string storage, LocalDaemon daemon, LocalContainerd ctd, int metricsPort, TempDir work)
+    {
+        _registry = registry;
+        _registryStorage = storage;
+        _registryPort = registry.Port;
+        Daemon = daemon;
+        Containerd = ctd;
+        MetricsPort = metricsPort;
+        Work = work;
+    }
+
+    public static async Task<OutageRig> StartAsync()
+    {
+        Requires.Fuse();
+        Requires.Root();
+        var work = new TempDir("outage");
+        LocalRegistry? registry = null;
+        LocalDaemon? daemon = null;
+        try
+        {
+            var storage = work.Sub("registry-storage");
+            registry = await LocalRegistry.StartAsync(storageDir: storage);
+            var port = LocalRegistry.FreePort();
+            daemon = await LocalDaemon.StartAsync($"""
+                metrics_address = "127.0.0.1:{port}"
+                noprefetch = true
+                no_background_fetch = true
+                [blob]
+                fetching_timeout_sec = {FetchingTimeoutSec}
+                """);
+            var ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket);
+            return new OutageRig(registry, storage, daemon, ctd, port, work);
+        }
+        catch
+        {
+            if (daemon != null) await daemon.DisposeAsync();
+            if (registry != null) await registry.DisposeAsync();
+            work.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Stops the registry process; its storage stays.</summary>
+    public async Task StopRegistryAsync()
+    {
+        if (_registry == null) return;
+        await _registry.DisposeAsync();
+        _registry = null;
+    }
+
+    /// <summary>Starts the registry again on the same port and storage.</summary>
+    public async Task StartRegistryAsync()
+    {
+        if (_registry != null) return;
+        _registry = await LocalRegistry.StartAsync(storageDir: _registryStorage, port: _registryPort);
+    }
+
+    /// <summary>
+    /// A two-layer image: busybox, then /data with <paramref name="dataFiles"/> files of incompressible bytes
+    /// (name → KiB). Pushed as NAME:v1 (plain gzip) and, converted by ctr-remote, as NAME:esgz; containerd then holds
+    /// neither image nor content.
+    /// </summary>
+    public async Task<TestImage> PushImageAsync(string name, IReadOnlyDictionary<string, int> dataFiles, int seed)
+    {
+        var root = Work.Sub("img-" + name.Replace('/', '-'));
+        var l1 = Path.Combine(root, "l1");
+        var l2 = Path.Combine(root, "l2");
+        TestImages.WriteBusybox(l1);
+        Directory.CreateDirectory(Path.Combine(l2, "data"));
+        var rng = new Random(seed);
+        var hashes = new Dictionary<string, string>();
+        foreach (var (file, kib) in dataFiles)
+        {
+            var bytes = new byte[kib * 1024];
+            rng.NextBytes(bytes);
+            await File.WriteAllBytesAsync(Path.Combine(l2, "data", file), bytes);
+            hashes[file] = System.Convert.ToHexStringLower(SHA256.HashData(bytes));
+        }
+        var layout = Path.Combine(root, "oci");
+        await TestImages.BuildAsync(layout, "v1", [l1, l2]);
+        await TestImages.PushAsync(layout, "v1", RegistryHost, $"{name}:v1");
+        var plain = $"{RegistryHost}/{name}:v1";
+        var esgz = $"{RegistryHost}/{name}:esgz";
+        await Containerd.ConvertWithReferenceAsync(plain, esgz);
+        foreach (var i in new[] { plain, esgz }) await Containerd.CtrAsync("images", "rm", "--sync", i);
+        await Containerd.CtrAsync("content", "prune", "references");
+        return new TestImage(plain, esgz, hashes);
+    }
+
+    public async Task RpullAsync(string image) =>
+        (await Containerd.CtrRemoteAsync("image", "rpull", "--plain-http", image)).EnsureSuccess($"ctr-remote rpull {image}");
+
+    public async Task PlainPullAsync(string image) =>
+        (await Containerd.CtrAsync("image", "pull", "--plain-http", "--snapshotter", "stargz", image)).EnsureSuccess($"ctr pull {image}");
+
+    /// <summary>`ctr run --rm --snapshotter stargz IMAGE ID sh -c SCRIPT`.</summary>
+    public Task<ProcessResult> RunAsync(string image, string id, string script) =>
+        Containerd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, id, "/bin/sh", "-c", script);
+
+    /// <summary>Runs `sha256sum /data/FILE` in a new container; returns the hash printed (throws if the run failed).</summary>
+    public async Task<string> Sha256InContainerAsync(string image, string id, string file)
+    {
+        var r = (await RunAsync(image, id, $"sha256sum /data/{file}")).EnsureSuccess($"sha256sum /data/{file} in {id}");
+        return r.StdOut.Trim().Split(' ', 2)[0];
+    }
+
+    /// <summary>
+    /// Waits (bounded) until containerd reaches our daemon again: after a restart its proxy client may answer
+    /// "connection refused" for a while (gRPC reconnect backoff) although the socket is up.
+    /// </summary>
+    public async Task<string> WaitContainerdReachesDaemonAsync(TimeSpan? timeout = null)
+    {
+        var deadline = DateTime.UtcNow + (timeout ?? TimeSpan.FromSeconds(60));
+        ProcessResult last;
+        while (true)
+        {
+            last = await Containerd.CtrAsync("snapshots", "--snapshotter", "stargz", "ls");
+            if (last.ExitCode == 0) return last.StdOut;
+            if (DateTime.UtcNow > deadline)
+                throw new TimeoutException($"containerd did not reach the restarted daemon: {last.StdErr}\ndaemon log:\n{Daemon.Log}");
+            await Task.Delay(500);
+        }
+    }
+
+    /// <summary>Committed snapshots as `ctr snapshots --snapshotter stargz ls` lists them: "KEY PARENT".</summary>
+    public async Task<SortedSet<string>> CommittedSnapshotsAsync()
+    {
+        var ls = (await Containerd.CtrAsync("snapshots", "--snapshotter", "stargz", "ls")).EnsureSuccess("ctr snapshots ls").StdOut;
+        var set = new SortedSet<string>(StringComparer.Ordinal);
+        foreach (var line in ls.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Skip(1))
+        {
+            var f = line.Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries);
+            if (f.Length >= 2 && f[^1] == "Committed") set.Add(string.Join(' ', f[..^1]));
+        }
+        return set;
+    }
+
+    /// <summary>Reads one gauge from the daemon's Prometheus endpoint.</summary>
+    public async Task<double> MetricAsync(string name)
+    {
+        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(10) };
+        var text = await http.GetStringAsync($"http://127.0.0.1:{MetricsPort}/metrics");
+        var m = Regex.Match(text, "^" + Regex.Escape(name) + @" ([0-9.eE+-]+)$", RegexOptions.Multiline);
+        if (!m.Success) throw new InvalidOperationException($"metric {name} not found in:\n{text}");
+        return double.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture);
+    }
+
+    /// <summary>Waits (bounded) until the gauge satisfies <paramref name="ok"/>; returns its last value.</summary>
+    public async Task<double> WaitMetricAsync(string name, Func<double, bool> ok, TimeSpan timeout)
+    {
+        var deadline = DateTime.UtcNow + timeout;
+        while (true)
+        {
+            var v = await MetricAsync(name);
+            if (ok(v) || DateTime.UtcNow > deadline) return v;
+            await Task.Delay(250);
+        }
+    }
+
+    /// <summary>Our FUSE mounts under the daemon's root as (mount id, mount point), from /proc/self/mountinfo.</summary>
+    public SortedSet<string> FuseMountIds()
+    {
+        var set = new SortedSet<string>(StringComparer.Ordinal);
+        var root = Daemon.Root.TrimEnd('/') + "/";
+        foreach (var line in File.ReadAllLines("/proc/self/mountinfo"))
+        {
+            var f = line.Split(' ');
+            var sep = Array.IndexOf(f, "-");
+            if (f.Length < 5 || sep < 0 || sep + 1 >= f.Length) continue;
+            var mp = Regex.Unescape(f[4].Replace("\\040", " "));
+            if (mp.StartsWith(root, StringComparison.Ordinal) && f[sep + 1].StartsWith("fuse", StringComparison.Ordinal))
+                set.Add($"{f[0]} {mp}");
+        }
+        return set;
+    }
+
+    /// <summary>Files of the chunk cache (DAEMON_ROOT/stargz/cache) with their sizes.</summary>
+    public SortedDictionary<string, long> CacheFiles()
+    {
+        var dir = Path.Combine(Daemon.Root, "stargz", "cache");
+        var d = new SortedDictionary<string, long>(StringComparer.Ordinal);
+        if (!Directory.Exists(dir)) return d;
+        foreach (var f in Directory.EnumerateFiles(dir, "*", SearchOption.AllDirectories))
+        {
+            try { d[Path.GetRelativePath(dir, f)] = new FileInfo(f).Length; }
+            catch (FileNotFoundException) { }
+        }
+        return d;
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await Containerd.DisposeAsync();
+        await Daemon.DisposeAsync();
+        await StopRegistryAsync();
+        Work.Dispose();
+    }
+}
+
+/// <summary>An image pushed by <see cref="OutageRig.PushImageAsync"/>: plain and eStargz refs, sha256 of each /data file.</summary>
+public sealed record TestImage(string Plain, string Estargz, IReadOnlyDictionary<string, string> Sha256);
