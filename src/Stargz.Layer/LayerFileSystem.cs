@@ -9,7 +9,7 @@ namespace Stargz.Layer;
 /// depth-first order (1 = root, children by ordinal name), every name of a hardlinked file shares one inode whose
 /// nlink counts the names, and overlayfs conventions are applied — <c>.wh.NAME</c> becomes a char device 0/0 named
 /// NAME (unless NAME exists in the same directory), <c>.wh..wh..opq</c> becomes the opaque xattr on its directory,
-/// and the <c>.wh.*</c> entries themselves are not listed. Metadata calls never block; reads go to the chunk fetcher.
+/// and the <c>.wh.*</c> entries themselves are not listed; the landmark files in "/" are hidden. Metadata calls never block; reads go to the chunk fetcher.
 /// </summary>
 internal sealed class LayerFileSystem : IFuseFileSystem
 {
@@ -61,6 +61,10 @@ internal sealed class LayerFileSystem : IFuseFileSystem
             foreach (var name in names)
             {
                 var child = children![name];
+                // The converter's landmark files (prefetch bookkeeping) are not part of the image: not shown in "/",
+                // as the reference does not show them either.
+                if (dir == rootInode && (name == LayerLabels.PrefetchLandmark || name == LayerLabels.NoPrefetchLandmark))
+                    continue;
                 if (name == OpaqueMarker)
                 {
                     dir.Opaque = true;
