@@ -1,0 +1,70 @@
+extern alias stargzconvert;
+using System.Net.Sockets;
+using Grpc.Net.Client;
+using stargzconvert::Stargz.Convert;
+using Stargz.TestSupport;
+
+namespace Stargz.Integration.Tests;
+
+/// <summary>Helpers shared by the content, fallback, duplicate, label, cleanup and CRI tests.</summary>
+internal static class E2eHelpers
+{
+    /// <summary>Builds NAME:v1 from <paramref name="layers"/> and pushes it as a plain gzip image; returns its reference.</summary>
+    public static async Task<string> PushPlainAsync(E2eRig rig, string name, IReadOnlyList<string> layers)
+    {
+        var layout = Path.Combine(rig.Work.Path, "oci-" + name.Replace('/', '-'));
+        await TestImages.BuildAsync(layout, "v1", layers);
+        await TestImages.PushAsync(layout, "v1", rig.Registry.Host, $"{name}:v1");
+        return $"{rig.Registry.Host}/{name}:v1";
+    }
+
+    /// <summary>Converts SRC to eStargz with OUR converter (src/Stargz.Convert), registry to registry.</summary>
+    public static async Task ConvertWithOursAsync(string src, string dst, string workDir, CancellationToken ct)
+    {
+        var stdout = new StringWriter();
+        var stderr = new StringWriter();
+        var code = await ImageConvertCommand.RunAsync(["--plain-http", "--work-dir", workDir, src, dst], stdout, stderr, ct);
+        if (code != 0) throw new InvalidOperationException($"our converter exited {code}:\n{stdout}\n{stderr}");
+    }
+
+    /// <summary>A gRPC channel to the daemon's snapshots API over its unix socket.</summary>
+    public static GrpcChannel Channel(string socket)
+    {
+        var handler = new SocketsHttpHandler
+        {
+            ConnectCallback = async (_, ct) =>
+            {
+                var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                try
+                {
+                    await s.ConnectAsync(new UnixDomainSocketEndPoint(socket), ct);
+                    return new NetworkStream(s, ownsSocket: true);
+                }
+                catch
+                {
+                    s.Dispose();
+                    throw;
+                }
+            },
+        };
+        return GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions { HttpHandler = handler, DisposeHttpClient = true });
+    }
+
+    /// <summary>Snapshot names `ctr snapshots --snapshotter stargz ls` shows in <paramref name="ns"/>.</summary>
+    public static async Task<List<string>> StargzSnapshotsAsync(LocalContainerd ctd, string ns = "default")
+    {
+        var r = (await ctd.CtrInNamespaceAsync(ns, "snapshots", "--snapshotter", "stargz", "ls")).EnsureSuccess("ctr snapshots ls");
+        return r.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+            .Skip(1) // header: KEY PARENT KIND
+            .Select(l => l.Split(' ', 2)[0])
+            .ToList();
+    }
+
+    /// <summary>Runs a command in a fresh container and returns its stdout (container removed afterwards).</summary>
+    public static async Task<string> RunAsync(LocalContainerd ctd, string image, string id, params string[] cmd)
+    {
+        var args = new List<string> { "run", "--rm", "--snapshotter", "stargz", image, id };
+        args.AddRange(cmd);
+        return (await ctd.CtrAsync(args.ToArray())).EnsureSuccess($"ctr run {id}").StdOut;
+    }
+}
