@@ -44,7 +44,7 @@ public sealed class LayerManager : IAsyncDisposable
     private readonly FetchGate _gate;
     private readonly ConcurrentDictionary<string, Lazy<Task<Resolved>>> _resolved = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, Mounted> _mounts = new(StringComparer.Ordinal);
-    private readonly SemaphoreSlim _mountLock = new(1, 1);
+    private readonly ConcurrentDictionary<string, byte> _mounting = new(StringComparer.Ordinal);
     private readonly CancellationTokenSource _disposed = new();
 
     public LayerManager(RegistryClient registry, LayerOptions options, FuseMountOptions? fuseOptions = null, ILogger? logger = null)
@@ -117,7 +117,8 @@ public sealed class LayerManager : IAsyncDisposable
             throw new LayerResolveException($"layer {digest}: TOC digest {resolved.Toc.TocDigest} does not match the label's {tocDigest}");
         ResolveAhead(imageRef, digest, Label(labels, LayerLabelKeys.Layers, LayerLabelKeys.CriImageLayers));
 
-        await _mountLock.WaitAsync(ct).ConfigureAwait(false);
+        // One mount per mountpoint at a time; mounts of different layers go in parallel.
+        if (!_mounting.TryAdd(mountpoint, 0)) throw new InvalidOperationException($"{mountpoint} is being mounted already");
         try
         {
             if (_mounts.ContainsKey(mountpoint)) throw new InvalidOperationException($"{mountpoint} is already mounted");
@@ -141,7 +142,7 @@ public sealed class LayerManager : IAsyncDisposable
         }
         finally
         {
-            _mountLock.Release();
+            _mounting.TryRemove(mountpoint, out _);
         }
     }
 
@@ -270,7 +271,6 @@ public sealed class LayerManager : IAsyncDisposable
                 await StopAsync(m).ConfigureAwait(false);
         _gate.Dispose();
         Cache.Dispose();
-        _mountLock.Dispose();
         _disposed.Dispose();
     }
 }
