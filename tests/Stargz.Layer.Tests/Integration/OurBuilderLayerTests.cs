@@ -163,4 +163,34 @@ public class OurBuilderLayerTests
         var mp = await lax.MountAsync(lax.Labels("ours/nolabel", d2, null), Ct);
         Assert.Equal("stargz\n", await File.ReadAllTextAsync(Path.Combine(mp, "etc/hostname"), Ct));
     }
+
+    [Fact]
+    public async Task ALayerThatCannotBeServedLazilyIsRefusedWithTheReasonAndNothingIsMounted()
+    {
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { FetchingTimeout = TimeSpan.FromSeconds(3) });
+        // A plain gzip layer (what docker build makes): no eStargz footer.
+        var plainTar = new MemoryStream();
+        using (var gz = new System.IO.Compression.GZipStream(plainTar, System.IO.Compression.CompressionLevel.Fastest, leaveOpen: true))
+            gz.Write(RichTar());
+        var plain = await rig.PushAsync("ours/plain", plainTar.ToArray(), Ct);
+        var e = await Assert.ThrowsAsync<LayerResolveException>(() => rig.MountAsync(rig.Labels("ours/plain", plain, "sha256:" + new string('2', 64)), Ct));
+        Assert.Contains("footer", e.Message);
+        // A layer the registry does not have.
+        var missing = await Assert.ThrowsAsync<LayerResolveException>(() =>
+            rig.MountAsync(rig.Labels("ours/plain", "sha256:" + new string('3', 64), "sha256:" + new string('2', 64)), Ct));
+        Assert.Contains("sha256:3333", missing.Message);
+        // A registry that does not answer: refused within the fetching timeout, not hung.
+        var (blob, built) = await LayerRig.BuildAsync(RichTar(), null, Ct);
+        var digest = await rig.PushAsync("ours/away", blob, Ct);
+        rig.Proxy.Down();
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        await Assert.ThrowsAsync<LayerResolveException>(() => rig.MountAsync(rig.Labels("ours/away", digest, built.TocDigest), Ct));
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(12), $"refused only after {sw.Elapsed}");
+        Assert.Empty(Mounts.Under(rig.Dir.Path));
+        Assert.Empty(rig.Manager.Layers);
+        // Back again: the failed resolution was not remembered.
+        rig.Proxy.Up();
+        var mp = await rig.MountAsync(rig.Labels("ours/away", digest, built.TocDigest), Ct);
+        Assert.Equal("stargz\n", await File.ReadAllTextAsync(Path.Combine(mp, "etc/hostname"), Ct));
+    }
 }
