@@ -325,4 +325,24 @@ public class FetchBehaviourTests
         }
         Assert.True(server.PassthroughOpens >= 1, "the verified chunk file was not used for passthrough");
     }
+
+    [Fact]
+    public async Task UnmountingReleasesReadersWaitingForAnUnansweringRegistry()
+    {
+        var tar = ManyFilesTar(out var files);
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 64 << 10, CompressionLevel = 1 }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { FetchingTimeout = TimeSpan.FromSeconds(120) });
+        var digest = await rig.PushAsync("unmount/layer", blob, Ct);
+        var mp = await rig.MountAsync(rig.Labels("unmount/layer", digest, built.TocDigest), Ct);
+        rig.Proxy.Down();
+        var reader = Task.Factory.StartNew(() => File.ReadAllBytes(Path.Combine(mp, "f09.bin")), Ct, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        await Task.Delay(500, Ct);
+        Assert.False(reader.IsCompleted);
+        var sw = Stopwatch.StartNew();
+        await rig.Manager.UnmountAsync(mp, Ct);
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(30), $"unmount took {sw.Elapsed}");
+        await Assert.ThrowsAnyAsync<IOException>(() => reader.WaitAsync(TimeSpan.FromSeconds(30), Ct));
+        Assert.DoesNotContain(Mounts.List(), m => m.MountPoint == mp);
+        rig.Proxy.Up();
+    }
 }
