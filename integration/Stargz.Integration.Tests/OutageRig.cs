@@ -20,6 +20,8 @@ public sealed class OutageRig : IAsyncDisposable
     private readonly string _registryStorage;
     private readonly int _registryPort;
 
+    private readonly string _idSuffix = Guid.NewGuid().ToString("N")[..8];
+
     public LocalDaemon Daemon { get; }
     public LocalContainerd Containerd { get; }
     public int MetricsPort { get; }
@@ -123,9 +125,23 @@ public sealed class OutageRig : IAsyncDisposable
     public async Task PlainPullAsync(string image) =>
         (await Containerd.CtrAsync("image", "pull", "--plain-http", "--snapshotter", "stargz", image)).EnsureSuccess($"ctr pull {image}");
 
-    /// <summary>`ctr run --rm --snapshotter stargz IMAGE ID sh -c SCRIPT`.</summary>
+    /// <summary>
+    /// A container id unique to this rig: runc keeps its state under /run/containerd/runc/NAMESPACE, which all
+    /// containerd instances on the machine share.
+    /// </summary>
+    public string Cid(string name) => $"{name}-{_idSuffix}";
+
+    /// <summary>`ctr run --rm --snapshotter stargz IMAGE ID sh -c SCRIPT` (ID made unique by <see cref="Cid"/>).</summary>
     public Task<ProcessResult> RunAsync(string image, string id, string script) =>
-        Containerd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, id, "/bin/sh", "-c", script);
+        Containerd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, Cid(id), "/bin/sh", "-c", script);
+
+    /// <summary>`ctr run -d --snapshotter stargz IMAGE ID ARGS...` (ID made unique by <see cref="Cid"/>); returns the id.</summary>
+    public async Task<string> RunDetachedAsync(string image, string id, params string[] args)
+    {
+        var cid = Cid(id);
+        (await Containerd.CtrAsync(["run", "-d", "--snapshotter", "stargz", image, cid, .. args])).EnsureSuccess($"ctr run -d {cid}");
+        return cid;
+    }
 
     /// <summary>Runs `sha256sum /data/FILE` in a new container; returns the hash printed (throws if the run failed).</summary>
     public async Task<string> Sha256InContainerAsync(string image, string id, string file)
@@ -218,8 +234,21 @@ public sealed class OutageRig : IAsyncDisposable
         return d;
     }
 
+    /// <summary>Kills and deletes every task and container of this containerd (they hold runc state outside its dirs).</summary>
+    public async Task RemoveContainersAsync()
+    {
+        var ls = await Containerd.CtrAsync("containers", "ls", "-q");
+        foreach (var id in ls.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+        {
+            await Containerd.CtrAsync("tasks", "rm", "-f", id);
+            await Containerd.CtrAsync("containers", "rm", id);
+        }
+    }
+
     public async ValueTask DisposeAsync()
     {
+        try { await RemoveContainersAsync(); }
+        catch (Exception e) when (e is InvalidOperationException or TimeoutException or IOException) { }
         await Containerd.DisposeAsync();
         await Daemon.DisposeAsync();
         await StopRegistryAsync();

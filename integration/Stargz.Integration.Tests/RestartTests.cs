@@ -19,10 +19,10 @@ public class RestartTests
         Assert.Equal(img.Sha256["early.bin"], await rig.Sha256InContainerAsync(img.Estargz, "first", "early.bin"));
 
         // A container that keeps reading the image's files while the daemon dies under it.
-        (await rig.Containerd.CtrAsync("run", "-d", "--snapshotter", "stargz", img.Estargz, "reader",
-            "/bin/sh", "-c", "while true; do cat /data/early.bin /bin/busybox > /dev/null; done")).EnsureSuccess("ctr run -d reader");
+        var reader = await rig.RunDetachedAsync(img.Estargz, "reader",
+            "/bin/sh", "-c", "while true; do cat /data/early.bin /bin/busybox > /dev/null; done");
         var tasks = (await rig.Containerd.CtrAsync("tasks", "ls")).EnsureSuccess("ctr tasks ls").StdOut;
-        Assert.Contains("reader", tasks);
+        Assert.Contains(reader, tasks);
         Assert.Contains("RUNNING", tasks);
 
         var snapshots = await rig.CommittedSnapshotsAsync();
@@ -60,12 +60,12 @@ public class RestartTests
         Assert.True(await rig.MetricAsync("stargz_layer_fetched_bytes") > fetchedBefore, "late.bin was not fetched");
 
         // The container that was reading during the kill can be torn down through the restarted daemon.
-        await rig.Containerd.CtrAsync("tasks", "kill", "-s", "SIGKILL", "reader");
+        await rig.Containerd.CtrAsync("tasks", "kill", "-s", "SIGKILL", reader);
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
         ProcessResult rm;
-        while ((rm = await rig.Containerd.CtrAsync("tasks", "rm", "-f", "reader")).ExitCode != 0 && DateTime.UtcNow < deadline)
+        while ((rm = await rig.Containerd.CtrAsync("tasks", "rm", "-f", reader)).ExitCode != 0 && DateTime.UtcNow < deadline)
             await Task.Delay(500, TestContext.Current.CancellationToken);
-        (await rig.Containerd.CtrAsync("containers", "rm", "reader")).EnsureSuccess("ctr containers rm reader");
+        (await rig.Containerd.CtrAsync("containers", "rm", reader)).EnsureSuccess("ctr containers rm reader");
         Assert.Equal(snapshots, await rig.CommittedSnapshotsAsync());
     }
 
