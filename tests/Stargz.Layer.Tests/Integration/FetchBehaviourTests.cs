@@ -345,4 +345,38 @@ public class FetchBehaviourTests
         Assert.DoesNotContain(Mounts.List(), m => m.MountPoint == mp);
         rig.Proxy.Up();
     }
+
+    [Fact]
+    public async Task TheMountDoesNotWaitForPrefetchAndPrefetchStopsAtItsTimeout()
+    {
+        var (blobA, builtA) = await LayerRig.BuildAsync(TestTars.Write(w => TestTars.File(w, "a", Small(1))), null, Ct);
+        var tarB = ManyFilesTar(out var files);
+        var (blobB, builtB) = await LayerRig.BuildAsync(tarB, new BuildOptions
+        {
+            ChunkSize = 64 << 10, CompressionLevel = 1, Prioritized = ["f01.bin", "f02.bin", "f03.bin"],
+        }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions
+        {
+            NoBackgroundFetch = true, PrefetchTimeout = TimeSpan.FromSeconds(1), FetchingTimeout = TimeSpan.FromSeconds(60),
+        });
+        var a = await rig.PushAsync("pto/app", blobA, Ct);
+        var b = await rig.PushAsync("pto/app", blobB, Ct);
+        await rig.MountAsync(rig.Labels("pto/app", a, builtA.TocDigest, a + "," + b), Ct);
+        await rig.Manager.ResolutionOf($"{rig.Proxy.Host}/pto/app:latest", b)!.WaitAsync(TimeSpan.FromSeconds(30), Ct);
+        // B's TOC is at hand; its prefetch needs the registry, which now stops answering.
+        rig.Proxy.Down();
+        var sw = Stopwatch.StartNew();
+        var mp = await rig.MountAsync(rig.Labels("pto/app", b, builtB.TocDigest, a + "," + b), Ct);
+        sw.Stop();
+        var layer = rig.Manager.GetLayer(mp)!;
+        Assert.True(layer.PrefetchEnd > 0);
+        Assert.NotEqual(FetchStageState.Done, layer.Stats.Snapshot().Prefetch); // mounted while prefetch is still waiting
+        await layer.BackgroundWork.WaitAsync(TimeSpan.FromSeconds(30), Ct);
+        var st = layer.Stats.Snapshot();
+        Assert.Equal(FetchStageState.Failed, st.Prefetch);
+        Assert.Contains("prefetch", st.LastError);
+        rig.Proxy.Up();
+        Assert.Equal(files["f02.bin"], await File.ReadAllBytesAsync(Path.Combine(mp, "f02.bin"), Ct));
+        TestContext.Current.TestOutputHelper?.WriteLine($"mount with the registry away took {sw.Elapsed.TotalMilliseconds:0} ms");
+    }
 }
