@@ -10,7 +10,7 @@ public static class TestImages
     /// <summary>
     /// Creates (or extends) the OCI layout at <paramref name="layoutDir"/> with image <paramref name="tag"/>, one layer
     /// per entry of <paramref name="layerDirs"/> (each directory's contents land at the image root, in order).
-    /// Whiteouts: a layer dir may hold `.wh.NAME` files / `.wh..wh..opq` markers; they are passed through as-is.
+    /// umoci refuses `.wh.` files inside a layer dir; make whiteouts with `umoci insert --whiteout PATH` instead.
     /// </summary>
     public static async Task BuildAsync(string layoutDir, string tag, IReadOnlyList<string> layerDirs,
         string[]? entrypoint = null, string[]? cmd = null)
