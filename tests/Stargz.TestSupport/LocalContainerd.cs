@@ -65,10 +65,12 @@ public sealed class LocalContainerd : IAsyncDisposable
             toml += $"""
 
             [plugins."io.containerd.grpc.v1.cri"]
-              disable_snapshot_annotations = false
               sandbox_image = "127.0.0.1/none/pause:never"
               [plugins."io.containerd.grpc.v1.cri".containerd]
                 snapshotter = "{criSnapshotter}"
+                # Here, in the containerd table (containerd 1.6 ignores it one level up, and defaults it to true):
+                # CRI then passes the containerd.io/snapshot/cri.* labels to the snapshotter.
+                disable_snapshot_annotations = false
               [plugins."io.containerd.grpc.v1.cri".cni]
                 bin_dir = "{dir.Path}/cni-bin"
                 conf_dir = "{dir.Path}/cni-conf"
