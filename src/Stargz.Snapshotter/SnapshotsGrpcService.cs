@@ -7,15 +7,17 @@ using Microsoft.Extensions.Logging;
 namespace Stargz.Snapshotter;
 
 /// <summary>
-/// containerd.services.snapshots.v1.Snapshots over <see cref="StargzSnapshotter"/>. The namespace is the
-/// `containerd-namespace` header when a direct client sends one, else "" (containerd's proxy prefixes keys instead).
+/// containerd.services.snapshots.v1.Snapshots over <see cref="StargzSnapshotter"/>. One namespace ("") for every
+/// call, as with the reference: containerd's metadata layer namespaces the keys itself (`NAMESPACE/N/KEY`) and sends
+/// the `containerd-namespace` header only on some calls (those from its own namespaced contexts, e.g. CRI's unpack,
+/// not those forwarded from a ctr client), so the header must not select where a snapshot lives.
 /// Errors become the gRPC codes containerd's errdefs maps back (NotFound, AlreadyExists, ...).
 /// </summary>
 public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<SnapshotsGrpcService> log) : Snapshots.SnapshotsBase
 {
     public const string NamespaceHeader = "containerd-namespace";
 
-    private static string Ns(ServerCallContext ctx) => ctx.RequestHeaders.GetValue(NamespaceHeader) ?? "";
+    private static string Ns(ServerCallContext ctx) => "";
 
     private async Task<T> Run<T>(string op, string key, ServerCallContext ctx, Func<Task<T>> body)
     {

@@ -229,20 +229,22 @@ public class SnapshotsApiTests
     }
 
     [Fact]
-    public async Task NamespaceHeaderKeepsNamespacesApart()
+    public async Task NamespaceHeaderDoesNotSplitSnapshots()
     {
+        // containerd sends the header on calls from its own namespaced contexts (CRI's unpack) and not on calls it
+        // forwards from ctr: a snapshot made under one must be seen under the other (regression: CRI-pulled layers
+        // were invisible to `ctr -n k8s.io snapshots ls` and `ctr -n k8s.io run`).
         await using var s = await InProcessSnapshotter.StartAsync();
         var c = s.Client;
-        await c.PrepareAsync(Prep("same-key", labels: new() { ["ns"] = "a" }), Client.Ns("a"), cancellationToken: Ct);
-        await c.PrepareAsync(Prep("same-key", labels: new() { ["ns"] = "b" }), Client.Ns("b"), cancellationToken: Ct);
-        var a = (await c.StatAsync(new StatSnapshotRequest { Key = "same-key" }, Client.Ns("a"), cancellationToken: Ct)).Info;
-        var b = (await c.StatAsync(new StatSnapshotRequest { Key = "same-key" }, Client.Ns("b"), cancellationToken: Ct)).Info;
-        Assert.Equal("a", a.Labels["ns"]);
-        Assert.Equal("b", b.Labels["ns"]);
-        // No header (containerd's proxy): a namespace of its own.
-        Assert.Equal(StatusCode.NotFound, await Client.CodeOf(async () => await c.StatAsync(new StatSnapshotRequest { Key = "same-key" }, cancellationToken: Ct)));
-        await c.RemoveAsync(new RemoveSnapshotRequest { Key = "same-key" }, Client.Ns("a"), cancellationToken: Ct);
-        Assert.Equal("b", (await c.StatAsync(new StatSnapshotRequest { Key = "same-key" }, Client.Ns("b"), cancellationToken: Ct)).Info.Labels["ns"]);
+        await c.PrepareAsync(Prep("k8s.io/1/key", labels: new() { ["from"] = "cri" }), Client.Ns("k8s.io"), cancellationToken: Ct);
+        Assert.Equal("cri", (await c.StatAsync(new StatSnapshotRequest { Key = "k8s.io/1/key" }, cancellationToken: Ct)).Info.Labels["from"]);
+        Assert.Equal("cri", (await c.StatAsync(new StatSnapshotRequest { Key = "k8s.io/1/key" }, Client.Ns("other"), cancellationToken: Ct)).Info.Labels["from"]);
+        Assert.Equal(["k8s.io/1/key"], (await Client.ListAll(c, Ct)).Select(i => i.Name));
+        Assert.Equal(StatusCode.AlreadyExists, await Client.CodeOf(async () =>
+            await c.PrepareAsync(Prep("k8s.io/1/key"), Client.Ns("b"), cancellationToken: Ct)));
+        await c.RemoveAsync(new RemoveSnapshotRequest { Key = "k8s.io/1/key" }, cancellationToken: Ct);
+        Assert.Equal(StatusCode.NotFound, await Client.CodeOf(async () =>
+            await c.StatAsync(new StatSnapshotRequest { Key = "k8s.io/1/key" }, Client.Ns("k8s.io"), cancellationToken: Ct)));
     }
 
     [Fact]
