@@ -98,4 +98,38 @@ public class OutageTests
         Assert.Equal(img.Sha256["later.bin"], later.StdOut.Trim().Split(' ', 2)[0]);
         Assert.Equal(mounts, rig.FuseMountIds());
     }
+    [Fact]
+    public async Task RegistryThatStopsAnsweringFailsUncachedReadsWithEioWithinTheTimeoutAndReadsRecoverWithoutRemount()
+    {
+        await using var rig = await OutageRig.StartAsync();
+        var img = await rig.PushImageAsync("outage/hang", Files, seed: 803);
+        // The daemon reaches the registry through a proxy that can stop answering (connections accepted, no reply),
+        // as a registry behind a broken network does; a stopped registry only refuses connections.
+        await using var proxy = new CountingProxy(rig.RegistryHost);
+        var image = img.Estargz.Replace(rig.RegistryHost, proxy.Host, StringComparison.Ordinal);
+        await rig.RpullAsync(image);
+        var holder = await rig.RunDetachedAsync(image, "holder", "/bin/sleep", "3600");
+        var exec = 0;
+        Task<ProcessResult> Exec(string script) =>
+            rig.Containerd.CtrAsync("tasks", "exec", "--exec-id", $"e{exec++}", holder, "/bin/sh", "-c", script);
+        Assert.Equal(img.Sha256["early.bin"], (await Exec("sha256sum /data/early.bin")).EnsureSuccess("read").StdOut.Trim().Split(' ', 2)[0]);
+        var mounts = rig.FuseMountIds();
+        Assert.Equal(2, mounts.Count);
+
+        proxy.Down();
+        var again = (await Exec("sha256sum /data/early.bin")).EnsureSuccess("cached read with the registry silent");
+        Assert.Equal(img.Sha256["early.bin"], again.StdOut.Trim().Split(' ', 2)[0]);
+        var sw = Stopwatch.StartNew();
+        var failed = await Exec("cat /data/late.bin > /dev/null");
+        sw.Stop();
+        Assert.NotEqual(0, failed.ExitCode);
+        Assert.Contains("Input/output error", failed.StdOut + failed.StdErr);
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(OutageRig.FetchingTimeoutSec * 12),
+            $"the failing read took {sw.Elapsed}, fetching_timeout_sec is {OutageRig.FetchingTimeoutSec}");
+
+        proxy.Up();
+        var late = (await Exec("sha256sum /data/late.bin")).EnsureSuccess("read after the registry answers again");
+        Assert.Equal(img.Sha256["late.bin"], late.StdOut.Trim().Split(' ', 2)[0]);
+        Assert.Equal(mounts, rig.FuseMountIds());
+    }
 }
