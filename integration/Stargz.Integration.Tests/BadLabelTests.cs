@@ -72,10 +72,7 @@ public class BadLabelTests
             Assert.False(info.Labels.ContainsKey("containerd.io/snapshot/remote"), name);
             Assert.Equal(0, FuseMounts());
             Assert.True(daemon.ExitCode == null, $"daemon exited after the {name} case:\n{daemon.Log}");
-            // The daemon logs asynchronously: wait (bounded) for the line to reach its output.
-            string? line = null;
-            for (var deadline = DateTime.UtcNow.AddSeconds(30); line == null && DateTime.UtcNow < deadline; await Task.Delay(100, ct))
-                line = daemon.Log.Split('\n').FirstOrDefault(l => l.Contains($"layer {digest} for {target} ", StringComparison.Ordinal));
+            var line = await E2eHelpers.WaitLogLineAsync(daemon, $"layer {digest} for {target} ");
             Assert.True(line != null, $"{name}: no log line for {digest}:\n{daemon.Log}");
             Assert.Contains("falling back to an ordinary snapshot", line);
             Assert.Contains(reason, line);

@@ -60,6 +60,19 @@ internal static class E2eHelpers
             .ToList();
     }
 
+    /// <summary>The first line of the daemon's log containing all of <paramref name="parts"/>, waiting (bounded) for it:
+    /// the daemon logs asynchronously, so a line may reach its output a little after the call it describes.</summary>
+    public static async Task<string?> WaitLogLineAsync(LocalDaemon daemon, params string[] parts)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+        while (true)
+        {
+            var line = daemon.Log.Split('\n').FirstOrDefault(l => parts.All(p => l.Contains(p, StringComparison.Ordinal)));
+            if (line != null || DateTime.UtcNow > deadline) return line;
+            await Task.Delay(100, TestContext.Current.CancellationToken);
+        }
+    }
+
     /// <summary>Runs a command in a fresh container and returns its stdout (container removed afterwards).</summary>
     public static async Task<string> RunAsync(LocalContainerd ctd, string image, string id, params string[] cmd)
     {

@@ -41,8 +41,11 @@ public class FallbackTests
         }
         Assert.Equal("plain gzip image", (await E2eHelpers.RunAsync(rig.Containerd, image, "plain-rpull", "/bin/cat", "/etc/motd")).Trim());
         // The daemon said why it fell back, naming the layer.
-        Assert.Contains($"layer {manifest[0].Digest} for", rig.Daemon.Log);
-        Assert.Contains("falling back to an ordinary snapshot", rig.Daemon.Log);
+        foreach (var (digest, _) in manifest)
+        {
+            var line = await E2eHelpers.WaitLogLineAsync(rig.Daemon, $"layer {digest} for ", "falling back to an ordinary snapshot");
+            Assert.True(line != null, $"no fallback log line for {digest}:\n{rig.Daemon.Log}");
+        }
         Assert.Null(rig.Daemon.ExitCode);
     }
 
