@@ -22,6 +22,12 @@ public sealed class SnapshotterOptions
 
     /// <summary>Force overlay's userxattr option on/off; null detects (needed inside a user namespace).</summary>
     public bool? UserXattr { get; init; }
+
+    /// <summary>
+    /// How long the start waits for remote snapshots to be mounted again before serving; those not mounted by then
+    /// (a registry that does not answer) go on being restored in the background, and on demand by Check.
+    /// </summary>
+    public TimeSpan RestoreWaitAtStart { get; init; } = TimeSpan.FromSeconds(5);
 }
 
 /// <summary>
@@ -43,6 +49,9 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     private readonly SemaphoreSlim _gate = new(1, 1);
     private readonly KeyedLock _targetLocks = new();
     private readonly KeyedLock _commitLocks = new();
+    private readonly KeyedLock _restoreLocks = new();
+    private readonly CancellationTokenSource _restoreStop = new();
+    private Task _restoring = Task.CompletedTask;
     private readonly ConcurrentDictionary<long, DateTime> _lastChecked = new();
     private readonly ConcurrentDictionary<long, string> _unrestored = new();
     private readonly bool _indexOff;
@@ -137,32 +146,59 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         try { remotes = _store.All().Where(r => r.IsRemote).ToList(); }
         finally { _gate.Release(); }
         Volatile.Write(ref _remoteCount, remotes.Count);
-        int ok = 0;
-        foreach (var r in remotes)
+        if (remotes.Count == 0) return;
+        if (_opt.RemoteFileSystem == null)
         {
-            if (_opt.RemoteFileSystem == null)
+            foreach (var r in remotes)
             {
                 _unrestored[r.Id] = "no remote filesystem is configured in this daemon";
                 _log.LogError("remote snapshot {Key} (namespace {Namespace}, layer {Digest}) cannot be restored: no remote filesystem is configured",
                     r.Key, r.Namespace, LayerDigest(r.Labels));
-                continue;
             }
+            return;
+        }
+        // Every remote snapshot counts as unrestored until its layer is mounted again, so that Check mounts it on
+        // demand if asked first. The start waits a bounded time: a registry that does not answer must not keep the
+        // daemon from serving (ordinary snapshots need no registry).
+        foreach (var r in remotes) _unrestored[r.Id] = "being restored after start";
+        _restoring = Task.Run(() => RestoreRemotesAsync(remotes, _restoreStop.Token), CancellationToken.None);
+        if (await Task.WhenAny(_restoring, Task.Delay(_opt.RestoreWaitAtStart, ct)) != _restoring)
+            _log.LogWarning("remote snapshots still being restored after {Wait}: serving now, the rest are restored in the background",
+                _opt.RestoreWaitAtStart);
+    }
+
+    private async Task RestoreRemotesAsync(List<SnapshotRecord> remotes, CancellationToken ct)
+    {
+        int ok = 0;
+        foreach (var r in remotes)
+        {
             try
             {
-                Directory.CreateDirectory(FsDir(r.Id));
-                await _opt.RemoteFileSystem.MountAsync(FsDir(r.Id), r.Labels, ct);
-                _lastChecked[r.Id] = DateTime.UtcNow;
+                await RestoreRemoteAsync(r, ct);
                 ok++;
             }
-            catch (Exception e) when (e is not OperationCanceledException)
+            catch (OperationCanceledException) when (ct.IsCancellationRequested) { return; }
+            catch (Exception e)
             {
                 _unrestored[r.Id] = e.Message;
                 _log.LogError("remote snapshot {Key} (namespace {Namespace}, layer {Digest}) could not be restored: {Error}",
                     r.Key, r.Namespace, LayerDigest(r.Labels), e.Message);
             }
         }
-        if (remotes.Count > 0)
-            _log.LogInformation("restored {Restored} of {Total} remote snapshots", ok, remotes.Count);
+        _log.LogInformation("restored {Restored} of {Total} remote snapshots", ok, remotes.Count);
+    }
+
+    /// <summary>Mounts an unrestored remote snapshot's layer again (one at a time per snapshot; no-op once mounted).</summary>
+    private async Task RestoreRemoteAsync(SnapshotRecord r, CancellationToken ct)
+    {
+        using var held = await _restoreLocks.AcquireAsync(r.Id.ToString(System.Globalization.CultureInfo.InvariantCulture), ct);
+        if (!_unrestored.ContainsKey(r.Id)) return;
+        // Removed meanwhile (Remove renames the dir away first): nothing to mount.
+        if (!Directory.Exists(SnapshotDir(r.Id))) throw new IOException($"snapshot dir of {r.Key} is gone");
+        Directory.CreateDirectory(FsDir(r.Id));
+        await _opt.RemoteFileSystem!.MountAsync(FsDir(r.Id), r.Labels, ct);
+        _lastChecked[r.Id] = DateTime.UtcNow;
+        _unrestored.TryRemove(r.Id, out _);
     }
 
     /// <summary>
@@ -581,9 +617,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             {
                 try
                 {
-                    await fsys.MountAsync(fs, r.Labels, ct);
-                    _unrestored.TryRemove(r.Id, out _);
-                    _lastChecked[r.Id] = DateTime.UtcNow;
+                    await RestoreRemoteAsync(r, ct);
                     _log.LogInformation("remote snapshot {Key} (layer {Digest}) restored on demand", r.Key, LayerDigest(r.Labels));
                     continue;
                 }
@@ -651,6 +685,10 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     /// <summary>Waits for in-flight metadata work, unmounts remote layers (restored at next start), closes the store.</summary>
     public async ValueTask DisposeAsync()
     {
+        // A background restore ends first, so that what it mounted is unmounted below.
+        _restoreStop.Cancel();
+        try { await _restoring; }
+        catch (Exception e) { _log.LogWarning("background restore ended with {Error}", e.Message); }
         await _gate.WaitAsync();
         try
         {
