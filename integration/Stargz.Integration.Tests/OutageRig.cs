@@ -41,7 +41,8 @@ public sealed class OutageRig : IAsyncDisposable
         Work = work;
     }
 
-    public static async Task<OutageRig> StartAsync()
+    /// <param name="fetchingTimeoutSec">the daemon's <c>[blob] fetching_timeout_sec</c>.</param>
+    public static async Task<OutageRig> StartAsync(int fetchingTimeoutSec = FetchingTimeoutSec)
     {
         Requires.Fuse();
         Requires.Root();
@@ -58,7 +59,7 @@ public sealed class OutageRig : IAsyncDisposable
                 noprefetch = true
                 no_background_fetch = true
                 [blob]
-                fetching_timeout_sec = {FetchingTimeoutSec}
+                fetching_timeout_sec = {fetchingTimeoutSec}
                 """);
             var ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket);
             return new OutageRig(registry, storage, daemon, ctd, port, work);

@@ -132,4 +132,41 @@ public class OutageTests
         Assert.Equal(img.Sha256["late.bin"], late.StdOut.Trim().Split(' ', 2)[0]);
         Assert.Equal(mounts, rig.FuseMountIds());
     }
+    [Fact]
+    public async Task DaemonStartsAndServesWhileTheRegistryDoesNotAnswer()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        // The reference default fetching timeout: a start that waited for a silent registry would wait 300 s per layer.
+        await using var rig = await OutageRig.StartAsync(fetchingTimeoutSec: 300);
+        var img = await rig.PushImageAsync("outage/silent", Files, seed: 804);
+        await using var proxy = new CountingProxy(rig.RegistryHost);
+        var lazy = img.Estargz.Replace(rig.RegistryHost, proxy.Host, StringComparison.Ordinal);
+        await rig.RpullAsync(lazy);
+        await rig.PlainPullAsync(img.Plain);
+        Assert.Equal(img.Sha256["early.bin"], await rig.Sha256InContainerAsync(lazy, "lazy-1", "early.bin"));
+        var snapshots = await rig.CommittedSnapshotsAsync();
+        Assert.Equal(4, snapshots.Count);
+
+        Assert.Equal(0, await rig.Daemon.StopAsync());
+        proxy.Down();
+        await rig.Daemon.RestartAsync(waitReady: false);
+        // Bounded generously, and far below what waiting for the silent registry would take.
+        await rig.Daemon.WaitReadyAsync(TimeSpan.FromSeconds(90));
+        await rig.WaitContainerdReachesDaemonAsync(TimeSpan.FromSeconds(60));
+        Assert.Equal(snapshots, await rig.CommittedSnapshotsAsync());
+        Assert.Equal(img.Sha256["late.bin"], await rig.Sha256InContainerAsync(img.Plain, "plain-silent", "late.bin"));
+
+        proxy.Up();
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(120);
+        ProcessResult run;
+        var attempt = 0;
+        while (true)
+        {
+            run = await rig.RunAsync(lazy, $"lazy-up-{attempt++}", "sha256sum /data/late.bin");
+            if (run.ExitCode == 0 || DateTime.UtcNow > deadline) break;
+            await Task.Delay(1000, ct);
+        }
+        run.EnsureSuccess("the lazy image's container once the registry answers again");
+        Assert.Equal(img.Sha256["late.bin"], run.StdOut.Trim().Split(' ', 2)[0]);
+    }
 }
