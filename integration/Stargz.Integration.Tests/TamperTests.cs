@@ -53,6 +53,9 @@ public class TamperTests
             var cat = await rig.RunAsync(img.Estargz, $"victim-cat-{attempt}", "cat /data/victim.bin > /dev/null");
             Assert.NotEqual(0, cat.ExitCode);
             Assert.Contains("Input/output error", cat.StdOut + cat.StdErr);
+            // Not even the bytes before the flipped ones: a chunk is served only whole and verified.
+            var head = await rig.RunAsync(img.Estargz, $"victim-head-{attempt}", "head -c 4096 /data/victim.bin > /tmp/head");
+            Assert.NotEqual(0, head.ExitCode);
         }
         Assert.True(await rig.MetricAsync("stargz_layer_errors") > 0, "the bad chunk was not counted as a layer error");
 
