@@ -52,6 +52,9 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     private readonly KeyedLock _restoreLocks = new();
     private readonly CancellationTokenSource _restoreStop = new();
     private Task _restoring = Task.CompletedTask;
+    // A remote snapshot's layer being mounted again after start / being removed: the two exclude each other.
+    private readonly ConcurrentDictionary<long, byte> _mounting = new();
+    private readonly ConcurrentDictionary<long, byte> _removing = new();
     private readonly ConcurrentDictionary<long, DateTime> _lastChecked = new();
     private readonly ConcurrentDictionary<long, string> _unrestored = new();
     private readonly bool _indexOff;
@@ -180,7 +183,8 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             catch (OperationCanceledException) when (ct.IsCancellationRequested) { return; }
             catch (Exception e)
             {
-                _unrestored[r.Id] = e.Message;
+                // Only while still unrestored: a Remove that went through meanwhile dropped the entry for good.
+                if (_unrestored.TryGetValue(r.Id, out var was)) _unrestored.TryUpdate(r.Id, e.Message, was);
                 _log.LogError("remote snapshot {Key} (namespace {Namespace}, layer {Digest}) could not be restored: {Error}",
                     r.Key, r.Namespace, LayerDigest(r.Labels), e.Message);
             }
@@ -193,12 +197,19 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     {
         using var held = await _restoreLocks.AcquireAsync(r.Id.ToString(System.Globalization.CultureInfo.InvariantCulture), ct);
         if (!_unrestored.ContainsKey(r.Id)) return;
-        // Removed meanwhile (Remove renames the dir away first): nothing to mount.
-        if (!Directory.Exists(SnapshotDir(r.Id))) throw new IOException($"snapshot dir of {r.Key} is gone");
-        Directory.CreateDirectory(FsDir(r.Id));
-        await _opt.RemoteFileSystem!.MountAsync(FsDir(r.Id), r.Labels, ct);
-        _lastChecked[r.Id] = DateTime.UtcNow;
-        _unrestored.TryRemove(r.Id, out _);
+        _mounting[r.Id] = 0;
+        Interlocked.MemoryBarrier();
+        try
+        {
+            // Being removed, or removed meanwhile (Remove renames the dir away first): nothing to mount.
+            if (_removing.ContainsKey(r.Id)) throw new IOException($"snapshot {r.Key} is being removed");
+            if (!Directory.Exists(SnapshotDir(r.Id))) throw new IOException($"snapshot dir of {r.Key} is gone");
+            Directory.CreateDirectory(FsDir(r.Id));
+            await _opt.RemoteFileSystem!.MountAsync(FsDir(r.Id), r.Labels, ct);
+            _lastChecked[r.Id] = DateTime.UtcNow;
+            _unrestored.TryRemove(r.Id, out _);
+        }
+        finally { _mounting.TryRemove(r.Id, out _); }
     }
 
     /// <summary>
@@ -444,6 +455,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     public async Task RemoveAsync(string ns, string key, CancellationToken ct)
     {
         string? trash = null;
+        long? removing = null;
         await _gate.WaitAsync(ct);
         try
         {
@@ -454,6 +466,15 @@ public sealed class StargzSnapshotter : IAsyncDisposable
                 if (_store.HasChildren(ns, key)) throw SnapshotterException.FailedPrecondition($"cannot remove snapshot {key}: it has children");
                 return r;
             });
+            if (rec.IsRemote)
+            {
+                removing = rec.Id;
+                _removing[rec.Id] = 0;
+                Interlocked.MemoryBarrier();
+                // Its layer mount (restore after start) is in flight: removing the dir under it would leak the mount.
+                if (_mounting.ContainsKey(rec.Id))
+                    throw SnapshotterException.FailedPrecondition($"cannot remove snapshot {key} now: its layer is being mounted again after the start; retry");
+            }
             await UnmountLayerAsync(rec, ct);
             trash = Path.Combine(_snapshotsDir, "rm-" + rec.Id.ToString(System.Globalization.CultureInfo.InvariantCulture));
             var dir = SnapshotDir(rec.Id);
@@ -489,7 +510,11 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             if (rec.IsRemote) Interlocked.Decrement(ref _remoteCount);
             _log.LogDebug("removed snapshot {Key} (id {Id})", key, rec.Id);
         }
-        finally { _gate.Release(); }
+        finally
+        {
+            if (removing is long id) _removing.TryRemove(id, out _);
+            _gate.Release();
+        }
         if (trash != null) RemoveDirTree(trash);
     }
 

@@ -70,4 +70,31 @@ public class RestoreInBackgroundTests
         Assert.Equal(1, third.MountCalls("sha256:l1"));
         Assert.Single(Mounts.Under(fsDir));
     }
+    [Fact]
+    public async Task RemoveWhileTheLayerIsBeingRestoredIsRefusedThenWorksAndLeavesNoMount()
+    {
+        Requires.Root();
+        using var layers = new TempDir("sgs-layers");
+        var dir = layers.Sub("l1");
+        await File.WriteAllTextAsync(Path.Combine(dir, "f.txt"), "x", Ct);
+        var fs = new BindMountRemoteFileSystemDouble();
+        fs.AddLayer("sha256:l1", dir);
+        await using var s = await InProcessSnapshotter.StartAsync(fs);
+        await Client.CodeOf(async () => await s.Client.PrepareAsync(RemotePrep("k1", "sha256:c1", "sha256:l1"), cancellationToken: Ct));
+
+        var slow = new BindMountRemoteFileSystemDouble { MountDelay = TimeSpan.FromSeconds(15) };
+        slow.AddLayer("sha256:l1", dir);
+        await s.ReopenAsync(slow).WaitAsync(TimeSpan.FromSeconds(60), Ct);
+        Assert.Single(s.Snapshotter.UnrestoredRemoteSnapshots);
+        Assert.Equal(StatusCode.FailedPrecondition, await Client.CodeOf(async () =>
+            await s.Client.RemoveAsync(new RemoveSnapshotRequest { Key = "sha256:c1" }, cancellationToken: Ct)));
+
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(120);
+        while (s.Snapshotter.UnrestoredRemoteSnapshots.Count > 0 && DateTime.UtcNow < deadline) await Task.Delay(200, Ct);
+        Assert.Empty(s.Snapshotter.UnrestoredRemoteSnapshots);
+        await s.Client.RemoveAsync(new RemoveSnapshotRequest { Key = "sha256:c1" }, cancellationToken: Ct);
+        Assert.Empty(Mounts.Under(Path.Combine(s.Root, "snapshots")));
+        Assert.Empty(s.Snapshotter.UnrestoredRemoteSnapshots);
+        Assert.Equal((0, 0), s.Snapshotter.RemoteSnapshotCounts());
+    }
 }
