@@ -1,7 +1,6 @@
-extern alias stargzconvert;
 using System.Net.Sockets;
 using Grpc.Net.Client;
-using stargzconvert::Stargz.Convert;
+using Stargz.Converter;
 using Stargz.TestSupport;
 
 namespace Stargz.Integration.Tests;
@@ -18,7 +17,7 @@ internal static class E2eHelpers
         return $"{rig.Registry.Host}/{name}:v1";
     }
 
-    /// <summary>Converts SRC to eStargz with OUR converter (src/Stargz.Convert), registry to registry.</summary>
+    /// <summary>Converts SRC to eStargz with OUR converter (src/Stargz.Converter), registry to registry.</summary>
     public static async Task ConvertWithOursAsync(string src, string dst, string workDir, CancellationToken ct)
     {
         var stdout = new StringWriter();

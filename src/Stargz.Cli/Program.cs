@@ -24,7 +24,7 @@ public static class Program
         try
         {
             if (args.Length >= 2 && args[0] == "image" && args[1] == "convert")
-                return await Stargz.Convert.ImageConvertCommand.RunAsync(args[2..], Console.Out, Console.Error, cts.Token);
+                return await Stargz.Converter.ImageConvertCommand.RunAsync(args[2..], Console.Out, Console.Error, cts.Token);
             if (args.Length >= 2 && args[0] == "blob")
             {
                 var rest = args[2..];

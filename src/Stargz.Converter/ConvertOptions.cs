@@ -1,6 +1,6 @@
 using Stargz.Registry;
 
-namespace Stargz.Convert;
+namespace Stargz.Converter;
 
 /// <summary>Layer format the converter writes.</summary>
 public enum LayerFormat

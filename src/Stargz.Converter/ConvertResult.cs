@@ -1,6 +1,6 @@
 using Stargz.Registry;
 
-namespace Stargz.Convert;
+namespace Stargz.Converter;
 
 /// <summary>What happened to one layer.</summary>
 public enum LayerAction

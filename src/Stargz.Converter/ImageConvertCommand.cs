@@ -1,7 +1,7 @@
 using System.Globalization;
 using Stargz.Registry;
 
-namespace Stargz.Convert;
+namespace Stargz.Converter;
 
 /// <summary>
 /// <c>stargz image convert [--zstd] [--chunk-size N] [--level L] [--prioritize PATH]... [--platform P | --all-platforms]

@@ -9,7 +9,7 @@ using Microsoft.Extensions.Logging.Abstractions;
 using Stargz.Estargz;
 using Stargz.Registry;
 
-namespace Stargz.Convert;
+namespace Stargz.Converter;
 
 /// <summary>
 /// Converts an image in a registry to eStargz (or zstd:chunked) and pushes it under another reference, as

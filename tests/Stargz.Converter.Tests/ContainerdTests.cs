@@ -3,7 +3,7 @@ using Stargz.Estargz;
 using Stargz.Registry;
 using Stargz.TestSupport;
 
-namespace Stargz.Convert.Tests;
+namespace Stargz.Converter.Tests;
 
 /// <summary>
 /// What our converter pushes, consumed by the real tools: containerd 1.6 (stock overlayfs snapshotter, runc) pulls and

@@ -4,7 +4,7 @@ using Stargz.Estargz;
 using Stargz.Registry;
 using Stargz.TestSupport;
 
-namespace Stargz.Convert.Tests;
+namespace Stargz.Converter.Tests;
 
 /// <summary>Our converter against a real registry: what it pushes, read back and checked layer by layer.</summary>
 public class ConvertTests(SourceImageFixture fixture) : IClassFixture<SourceImageFixture>

@@ -2,7 +2,7 @@ using Stargz.Estargz;
 using Stargz.Registry;
 using Stargz.TestSupport;
 
-namespace Stargz.Convert.Tests;
+namespace Stargz.Converter.Tests;
 
 [CollectionDefinition(nameof(AloneCollection), DisableParallelization = true)]
 public sealed class AloneCollection;

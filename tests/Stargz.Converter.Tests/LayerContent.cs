@@ -4,7 +4,7 @@ using System.Security.Cryptography;
 using Stargz.Estargz;
 using Stargz.Registry;
 
-namespace Stargz.Convert.Tests;
+namespace Stargz.Converter.Tests;
 
 /// <summary>One tar entry as a user would compare it: path, type, mode, owner, link, size, content hash, mtime.</summary>
 public sealed record EntryView(string Path, string Type, int Mode, int Uid, int Gid, string? Link, long Size, string? Sha256, long MTime);

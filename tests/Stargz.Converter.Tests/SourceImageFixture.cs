@@ -1,6 +1,6 @@
 using Stargz.TestSupport;
 
-namespace Stargz.Convert.Tests;
+namespace Stargz.Converter.Tests;
 
 /// <summary>
 /// A real docker-registry holding a plain gzip image built with umoci from local files and pushed with skopeo, as a
