@@ -145,10 +145,11 @@ public sealed class LocalContainerd : IAsyncDisposable
     {
         try
         {
-            // Tasks first, so runc shims do not outlive the test.
+            // Tasks first, so runc shims do not outlive the test: a shim exits only once its task is deleted
+            // (`rm -f` kills it first), not when the task is merely killed.
             var tasks = await CtrAsync("tasks", "ls", "-q");
             foreach (var id in tasks.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
-                await CtrAsync("tasks", "kill", "-s", "SIGKILL", id);
+                await CtrAsync("tasks", "rm", "-f", id);
         }
         catch (Exception e) when (e is InvalidOperationException or TimeoutException or IOException) { }
         try
