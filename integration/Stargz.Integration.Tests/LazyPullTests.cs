@@ -14,7 +14,8 @@ public class LazyPullTests
         // Background fetch off: it would go on pulling the rest of the image while we measure what the run needed
         // (it is tested on its own in the layer tests).
         await using var rig = await E2eRig.StartAsync("no_background_fetch = true\n");
-        var layers = TestImages.WritePythonLayers(rig.Work.Path, dataMegabytes: 64);
+        // ~200 MB image: interpreter, stdlib, dist-packages and 140 MB of data the run never reads.
+        var layers = TestImages.WritePythonLayers(rig.Work.Path, dataMegabytes: 140);
         var image = await rig.PushEstargzAsync("e2e/python", layers);
         var manifest = await ManifestLayersAsync(rig, image);
 
@@ -31,11 +32,11 @@ public class LazyPullTests
         var expected = Convert.ToHexStringLower(SHA256.HashData(await File.ReadAllBytesAsync(Path.Combine(layers[2], "data", "message.txt"), ct)));
         Assert.Equal($"{{\"sha\": \"{expected}\"}}", run.StdOut.Trim());
 
-        // Bytes fetched so far are a small part of the image (the 64 MB of data were never read).
+        // Bytes fetched so far are a small part of the image (the 140 MB of data were never read).
         var total = manifest.Sum(l => l.Size);
         var fetched = await rig.MetricAsync("stargz_layer_fetched_bytes");
         Assert.True(fetched > 0, "nothing fetched: the container's files did not come through our layers");
-        Assert.True(fetched < total * 0.5, $"fetched {fetched} of {total} bytes: not lazy");
+        Assert.True(fetched < total * 0.2, $"fetched {fetched} of {total} bytes: not lazy");
     }
 
     internal static async Task<List<(string Digest, long Size)>> ManifestLayersAsync(E2eRig rig, string image)
