@@ -131,6 +131,26 @@ public sealed class ChunkCache : IDisposable
         try { File.Delete(path); } catch (IOException) { }
     }
 
+    /// <summary>
+    /// Drops a chunk from memory and disk and forgets that its file was checked (a layer was released and no
+    /// mounted layer uses the chunk). A missing file is fine. Returns true when a disk file was deleted.
+    /// </summary>
+    public bool Remove(string key)
+    {
+        _memory.Remove(key);
+        _trustedOnDisk.TryRemove(key, out _);
+        if (_chunkDir == null) return false;
+        var path = PathOf(key);
+        try
+        {
+            if (!File.Exists(path)) return false;
+            File.Delete(path);
+            return true;
+        }
+        catch (DirectoryNotFoundException) { return false; }
+        catch (FileNotFoundException) { return false; }
+    }
+
     /// <summary>Keeps a verified chunk in memory. The array must never be written again.</summary>
     public void AddMemory(string key, byte[] data)
     {

@@ -256,6 +256,40 @@ public sealed class LayerManager : IAsyncDisposable
         _log.LogInformation("unmounted layer {Digest} from {MountPoint}", m.Layer.Digest, mountpoint);
     }
 
+    /// <summary>
+    /// The layer's snapshot was removed: unmounts it as <see cref="UnmountAsync"/> does, then drops from the cache
+    /// (memory and disk) every chunk of the layer that no other mounted layer uses. Chunks are shared by digest
+    /// across layers and images, so a chunk another mounted layer has stays. Shutdown uses <see cref="UnmountAsync"/>,
+    /// which keeps the cache for the next start. A layer still being mounted meanwhile that needs a dropped chunk
+    /// fetches it again (only mounted layers are counted).
+    /// </summary>
+    public async Task ReleaseAsync(string mountpoint, CancellationToken ct)
+    {
+        mountpoint = Path.GetFullPath(mountpoint);
+        if (!_mounts.TryRemove(mountpoint, out var m))
+            throw new InvalidOperationException($"no layer is mounted at {mountpoint}");
+        // Stopped first: the layer's fetches and disk writes are over before its chunks are dropped.
+        await StopAsync(m).WaitAsync(ct).ConfigureAwait(false);
+        var keys = m.Layer.ChunkKeys();
+        var total = keys.Count;
+        foreach (var (_, other) in _mounts)
+        {
+            if (keys.Count == 0) break;
+            foreach (var k in other.Layer.ChunkKeys()) keys.Remove(k);
+        }
+        var files = 0;
+        foreach (var k in keys)
+        {
+            try { if (Cache.Remove(k)) files++; }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                _log.LogWarning("cannot remove cached chunk {Key} of released layer {Digest}: {Error}", k, m.Layer.Digest, e.Message);
+            }
+        }
+        _log.LogInformation("released layer {Digest} from {MountPoint}: {Files} cached chunk files removed, {Shared} chunks kept for other layers",
+            m.Layer.Digest, mountpoint, files, total - keys.Count);
+    }
+
     private static async Task StopAsync(Mounted m)
     {
         await m.Layer.DisposeAsync().ConfigureAwait(false); // fails waiting reads first, so unmount is not busy on them

@@ -61,6 +61,14 @@ public sealed class RemoteLayer : IAsyncDisposable
         return all.ToArray();
     }
 
+    /// <summary>The chunk cache keys of every chunk of this layer (chunk digests; layer-local keys when unverified).</summary>
+    internal HashSet<string> ChunkKeys()
+    {
+        var keys = new HashSet<string>(_byBlobOffset.Length, StringComparer.Ordinal);
+        foreach (var c in _byBlobOffset) keys.Add(Fetcher.KeyOf(c));
+        return keys;
+    }
+
     /// <summary>Starts prefetch then background fetch; returns at once (the mount never waits for them).</summary>
     internal void StartBackgroundWork(long? prefetchSizeLabel)
     {
