@@ -9,7 +9,10 @@ public interface IRemoteFileSystem
     // missing TOC digest, registry unreachable...) whose Message says why; the snapshotter then falls back.
     Task MountAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct);
     Task CheckAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct); // throws if unhealthy -> Unavailable
-    Task UnmountAsync(string mountpoint, CancellationToken ct);
+    Task UnmountAsync(string mountpoint, CancellationToken ct); // shutdown, failed prepare: the layer's cached data is kept
+
+    // The snapshot of this layer was removed: unmount it and free its cached data (what no other layer uses).
+    Task ReleaseAsync(string mountpoint, CancellationToken ct) => UnmountAsync(mountpoint, ct);
 }
 
 /// <summary>The remote layer cannot be served (the snapshotter falls back to an ordinary snapshot or answers Unavailable).</summary>

@@ -475,7 +475,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
                 if (_mounting.ContainsKey(rec.Id))
                     throw SnapshotterException.FailedPrecondition($"cannot remove snapshot {key} now: its layer is being mounted again after the start; retry");
             }
-            await UnmountLayerAsync(rec, ct);
+            await ReleaseLayerAsync(rec, ct);
             trash = Path.Combine(_snapshotsDir, "rm-" + rec.Id.ToString(System.Globalization.CultureInfo.InvariantCulture));
             var dir = SnapshotDir(rec.Id);
             var moved = false;
@@ -538,15 +538,16 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         }
     }
 
-    private async Task UnmountLayerAsync(SnapshotRecord rec, CancellationToken ct)
+    private async Task ReleaseLayerAsync(SnapshotRecord rec, CancellationToken ct)
     {
         var fs = FsDir(rec.Id);
         if (rec.IsRemote && _opt.RemoteFileSystem != null && !_unrestored.ContainsKey(rec.Id))
         {
-            try { await _opt.RemoteFileSystem.UnmountAsync(fs, ct); }
+            // The snapshot is being removed (Remove; containerd's GC): the layer goes and its cached data with it.
+            try { await _opt.RemoteFileSystem.ReleaseAsync(fs, ct); }
             catch (Exception e) when (e is not OperationCanceledException)
             {
-                _log.LogWarning("remote filesystem failed to unmount {Mountpoint} of {Key}: {Error}", fs, rec.Key, e.Message);
+                _log.LogWarning("remote filesystem failed to release {Mountpoint} of {Key}: {Error}", fs, rec.Key, e.Message);
             }
         }
         foreach (var mp in Native.MountsUnder(SnapshotDir(rec.Id)))

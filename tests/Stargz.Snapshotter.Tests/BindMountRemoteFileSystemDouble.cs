@@ -51,7 +51,23 @@ public sealed class BindMountRemoteFileSystemDouble : IRemoteFileSystem
         return Task.CompletedTask;
     }
 
+    /// <summary>Mountpoints passed to UnmountAsync (shutdown, failed prepare) and ReleaseAsync (snapshot removed), in order.</summary>
+    public ConcurrentQueue<string> Unmounts { get; } = new();
+    public ConcurrentQueue<string> Releases { get; } = new();
+
+    public Task ReleaseAsync(string mountpoint, CancellationToken ct)
+    {
+        Releases.Enqueue(mountpoint);
+        return Unmount(mountpoint);
+    }
+
     public Task UnmountAsync(string mountpoint, CancellationToken ct)
+    {
+        Unmounts.Enqueue(mountpoint);
+        return Unmount(mountpoint);
+    }
+
+    private Task Unmount(string mountpoint)
     {
         if (Mounted.TryRemove(mountpoint, out _) && umount2(mountpoint, 0) != 0)
             throw new IOException($"umount {mountpoint}: errno {Marshal.GetLastPInvokeError()}");

@@ -225,6 +225,58 @@ public class RemoteSnapshotTests
     }
 
     [Fact]
+    public async Task RemovingARemoteSnapshotReleasesItsLayer_ShutdownOnlyUnmounts()
+    {
+        Requires.Root();
+        using var layers = new TempDir("sgs-layers");
+        var fs = new BindMountRemoteFileSystemDouble();
+        fs.AddLayer("sha256:l1", Layer(layers, "l1", "one.txt", "layer one"));
+        fs.AddLayer("sha256:l2", Layer(layers, "l2", "two.txt", "layer two"));
+        await using var s = await InProcessSnapshotter.StartAsync(fs);
+        var c = s.Client;
+        Assert.Equal(StatusCode.AlreadyExists, await Client.CodeOf(async () =>
+            await c.PrepareAsync(RemotePrep("k1", "sha256:c1", "sha256:l1"), cancellationToken: Ct)));
+        Assert.Equal(StatusCode.AlreadyExists, await Client.CodeOf(async () =>
+            await c.PrepareAsync(RemotePrep("k2", "sha256:c2", "sha256:l2", parent: "sha256:c1"), cancellationToken: Ct)));
+        var fs1 = Path.Combine(s.Root, "snapshots", "1", "fs");
+        var fs2 = Path.Combine(s.Root, "snapshots", "2", "fs");
+        Assert.Equal("sha256:l2", fs.Mounted[fs2]);
+
+        // Remove (what containerd's GC sends) releases the layer: unmount and free its cache, not a plain unmount.
+        await c.RemoveAsync(new RemoveSnapshotRequest { Key = "sha256:c2" }, cancellationToken: Ct);
+        Assert.Equal([fs2], fs.Releases);
+        Assert.Empty(fs.Unmounts);
+        Assert.False(fs.Mounted.ContainsKey(fs2));
+        Assert.True(fs.Mounted.ContainsKey(fs1));
+
+        // Shutdown unmounts what is left (its cache must survive the restart): UnmountAsync, never ReleaseAsync.
+        await s.StopAsync();
+        Assert.Equal([fs1], fs.Unmounts);
+        Assert.Equal([fs2], fs.Releases);
+        Assert.Empty(fs.Mounted);
+    }
+
+    private sealed class UnmountOnlyRemoteFileSystem : IRemoteFileSystem
+    {
+        public List<string> Unmounted { get; } = [];
+        public Task MountAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct) => Task.CompletedTask;
+        public Task CheckAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct) => Task.CompletedTask;
+        public Task UnmountAsync(string mountpoint, CancellationToken ct)
+        {
+            Unmounted.Add(mountpoint);
+            return Task.CompletedTask;
+        }
+    }
+
+    [Fact]
+    public async Task ARemoteFileSystemWithoutReleaseIsUnmountedOnRelease()
+    {
+        IRemoteFileSystem fs = new UnmountOnlyRemoteFileSystem();
+        await fs.ReleaseAsync("/mnt/layer", Ct);
+        Assert.Equal(["/mnt/layer"], ((UnmountOnlyRemoteFileSystem)fs).Unmounted);
+    }
+
+    [Fact]
     public async Task CleanupUnmountsAndRemovesADirNoSnapshotOwns()
     {
         Requires.Root();
