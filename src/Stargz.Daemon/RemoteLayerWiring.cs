@@ -103,6 +103,18 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
 
     public Task UnmountAsync(string mountpoint, CancellationToken ct) => manager.UnmountAsync(mountpoint, ct);
 
+    public async Task ReleaseAsync(string mountpoint, CancellationToken ct)
+    {
+        try
+        {
+            await manager.ReleaseAsync(mountpoint, ct).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not OperationCanceledException || !ct.IsCancellationRequested)
+        {
+            throw new RemoteLayerUnavailableException($"layer at {mountpoint} cannot be released: {e.Message}", e);
+        }
+    }
+
     public async ValueTask DisposeAsync()
     {
         await manager.DisposeAsync().ConfigureAwait(false);
