@@ -50,6 +50,7 @@ public static class ConfigLoader
                 case "max_concurrency": c.MaxConcurrency = r.NonNegative(key, value); break;
                 case "no_prometheus": c.NoPrometheus = r.Bool(key, value); break;
                 case "debug": c.Debug = r.Bool(key, value); break;
+                case "async_remove": c.AsyncRemove = r.Bool(key, value); break;
                 case "resolve_result_entry_ttl_sec": c.ResolveResultEntryTtlSec = r.NonNegative(key, value); break;
                 case "metrics_address": c.MetricsAddress = r.Str(key, value); break;
                 case "blob": ReadBlob(c.Blob, r.Table(key, value), r); break;

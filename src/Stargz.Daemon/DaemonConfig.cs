@@ -19,6 +19,8 @@ public sealed class DaemonConfig
     public long ResolveResultEntryTtlSec { get; set; } = 120;
     /// <summary>host:port for Prometheus /metrics ("" = off), e.g. 127.0.0.1:8234.</summary>
     public string MetricsAddress { get; set; } = "";
+    /// <summary>async_remove: Remove leaves snapshot dirs for Cleanup (the reference's AsynchronousRemove option).</summary>
+    public bool AsyncRemove { get; set; }
 
     public BlobConfig Blob { get; } = new();
     public DirectoryCacheConfig DirectoryCache { get; } = new();

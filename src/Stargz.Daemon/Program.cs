@@ -70,6 +70,7 @@ public static class Program
                 RemoteFileSystem = remote,
                 CheckValidInterval = TimeSpan.FromSeconds(config.Blob.ValidInterval),
                 CheckAlways = config.Blob.CheckAlways,
+                AsyncRemove = config.AsyncRemove,
             }, loggerFactory.CreateLogger<StargzSnapshotter>(), CancellationToken.None);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or LiteDB.LiteException)

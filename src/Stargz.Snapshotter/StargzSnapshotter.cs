@@ -28,6 +28,13 @@ public sealed class SnapshotterOptions
     /// (a registry that does not answer) go on being restored in the background, and on demand by Check.
     /// </summary>
     public TimeSpan RestoreWaitAtStart { get; init; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>
+    /// Remove only drops the metadata (and releases a remote layer); the snapshot's directory tree is deleted by the
+    /// next Cleanup, as containerd's and the reference's AsynchronousRemove option do. Removing a large upper dir then
+    /// no longer holds up containerd's GC.
+    /// </summary>
+    public bool AsyncRemove { get; init; }
 }
 
 /// <summary>
@@ -515,7 +522,9 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             if (removing is long id) _removing.TryRemove(id, out _);
             _gate.Release();
         }
-        if (trash != null) RemoveDirTree(trash);
+        if (trash == null) return;
+        if (_opt.AsyncRemove) _log.LogDebug("snapshot {Key} removed; its dir {Dir} is left for Cleanup (async_remove)", key, trash);
+        else RemoveDirTree(trash);
     }
 
     /// <summary>Best-effort removal of a snapshot this process just created and could not hand out.</summary>

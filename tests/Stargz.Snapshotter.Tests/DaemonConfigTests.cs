@@ -26,6 +26,7 @@ public class DaemonConfigTests
             debug = true
             resolve_result_entry_ttl_sec = 30
             metrics_address = "127.0.0.1:8234"
+            async_remove = true
             [blob]
             chunk_size = 100000
             fetching_timeout_sec = 60
@@ -60,6 +61,7 @@ public class DaemonConfigTests
         Assert.Equal(4, c.MaxConcurrency);
         Assert.Equal(30, c.ResolveResultEntryTtlSec);
         Assert.Equal("127.0.0.1:8234", c.MetricsAddress);
+        Assert.True(c.AsyncRemove);
         Assert.Equal(100000, c.Blob.ChunkSize);
         Assert.Equal(60, c.Blob.FetchingTimeoutSec);
         Assert.True(c.Blob.ForceSingleRangeMode && c.Blob.CheckAlways);
