@@ -1,6 +1,6 @@
-using System.Net.Sockets;
 using Grpc.Net.Client;
 using Stargz.Cri.V1;
+using Stargz.TestSupport;
 
 namespace Stargz.Integration.Tests;
 
@@ -13,24 +13,7 @@ public sealed class CriClient : IDisposable
 
     public CriClient(string socketPath)
     {
-        var handler = new SocketsHttpHandler
-        {
-            ConnectCallback = async (_, ct) =>
-            {
-                var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-                try
-                {
-                    await s.ConnectAsync(new UnixDomainSocketEndPoint(socketPath), ct);
-                    return new NetworkStream(s, ownsSocket: true);
-                }
-                catch
-                {
-                    s.Dispose();
-                    throw;
-                }
-            },
-        };
-        _channel = GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions { HttpHandler = handler });
+        _channel = UnixGrpc.Channel(socketPath);
         Images = new ImageService.ImageServiceClient(_channel);
         Runtime = new RuntimeService.RuntimeServiceClient(_channel);
     }

@@ -1,4 +1,3 @@
-using System.Net.Sockets;
 using Grpc.Net.Client;
 using Stargz.Converter;
 using Stargz.TestSupport;
@@ -27,27 +26,7 @@ internal static class E2eHelpers
     }
 
     /// <summary>A gRPC channel to the daemon's snapshots API over its unix socket.</summary>
-    public static GrpcChannel Channel(string socket)
-    {
-        var handler = new SocketsHttpHandler
-        {
-            ConnectCallback = async (_, ct) =>
-            {
-                var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-                try
-                {
-                    await s.ConnectAsync(new UnixDomainSocketEndPoint(socket), ct);
-                    return new NetworkStream(s, ownsSocket: true);
-                }
-                catch
-                {
-                    s.Dispose();
-                    throw;
-                }
-            },
-        };
-        return GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions { HttpHandler = handler, DisposeHttpClient = true });
-    }
+    public static GrpcChannel Channel(string socket) => UnixGrpc.Channel(socket);
 
     /// <summary>Snapshot names `ctr snapshots --snapshotter stargz ls` shows in <paramref name="ns"/>.</summary>
     public static async Task<List<string>> StargzSnapshotsAsync(LocalContainerd ctd, string ns = "default")

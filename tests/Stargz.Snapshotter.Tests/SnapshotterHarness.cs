@@ -1,4 +1,3 @@
-using System.Net.Sockets;
 using Containerd.Services.Snapshots.V1;
 using Grpc.Core;
 using Grpc.Net.Client;
@@ -10,27 +9,7 @@ namespace Stargz.Snapshotter.Tests;
 /// <summary>gRPC client helpers over a unix socket.</summary>
 public static class Client
 {
-    public static GrpcChannel Channel(string socket)
-    {
-        var handler = new SocketsHttpHandler
-        {
-            ConnectCallback = async (_, ct) =>
-            {
-                var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-                try
-                {
-                    await s.ConnectAsync(new UnixDomainSocketEndPoint(socket), ct);
-                    return new NetworkStream(s, ownsSocket: true);
-                }
-                catch
-                {
-                    s.Dispose();
-                    throw;
-                }
-            },
-        };
-        return GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions { HttpHandler = handler, DisposeHttpClient = true });
-    }
+    public static GrpcChannel Channel(string socket) => UnixGrpc.Channel(socket);
 
     public static Metadata Ns(string ns) => new() { { SnapshotsGrpcService.NamespaceHeader, ns } };
 
