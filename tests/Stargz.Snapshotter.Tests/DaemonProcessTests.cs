@@ -199,7 +199,7 @@ public class DaemonProcessTests
         await stop.CancelAsync();
         await Task.WhenAll(workers);
         ch.Dispose();
-        Assert.True(done >= 10, $"only {done} layers before the kill");
+        Assert.True(done >= 20, $"only {done} layers before the kill");
 
         await d.RestartAsync();
         c = Connect(d, out ch);
