@@ -1,5 +1,3 @@
-using System.Net.Http;
-using System.Text.RegularExpressions;
 using Stargz.TestSupport;
 
 namespace Stargz.Integration.Tests;
@@ -49,14 +47,7 @@ public sealed class E2eRig : IAsyncDisposable
     }
 
     /// <summary>Reads one gauge from the daemon's Prometheus endpoint.</summary>
-    public async Task<double> MetricAsync(string name)
-    {
-        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(10) };
-        var text = await http.GetStringAsync($"http://127.0.0.1:{MetricsPort}/metrics");
-        var m = Regex.Match(text, "^" + Regex.Escape(name) + @" ([0-9.eE+-]+)$", RegexOptions.Multiline);
-        if (!m.Success) throw new InvalidOperationException($"metric {name} not found in:\n{text}");
-        return double.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
-    }
+    public Task<double> MetricAsync(string name) => DaemonMetrics.ReadAsync(MetricsPort, name);
 
     /// <summary>Our FUSE mounts (one per remote layer) under the daemon's root.</summary>
     public List<Mounts.MountInfo> FuseMounts() =>

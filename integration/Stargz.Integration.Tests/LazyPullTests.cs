@@ -1,5 +1,4 @@
 using System.Security.Cryptography;
-using System.Text.Json;
 using Stargz.TestSupport;
 
 namespace Stargz.Integration.Tests;
@@ -39,22 +38,11 @@ public class LazyPullTests
         Assert.True(fetched < total * 0.2, $"fetched {fetched} of {total} bytes: not lazy");
     }
 
-    internal static async Task<List<(string Digest, long Size)>> ManifestLayersAsync(E2eRig rig, string image)
+    internal static Task<List<(string Digest, long Size)>> ManifestLayersAsync(E2eRig rig, string image)
     {
-        // The manifest as the registry serves it (what containerd will be told about).
+        // HOST/REPO:TAG -> the manifest as the registry serves it (what containerd will be told about).
         var slash = image.IndexOf('/');
         var colon = image.LastIndexOf(':');
-        var repo = image[(slash + 1)..colon];
-        var tag = image[(colon + 1)..];
-        using var http = new HttpClient();
-        using var req = new HttpRequestMessage(HttpMethod.Get, $"http://{rig.Registry.Host}/v2/{repo}/manifests/{tag}");
-        req.Headers.Accept.ParseAdd("application/vnd.oci.image.manifest.v1+json");
-        using var resp = await http.SendAsync(req);
-        resp.EnsureSuccessStatusCode();
-        using var doc = JsonDocument.Parse(await resp.Content.ReadAsStringAsync());
-        var list = new List<(string, long)>();
-        foreach (var l in doc.RootElement.GetProperty("layers").EnumerateArray())
-            list.Add((l.GetProperty("digest").GetString()!, l.GetProperty("size").GetInt64()));
-        return list;
+        return DaemonMetrics.ManifestLayersAsync(rig.Registry.Host, image[(slash + 1)..colon], image[(colon + 1)..]);
     }
 }

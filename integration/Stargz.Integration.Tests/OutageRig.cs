@@ -1,5 +1,3 @@
-using System.Globalization;
-using System.Net.Http;
 using System.Security.Cryptography;
 using System.Text.RegularExpressions;
 using Stargz.TestSupport;
@@ -183,14 +181,7 @@ public sealed class OutageRig : IAsyncDisposable
     }
 
     /// <summary>Reads one gauge from the daemon's Prometheus endpoint.</summary>
-    public async Task<double> MetricAsync(string name)
-    {
-        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(10) };
-        var text = await http.GetStringAsync($"http://127.0.0.1:{MetricsPort}/metrics");
-        var m = Regex.Match(text, "^" + Regex.Escape(name) + @" ([0-9.eE+-]+)$", RegexOptions.Multiline);
-        if (!m.Success) throw new InvalidOperationException($"metric {name} not found in:\n{text}");
-        return double.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture);
-    }
+    public Task<double> MetricAsync(string name) => DaemonMetrics.ReadAsync(MetricsPort, name);
 
     /// <summary>Waits (bounded) until the gauge satisfies <paramref name="ok"/>; returns its last value.</summary>
     public async Task<double> WaitMetricAsync(string name, Func<double, bool> ok, TimeSpan timeout)

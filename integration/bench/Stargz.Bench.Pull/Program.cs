@@ -1,7 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text;
-using System.Text.RegularExpressions;
 using Stargz.TestSupport;
 
 // Lazy pull (ctr-remote rpull through our daemon) vs full pull (ctr pull, containerd's overlayfs) of the same image,
@@ -99,22 +98,9 @@ return 0;
 
 static async Task<long> LayerBytesAsync(string host, string repo, string tag)
 {
-    using var http = new HttpClient();
-    using var req = new HttpRequestMessage(HttpMethod.Get, $"http://{host}/v2/{repo}/manifests/{tag}");
-    req.Headers.Accept.ParseAdd("application/vnd.oci.image.manifest.v1+json");
-    req.Headers.Accept.ParseAdd("application/vnd.docker.distribution.manifest.v2+json");
-    using var resp = await http.SendAsync(req);
-    resp.EnsureSuccessStatusCode();
-    using var doc = System.Text.Json.JsonDocument.Parse(await resp.Content.ReadAsStringAsync());
     long sum = 0;
-    foreach (var l in doc.RootElement.GetProperty("layers").EnumerateArray()) sum += l.GetProperty("size").GetInt64();
+    foreach (var (_, size) in await DaemonMetrics.ManifestLayersAsync(host, repo, tag)) sum += size;
     return sum;
 }
 
-static async Task<double> MetricAsync(int port, string name)
-{
-    using var http = new HttpClient();
-    var text = await http.GetStringAsync($"http://127.0.0.1:{port}/metrics");
-    var m = Regex.Match(text, "^" + Regex.Escape(name) + @" ([0-9.eE+-]+)$", RegexOptions.Multiline);
-    return m.Success ? double.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture) : double.NaN;
-}
+static Task<double> MetricAsync(int port, string name) => DaemonMetrics.ReadAsync(port, name);
