@@ -22,6 +22,12 @@ public sealed class FuseMountOptions
     public int ReaderThreads { get; init; } = 4;
     /// <summary>Ask the kernel for FUSE passthrough (6.9+, needs CAP_SYS_ADMIN); reads fall back to user space if refused.</summary>
     public bool Passthrough { get; init; }
+    /// <summary>
+    /// Ask the kernel (7.39+, Linux 6.6+) to allow shared mmap of files opened with
+    /// <see cref="FuseOpenResult.DirectIo"/>; without it such an mmap(MAP_SHARED) fails with ENODEV. Private
+    /// mappings (exec, MAP_PRIVATE) work either way. What the kernel agreed: <see cref="FuseServer.DirectIoAllowMmapNegotiated"/>.
+    /// </summary>
+    public bool DirectIoAllowMmap { get; init; } = true;
     /// <summary>If set, written to the mount's /sys/class/bdi/*/read_ahead_kb after mounting.</summary>
     public int? ReadAheadKb { get; init; }
     /// <summary>Longest wait for the kernel's INIT after mount(2).</summary>

@@ -48,6 +48,11 @@ public sealed unsafe partial class FuseServer : IDisposable
     public uint ProtocolMinor { get; private set; }
     /// <summary>True when the kernel accepted passthrough in INIT.</summary>
     public bool PassthroughNegotiated { get; private set; }
+    /// <summary>
+    /// True when the kernel accepted FUSE_DIRECT_IO_ALLOW_MMAP in INIT: files opened with
+    /// <see cref="FuseOpenResult.DirectIo"/> can also be mapped shared (otherwise mmap(MAP_SHARED) fails with ENODEV).
+    /// </summary>
+    public bool DirectIoAllowMmapNegotiated { get; private set; }
     /// <summary>Completes when the kernel connection ends (unmount, abort, or device closed).</summary>
     public Task Completion => _completion.Task;
     /// <summary>READ requests that reached user space (passthrough reads never do).</summary>
@@ -55,6 +60,9 @@ public sealed unsafe partial class FuseServer : IDisposable
     /// <summary>Opens answered with a kernel backing file.</summary>
     public long PassthroughOpens => Interlocked.Read(ref _passthroughOpens);
     private long _passthroughOpens;
+    /// <summary>Opens answered with FOPEN_DIRECT_IO (reads bypass the page cache).</summary>
+    public long DirectIoOpens => Interlocked.Read(ref _directIoOpens);
+    private long _directIoOpens;
     /// <summary>Requests of <paramref name="opcode"/> (FUSE opcode number) seen so far.</summary>
     public long RequestCount(int opcode) => opcode is > 0 and < (int)Opcode.MaxKnown ? Interlocked.Read(ref _opCounts[opcode]) : 0;
 
@@ -304,6 +312,7 @@ public sealed unsafe partial class FuseServer : IDisposable
                      InitFlags.InitExt | InitFlags.NoExportSupport;
         uint minor = Math.Min(init.Minor, OurMinor);
         if (_opt.Passthrough && minor >= 40) want |= InitFlags.Passthrough;
+        if (_opt.DirectIoAllowMmap && minor >= 39) want |= InitFlags.DirectIoAllowMmap;
         ulong flags = kernelFlags & want;
         var o2 = new InitOut
         {
@@ -323,8 +332,11 @@ public sealed unsafe partial class FuseServer : IDisposable
         ProtocolMinor = minor;
         PassthroughNegotiated = (flags & InitFlags.Passthrough) != 0;
         _passthroughUsable = PassthroughNegotiated;
+        DirectIoAllowMmapNegotiated = (flags & InitFlags.DirectIoAllowMmap) != 0;
         if (_opt.Passthrough && !PassthroughNegotiated)
             _opt.Log?.Invoke($"kernel did not accept FUSE passthrough (protocol 7.{init.Minor}); reads go through user space");
+        if (_opt.DirectIoAllowMmap && !DirectIoAllowMmapNegotiated)
+            _opt.Log?.Invoke($"kernel did not accept FUSE_DIRECT_IO_ALLOW_MMAP (protocol 7.{init.Minor}); shared mmap of direct-I/O files fails with ENODEV");
         ReplyStruct(ctx, h.Unique, o2, Marshal.SizeOf<InitOut>());
         _initDone.TrySetResult();
     }
@@ -443,8 +455,10 @@ public sealed unsafe partial class FuseServer : IDisposable
                 oo.Fh |= PassthroughHandleBit;
                 Interlocked.Increment(ref _passthroughOpens);
             }
+            // A direct-I/O open counts as cached too: a shared mmap of it moves the inode into page-cache mode.
             else oo.Fh |= CachedOpenBit;
         }
+        if ((oo.OpenFlags & OpenFlags.DirectIo) != 0) Interlocked.Increment(ref _directIoOpens);
         ReplyStruct(ctx, h.Unique, oo, Marshal.SizeOf<OpenOut>());
     }
 

@@ -20,7 +20,9 @@ internal static class InitFlags
     public const ulong AsyncRead = 1UL << 0, AtomicOTrunc = 1UL << 3, ExportSupport = 1UL << 4, BigWrites = 1UL << 5,
         SpliceRead = 1UL << 9, AutoInvalData = 1UL << 12, DoReaddirplus = 1UL << 13, ReaddirplusAuto = 1UL << 14,
         AsyncDio = 1UL << 15, ParallelDirops = 1UL << 18, MaxPages = 1UL << 22, CacheSymlinks = 1UL << 23,
-        InitExt = 1UL << 30, Passthrough = 1UL << 37, NoExportSupport = 1UL << 38;
+        InitExt = 1UL << 30, Passthrough = 1UL << 37, NoExportSupport = 1UL << 38,
+        // 7.39 (Linux 6.6; named FUSE_DIRECT_IO_RELAX there, renamed in 6.7). Not in Debian 12's 7.38 header.
+        DirectIoAllowMmap = 1UL << 36;
 }
 
 internal static class OpenFlags

@@ -66,7 +66,13 @@ public struct FuseOpenResult
     public ulong Handle;
     /// <summary>Keep the kernel page cache across opens (right for immutable files).</summary>
     public bool KeepCache;
-    /// <summary>Bypass the page cache; every read reaches the filesystem.</summary>
+    /// <summary>
+    /// Direct I/O (FOPEN_DIRECT_IO): the kernel copies each READ reply straight into the reader's buffer instead of
+    /// filling page-cache pages and copying from those, so big sequential reads cost one copy fewer. The price: no
+    /// page cache, so every read (also a repeated one) reaches the filesystem and there is no kernel readahead, and a
+    /// shared mmap of the file needs <see cref="FuseServer.DirectIoAllowMmapNegotiated"/> (private mappings such as
+    /// exec always work). Ignored for an open that gets passthrough.
+    /// </summary>
     public bool DirectIo;
     /// <summary>
     /// A local file holding the complete bytes of this file. With passthrough enabled and accepted by the kernel,

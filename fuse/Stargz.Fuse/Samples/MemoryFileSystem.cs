@@ -27,6 +27,11 @@ public sealed class MemoryFileSystem : IFuseFileSystem
         public string? BackingPath { get; set; }
         /// <summary>Offer <see cref="BackingPath"/> for passthrough on open (false: serve it through user space only).</summary>
         public bool OfferPassthrough { get; set; } = true;
+        /// <summary>
+        /// Open with direct I/O (<see cref="FuseOpenResult.DirectIo"/>): reads bypass the kernel page cache, so
+        /// every read reaches <see cref="ReadAsync"/>/<see cref="TryReadDirect"/>. Off by default.
+        /// </summary>
+        public bool DirectIo { get; set; }
         /// <summary>Reads fail with this errno (0 = serve normally).</summary>
         public int FailReads { get; set; }
         /// <summary>Reads never finish on their own (until interrupted): to test hung readers and INTERRUPT.</summary>
@@ -214,7 +219,8 @@ public sealed class MemoryFileSystem : IFuseFileSystem
         if (n == null) return Errno.ENOENT;
         if ((n.Attr.Mode & UnixMode.S_IFMT) == UnixMode.S_IFDIR) return Errno.EISDIR;
         result.KeepCache = !n.BlockReads && n.FailReads == 0;
-        result.DirectIo = n.BlockReads || n.FailReads != 0;
+        // Failing and blocking files must reach the server on every read, so they never use the page cache either.
+        result.DirectIo = n.DirectIo || n.BlockReads || n.FailReads != 0;
         result.BackingPath = n.OfferPassthrough ? n.BackingPath : null;
         return 0;
     }
