@@ -1,4 +1,4 @@
-// FUSE benchmark: the same tree on tmpfs and on our FUSE server (passthrough off and on), reported as ratios.
+// FUSE benchmark: the same tree on tmpfs and on our FUSE server (page cache, direct I/O, passthrough), reported as ratios.
 // Run as root:  dotnet run -c Release --project integration/bench/Stargz.Bench.Fuse -- [--size-mib N] [--entries N] [--out FILE]
 using System.Diagnostics;
 using Microsoft.Win32.SafeHandles;
@@ -65,22 +65,23 @@ try
         File.WriteAllBytes(Path.Combine(d, $"f{i % DirFanout:D4}"), []);
     }
 
-    MemoryFileSystem BuildFs(bool backed)
+    MemoryFileSystem BuildFs(bool backed, bool directIo = false)
     {
         var fs = new MemoryFileSystem();
         if (backed) fs.AddBackedFile("large.bin", large);
-        else fs.AddGeneratedFile("large.bin", size, TestPattern.Fill);
+        else fs.AddGeneratedFile("large.bin", size, TestPattern.Fill).DirectIo = directIo;
         for (int i = 0; i < entries; i++) fs.AddFile($"tree/d{i / DirFanout:D4}/f{i % DirFanout:D4}", Array.Empty<byte>());
         return fs;
     }
 
     var fsPlain = BuildFs(backed: false);
     var fsBacked = BuildFs(backed: true);
+    // Direct I/O is a per-open choice of the filesystem; only the big file needs it (metadata is unaffected).
+    var fsDirect = BuildFs(backed: false, directIo: true);
 
     // One FUSE run on a fresh mount, so nothing is served from a warm page or dentry cache.
-    double OnFuse(bool passthrough, Func<string, double> measure)
+    double OnFuse(string label, MemoryFileSystem fs, bool passthrough, Func<string, double> measure)
     {
-        var fs = passthrough ? fsBacked : fsPlain;
         using var server = FuseServer.Mount(mnt, fs, new FuseMountOptions
         {
             Passthrough = passthrough, AllowOther = true, ReadAheadKb = readAheadKb, ReaderThreads = readerThreads,
@@ -90,56 +91,52 @@ try
         long allocated = Alloc.Last;
         long requests = 0;
         for (int op = 1; op < 64; op++) requests += server.RequestCount(op);
-        Console.Error.WriteLine($"  fuse{(passthrough ? "+pt" : "")} {secs:0.000}s: READ {server.ReadRequests}, LOOKUP {server.RequestCount(1)}, " +
-            $"GETATTR {server.RequestCount(3)}, READDIRPLUS {server.RequestCount(44)}, READDIR {server.RequestCount(28)}; " +
+        Console.Error.WriteLine($"  {label} {secs:0.000}s: READ {server.ReadRequests}, LOOKUP {server.RequestCount(1)}, " +
+            $"GETATTR {server.RequestCount(3)}, READDIRPLUS {server.RequestCount(44)}, READDIR {server.RequestCount(28)}, " +
+            $"direct-I/O opens {server.DirectIoOpens}, passthrough opens {server.PassthroughOpens}; " +
             $"{allocated} B allocated in the timed section (whole process) = {(double)allocated / Math.Max(1, requests):0.0} B/request");
         return secs;
     }
 
-    // The machine is shared and noisy: interleave tmpfs / FUSE / FUSE+passthrough runs and keep each one's best.
-    (double T, double F, double P) Compare(Func<string, double> measure)
+    // The machine is shared and noisy: interleave tmpfs and the FUSE modes run by run and keep each one's best.
+    // `direct` null: that mode is not run (NaN in the result).
+    (double T, double F, double D, double P) Compare(Func<string, double> measure, MemoryFileSystem cached,
+        MemoryFileSystem? direct, bool passthrough)
     {
-        double t = double.MaxValue, f = double.MaxValue, p = double.MaxValue;
+        double t = double.MaxValue, f = double.MaxValue, d = double.MaxValue, p = double.MaxValue;
         for (int r = 0; r < repeats; r++)
         {
             t = Math.Min(t, measure(tmpfs));
-            f = Math.Min(f, OnFuse(false, measure));
-            p = Math.Min(p, OnFuse(true, measure));
+            f = Math.Min(f, OnFuse("fuse", cached, false, measure));
+            if (direct != null) d = Math.Min(d, OnFuse("fuse-dio", direct, false, measure));
+            if (passthrough) p = Math.Min(p, OnFuse("fuse+pt", fsBacked, true, measure));
         }
-        return (t, f, p);
+        return (t, f, direct != null ? d : double.NaN, passthrough ? p : double.NaN);
     }
 
     foreach (var readers in new[] { 1, 4, 16 })
     {
-        var (t, f, p) = Compare(root => SequentialRead(Path.Combine(root, "large.bin"), size, readers));
-        rows.Add(Row($"sequential read {sizeMib} MiB, {readers} reader(s)", size / t, size / f, size / p, "MiB/s", 1.0 / (1 << 20)));
+        var (t, f, d, p) = Compare(root => SequentialRead(Path.Combine(root, "large.bin"), size, readers), fsPlain, fsDirect, true);
+        rows.Add(Row($"sequential read {sizeMib} MiB, {readers} reader(s)", size / t, size / f, size / d, size / p, "MiB/s", 1.0 / (1 << 20)));
     }
     {
         // The same bytes held in a byte[]: replies are gathered from it with writev (TryReadDirect), no server copy.
+        var bytes = File.ReadAllBytes(large);
         var fsMem = new MemoryFileSystem();
-        fsMem.AddFile("large.bin", File.ReadAllBytes(large));
+        fsMem.AddFile("large.bin", bytes);
+        var fsMemDirect = new MemoryFileSystem();
+        fsMemDirect.AddFile("large.bin", bytes).DirectIo = true;
         foreach (var readers in new[] { 1, 4, 16 })
         {
-            double t = double.MaxValue, f = double.MaxValue;
-            for (int r = 0; r < repeats; r++)
-            {
-                t = Math.Min(t, SequentialRead(Path.Combine(tmpfs, "large.bin"), size, readers));
-                using var server = FuseServer.Mount(mnt, fsMem, new FuseMountOptions
-                {
-                    AllowOther = true, ReadAheadKb = readAheadKb, ReaderThreads = readerThreads,
-                });
-                var secs = SequentialRead(Path.Combine(mnt, "large.bin"), size, readers);
-                Console.Error.WriteLine($"  fuse-mem {secs:0.000}s: READ {server.ReadRequests}; {Alloc.Last} B allocated in the timed section");
-                f = Math.Min(f, secs);
-            }
-            rows.Add([$"sequential read {sizeMib} MiB from a byte[] (zero-copy reply), {readers} reader(s)",
-                $"{size / t / (1 << 20):N0} MiB/s", $"{size / f / (1 << 20):N0} MiB/s", $"{t / f:0.00}x", "—", "—"]);
+            var (t, f, d, p) = Compare(root => SequentialRead(Path.Combine(root, "large.bin"), size, readers), fsMem, fsMemDirect, false);
+            rows.Add(Row($"sequential read {sizeMib} MiB from a byte[] (zero-copy reply), {readers} reader(s)",
+                size / t, size / f, size / d, size / p, "MiB/s", 1.0 / (1 << 20)));
         }
     }
     {
         var total = entries + (entries + DirFanout - 1) / DirFanout + 1; // files + their directories + the tree root
-        var (t, f, p) = Compare(root => FindStat(Path.Combine(root, "tree"), total));
-        rows.Add(Row($"find + stat over {entries:N0} entries", total / t, total / f, total / p, "entries/s", 1));
+        var (t, f, d, p) = Compare(root => FindStat(Path.Combine(root, "tree"), total), fsPlain, null, true);
+        rows.Add(Row($"find + stat over {entries:N0} entries", total / t, total / f, total / d, total / p, "entries/s", 1));
     }
 }
 finally
@@ -149,8 +146,8 @@ finally
 }
 
 var header = $"""
-    | workload | tmpfs | FUSE | FUSE / tmpfs | FUSE + passthrough | passthrough / tmpfs |
-    |---|---|---|---|---|---|
+    | workload | tmpfs | FUSE (page cache) | FUSE / tmpfs | FUSE direct I/O | direct I/O / tmpfs | FUSE + passthrough | passthrough / tmpfs |
+    |---|---|---|---|---|---|---|---|
     """;
 var table = header + "\n" + string.Join("\n", rows.Select(r => "| " + string.Join(" | ", r) + " |"));
 var md = $"""
@@ -161,9 +158,11 @@ var md = $"""
     Best of {repeats} interleaved runs (the machine is shared with other builds, so single runs are noisy); each FUSE run
     on a fresh mount (cold page and dentry cache); tmpfs is always warm (it is memory). Server: {readerThreads} reader
     threads on cloned fds, read_ahead_kb {readAheadKb?.ToString() ?? "kernel default"}, max_read 1 MiB.
-    FUSE without passthrough serves the file from a generator in the server (a memory copy into the reply buffer);
-    "from a byte[]" serves it from one managed array through TryReadDirect (writev straight from the array);
-    with passthrough the kernel reads the tmpfs copy.
+    Modes: "page cache" is the default open (the kernel fills page-cache pages from READ replies, readers copy
+    from those); "direct I/O" opens the big file with FOPEN_DIRECT_IO (FuseOpenResult.DirectIo: the kernel copies
+    each reply straight into the reader's buffer, no page cache); with passthrough the kernel reads the tmpfs copy.
+    Without passthrough the server produces the bytes with a generator (a memory copy into the reply buffer);
+    "from a byte[]" serves them from one managed array through TryReadDirect (writev straight from the array).
     Sequential read: N threads each pread(2) a contiguous 1/N of the file in 1 MiB requests.
     find + stat: `find DIR -printf '%s %m %n'` (one lstat per entry) over 100 directories of 1,000 empty files.
     Ratios are throughput relative to tmpfs (1.00 = as fast as tmpfs).
@@ -174,9 +173,11 @@ Console.WriteLine(md);
 if (outFile != null) File.WriteAllText(outFile, md + "\n");
 return 0;
 
-static string[] Row(string name, double tmpfsRate, double fuseRate, double ptRate, string unit, double scale)
+// A NaN rate is a mode that was not run for this workload: shown as a dash.
+static string[] Row(string name, double tmpfsRate, double fuseRate, double dioRate, double ptRate, string unit, double scale)
     => [name, $"{tmpfsRate * scale:N0} {unit}", $"{fuseRate * scale:N0} {unit}", $"{fuseRate / tmpfsRate:0.00}x",
-        $"{ptRate * scale:N0} {unit}", $"{ptRate / tmpfsRate:0.00}x"];
+        double.IsNaN(dioRate) ? "—" : $"{dioRate * scale:N0} {unit}", double.IsNaN(dioRate) ? "—" : $"{dioRate / tmpfsRate:0.00}x",
+        double.IsNaN(ptRate) ? "—" : $"{ptRate * scale:N0} {unit}", double.IsNaN(ptRate) ? "—" : $"{ptRate / tmpfsRate:0.00}x"];
 
 // Returns seconds.
 static double SequentialRead(string path, long size, int readers)
