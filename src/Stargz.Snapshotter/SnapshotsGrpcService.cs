@@ -7,17 +7,35 @@ using Microsoft.Extensions.Logging;
 namespace Stargz.Snapshotter;
 
 /// <summary>
-/// containerd.services.snapshots.v1.Snapshots over <see cref="StargzSnapshotter"/>. One namespace ("") for every
-/// call, as with the reference: containerd's metadata layer namespaces the keys itself (`NAMESPACE/N/KEY`) and sends
-/// the `containerd-namespace` header only on some calls (those from its own namespaced contexts, e.g. CRI's unpack,
-/// not those forwarded from a ctr client), so the header must not select where a snapshot lives.
+/// containerd.services.snapshots.v1.Snapshots over <see cref="StargzSnapshotter"/>. One store for every call:
+/// containerd's metadata layer namespaces the keys itself (`NAMESPACE/N/KEY`) and sends the `containerd-namespace`
+/// header only on some calls, so the header never splits containerd's snapshots; it only keeps apart the keys of
+/// direct clients (see <see cref="HeaderNamespace"/>).
 /// Errors become the gRPC codes containerd's errdefs maps back (NotFound, AlreadyExists, ...).
 /// </summary>
 public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<SnapshotsGrpcService> log) : Snapshots.SnapshotsBase
 {
     public const string NamespaceHeader = "containerd-namespace";
 
-    private static string Ns(ServerCallContext ctx) => "";
+    /// <summary>The store's one namespace; the header maps keys instead (<see cref="HeaderNamespace"/>).</summary>
+    private const string StoreNs = "";
+
+    private static HeaderNamespace Header(ServerCallContext ctx) => new(ctx.RequestHeaders.GetValue(NamespaceHeader));
+
+    private Task<string> Resolve(ServerCallContext ctx, string key)
+    {
+        var h = Header(ctx);
+        return h.IsContainerdKey(key)
+            ? Task.FromResult(key)
+            : h.ResolveAsync(key, k => sn.ExistsAsync(StoreNs, k, ctx.CancellationToken)).AsTask();
+    }
+
+    /// <summary>A direct client's snapshot.ref target is a name it creates, so it lives in the client's namespace too.</summary>
+    private static IReadOnlyDictionary<string, string> StoreLabels(HeaderNamespace h, string key, IReadOnlyDictionary<string, string> labels)
+    {
+        if (h.IsContainerdKey(key) || !labels.TryGetValue(StargzSnapshotter.TargetRefLabel, out var target)) return labels;
+        return new Dictionary<string, string>(labels, StringComparer.Ordinal) { [StargzSnapshotter.TargetRefLabel] = h.ToStore(target) };
+    }
 
     private async Task<T> Run<T>(string op, string key, ServerCallContext ctx, Func<Task<T>> body)
     {
@@ -50,7 +68,9 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
     public override Task<PrepareSnapshotResponse> Prepare(PrepareSnapshotRequest request, ServerCallContext context)
         => Run("Prepare", request.Key, context, async () =>
         {
-            var m = await sn.PrepareAsync(Ns(context), request.Key, request.Parent, request.Labels, context.CancellationToken);
+            var h = Header(context);
+            var m = await sn.PrepareAsync(StoreNs, h.ToStore(request.Key), await Resolve(context, request.Parent),
+                StoreLabels(h, request.Key, request.Labels), context.CancellationToken);
             var r = new PrepareSnapshotResponse();
             r.Mounts.AddRange(m);
             return r;
@@ -59,7 +79,9 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
     public override Task<ViewSnapshotResponse> View(ViewSnapshotRequest request, ServerCallContext context)
         => Run("View", request.Key, context, async () =>
         {
-            var m = await sn.ViewAsync(Ns(context), request.Key, request.Parent, request.Labels, context.CancellationToken);
+            var h = Header(context);
+            var m = await sn.ViewAsync(StoreNs, h.ToStore(request.Key), await Resolve(context, request.Parent),
+                StoreLabels(h, request.Key, request.Labels), context.CancellationToken);
             var r = new ViewSnapshotResponse();
             r.Mounts.AddRange(m);
             return r;
@@ -68,7 +90,7 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
     public override Task<MountsResponse> Mounts(MountsRequest request, ServerCallContext context)
         => Run("Mounts", request.Key, context, async () =>
         {
-            var m = await sn.MountsAsync(Ns(context), request.Key, context.CancellationToken);
+            var m = await sn.MountsAsync(StoreNs, await Resolve(context, request.Key), context.CancellationToken);
             var r = new MountsResponse();
             r.Mounts.AddRange(m);
             return r;
@@ -77,20 +99,24 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
     public override Task<Empty> Commit(CommitSnapshotRequest request, ServerCallContext context)
         => Run("Commit", request.Key, context, async () =>
         {
-            await sn.CommitAsync(Ns(context), request.Name, request.Key, request.Labels, context.CancellationToken);
+            await sn.CommitAsync(StoreNs, Header(context).ToStore(request.Name), await Resolve(context, request.Key),
+                request.Labels, context.CancellationToken);
             return new Empty();
         });
 
     public override Task<Empty> Remove(RemoveSnapshotRequest request, ServerCallContext context)
         => Run("Remove", request.Key, context, async () =>
         {
-            await sn.RemoveAsync(Ns(context), request.Key, context.CancellationToken);
+            await sn.RemoveAsync(StoreNs, await Resolve(context, request.Key), context.CancellationToken);
             return new Empty();
         });
 
     public override Task<StatSnapshotResponse> Stat(StatSnapshotRequest request, ServerCallContext context)
         => Run("Stat", request.Key, context, async () =>
-            new StatSnapshotResponse { Info = ToInfo(await sn.StatAsync(Ns(context), request.Key, context.CancellationToken)) });
+            new StatSnapshotResponse
+            {
+                Info = ToInfo(await sn.StatAsync(StoreNs, await Resolve(context, request.Key), context.CancellationToken), Header(context)),
+            });
 
     public override Task<UpdateSnapshotResponse> Update(UpdateSnapshotRequest request, ServerCallContext context)
         => Run("Update", request.Info?.Name ?? "", context, async () =>
@@ -98,14 +124,27 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
             if (request.Info == null || request.Info.Name.Length == 0)
                 throw SnapshotterException.InvalidArgument("update needs info.name");
             var paths = request.UpdateMask?.Paths.ToList() ?? [];
-            var r = await sn.UpdateAsync(Ns(context), request.Info.Name, request.Info.Labels, paths, context.CancellationToken);
-            return new UpdateSnapshotResponse { Info = ToInfo(r) };
+            var r = await sn.UpdateAsync(StoreNs, await Resolve(context, request.Info.Name), request.Info.Labels, paths, context.CancellationToken);
+            return new UpdateSnapshotResponse { Info = ToInfo(r, Header(context)) };
         });
 
     public override async Task List(ListSnapshotsRequest request, IServerStreamWriter<ListSnapshotsResponse> responseStream, ServerCallContext context)
     {
-        var all = await Run("List", string.Join(" | ", request.Filters), context,
-            () => sn.ListAsync(Ns(context), request.Filters, context.CancellationToken));
+        var h = Header(context);
+        var all = await Run("List", string.Join(" | ", request.Filters), context, async () =>
+        {
+            if (h.IsNone) return await sn.ListAsync(StoreNs, request.Filters, context.CancellationToken);
+            // Filters see the names the client knows, so they run after the mapping.
+            var filter = SnapshotFilter.Parse(request.Filters);
+            var seen = new List<SnapshotRecord>();
+            foreach (var r in await sn.ListAsync(StoreNs, [], context.CancellationToken))
+            {
+                if (!h.Sees(r.Key)) continue;
+                var c = ClientView(r, h);
+                if (filter.Match(c)) seen.Add(c);
+            }
+            return seen;
+        });
         const int batch = 100;
         for (int i = 0; i < all.Count; i += batch)
         {
@@ -118,7 +157,7 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
     public override Task<UsageResponse> Usage(UsageRequest request, ServerCallContext context)
         => Run("Usage", request.Key, context, async () =>
         {
-            var (size, inodes) = await sn.UsageAsync(Ns(context), request.Key, context.CancellationToken);
+            var (size, inodes) = await sn.UsageAsync(StoreNs, await Resolve(context, request.Key), context.CancellationToken);
             return new UsageResponse { Size = size, Inodes = inodes };
         });
 
@@ -128,6 +167,19 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
             await sn.CleanupAsync(context.CancellationToken);
             return new Empty();
         });
+
+    /// <summary>The record under the names a header-carrying client knows (see <see cref="HeaderNamespace.ToClient"/>).</summary>
+    private static SnapshotRecord ClientView(SnapshotRecord r, HeaderNamespace h)
+    {
+        if (h.IsNone) return r;
+        var c = r.Clone();
+        c.Key = h.ToClient(r.Key);
+        c.Parent = h.ToClient(r.Parent);
+        if (c.Labels.TryGetValue(StargzSnapshotter.TargetRefLabel, out var target)) c.Labels[StargzSnapshotter.TargetRefLabel] = h.ToClient(target);
+        return c;
+    }
+
+    private static Info ToInfo(SnapshotRecord r, HeaderNamespace h) => ToInfo(ClientView(r, h));
 
     public static Info ToInfo(SnapshotRecord r)
     {

@@ -569,6 +569,9 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         }
     }
 
+    public Task<bool> ExistsAsync(string ns, string key, CancellationToken ct)
+        => WithStoreAsync(() => _store.Get(ns, key) != null, ct);
+
     public Task<SnapshotRecord> StatAsync(string ns, string key, CancellationToken ct)
         => WithStoreAsync(() => _store.Get(ns, key) ?? throw SnapshotterException.NotFound($"snapshot {key} does not exist"), ct);
 

@@ -229,22 +229,81 @@ public class SnapshotsApiTests
     }
 
     [Fact]
-    public async Task NamespaceHeaderDoesNotSplitSnapshots()
+    public async Task ContainerdKeysMeanTheSameSnapshotWithOrWithoutTheHeader()
     {
         // containerd sends the header on calls from its own namespaced contexts (CRI's unpack) and not on calls it
         // forwards from ctr: a snapshot made under one must be seen under the other (regression: CRI-pulled layers
         // were invisible to `ctr -n k8s.io snapshots ls` and `ctr -n k8s.io run`).
         await using var s = await InProcessSnapshotter.StartAsync();
         var c = s.Client;
-        await c.PrepareAsync(Prep("k8s.io/1/key", labels: new() { ["from"] = "cri" }), Client.Ns("k8s.io"), cancellationToken: Ct);
-        Assert.Equal("cri", (await c.StatAsync(new StatSnapshotRequest { Key = "k8s.io/1/key" }, cancellationToken: Ct)).Info.Labels["from"]);
-        Assert.Equal("cri", (await c.StatAsync(new StatSnapshotRequest { Key = "k8s.io/1/key" }, Client.Ns("other"), cancellationToken: Ct)).Info.Labels["from"]);
-        Assert.Equal(["k8s.io/1/key"], (await Client.ListAll(c, Ct)).Select(i => i.Name));
-        Assert.Equal(StatusCode.AlreadyExists, await Client.CodeOf(async () =>
-            await c.PrepareAsync(Prep("k8s.io/1/key"), Client.Ns("b"), cancellationToken: Ct)));
-        await c.RemoveAsync(new RemoveSnapshotRequest { Key = "k8s.io/1/key" }, cancellationToken: Ct);
+        var k8s = Client.Ns("k8s.io");
+        // A layer committed without a header under its bare chainID (as remote snapshots are) is shared.
+        await CommittedLayer(c, "sha256:base", "", new() { ["base.txt"] = "base" });
+        Assert.Equal("sha256:base", (await c.StatAsync(new StatSnapshotRequest { Key = "sha256:base" }, k8s, cancellationToken: Ct)).Info.Name);
+
+        await c.PrepareAsync(Prep("k8s.io/1/key", "sha256:base", new() { ["from"] = "cri" }), k8s, cancellationToken: Ct);
+        var st = (await c.StatAsync(new StatSnapshotRequest { Key = "k8s.io/1/key" }, cancellationToken: Ct)).Info;
+        Assert.Equal(("cri", "sha256:base"), (st.Labels["from"], st.Parent));
+        Assert.Equal(["sha256:base", "k8s.io/1/key"], (await Client.ListAll(c, Ct)).Select(i => i.Name));
+        Assert.Equal(["sha256:base", "k8s.io/1/key"], (await Client.ListAll(c, k8s, Ct)).Select(i => i.Name));
+        // The filter containerd's metadata layer walks with after a remote Prepare answers AlreadyExists.
+        Assert.Equal(["k8s.io/1/key"], (await Client.ListAll(c, k8s, Ct, "parent==\"sha256:base\",labels.from==cri")).Select(i => i.Name));
+
+        await c.CommitAsync(Commit("k8s.io/2/sha256:top", "k8s.io/1/key"), k8s, cancellationToken: Ct);
+        Assert.Equal(Kind.Committed, (await c.StatAsync(new StatSnapshotRequest { Key = "k8s.io/2/sha256:top" }, cancellationToken: Ct)).Info.Kind);
+        await c.RemoveAsync(new RemoveSnapshotRequest { Key = "k8s.io/2/sha256:top" }, cancellationToken: Ct);
         Assert.Equal(StatusCode.NotFound, await Client.CodeOf(async () =>
-            await c.StatAsync(new StatSnapshotRequest { Key = "k8s.io/1/key" }, Client.Ns("k8s.io"), cancellationToken: Ct)));
+            await c.StatAsync(new StatSnapshotRequest { Key = "k8s.io/2/sha256:top" }, k8s, cancellationToken: Ct)));
+        // Another namespace's containerd keys are not the header's: a direct client under "other" does not reach them.
+        await c.PrepareAsync(Prep("default/3/key"), cancellationToken: Ct);
+        Assert.Equal(StatusCode.NotFound, await Client.CodeOf(async () =>
+            await c.StatAsync(new StatSnapshotRequest { Key = "default/3/key" }, Client.Ns("other"), cancellationToken: Ct)));
+        Assert.DoesNotContain("default/3/key", (await Client.ListAll(c, k8s, Ct)).Select(i => i.Name));
+    }
+
+    [Fact]
+    public async Task DirectClientsOfDifferentNamespacesAreKeptApart()
+    {
+        await using var s = await InProcessSnapshotter.StartAsync();
+        var c = s.Client;
+        var a = Client.Ns("a");
+        var b = Client.Ns("b");
+        await CommittedLayer(c, "shared", "", new() { ["shared.txt"] = "shared" });
+        await c.PrepareAsync(Prep("x/private"), cancellationToken: Ct);
+
+        // Namespace a: a committed base with a child on top of it, and a view on the shared layer.
+        var m = (await c.PrepareAsync(Prep("extract"), a, cancellationToken: Ct)).Mounts.Single();
+        await File.WriteAllTextAsync(Path.Combine(m.Source, "a.txt"), "from a", Ct);
+        await c.CommitAsync(Commit("base", "extract"), a, cancellationToken: Ct);
+        var child = (await c.PrepareAsync(Prep("child", "base"), a, cancellationToken: Ct)).Mounts.Single();
+        Assert.Equal("overlay", child.Type);
+        var lower = child.Options.Single(o => o.StartsWith("lowerdir=", StringComparison.Ordinal))["lowerdir=".Length..];
+        Assert.Equal("from a", await File.ReadAllTextAsync(Path.Combine(lower, "a.txt"), Ct));
+        await c.ViewAsync(new ViewSnapshotRequest { Key = "view", Parent = "shared" }, a, cancellationToken: Ct);
+        var info = (await c.StatAsync(new StatSnapshotRequest { Key = "child" }, a, cancellationToken: Ct)).Info;
+        Assert.Equal(("child", "base"), (info.Name, info.Parent));
+        Assert.Equal(["shared", "base", "child", "view"], (await Client.ListAll(c, a, Ct)).Select(i => i.Name));
+        Assert.Equal(["child"], (await Client.ListAll(c, a, Ct, "parent==base")).Select(i => i.Name));
+
+        // Namespace b sees none of a's snapshots and may use the same names for its own.
+        Assert.Equal(StatusCode.NotFound, await Client.CodeOf(async () =>
+            await c.StatAsync(new StatSnapshotRequest { Key = "base" }, b, cancellationToken: Ct)));
+        Assert.Equal(StatusCode.NotFound, await Client.CodeOf(async () =>
+            await c.RemoveAsync(new RemoveSnapshotRequest { Key = "base" }, b, cancellationToken: Ct)));
+        Assert.Equal(StatusCode.NotFound, await Client.CodeOf(async () =>
+            await c.PrepareAsync(Prep("other", "base"), b, cancellationToken: Ct)));
+        await c.PrepareAsync(Prep("child"), b, cancellationToken: Ct);
+        Assert.Equal(["shared", "child"], (await Client.ListAll(c, b, Ct)).Select(i => i.Name));
+        Assert.Equal(Kind.Active, (await c.StatAsync(new StatSnapshotRequest { Key = "child" }, b, cancellationToken: Ct)).Info.Kind);
+        Assert.Equal("base", (await c.StatAsync(new StatSnapshotRequest { Key = "child" }, a, cancellationToken: Ct)).Info.Parent);
+
+        // Parent/child rules hold inside a namespace; without a header every snapshot is listed (the admin's view).
+        Assert.Equal(StatusCode.FailedPrecondition, await Client.CodeOf(async () =>
+            await c.RemoveAsync(new RemoveSnapshotRequest { Key = "base" }, a, cancellationToken: Ct)));
+        Assert.Equal(["shared", "x/private", "a//base", "a//child", "a//view", "b//child"], (await Client.ListAll(c, Ct)).Select(i => i.Name));
+        await c.RemoveAsync(new RemoveSnapshotRequest { Key = "child" }, a, cancellationToken: Ct);
+        await c.RemoveAsync(new RemoveSnapshotRequest { Key = "base" }, a, cancellationToken: Ct);
+        Assert.Equal(Kind.Active, (await c.StatAsync(new StatSnapshotRequest { Key = "child" }, b, cancellationToken: Ct)).Info.Kind);
     }
 
     [Fact]

@@ -23,11 +23,14 @@ public static class Client
         catch (RpcException e) { return e.StatusCode; }
     }
 
-    public static async Task<List<Info>> ListAll(Snapshots.SnapshotsClient c, CancellationToken ct, params string[] filters)
+    public static Task<List<Info>> ListAll(Snapshots.SnapshotsClient c, CancellationToken ct, params string[] filters)
+        => ListAll(c, null, ct, filters);
+
+    public static async Task<List<Info>> ListAll(Snapshots.SnapshotsClient c, Metadata? headers, CancellationToken ct, params string[] filters)
     {
         var req = new ListSnapshotsRequest { Snapshotter = "stargz" };
         req.Filters.AddRange(filters);
-        using var call = c.List(req, cancellationToken: ct);
+        using var call = c.List(req, headers, cancellationToken: ct);
         var all = new List<Info>();
         await foreach (var r in call.ResponseStream.ReadAllAsync(ct)) all.AddRange(r.Info);
         return all;
