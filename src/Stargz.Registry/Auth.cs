@@ -87,14 +87,15 @@ internal sealed class AuthState
         else _tokens.TryRemove(scope, out _);
     }
 
+    /// <param name="image">the image the request is for (credentials may be keyed by image, as CRI's are), or null.</param>
     public async Task<(AuthenticationHeaderValue? header, Task<BearerToken>? used)> GetHeaderAsync(
-        RegistryClient client, Endpoint ep, string scope, CancellationToken ct)
+        RegistryClient client, Endpoint ep, string scope, ImageReference? image, CancellationToken ct)
     {
         var ch = Challenge;
         if (ch is null) return (null, null);
         if (ch.IsBasic)
         {
-            var cred = await client.Credentials.GetAsync(ep.Host, ct).ConfigureAwait(false);
+            var cred = await client.Credentials.GetAsync(ep.Host, image, ct).ConfigureAwait(false);
             if (cred is null || !cred.HasBasic)
                 throw new UnauthorizedException($"registry {ep.Host} asks for Basic auth and no credentials are configured for it",
                     System.Net.HttpStatusCode.Unauthorized, ep.Host, scope);
@@ -107,7 +108,10 @@ internal sealed class AuthState
             // A cached token needs no credential lookup: the common path of every blob read.
             if (!_tokens.TryGetValue(scope, out var task))
             {
-                var cred = await client.Credentials.GetAsync(ep.Host, ct).ConfigureAwait(false);
+                var cred = await client.Credentials.GetAsync(ep.Host, image, ct).ConfigureAwait(false);
+                // A registry token (CRI's registry_token) is already the bearer token: no token server round trip,
+                // and nothing cached, since it belongs to that image's credentials rather than to the scope.
+                if (cred?.RegistryToken is { Length: > 0 } rt) return (new AuthenticationHeaderValue("Bearer", rt), null);
                 task = _tokens.GetOrAdd(scope, s => FetchTokenAsync(client, ep, ch, s, cred));
             }
             BearerToken tok;

@@ -3,17 +3,27 @@ using System.Text.Json;
 
 namespace Stargz.Registry;
 
-/// <summary>Credentials for one registry host. ToString never shows the secret.</summary>
-public sealed record RegistryCredential(string? Username, string? Secret, string? IdentityToken = null)
+/// <summary>
+/// Credentials for one registry host. <see cref="IdentityToken"/> is an OAuth refresh token exchanged at the token
+/// server; <see cref="RegistryToken"/> is a bearer token sent to the registry as it is (CRI's registry_token).
+/// ToString never shows a secret.
+/// </summary>
+public sealed record RegistryCredential(string? Username, string? Secret, string? IdentityToken = null, string? RegistryToken = null)
 {
     public bool HasBasic => !string.IsNullOrEmpty(Username) && Secret is not null;
-    public override string ToString() => $"credential(user={Username ?? "-"}, secret={(Secret is null ? "none" : "***")}, identitytoken={(IdentityToken is null ? "none" : "***")})";
+    public override string ToString() => $"credential(user={Username ?? "-"}, secret={(Secret is null ? "none" : "***")}, identitytoken={(IdentityToken is null ? "none" : "***")}, registrytoken={(RegistryToken is null ? "none" : "***")})";
 }
 
 /// <summary>Supplies credentials for a registry host (host[:port]); null when it has none.</summary>
 public interface ICredentialProvider
 {
     ValueTask<RegistryCredential?> GetAsync(string host, CancellationToken ct);
+
+    /// <summary>
+    /// Credentials for <paramref name="host"/> while working on <paramref name="image"/> (null when the request is not
+    /// about one image). Providers keyed by image (the CRI keychain) override this; host-keyed ones need not.
+    /// </summary>
+    ValueTask<RegistryCredential?> GetAsync(string host, ImageReference? image, CancellationToken ct) => GetAsync(host, ct);
 }
 
 /// <summary>Credentials given in code or by the daemon's config, keyed by host.</summary>
@@ -37,11 +47,13 @@ public sealed class StaticCredentialProvider : ICredentialProvider
 /// <summary>Asks several providers in order; the first that knows the host wins.</summary>
 public sealed class ChainedCredentialProvider(params ICredentialProvider[] providers) : ICredentialProvider
 {
-    public async ValueTask<RegistryCredential?> GetAsync(string host, CancellationToken ct)
+    public ValueTask<RegistryCredential?> GetAsync(string host, CancellationToken ct) => GetAsync(host, null, ct);
+
+    public async ValueTask<RegistryCredential?> GetAsync(string host, ImageReference? image, CancellationToken ct)
     {
         foreach (var p in providers)
         {
-            var c = await p.GetAsync(host, ct).ConfigureAwait(false);
+            var c = await p.GetAsync(host, image, ct).ConfigureAwait(false);
             if (c is not null) return c;
         }
         return null;

@@ -62,7 +62,9 @@ public sealed partial class RegistryClient
             using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Head, e.Url(repo.Repository, "blobs", digest)), scope, subject, tct)
                 .ConfigureAwait(false);
             if (resp.StatusCode == HttpStatusCode.NotFound) return (long?)null;
-            if (IsRedirect(resp.StatusCode)) return resp.Content.Headers.ContentLength ?? -1;
+            // The redirect answer's Content-Length is its own (empty) body's: the size is at the target.
+            if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
+                return (await SizeAtRedirectAsync(e, new Uri(new Uri(e.Url(repo.Repository, "blobs", digest)), loc), subject, tct).ConfigureAwait(false)).Size;
             ThrowForStatus(resp, e.Host, subject);
             return resp.Content.Headers.ContentLength ?? -1;
         }, ep.RequestTimeout ?? Blob.FetchingTimeout, failFastOnConnect: false, ct).ConfigureAwait(false);

@@ -135,7 +135,7 @@ public sealed partial class RegistryClient : IDisposable
                 var r = new HttpRequestMessage(HttpMethod.Head, ep.Url(reference.Repository, "manifests", reference.ManifestReference));
                 r.Headers.Accept.ParseAdd(MediaTypes.ManifestAccept);
                 return r;
-            }, scope, subject, tct).ConfigureAwait(false);
+            }, scope, subject, tct, reference).ConfigureAwait(false);
             ThrowForStatus(resp, ep.Host, subject);
             var digest = resp.Headers.TryGetValues("Docker-Content-Digest", out var v) ? v.FirstOrDefault() : null;
             if (string.IsNullOrEmpty(digest))
@@ -167,7 +167,7 @@ public sealed partial class RegistryClient : IDisposable
                 var r = new HttpRequestMessage(HttpMethod.Get, ep.Url(repo.Repository, "manifests", tagOrDigest));
                 r.Headers.Accept.ParseAdd(MediaTypes.ManifestAccept);
                 return r;
-            }, scope, subject, tct).ConfigureAwait(false);
+            }, scope, subject, tct, repo).ConfigureAwait(false);
             ThrowForStatus(resp, ep.Host, subject);
             var bytes = await ReadLimitedAsync(resp, max, ep.Host, subject, tct).ConfigureAwait(false);
             if (tagOrDigest.Contains(':'))
@@ -204,27 +204,68 @@ public sealed partial class RegistryClient : IDisposable
         var found = await OnEndpointsAsync(eps, 0, subject, async (ep, tct) =>
         {
             var url = ep.Url(repoRef.Repository, "blobs", digest);
-            var resp = await SendAsync(ep, () => new HttpRequestMessage(HttpMethod.Head, url), scope, subject, tct).ConfigureAwait(false);
-            string? redirect = null;
+            using var resp = await SendAsync(ep, () => new HttpRequestMessage(HttpMethod.Head, url), scope, subject, tct, repoRef).ConfigureAwait(false);
             if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
             {
-                redirect = new Uri(new Uri(url), loc).AbsoluteUri;
-                resp.Dispose();
-                CountRequest();
-                using var head = new HttpRequestMessage(HttpMethod.Head, redirect);
-                resp = await ep.Client.SendAsync(head, HttpCompletionOption.ResponseHeadersRead, tct).ConfigureAwait(false);
+                var (size, final) = await SizeAtRedirectAsync(ep, new Uri(new Uri(url), loc), subject, tct).ConfigureAwait(false);
+                return (ep: ep, size: size, redirect: (string?)final);
             }
-            using (resp)
-            {
-                ThrowForStatus(resp, ep.Host, subject);
-                var size = resp.Content.Headers.ContentLength
-                    ?? throw new RegistryException($"{ep.Host} sent no Content-Length for HEAD {subject}", resp.StatusCode, ep.Host, subject);
-                return (ep, size, redirect);
-            }
+            ThrowForStatus(resp, ep.Host, subject);
+            var length = resp.Content.Headers.ContentLength
+                ?? throw new RegistryException($"{ep.Host} sent no Content-Length for HEAD {subject}", resp.StatusCode, ep.Host, subject);
+            return (ep: ep, size: length, redirect: (string?)null);
         }, ct).ConfigureAwait(false);
         var index = 0;
         while (!ReferenceEquals(eps[index], found.ep)) index++;
         return new RemoteBlob(this, repoRef, digest, found.size, eps, index, scope, found.redirect);
+    }
+
+    /// <summary>Redirect hops followed from a registry to where a blob's bytes are (registry -> CDN -> bucket).</summary>
+    internal const int MaxRedirects = 5;
+
+    /// <summary>
+    /// The size of a blob a registry redirected to <paramref name="target"/> (a storage backend, another origin), and the
+    /// URL that finally serves it. HEAD first; a backend that refuses HEAD (S3 URLs presigned for GET answer 403) is asked
+    /// for its first byte instead and the size read from Content-Range, as the reference does. The registry's
+    /// Authorization is never sent there. The Content-Length of a redirect answer is its own body's, never the blob's.
+    /// </summary>
+    internal async Task<(long Size, string Url)> SizeAtRedirectAsync(Endpoint ep, Uri target, string subject, CancellationToken ct)
+    {
+        HttpStatusCode headStatus = 0;
+        for (var hop = 0; hop < MaxRedirects; hop++)
+        {
+            CountRequest();
+            using var head = new HttpRequestMessage(HttpMethod.Head, target);
+            using var resp = await ep.Client.SendAsync(head, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+            if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } next)
+            {
+                target = new Uri(target, next);
+                continue;
+            }
+            if (resp.StatusCode == HttpStatusCode.OK && resp.Content.Headers.ContentLength is long len) return (len, target.AbsoluteUri);
+            headStatus = resp.StatusCode;
+            break;
+        }
+        for (var hop = 0; hop < MaxRedirects; hop++)
+        {
+            CountRequest();
+            using var get = new HttpRequestMessage(HttpMethod.Get, target);
+            get.Headers.Range = new RangeHeaderValue(0, 0);
+            using var resp = await ep.Client.SendAsync(get, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+            if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } next)
+            {
+                target = new Uri(target, next);
+                continue;
+            }
+            if (resp.StatusCode == HttpStatusCode.PartialContent && resp.Content.Headers.ContentRange?.Length is long total)
+                return (total, target.AbsoluteUri);
+            if (resp.StatusCode == HttpStatusCode.OK && resp.Content.Headers.ContentLength is long whole)
+                return (whole, target.AbsoluteUri);
+            ThrowForStatus(resp, target.Authority, subject);
+            throw new RegistryException($"redirect target {target.Authority} gave no size for {subject} (HEAD {(int)headStatus}, GET {(int)resp.StatusCode})",
+                resp.StatusCode, target.Authority, subject);
+        }
+        throw new RegistryException($"more than {MaxRedirects} redirects for {subject} from {ep.Host}", host: ep.Host, subject: subject);
     }
 
     private static string ResolveMediaType(string header, ManifestJson m)
@@ -289,12 +330,13 @@ public sealed partial class RegistryClient : IDisposable
     /// Sends one request to the registry with authentication. A 401 updates the endpoint's challenge
     /// (and drops a stale token) and the request is sent once more; a second 401 is returned to the caller.
     /// </summary>
+    /// <param name="image">the image the request is for: credential providers keyed by image (CRI) look it up.</param>
     internal async Task<HttpResponseMessage> SendAsync(Endpoint ep, Func<HttpRequestMessage> make, string scope, string subject,
-        CancellationToken ct)
+        CancellationToken ct, ImageReference? image = null)
     {
         for (var pass = 0; ; pass++)
         {
-            var (auth, tokenTask) = await ep.Auth.GetHeaderAsync(this, ep, scope, ct).ConfigureAwait(false);
+            var (auth, tokenTask) = await ep.Auth.GetHeaderAsync(this, ep, scope, image, ct).ConfigureAwait(false);
             using var req = make();
             req.Headers.Authorization = auth;
             CountRequest();

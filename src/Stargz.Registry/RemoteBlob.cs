@@ -228,7 +228,7 @@ public sealed class RemoteBlob
             var m = new HttpRequestMessage(HttpMethod.Get, url);
             m.Headers.Range = range;
             return m;
-        }, _scope, _subject, ct).ConfigureAwait(false);
+        }, _scope, _subject, ct, _repo).ConfigureAwait(false);
         Interlocked.Increment(ref _requests);
         if (RegistryClient.IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
         {

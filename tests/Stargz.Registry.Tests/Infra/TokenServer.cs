@@ -17,8 +17,9 @@ public sealed class TokenServer : IAsyncDisposable
     public const string Issuer = "stargz-test-issuer";
 
     private readonly TestHttpServer _server;
-    private readonly RSA _key;
-    private readonly X509Certificate2 _cert;
+    private RSA _key;
+    private X509Certificate2 _cert;
+    private readonly List<(RSA, X509Certificate2)> _retired = [];
     private int _requests;
 
     public string RootCertFile { get; }
@@ -39,13 +40,34 @@ public sealed class TokenServer : IAsyncDisposable
         _server = server; _key = key; _cert = cert; RootCertFile = rootFile;
     }
 
-    public static async Task<TokenServer> StartAsync(string dir)
+    private static (RSA Key, X509Certificate2 Cert) NewSigner()
     {
         var key = RSA.Create(2048);
         var req = new CertificateRequest("CN=stargz test token signer", key, HashAlgorithmName.SHA256, RSASignaturePadding.Pkcs1);
         req.CertificateExtensions.Add(new X509BasicConstraintsExtension(true, false, 0, true));
         req.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.DigitalSignature | X509KeyUsageFlags.KeyCertSign, true));
-        var cert = req.CreateSelfSigned(DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddDays(1));
+        return (key, req.CreateSelfSigned(DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddDays(1)));
+    }
+
+    /// <summary>
+    /// Revokes every token issued so far: signs with a new key from now on and rewrites <see cref="RootCertFile"/> with
+    /// only the new cert. A registry (re)started on that bundle answers 401 to the old tokens however long they had to run.
+    /// </summary>
+    public async Task RotateKeyAsync()
+    {
+        var (key, cert) = NewSigner();
+        await File.WriteAllTextAsync(RootCertFile, cert.ExportCertificatePem());
+        lock (Scopes)
+        {
+            // Retired signers are disposed with the server: a request may be signing with one right now.
+            _retired.Add((_key, _cert));
+            (_key, _cert) = (key, cert);
+        }
+    }
+
+    public static async Task<TokenServer> StartAsync(string dir)
+    {
+        var (key, cert) = NewSigner();
         var rootFile = Path.Combine(dir, "token-root.pem");
         await File.WriteAllTextAsync(rootFile, cert.ExportCertificatePem());
         TokenServer? self = null;
@@ -92,14 +114,17 @@ public sealed class TokenServer : IAsyncDisposable
             if (p.Length == 3) access.Add(new { type = p[0], name = p[1], actions = p[2].Split(',') });
         }
         var now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
-        var header = new { alg = "RS256", typ = "JWT", x5c = new[] { Convert.ToBase64String(_cert.RawData) } };
+        RSA signKey;
+        X509Certificate2 signCert;
+        lock (Scopes) (signKey, signCert) = (_key, _cert);
+        var header = new { alg = "RS256", typ = "JWT", x5c = new[] { Convert.ToBase64String(signCert.RawData) } };
         var claims = new
         {
             iss = Issuer, sub = RequiredCredentials?.User ?? "anonymous", aud = service, exp = now + ExpiresIn, nbf = now - 10, iat = now,
             jti = Guid.NewGuid().ToString("N"), access,
         };
         var signingInput = B64(JsonSerializer.SerializeToUtf8Bytes(header)) + "." + B64(JsonSerializer.SerializeToUtf8Bytes(claims));
-        var sig = _key.SignData(Encoding.ASCII.GetBytes(signingInput), HashAlgorithmName.SHA256, RSASignaturePadding.Pkcs1);
+        var sig = signKey.SignData(Encoding.ASCII.GetBytes(signingInput), HashAlgorithmName.SHA256, RSASignaturePadding.Pkcs1);
         var jwt = signingInput + "." + B64(sig);
         ctx.Response.ContentType = "application/json";
         await ctx.Response.WriteAsync(JsonSerializer.Serialize(ctx.Request.Method == "POST"
@@ -114,5 +139,6 @@ public sealed class TokenServer : IAsyncDisposable
         await _server.DisposeAsync();
         _key.Dispose();
         _cert.Dispose();
+        foreach (var (k, c) in _retired) { k.Dispose(); c.Dispose(); }
     }
 }
