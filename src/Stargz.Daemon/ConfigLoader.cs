@@ -57,6 +57,7 @@ public static class ConfigLoader
                 case "directory_cache": ReadDirCache(c.DirectoryCache, r.Table(key, value), r); break;
                 case "fuse": ReadFuse(c.Fuse, r.Table(key, value), r); break;
                 case "resolver": ReadResolver(c, r.Table(key, value), r); break;
+                case "cri_keychain": ReadCriKeychain(c.CriKeychain, r.Table(key, value), r); break;
                 default: r.Unknown(key); break;
             }
         }
@@ -115,6 +116,28 @@ public static class ConfigLoader
         }
     }
 
+    private static void ReadCriKeychain(DaemonConfig.CriKeychainConfig k, TomlTable t, Reader r)
+    {
+        foreach (var (key, v) in t)
+        {
+            switch (key)
+            {
+                case "enable_keychain": k.EnableKeychain = r.Bool("cri_keychain.enable_keychain", v); break;
+                case "image_service_path": k.ImageServicePath = r.Str("cri_keychain.image_service_path", v); break;
+                default: r.Unknown("cri_keychain." + key); break;
+            }
+        }
+        if (!k.EnableKeychain && k.ImageServicePath.Length > 0)
+            r.Warn("cri_keychain.image_service_path is set but cri_keychain.enable_keychain is not true: the CRI keychain is off");
+    }
+
+    /// <summary>The unix socket path of a CRI address ("/run/x.sock" or "unix:///run/x.sock"), or null when it is neither.</summary>
+    public static string? CriSocketPath(string address)
+    {
+        var p = address.StartsWith("unix://", StringComparison.Ordinal) ? address["unix://".Length..] : address;
+        return p.Length > 0 && Path.IsPathRooted(p) ? p : null;
+    }
+
     private static void ReadResolver(DaemonConfig c, TomlTable t, Reader r)
     {
         foreach (var (k, v) in t)
@@ -166,6 +189,12 @@ public static class ConfigLoader
             throw new ConfigException($"{source}: blob.max_wait_msec ({c.Blob.MaxWaitMsec}) is less than blob.min_wait_msec ({c.Blob.MinWaitMsec})");
         if (c.Blob.ChunkSize == 0)
             throw new ConfigException($"{source}: blob.chunk_size must be greater than 0");
+        if (c.CriKeychain.EnableKeychain && c.CriKeychain.ImageServicePath.Length == 0)
+            throw new ConfigException($"{source}: cri_keychain.enable_keychain = true needs cri_keychain.image_service_path, the unix socket of the " +
+                "CRI image service to proxy to (e.g. containerd's \"/run/containerd/containerd.sock\")");
+        if (c.CriKeychain.ImageServicePath.Length > 0 && CriSocketPath(c.CriKeychain.ImageServicePath) == null)
+            throw new ConfigException($"{source}: cri_keychain.image_service_path \"{c.CriKeychain.ImageServicePath}\" is not an absolute unix socket path " +
+                "(\"/run/containerd/containerd.sock\" or \"unix:///run/containerd/containerd.sock\")");
         if (c.MetricsAddress.Length > 0 && ParseEndpoint(c.MetricsAddress) == null)
             throw new ConfigException($"{source}: metrics_address \"{c.MetricsAddress}\" is not HOST:PORT with an IP host (e.g. 127.0.0.1:8234)");
     }
@@ -184,9 +213,8 @@ public static class ConfigLoader
     /// <summary>Keys the reference daemon knows that this build does not act on (cache types, keychains, FUSE manager...).</summary>
     private static readonly HashSet<string> ReferenceOnlyKeys = new(StringComparer.Ordinal)
     {
-        "http_cache_type", "filesystem_cache_type", "resolve_result_entry", "kubeconfig_keychain", "cri_keychain",
-        "snapshotter", "listen_path", "metadata_store", "debug_address", "fuse_manager", "image_service_path",
-        "enable_keychain", "kubeconfig_path", "fuse.passthrough", "fuse.merge_buffer_size",
+        "http_cache_type", "filesystem_cache_type", "resolve_result_entry", "kubeconfig_keychain",
+        "snapshotter", "listen_path", "metadata_store", "debug_address", "fuse_manager", "fuse.passthrough", "fuse.merge_buffer_size",
         "fuse.passthrough_max_stack_depth", "directory_cache.cache_dir",
     };
 
@@ -205,6 +233,8 @@ public static class ConfigLoader
     private sealed class Reader(string source, List<string> warnings)
     {
         public string Source => source;
+
+        public void Warn(string message) => warnings.Add($"{source}: {message}");
 
         public void Unknown(string key) => warnings.Add(ReferenceOnlyKeys.Contains(key)
             ? $"{source}: key \"{key}\" of the reference daemon is not supported by this build and is ignored"

@@ -25,6 +25,7 @@ public sealed class DaemonConfig
     public BlobConfig Blob { get; } = new();
     public DirectoryCacheConfig DirectoryCache { get; } = new();
     public FuseConfig Fuse { get; } = new();
+    public CriKeychainConfig CriKeychain { get; } = new();
     /// <summary>[resolver.host."HOST"] mirrors, by host.</summary>
     public Dictionary<string, List<MirrorConfig>> ResolverHosts { get; } = new(StringComparer.Ordinal);
 
@@ -53,6 +54,17 @@ public sealed class DaemonConfig
     {
         public long AttrTimeout { get; set; } = 1;
         public long EntryTimeout { get; set; } = 1;
+    }
+
+    /// <summary>
+    /// [cri_keychain]: serve CRI's ImageService on the daemon's socket, proxied to <see cref="ImageServicePath"/>, and
+    /// use the credentials of each PullImage for that image's lazy layers.
+    /// </summary>
+    public sealed class CriKeychainConfig
+    {
+        public bool EnableKeychain { get; set; }
+        /// <summary>The backing CRI image service's unix socket (e.g. containerd's /run/containerd/containerd.sock), as a path or unix:// address.</summary>
+        public string ImageServicePath { get; set; } = "";
     }
 
     public sealed record MirrorConfig(string Host, bool Insecure, long RequestTimeoutSec);

@@ -3,6 +3,7 @@ using Microsoft.AspNetCore.Routing;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 using Prometheus;
+using Stargz.Registry;
 using Stargz.Snapshotter;
 
 namespace Stargz.Daemon;
@@ -60,7 +61,23 @@ public static class Program
         var log = loggerFactory.CreateLogger("stargz-snapshotter");
         foreach (var w in warnings) log.LogWarning("config: {Warning}", w);
 
-        var remote = RemoteLayerWiring.Create(config, opt.Root, loggerFactory, log);
+        // [cri_keychain]: CRI ImageService on our socket, proxied to the backing one; its pull credentials feed the layers.
+        CriKeychain? criKeychain = null;
+        CriBackend? criBackend = null;
+        if (config.CriKeychain.EnableKeychain)
+        {
+            var backendPath = ConfigLoader.CriSocketPath(config.CriKeychain.ImageServicePath)!;
+            if (Path.GetFullPath(backendPath) == Path.GetFullPath(opt.Address))
+            {
+                log.LogCritical("cri_keychain.image_service_path {Path} is the socket this daemon serves on (--address); it must be the backing CRI image service, e.g. the containerd socket",
+                    config.CriKeychain.ImageServicePath);
+                return 1;
+            }
+            criKeychain = new CriKeychain();
+            criBackend = new CriBackend(config.CriKeychain.ImageServicePath, loggerFactory.CreateLogger("stargz.cri"));
+        }
+
+        var remote = RemoteLayerWiring.Create(config, opt.Root, loggerFactory, log, criKeychain);
         StargzSnapshotter snapshotter;
         try
         {
@@ -77,6 +94,7 @@ public static class Program
         {
             log.LogCritical("cannot open root {Root}: {Error}", opt.Root, e.Message);
             await DisposeRemoteAsync(remote);
+            criBackend?.Dispose();
             return 1;
         }
 
@@ -88,12 +106,18 @@ public static class Program
             {
                 b.Services.AddSingleton<MetricsInterceptor>();
                 b.Services.Configure<Grpc.AspNetCore.Server.GrpcServiceOptions>(o => o.Interceptors.Add<MetricsInterceptor>());
+                if (criBackend != null)
+                {
+                    b.Services.AddSingleton(criBackend);
+                    b.Services.AddSingleton(criKeychain!);
+                }
                 if (metricsEndpoint != null)
                     b.WebHost.ConfigureKestrel(k => k.Listen(metricsEndpoint, lo => lo.Protocols = Microsoft.AspNetCore.Server.Kestrel.Core.HttpProtocols.Http1));
             },
             configureApp: a =>
             {
                 if (metricsEndpoint != null) a.MapMetrics("/metrics").RequireHost($"*:{metricsEndpoint.Port}");
+                if (criBackend != null) a.MapGrpcService<CriImageServiceProxy>();
             },
             configureLogging: ConfigureLogging);
         try
@@ -105,8 +129,11 @@ public static class Program
             log.LogCritical("cannot serve on {Address}: {Error}", opt.Address, e.Message);
             await snapshotter.DisposeAsync();
             await DisposeRemoteAsync(remote);
+            criBackend?.Dispose();
             return 1;
         }
+        if (criBackend != null)
+            log.LogInformation("serving CRI ImageService on {Address} for the CRI keychain, proxied to {Backend}", opt.Address, criBackend.Address);
         log.LogInformation("serving containerd snapshots API on {Address} (root {Root}, remote layers {Remote}, metrics {Metrics})",
             opt.Address, opt.Root, remote != null ? "on" : "off", metricsEndpoint?.ToString() ?? "off");
 
@@ -116,6 +143,7 @@ public static class Program
         await app.DisposeAsync();
         await snapshotter.DisposeAsync();
         await DisposeRemoteAsync(remote);
+        criBackend?.Dispose();
         log.LogInformation("stopped");
         return 0;
     }

@@ -15,7 +15,8 @@ public static class RemoteLayerWiring
 {
     /// <param name="root">the daemon's --root (the layer keeps its chunk cache below it, as the reference does).</param>
     /// <returns>the remote filesystem; the daemon disposes it after the snapshotter has closed.</returns>
-    public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log)
+    /// <param name="criKeychain">credentials from CRI PullImage ([cri_keychain]), asked before the docker config; null when off.</param>
+    public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log, CriKeychain? criKeychain = null)
     {
         var hosts = new RegistryHostsConfig
         {
@@ -40,8 +41,12 @@ public static class RemoteLayerWiring
                 });
             hosts.Set(host, new HostConfig { Mirrors = endpoints });
         }
-        // Registry credentials come from the docker config of the user running the daemon, as with the reference.
-        var registry = new RegistryClient(hosts, new DockerConfigCredentialProvider(), loggers.CreateLogger("stargz.registry"));
+        // Registry credentials: those kubelet sent with the image's CRI PullImage when the CRI keychain is on, then the
+        // docker config of the user running the daemon, as with the reference.
+        ICredentialProvider credentials = criKeychain is null
+            ? new DockerConfigCredentialProvider()
+            : new ChainedCredentialProvider(criKeychain, new DockerConfigCredentialProvider());
+        var registry = new RegistryClient(hosts, credentials, loggers.CreateLogger("stargz.registry"));
         var options = new LayerOptions
         {
             CacheDirectory = Path.Combine(root, "stargz", "cache"),

@@ -179,4 +179,65 @@ public class DaemonConfigTests
         // The socket is owner-only.
         Assert.Equal((UnixFileMode)0b110_000_000, File.GetUnixFileMode(d.Socket));
     }
+
+    [Fact]
+    public void CriKeychainKeysAreParsedLikeTheReferences()
+    {
+        var warnings = new List<string>();
+        var c = ConfigLoader.Parse("""
+            [cri_keychain]
+            enable_keychain = true
+            image_service_path = "/run/containerd/containerd.sock"
+            """, "cri.toml", warnings);
+        Assert.Empty(warnings);
+        Assert.True(c.CriKeychain.EnableKeychain);
+        Assert.Equal("/run/containerd/containerd.sock", c.CriKeychain.ImageServicePath);
+        Assert.Equal("/run/x.sock", ConfigLoader.CriSocketPath("unix:///run/x.sock"));
+        Assert.False(ConfigLoader.Parse("", "empty.toml", []).CriKeychain.EnableKeychain);
+
+        // Unknown keys inside the table warn, naming them; a path without enable_keychain says the keychain is off.
+        warnings.Clear();
+        c = ConfigLoader.Parse("""
+            [cri_keychain]
+            image_service_path = "unix:///run/containerd/containerd.sock"
+            enable_keychian = true
+            """, "typo.toml", warnings);
+        Assert.False(c.CriKeychain.EnableKeychain);
+        Assert.Equal(2, warnings.Count);
+        Assert.Contains(warnings, w => w.Contains("unknown key \"cri_keychain.enable_keychian\""));
+        Assert.Contains(warnings, w => w.Contains("enable_keychain is not true: the CRI keychain is off"));
+    }
+
+    [Theory]
+    [InlineData("[cri_keychain]\nenable_keychain = true", "cri_keychain.enable_keychain = true needs cri_keychain.image_service_path")]
+    [InlineData("[cri_keychain]\nenable_keychain = \"yes\"\nimage_service_path = \"/run/c.sock\"", "cri_keychain.enable_keychain must be a boolean")]
+    [InlineData("[cri_keychain]\nenable_keychain = true\nimage_service_path = 5", "cri_keychain.image_service_path must be a string")]
+    [InlineData("[cri_keychain]\nenable_keychain = true\nimage_service_path = \"containerd.sock\"", "\"containerd.sock\" is not an absolute unix socket path")]
+    [InlineData("[cri_keychain]\nenable_keychain = true\nimage_service_path = \"tcp://127.0.0.1:1234\"", "is not an absolute unix socket path")]
+    [InlineData("cri_keychain = true", "cri_keychain must be a table")]
+    public void BadCriKeychainValuesAreClearErrors(string toml, string expected)
+    {
+        var e = Assert.Throws<ConfigException>(() => ConfigLoader.Parse(toml, "bad.toml", []));
+        Assert.Contains(expected, e.Message);
+        Assert.Contains("bad.toml", e.Message);
+    }
+
+    [Fact]
+    public async Task CriKeychainWithoutImageServicePathStopsTheDaemon_AndItsOwnSocketIsRefused()
+    {
+        await using (var d = await LocalDaemon.StartAsync(configToml: "[cri_keychain]\nenable_keychain = true\n", waitReady: false))
+        {
+            Assert.Equal(1, await d.WaitExitAsync(TimeSpan.FromSeconds(30)));
+            Assert.Contains("cri_keychain.enable_keychain = true needs cri_keychain.image_service_path", d.Log);
+            Assert.False(File.Exists(d.Socket));
+        }
+        // Proxying to itself would loop every kubelet call back into the daemon.
+        await using var self = await LocalDaemon.StartAsync(configToml: "", waitReady: false);
+        await self.WaitReadyAsync(TimeSpan.FromSeconds(60));
+        await self.StopAsync();
+        await File.WriteAllTextAsync(self.ConfigPath, $"[cri_keychain]\nenable_keychain = true\nimage_service_path = \"unix://{self.Socket}\"\n", Ct);
+        await self.RestartAsync(waitReady: false);
+        Assert.Equal(1, await self.WaitExitAsync(TimeSpan.FromSeconds(30)));
+        Assert.Contains("is the socket this daemon serves on", self.Log);
+    }
 }

@@ -1,0 +1,135 @@
+using System.Net.Sockets;
+using Grpc.Core;
+using Grpc.Net.Client;
+using Microsoft.Extensions.Logging;
+using Stargz.Cri.V1;
+using Stargz.Registry;
+
+namespace Stargz.Daemon;
+
+/// <summary>
+/// The CRI keychain's server side, as the reference's: CRI runtime.v1 ImageService on the daemon's own socket
+/// (kubelet --image-service-endpoint points here), every call forwarded to the backing CRI image service
+/// (<c>[cri_keychain] image_service_path</c>, e.g. containerd's socket). PullImage's AuthConfig is kept in
+/// <see cref="CriKeychain"/> for the image before the pull is forwarded, because the backend's pull is what makes
+/// containerd ask us to mount the image's layers; RemoveImage drops it. Answers and errors come back unchanged.
+/// </summary>
+internal sealed class CriImageServiceProxy(CriBackend backend, CriKeychain keychain, ILogger<CriImageServiceProxy> log)
+    : ImageService.ImageServiceBase
+{
+    public override async Task<PullImageResponse> PullImage(PullImageRequest request, ServerCallContext context)
+    {
+        var image = request.Image?.Image ?? "";
+        var kind = "none";
+        try
+        {
+            var a = request.Auth;
+            var cred = a is null ? null : CriKeychain.FromAuthConfig(a.Username, a.Password, a.Auth, a.IdentityToken, a.RegistryToken);
+            kind = cred is null ? "none" : cred.RegistryToken != null ? "registry token" : cred.IdentityToken != null ? "identity token" : "basic";
+            keychain.Remember(image, cred, a?.ServerAddress);
+        }
+        catch (Exception e) when (e is InvalidReferenceException or FormatException)
+        {
+            // The backend gives kubelet its own answer for a bad reference or auth; the lazy layers just get no credentials.
+            log.LogWarning("CRI PullImage {Image}: credentials not kept for lazy layers: {Error}", image, e.Message);
+        }
+        log.LogInformation("CRI PullImage {Image} (credentials: {CredentialKind}), forwarding to {Backend}", image, kind, backend.Address);
+        return await backend.CallAsync(image, "PullImage", CriBackend.PullTimeout, context,
+            (c, o) => c.PullImageAsync(request, o).ResponseAsync).ConfigureAwait(false);
+    }
+
+    public override Task<RemoveImageResponse> RemoveImage(RemoveImageRequest request, ServerCallContext context)
+    {
+        var image = request.Image?.Image ?? "";
+        if (keychain.Forget(image)) log.LogInformation("CRI RemoveImage {Image}: its pull credentials are dropped", image);
+        return backend.CallAsync(image, "RemoveImage", CriBackend.CallTimeout, context, (c, o) => c.RemoveImageAsync(request, o).ResponseAsync);
+    }
+
+    public override Task<ListImagesResponse> ListImages(ListImagesRequest request, ServerCallContext context)
+        => backend.CallAsync("", "ListImages", CriBackend.CallTimeout, context, (c, o) => c.ListImagesAsync(request, o).ResponseAsync);
+
+    public override Task<ImageStatusResponse> ImageStatus(ImageStatusRequest request, ServerCallContext context)
+        => backend.CallAsync(request.Image?.Image ?? "", "ImageStatus", CriBackend.CallTimeout, context,
+            (c, o) => c.ImageStatusAsync(request, o).ResponseAsync);
+
+    public override Task<ImageFsInfoResponse> ImageFsInfo(ImageFsInfoRequest request, ServerCallContext context)
+        => backend.CallAsync("", "ImageFsInfo", CriBackend.CallTimeout, context, (c, o) => c.ImageFsInfoAsync(request, o).ResponseAsync);
+}
+
+/// <summary>
+/// The backing CRI image service over its unix socket. The channel connects lazily and again after a failure, so the
+/// daemon may start before containerd (as under systemd); a call while it is down fails with Unavailable naming it.
+/// </summary>
+internal sealed class CriBackend : IDisposable
+{
+    /// <summary>Deadline of a forwarded call when the caller set none (kubelet sets one on all but pulls).</summary>
+    public static readonly TimeSpan CallTimeout = TimeSpan.FromMinutes(2);
+    /// <summary>Deadline of a forwarded pull when kubelet set none: a big image over a slow link, not forever.</summary>
+    public static readonly TimeSpan PullTimeout = TimeSpan.FromHours(1);
+
+    private readonly GrpcChannel _channel;
+    private readonly ImageService.ImageServiceClient _client;
+    private readonly ILogger _log;
+
+    public string Address { get; }
+
+    public CriBackend(string address, ILogger log)
+    {
+        Address = address;
+        _log = log;
+        var path = ConfigLoader.CriSocketPath(address) ?? throw new ArgumentException($"not a unix socket address: {address}", nameof(address));
+        var handler = new SocketsHttpHandler
+        {
+            ConnectTimeout = TimeSpan.FromSeconds(10),
+            ConnectCallback = async (_, ct) =>
+            {
+                var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                try
+                {
+                    await s.ConnectAsync(new UnixDomainSocketEndPoint(path), ct).ConfigureAwait(false);
+                    return new NetworkStream(s, ownsSocket: true);
+                }
+                catch
+                {
+                    s.Dispose();
+                    throw;
+                }
+            },
+        };
+        _channel = GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions
+        {
+            HttpHandler = handler,
+            DisposeHttpClient = true,
+            // Image lists of a busy node exceed the 4 MiB default; containerd allows 16 MiB.
+            MaxReceiveMessageSize = 16 << 20,
+            MaxSendMessageSize = 16 << 20,
+        });
+        _client = new ImageService.ImageServiceClient(_channel);
+    }
+
+    /// <summary>
+    /// Forwards one call with the caller's cancellation and deadline (or <paramref name="defaultTimeout"/>). The
+    /// backend's status comes back as it is; a backend that cannot be reached is Unavailable with its address.
+    /// </summary>
+    public async Task<T> CallAsync<T>(string image, string method, TimeSpan defaultTimeout, ServerCallContext context,
+        Func<ImageService.ImageServiceClient, CallOptions, Task<T>> call)
+    {
+        var deadline = context.Deadline == DateTime.MaxValue ? DateTime.UtcNow + defaultTimeout : context.Deadline.ToUniversalTime();
+        try
+        {
+            return await call(_client, new CallOptions(deadline: deadline, cancellationToken: context.CancellationToken)).ConfigureAwait(false);
+        }
+        catch (RpcException e) when (e.StatusCode == StatusCode.Unavailable)
+        {
+            _log.LogWarning("CRI {Method} {Image}: backing image service {Backend} is unavailable: {Error}", method, image, Address, e.Status.Detail);
+            throw new RpcException(new Status(StatusCode.Unavailable, $"backing CRI image service {Address}: {e.Status.Detail}"));
+        }
+        catch (RpcException e)
+        {
+            _log.LogInformation("CRI {Method} {Image}: backend answered {Code}: {Error}", method, image, e.StatusCode, e.Status.Detail);
+            throw new RpcException(e.Status, e.Trailers);
+        }
+    }
+
+    public void Dispose() => _channel.Dispose();
+}
