@@ -120,6 +120,27 @@ public class CriKeychainTests
         Assert.Equal(0, await DaemonMetrics.ReadAsync(rig.MetricsPort, "stargz_layers_mounted"));
     }
 
+    /// <summary>The daemon starts before its backing CRI service (as under systemd, where containerd may come later);
+    /// kubelet's calls meanwhile fail as Unavailable naming the backend, not as a hang or an internal error.</summary>
+    [Fact]
+    public async Task ABackendThatIsNotUpYetIsUnavailableNamingIt()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        using var dir = new TempDir("crikc-nobackend");
+        var missing = Path.Combine(dir.Path, "containerd-not-yet.sock");
+        await using var daemon = await LocalDaemon.StartAsync($"[cri_keychain]\nenable_keychain = true\nimage_service_path = \"unix://{missing}\"\n");
+        using var cri = new CriClient(daemon.Socket);
+        var e = await Assert.ThrowsAsync<Grpc.Core.RpcException>(async () => await cri.Images.PullImageAsync(new PullImageRequest
+        {
+            Image = new ImageSpec { Image = "127.0.0.1:1/none/app:v1" },
+            Auth = new AuthConfig { Username = User, Password = Password },
+        }, deadline: DateTime.UtcNow.AddSeconds(30), cancellationToken: ct));
+        Assert.Equal(Grpc.Core.StatusCode.Unavailable, e.StatusCode);
+        Assert.Contains(missing, e.Status.Detail);
+        Assert.DoesNotContain(Password, daemon.Log);
+        Assert.Null(daemon.ExitCode);
+    }
+
     private const string Motd = "pulled lazily with kubelet's credentials";
 
     private static string Tail(string log) => log.Length <= 6000 ? log : log[^6000..];
