@@ -1,0 +1,176 @@
+using Microsoft.Extensions.Logging;
+using Stargz.Containerd;
+using Stargz.Registry;
+
+namespace Stargz.Cli;
+
+/// <summary>
+/// <c>stargz image rpull [--address SOCK] [--namespace NS] [--snapshotter NAME] [--plain-http] [--user U:P]
+/// [--platform P] [--log-level L] REF</c>: the equivalent of the reference's <c>ctr-remote image rpull</c>.
+/// Exit codes: 0 pulled, 1 failed (message on stderr), 2 usage.
+/// </summary>
+internal static class RpullCommand
+{
+    public const string Usage = """
+          stargz image rpull [--address SOCK] [--namespace NS] [--snapshotter NAME] [--plain-http] [--user U:P]
+                             [--platform P] [--log-level L] REF
+              pull REF into containerd, layers prepared on the snapshotter with the stargz labels so eStargz layers
+              are mounted lazily (others are downloaded and applied); then `ctr run --snapshotter stargz REF` works.
+              defaults: --address /run/containerd/containerd.sock, --namespace $CONTAINERD_NAMESPACE or default,
+              --snapshotter stargz, --log-level warn (logfmt on stderr)
+        """;
+
+    internal sealed record Args(string Address, string Namespace, string Snapshotter, bool PlainHttp, string? User, Platform Platform,
+        LogLevel LogLevel, string Reference);
+
+    internal sealed class UsageError(string message) : Exception(message);
+
+    internal static Args Parse(IReadOnlyList<string> args)
+    {
+        string address = "/run/containerd/containerd.sock";
+        string ns = Environment.GetEnvironmentVariable("CONTAINERD_NAMESPACE") is { Length: > 0 } e ? e : "default";
+        string snapshotter = "stargz";
+        bool plainHttp = false;
+        string? user = null;
+        var platform = Platform.Current;
+        var level = LogLevel.Warning;
+        var pos = new List<string>();
+        for (var i = 0; i < args.Count; i++)
+        {
+            var a = args[i];
+            string? inline = null;
+            if (a.StartsWith("--", StringComparison.Ordinal) && a.IndexOf('=') is var eq and > 0)
+            {
+                inline = a[(eq + 1)..];
+                a = a[..eq];
+            }
+            string Value()
+            {
+                if (inline is not null) return inline;
+                if (i + 1 >= args.Count) throw new UsageError($"{a} needs a value");
+                return args[++i];
+            }
+            switch (a)
+            {
+                case "--address" or "-a": address = Value(); break;
+                case "--namespace" or "-n": ns = Value(); break;
+                case "--snapshotter": snapshotter = Value(); break;
+                case "--plain-http": plainHttp = true; break;
+                case "--user" or "-u":
+                    user = Value();
+                    if (!user.Contains(':')) throw new UsageError("--user wants USER:PASSWORD");
+                    break;
+                case "--platform":
+                    try { platform = Platform.Parse(Value()); }
+                    catch (FormatException ex) { throw new UsageError(ex.Message); }
+                    break;
+                case "--log-level":
+                    level = Value() switch
+                    {
+                        "trace" => LogLevel.Trace, "debug" => LogLevel.Debug, "info" => LogLevel.Information,
+                        "warn" or "warning" => LogLevel.Warning, "error" => LogLevel.Error,
+                        var v => throw new UsageError($"--log-level {v}: want debug, info, warn or error"),
+                    };
+                    break;
+                default:
+                    if (a.StartsWith('-') && a.Length > 1) throw new UsageError($"unknown flag {a}");
+                    pos.Add(a);
+                    break;
+            }
+        }
+        if (pos.Count != 1) throw new UsageError(pos.Count == 0 ? "image rpull needs an image reference" : "image rpull takes one image reference");
+        if (address.Length == 0 || ns.Length == 0 || snapshotter.Length == 0) throw new UsageError("--address, --namespace and --snapshotter must not be empty");
+        return new Args(address, ns, snapshotter, plainHttp, user, platform, level, pos[0]);
+    }
+
+    public static async Task<int> RunAsync(string[] argv, TextWriter stdout, TextWriter stderr, CancellationToken ct)
+    {
+        Args a;
+        ImageReference reference;
+        try
+        {
+            a = Parse(argv);
+        }
+        catch (UsageError e)
+        {
+            await stderr.WriteLineAsync($"stargz: {e.Message}").ConfigureAwait(false);
+            await stderr.WriteAsync("usage:\n" + Usage).ConfigureAwait(false);
+            return 2;
+        }
+        try
+        {
+            reference = ImageReference.Parse(a.Reference);
+        }
+        catch (InvalidReferenceException e)
+        {
+            await stderr.WriteLineAsync($"stargz: invalid image reference \"{a.Reference}\": {e.Message}").ConfigureAwait(false);
+            return 2;
+        }
+
+        // Said up front: otherwise the first gRPC call fails with a connection error that does not name the path.
+        if (!File.Exists(a.Address))
+        {
+            await stderr.WriteLineAsync($"stargz: containerd socket {a.Address} does not exist (is containerd running? use --address)").ConfigureAwait(false);
+            return 1;
+        }
+
+        var log = new StderrLogger("rpull", a.LogLevel, stderr);
+        var hosts = new RegistryHostsConfig();
+        if (a.PlainHttp)
+            hosts.Set(reference.Host, new HostConfig { Origin = new EndpointConfig { Host = reference.Host, PlainHttp = true } });
+        // A command, not a daemon: a registry that does not answer should fail the pull in seconds, not minutes.
+        hosts.Blob = hosts.Blob with { MaxRetries = 3, MaxWait = TimeSpan.FromSeconds(5), FetchingTimeout = TimeSpan.FromMinutes(2) };
+        ICredentialProvider creds = new DockerConfigCredentialProvider();
+        if (a.User is { } user)
+        {
+            var c = user.IndexOf(':');
+            creds = new StaticCredentialProvider().Add(reference.Host, user[..c], user[(c + 1)..]);
+        }
+
+        using var registry = new RegistryClient(hosts, creds, new StderrLogger("registry", a.LogLevel, stderr));
+        using var containerd = new ContainerdClient(a.Address, a.Namespace);
+        var puller = new ImagePuller(registry, containerd, log, stdout);
+        try
+        {
+            var r = await puller.PullAsync(reference, new RpullOptions { Snapshotter = a.Snapshotter, Platform = a.Platform }, ct).ConfigureAwait(false);
+            await stdout.WriteLineAsync($"done: {r.ImageName} {r.Target.Digest} ({r.Layers.Count(l => l.Outcome == LayerOutcome.Remote)} remote, " +
+                $"{r.Layers.Count(l => l.Outcome == LayerOutcome.Applied)} applied, {r.Layers.Count(l => l.Outcome == LayerOutcome.Existing)} existing layers)")
+                .ConfigureAwait(false);
+            return 0;
+        }
+        catch (NotFoundException e)
+        {
+            await stderr.WriteLineAsync($"stargz: image {reference} not found: {e.Message}").ConfigureAwait(false);
+        }
+        catch (UnauthorizedException e)
+        {
+            await stderr.WriteLineAsync($"stargz: not authorized to pull {reference}: {e.Message}").ConfigureAwait(false);
+        }
+        catch (RegistryException e)
+        {
+            await stderr.WriteLineAsync($"stargz: registry: {e.Message}").ConfigureAwait(false);
+        }
+        catch (ContainerdException e)
+        {
+            await stderr.WriteLineAsync($"stargz: containerd: {e.Message}").ConfigureAwait(false);
+        }
+        catch (InvalidDataException e)
+        {
+            await stderr.WriteLineAsync($"stargz: {e.Message}").ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (ct.IsCancellationRequested)
+        {
+            await stderr.WriteLineAsync("stargz: rpull cancelled").ConfigureAwait(false);
+            return 130;
+        }
+        catch (HttpRequestException e)
+        {
+            await stderr.WriteLineAsync($"stargz: registry {reference.Host}: {e.Message}").ConfigureAwait(false);
+        }
+        catch (TimeoutException e)
+        {
+            await stderr.WriteLineAsync($"stargz: timed out: {e.Message}").ConfigureAwait(false);
+        }
+        return 1;
+    }
+}
