@@ -1,0 +1,159 @@
+using Stargz.TestSupport;
+
+namespace Stargz.Integration.Tests;
+
+/// <summary>
+/// Our `stargz image rpull` against the real registry, containerd 1.6 (its content, snapshots, diff, leases and images
+/// APIs on its own socket) and our daemon behind the `stargz` proxy plugin; containers started by runc via `ctr run`.
+/// </summary>
+public class RpullTests
+{
+    [Fact]
+    public async Task RpullOfEstargzImageMakesEveryLayerARemoteSnapshotAndTheContainerRuns()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        await using var rig = await E2eRig.StartAsync();
+        var layers = ThreeLayers(rig, "esgz", "from the top layer of the eStargz image");
+        var image = await rig.PushEstargzAsync("e2e/rpull-esgz", layers);
+        var manifest = await LazyPullTests.ManifestLayersAsync(rig, image);
+        Assert.Equal(3, manifest.Count);
+
+        var pull = (await Rpull(rig, image)).EnsureSuccess("stargz image rpull");
+        Assert.Contains("(3 remote, 0 applied, 0 existing layers)", pull.StdOut);
+
+        // Every layer is one of our FUSE mounts, committed by the daemon as a remote snapshot, and none of the layer
+        // blobs went into containerd's content store.
+        Assert.Equal(manifest.Count, rig.FuseMounts().Count);
+        var content = await rig.ContentDigestsAsync();
+        foreach (var (digest, _) in manifest) Assert.DoesNotContain(digest, content);
+        var snapshots = await E2eHelpers.StargzSnapshotsAsync(rig.Containerd);
+        Assert.Equal(manifest.Count, snapshots.Count);
+        foreach (var s in snapshots) Assert.Contains("remote snapshot", await SnapshotInfoAsync(rig, s));
+
+        await AssertImageRecordedAsync(rig, image, snapshots);
+        Assert.Equal("from the top layer of the eStargz image",
+            (await E2eHelpers.RunAsync(rig.Containerd, image, "rpull-esgz-1", "/bin/cat", "/etc/rpull.txt")).Trim());
+
+        // Once the pull's lease is gone, only containerd's GC labels keep content and snapshots: collect and run again.
+        await CollectGarbageAsync(rig);
+        Assert.Equal(manifest.Count, (await E2eHelpers.StargzSnapshotsAsync(rig.Containerd)).Count);
+        Assert.Equal("from the top layer of the eStargz image",
+            (await E2eHelpers.RunAsync(rig.Containerd, image, "rpull-esgz-2", "/bin/cat", "/etc/rpull.txt")).Trim());
+        content = await rig.ContentDigestsAsync();
+        foreach (var (digest, _) in manifest) Assert.DoesNotContain(digest, content);
+
+        // A second rpull finds every snapshot in place.
+        var again = (await Rpull(rig, image)).EnsureSuccess("second stargz image rpull");
+        Assert.Contains("(0 remote, 0 applied, 3 existing layers)", again.StdOut);
+        Assert.Null(rig.Daemon.ExitCode);
+    }
+
+    [Fact]
+    public async Task RpullOfPlainGzipImageFallsBackToAppliedLayersAndTheContainerRuns()
+    {
+        await using var rig = await E2eRig.StartAsync();
+        var layers = ThreeLayers(rig, "plain", "from the top layer of the plain image");
+        var image = await E2eHelpers.PushPlainAsync(rig, "e2e/rpull-plain", layers);
+        var manifest = await LazyPullTests.ManifestLayersAsync(rig, image);
+
+        var pull = (await Rpull(rig, image)).EnsureSuccess("stargz image rpull of a plain image");
+        Assert.Contains("(0 remote, 3 applied, 0 existing layers)", pull.StdOut);
+
+        // No FUSE mount: every layer went through containerd's content store and its differ into ordinary snapshots.
+        Assert.Empty(rig.FuseMounts());
+        var content = await rig.ContentDigestsAsync();
+        foreach (var (digest, _) in manifest) Assert.Contains(digest, content);
+        var snapshots = await E2eHelpers.StargzSnapshotsAsync(rig.Containerd);
+        Assert.Equal(manifest.Count, snapshots.Count);
+        foreach (var s in snapshots) Assert.DoesNotContain("remote snapshot", await SnapshotInfoAsync(rig, s));
+
+        await AssertImageRecordedAsync(rig, image, snapshots);
+        Assert.Equal("from the top layer of the plain image",
+            (await E2eHelpers.RunAsync(rig.Containerd, image, "rpull-plain-1", "/bin/cat", "/etc/rpull.txt")).Trim());
+
+        // The layer blobs carry containerd's uncompressed label, and survive a GC once the lease is gone.
+        await CollectGarbageAsync(rig);
+        var ls = (await rig.Containerd.CtrAsync("content", "ls")).EnsureSuccess("ctr content ls").StdOut;
+        foreach (var (digest, _) in manifest)
+            Assert.Contains("containerd.io/uncompressed=sha256:", LineOf(ls, digest));
+        Assert.Equal("from the top layer of the plain image",
+            (await E2eHelpers.RunAsync(rig.Containerd, image, "rpull-plain-2", "/bin/cat", "/etc/rpull.txt")).Trim());
+        Assert.Null(rig.Daemon.ExitCode);
+    }
+
+    [Fact]
+    public async Task RpullFailsWithAClearMessageAndNonZeroExit()
+    {
+        await using var rig = await E2eRig.StartAsync();
+        var layers = ThreeLayers(rig, "err", "unused");
+        var image = await E2eHelpers.PushPlainAsync(rig, "e2e/rpull-err", layers);
+
+        var noSocket = await StargzCli.RunAsync(["image", "rpull", "--address", Path.Combine(rig.Work.Path, "none.sock"), "--plain-http", image]);
+        Assert.Equal(1, noSocket.ExitCode);
+        Assert.Contains("none.sock does not exist", noSocket.StdErr);
+
+        var missing = await Rpull(rig, $"{rig.Registry.Host}/e2e/no-such-image:v1");
+        Assert.Equal(1, missing.ExitCode);
+        Assert.Contains("not found", missing.StdErr);
+
+        var unknown = await Rpull(rig, image, snapshotter: "no-such-snapshotter");
+        Assert.Equal(1, unknown.ExitCode);
+        Assert.Contains("snapshotter \"no-such-snapshotter\" is not known to containerd", unknown.StdErr);
+
+        var usage = await StargzCli.RunAsync(["image", "rpull", "--address", rig.Containerd.Socket]);
+        Assert.Equal(2, usage.ExitCode);
+        Assert.Contains("needs an image reference", usage.StdErr);
+
+        // None of the failures left an image behind or a lease open.
+        Assert.DoesNotContain(image, (await rig.Containerd.CtrAsync("images", "ls", "-q")).EnsureSuccess("ctr images ls").StdOut);
+        Assert.DoesNotContain("stargz-rpull-", (await rig.Containerd.CtrAsync("leases", "ls")).EnsureSuccess("ctr leases ls").StdOut);
+    }
+
+    private static Task<ProcessResult> Rpull(E2eRig rig, string image, string snapshotter = "stargz") =>
+        StargzCli.RunAsync(["image", "rpull", "--address", rig.Containerd.Socket, "--namespace", rig.Containerd.Namespace,
+            "--snapshotter", snapshotter, "--plain-http", "--log-level", "debug", image]);
+
+    /// <summary>busybox, a middle layer, and a top layer holding /etc/rpull.txt.</summary>
+    private static IReadOnlyList<string> ThreeLayers(E2eRig rig, string name, string topText)
+    {
+        var l1 = rig.Work.Sub($"{name}-l1");
+        TestImages.WriteBusybox(l1);
+        var l2 = rig.Work.Sub($"{name}-l2");
+        Directory.CreateDirectory(Path.Combine(l2, "etc"));
+        File.WriteAllText(Path.Combine(l2, "etc", "middle.txt"), "middle layer\n");
+        var l3 = rig.Work.Sub($"{name}-l3");
+        Directory.CreateDirectory(Path.Combine(l3, "etc"));
+        File.WriteAllText(Path.Combine(l3, "etc", "rpull.txt"), topText + "\n");
+        return [l1, l2, l3];
+    }
+
+    private static async Task<string> SnapshotInfoAsync(E2eRig rig, string key) =>
+        (await rig.Containerd.CtrAsync("snapshots", "--snapshotter", "stargz", "info", key)).EnsureSuccess($"ctr snapshots info {key}").StdOut;
+
+    /// <summary>The image is listed, no rpull lease is left, and its config carries the snapshot GC label naming the
+    /// top of the chain (the one snapshot that is no other's parent).</summary>
+    private static async Task AssertImageRecordedAsync(E2eRig rig, string image, List<string> snapshots)
+    {
+        var images = (await rig.Containerd.CtrAsync("images", "ls", "-q")).EnsureSuccess("ctr images ls").StdOut;
+        Assert.Contains(image, images.Split('\n', StringSplitOptions.TrimEntries));
+        Assert.DoesNotContain("stargz-rpull-", (await rig.Containerd.CtrAsync("leases", "ls")).EnsureSuccess("ctr leases ls").StdOut);
+
+        var ls = (await rig.Containerd.CtrAsync("snapshots", "--snapshotter", "stargz", "ls")).EnsureSuccess("ctr snapshots ls").StdOut;
+        var parents = ls.Split('\n', StringSplitOptions.RemoveEmptyEntries).Skip(1)
+            .Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries)).Where(p => p.Length >= 3).Select(p => p[1]).ToHashSet();
+        var top = Assert.Single(snapshots, s => !parents.Contains(s));
+        var content = (await rig.Containerd.CtrAsync("content", "ls")).EnsureSuccess("ctr content ls").StdOut;
+        Assert.Contains($"containerd.io/gc.ref.snapshot.stargz={top}", content);
+    }
+
+    /// <summary>Runs containerd's GC now: deleting a lease with --sync collects everything unreferenced.</summary>
+    private static async Task CollectGarbageAsync(E2eRig rig)
+    {
+        var id = "rpull-test-gc";
+        (await rig.Containerd.CtrAsync("leases", "create", "--id", id)).EnsureSuccess("ctr leases create");
+        (await rig.Containerd.CtrAsync("leases", "delete", "--sync", id)).EnsureSuccess("ctr leases delete --sync");
+    }
+
+    private static string LineOf(string output, string digest) =>
+        output.Split('\n').FirstOrDefault(l => l.StartsWith(digest, StringComparison.Ordinal)) ?? $"(no line for {digest})";
+}
