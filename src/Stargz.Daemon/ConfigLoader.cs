@@ -129,6 +129,8 @@ public static class ConfigLoader
         }
         if (!k.EnableKeychain && k.ImageServicePath.Length > 0)
             r.Warn("cri_keychain.image_service_path is set but cri_keychain.enable_keychain is not true: the CRI keychain is off");
+        // The reference proxies to containerd's socket unless told otherwise; configs written for it rely on that.
+        if (k.EnableKeychain && k.ImageServicePath.Length == 0) k.ImageServicePath = DaemonConfig.CriKeychainConfig.DefaultImageServicePath;
     }
 
     /// <summary>The unix socket path of a CRI address ("/run/x.sock" or "unix:///run/x.sock"), or null when it is neither.</summary>
@@ -189,9 +191,6 @@ public static class ConfigLoader
             throw new ConfigException($"{source}: blob.max_wait_msec ({c.Blob.MaxWaitMsec}) is less than blob.min_wait_msec ({c.Blob.MinWaitMsec})");
         if (c.Blob.ChunkSize == 0)
             throw new ConfigException($"{source}: blob.chunk_size must be greater than 0");
-        if (c.CriKeychain.EnableKeychain && c.CriKeychain.ImageServicePath.Length == 0)
-            throw new ConfigException($"{source}: cri_keychain.enable_keychain = true needs cri_keychain.image_service_path, the unix socket of the " +
-                "CRI image service to proxy to (e.g. containerd's \"/run/containerd/containerd.sock\")");
         if (c.CriKeychain.ImageServicePath.Length > 0 && CriSocketPath(c.CriKeychain.ImageServicePath) == null)
             throw new ConfigException($"{source}: cri_keychain.image_service_path \"{c.CriKeychain.ImageServicePath}\" is not an absolute unix socket path " +
                 "(\"/run/containerd/containerd.sock\" or \"unix:///run/containerd/containerd.sock\")");

@@ -62,8 +62,11 @@ public sealed class DaemonConfig
     /// </summary>
     public sealed class CriKeychainConfig
     {
+        /// <summary>containerd's socket: where the reference proxies when image_service_path is not set.</summary>
+        public const string DefaultImageServicePath = "/run/containerd/containerd.sock";
+
         public bool EnableKeychain { get; set; }
-        /// <summary>The backing CRI image service's unix socket (e.g. containerd's /run/containerd/containerd.sock), as a path or unix:// address.</summary>
+        /// <summary>The backing CRI image service's unix socket, as a path or unix:// address; <see cref="DefaultImageServicePath"/> when enabled without one.</summary>
         public string ImageServicePath { get; set; } = "";
     }
 
