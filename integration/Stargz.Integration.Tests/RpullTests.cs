@@ -18,8 +18,10 @@ public class RpullTests
         var manifest = await LazyPullTests.ManifestLayersAsync(rig, image);
         Assert.Equal(3, manifest.Count);
 
-        var pull = (await Rpull(rig, image)).EnsureSuccess("stargz image rpull");
+        var pull = (await Rpull(rig, image, extra: ["--label", "rpull.test=esgz"])).EnsureSuccess("stargz image rpull");
         Assert.Contains("(3 remote, 0 applied, 0 existing layers)", pull.StdOut);
+        var listed = (await rig.Containerd.CtrAsync("images", "ls")).EnsureSuccess("ctr images ls").StdOut;
+        Assert.Contains("rpull.test=esgz", listed.Split('\n').Single(l => l.StartsWith(image + " ", StringComparison.Ordinal)));
 
         // Every layer is one of our FUSE mounts, committed by the daemon as a remote snapshot, and none of the layer
         // blobs went into containerd's content store.
@@ -109,9 +111,9 @@ public class RpullTests
         Assert.DoesNotContain("stargz-rpull-", (await rig.Containerd.CtrAsync("leases", "ls")).EnsureSuccess("ctr leases ls").StdOut);
     }
 
-    private static Task<ProcessResult> Rpull(E2eRig rig, string image, string snapshotter = "stargz") =>
+    private static Task<ProcessResult> Rpull(E2eRig rig, string image, string snapshotter = "stargz", string[]? extra = null) =>
         StargzCli.RunAsync(["image", "rpull", "--address", rig.Containerd.Socket, "--namespace", rig.Containerd.Namespace,
-            "--snapshotter", snapshotter, "--plain-http", "--log-level", "debug", image]);
+            "--snapshotter", snapshotter, "--plain-http", "--log-level", "debug", .. extra ?? [], image]);
 
     /// <summary>busybox, a middle layer, and a top layer holding /etc/rpull.txt.</summary>
     private static IReadOnlyList<string> ThreeLayers(E2eRig rig, string name, string topText)

@@ -6,14 +6,14 @@ namespace Stargz.Cli;
 
 /// <summary>
 /// <c>stargz image rpull [--address SOCK] [--namespace NS] [--snapshotter NAME] [--plain-http] [--user U:P]
-/// [--platform P] [--log-level L] REF</c>: the equivalent of the reference's <c>ctr-remote image rpull</c>.
+/// [--platform P] [--label K=V]... [--log-level L] REF</c>: the equivalent of the reference's <c>ctr-remote image rpull</c>.
 /// Exit codes: 0 pulled, 1 failed (message on stderr), 2 usage.
 /// </summary>
 internal static class RpullCommand
 {
     public const string Usage = """
           stargz image rpull [--address SOCK] [--namespace NS] [--snapshotter NAME] [--plain-http] [--user U:P]
-                             [--platform P] [--log-level L] REF
+                             [--platform P] [--label K=V]... [--log-level L] REF
               pull REF into containerd, layers prepared on the snapshotter with the stargz labels so eStargz layers
               are mounted lazily (others are downloaded and applied); then `ctr run --snapshotter stargz REF` works.
               defaults: --address /run/containerd/containerd.sock, --namespace $CONTAINERD_NAMESPACE or default,
@@ -21,7 +21,7 @@ internal static class RpullCommand
         """;
 
     internal sealed record Args(string Address, string Namespace, string Snapshotter, bool PlainHttp, string? User, Platform Platform,
-        LogLevel LogLevel, string Reference);
+        LogLevel LogLevel, IReadOnlyDictionary<string, string> Labels, string Reference);
 
     internal sealed class UsageError(string message) : Exception(message);
 
@@ -34,6 +34,7 @@ internal static class RpullCommand
         string? user = null;
         var platform = Platform.Current;
         var level = LogLevel.Warning;
+        var labels = new Dictionary<string, string>(StringComparer.Ordinal);
         var pos = new List<string>();
         for (var i = 0; i < args.Count; i++)
         {
@@ -64,6 +65,12 @@ internal static class RpullCommand
                     try { platform = Platform.Parse(Value()); }
                     catch (FormatException ex) { throw new UsageError(ex.Message); }
                     break;
+                case "--label":
+                    var kv = Value();
+                    var at = kv.IndexOf('=');
+                    if (at <= 0) throw new UsageError($"--label {kv}: want KEY=VALUE");
+                    labels[kv[..at]] = kv[(at + 1)..];
+                    break;
                 case "--log-level":
                     level = Value() switch
                     {
@@ -80,7 +87,7 @@ internal static class RpullCommand
         }
         if (pos.Count != 1) throw new UsageError(pos.Count == 0 ? "image rpull needs an image reference" : "image rpull takes one image reference");
         if (address.Length == 0 || ns.Length == 0 || snapshotter.Length == 0) throw new UsageError("--address, --namespace and --snapshotter must not be empty");
-        return new Args(address, ns, snapshotter, plainHttp, user, platform, level, pos[0]);
+        return new Args(address, ns, snapshotter, plainHttp, user, platform, level, labels, pos[0]);
     }
 
     public static async Task<int> RunAsync(string[] argv, TextWriter stdout, TextWriter stderr, CancellationToken ct)
@@ -132,7 +139,7 @@ internal static class RpullCommand
         var puller = new ImagePuller(registry, containerd, log, stdout);
         try
         {
-            var r = await puller.PullAsync(reference, new RpullOptions { Snapshotter = a.Snapshotter, Platform = a.Platform }, ct).ConfigureAwait(false);
+            var r = await puller.PullAsync(reference, new RpullOptions { Snapshotter = a.Snapshotter, Platform = a.Platform, ImageLabels = a.Labels }, ct).ConfigureAwait(false);
             await stdout.WriteLineAsync($"done: {r.ImageName} {r.Target.Digest} ({r.Layers.Count(l => l.Outcome == LayerOutcome.Remote)} remote, " +
                 $"{r.Layers.Count(l => l.Outcome == LayerOutcome.Applied)} applied, {r.Layers.Count(l => l.Outcome == LayerOutcome.Existing)} existing layers)")
                 .ConfigureAwait(false);

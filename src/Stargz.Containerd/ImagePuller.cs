@@ -16,6 +16,8 @@ public sealed record RpullOptions
     public long PrefetchSize { get; init; } = RpullLabels.DefaultPrefetchSize;
     /// <summary>The lease's own expiry, in case this process dies before deleting it.</summary>
     public TimeSpan LeaseExpiry { get; init; } = TimeSpan.FromHours(24);
+    /// <summary>Labels for the image record (the reference's <c>--label</c>).</summary>
+    public IReadOnlyDictionary<string, string> ImageLabels { get; init; } = new Dictionary<string, string>();
 }
 
 public enum LayerOutcome
@@ -109,7 +111,7 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
                     new Dictionary<string, string> { [RpullLabels.GcRefSnapshotPrefix + options.Snapshotter] = top }, ct).ConfigureAwait(false);
             }
 
-            await containerd.PutImageAsync(imageName, target, new Dictionary<string, string>(), ct).ConfigureAwait(false);
+            await containerd.PutImageAsync(imageName, target, options.ImageLabels, ct).ConfigureAwait(false);
             _log.LogInformation("image {Image} stored as {Target}: top snapshot {ChainId} on {Snapshotter} ({Remote} remote, {Applied} applied, {Existing} existing)",
                 imageName, target.Digest, top, options.Snapshotter, results.Count(r => r.Outcome == LayerOutcome.Remote),
                 results.Count(r => r.Outcome == LayerOutcome.Applied), results.Count(r => r.Outcome == LayerOutcome.Existing));
