@@ -111,6 +111,92 @@ public class RpullTests
         Assert.DoesNotContain("stargz-rpull-", (await rig.Containerd.CtrAsync("leases", "ls")).EnsureSuccess("ctr leases ls").StdOut);
     }
 
+    [Fact]
+    public async Task RpullOfAnIndexStoresIndexAndPlatformManifestAndRuns()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        await using var rig = await E2eRig.StartAsync();
+        var esgz = await rig.PushEstargzAsync("e2e/rpull-idx", ThreeLayers(rig, "idx", "from the image behind an index"));
+        // An index whose first entry is for another platform and names the plain gzip manifest: taking it would
+        // give applied layers instead of remote ones.
+        using var registry = new Stargz.Registry.RegistryClient();
+        var m = await registry.ResolveAsync(Stargz.Registry.ImageReference.Parse(esgz), Stargz.Registry.Platform.Parse("linux/amd64"), ct);
+        var other = await registry.ResolveAsync(Stargz.Registry.ImageReference.Parse($"{rig.Registry.Host}/e2e/rpull-idx:v1"), null, ct);
+        var indexJson = System.Text.Encoding.UTF8.GetBytes($$$"""
+            {"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[
+             {"mediaType":"{{{other.MediaType}}}","digest":"{{{other.Digest}}}","size":{{{other.Raw.Length}}},"platform":{"architecture":"arm64","os":"linux"}},
+             {"mediaType":"{{{m.MediaType}}}","digest":"{{{m.Digest}}}","size":{{{m.Raw.Length}}},"platform":{"architecture":"amd64","os":"linux"}}]}
+            """);
+        var image = $"{rig.Registry.Host}/e2e/rpull-idx:index";
+        var indexDigest = await registry.PushManifestAsync(Stargz.Registry.ImageReference.Parse(image), indexJson,
+            Stargz.Registry.MediaTypes.OciIndex, "index", ct);
+
+        var pull = (await Rpull(rig, image, extra: ["--platform", "linux/amd64"])).EnsureSuccess("stargz image rpull of an index");
+        Assert.Contains("(3 remote, 0 applied, 0 existing layers)", pull.StdOut);
+        var line = (await rig.Containerd.CtrAsync("images", "ls")).EnsureSuccess("ctr images ls").StdOut
+            .Split('\n').Single(l => l.StartsWith(image + " ", StringComparison.Ordinal));
+        Assert.Contains("application/vnd.oci.image.index.v1+json", line);
+        Assert.Contains(indexDigest, line);
+
+        // Once only GC labels hold them: the index keeps the platform's manifest, which keeps the config.
+        await CollectGarbageAsync(rig);
+        var content = (await rig.Containerd.CtrAsync("content", "ls")).EnsureSuccess("ctr content ls").StdOut;
+        Assert.Contains($"containerd.io/gc.ref.content.m.0={m.Digest}", LineOf(content, indexDigest));
+        Assert.Contains($"containerd.io/gc.ref.content.config={m.Config.Digest}", LineOf(content, m.Digest));
+        Assert.Contains("containerd.io/gc.ref.snapshot.stargz=sha256:", LineOf(content, m.Config.Digest));
+        Assert.Equal("from the image behind an index",
+            (await E2eHelpers.RunAsync(rig.Containerd, image, "rpull-idx", "/bin/cat", "/etc/rpull.txt")).Trim());
+    }
+
+    [Fact]
+    public async Task SnapshotLabelsAreTheSameAsAfterTheReferenceCtrRemoteRpull()
+    {
+        await using var rig = await E2eRig.StartAsync();
+        var plain = await E2eHelpers.PushPlainAsync(rig, "e2e/rpull-same-plain", ThreeLayers(rig, "same-plain", "plain"));
+        var esgz = await rig.PushEstargzAsync("e2e/rpull-same-esgz", ThreeLayers(rig, "same-esgz", "esgz"));
+        foreach (var image in new[] { plain, esgz })
+        {
+            (await rig.Containerd.CtrRemoteAsync("image", "rpull", "--plain-http", image)).EnsureSuccess("ctr-remote rpull");
+            var theirs = await SnapshotLabelsAsync(rig);
+            await rig.ForgetImagesAsync(image);
+            await FallbackTests.WaitNoSnapshotsAsync(rig);
+
+            (await Rpull(rig, image)).EnsureSuccess("stargz image rpull");
+            var ours = await SnapshotLabelsAsync(rig);
+            // One deliberate difference: we also pass the layer's io.containers.estargz.uncompressed-size (containerd's
+            // unpacker keeps only containerd.io/snapshot/ annotations); containerd records it, and strips it again
+            // before the snapshotter sees it.
+            foreach (var labels in ours.Values)
+                if (labels.Remove("io.containers.estargz.uncompressed-size", out var size))
+                    Assert.True(image == esgz && long.TryParse(size, out var n) && n > 0, $"uncompressed-size {size} on {image}");
+            Assert.Equal(theirs.Keys.Order(), ours.Keys.Order());
+            foreach (var (name, labels) in theirs)
+            {
+                // ctr-remote also sends empty url labels (a manifest without URLs); we leave those out.
+                var want = labels.Where(kv => kv.Value.Length > 0).OrderBy(kv => kv.Key).ToList();
+                var got = ours[name].Where(kv => kv.Value.Length > 0).OrderBy(kv => kv.Key).ToList();
+                Assert.Equal(want, got);
+            }
+            await rig.ForgetImagesAsync(image);
+            await FallbackTests.WaitNoSnapshotsAsync(rig);
+        }
+    }
+
+    /// <summary>Name → labels of every snapshot of the `stargz` snapshotter, as containerd reports them.</summary>
+    private static async Task<Dictionary<string, Dictionary<string, string>>> SnapshotLabelsAsync(E2eRig rig)
+    {
+        var result = new Dictionary<string, Dictionary<string, string>>();
+        foreach (var s in await E2eHelpers.StargzSnapshotsAsync(rig.Containerd))
+        {
+            using var doc = System.Text.Json.JsonDocument.Parse(await SnapshotInfoAsync(rig, s));
+            var labels = new Dictionary<string, string>();
+            if (doc.RootElement.TryGetProperty("Labels", out var l) && l.ValueKind == System.Text.Json.JsonValueKind.Object)
+                foreach (var p in l.EnumerateObject()) labels[p.Name] = p.Value.GetString() ?? "";
+            result[s] = labels;
+        }
+        return result;
+    }
+
     private static Task<ProcessResult> Rpull(E2eRig rig, string image, string snapshotter = "stargz", string[]? extra = null) =>
         StargzCli.RunAsync(["image", "rpull", "--address", rig.Containerd.Socket, "--namespace", rig.Containerd.Namespace,
             "--snapshotter", snapshotter, "--plain-http", "--log-level", "debug", .. extra ?? [], image]);
