@@ -182,6 +182,29 @@ public class RpullTests
         }
     }
 
+    [Fact]
+    public async Task ConcurrentRpullsOfOneImageAllSucceedAndLeaveOneChain()
+    {
+        await using var rig = await E2eRig.StartAsync();
+        var plain = await E2eHelpers.PushPlainAsync(rig, "e2e/rpull-conc-plain", ThreeLayers(rig, "conc-plain", "plain, pulled three times at once"));
+        var esgz = await rig.PushEstargzAsync("e2e/rpull-conc-esgz", ThreeLayers(rig, "conc-esgz", "esgz, pulled three times at once"));
+        foreach (var (image, text) in new[] { (plain, "plain, pulled three times at once"), (esgz, "esgz, pulled three times at once") })
+        {
+            // Same blobs, same chainIDs, same ingest refs: the losers of each race must wait or find the winner's work.
+            var runs = await Task.WhenAll(Enumerable.Range(0, 3).Select(_ => Rpull(rig, image)));
+            foreach (var r in runs) r.EnsureSuccess($"one of three concurrent rpulls of {image}");
+            Assert.Equal(text, (await E2eHelpers.RunAsync(rig.Containerd, image, "rpull-conc", "/bin/cat", "/etc/rpull.txt")).Trim());
+        }
+        // One chain per image (3 layers each), nothing half-made left: no extract-* snapshots, no ingests, no leases.
+        var snapshots = await E2eHelpers.StargzSnapshotsAsync(rig.Containerd);
+        Assert.Equal(6, snapshots.Count);
+        Assert.DoesNotContain(snapshots, s => s.StartsWith("extract-", StringComparison.Ordinal));
+        Assert.Equal(3, rig.FuseMounts().Count);
+        var active = (await rig.Containerd.CtrAsync("content", "active")).EnsureSuccess("ctr content active").StdOut;
+        Assert.DoesNotContain("sha256:", active);
+        Assert.DoesNotContain("stargz-rpull-", (await rig.Containerd.CtrAsync("leases", "ls")).EnsureSuccess("ctr leases ls").StdOut);
+    }
+
     /// <summary>Name → labels of every snapshot of the `stargz` snapshotter, as containerd reports them.</summary>
     private static async Task<Dictionary<string, Dictionary<string, string>>> SnapshotLabelsAsync(E2eRig rig)
     {
