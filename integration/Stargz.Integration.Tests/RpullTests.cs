@@ -94,6 +94,16 @@ public class RpullTests
         Assert.Equal(1, noSocket.ExitCode);
         Assert.Contains("none.sock does not exist", noSocket.StdErr);
 
+        // A socket file nobody listens on (containerd died without removing it).
+        var stale = Path.Combine(rig.Work.Path, "stale.sock");
+        // python leaves the file behind on close (a .NET socket would unlink what it bound).
+        (await ProcessRunner.RunAsync(Requires.Command("python3"), "-c",
+            $"import socket; s = socket.socket(socket.AF_UNIX); s.bind('{stale}'); s.close()")).EnsureSuccess("make a stale socket");
+        Assert.True(File.Exists(stale));
+        var dead = await StargzCli.RunAsync(["image", "rpull", "--address", stale, "--plain-http", image]);
+        Assert.Equal(1, dead.ExitCode);
+        Assert.Contains($"cannot reach containerd at {stale}: Connection refused", dead.StdErr);
+
         var missing = await Rpull(rig, $"{rig.Registry.Host}/e2e/no-such-image:v1");
         Assert.Equal(1, missing.ExitCode);
         Assert.Contains("not found", missing.StdErr);

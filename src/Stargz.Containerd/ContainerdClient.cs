@@ -117,8 +117,9 @@ public sealed class ContainerdClient : IDisposable
     {
         var detail = e.StatusCode switch
         {
+            // The HTTP layer's own message names "localhost:80", the placeholder address; the socket error says it.
             StatusCode.Unavailable when e.Status.DebugException is HttpRequestException or SocketException =>
-                $"cannot reach containerd at {Socket}: {e.Status.DebugException.Message}",
+                $"cannot reach containerd at {Socket}: {(e.Status.DebugException as SocketException ?? e.Status.DebugException.InnerException as SocketException)?.Message ?? e.Status.DebugException.Message}",
             StatusCode.DeadlineExceeded => $"containerd did not answer in time ({e.Status.Detail})",
             _ => $"{e.StatusCode}: {e.Status.Detail}",
         };

@@ -21,6 +21,7 @@ public sealed class ContentIngest : IAsyncDisposable
     private readonly string _expected;
     private readonly long _total;
     private bool _committed;
+    private bool _wroteAny;
 
     public string Ref { get; }
     public long Offset { get; private set; }
@@ -81,8 +82,6 @@ public sealed class ContentIngest : IAsyncDisposable
             data = data[n..];
         }
     }
-
-    private bool _wroteAny;
 
     /// <summary>Commits with <paramref name="labels"/>; containerd checks size and digest. False when the content
     /// appeared meanwhile (another pull committed it first), which is as good.</summary>

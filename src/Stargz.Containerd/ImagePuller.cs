@@ -48,32 +48,33 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
     public async Task<RpullResult> PullAsync(ImageReference reference, RpullOptions options, CancellationToken ct)
     {
         var imageName = reference.ToString();
-        var resolved = await registry.ResolveAsync(reference, options.Platform, ct).ConfigureAwait(false);
-        _log.LogInformation("resolved {Image} to manifest {Manifest} ({Layers} layers) from {Host}", imageName, resolved.Digest, resolved.Layers.Count,
-            resolved.ServedBy);
-
-        // The index (when the reference names one) is stored as is: the image record points at it, like containerd's.
-        ReadOnlyMemory<byte>? indexBytes = null;
-        string? indexMediaType = null;
-        if (resolved.IndexDigest is { } indexDigest)
-        {
-            var (bytes, mt, _) = await registry.FetchManifestAsync(reference, indexDigest, ct).ConfigureAwait(false);
-            indexBytes = bytes;
-            indexMediaType = IndexMediaType(mt, bytes.Span);
-        }
-
-        var configBytes = await registry.FetchBlobBytesAsync(reference, resolved.Config.Digest, ct: ct).ConfigureAwait(false);
-        var diffIds = DiffIds(configBytes, resolved.Config.Digest);
-        if (diffIds.Count != resolved.Layers.Count)
-            throw new InvalidDataException($"image {imageName}: the manifest has {resolved.Layers.Count} layers but the config {resolved.Config.Digest} has {diffIds.Count} diffIDs");
-        var chainIds = RpullLabels.ChainIds(diffIds);
-
+        // The lease first, as ctr-remote does: it is also the check that containerd answers, before any download.
         var leaseId = "stargz-rpull-" + Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(8));
         await containerd.CreateLeaseAsync(leaseId, options.LeaseExpiry, ct).ConfigureAwait(false);
         containerd.LeaseId = leaseId;
         _log.LogDebug("lease {Lease} created in namespace {Namespace}", leaseId, containerd.Namespace);
         try
         {
+            var resolved = await registry.ResolveAsync(reference, options.Platform, ct).ConfigureAwait(false);
+            _log.LogInformation("resolved {Image} to manifest {Manifest} ({Layers} layers) from {Host}", imageName, resolved.Digest, resolved.Layers.Count,
+                resolved.ServedBy);
+
+            // The index (when the reference names one) is stored as is: the image record points at it, like containerd's.
+            ReadOnlyMemory<byte>? indexBytes = null;
+            string? indexMediaType = null;
+            if (resolved.IndexDigest is { } indexDigest)
+            {
+                var (bytes, mt, _) = await registry.FetchManifestAsync(reference, indexDigest, ct).ConfigureAwait(false);
+                indexBytes = bytes;
+                indexMediaType = IndexMediaType(mt, bytes.Span);
+            }
+
+            var configBytes = await registry.FetchBlobBytesAsync(reference, resolved.Config.Digest, ct: ct).ConfigureAwait(false);
+            var diffIds = DiffIds(configBytes, resolved.Config.Digest);
+            if (diffIds.Count != resolved.Layers.Count)
+                throw new InvalidDataException($"image {imageName}: the manifest has {resolved.Layers.Count} layers but the config {resolved.Config.Digest} has {diffIds.Count} diffIDs");
+            var chainIds = RpullLabels.ChainIds(diffIds);
+
             var source = new Dictionary<string, string> { [RpullLabels.DistributionSourcePrefix + reference.Host] = reference.Repository };
 
             Report($"fetching {Short(resolved.Config.Digest)}... {resolved.Config.MediaType}");
