@@ -116,6 +116,12 @@ public class RpullTests
         Assert.Equal(2, usage.ExitCode);
         Assert.Contains("needs an image reference", usage.StdErr);
 
+        // Our daemon stopped: containerd's proxy plugin cannot reach it.
+        Assert.Equal(0, await rig.Daemon.StopAsync());
+        var down = await Rpull(rig, image);
+        Assert.Equal(1, down.ExitCode);
+        Assert.Contains("snapshotter \"stargz\" is unavailable (is its daemon running?)", down.StdErr);
+
         // None of the failures left an image behind or a lease open.
         Assert.DoesNotContain(image, (await rig.Containerd.CtrAsync("images", "ls", "-q")).EnsureSuccess("ctr images ls").StdOut);
         Assert.DoesNotContain("stargz-rpull-", (await rig.Containerd.CtrAsync("leases", "ls")).EnsureSuccess("ctr leases ls").StdOut);

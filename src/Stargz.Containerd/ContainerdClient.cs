@@ -267,6 +267,9 @@ public sealed class ContainerdClient : IDisposable
         if (e.StatusCode == StatusCode.InvalidArgument && e.Status.Detail.Contains("snapshotter not loaded", StringComparison.Ordinal))
             return new ContainerdException($"snapshotter \"{snapshotter}\" is not known to containerd at {Socket} (is it configured as a proxy plugin?): {e.Status.Detail}",
                 e.StatusCode, e);
+        // Unavailable from containerd itself (not from our connection to it): the proxy plugin cannot reach its daemon.
+        if (e.StatusCode == StatusCode.Unavailable && e.Status.DebugException is null)
+            return new ContainerdException($"{what}: snapshotter \"{snapshotter}\" is unavailable (is its daemon running?): {e.Status.Detail}", e.StatusCode, e);
         return Wrap($"{what} (snapshotter {snapshotter})", e);
     }
 
