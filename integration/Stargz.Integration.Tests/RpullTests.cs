@@ -84,6 +84,34 @@ public class RpullTests
     }
 
     [Fact]
+    public async Task RpullOfZstdChunkedAndDockerSchema2ImagesRuns()
+    {
+        await using var rig = await E2eRig.StartAsync();
+        var layers = ThreeLayers(rig, "fmt", "from the top layer, any format");
+        var plain = await E2eHelpers.PushPlainAsync(rig, "e2e/rpull-fmt", layers);
+
+        // zstd:chunked, converted by the reference tool: our daemon mounts those layers too.
+        var zstd = await rig.Containerd.ConvertWithReferenceAsync(plain, $"{rig.Registry.Host}/e2e/rpull-fmt:zstd", zstdChunked: true);
+        await rig.ForgetImagesAsync(plain, zstd);
+        var z = (await Rpull(rig, zstd)).EnsureSuccess("stargz image rpull of zstd:chunked");
+        Assert.Contains("(3 remote, 0 applied, 0 existing layers)", z.StdOut);
+        Assert.Equal("from the top layer, any format", (await E2eHelpers.RunAsync(rig.Containerd, zstd, "rpull-zstd", "/bin/cat", "/etc/rpull.txt")).Trim());
+
+        // Docker schema 2 media types (manifest and tar.gzip layers): applied through containerd's differ.
+        var layout = Path.Combine(rig.Work.Path, "oci-e2e-rpull-fmt");
+        var docker = $"{rig.Registry.Host}/e2e/rpull-fmt:docker";
+        (await ProcessRunner.RunAsync(Requires.Command("skopeo"), ["copy", "--quiet", "--format", "v2s2", "--dest-tls-verify=false",
+            $"oci:{layout}:v1", $"docker://{docker}"], TimeSpan.FromMinutes(5))).EnsureSuccess("skopeo copy --format v2s2");
+        var d = (await Rpull(rig, docker)).EnsureSuccess("stargz image rpull of a docker schema 2 image");
+        // (The zstd:chunked conversion rewrote the tars, so no chain is shared with it.)
+        Assert.Contains("(0 remote, 3 applied, 0 existing layers)", d.StdOut);
+        var line = (await rig.Containerd.CtrAsync("images", "ls")).EnsureSuccess("ctr images ls").StdOut
+            .Split('\n').Single(l => l.StartsWith(docker + " ", StringComparison.Ordinal));
+        Assert.Contains("application/vnd.docker.distribution.manifest.v2+json", line);
+        Assert.Equal("from the top layer, any format", (await E2eHelpers.RunAsync(rig.Containerd, docker, "rpull-docker", "/bin/cat", "/etc/rpull.txt")).Trim());
+    }
+
+    [Fact]
     public async Task RpullFailsWithAClearMessageAndNonZeroExit()
     {
         await using var rig = await E2eRig.StartAsync();
