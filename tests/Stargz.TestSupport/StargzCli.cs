@@ -26,7 +26,9 @@ public static class StargzCli
             if (_dll != null) return _dll;
             var artifacts = Path.Combine(Path.GetTempPath(), "stargz-cli-test-build");
             var project = Path.Combine(RepoRoot(), "src", "Stargz.Cli", "Stargz.Cli.csproj");
-            (await ProcessRunner.RunAsync(Dotnet(), ["build", project, "-c", "Release", "--artifacts-path", artifacts, "-nologo", "-v", "q"],
+            (await ProcessRunner.RunAsync(Dotnet(), ["build", project, "-c", "Release", "--artifacts-path", artifacts, "-nologo", "-v", "q",
+                    // No MSBuild nodes or compiler server left running after the tests.
+                    "-nodeReuse:false", "-p:UseSharedCompilation=false"],
                 TimeSpan.FromMinutes(10))).EnsureSuccess("dotnet build src/Stargz.Cli");
             var dll = Directory.EnumerateFiles(Path.Combine(artifacts, "bin", "Stargz.Cli"), "stargz.dll", SearchOption.AllDirectories).FirstOrDefault()
                       ?? throw new FileNotFoundException($"stargz.dll not found under {artifacts}");
