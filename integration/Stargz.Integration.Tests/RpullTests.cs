@@ -51,6 +51,33 @@ public class RpullTests
     }
 
     [Fact]
+    public async Task RpullOfALargeEstargzImageRunsAProgramWhileFetchingLittleOfIt()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        // Background fetch off, so what is fetched is what the run needed (as in LazyPullTests, there with ctr-remote).
+        await using var rig = await E2eRig.StartAsync("no_background_fetch = true\n");
+        var layers = TestImages.WritePythonLayers(rig.Work.Path, dataMegabytes: 80);
+        var image = await rig.PushEstargzAsync("e2e/rpull-python", layers);
+        var manifest = await LazyPullTests.ManifestLayersAsync(rig, image);
+
+        var pull = (await Rpull(rig, image)).EnsureSuccess("stargz image rpull of the python image");
+        Assert.Contains($"({manifest.Count} remote, 0 applied, 0 existing layers)", pull.StdOut);
+        var run = await rig.Containerd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, "rpull-python",
+            "/usr/bin/python3", "-c", "import json, hashlib; print(json.dumps({'sha': hashlib.sha256(open('/data/message.txt','rb').read()).hexdigest()}))");
+        run.EnsureSuccess("ctr run python on the rpulled image");
+        var expected = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(
+            await File.ReadAllBytesAsync(Path.Combine(layers[2], "data", "message.txt"), ct)));
+        Assert.Equal($"{{\"sha\": \"{expected}\"}}", run.StdOut.Trim());
+
+        var total = manifest.Sum(l => l.Size);
+        var fetched = await rig.MetricAsync("stargz_layer_fetched_bytes");
+        Assert.True(fetched > 0, "nothing fetched: the container's files did not come through our layers");
+        Assert.True(fetched < total * 0.2, $"fetched {fetched} of {total} bytes: not lazy");
+        var content = await rig.ContentDigestsAsync();
+        foreach (var (digest, _) in manifest) Assert.DoesNotContain(digest, content);
+    }
+
+    [Fact]
     public async Task RpullOfPlainGzipImageFallsBackToAppliedLayersAndTheContainerRuns()
     {
         await using var rig = await E2eRig.StartAsync();
