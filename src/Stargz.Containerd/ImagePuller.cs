@@ -157,12 +157,14 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
             mounts = await containerd.PrepareSnapshotAsync(sn, key, parent, labels, ct).ConfigureAwait(false);
             if (mounts is not null) break;
             // AlreadyExists: the snapshotter committed the layer under the chainID itself (remote snapshot), or a
-            // concurrent pull did. Either way the snapshot must now be there.
-            if (await containerd.StatSnapshotAsync(sn, chainId, ct).ConfigureAwait(false) is not null)
+            // concurrent pull did. Either way the snapshot must now be there; its label tells which.
+            if (await containerd.StatSnapshotAsync(sn, chainId, ct).ConfigureAwait(false) is { } info)
             {
-                _log.LogInformation("layer {Index} {Digest}: remote snapshot {ChainId} on {Snapshotter}", i, layer.Digest, chainId, sn);
-                Report($"layer {Short(layer.Digest)}... remote snapshot");
-                return LayerOutcome.Remote;
+                var remote = info.Labels.ContainsKey(RpullLabels.RemoteSnapshotMarker);
+                _log.LogInformation("layer {Index} {Digest}: {Kind} snapshot {ChainId} on {Snapshotter}", i, layer.Digest,
+                    remote ? "remote" : "concurrently committed", chainId, sn);
+                Report($"layer {Short(layer.Digest)}... {(remote ? "remote snapshot" : "already unpacked")}");
+                return remote ? LayerOutcome.Remote : LayerOutcome.Existing;
             }
             if (attempt >= 3)
                 throw new ContainerdException($"prepare snapshot for layer {layer.Digest}: {sn} answered AlreadyExists but has no snapshot {chainId}", StatusCode.AlreadyExists);

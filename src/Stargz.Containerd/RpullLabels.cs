@@ -16,6 +16,8 @@ public static class RpullLabels
     public const string TargetImageUrlsPrefix = "containerd.io/snapshot/remote/urls.";
     public const string TocDigest = "containerd.io/snapshot/stargz/toc.digest";
     public const string UncompressedSize = "io.containers.estargz.uncompressed-size";
+    /// <summary>What a remote snapshotter (ours, the reference) marks its remote snapshots with.</summary>
+    public const string RemoteSnapshotMarker = "containerd.io/snapshot/remote";
     /// <summary>containerd passes layer annotations with this prefix on to the snapshotter (and only those).</summary>
     public const string InheritedPrefix = "containerd.io/snapshot/";
 
