@@ -254,6 +254,48 @@ public class RpullTests
     }
 
     [Fact]
+    public async Task CtrlCDuringRpullExits130AndHandsTheLeaseBack()
+    {
+        await using var rig = await E2eRig.StartAsync();
+        var plain = await E2eHelpers.PushPlainAsync(rig, "e2e/rpull-cancel", ThreeLayers(rig, "cancel", "unused"));
+        // Through a proxy that stops answering: the pull hangs on the registry after it has taken its lease.
+        await using var proxy = new CountingProxy(rig.Registry.Host);
+        proxy.Down();
+        var image = plain.Replace(rig.Registry.Host, proxy.Host, StringComparison.Ordinal);
+        var psi = new System.Diagnostics.ProcessStartInfo(Requires.Which("dotnet") ?? "/usr/share/dotnet/dotnet")
+        {
+            UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true,
+        };
+        foreach (var a in new[] { await StargzCli.DllAsync(), "image", "rpull", "--address", rig.Containerd.Socket, "--plain-http", image })
+            psi.ArgumentList.Add(a);
+        using var p = System.Diagnostics.Process.Start(psi)!;
+        var stderr = p.StandardError.ReadToEndAsync(TestContext.Current.CancellationToken);
+        try
+        {
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+            while (!(await rig.Containerd.CtrAsync("leases", "ls")).StdOut.Contains("stargz-rpull-", StringComparison.Ordinal))
+            {
+                Assert.True(DateTime.UtcNow < deadline && !p.HasExited, "rpull never took a lease");
+                await Task.Delay(100, TestContext.Current.CancellationToken);
+            }
+            Assert.Equal(0, kill(p.Id, 2)); // SIGINT, as Ctrl-C
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+            await p.WaitForExitAsync(cts.Token);
+        }
+        finally
+        {
+            if (!p.HasExited) p.Kill();
+        }
+        Assert.Equal(130, p.ExitCode);
+        Assert.Contains("rpull cancelled", await stderr);
+        Assert.DoesNotContain("stargz-rpull-", (await rig.Containerd.CtrAsync("leases", "ls")).EnsureSuccess("ctr leases ls").StdOut);
+        Assert.DoesNotContain(image, (await rig.Containerd.CtrAsync("images", "ls", "-q")).EnsureSuccess("ctr images ls").StdOut);
+    }
+
+    [System.Runtime.InteropServices.DllImport("libc", SetLastError = true)]
+    private static extern int kill(int pid, int sig);
+
+    [Fact]
     public async Task ConcurrentRpullsOfOneImageAllSucceedAndLeaveOneChain()
     {
         await using var rig = await E2eRig.StartAsync();
