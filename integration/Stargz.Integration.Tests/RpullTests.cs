@@ -254,6 +254,42 @@ public class RpullTests
     }
 
     [Fact]
+    public async Task ALayerThatDoesNotMatchItsDiffIdFailsThePullAndLeavesNothingHalfDone()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        await using var rig = await E2eRig.StartAsync();
+        var plain = await E2eHelpers.PushPlainAsync(rig, "e2e/rpull-bad", ThreeLayers(rig, "bad", "unused"));
+        // The same image with the top layer's diffID in the config replaced: the layer unpacks to something else.
+        using var registry = new Stargz.Registry.RegistryClient();
+        var m = await registry.ResolveAsync(Stargz.Registry.ImageReference.Parse(plain), null, ct);
+        var config = System.Text.Json.Nodes.JsonNode.Parse(await registry.FetchBlobBytesAsync(m.Reference, m.Config.Digest, ct: ct))!;
+        var bogus = "sha256:" + new string('b', 64);
+        config["rootfs"]!["diff_ids"]![2] = bogus;
+        var configBytes = System.Text.Encoding.UTF8.GetBytes(config.ToJsonString());
+        var configDigest = (await registry.PushBlobAsync(m.Reference, configBytes, ct: ct)).Digest;
+        var manifest = System.Text.Json.Nodes.JsonNode.Parse(m.Raw.Span)!;
+        manifest["config"]!["digest"] = configDigest;
+        manifest["config"]!["size"] = configBytes.Length;
+        var bad = $"{rig.Registry.Host}/e2e/rpull-bad:bad";
+        await registry.PushManifestAsync(Stargz.Registry.ImageReference.Parse(bad), System.Text.Encoding.UTF8.GetBytes(manifest.ToJsonString()),
+            m.MediaType, "bad", ct);
+
+        var r = await Rpull(rig, bad);
+        Assert.Equal(1, r.ExitCode);
+        Assert.Contains($"but the config says its diffID is {bogus}", r.StdErr);
+        // The third layer's extraction snapshot is gone, no write is left open, and neither a lease nor an image
+        // record exists (the two good layers' snapshots are left to containerd's GC with the lease).
+        var snapshots = await E2eHelpers.StargzSnapshotsAsync(rig.Containerd);
+        Assert.DoesNotContain(snapshots, s => s.StartsWith("extract-", StringComparison.Ordinal));
+        Assert.DoesNotContain("sha256:", (await rig.Containerd.CtrAsync("content", "active")).EnsureSuccess("ctr content active").StdOut);
+        Assert.DoesNotContain("stargz-rpull-", (await rig.Containerd.CtrAsync("leases", "ls")).EnsureSuccess("ctr leases ls").StdOut);
+        Assert.DoesNotContain(bad, (await rig.Containerd.CtrAsync("images", "ls", "-q")).EnsureSuccess("ctr images ls").StdOut);
+        // The good image still pulls and runs.
+        (await Rpull(rig, plain)).EnsureSuccess("stargz image rpull of the good image");
+        Assert.Equal("unused", (await E2eHelpers.RunAsync(rig.Containerd, plain, "rpull-good", "/bin/cat", "/etc/rpull.txt")).Trim());
+    }
+
+    [Fact]
     public async Task CtrlCDuringRpullExits130AndHandsTheLeaseBack()
     {
         await using var rig = await E2eRig.StartAsync();
