@@ -139,6 +139,22 @@ public class RpullTests
     }
 
     [Fact]
+    public async Task RpullIntoAnotherNamespaceStaysThere()
+    {
+        await using var rig = await E2eRig.StartAsync();
+        var esgz = await rig.PushEstargzAsync("e2e/rpull-ns", ThreeLayers(rig, "ns", "in namespace other"));
+        (await StargzCli.RunAsync(["image", "rpull", "--address", rig.Containerd.Socket, "--namespace", "other", "--plain-http", esgz]))
+            .EnsureSuccess("stargz image rpull --namespace other");
+        Assert.Contains(esgz, (await rig.Containerd.CtrInNamespaceAsync("other", "images", "ls", "-q")).EnsureSuccess("ctr -n other images ls").StdOut);
+        Assert.DoesNotContain(esgz, (await rig.Containerd.CtrAsync("images", "ls", "-q")).EnsureSuccess("ctr images ls").StdOut);
+        Assert.Equal(3, (await E2eHelpers.StargzSnapshotsAsync(rig.Containerd, "other")).Count);
+        Assert.Empty(await E2eHelpers.StargzSnapshotsAsync(rig.Containerd));
+        var run = (await rig.Containerd.CtrInNamespaceAsync("other", "run", "--rm", "--snapshotter", "stargz", esgz, "rpull-ns", "/bin/cat", "/etc/rpull.txt"))
+            .EnsureSuccess("ctr -n other run");
+        Assert.Equal("in namespace other", run.StdOut.Trim());
+    }
+
+    [Fact]
     public async Task RpullFailsWithAClearMessageAndNonZeroExit()
     {
         await using var rig = await E2eRig.StartAsync();
