@@ -155,6 +155,27 @@ public class RpullTests
     }
 
     [Fact]
+    public async Task HostsDirSendsTheRegistryRequestsWhereItSays()
+    {
+        await using var rig = await E2eRig.StartAsync();
+        var plain = await E2eHelpers.PushPlainAsync(rig, "e2e/rpull-hosts", ThreeLayers(rig, "hosts", "through hosts.toml"));
+        // localhost:1 has nothing listening; its hosts.toml sends pulls to the real registry (containerd's certs.d layout).
+        var hostsDir = rig.Work.Sub("certs.d");
+        Directory.CreateDirectory(Path.Combine(hostsDir, "localhost:1"));
+        File.WriteAllText(Path.Combine(hostsDir, "localhost:1", "hosts.toml"), $"server = \"http://{rig.Registry.Host}\"\n");
+        var image = plain.Replace(rig.Registry.Host, "localhost:1", StringComparison.Ordinal);
+
+        var without = await Rpull(rig, image);
+        Assert.Equal(1, without.ExitCode);
+        Assert.Contains("localhost:1", without.StdErr);
+
+        var with = (await Rpull(rig, image, extra: ["--hosts-dir", hostsDir])).EnsureSuccess("stargz image rpull --hosts-dir");
+        // Our daemon does not know that hosts dir: it cannot reach localhost:1 and falls back; the layers are applied.
+        Assert.Contains("(0 remote, 3 applied, 0 existing layers)", with.StdOut);
+        Assert.Equal("through hosts.toml", (await E2eHelpers.RunAsync(rig.Containerd, image, "rpull-hosts", "/bin/cat", "/etc/rpull.txt")).Trim());
+    }
+
+    [Fact]
     public async Task RpullFailsWithAClearMessageAndNonZeroExit()
     {
         await using var rig = await E2eRig.StartAsync();

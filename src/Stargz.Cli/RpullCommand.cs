@@ -6,22 +6,25 @@ namespace Stargz.Cli;
 
 /// <summary>
 /// <c>stargz image rpull [--address SOCK] [--namespace NS] [--snapshotter NAME] [--plain-http] [--user U:P]
-/// [--platform P] [--label K=V]... [--log-level L] REF</c>: the equivalent of the reference's <c>ctr-remote image rpull</c>.
+/// [--hosts-dir DIR] [--platform P] [--label K=V]... [--log-level L] REF</c>: the equivalent of the reference's <c>ctr-remote image rpull</c>.
 /// Exit codes: 0 pulled, 1 failed (message on stderr), 2 usage.
 /// </summary>
 internal static class RpullCommand
 {
     public const string Usage = """
           stargz image rpull [--address SOCK] [--namespace NS] [--snapshotter NAME] [--plain-http] [--user U:P]
-                             [--platform P] [--label K=V]... [--log-level L] REF
+                             [--hosts-dir DIR] [--platform P] [--label K=V]... [--log-level L] REF
               pull REF into containerd, layers prepared on the snapshotter with the stargz labels so eStargz layers
               are mounted lazily (others are downloaded and applied); then `ctr run --snapshotter stargz REF` works.
               defaults: --address /run/containerd/containerd.sock, --namespace $CONTAINERD_NAMESPACE or default,
-              --snapshotter stargz, --log-level warn (logfmt on stderr)
+              --snapshotter stargz, --log-level warn (logfmt on stderr); --hosts-dir: containerd's certs.d layout
         """;
 
     internal sealed record Args(string Address, string Namespace, string Snapshotter, bool PlainHttp, string? User, Platform Platform,
-        LogLevel LogLevel, IReadOnlyDictionary<string, string> Labels, string Reference);
+        LogLevel LogLevel, IReadOnlyDictionary<string, string> Labels, string Reference)
+    {
+        public string? HostsDir { get; init; }
+    }
 
     internal sealed class UsageError(string message) : Exception(message);
 
@@ -32,6 +35,7 @@ internal static class RpullCommand
         string snapshotter = "stargz";
         bool plainHttp = false;
         string? user = null;
+        string? hostsDir = null;
         var platform = Platform.Current;
         var level = LogLevel.Warning;
         var labels = new Dictionary<string, string>(StringComparer.Ordinal);
@@ -61,6 +65,10 @@ internal static class RpullCommand
                     user = Value();
                     if (!user.Contains(':')) throw new UsageError("--user wants USER:PASSWORD");
                     break;
+                case "--hosts-dir":
+                    hostsDir = Value();
+                    if (!Directory.Exists(hostsDir)) throw new UsageError($"--hosts-dir {hostsDir}: no such directory");
+                    break;
                 case "--platform":
                     try { platform = Platform.Parse(Value()); }
                     catch (FormatException ex) { throw new UsageError(ex.Message); }
@@ -87,7 +95,7 @@ internal static class RpullCommand
         }
         if (pos.Count != 1) throw new UsageError(pos.Count == 0 ? "image rpull needs an image reference" : "image rpull takes one image reference");
         if (address.Length == 0 || ns.Length == 0 || snapshotter.Length == 0) throw new UsageError("--address, --namespace and --snapshotter must not be empty");
-        return new Args(address, ns, snapshotter, plainHttp, user, platform, level, labels, pos[0]);
+        return new Args(address, ns, snapshotter, plainHttp, user, platform, level, labels, pos[0]) { HostsDir = hostsDir };
     }
 
     public static async Task<int> RunAsync(string[] argv, TextWriter stdout, TextWriter stderr, CancellationToken ct)
@@ -123,7 +131,9 @@ internal static class RpullCommand
 
         var log = new StderrLogger("rpull", a.LogLevel, stderr);
         var hosts = new RegistryHostsConfig();
-        if (a.PlainHttp)
+        if (a.HostsDir is not null) hosts.LoadHostsDirectory(a.HostsDir);
+        // As ctr: --plain-http is for the plain origin; a host the hosts dir configures keeps its own endpoints.
+        if (a.PlainHttp && !hosts.Hosts.ContainsKey(reference.Host))
             hosts.Set(reference.Host, new HostConfig { Origin = new EndpointConfig { Host = reference.Host, PlainHttp = true } });
         // A command, not a daemon: a registry that does not answer should fail the pull in seconds, not minutes.
         hosts.Blob = hosts.Blob with { MaxRetries = 3, MaxWait = TimeSpan.FromSeconds(5), FetchingTimeout = TimeSpan.FromMinutes(2) };

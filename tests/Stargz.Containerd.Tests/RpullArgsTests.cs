@@ -46,6 +46,7 @@ public class RpullArgsTests
     [InlineData("--log-level loud", "--log-level", "loud", "a")]
     [InlineData("invalid platform", "--platform", "linux", "a")]
     [InlineData("must not be empty", "--namespace", "", "a")]
+    [InlineData("--hosts-dir /no/such/dir: no such directory", "--hosts-dir", "/no/such/dir", "a")]
     public void BadArgumentsAreUsageErrorsThatSayWhy(string message, params string[] args)
     {
         var e = Assert.Throws<RpullCommand.UsageError>(() => RpullCommand.Parse(args));
