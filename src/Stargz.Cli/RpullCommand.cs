@@ -135,7 +135,8 @@ internal static class RpullCommand
         // As ctr: --plain-http is for the plain origin; a host the hosts dir configures keeps its own endpoints.
         if (a.PlainHttp && !hosts.Hosts.ContainsKey(reference.Host))
             hosts.Set(reference.Host, new HostConfig { Origin = new EndpointConfig { Host = reference.Host, PlainHttp = true } });
-        // A command, not a daemon: a registry that does not answer should fail the pull in seconds, not minutes.
+        // A command, not a daemon: fewer retries, at most 5 s apart (the daemon's defaults wait up to 300 s), so a
+        // registry that refuses fails the pull in seconds; one that hangs fails a request after 2 min.
         hosts.Blob = hosts.Blob with { MaxRetries = 3, MaxWait = TimeSpan.FromSeconds(5), FetchingTimeout = TimeSpan.FromMinutes(2) };
         ICredentialProvider creds = new DockerConfigCredentialProvider();
         if (a.User is { } user)
