@@ -4,21 +4,69 @@ using Stargz.Registry;
 namespace Stargz.Layer;
 
 /// <summary>The registry's <see cref="RemoteBlob"/> as the layer's range fetcher and as the format library's blob source.</summary>
-internal sealed class RemoteBlobFetcher(RemoteBlob blob) : IRangeFetcher, IBlobSource
+internal sealed class RemoteBlobFetcher : IRangeFetcher, IBlobSource
 {
-    public RemoteBlob Blob => blob;
+    private readonly Func<CancellationToken, Task<RemoteBlob>>? _open;
+    private readonly SemaphoreSlim _opening = new(1, 1);
+    private RemoteBlob? _blob;
 
-    public long Size => blob.Size;
-
-    public Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken)
+    public RemoteBlobFetcher(RemoteBlob blob)
     {
-        if (ranges.Count == 1) return blob.ReadAtAsync(ranges[0].Offset, ranges[0].Destination, cancellationToken).AsTask();
-        var list = new BlobRange[ranges.Count];
-        for (var i = 0; i < list.Length; i++) list[i] = new BlobRange(ranges[i].Offset, ranges[i].Destination);
-        return blob.ReadRangesAsync(list, cancellationToken);
+        _blob = blob;
+        Size = blob.Size;
     }
 
-    public ValueTask ReadAtAsync(long offset, Memory<byte> destination, CancellationToken ct) => blob.ReadAtAsync(offset, destination, ct);
+    /// <summary>
+    /// A blob whose size is known from a stored TOC: the registry is asked only when a chunk is missing (or on Check),
+    /// so a fully cached layer mounts and reads while the registry is away. A failed open is tried again next time.
+    /// </summary>
+    public RemoteBlobFetcher(long size, Func<CancellationToken, Task<RemoteBlob>> open)
+    {
+        Size = size;
+        _open = open;
+    }
+
+    public long Size { get; }
+
+    private ValueTask<RemoteBlob> BlobAsync(CancellationToken ct)
+        => Volatile.Read(ref _blob) is { } b ? ValueTask.FromResult(b) : new ValueTask<RemoteBlob>(OpenAsync(ct));
+
+    private async Task<RemoteBlob> OpenAsync(CancellationToken ct)
+    {
+        await _opening.WaitAsync(ct).ConfigureAwait(false);
+        try
+        {
+            if (_blob is { } b) return b;
+            b = await _open!(ct).ConfigureAwait(false);
+            if (b.Size != Size) throw new IOException($"blob {b.Digest} is {b.Size} bytes in the registry, {Size} in the stored TOC");
+            Volatile.Write(ref _blob, b);
+            return b;
+        }
+        finally
+        {
+            _opening.Release();
+        }
+    }
+
+    public async Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken)
+    {
+        var blob = await BlobAsync(cancellationToken).ConfigureAwait(false);
+        if (ranges.Count == 1)
+        {
+            await blob.ReadAtAsync(ranges[0].Offset, ranges[0].Destination, cancellationToken).ConfigureAwait(false);
+            return;
+        }
+        var list = new BlobRange[ranges.Count];
+        for (var i = 0; i < list.Length; i++) list[i] = new BlobRange(ranges[i].Offset, ranges[i].Destination);
+        await blob.ReadRangesAsync(list, cancellationToken).ConfigureAwait(false);
+    }
+
+    public async ValueTask ReadAtAsync(long offset, Memory<byte> destination, CancellationToken ct)
+        => await (await BlobAsync(ct).ConfigureAwait(false)).ReadAtAsync(offset, destination, ct).ConfigureAwait(false);
+
+    /// <summary>Opens the blob if it was not yet, and checks (refreshes) its registry connection.</summary>
+    public async Task CheckAsync(CancellationToken ct)
+        => await (await BlobAsync(ct).ConfigureAwait(false)).CheckAsync(ct).ConfigureAwait(false);
 }
 
 /// <summary>Decodes chunks with the format library (gzip members or zstd frames).</summary>

@@ -23,7 +23,8 @@ public static class LayerLabelKeys
 }
 
 /// <summary>A mounted layer as the daemon reports it.</summary>
-public sealed record MountedLayerInfo(string MountPoint, string Reference, string Digest, string TocDigest, LayerStatsSnapshot Stats);
+/// <param name="AllChunksFetched">every chunk fetched and verified: the layer no longer needs its registry.</param>
+public sealed record MountedLayerInfo(string MountPoint, string Reference, string Digest, string TocDigest, LayerStatsSnapshot Stats, bool AllChunksFetched);
 
 /// <summary>
 /// The seam the snapshotter uses: mount a layer (described by snapshot labels) as a lazily fetched, verified,
@@ -46,6 +47,7 @@ public sealed class LayerManager : IAsyncDisposable
     private readonly ConcurrentDictionary<string, Mounted> _mounts = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, byte> _mounting = new(StringComparer.Ordinal);
     private readonly CancellationTokenSource _disposed = new();
+    private readonly TocStore? _tocs;
 
     public LayerManager(RegistryClient registry, LayerOptions options, FuseMountOptions? fuseOptions = null, ILogger? logger = null)
     {
@@ -56,6 +58,9 @@ public sealed class LayerManager : IAsyncDisposable
         _log = logger ?? NullLogger.Instance;
         _gate = new FetchGate(options.MaxConcurrency);
         Cache = new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites);
+        // Beside the chunk cache (ROOT/stargz/cache -> ROOT/stargz/toc): TOCs are what a restart needs to mount offline.
+        if (options.CacheDirectory != null)
+            _tocs = new TocStore(Path.Combine(Path.GetDirectoryName(Path.GetFullPath(options.CacheDirectory).TrimEnd('/'))!, "toc"));
     }
 
     /// <summary>The chunk cache shared by all layers.</summary>
@@ -70,7 +75,7 @@ public sealed class LayerManager : IAsyncDisposable
         {
             var list = new List<MountedLayerInfo>();
             foreach (var (mp, m) in _mounts)
-                list.Add(new MountedLayerInfo(mp, m.Layer.Reference, m.Layer.Digest, m.Layer.TocDigest, m.Layer.Stats.Snapshot()));
+                list.Add(new MountedLayerInfo(mp, m.Layer.Reference, m.Layer.Digest, m.Layer.TocDigest, m.Layer.Stats.Snapshot(), m.Layer.AllChunksFetched));
             return list;
         }
     }
@@ -193,6 +198,17 @@ public sealed class LayerManager : IAsyncDisposable
 
     private async Task<Resolved> FetchTocAsync(ImageReference imageRef, string digest)
     {
+        if (_tocs != null)
+        {
+            var stored = _tocs.TryLoad(digest, out var problem);
+            if (problem != null) _log.LogWarning("{Problem}", problem);
+            if (stored is { } st)
+            {
+                _log.LogInformation("layer {Digest} of {Reference}: TOC {TocDigest} read from {Dir}; the registry is asked on the first missing chunk",
+                    digest, imageRef, st.Toc.TocDigest, _tocs.Directory);
+                return new Resolved(new RemoteBlobFetcher(st.BlobSize, ct => _registry.OpenBlobAsync(imageRef, digest, ct)), st.Toc, DateTime.UtcNow);
+            }
+        }
         // Not tied to one caller's token: others may be waiting for the same TOC. Bounded by the fetching timeout.
         using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_disposed.Token);
         timeout.CancelAfter(_options.FetchingTimeout);
@@ -211,7 +227,15 @@ public sealed class LayerManager : IAsyncDisposable
             // The digest policy is applied by the mount; here the TOC is fetched and its digest computed.
             var toc = await LayerResolver.ResolveAsync(fetcher, digest, null, _options with { AllowNoVerification = true }, timeout.Token)
                 .ConfigureAwait(false);
-            return new Resolved(fetcher, toc, DateTime.UtcNow);
+            if (_tocs != null && toc.TocJson != null)
+            {
+                try { _tocs.Save(digest, fetcher.Size, toc.Reader, toc.TocJson); }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    _log.LogWarning("layer {Digest}: cannot store its TOC in {Dir} (a restart will fetch it again): {Error}", digest, _tocs.Directory, e.Message);
+                }
+            }
+            return new Resolved(fetcher, toc with { TocJson = null }, DateTime.UtcNow);
         }
         catch (Exception e) when (e is RegistryException or OperationCanceledException or HttpRequestException or IOException)
         {
@@ -241,9 +265,11 @@ public sealed class LayerManager : IAsyncDisposable
         if (!_mounts.TryGetValue(mountpoint, out var m)) throw new InvalidOperationException($"no layer is mounted at {mountpoint}");
         if (m.Server.Completion.IsCompleted || FuseServer.IsDeadMount(mountpoint))
             throw new IOException($"the FUSE mount at {mountpoint} is gone");
+        // Every chunk is verified on disk: the layer is served whatever the registry does.
+        if (_options.CacheDirectory != null && m.Layer.AllChunksFetched) return;
         using var timeout = CancellationTokenSource.CreateLinkedTokenSource(ct);
         timeout.CancelAfter(_options.FetchingTimeout);
-        await m.Blob.Blob.CheckAsync(timeout.Token).ConfigureAwait(false);
+        await m.Blob.CheckAsync(timeout.Token).ConfigureAwait(false);
     }
 
     /// <summary>Unmounts the layer at <paramref name="mountpoint"/>, stops its prefetch and background fetch.</summary>
@@ -284,6 +310,16 @@ public sealed class LayerManager : IAsyncDisposable
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 _log.LogWarning("cannot remove cached chunk {Key} of released layer {Digest}: {Error}", k, m.Layer.Digest, e.Message);
+            }
+        }
+        var digestStillMounted = false;
+        foreach (var (_, other) in _mounts) digestStillMounted |= other.Layer.Digest == m.Layer.Digest;
+        if (!digestStillMounted && _tocs != null)
+        {
+            try { _tocs.Delete(m.Layer.Digest); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                _log.LogWarning("cannot remove the stored TOC of released layer {Digest}: {Error}", m.Layer.Digest, e.Message);
             }
         }
         _log.LogInformation("released layer {Digest} from {MountPoint}: {Files} cached chunk files removed, {Shared} chunks kept for other layers",

@@ -6,7 +6,8 @@ namespace Stargz.Layer;
 public sealed class LayerResolveException(string message, Exception? inner = null) : Exception(message, inner);
 
 /// <summary>A layer's footer and TOC, fetched and checked.</summary>
-internal sealed record ResolvedToc(EstargzReader Reader, string TocDigest, bool Verified, int RangeRequests);
+/// <remarks><see cref="TocJson"/> is set only on the way from the registry (to be stored), not kept with the layer.</remarks>
+internal sealed record ResolvedToc(EstargzReader Reader, string TocDigest, bool Verified, int RangeRequests, byte[]? TocJson = null);
 
 /// <summary>
 /// Fetches a layer's footer and TOC with as few range requests as possible: one speculative read of the blob's tail
@@ -69,7 +70,7 @@ internal static class LayerResolver
         {
             toc = Toc.Parse(json, limits);
             var reader = EstargzReader.FromToc(toc, footer.TocOffset, footer.Compression, blob: null, tocDigest: digest);
-            return new ResolvedToc(reader, digest, expectedTocDigest is not null, requests);
+            return new ResolvedToc(reader, digest, expectedTocDigest is not null, requests, json);
         }
         catch (Exception e) when (e is EstargzFormatException or System.Text.Json.JsonException or InvalidDataException)
         {

@@ -40,6 +40,10 @@ public sealed class RemoteLayer : IAsyncDisposable
     /// <summary>Finishes when prefetch and background fetch are over (done, failed, or stopped).</summary>
     public Task BackgroundWork => _work;
 
+    /// <summary>True once every chunk of the layer has been fetched and verified (by prefetch and background fetch).</summary>
+    public bool AllChunksFetched => Volatile.Read(ref _allFetched) != 0;
+    private int _allFetched;
+
     /// <summary>Where the prefetch ends in the blob (0 = no prefetch).</summary>
     public long PrefetchEnd { get; private set; }
 
@@ -105,7 +109,12 @@ public sealed class RemoteLayer : IAsyncDisposable
                     : $"prefetch: {e.Message}");
             }
         }
-        if (_options.NoBackgroundFetch || split >= _byBlobOffset.Length) return;
+        if (split >= _byBlobOffset.Length && Volatile.Read(ref Stats.PrefetchState) != (int)FetchStageState.Failed)
+        {
+            Volatile.Write(ref _allFetched, 1);
+            return;
+        }
+        if (_options.NoBackgroundFetch) return;
         Interlocked.Exchange(ref Stats.BackgroundTotalBytes, _byBlobOffset[^1].BlobEnd - _byBlobOffset[split].BlobOffset);
         Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Running);
         var next = new StrongBox<int>(split);
@@ -117,6 +126,8 @@ public sealed class RemoteLayer : IAsyncDisposable
                 await Fetcher.FetchAllAsync(_byBlobOffset, next, _byBlobOffset.Length, FetchPriority.Background, _options.BackgroundPause,
                     b => Interlocked.Add(ref Stats.BackgroundDoneBytes, b), lifetime).ConfigureAwait(false);
                 Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Done);
+                // Prefetch may have given up on its part; it counts only when it finished too.
+                if (split == 0 || Volatile.Read(ref Stats.PrefetchState) == (int)FetchStageState.Done) Volatile.Write(ref _allFetched, 1);
                 return;
             }
             catch (OperationCanceledException)
