@@ -40,7 +40,8 @@ public sealed class OutageRig : IAsyncDisposable
     }
 
     /// <param name="fetchingTimeoutSec">the daemon's <c>[blob] fetching_timeout_sec</c>.</param>
-    public static async Task<OutageRig> StartAsync(int fetchingTimeoutSec = FetchingTimeoutSec)
+    /// <param name="backgroundFetch">leave prefetch and background fetch on (the default config) instead of off.</param>
+    public static async Task<OutageRig> StartAsync(int fetchingTimeoutSec = FetchingTimeoutSec, bool backgroundFetch = false)
     {
         Requires.Fuse();
         Requires.Root();
@@ -54,8 +55,8 @@ public sealed class OutageRig : IAsyncDisposable
             var port = LocalRegistry.FreePort();
             daemon = await LocalDaemon.StartAsync($"""
                 metrics_address = "127.0.0.1:{port}"
-                noprefetch = true
-                no_background_fetch = true
+                noprefetch = {(backgroundFetch ? "false" : "true")}
+                no_background_fetch = {(backgroundFetch ? "false" : "true")}
                 [blob]
                 fetching_timeout_sec = {fetchingTimeoutSec}
                 """);

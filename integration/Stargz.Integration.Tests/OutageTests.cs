@@ -169,4 +169,32 @@ public class OutageTests
         run.EnsureSuccess("the lazy image's container once the registry answers again");
         Assert.Equal(img.Sha256["late.bin"], run.StdOut.Trim().Split(' ', 2)[0]);
     }
+
+    [Fact]
+    public async Task AFullyFetchedLazyImageRunsAfterARestartWhileTheRegistryIsDown()
+    {
+        // The layers' TOCs are kept beside the chunk cache: a restart mounts them again without the registry, and a
+        // layer whose every chunk is cached passes Check, so new containers start during the outage.
+        await using var rig = await OutageRig.StartAsync(backgroundFetch: true);
+        var img = await rig.PushImageAsync("outage/fetched", Files, seed: 805);
+        await rig.RpullAsync(img.Estargz);
+        Assert.Equal(img.Sha256["early.bin"], await rig.Sha256InContainerAsync(img.Estargz, "fetched-1", "early.bin"));
+        Assert.Equal(2, await rig.WaitMetricAsync("stargz_layers_fully_fetched", v => v == 2, TimeSpan.FromSeconds(120)));
+
+        Assert.Equal(0, await rig.Daemon.StopAsync());
+        await rig.StopRegistryAsync();
+        await rig.Daemon.RestartAsync();
+        await rig.WaitContainerdReachesDaemonAsync();
+        Assert.Equal(2, rig.FuseMountIds().Count);
+        Assert.Equal(0, await rig.MetricAsync("stargz_snapshotter_remote_snapshots_unavailable"));
+        // Every file of the lazy image reads right in a new container while the registry is down.
+        var run = (await rig.RunAsync(img.Estargz, "fetched-down", "cd /data && sha256sum early.bin late.bin later.bin"))
+            .EnsureSuccess("the fully fetched lazy image's container with the registry down");
+        foreach (var line in run.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries))
+        {
+            var parts = line.Split(' ', 2, StringSplitOptions.TrimEntries);
+            Assert.Equal(img.Sha256[parts[1]], parts[0]);
+        }
+        Assert.Equal(3, run.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries).Length);
+    }
 }

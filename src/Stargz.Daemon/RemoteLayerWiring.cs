@@ -146,11 +146,13 @@ public static class LayerMetrics
         "stargz_layer_background_fetched_bytes", "Bytes the background fetch has brought in.");
     private static readonly Gauge BackgroundTotal = Prometheus.Metrics.CreateGauge(
         "stargz_layer_background_total_bytes", "Bytes the background fetch has to bring in.");
+    private static readonly Gauge FullyFetched = Prometheus.Metrics.CreateGauge(
+        "stargz_layers_fully_fetched", "Mounted layers with every chunk fetched and verified (served without the registry).");
 
     public static void Track(LayerManager manager) =>
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
         {
-            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0;
+            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0;
             var layers = manager.Layers;
             foreach (var l in layers)
             {
@@ -161,6 +163,7 @@ public static class LayerMetrics
                 errors += l.Stats.Errors;
                 bgDone += l.Stats.BackgroundDoneBytes;
                 bgTotal += l.Stats.BackgroundTotalBytes;
+                if (l.AllChunksFetched) complete++;
             }
             Mounted.Set(layers.Count);
             FetchedBytes.Set(fetched);
@@ -170,5 +173,6 @@ public static class LayerMetrics
             Errors.Set(errors);
             BackgroundDone.Set(bgDone);
             BackgroundTotal.Set(bgTotal);
+            FullyFetched.Set(complete);
         });
 }
