@@ -86,12 +86,12 @@ umoci insert --image "$img/oci:v1" --no-history "$img/l2" / >/dev/null
 skopeo copy --quiet --dest-tls-verify=false "oci:$img/oci:v1" "docker://$reg/demo:v1"
 stargz image convert --plain-http "$reg/demo:v1" "$reg/demo:esgz"
 
-echo "== lazy pull (ctr-remote image rpull) and run"
+echo "== lazy pull (stargz image rpull) and run"
 # A previous quick start may have left the image behind; start the pull from nothing (chunks it cached stay cached).
 ctr -a "$ctd_sock" image rm --sync "$reg/demo:esgz" >/dev/null 2>&1 || true
 log_mark=$(wc -l < "$qs/registry.log")
 start=$(date +%s.%N)
-ctr-remote -a "$ctd_sock" image rpull --plain-http "$reg/demo:esgz"
+stargz image rpull --address "$ctd_sock" --plain-http "$reg/demo:esgz"
 ctr -a "$ctd_sock" run --rm --snapshotter stargz "$reg/demo:esgz" quickstart-demo /bin/cat /data/hello.txt
 end=$(date +%s.%N)
 # The registry's access log (combined format) says how many bytes it served for this pull and run.
