@@ -352,9 +352,11 @@ internal sealed class ChunkFetcher : IDisposable
     private void Fail(Pending p, Exception e)
     {
         _stats.RecordError(e.Message);
+        // The claim goes first: a waiter woken by the failure may read again at once, and must start a new fetch
+        // rather than join this failed one (it got a stale EIO after the registry had come back).
+        _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
         p.Completion.TrySetException(e);
         _ = p.Completion.Task.Exception; // observed: a waiter may have gone away (interrupt)
-        _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
     }
 
     /// <summary>
