@@ -182,6 +182,22 @@ public sealed class OutageRig : IAsyncDisposable
     }
 
     /// <summary>Reads one gauge from the daemon's Prometheus endpoint.</summary>
+    /// <summary>
+    /// Runs the script in a new container (ids PREFIX-0, PREFIX-1, ...) once a second until it exits 0 or
+    /// <paramref name="timeout"/> has passed (containerd's reconnect backoff and the layers' recovery take a while);
+    /// returns the last run.
+    /// </summary>
+    public async Task<ProcessResult> RunUntilItSucceedsAsync(string image, string idPrefix, string script, TimeSpan timeout)
+    {
+        var deadline = DateTime.UtcNow + timeout;
+        for (var attempt = 0; ; attempt++)
+        {
+            var run = await RunAsync(image, $"{idPrefix}-{attempt}", script);
+            if (run.ExitCode == 0 || DateTime.UtcNow > deadline) return run;
+            await Task.Delay(1000, TestContext.Current.CancellationToken);
+        }
+    }
+
     public Task<double> MetricAsync(string name) => DaemonMetrics.ReadAsync(MetricsPort, name);
 
     /// <summary>Waits (bounded) until the gauge satisfies <paramref name="ok"/>; returns its last value.</summary>

@@ -14,7 +14,6 @@ public class OutageTests
     [Fact]
     public async Task DaemonStartsWithTheRegistryUnreachableServesOrdinarySnapshotsAndRecoversRemoteOnes()
     {
-        var ct = TestContext.Current.CancellationToken;
         await using var rig = await OutageRig.StartAsync();
         var img = await rig.PushImageAsync("outage/start", Files, seed: 801);
         await rig.RpullAsync(img.Estargz);
@@ -42,15 +41,7 @@ public class OutageTests
 
         // The registry comes back on the same port with the same blobs: the lazy image runs again, without a re-pull.
         await rig.StartRegistryAsync();
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(120);
-        ProcessResult run;
-        var attempt = 0;
-        while (true)
-        {
-            run = await rig.RunAsync(img.Estargz, $"lazy-up-{attempt++}", "sha256sum /data/late.bin");
-            if (run.ExitCode == 0 || DateTime.UtcNow > deadline) break;
-            await Task.Delay(1000, ct);
-        }
+        var run = await rig.RunUntilItSucceedsAsync(img.Estargz, "lazy-up", "sha256sum /data/late.bin", TimeSpan.FromSeconds(120));
         run.EnsureSuccess("the lazy image's container once the registry is back");
         Assert.Equal(img.Sha256["late.bin"], run.StdOut.Trim().Split(' ', 2)[0]);
         Assert.Equal(2, rig.FuseMountIds().Count);
@@ -135,7 +126,6 @@ public class OutageTests
     [Fact]
     public async Task DaemonStartsAndServesWhileTheRegistryDoesNotAnswer()
     {
-        var ct = TestContext.Current.CancellationToken;
         // The reference default fetching timeout: a start that waited for a silent registry would wait 300 s per layer.
         await using var rig = await OutageRig.StartAsync(fetchingTimeoutSec: 300);
         var img = await rig.PushImageAsync("outage/silent", Files, seed: 804);
@@ -157,15 +147,7 @@ public class OutageTests
         Assert.Equal(img.Sha256["late.bin"], await rig.Sha256InContainerAsync(img.Plain, "plain-silent", "late.bin"));
 
         proxy.Up();
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(120);
-        ProcessResult run;
-        var attempt = 0;
-        while (true)
-        {
-            run = await rig.RunAsync(lazy, $"lazy-up-{attempt++}", "sha256sum /data/late.bin");
-            if (run.ExitCode == 0 || DateTime.UtcNow > deadline) break;
-            await Task.Delay(1000, ct);
-        }
+        var run = await rig.RunUntilItSucceedsAsync(lazy, "lazy-up", "sha256sum /data/late.bin", TimeSpan.FromSeconds(120));
         run.EnsureSuccess("the lazy image's container once the registry answers again");
         Assert.Equal(img.Sha256["late.bin"], run.StdOut.Trim().Split(' ', 2)[0]);
     }
