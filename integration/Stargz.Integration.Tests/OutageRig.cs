@@ -18,7 +18,6 @@ public sealed class OutageRig : IAsyncDisposable
     private readonly string _registryStorage;
     private readonly int _registryPort;
 
-    private readonly string _idSuffix = Guid.NewGuid().ToString("N")[..8];
 
     public LocalDaemon Daemon { get; }
     public LocalContainerd Containerd { get; }
@@ -125,22 +124,15 @@ public sealed class OutageRig : IAsyncDisposable
     public async Task PlainPullAsync(string image) =>
         (await Containerd.CtrAsync("image", "pull", "--plain-http", "--snapshotter", "stargz", image)).EnsureSuccess($"ctr pull {image}");
 
-    /// <summary>
-    /// A container id unique to this rig: runc keeps its state under /run/containerd/runc/NAMESPACE, which all
-    /// containerd instances on the machine share.
-    /// </summary>
-    public string Cid(string name) => $"{name}-{_idSuffix}";
-
-    /// <summary>`ctr run --rm --snapshotter stargz IMAGE ID sh -c SCRIPT` (ID made unique by <see cref="Cid"/>).</summary>
+    /// <summary>`ctr run --rm --snapshotter stargz IMAGE ID sh -c SCRIPT`.</summary>
     public Task<ProcessResult> RunAsync(string image, string id, string script) =>
-        Containerd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, Cid(id), "/bin/sh", "-c", script);
+        Containerd.CtrAsync("run", "--rm", "--snapshotter", "stargz", image, id, "/bin/sh", "-c", script);
 
-    /// <summary>`ctr run -d --snapshotter stargz IMAGE ID ARGS...` (ID made unique by <see cref="Cid"/>); returns the id.</summary>
+    /// <summary>`ctr run -d --snapshotter stargz IMAGE ID ARGS...`; returns the id.</summary>
     public async Task<string> RunDetachedAsync(string image, string id, params string[] args)
     {
-        var cid = Cid(id);
-        (await Containerd.CtrAsync(["run", "-d", "--snapshotter", "stargz", image, cid, .. args])).EnsureSuccess($"ctr run -d {cid}");
-        return cid;
+        (await Containerd.CtrAsync(["run", "-d", "--snapshotter", "stargz", image, id, .. args])).EnsureSuccess($"ctr run -d {id}");
+        return id;
     }
 
     /// <summary>Runs `sha256sum /data/FILE` in a new container; returns the hash printed (throws if the run failed).</summary>

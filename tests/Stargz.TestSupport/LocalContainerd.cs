@@ -5,6 +5,9 @@ namespace Stargz.TestSupport;
 /// <summary>
 /// A private containerd 1.6 (Debian package) with its own root, state and socket, optionally routing the snapshotter
 /// name <c>stargz</c> to our daemon through a proxy plugin. Dispose stops it and unmounts what it left under its dirs.
+/// Containers it runs keep their runc state under its own dir too (<see cref="RuncRoot"/>): runc's default root,
+/// /run/containerd/runc/NAMESPACE, is shared by every containerd on the machine, so two instances (two test runs at
+/// once, or a shim that outlived its containerd) would otherwise collide on a container id.
 /// </summary>
 public sealed class LocalContainerd : IAsyncDisposable
 {
@@ -16,6 +19,8 @@ public sealed class LocalContainerd : IAsyncDisposable
     public string StateDir { get; }
     public string ConfigPath { get; }
     public string LogPath { get; }
+    /// <summary>runc's state root for the containers `ctr run` starts through this instance.</summary>
+    public string RuncRoot { get; }
     public string Namespace { get; } = "default";
 
     private LocalContainerd(Process p, TempDir dir, string socket, string config, string log)
@@ -23,6 +28,7 @@ public sealed class LocalContainerd : IAsyncDisposable
         _process = p; _dir = dir; Socket = socket; ConfigPath = config; LogPath = log;
         RootDir = Path.Combine(dir.Path, "root");
         StateDir = Path.Combine(dir.Path, "state");
+        RuncRoot = Path.Combine(dir.Path, "runc");
     }
 
     /// <param name="stargzSocket">our daemon's socket for the `stargz` proxy plugin, or null for none.</param>
@@ -109,7 +115,7 @@ public sealed class LocalContainerd : IAsyncDisposable
         catch (IOException e) { return $"(log unreadable: {e.Message})"; }
     }
 
-    /// <summary>Runs `ctr -a SOCK -n NS args...`.</summary>
+    /// <summary>Runs `ctr -a SOCK -n NS args...`; `ctr run` also gets `--runc-root` <see cref="RuncRoot"/>.</summary>
     public Task<ProcessResult> CtrAsync(params string[] args) => RunTool("ctr", args);
 
     /// <summary>Runs `ctr-remote -a SOCK -n NS args...` (the reference's eStargz tools).</summary>
@@ -122,6 +128,8 @@ public sealed class LocalContainerd : IAsyncDisposable
     {
         var all = new List<string> { "-a", Socket, "-n", ns ?? Namespace };
         all.AddRange(args);
+        if (tool == "ctr" && args.Length > 0 && args[0] == "run")
+            all.InsertRange(all.Count - args.Length + 1, ["--runc-root", RuncRoot]);
         return ProcessRunner.RunAsync(Requires.Command(tool), all, timeout ?? TimeSpan.FromMinutes(5));
     }
 
