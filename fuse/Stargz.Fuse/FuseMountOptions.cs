@@ -12,7 +12,10 @@ public sealed class FuseMountOptions
     public string FsName { get; init; } = "stargz";
     /// <summary>Type shown as fuse.SUBTYPE; null for plain "fuse".</summary>
     public string? Subtype { get; init; } = "stargz";
-    /// <summary>Largest READ the kernel sends (bytes, multiple of 4096, at most 1 MiB).</summary>
+    /// <summary>
+    /// Largest READ the kernel sends (bytes, multiple of 4096, at most 1 MiB). Replies spliced from a file
+    /// (<see cref="IFuseFileSystem.TryReadFromFile"/>) go without a copy up to <see cref="FuseServer.LargestSplicedRead"/>.
+    /// </summary>
     public int MaxRead { get; init; } = 1 << 20;
     public TimeSpan AttrTimeout { get; init; } = TimeSpan.FromSeconds(1);
     public TimeSpan EntryTimeout { get; init; } = TimeSpan.FromSeconds(1);

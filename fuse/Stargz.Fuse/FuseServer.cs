@@ -40,6 +40,8 @@ public sealed unsafe partial class FuseServer : IDisposable
     private int _unmounted;
     private int _fdsClosed;
     private volatile bool _passthroughUsable;
+    // Cleared for good when /dev/fuse refuses a spliced reply in a way a pread reply would not meet.
+    private volatile bool _spliceUsable = true;
     private int _maxRead;
 
     /// <summary>Absolute path of the mount point.</summary>
@@ -63,6 +65,12 @@ public sealed unsafe partial class FuseServer : IDisposable
     /// <summary>Opens answered with FOPEN_DIRECT_IO (reads bypass the page cache).</summary>
     public long DirectIoOpens => Interlocked.Read(ref _directIoOpens);
     private long _directIoOpens;
+    /// <summary>READs answered by splicing the bytes from a file (<see cref="IFuseFileSystem.TryReadFromFile"/>).</summary>
+    public long SplicedReads => Interlocked.Read(ref _splicedReads);
+    private long _splicedReads;
+    /// <summary>READs of <see cref="IFuseFileSystem.TryReadFromFile"/> ranges that could not be spliced and were read with pread.</summary>
+    public long FileReadFallbacks => Interlocked.Read(ref _fileReadFallbacks);
+    private long _fileReadFallbacks;
     /// <summary>Requests of <paramref name="opcode"/> (FUSE opcode number) seen so far.</summary>
     public long RequestCount(int opcode) => opcode is > 0 and < (int)Opcode.MaxKnown ? Interlocked.Read(ref _opCounts[opcode]) : 0;
 
@@ -173,6 +181,8 @@ public sealed unsafe partial class FuseServer : IDisposable
         public byte[] Reply = [];
         public CancellationTokenSource Cts = new();
         public readonly FuseDirWriter Dir = new();
+        // The thread's pipe for splice replies (-1 until the first one) and how many pages it holds.
+        public int PipeRead = -1, PipeWrite = -1, PipePages;
     }
 
     private void ReaderLoop(object? state)
@@ -209,6 +219,7 @@ public sealed unsafe partial class FuseServer : IDisposable
         }
         finally
         {
+            ClosePipe(ctx);
             ctx.Cts.Dispose();
             if (Interlocked.Decrement(ref _liveReaders) == 0) OnAllReadersDone();
         }
@@ -569,9 +580,20 @@ public sealed unsafe partial class FuseServer : IDisposable
             SendGather(ctx.Fd, unique, data.Length <= size ? data : data[..size]);
             return;
         }
-        // Small reads use the thread's buffer; big ones a pooled 1 MiB buffer shared by all mounts.
-        bool pooled = size > SmallReplySize - OutHeaderSize;
-        var buf = pooled ? DataBuffers.Rent() : ctx.Reply;
+        FuseFileRange range;
+        bool fromFile;
+        try { fromFile = _fs.TryReadFromFile(h.NodeId, ri.Fh & ~HandleBits, (long)ri.Offset, size, out range); }
+        catch (Exception ex)
+        {
+            ReplyError(ctx.Fd, unique, ErrnoOf(ex));
+            return;
+        }
+        if (fromFile)
+        {
+            SendFromFile(ctx, unique, range, size);
+            return;
+        }
+        var buf = ReplyBufferFor(ctx, size, out bool pooled);
         ValueTask<int> vt;
         try
         {
@@ -600,6 +622,175 @@ public sealed unsafe partial class FuseServer : IDisposable
         _inflight[unique] = cts;
         if (!_orphanInterrupts.IsEmpty && _orphanInterrupts.TryRemove(unique, out _)) cts.Cancel();
         _ = CompleteReadAsync(ctx.Fd, buf, unique, size, vt, cts);
+    }
+
+    /// <summary>Small replies use the thread's buffer; big ones a pooled 1 MiB buffer shared by all mounts.</summary>
+    private static byte[] ReplyBufferFor(ReaderContext ctx, int payload, out bool pooled)
+    {
+        pooled = payload > SmallReplySize - OutHeaderSize;
+        return pooled ? DataBuffers.Rent() : ctx.Reply;
+    }
+
+    private void SendFromFile(ReaderContext ctx, ulong unique, in FuseFileRange range, int size)
+    {
+        int len = Math.Clamp(range.Length, 0, size);
+        bool added = false;
+        try
+        {
+            range.File.DangerousAddRef(ref added);
+            int fileFd = (int)range.File.DangerousGetHandle();
+            if (len > 0 && _spliceUsable && TrySplice(ctx, unique, fileFd, range.Offset, len)) return;
+            if (len > 0) Interlocked.Increment(ref _fileReadFallbacks);
+            PreadReply(ctx, unique, fileFd, range.Offset, len);
+        }
+        catch (ObjectDisposedException)
+        {
+            ReplyError(ctx.Fd, unique, Errno.EIO);
+        }
+        finally
+        {
+            if (added) range.File.DangerousRelease();
+        }
+    }
+
+    /// <summary>
+    /// Header into the thread's pipe, then the file's pages (splice takes references to them, no copy), then the
+    /// whole pipe into /dev/fuse in one splice: the kernel copies the pages straight into the reader's buffer or page
+    /// cache. False (and nothing sent) when this range cannot go that way; the caller then replies with pread.
+    /// </summary>
+    private bool TrySplice(ReaderContext ctx, ulong unique, int fileFd, long offset, int len)
+    {
+        if (ctx.PipeWrite < 0 && !OpenPipe(ctx)) return false;
+        // One pipe slot per page the range touches, plus one for the header: a full pipe would block the splice.
+        long pages = (offset + len + 4095) / 4096 - offset / 4096;
+        if (pages + 1 > ctx.PipePages) return false;
+        var oh = new OutHeader { Len = (uint)(OutHeaderSize + len), Error = 0, Unique = unique };
+        if (Native.Write(ctx.PipeWrite, (byte*)&oh, OutHeaderSize) != OutHeaderSize)
+        {
+            ClosePipe(ctx);
+            return false;
+        }
+        long off = offset;
+        int moved = 0;
+        while (moved < len)
+        {
+            nint n = Native.Splice(fileFd, &off, ctx.PipeWrite, null, (nuint)(len - moved), Native.SPLICE_F_NONBLOCK);
+            if (n > 0) { moved += (int)n; continue; }
+            if (n < 0 && Native.LastErrno == Native.EINTR) continue;
+            // 0: the file is shorter than promised; EINVAL: this file cannot be spliced; EAGAIN: pipe full. The pipe
+            // holds a header that no longer fits: drop the pipe (closing it discards its content) and let pread answer.
+            ClosePipe(ctx);
+            return false;
+        }
+        while (true)
+        {
+            nint w = Native.Splice(ctx.PipeRead, null, ctx.Fd, null, (nuint)(OutHeaderSize + len), 0);
+            if (w >= 0)
+            {
+                Interlocked.Increment(ref _splicedReads);
+                return true;
+            }
+            int e = Native.LastErrno;
+            if (e == Native.EINTR) continue;
+            // ENOENT: the request was interrupted and is gone; ENODEV: the connection ended. Either way done.
+            if (e is Native.ENOENT or Native.ENODEV)
+            {
+                ClosePipe(ctx); // the kernel may have left part of the message in the pipe
+                return true;
+            }
+            // Anything else: /dev/fuse did not take the message (the request is still waiting). Reply without splice
+            // from now on rather than fail every read the same way.
+            _opt.Log?.Invoke($"splice to /dev/fuse: errno {e}; replying with copies from now on");
+            _spliceUsable = false;
+            ClosePipe(ctx);
+            return false;
+        }
+    }
+
+    private bool OpenPipe(ReaderContext ctx)
+    {
+        int pages = OpenSizedPipe(_maxRead + 2 * 4096, out int r, out int w);
+        if (pages <= 0) return false;
+        ctx.PipeRead = r;
+        ctx.PipeWrite = w;
+        ctx.PipePages = pages;
+        return true;
+    }
+
+    /// <summary>
+    /// A pipe grown towards <paramref name="wantBytes"/>; returns the pages it holds (0 on failure). Beyond
+    /// fs.pipe-max-size (1 MiB by default) only CAP_SYS_RESOURCE may grow a pipe: without it the pipe stays at that
+    /// size, and replies that do not fit go by pread.
+    /// </summary>
+    private static int OpenSizedPipe(int wantBytes, out int readFd, out int writeFd)
+    {
+        int* fds = stackalloc int[2];
+        readFd = writeFd = -1;
+        if (Native.Pipe2(fds, Native.O_CLOEXEC) != 0) return 0;
+        if (Native.Fcntl(fds[1], Native.F_SETPIPE_SZ, wantBytes) < 0) Native.Fcntl(fds[1], Native.F_SETPIPE_SZ, 1 << 20);
+        int bytes = Native.Fcntl(fds[1], Native.F_GETPIPE_SZ, 0);
+        if (bytes <= 0)
+        {
+            Native.Close(fds[0]);
+            Native.Close(fds[1]);
+            return 0;
+        }
+        readFd = fds[0];
+        writeFd = fds[1];
+        return bytes / 4096;
+    }
+
+    private static readonly Lazy<int> SpliceLimit = new(() =>
+    {
+        int pages = OpenSizedPipe(256 * 4096 + 2 * 4096, out int r, out int w);
+        if (pages <= 0) return 0;
+        Native.Close(r);
+        Native.Close(w);
+        // The header takes one slot, a range not starting on a page boundary one more.
+        return Math.Min(256, pages - 2) * 4096;
+    });
+
+    /// <summary>
+    /// The largest READ reply that <see cref="IFuseFileSystem.TryReadFromFile"/> can splice in this process (any
+    /// alignment): 1 MiB with CAP_SYS_RESOURCE, else what fs.pipe-max-size leaves (1016 KiB by default). Keep
+    /// <see cref="FuseMountOptions.MaxRead"/> at or below it where file replies matter; larger replies are copied.
+    /// </summary>
+    public static int LargestSplicedRead => SpliceLimit.Value;
+
+    private static void ClosePipe(ReaderContext ctx)
+    {
+        if (ctx.PipeRead >= 0) Native.Close(ctx.PipeRead);
+        if (ctx.PipeWrite >= 0) Native.Close(ctx.PipeWrite);
+        ctx.PipeRead = ctx.PipeWrite = -1;
+        ctx.PipePages = 0;
+    }
+
+    /// <summary>The copying answer for a file range: pread into a reply buffer, then one write.</summary>
+    private void PreadReply(ReaderContext ctx, ulong unique, int fileFd, long offset, int len)
+    {
+        var buf = ReplyBufferFor(ctx, len, out bool pooled);
+        try
+        {
+            int got = 0;
+            fixed (byte* p = buf)
+            {
+                while (got < len)
+                {
+                    nint n = Native.Pread(fileFd, p + OutHeaderSize + got, len - got, offset + got);
+                    if (n > 0) { got += (int)n; continue; }
+                    if (n == 0) break; // end of file: a short reply means EOF to the kernel
+                    int e = Native.LastErrno;
+                    if (e == Native.EINTR) continue;
+                    ReplyError(ctx.Fd, unique, e);
+                    return;
+                }
+            }
+            Send(ctx.Fd, buf, unique, 0, got);
+        }
+        finally
+        {
+            if (pooled) DataBuffers.Return(buf);
+        }
     }
 
     private void FinishRead(int fd, byte[] buf, ulong unique, int r, int size)

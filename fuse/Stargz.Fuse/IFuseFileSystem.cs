@@ -48,6 +48,21 @@ public interface IFuseFileSystem
         return false;
     }
 
+    /// <summary>
+    /// Optional fast path, tried after <see cref="TryReadDirect"/> and before <see cref="ReadAsync"/>: if the bytes sit
+    /// in a local file (a cache file, a backing file that passthrough did not take), name the file and where the
+    /// bytes start. The bridge moves them to the kernel with splice(2), so they never pass through the server's memory
+    /// (one copy, in the kernel, instead of two); if the file cannot be spliced it reads the same range with pread.
+    /// <see cref="FuseFileRange.Length"/> is the reply's length: <paramref name="size"/>, fewer only at end of file.
+    /// The handle must stay open until this call's caller has replied (it does so before returning). Runs on a reader
+    /// thread: only for files on local storage, never a network file.
+    /// </summary>
+    bool TryReadFromFile(ulong ino, ulong handle, long offset, int size, out FuseFileRange range)
+    {
+        range = default;
+        return false;
+    }
+
     void Release(ulong ino, ulong handle) { }
 
     int OpenDir(ulong ino, out ulong handle)

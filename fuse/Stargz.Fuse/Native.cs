@@ -66,6 +66,18 @@ internal static unsafe partial class Native
     [LibraryImport("libc", EntryPoint = "fcntl", SetLastError = true)]
     public static partial int Fcntl(int fd, int cmd, int arg);
 
+    public const int F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032;
+    public const uint SPLICE_F_NONBLOCK = 2;
+
+    [LibraryImport("libc", EntryPoint = "pipe2", SetLastError = true)]
+    public static partial int Pipe2(int* fds, int flags);
+
+    [LibraryImport("libc", EntryPoint = "splice", SetLastError = true)]
+    public static partial nint Splice(int fdIn, long* offIn, int fdOut, long* offOut, nuint len, uint flags);
+
+    [LibraryImport("libc", EntryPoint = "pread64", SetLastError = true)]
+    public static partial nint Pread(int fd, byte* buf, nint count, long offset);
+
     [StructLayout(LayoutKind.Sequential)]
     public struct PollFd { public int Fd; public short Events; public short REvents; }
 

@@ -83,6 +83,9 @@ public struct FuseOpenResult
     public SafeFileHandle? BackingFile;
 }
 
+/// <summary>Where the bytes of a READ sit in a local file (see <see cref="IFuseFileSystem.TryReadFromFile"/>).</summary>
+public readonly record struct FuseFileRange(SafeFileHandle File, long Offset, int Length);
+
 /// <summary>statfs(2) figures for the mount.</summary>
 public struct FuseStatFs
 {

@@ -27,7 +27,7 @@ public sealed class PassthroughTests
         RequirePassthroughKernel();
         using var dir = new TempDir("fuse-pt");
         var backing = MakeBacking(dir.Path, 8 << 20);
-        var fs = new MemoryFileSystem();
+        using var fs = new MemoryFileSystem();
         fs.AddBackedFile("data.bin", backing);
         var mnt = dir.Sub("mnt");
         using var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { Passthrough = true });
@@ -62,7 +62,7 @@ public sealed class PassthroughTests
         Requires.Fuse();
         using var dir = new TempDir("fuse-nopt");
         var backing = MakeBacking(dir.Path, 4 << 20);
-        var fs = new MemoryFileSystem();
+        using var fs = new MemoryFileSystem();
         fs.AddBackedFile("data.bin", backing);
         var mnt = dir.Sub("mnt");
         using var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { Passthrough = false });
@@ -89,7 +89,7 @@ public sealed class PassthroughTests
         try
         {
             var backing = Path.Combine(ovl, "backing.bin");
-            var fs = new MemoryFileSystem();
+            using var fs = new MemoryFileSystem();
             fs.AddBackedFile("data.bin", backing);
             using (var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { Passthrough = true, Log = m => { lock (log) log.Add(m); } }))
             {
@@ -114,7 +114,7 @@ public sealed class PassthroughTests
         var ct = TestContext.Current.CancellationToken;
         using var dir = new TempDir("fuse-ptmix");
         var backing = MakeBacking(dir.Path, 4 << 20);
-        var fs = new MemoryFileSystem();
+        using var fs = new MemoryFileSystem();
         var node = fs.AddBackedFile("data.bin", backing);
         node.OfferPassthrough = false; // the layer has not finished fetching this file yet
         var mnt = dir.Sub("mnt");
@@ -152,7 +152,7 @@ public sealed class PassthroughTests
         var echo = Requires.Command("echo");
         var backing = Path.Combine(dir.Path, "echo-copy");
         File.Copy(echo, backing);
-        var fs = new MemoryFileSystem();
+        using var fs = new MemoryFileSystem();
         if (passthrough) fs.AddBackedFile("bin/echo", backing, 0x1ED);
         else fs.AddFile("bin/echo", File.ReadAllBytes(backing), 0x1ED);
         var mnt = dir.Sub("mnt");

@@ -1,4 +1,5 @@
 using System.Text;
+using Microsoft.Win32.SafeHandles;
 
 namespace Stargz.Fuse.Samples;
 
@@ -7,9 +8,10 @@ public delegate void ContentGenerator(long offset, Span<byte> destination);
 
 /// <summary>
 /// A small read-only in-memory tree used by tests and the benchmark: build it with the Add* methods, then mount it.
-/// Not thread-safe while building; read-only (and thread-safe) once mounted.
+/// Not thread-safe while building; read-only (and thread-safe) once mounted. Dispose closes the backing files it
+/// opened (after unmounting).
 /// </summary>
-public sealed class MemoryFileSystem : IFuseFileSystem
+public sealed class MemoryFileSystem : IFuseFileSystem, IDisposable
 {
     public sealed class Node
     {
@@ -32,6 +34,12 @@ public sealed class MemoryFileSystem : IFuseFileSystem
         /// every read reaches <see cref="ReadAsync"/>/<see cref="TryReadDirect"/>. Off by default.
         /// </summary>
         public bool DirectIo { get; set; }
+        /// <summary>
+        /// Serve reads of <see cref="BackingPath"/> that passthrough did not take through
+        /// <see cref="TryReadFromFile"/> (the bridge splices them); false copies them through <see cref="ReadAsync"/>.
+        /// </summary>
+        public bool SpliceFromBacking { get; set; } = true;
+        internal SafeFileHandle? BackingHandle;
         /// <summary>Reads fail with this errno (0 = serve normally).</summary>
         public int FailReads { get; set; }
         /// <summary>Reads never finish on their own (until interrupted): to test hung readers and INTERRUPT.</summary>
@@ -51,7 +59,12 @@ public sealed class MemoryFileSystem : IFuseFileSystem
     }
 
     public Node Root => _inodes[0];
-    /// <summary>Bumped each time a read reaches <see cref="ReadAsync"/>.</summary>
+
+    public void Dispose()
+    {
+        foreach (var n in _inodes) Interlocked.Exchange(ref n.BackingHandle, null)?.Dispose();
+    }
+    /// <summary>Bumped each time a read reaches this filesystem (any of the three read paths).</summary>
     public long ReadCalls => Interlocked.Read(ref _readCalls);
     private long _readCalls;
     /// <summary>Reads cancelled through INTERRUPT.</summary>
@@ -238,11 +251,7 @@ public sealed class MemoryFileSystem : IFuseFileSystem
         var dst = destination.Span[..count];
         if (n.Data != null) n.Data.AsSpan((int)offset, count).CopyTo(dst);
         else if (n.Generator != null) n.Generator(offset, dst);
-        else if (n.BackingPath != null)
-        {
-            using var h = File.OpenHandle(n.BackingPath);
-            count = RandomAccess.Read(h, dst, offset);
-        }
+        else if (n.BackingPath != null) count = RandomAccess.Read(BackingHandleOf(n), dst, offset);
         else dst.Clear();
         return new(count);
     }
@@ -257,6 +266,31 @@ public sealed class MemoryFileSystem : IFuseFileSystem
         if (offset >= n.Data.Length) return true;
         data = n.Data.AsMemory((int)offset, (int)Math.Min(size, n.Data.Length - offset));
         return true;
+    }
+
+    /// <summary>Backed files name their backing file: the bridge splices the bytes from there.</summary>
+    public bool TryReadFromFile(ulong ino, ulong handle, long offset, int size, out FuseFileRange range)
+    {
+        range = default;
+        var n = Get(ino);
+        if (n?.BackingPath == null || !n.SpliceFromBacking || n.FailReads != 0 || n.BlockReads) return false;
+        Interlocked.Increment(ref _readCalls);
+        long fileSize = (long)n.Attr.Size;
+        int len = offset >= fileSize ? 0 : (int)Math.Min(size, fileSize - offset);
+        range = new FuseFileRange(BackingHandleOf(n), offset, len);
+        return true;
+    }
+
+    // Opened once per node and kept: a read must not pay an open(2).
+    private static SafeFileHandle BackingHandleOf(Node n)
+    {
+        var h = Volatile.Read(ref n.BackingHandle);
+        if (h != null) return h;
+        var fresh = File.OpenHandle(n.BackingPath!, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+        h = Interlocked.CompareExchange(ref n.BackingHandle, fresh, null);
+        if (h == null) return fresh;
+        fresh.Dispose();
+        return h;
     }
 
     private async ValueTask<int> BlockAsync(CancellationToken ct)

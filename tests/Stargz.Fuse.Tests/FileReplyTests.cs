@@ -1,0 +1,143 @@
+using Stargz.Fuse.Samples;
+using Stargz.TestSupport;
+
+namespace Stargz.Fuse.Tests;
+
+/// <summary>
+/// READ replies spliced from a local file (IFuseFileSystem.TryReadFromFile), the path a backed file takes when
+/// passthrough is off or refused: right bytes in page-cache and direct-I/O mode, and a clean pread fallback.
+/// </summary>
+public sealed class FileReplyTests
+{
+    // Odd size: the last READ is short and ends inside a page.
+    private const int BackingSize = (24 << 20) + 4567;
+
+    private static string MakeBacking(string dir, string name, int size, int seed)
+    {
+        var path = Path.Combine(dir, name);
+        var data = new byte[size];
+        new Random(seed).NextBytes(data);
+        File.WriteAllBytes(path, data);
+        return path;
+    }
+
+    private static FuseMountOptions Options() => new()
+    {
+        // Every reply of this size can be spliced in this process (1 MiB with CAP_SYS_RESOURCE, else a little less).
+        MaxRead = FuseServer.LargestSplicedRead / 4096 * 4096,
+        ReadAheadKb = 1024,
+    };
+
+    [Fact]
+    public async Task A_backed_file_without_passthrough_is_answered_by_splice_with_its_exact_bytes()
+    {
+        Requires.Fuse();
+        using var dir = new TempDir("fuse-splice");
+        var backing = MakeBacking(dir.Path, "backing.bin", BackingSize, 11);
+        using var fs = new MemoryFileSystem();
+        var cached = fs.AddBackedFile("cached.bin", backing);
+        cached.OfferPassthrough = false;
+        var direct = fs.AddBackedFile("direct.bin", backing);
+        direct.OfferPassthrough = false;
+        direct.DirectIo = true;
+        var mnt = dir.Sub("mnt");
+        Assert.True(FuseServer.LargestSplicedRead >= 64 * 1024, $"largest spliced read {FuseServer.LargestSplicedRead}");
+        using var server = FuseServer.Mount(mnt, fs, Options());
+
+        foreach (var name in new[] { "cached.bin", "direct.bin" })
+        {
+            var cmp = await Tools.Run("cmp", Path.Combine(mnt, name), backing);
+            Assert.True(cmp.ExitCode == 0, $"{name}: {cmp.StdOut}{cmp.StdErr}");
+        }
+        Assert.True(server.SplicedReads > 0, "no READ was spliced");
+        Assert.Equal(0, server.FileReadFallbacks);
+        Assert.Equal(1, server.DirectIoOpens);
+
+        // Direct I/O passes the reader's offsets through: an unaligned read across the end of the file.
+        long from = BackingSize - 12_345 - 17;
+        using (var h = File.OpenHandle(Path.Combine(mnt, "direct.bin")))
+        {
+            var buf = new byte[20_000];
+            int n = RandomAccess.Read(h, buf, from);
+            Assert.Equal(BackingSize - from, n);
+            var expected = new byte[n];
+            using var b = File.OpenHandle(backing);
+            RandomAccess.Read(b, expected, from);
+            Assert.True(expected.AsSpan().SequenceEqual(buf.AsSpan(0, n)), "unaligned tail read returned wrong bytes");
+        }
+    }
+
+    [Fact]
+    public async Task A_backing_file_shorter_than_promised_is_answered_by_pread_and_splicing_resumes_after()
+    {
+        Requires.Fuse();
+        using var dir = new TempDir("fuse-splice-short");
+        var shrinking = MakeBacking(dir.Path, "shrinking.bin", 8 << 20, 12);
+        var intact = MakeBacking(dir.Path, "intact.bin", 8 << 20, 13);
+        using var fs = new MemoryFileSystem();
+        // Direct I/O: every read reaches the server, so the shrunk range is certainly asked for.
+        foreach (var (name, path) in new[] { ("shrinking.bin", shrinking), ("intact.bin", intact) })
+        {
+            var n = fs.AddBackedFile(name, path);
+            n.OfferPassthrough = false;
+            n.DirectIo = true;
+        }
+        var mnt = dir.Sub("mnt");
+        using var server = FuseServer.Mount(mnt, fs, Options());
+
+        // The filesystem still says 8 MiB; the file under it now ends 3 MiB + 100 bytes in. The splice comes up
+        // short, the bridge drops its pipe and answers with pread: the reader sees the bytes that exist, then EOF.
+        using (var t = File.OpenHandle(shrinking, FileMode.Open, FileAccess.ReadWrite)) RandomAccess.SetLength(t, (3 << 20) + 100);
+        // Read until a read returns 0 (the size the kernel holds is still 8 MiB, so not File.ReadAllBytes).
+        var got = new MemoryStream();
+        await using (var f = new FileStream(Path.Combine(mnt, "shrinking.bin"), FileMode.Open, FileAccess.Read, FileShare.Read, 0))
+            await f.CopyToAsync(got, TestContext.Current.CancellationToken);
+        Assert.Equal(await File.ReadAllBytesAsync(shrinking, TestContext.Current.CancellationToken), got.ToArray());
+        Assert.True(server.FileReadFallbacks > 0, "the short file was not answered by the pread fallback");
+
+        long splicedBefore = server.SplicedReads;
+        var cmp = await Tools.Run("cmp", Path.Combine(mnt, "intact.bin"), intact);
+        Assert.True(cmp.ExitCode == 0, cmp.StdOut + cmp.StdErr);
+        Assert.True(server.SplicedReads > splicedBefore, "splicing did not resume after the fallback");
+    }
+
+    [Fact]
+    public async Task A_file_handle_closed_under_the_bridge_answers_eio_instead_of_hanging_the_reader()
+    {
+        Requires.Fuse();
+        using var dir = new TempDir("fuse-splice-closed");
+        var backing = MakeBacking(dir.Path, "backing.bin", 1 << 20, 14);
+        using var inner = new MemoryFileSystem();
+        var n = inner.AddBackedFile("data.bin", backing);
+        n.OfferPassthrough = false;
+        n.DirectIo = true;
+        var closed = File.OpenHandle(backing);
+        closed.Dispose();
+        var fs = new ClosedHandleFileSystem(inner, closed);
+        var mnt = dir.Sub("mnt");
+        using var server = FuseServer.Mount(mnt, fs, Options());
+
+        var r = await Tools.Run("cat", Path.Combine(mnt, "data.bin"));
+        Assert.NotEqual(0, r.ExitCode);
+        Assert.Contains("Input/output error", r.StdErr);
+        // The mount is still healthy: metadata answers as before.
+        Assert.Equal($"{1 << 20}\n", await Tools.Out("stat", "-c", "%s", Path.Combine(mnt, "data.bin")));
+    }
+
+    /// <summary>Serves <paramref name="inner"/>'s tree but names an already closed file for every read (a filesystem
+    /// that raced its own close against a read).</summary>
+    private sealed class ClosedHandleFileSystem(MemoryFileSystem inner, Microsoft.Win32.SafeHandles.SafeFileHandle closed) : IFuseFileSystem
+    {
+        public int Lookup(ulong parent, ReadOnlySpan<byte> name, out FuseEntry entry) => inner.Lookup(parent, name, out entry);
+        public int GetAttr(ulong ino, out FuseAttr attr) => inner.GetAttr(ino, out attr);
+        public int Open(ulong ino, int flags, out FuseOpenResult result) => inner.Open(ino, flags, out result);
+        public int ReadDir(ulong ino, ulong handle, long offset, FuseDirWriter writer) => inner.ReadDir(ino, handle, offset, writer);
+        public ValueTask<int> ReadAsync(ulong ino, ulong handle, long offset, Memory<byte> destination, CancellationToken cancellationToken)
+            => throw new InvalidOperationException("reads must go through TryReadFromFile");
+        public bool TryReadFromFile(ulong ino, ulong handle, long offset, int size, out FuseFileRange range)
+        {
+            range = new FuseFileRange(closed, offset, size);
+            return true;
+        }
+    }
+}
