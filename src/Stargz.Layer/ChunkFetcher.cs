@@ -52,6 +52,9 @@ internal sealed class ChunkFetcher : IDisposable
     /// <summary>A verified disk file holding exactly this chunk's bytes, or null (verification off: never).</summary>
     internal string? TrustedDiskPath(in LayerChunk c) => _verify && c.Digest != null ? _cache.TrustedPath(c.Digest) : null;
 
+    /// <summary>A read answered straight from a verified chunk file on disk (spliced by the FUSE bridge).</summary>
+    internal void CountDiskFileRead() => Interlocked.Increment(ref _stats.CacheHits);
+
     internal string KeyOf(in LayerChunk c) =>
         _verify && c.Digest != null ? c.Digest : $"{_layerDigest}@{c.BlobOffset}+{c.InnerOffset}+{c.Size}";
 

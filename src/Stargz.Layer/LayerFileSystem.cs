@@ -1,4 +1,6 @@
+using System.Collections.Concurrent;
 using System.Text;
+using Microsoft.Win32.SafeHandles;
 using Stargz.Estargz;
 using Stargz.Fuse;
 
@@ -37,6 +39,10 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     private readonly Inode[] _inodes;
     private readonly ChunkFetcher _fetcher;
     private readonly ulong _totalBytes;
+    // Opens of files that are one verified chunk on disk, by open handle: the chunk file stays open until RELEASE and
+    // serves the open's reads (spliced by the bridge, or by the kernel itself with passthrough).
+    private readonly ConcurrentDictionary<ulong, SafeFileHandle> _chunkFiles = new();
+    private long _lastHandle;
 
     public LayerFileSystem(TocNode root, ChunkFetcher fetcher, bool userXattrOpaque)
     {
@@ -247,11 +253,49 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         var i = Get(ino);
         if (i == null) return Errno.ENOENT;
         if (i.ByName != null) return Errno.EISDIR;
-        // A file that is one chunk, already verified on disk: offer the chunk file for FUSE passthrough (used only
-        // when the mount negotiated it; reads then never reach us).
-        if (i.Chunks.Length == 1 && i.Chunks[0].FileOffset == 0 && (ulong)i.Chunks[0].Size == i.Attr.Size)
-            result.BackingPath = _fetcher.TrustedDiskPath(i.Chunks[0]);
+        // A file that is one chunk, already verified on disk: this open keeps the chunk file open. With passthrough
+        // (when the mount negotiated it) the kernel reads it and reads never reach us; otherwise they are spliced
+        // from it (TryReadFromFile) instead of going through the memory cache.
+        if (i.Chunks.Length == 1 && i.Chunks[0].FileOffset == 0 && (ulong)i.Chunks[0].Size == i.Attr.Size
+            && _fetcher.TrustedDiskPath(i.Chunks[0]) is { } path)
+        {
+            SafeFileHandle h;
+            try { h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                return 0; // removed or unreadable since it was checked: this open reads through the chunk cache
+            }
+            var handle = (ulong)Interlocked.Increment(ref _lastHandle);
+            _chunkFiles[handle] = h;
+            result.Handle = handle;
+            result.BackingFile = h;
+        }
         return 0;
+    }
+
+    /// <summary>Reads of an open that holds its file's chunk file are spliced from it (no copy in this process).</summary>
+    public bool TryReadFromFile(ulong ino, ulong handle, long offset, int size, out FuseFileRange range)
+    {
+        range = default;
+        if (handle == 0 || !_chunkFiles.TryGetValue(handle, out var h)) return false;
+        var i = Get(ino);
+        if (i == null) return false;
+        long fileSize = (long)i.Attr.Size;
+        range = new FuseFileRange(h, offset, offset >= fileSize ? 0 : (int)Math.Min(size, fileSize - offset));
+        _fetcher.CountDiskFileRead();
+        return true;
+    }
+
+    public void Release(ulong ino, ulong handle)
+    {
+        if (handle != 0 && _chunkFiles.TryRemove(handle, out var h)) h.Dispose();
+    }
+
+    /// <summary>Closes chunk files of opens the kernel never released (a connection that was aborted).</summary>
+    internal void CloseChunkFiles()
+    {
+        foreach (var k in _chunkFiles.Keys)
+            if (_chunkFiles.TryRemove(k, out var h)) h.Dispose();
     }
 
     public ValueTask<int> ReadAsync(ulong ino, ulong handle, long offset, Memory<byte> destination, CancellationToken cancellationToken)

@@ -156,5 +156,6 @@ public sealed class RemoteLayer : IAsyncDisposable
         Fetcher.Dispose();
         try { await _work.ConfigureAwait(false); } catch (Exception) { /* recorded in stats */ }
         await Fetcher.DrainAsync().ConfigureAwait(false);
+        FileSystem.CloseChunkFiles();
     }
 }

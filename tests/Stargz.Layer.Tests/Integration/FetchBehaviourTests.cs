@@ -327,6 +327,40 @@ public class FetchBehaviourTests
     }
 
     [Fact]
+    public async Task WithoutPassthroughAPrefetchedSingleChunkFileIsSplicedFromItsChunkFile()
+    {
+        var tar = ManyFilesTar(out var files);
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions
+        {
+            ChunkSize = 1 << 20, CompressionLevel = 1, Prioritized = ["f04.bin"],
+        }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true },
+            new Stargz.Fuse.FuseMountOptions { AllowOther = true, Passthrough = false });
+        var digest = await rig.PushAsync("splice/layer", blob, Ct);
+        var mp = await rig.MountAsync(rig.Labels("splice/layer", digest, built.TocDigest), Ct);
+        var server = rig.Manager.ServerOf(mp)!;
+        var layer = rig.Manager.GetLayer(mp)!;
+        // Prefetch put f04.bin (one chunk) on disk, verified, without the kernel reading it: its page cache is empty.
+        await layer.BackgroundWork.WaitAsync(TimeSpan.FromSeconds(60), Ct);
+        await layer.Fetcher.DrainAsync();
+        Assert.Equal(FetchStageState.Done, layer.Stats.Snapshot().Prefetch);
+        long fetchedBefore = layer.Stats.Snapshot().FetchedBytes;
+
+        using (var h = File.OpenHandle(Path.Combine(mp, "f04.bin")))
+        {
+            var buf = new byte[files["f04.bin"].Length];
+            Assert.Equal(buf.Length, RandomAccess.Read(h, buf, 0));
+            Assert.Equal(files["f04.bin"], buf);
+        }
+        Assert.True(server.SplicedReads >= 1, "no read was spliced from the chunk file");
+        Assert.Equal(0, server.FileReadFallbacks);
+        Assert.Equal(fetchedBefore, layer.Stats.Snapshot().FetchedBytes); // the registry was not asked again
+        // A file that was not prefetched still reads through the fetcher.
+        Assert.Equal(files["f05.bin"], await File.ReadAllBytesAsync(Path.Combine(mp, "f05.bin"), Ct));
+        Assert.True(layer.Stats.Snapshot().FetchedBytes > fetchedBefore);
+    }
+
+    [Fact]
     public async Task UnmountingReleasesReadersWaitingForAnUnansweringRegistry()
     {
         var tar = ManyFilesTar(out var files);
