@@ -11,8 +11,10 @@ int entries = 100_000;
 int repeats = 5;
 int? readAheadKb = 1024;
 int readerThreads = 4;
+int maxReadKb = 1024;
 bool alignedBuffers = false;
 string? outFile = null;
+var workloads = new HashSet<string> { "generator", "bytes", "file", "find" };
 for (int i = 0; i < args.Length; i++)
 {
     switch (args[i])
@@ -23,9 +25,12 @@ for (int i = 0; i < args.Length; i++)
         case "--out": outFile = args[++i]; break;
         case "--readahead-kb": readAheadKb = int.Parse(args[++i]) is var ra && ra > 0 ? ra : null; break;
         case "--threads": readerThreads = int.Parse(args[++i]); break;
+        case "--max-read-kb": maxReadKb = int.Parse(args[++i]); break;
         // Page-aligned reader buffers (as coreutils cat/cp use): an unaligned 1 MiB buffer spans 257 pages, which a
         // direct-I/O read splits into two READs (max_pages 256); the default keeps .NET's unaligned arrays.
         case "--aligned-buffers": alignedBuffers = true; break;
+        // A subset of the workloads, e.g. "--only file,find" (default: all of generator, bytes, file, find).
+        case "--only": workloads = [.. args[++i].Split(',')]; break;
         case "--generator-only":
         {
             // How fast the server can produce the bytes it serves without passthrough (one core).
@@ -49,6 +54,7 @@ Directory.CreateDirectory(tmpfs);
 Directory.CreateDirectory(mnt);
 Run("mount", "-t", "tmpfs", "-o", $"size={sizeMib + 512}m", "tmpfs", tmpfs);
 var rows = new List<string[]>();
+var filesystems = new List<MemoryFileSystem>(); // disposed before tmpfs is unmounted: they hold its files open
 try
 {
     Console.Error.WriteLine($"preparing {sizeMib} MiB file and {entries} entries on tmpfs ...");
@@ -73,6 +79,7 @@ try
     MemoryFileSystem BuildFs(bool backed, bool directIo = false)
     {
         var fs = new MemoryFileSystem();
+        filesystems.Add(fs);
         if (backed) fs.AddBackedFile("large.bin", large);
         else fs.AddGeneratedFile("large.bin", size, TestPattern.Fill).DirectIo = directIo;
         for (int i = 0; i < entries; i++) fs.AddFile($"tree/d{i / DirFanout:D4}/f{i % DirFanout:D4}", Array.Empty<byte>());
@@ -85,18 +92,19 @@ try
     var fsDirect = BuildFs(backed: false, directIo: true);
 
     // One FUSE run on a fresh mount, so nothing is served from a warm page or dentry cache.
-    double OnFuse(string label, MemoryFileSystem fs, bool passthrough, Func<string, double> measure)
+    double OnFuse(string label, MemoryFileSystem fs, bool passthrough, Func<string, double> measure, int maxRead)
     {
         using var server = FuseServer.Mount(mnt, fs, new FuseMountOptions
         {
             Passthrough = passthrough, AllowOther = true, ReadAheadKb = readAheadKb, ReaderThreads = readerThreads,
+            MaxRead = maxRead,
         });
         if (passthrough && !server.PassthroughNegotiated) throw new InvalidOperationException("passthrough not negotiated");
         var secs = measure(mnt);
         long allocated = Alloc.Last;
         long requests = 0;
         for (int op = 1; op < 64; op++) requests += server.RequestCount(op);
-        Console.Error.WriteLine($"  {label} {secs:0.000}s: READ {server.ReadRequests}, LOOKUP {server.RequestCount(1)}, " +
+        Console.Error.WriteLine($"  {label} {secs:0.000}s: READ {server.ReadRequests} (spliced {server.SplicedReads}), LOOKUP {server.RequestCount(1)}, " +
             $"GETATTR {server.RequestCount(3)}, READDIRPLUS {server.RequestCount(44)}, READDIR {server.RequestCount(28)}, " +
             $"direct-I/O opens {server.DirectIoOpens}, passthrough opens {server.PassthroughOpens}; " +
             $"{allocated} B allocated in the timed section (whole process) = {(double)allocated / Math.Max(1, requests):0.0} B/request");
@@ -106,24 +114,50 @@ try
     // The machine is shared and noisy: interleave tmpfs and the FUSE modes run by run and keep each one's best.
     // `direct` null: that mode is not run (NaN in the result).
     (double T, double F, double D, double P) Compare(Func<string, double> measure, MemoryFileSystem cached,
-        MemoryFileSystem? direct, bool passthrough)
+        MemoryFileSystem? direct, bool passthrough, int? maxRead = null)
     {
+        int mr = maxRead ?? maxReadKb * 1024;
         double t = double.MaxValue, f = double.MaxValue, d = double.MaxValue, p = double.MaxValue;
         for (int r = 0; r < repeats; r++)
         {
             t = Math.Min(t, measure(tmpfs));
-            f = Math.Min(f, OnFuse("fuse", cached, false, measure));
-            if (direct != null) d = Math.Min(d, OnFuse("fuse-dio", direct, false, measure));
-            if (passthrough) p = Math.Min(p, OnFuse("fuse+pt", fsBacked, true, measure));
+            f = Math.Min(f, OnFuse("fuse", cached, false, measure, mr));
+            if (direct != null) d = Math.Min(d, OnFuse("fuse-dio", direct, false, measure, mr));
+            if (passthrough) p = Math.Min(p, OnFuse("fuse+pt", fsBacked, true, measure, mr));
         }
         return (t, f, direct != null ? d : double.NaN, passthrough ? p : double.NaN);
     }
 
-    foreach (var readers in new[] { 1, 4, 16 })
+    foreach (var readers in workloads.Contains("generator") ? new[] { 1, 4, 16 } : [])
     {
         var (t, f, d, p) = Compare(root => SequentialRead(Path.Combine(root, "large.bin"), size, readers), fsPlain, fsDirect, true);
         rows.Add(Row($"sequential read {sizeMib} MiB, {readers} reader(s)", size / t, size / f, size / d, size / p, "MiB/s", 1.0 / (1 << 20)));
     }
+    if (workloads.Contains("file"))
+    {
+        // Passthrough off, the same tmpfs file behind it: the server splices each reply from that file
+        // (TryReadFromFile), so the bytes never enter the server's memory; the kernel copies them once.
+        MemoryFileSystem FileFs(bool directIo)
+        {
+            var fs = new MemoryFileSystem();
+            filesystems.Add(fs);
+            var n = fs.AddBackedFile("large.bin", large);
+            n.OfferPassthrough = false;
+            n.DirectIo = directIo;
+            return fs;
+        }
+        var fsFile = FileFs(false);
+        var fsFileDirect = FileFs(true);
+        // A max_read the process can splice whole (see LargestSplicedRead), so no reply falls back to pread.
+        int maxRead = Math.Min(maxReadKb * 1024, FuseServer.LargestSplicedRead / 4096 * 4096);
+        foreach (var readers in new[] { 1, 4, 16 })
+        {
+            var (t, f, d, p) = Compare(root => SequentialRead(Path.Combine(root, "large.bin"), size, readers), fsFile, fsFileDirect, false, maxRead);
+            rows.Add(Row($"sequential read {sizeMib} MiB from a local file (spliced, max_read {maxRead >> 10} KiB, passthrough off), {readers} reader(s)",
+                size / t, size / f, size / d, size / p, "MiB/s", 1.0 / (1 << 20)));
+        }
+    }
+    if (workloads.Contains("bytes"))
     {
         // The same bytes held in a byte[]: replies are gathered from it with writev (TryReadDirect), no server copy.
         var bytes = File.ReadAllBytes(large);
@@ -138,6 +172,7 @@ try
                 size / t, size / f, size / d, size / p, "MiB/s", 1.0 / (1 << 20)));
         }
     }
+    if (workloads.Contains("find"))
     {
         var total = entries + (entries + DirFanout - 1) / DirFanout + 1; // files + their directories + the tree root
         var (t, f, d, p) = Compare(root => FindStat(Path.Combine(root, "tree"), total), fsPlain, null, true);
@@ -146,6 +181,7 @@ try
 }
 finally
 {
+    foreach (var fs in filesystems) fs.Dispose();
     Run("umount", tmpfs);
     Directory.Delete(work, recursive: true);
 }
@@ -162,11 +198,13 @@ var md = $"""
     on {Environment.ProcessorCount} cores, Linux {Environment.OSVersion.Version}, {DateTime.UtcNow:yyyy-MM-dd}.
     Best of {repeats} interleaved runs (the machine is shared with other builds, so single runs are noisy); each FUSE run
     on a fresh mount (cold page and dentry cache); tmpfs is always warm (it is memory). Server: {readerThreads} reader
-    threads on cloned fds, read_ahead_kb {readAheadKb?.ToString() ?? "kernel default"}, max_read 1 MiB.
+    threads on cloned fds, read_ahead_kb {readAheadKb?.ToString() ?? "kernel default"}, max_read {maxReadKb} KiB.
     Modes: "page cache" is the default open (the kernel fills page-cache pages from READ replies, readers copy
     from those); "direct I/O" opens the big file with FOPEN_DIRECT_IO (FuseOpenResult.DirectIo: the kernel copies
     each reply straight into the reader's buffer, no page cache); with passthrough the kernel reads the tmpfs copy.
     Without passthrough the server produces the bytes with a generator (a memory copy into the reply buffer);
+    "from a local file" serves them from the same tmpfs file as passthrough, with passthrough off: each reply is
+    spliced from that file (TryReadFromFile: the kernel copies the file's pages once, the server never touches them);
     "from a byte[]" serves them from one managed array through TryReadDirect (writev straight from the array).
     Sequential read: N threads each pread(2) a contiguous 1/N of the file in 1 MiB requests into
     {(alignedBuffers ? "page-aligned buffers (--aligned-buffers)" : "ordinary pinned .NET arrays (not page-aligned)")}.
