@@ -6,16 +6,18 @@ namespace Stargz.Cli;
 
 /// <summary>
 /// <c>stargz image rpull [--address SOCK] [--namespace NS] [--snapshotter NAME] [--plain-http] [--user U:P]
-/// [--hosts-dir DIR] [--platform P] [--label K=V]... [--log-level L] REF</c>: the equivalent of the reference's <c>ctr-remote image rpull</c>.
+/// [--hosts-dir DIR] [--platform P] [--label K=V]... [--skip-content-verify] [--log-level L] REF</c>: the equivalent of the reference's <c>ctr-remote image rpull</c>.
 /// Exit codes: 0 pulled, 1 failed (message on stderr), 2 usage.
 /// </summary>
 internal static class RpullCommand
 {
     public const string Usage = """
           stargz image rpull [--address SOCK] [--namespace NS] [--snapshotter NAME] [--plain-http] [--user U:P]
-                             [--hosts-dir DIR] [--platform P] [--label K=V]... [--log-level L] REF
+                             [--hosts-dir DIR] [--platform P] [--label K=V]... [--skip-content-verify] [--log-level L] REF
               pull REF into containerd, layers prepared on the snapshotter with the stargz labels so eStargz layers
               are mounted lazily (others are downloaded and applied); then `ctr run --snapshotter stargz REF` works.
+              --skip-content-verify: layers without a TOC digest may be mounted unverified (the daemon must also
+              have allow_no_verification = true)
               defaults: --address /run/containerd/containerd.sock, --namespace $CONTAINERD_NAMESPACE or default,
               --snapshotter stargz, --log-level warn (logfmt on stderr); --hosts-dir: containerd's certs.d layout
         """;
@@ -24,6 +26,7 @@ internal static class RpullCommand
         LogLevel LogLevel, IReadOnlyDictionary<string, string> Labels, string Reference)
     {
         public string? HostsDir { get; init; }
+        public bool SkipContentVerify { get; init; }
     }
 
     internal sealed class UsageError(string message) : Exception(message);
@@ -36,6 +39,7 @@ internal static class RpullCommand
         bool plainHttp = false;
         string? user = null;
         string? hostsDir = null;
+        bool skipVerify = false;
         var platform = Platform.Current;
         var level = LogLevel.Warning;
         var labels = new Dictionary<string, string>(StringComparer.Ordinal);
@@ -61,6 +65,7 @@ internal static class RpullCommand
                 case "--namespace" or "-n": ns = Value(); break;
                 case "--snapshotter": snapshotter = Value(); break;
                 case "--plain-http": plainHttp = true; break;
+                case "--skip-content-verify": skipVerify = true; break;
                 case "--user" or "-u":
                     user = Value();
                     if (!user.Contains(':')) throw new UsageError("--user wants USER:PASSWORD");
@@ -95,7 +100,7 @@ internal static class RpullCommand
         }
         if (pos.Count != 1) throw new UsageError(pos.Count == 0 ? "image rpull needs an image reference" : "image rpull takes one image reference");
         if (address.Length == 0 || ns.Length == 0 || snapshotter.Length == 0) throw new UsageError("--address, --namespace and --snapshotter must not be empty");
-        return new Args(address, ns, snapshotter, plainHttp, user, platform, level, labels, pos[0]) { HostsDir = hostsDir };
+        return new Args(address, ns, snapshotter, plainHttp, user, platform, level, labels, pos[0]) { HostsDir = hostsDir, SkipContentVerify = skipVerify };
     }
 
     public static async Task<int> RunAsync(string[] argv, TextWriter stdout, TextWriter stderr, CancellationToken ct)
@@ -150,7 +155,7 @@ internal static class RpullCommand
         var puller = new ImagePuller(registry, containerd, log, stdout);
         try
         {
-            var r = await puller.PullAsync(reference, new RpullOptions { Snapshotter = a.Snapshotter, Platform = a.Platform, ImageLabels = a.Labels }, ct).ConfigureAwait(false);
+            var r = await puller.PullAsync(reference, new RpullOptions { Snapshotter = a.Snapshotter, Platform = a.Platform, ImageLabels = a.Labels, SkipContentVerify = a.SkipContentVerify }, ct).ConfigureAwait(false);
             await stdout.WriteLineAsync($"done: {r.ImageName} {r.Target.Digest} ({r.Layers.Count(l => l.Outcome == LayerOutcome.Remote)} remote, " +
                 $"{r.Layers.Count(l => l.Outcome == LayerOutcome.Applied)} applied, {r.Layers.Count(l => l.Outcome == LayerOutcome.Existing)} existing layers)")
                 .ConfigureAwait(false);

@@ -18,6 +18,11 @@ public sealed record RpullOptions
     public TimeSpan LeaseExpiry { get; init; } = TimeSpan.FromHours(24);
     /// <summary>Labels for the image record (the reference's <c>--label</c>).</summary>
     public IReadOnlyDictionary<string, string> ImageLabels { get; init; } = new Dictionary<string, string>();
+    /// <summary>
+    /// Labels every layer's snapshot with <see cref="RpullLabels.SkipVerify"/> (the reference's
+    /// <c>--skip-content-verify</c>): a layer without a TOC digest may then be mounted unverified where the daemon allows it.
+    /// </summary>
+    public bool SkipContentVerify { get; init; }
 }
 
 public enum LayerOutcome
@@ -48,6 +53,8 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
     public async Task<RpullResult> PullAsync(ImageReference reference, RpullOptions options, CancellationToken ct)
     {
         var imageName = reference.ToString();
+        if (options.SkipContentVerify)
+            _log.LogWarning("image {Image}: content verification disabled for layers without a TOC digest (--skip-content-verify)", imageName);
         // The lease first, as ctr-remote does: it is also the check that containerd answers, before any download.
         var leaseId = "stargz-rpull-" + Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(8));
         await containerd.CreateLeaseAsync(leaseId, options.LeaseExpiry, ct).ConfigureAwait(false);
@@ -149,6 +156,7 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
         }
 
         var labels = RpullLabels.ForLayer(imageName, layers, i, chainId, options.PrefetchSize);
+        if (options.SkipContentVerify) labels[RpullLabels.SkipVerify] = "true";
         string key = "";
         IReadOnlyList<global::Containerd.Types.Mount>? mounts = null;
         for (var attempt = 1; ; attempt++)

@@ -15,6 +15,8 @@ public static class RpullLabels
     public const string TargetUrls = "containerd.io/snapshot/remote/urls";
     public const string TargetImageUrlsPrefix = "containerd.io/snapshot/remote/urls.";
     public const string TocDigest = "containerd.io/snapshot/stargz/toc.digest";
+    /// <summary>`rpull --skip-content-verify`: the layer may be mounted without a TOC digest (if the daemon allows it).</summary>
+    public const string SkipVerify = "containerd.io/snapshot/remote/stargz.skipverify";
     public const string UncompressedSize = "io.containers.estargz.uncompressed-size";
     /// <summary>What a remote snapshotter (ours, the reference) marks its remote snapshots with.</summary>
     public const string RemoteSnapshotMarker = "containerd.io/snapshot/remote";

@@ -20,6 +20,11 @@ public static class LayerLabelKeys
     public const string CriLayerDigest = "containerd.io/snapshot/cri.layer-digest";
     public const string CriImageLayers = "containerd.io/snapshot/cri.image-layers";
     public const string TocDigest = LayerLabels.TocDigestAnnotation;
+    /// <summary>
+    /// Set (any value) by `rpull --skip-content-verify` on the layer's snapshot: a layer without a TOC digest may be
+    /// mounted unverified, if the daemon's <c>allow_no_verification</c> permits it (the reference's rule).
+    /// </summary>
+    public const string SkipVerify = "containerd.io/snapshot/remote/stargz.skipverify";
 }
 
 /// <summary>A mounted layer as the daemon reports it.</summary>
@@ -107,9 +112,15 @@ public sealed class LayerManager : IAsyncDisposable
         var digest = Label(labels, LayerLabelKeys.Digest, LayerLabelKeys.CriLayerDigest)
             ?? throw new LayerResolveException($"no layer digest label ({LayerLabelKeys.Digest} or {LayerLabelKeys.CriLayerDigest})");
         var tocDigest = Label(labels, LayerLabelKeys.TocDigest);
-        if (tocDigest == null && !_options.AllowNoVerification && !_options.DisableVerification)
+        if (tocDigest == null && !_options.DisableVerification && !(_options.AllowNoVerification && labels.ContainsKey(LayerLabelKeys.SkipVerify)))
             throw new LayerResolveException(
-                $"layer {digest} has no TOC digest label ({LayerLabelKeys.TocDigest}); refusing to mount it unverified (set allow_no_verification to permit)");
+                $"layer {digest} has no TOC digest label ({LayerLabelKeys.TocDigest}); refusing to mount it unverified " +
+                (_options.AllowNoVerification
+                    ? $"without the {LayerLabelKeys.SkipVerify} label (rpull --skip-content-verify)"
+                    : $"(needs allow_no_verification in the config and the {LayerLabelKeys.SkipVerify} label: rpull --skip-content-verify)"));
+        if (tocDigest == null)
+            _log.LogWarning("layer {Digest} of {Reference}: no TOC digest label; mounting it unverified ({Why})", digest, reference,
+                _options.DisableVerification ? "disable_verification" : "allow_no_verification and " + LayerLabelKeys.SkipVerify);
         long? prefetchSize = null;
         if (Label(labels, LayerLabelKeys.Prefetch) is { } p && long.TryParse(p, NumberStyles.None, CultureInfo.InvariantCulture, out var ps))
             prefetchSize = ps;

@@ -16,6 +16,7 @@ public class RpullArgsTests
         Assert.Null(a.User);
         Assert.Equal(LogLevel.Warning, a.LogLevel);
         Assert.Empty(a.Labels);
+        Assert.False(a.SkipContentVerify);
         Assert.Equal("127.0.0.1:5000/app:esgz", a.Reference);
     }
 
@@ -23,7 +24,7 @@ public class RpullArgsTests
     public void FlagsTakeValuesSeparatelyOrWithEquals()
     {
         var a = RpullCommand.Parse(["--address=/tmp/c.sock", "-n", "k8s.io", "--snapshotter", "overlayfs", "--plain-http", "--user", "u:p:x",
-            "--platform", "linux/arm64/v8", "--label", "a=1", "--label=b=2=3", "--log-level", "debug", "r/x:y"]);
+            "--platform", "linux/arm64/v8", "--label", "a=1", "--label=b=2=3", "--log-level", "debug", "--skip-content-verify", "r/x:y"]);
         Assert.Equal("/tmp/c.sock", a.Address);
         Assert.Equal("k8s.io", a.Namespace);
         Assert.Equal("overlayfs", a.Snapshotter);
@@ -33,13 +34,14 @@ public class RpullArgsTests
         Assert.Equal("1", a.Labels["a"]);
         Assert.Equal("2=3", a.Labels["b"]);
         Assert.Equal(LogLevel.Debug, a.LogLevel);
+        Assert.True(a.SkipContentVerify);
         Assert.Equal("r/x:y", a.Reference);
     }
 
     [Theory]
     [InlineData("needs an image reference")]
     [InlineData("takes one image reference", "a", "b")]
-    [InlineData("unknown flag --skip-content-verify", "--skip-content-verify", "a")]
+    [InlineData("unknown flag --skip-verify", "--skip-verify", "a")]
     [InlineData("--address needs a value", "a", "--address")]
     [InlineData("--user wants USER:PASSWORD", "--user", "nocolon", "a")]
     [InlineData("--label x: want KEY=VALUE", "--label", "x", "a")]

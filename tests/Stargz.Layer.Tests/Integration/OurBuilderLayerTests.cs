@@ -148,19 +148,40 @@ public class OurBuilderLayerTests
     }
 
     [Fact]
-    public async Task ALayerWithoutATocDigestLabelIsRefusedUnlessAllowed()
+    public async Task ALayerWithoutATocDigestLabelNeedsAllowNoVerificationAndTheSkipVerifyLabel()
     {
         var (blob, built) = await LayerRig.BuildAsync(RichTar(), null, Ct);
+        Dictionary<string, string> SkipVerify(Dictionary<string, string> l)
+        {
+            l[LayerLabelKeys.SkipVerify] = "true";
+            return l;
+        }
         await using var rig = await LayerRig.StartAsync();
         var digest = await rig.PushAsync("ours/nolabel", blob, Ct);
         var e = await Assert.ThrowsAsync<LayerResolveException>(() => rig.MountAsync(rig.Labels("ours/nolabel", digest, null), Ct));
         Assert.Contains("allow_no_verification", e.Message);
+        // The label alone is not enough: the operator must allow it too.
+        e = await Assert.ThrowsAsync<LayerResolveException>(() => rig.MountAsync(SkipVerify(rig.Labels("ours/nolabel", digest, null)), Ct));
+        Assert.Contains("needs allow_no_verification", e.Message);
         var wrong = await Assert.ThrowsAsync<LayerResolveException>(() => rig.MountAsync(rig.Labels("ours/nolabel", digest, "sha256:" + new string('0', 64)), Ct));
         Assert.Contains("does not match", wrong.Message);
 
         await using var lax = await LayerRig.StartAsync(new LayerOptions { AllowNoVerification = true });
         var d2 = await lax.PushAsync("ours/nolabel", blob, Ct);
-        var mp = await lax.MountAsync(lax.Labels("ours/nolabel", d2, null), Ct);
+        // Nor is the config alone (the reference's rule: the pull asks for it with --skip-content-verify).
+        e = await Assert.ThrowsAsync<LayerResolveException>(() => lax.MountAsync(lax.Labels("ours/nolabel", d2, null), Ct));
+        Assert.Contains(LayerLabelKeys.SkipVerify, e.Message);
+        var mp = await lax.MountAsync(SkipVerify(lax.Labels("ours/nolabel", d2, null)), Ct);
+        Assert.Equal("stargz\n", await File.ReadAllTextAsync(Path.Combine(mp, "etc/hostname"), Ct));
+        // A wrong TOC digest is refused whatever the skip label says.
+        wrong = await Assert.ThrowsAsync<LayerResolveException>(() =>
+            lax.MountAsync(SkipVerify(lax.Labels("ours/nolabel", d2, "sha256:" + new string('0', 64))), Ct));
+        Assert.Contains("does not match", wrong.Message);
+
+        // disable_verification needs no label.
+        await using var off = await LayerRig.StartAsync(new LayerOptions { DisableVerification = true });
+        var d3 = await off.PushAsync("ours/nolabel", blob, Ct);
+        mp = await off.MountAsync(off.Labels("ours/nolabel", d3, null), Ct);
         Assert.Equal("stargz\n", await File.ReadAllTextAsync(Path.Combine(mp, "etc/hostname"), Ct));
     }
 
