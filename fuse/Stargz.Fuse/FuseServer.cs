@@ -633,23 +633,23 @@ public sealed unsafe partial class FuseServer : IDisposable
 
     private void SendFromFile(ReaderContext ctx, ulong unique, in FuseFileRange range, int size)
     {
-        int len = Math.Clamp(range.Length, 0, size);
-        bool added = false;
+        if (range.File is not { } file)
+        {
+            ReplyError(ctx.Fd, unique, Errno.EIO); // not made by TryLend
+            return;
+        }
         try
         {
-            range.File.DangerousAddRef(ref added);
-            int fileFd = (int)range.File.DangerousGetHandle();
+            // The lend holds a reference: the descriptor stays open until Return, whoever disposes the handle.
+            int fileFd = (int)file.DangerousGetHandle();
+            int len = Math.Clamp(range.Length, 0, size);
             if (len > 0 && _spliceUsable && TrySplice(ctx, unique, fileFd, range.Offset, len)) return;
             if (len > 0) Interlocked.Increment(ref _fileReadFallbacks);
             PreadReply(ctx, unique, fileFd, range.Offset, len);
         }
-        catch (ObjectDisposedException)
-        {
-            ReplyError(ctx.Fd, unique, Errno.EIO);
-        }
         finally
         {
-            if (added) range.File.DangerousRelease();
+            range.Return();
         }
     }
 

@@ -54,8 +54,9 @@ public interface IFuseFileSystem
     /// bytes start. The bridge moves them to the kernel with splice(2), so they never pass through the server's memory
     /// (one copy, in the kernel, instead of two); if the file cannot be spliced it reads the same range with pread.
     /// <see cref="FuseFileRange.Length"/> is the reply's length: <paramref name="size"/>, fewer only at end of file.
-    /// The handle must stay open until this call's caller has replied (it does so before returning). Runs on a reader
-    /// thread: only for files on local storage, never a network file.
+    /// Make the range with <see cref="FuseFileRange.TryLend"/>: the bridge holds the handle open until it has replied,
+    /// whatever the filesystem does with its own reference meanwhile. Runs on a reader thread: only for files on local
+    /// storage, never a network file.
     /// </summary>
     bool TryReadFromFile(ulong ino, ulong handle, long offset, int size, out FuseFileRange range)
     {

@@ -83,8 +83,45 @@ public struct FuseOpenResult
     public SafeFileHandle? BackingFile;
 }
 
-/// <summary>Where the bytes of a READ sit in a local file (see <see cref="IFuseFileSystem.TryReadFromFile"/>).</summary>
-public readonly record struct FuseFileRange(SafeFileHandle File, long Offset, int Length);
+/// <summary>
+/// Where the bytes of a READ sit in a local file (see <see cref="IFuseFileSystem.TryReadFromFile"/>). Made only by
+/// <see cref="TryLend"/>, which takes a reference on the handle for the bridge; the bridge drops it once it has replied.
+/// So the filesystem may dispose its handle at any time (a cache evicting it, a release racing a read): the descriptor
+/// closes when the last reference goes, never under a reply.
+/// </summary>
+public readonly struct FuseFileRange
+{
+    public SafeFileHandle? File { get; }
+    public long Offset { get; }
+    /// <summary>The reply's length: the READ's size, fewer only at end of file.</summary>
+    public int Length { get; }
+
+    private FuseFileRange(SafeFileHandle file, long offset, int length)
+    {
+        File = file;
+        Offset = offset;
+        Length = length;
+    }
+
+    /// <summary>
+    /// A range of <paramref name="file"/> holding one reference on it for the bridge; false if the handle is already
+    /// closed. Return it from <see cref="IFuseFileSystem.TryReadFromFile"/> (returning false after a successful lend
+    /// leaks the reference).
+    /// </summary>
+    public static bool TryLend(SafeFileHandle file, long offset, int length, out FuseFileRange range)
+    {
+        range = default;
+        bool added = false;
+        try { file.DangerousAddRef(ref added); }
+        catch (ObjectDisposedException) { return false; }
+        if (!added) return false;
+        range = new FuseFileRange(file, offset, length);
+        return true;
+    }
+
+    /// <summary>Drops the reference <see cref="TryLend"/> took.</summary>
+    internal void Return() => File?.DangerousRelease();
+}
 
 /// <summary>statfs(2) figures for the mount.</summary>
 public struct FuseStatFs

@@ -60,6 +60,7 @@ public static class RemoteLayerWiring
             FetchingTimeout = TimeSpan.FromSeconds(config.Blob.FetchingTimeoutSec),
             PrefetchChunkSize = config.Blob.PrefetchChunkSize,
             ResolveResultEntryTtl = TimeSpan.FromSeconds(config.ResolveResultEntryTtlSec),
+            MaxCacheFds = (int)Math.Clamp(config.DirectoryCache.MaxCacheFds, 0, 4096),
         };
         var fuse = new FuseMountOptions
         {

@@ -42,11 +42,17 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     // Opens of files that are one verified chunk on disk, by open handle: the chunk file stays open until RELEASE and
     // serves the open's reads (spliced by the bridge, or by the kernel itself with passthrough).
     private readonly ConcurrentDictionary<ulong, SafeFileHandle> _chunkFiles = new();
+    // Chunk files of bigger files, by digest: a READ that falls inside one verified chunk on disk is spliced from it.
+    private readonly ChunkFileHandles _diskChunks;
+    private readonly bool _spliceFromChunkFiles;
     private long _lastHandle;
 
-    public LayerFileSystem(TocNode root, ChunkFetcher fetcher, bool userXattrOpaque)
+    public LayerFileSystem(TocNode root, ChunkFetcher fetcher, bool userXattrOpaque, int maxCacheFds = LayerOptions.DefaultMaxCacheFds,
+        bool spliceFromChunkFiles = true)
     {
         _fetcher = fetcher;
+        _diskChunks = new ChunkFileHandles(maxCacheFds);
+        _spliceFromChunkFiles = spliceFromChunkFiles;
         var list = new List<Inode>();
         var byNode = new Dictionary<TocNode, Inode>(ReferenceEqualityComparer.Instance);
         var opaqueName = Encoding.ASCII.GetBytes(userXattrOpaque ? "user.overlay.opaque" : "trusted.overlay.opaque");
@@ -273,15 +279,39 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         return 0;
     }
 
-    /// <summary>Reads of an open that holds its file's chunk file are spliced from it (no copy in this process).</summary>
+    /// <summary>
+    /// A READ that lies inside one chunk verified on disk is spliced from the chunk file (no memory-cache load, no copy
+    /// in this process): the open's own chunk file for a one-chunk file, else a descriptor from
+    /// <see cref="ChunkFileHandles"/>. Anything else (a chunk not fetched yet, a READ across two chunks, end of file)
+    /// goes through <see cref="ReadAsync"/>.
+    /// </summary>
     public bool TryReadFromFile(ulong ino, ulong handle, long offset, int size, out FuseFileRange range)
     {
         range = default;
-        if (handle == 0 || !_chunkFiles.TryGetValue(handle, out var h)) return false;
         var i = Get(ino);
         if (i == null) return false;
         long fileSize = (long)i.Attr.Size;
-        range = new FuseFileRange(h, offset, offset >= fileSize ? 0 : (int)Math.Min(size, fileSize - offset));
+        if (handle != 0 && _chunkFiles.TryGetValue(handle, out var own))
+        {
+            if (!FuseFileRange.TryLend(own, offset, offset >= fileSize ? 0 : (int)Math.Min(size, fileSize - offset), out range)) return false;
+            _fetcher.CountDiskFileRead();
+            return true;
+        }
+        var chunks = i.Chunks;
+        if (!_spliceFromChunkFiles || chunks.Length == 0 || offset < 0 || offset >= fileSize) return false;
+        int at = ChunkFetcher.FindChunk(chunks, offset);
+        if (at < 0) return false;
+        ref readonly var c = ref chunks[at];
+        int len = (int)Math.Min(size, fileSize - offset);
+        if (c.Digest == null || offset + len > c.FileOffset + c.Size) return false;
+        var file = _diskChunks.TryGet(c.Digest);
+        if (file == null)
+        {
+            if (_fetcher.TrustedDiskPath(c) is not { } path) return false;
+            try { file = _diskChunks.Add(c.Digest, File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete)); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return false; }
+        }
+        if (!FuseFileRange.TryLend(file, offset - c.FileOffset, len, out range)) return false;
         _fetcher.CountDiskFileRead();
         return true;
     }
@@ -296,6 +326,7 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     {
         foreach (var k in _chunkFiles.Keys)
             if (_chunkFiles.TryRemove(k, out var h)) h.Dispose();
+        _diskChunks.Dispose();
     }
 
     public ValueTask<int> ReadAsync(ulong ino, ulong handle, long offset, Memory<byte> destination, CancellationToken cancellationToken)

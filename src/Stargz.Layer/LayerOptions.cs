@@ -51,12 +51,25 @@ public sealed record LayerOptions
     /// <summary>Write each chunk to disk with fsync + rename + dir fsync (crash safe). Off only for throwaway caches.</summary>
     public bool DurableDiskWrites { get; init; } = true;
 
+    /// <summary>
+    /// <c>[directory_cache] max_cache_fds</c> (reference default 10): descriptors of verified chunk files each layer
+    /// keeps open to splice reads from.
+    /// </summary>
+    public int MaxCacheFds { get; init; } = DefaultMaxCacheFds;
+    public const int DefaultMaxCacheFds = 10;
+
+    /// <summary>
+    /// Reads inside one verified chunk on disk are spliced from the chunk file (default). Off: every read of a file
+    /// bigger than one chunk is copied through the memory cache (benchmarks compare the two).
+    /// </summary>
+    public bool SpliceFromChunkFiles { get; init; } = true;
+
     /// <summary><c>resolve_result_entry_ttl_sec</c> (reference default 120): how long a fetched TOC is reused.</summary>
     public TimeSpan ResolveResultEntryTtl { get; init; } = TimeSpan.FromSeconds(120);
 
     /// <summary>
     /// A copy where zero or negative values (an unset config key) become the reference defaults: fetching timeout
-    /// 300 s, prefetch timeout 10 s, resolve TTL 120 s, max_concurrency 2, memory cache 256 MiB.
+    /// 300 s, prefetch timeout 10 s, resolve TTL 120 s, max_concurrency 2, memory cache 256 MiB, max_cache_fds 10.
     /// </summary>
     public LayerOptions Normalized() => this with
     {
@@ -64,6 +77,7 @@ public sealed record LayerOptions
         PrefetchTimeout = PrefetchTimeout > TimeSpan.Zero ? PrefetchTimeout : TimeSpan.FromSeconds(10),
         ResolveResultEntryTtl = ResolveResultEntryTtl > TimeSpan.Zero ? ResolveResultEntryTtl : TimeSpan.FromSeconds(120),
         MaxConcurrency = MaxConcurrency > 0 ? MaxConcurrency : 2,
+        MaxCacheFds = MaxCacheFds > 0 ? MaxCacheFds : DefaultMaxCacheFds,
         MemoryCacheBytes = MemoryCacheBytes > 0 ? MemoryCacheBytes : 256L << 20,
         PrefetchSize = Math.Max(0, PrefetchSize),
         MergeGapBytes = Math.Max(0, MergeGapBytes),

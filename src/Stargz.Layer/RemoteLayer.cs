@@ -25,7 +25,7 @@ public sealed class RemoteLayer : IAsyncDisposable
         _options = options = options.Normalized();
         Stats = new LayerStats();
         Fetcher = new ChunkFetcher(blob, new EstargzChunkDecoder(toc.Reader.Compression), cache, gate, Stats, digest, options);
-        FileSystem = new LayerFileSystem(toc.Reader.Root, Fetcher, options.UserXattrOpaque);
+        FileSystem = new LayerFileSystem(toc.Reader.Root, Fetcher, options.UserXattrOpaque, options.MaxCacheFds, options.SpliceFromChunkFiles);
         _byBlobOffset = CollectChunks(toc.Reader);
     }
 

@@ -277,8 +277,7 @@ public sealed class MemoryFileSystem : IFuseFileSystem, IDisposable
         Interlocked.Increment(ref _readCalls);
         long fileSize = (long)n.Attr.Size;
         int len = offset >= fileSize ? 0 : (int)Math.Min(size, fileSize - offset);
-        range = new FuseFileRange(BackingHandleOf(n), offset, len);
-        return true;
+        return FuseFileRange.TryLend(BackingHandleOf(n), offset, len, out range);
     }
 
     // Opened once per node and kept: a read must not pay an open(2).

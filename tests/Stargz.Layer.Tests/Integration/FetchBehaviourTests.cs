@@ -361,6 +361,66 @@ public class FetchBehaviourTests
     }
 
     [Fact]
+    public async Task WithoutPassthroughReadsInsideOneVerifiedChunkOfABigFileAreSplicedFromAFewOpenChunkFiles()
+    {
+        var big = TestTars.Random((6 << 20) + 12345, 77);
+        var tar = TestTars.Write(w =>
+        {
+            TestTars.File(w, "big.bin", big);
+            TestTars.File(w, "other.bin", TestTars.Random(300_000, 78));
+        });
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions
+        {
+            ChunkSize = 1 << 20, CompressionLevel = 1, Prioritized = ["big.bin"],
+        }, Ct);
+        // READs of 256 KiB fit any pipe and never straddle two 1 MiB chunks when aligned.
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true, MaxCacheFds = 2 },
+            new Stargz.Fuse.FuseMountOptions { AllowOther = true, Passthrough = false, MaxRead = 256 << 10, ReadAheadKb = 256 });
+        var digest = await rig.PushAsync("splice/big", blob, Ct);
+        var mp = await rig.MountAsync(rig.Labels("splice/big", digest, built.TocDigest), Ct);
+        var server = rig.Manager.ServerOf(mp)!;
+        var layer = rig.Manager.GetLayer(mp)!;
+        // Prefetch put big.bin's 7 chunks on disk, verified, without the kernel reading them.
+        await layer.BackgroundWork.WaitAsync(TimeSpan.FromSeconds(60), Ct);
+        await layer.Fetcher.DrainAsync();
+        Assert.Equal(FetchStageState.Done, layer.Stats.Snapshot().Prefetch);
+        long fetchedBefore = layer.Stats.Snapshot().FetchedBytes;
+
+        var got = new byte[big.Length];
+        using (var h = File.OpenHandle(Path.Combine(mp, "big.bin")))
+        {
+            for (int off = 0; off < got.Length;)
+            {
+                int n = RandomAccess.Read(h, got.AsSpan(off, Math.Min(1 << 20, got.Length - off)), off);
+                Assert.True(n > 0, $"short read at {off}");
+                off += n;
+            }
+            // The layer keeps at most max_cache_fds chunk files open, however many chunks were read.
+            Assert.True(OpenDescriptorsUnder(rig.Options.CacheDirectory!) <= 2,
+                $"{OpenDescriptorsUnder(rig.Options.CacheDirectory!)} chunk files open, max_cache_fds is 2");
+        }
+        Assert.Equal(big, got);
+        // 6 MiB in 256 KiB READs: most of them spliced, none needed the pread fallback, and no byte from the registry.
+        Assert.True(server.SplicedReads >= 16, $"only {server.SplicedReads} READs were spliced from chunk files");
+        Assert.Equal(0, server.FileReadFallbacks);
+        Assert.Equal(fetchedBefore, layer.Stats.Snapshot().FetchedBytes);
+        // A file whose chunks are not on disk still reads through the fetcher.
+        Assert.Equal(300_000, (await File.ReadAllBytesAsync(Path.Combine(mp, "other.bin"), Ct)).Length);
+        Assert.True(layer.Stats.Snapshot().FetchedBytes > fetchedBefore);
+    }
+
+    private static int OpenDescriptorsUnder(string dir)
+    {
+        int count = 0;
+        foreach (var fd in Directory.EnumerateFileSystemEntries("/proc/self/fd"))
+        {
+            try { if (new FileInfo(fd).LinkTarget is { } t && t.StartsWith(dir + "/", StringComparison.Ordinal)) count++; }
+            catch (IOException) { } // closed while listing
+        }
+        return count;
+    }
+
+    [Fact]
     public async Task UnmountingReleasesReadersWaitingForAnUnansweringRegistry()
     {
         var tar = ManyFilesTar(out var files);
