@@ -1,0 +1,170 @@
+using System.Diagnostics;
+using System.Formats.Tar;
+using System.Globalization;
+using System.Text;
+using Stargz.Estargz;
+using Stargz.Layer;
+using Stargz.Registry;
+using Stargz.TestSupport;
+
+// A layer whose chunks are all fetched and verified on disk, read through a fresh FUSE mount of it (the daemon's
+// FUSE options: page cache, passthrough off), against the same bytes read from a local file on the same disk. Both
+// layer variants (reads spliced from the chunk files, and the older copy through the memory cache) and the local
+// file are read in turn, N times, in one process.
+// Usage: Stargz.Bench.Layer [--file-mb N] [--repeats R] [--read-ahead-kb K] [--out FILE]
+var fileMb = 256;
+int? readAheadKb = null;
+var repeats = 5;
+string? outFile = null;
+for (var i = 0; i < args.Length; i++)
+{
+    switch (args[i])
+    {
+        case "--file-mb": fileMb = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
+        case "--repeats": repeats = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
+        case "--read-ahead-kb": readAheadKb = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
+        case "--out": outFile = args[++i]; break;
+        default: Console.Error.WriteLine($"unknown argument {args[i]}"); return 2;
+    }
+}
+
+using var work = new TempDir("bench-layer");
+var data = new byte[fileMb << 20];
+// Half-compressible bytes (as binaries are): random with every other 4 KiB block zeroed.
+new Random(42).NextBytes(data);
+for (int off = 4096; off < data.Length; off += 8192) Array.Clear(data, off, Math.Min(4096, data.Length - off));
+var native = Path.Combine(work.Path, "native.bin");
+await File.WriteAllBytesAsync(native, data);
+
+var tar = new MemoryStream();
+using (var w = new TarWriter(tar, TarEntryFormat.Pax, leaveOpen: true))
+{
+    var e = new PaxTarEntry(TarEntryType.RegularFile, "data.bin") { DataStream = new MemoryStream(data), Mode = (UnixFileMode)0x1A4 };
+    w.WriteEntry(e);
+}
+tar.Position = 0;
+var blob = new MemoryStream();
+var built = await EstargzBuilder.BuildAsync(tar, blob, new BuildOptions { CompressionLevel = 1 }, CancellationToken.None);
+
+await using var registry = await LocalRegistry.StartAsync();
+using var client = new RegistryClient();
+var pushed = await client.PushBlobAsync(ImageReference.Parse($"{registry.Host}/bench/layer:latest"), blob.ToArray());
+var labels = new Dictionary<string, string>
+{
+    [LayerLabelKeys.Reference] = $"{registry.Host}/bench/layer:latest",
+    [LayerLabelKeys.Digest] = pushed.Digest,
+    [LayerLabelKeys.TocDigest] = built.TocDigest,
+};
+
+var variants = new (string Name, LayerOptions Options)[]
+{
+    ("layer, reads spliced from the chunk files", new LayerOptions { CacheDirectory = work.Sub("cache-splice") }),
+    ("layer, reads copied through the memory cache", new LayerOptions { CacheDirectory = work.Sub("cache-copy"), SpliceFromChunkFiles = false }),
+};
+var managers = new LayerManager[variants.Length];
+int mounts = 0;
+try
+{
+    for (int v = 0; v < variants.Length; v++)
+    {
+        // The daemon's FUSE options (RemoteLayerWiring), plus the readahead under test if given.
+        managers[v] = new LayerManager(client, variants[v].Options, new Stargz.Fuse.FuseMountOptions { AllowOther = true, ReadAheadKb = readAheadKb });
+        // First mount: read everything once (fetched from the registry, verified, written to disk), then unmount.
+        var mp = work.Sub($"mnt{mounts++}");
+        await managers[v].MountAsync(mp, labels, CancellationToken.None);
+        Read(Path.Combine(mp, "data.bin"), data.Length, 1);
+        await managers[v].UnmountAsync(mp, CancellationToken.None);
+    }
+    Read(native, data.Length, 1);
+
+    var readers = new[] { 1, 4 };
+    // [reader count][0 = native, 1.. = variants] -> seconds per repeat
+    var times = readers.Select(_ => Enumerable.Range(0, variants.Length + 1).Select(_ => new List<double>()).ToArray()).ToArray();
+    for (int r = 0; r < repeats; r++)
+    {
+        for (int k = 0; k < readers.Length; k++)
+        {
+            times[k][0].Add(Read(native, data.Length, readers[k]));
+            for (int v = 0; v < variants.Length; v++)
+            {
+                // A fresh mount each time: the kernel's page cache of the FUSE file starts empty.
+                var mp = work.Sub($"mnt{mounts++}");
+                await managers[v].MountAsync(mp, labels, CancellationToken.None);
+                times[k][v + 1].Add(Read(Path.Combine(mp, "data.bin"), data.Length, readers[k]));
+                await managers[v].UnmountAsync(mp, CancellationToken.None);
+            }
+        }
+    }
+
+    var sb = new StringBuilder();
+    sb.AppendLine($"# Reading a fetched layer vs a local file");
+    sb.AppendLine();
+    sb.AppendLine($"`dotnet run -c Release --project integration/bench/Stargz.Bench.Layer -- --file-mb {fileMb} --repeats {repeats}" +
+        (readAheadKb is int ra ? $" --read-ahead-kb {ra}" : "") + "` on " +
+        $"{Environment.ProcessorCount} cores, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, kernel {File.ReadAllText("/proc/sys/kernel/osrelease").Trim()}.");
+    sb.AppendLine($"One {fileMb} MiB file in a layer of {built.Size >> 20} MiB (4 MiB chunks, all fetched and verified on disk), read with 1 MiB " +
+        "reads by 1 or 4 threads (each its own part) through a fresh mount (daemon defaults: page cache, passthrough off);");
+    sb.AppendLine($"the local file is the same bytes on the same disk, in the page cache. Median of {repeats} interleaved repeats.");
+    sb.AppendLine();
+    sb.AppendLine("| read | readers | MiB/s | vs local file |");
+    sb.AppendLine("|---|---:|---:|---:|");
+    for (int k = 0; k < readers.Length; k++)
+    {
+        double nativeMedian = Median(times[k][0]);
+        sb.AppendLine($"| local file | {readers[k]} | {fileMb / nativeMedian:F0} | 1.00x |");
+        for (int v = 0; v < variants.Length; v++)
+        {
+            double m = Median(times[k][v + 1]);
+            sb.AppendLine($"| {variants[v].Name} | {readers[k]} | {fileMb / m:F0} | {nativeMedian / m:F2}x |");
+        }
+    }
+    Console.Write(sb.ToString());
+    if (outFile != null) await File.WriteAllTextAsync(outFile, sb.ToString());
+    return 0;
+}
+finally
+{
+    foreach (var m in managers) if (m != null) await m.DisposeAsync();
+    Mounts.UnmountAllUnder(work.Path);
+}
+
+static double Median(List<double> xs)
+{
+    var s = xs.OrderBy(x => x).ToArray();
+    return s.Length % 2 == 1 ? s[s.Length / 2] : (s[s.Length / 2 - 1] + s[s.Length / 2]) / 2;
+}
+
+// Returns seconds; checks every byte arrived.
+static double Read(string path, long size, int readers)
+{
+    using var h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.Read);
+    long slice = size / readers;
+    long total = 0;
+    var threads = new Thread[readers];
+    using var go = new ManualResetEventSlim();
+    for (int r = 0; r < readers; r++)
+    {
+        long start = r * slice, end = r == readers - 1 ? size : start + slice;
+        var buf = GC.AllocateUninitializedArray<byte>(1 << 20, pinned: true);
+        threads[r] = new Thread(() =>
+        {
+            go.Wait();
+            long got = 0;
+            for (long off = start; off < end;)
+            {
+                int n = RandomAccess.Read(h, buf.AsSpan(0, (int)Math.Min(buf.Length, end - off)), off);
+                if (n <= 0) throw new IOException($"short read at {off} of {path}");
+                off += n;
+                got += n;
+            }
+            Interlocked.Add(ref total, got);
+        });
+        threads[r].Start();
+    }
+    var sw = Stopwatch.StartNew();
+    go.Set();
+    foreach (var t in threads) t.Join();
+    sw.Stop();
+    if (total != size) throw new IOException($"read {total} of {size} bytes of {path}");
+    return sw.Elapsed.TotalSeconds;
+}
