@@ -336,15 +336,8 @@ public class FetchBehaviourTests
         }, Ct);
         await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true },
             new Stargz.Fuse.FuseMountOptions { AllowOther = true, Passthrough = false });
-        var digest = await rig.PushAsync("splice/layer", blob, Ct);
-        var mp = await rig.MountAsync(rig.Labels("splice/layer", digest, built.TocDigest), Ct);
-        var server = rig.Manager.ServerOf(mp)!;
-        var layer = rig.Manager.GetLayer(mp)!;
-        // Prefetch put f04.bin (one chunk) on disk, verified, without the kernel reading it: its page cache is empty.
-        await layer.BackgroundWork.WaitAsync(TimeSpan.FromSeconds(60), Ct);
-        await layer.Fetcher.DrainAsync();
-        Assert.Equal(FetchStageState.Done, layer.Stats.Snapshot().Prefetch);
-        long fetchedBefore = layer.Stats.Snapshot().FetchedBytes;
+        // Prefetch puts f04.bin (one chunk) on disk, verified, without the kernel reading it: its page cache is empty.
+        var (mp, server, layer, fetchedBefore) = await MountPrefetchedAsync(rig, "splice/layer", blob, built.TocDigest);
 
         using (var h = File.OpenHandle(Path.Combine(mp, "f04.bin")))
         {
@@ -376,15 +369,8 @@ public class FetchBehaviourTests
         // READs of 256 KiB fit any pipe and never straddle two 1 MiB chunks when aligned.
         await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true, MaxCacheFds = 2 },
             new Stargz.Fuse.FuseMountOptions { AllowOther = true, Passthrough = false, MaxRead = 256 << 10, ReadAheadKb = 256 });
-        var digest = await rig.PushAsync("splice/big", blob, Ct);
-        var mp = await rig.MountAsync(rig.Labels("splice/big", digest, built.TocDigest), Ct);
-        var server = rig.Manager.ServerOf(mp)!;
-        var layer = rig.Manager.GetLayer(mp)!;
-        // Prefetch put big.bin's 7 chunks on disk, verified, without the kernel reading them.
-        await layer.BackgroundWork.WaitAsync(TimeSpan.FromSeconds(60), Ct);
-        await layer.Fetcher.DrainAsync();
-        Assert.Equal(FetchStageState.Done, layer.Stats.Snapshot().Prefetch);
-        long fetchedBefore = layer.Stats.Snapshot().FetchedBytes;
+        // Prefetch puts big.bin's 7 chunks on disk, verified, without the kernel reading them.
+        var (mp, server, layer, fetchedBefore) = await MountPrefetchedAsync(rig, "splice/big", blob, built.TocDigest);
 
         var got = new byte[big.Length];
         using (var h = File.OpenHandle(Path.Combine(mp, "big.bin")))
@@ -407,6 +393,19 @@ public class FetchBehaviourTests
         // A file whose chunks are not on disk still reads through the fetcher.
         Assert.Equal(300_000, (await File.ReadAllBytesAsync(Path.Combine(mp, "other.bin"), Ct)).Length);
         Assert.True(layer.Stats.Snapshot().FetchedBytes > fetchedBefore);
+    }
+
+    /// <summary>Pushes and mounts the blob and waits until its prefetch is done; returns what the caller checks.</summary>
+    private static async Task<(string Mp, Stargz.Fuse.FuseServer Server, RemoteLayer Layer, long FetchedBefore)> MountPrefetchedAsync(
+        LayerRig rig, string repo, byte[] blob, string tocDigest)
+    {
+        var digest = await rig.PushAsync(repo, blob, Ct);
+        var mp = await rig.MountAsync(rig.Labels(repo, digest, tocDigest), Ct);
+        var layer = rig.Manager.GetLayer(mp)!;
+        await layer.BackgroundWork.WaitAsync(TimeSpan.FromSeconds(60), Ct);
+        await layer.Fetcher.DrainAsync();
+        Assert.Equal(FetchStageState.Done, layer.Stats.Snapshot().Prefetch);
+        return (mp, rig.Manager.ServerOf(mp)!, layer, layer.Stats.Snapshot().FetchedBytes);
     }
 
     private static int OpenDescriptorsUnder(string dir)
