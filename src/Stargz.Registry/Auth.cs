@@ -112,7 +112,11 @@ internal sealed class AuthState
                 // A registry token (CRI's registry_token) is already the bearer token: no token server round trip,
                 // and nothing cached, since it belongs to that image's credentials rather than to the scope.
                 if (cred?.RegistryToken is { Length: > 0 } rt) return (new AuthenticationHeaderValue("Bearer", rt), null);
-                task = _tokens.GetOrAdd(scope, s => FetchTokenAsync(client, ep, ch, s, cred));
+                // GetOrAdd's factory may run on several threads at once and every run would ask the token server:
+                // each caller offers an unstarted task, and only the one whose task went in starts the fetch.
+                var mine = new TaskCompletionSource<BearerToken>(TaskCreationOptions.RunContinuationsAsynchronously);
+                task = _tokens.GetOrAdd(scope, mine.Task);
+                if (ReferenceEquals(task, mine.Task)) _ = CompleteWithTokenAsync(mine, client, ep, ch, scope, cred);
             }
             BearerToken tok;
             try
@@ -127,6 +131,13 @@ internal sealed class AuthState
             if (tok.Fresh) return (new AuthenticationHeaderValue("Bearer", tok.Value), task);
             _tokens.TryRemove(new KeyValuePair<string, Task<BearerToken>>(scope, task));
         }
+    }
+
+    private static async Task CompleteWithTokenAsync(TaskCompletionSource<BearerToken> into, RegistryClient client, Endpoint ep,
+        AuthChallenge ch, string scope, RegistryCredential? cred)
+    {
+        try { into.SetResult(await FetchTokenAsync(client, ep, ch, scope, cred).ConfigureAwait(false)); }
+        catch (Exception e) { into.SetException(e); }
     }
 
     // Runs detached from any one caller's token: the result is shared by every request for this scope.

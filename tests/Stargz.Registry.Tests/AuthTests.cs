@@ -67,6 +67,31 @@ public class AuthTests
     }
 
     [Fact]
+    public async Task Many_first_requests_at_once_on_a_fresh_client_ask_the_token_server_once()
+    {
+        var dir = new TempDir("reg-token-burst");
+        await using var tokens = await TokenServer.StartAsync(dir.Path);
+        await using var p = await PreparedRegistry.StartAsync(dir,
+            authYaml: LocalRegistry.TokenAuthYaml(tokens.Realm, TokenServer.Service, TokenServer.Issuer, tokens.RootCertFile));
+        var reference = ImageReference.Parse($"{p.Registry.Host}/{p.Image.Repository}:{p.Image.Tag}");
+        for (var round = 0; round < 5; round++)
+        {
+            // Every request meets the 401 challenge, then all of them want the same scope's token at the same moment.
+            using var client = new RegistryClient();
+            var before = tokens.Requests;
+            using var start = new ManualResetEventSlim();
+            var resolves = Enumerable.Range(0, 16).Select(_ => Task.Run(async () =>
+            {
+                start.Wait(Ct);
+                return await client.ResolveAsync(reference, Platform.Parse("linux/amd64"), Ct);
+            }, Ct)).ToList();
+            start.Set();
+            foreach (var m in await Task.WhenAll(resolves)) Assert.Equal(p.Image.AmdManifest, m.Digest);
+            Assert.Equal(1, tokens.Requests - before);
+        }
+    }
+
+    [Fact]
     public async Task Bearer_tokens_from_token_server_cached_per_scope()
     {
         var dir = new TempDir("reg-token");
