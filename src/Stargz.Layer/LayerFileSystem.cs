@@ -289,29 +289,29 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     {
         range = default;
         var i = Get(ino);
-        if (i == null) return false;
+        if (i == null || offset < 0) return false;
         long fileSize = (long)i.Attr.Size;
-        if (handle != 0 && _chunkFiles.TryGetValue(handle, out var own))
+        int len = offset >= fileSize ? 0 : (int)Math.Min(size, fileSize - offset);
+        SafeFileHandle? file;
+        long fileOffset = offset;
+        if (handle == 0 || !_chunkFiles.TryGetValue(handle, out file))
         {
-            if (!FuseFileRange.TryLend(own, offset, offset >= fileSize ? 0 : (int)Math.Min(size, fileSize - offset), out range)) return false;
-            _fetcher.CountDiskFileRead();
-            return true;
+            var chunks = i.Chunks;
+            if (!_spliceFromChunkFiles || len == 0 || chunks.Length == 0) return false;
+            int at = ChunkFetcher.FindChunk(chunks, offset);
+            if (at < 0) return false;
+            ref readonly var c = ref chunks[at];
+            if (c.Digest == null || offset + len > c.FileOffset + c.Size) return false;
+            file = _diskChunks.TryGet(c.Digest);
+            if (file == null)
+            {
+                if (_fetcher.TrustedDiskPath(c) is not { } path) return false;
+                try { file = _diskChunks.Add(c.Digest, File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete)); }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return false; }
+            }
+            fileOffset = offset - c.FileOffset;
         }
-        var chunks = i.Chunks;
-        if (!_spliceFromChunkFiles || chunks.Length == 0 || offset < 0 || offset >= fileSize) return false;
-        int at = ChunkFetcher.FindChunk(chunks, offset);
-        if (at < 0) return false;
-        ref readonly var c = ref chunks[at];
-        int len = (int)Math.Min(size, fileSize - offset);
-        if (c.Digest == null || offset + len > c.FileOffset + c.Size) return false;
-        var file = _diskChunks.TryGet(c.Digest);
-        if (file == null)
-        {
-            if (_fetcher.TrustedDiskPath(c) is not { } path) return false;
-            try { file = _diskChunks.Add(c.Digest, File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete)); }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return false; }
-        }
-        if (!FuseFileRange.TryLend(file, offset - c.FileOffset, len, out range)) return false;
+        if (!FuseFileRange.TryLend(file, fileOffset, len, out range)) return false;
         _fetcher.CountDiskFileRead();
         return true;
     }
