@@ -406,7 +406,7 @@ public class RpullTests
         return result;
     }
 
-    private static Task<ProcessResult> Rpull(E2eRig rig, string image, string snapshotter = "stargz", string[]? extra = null) =>
+    internal static Task<ProcessResult> Rpull(E2eRig rig, string image, string snapshotter = "stargz", string[]? extra = null) =>
         StargzCli.RunAsync(["image", "rpull", "--address", rig.Containerd.Socket, "--namespace", rig.Containerd.Namespace,
             "--snapshotter", snapshotter, "--plain-http", "--log-level", "debug", .. extra ?? [], image]);
 
@@ -424,7 +424,7 @@ public class RpullTests
         return [l1, l2, l3];
     }
 
-    private static async Task<string> SnapshotInfoAsync(E2eRig rig, string key) =>
+    internal static async Task<string> SnapshotInfoAsync(E2eRig rig, string key) =>
         (await rig.Containerd.CtrAsync("snapshots", "--snapshotter", "stargz", "info", key)).EnsureSuccess($"ctr snapshots info {key}").StdOut;
 
     /// <summary>The image is listed, no rpull lease is left, and its config carries the snapshot GC label naming the

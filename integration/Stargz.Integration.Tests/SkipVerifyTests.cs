@@ -1,6 +1,7 @@
 using System.Net.Http;
 using System.Text;
 using System.Text.Json.Nodes;
+using Stargz.Estargz;
 using Stargz.TestSupport;
 
 namespace Stargz.Integration.Tests;
@@ -12,7 +13,6 @@ namespace Stargz.Integration.Tests;
 /// </summary>
 public class SkipVerifyTests
 {
-    private const string TocDigestAnnotation = "containerd.io/snapshot/stargz/toc.digest";
     private const string SkipVerifyLabel = "containerd.io/snapshot/remote/stargz.skipverify";
 
     [Fact]
@@ -31,7 +31,7 @@ public class SkipVerifyTests
         Assert.Equal(2, manifest.Count);
 
         // Without the flag the daemon refuses to mount unverified layers; the pull still works, the ordinary way.
-        var plain = (await Rpull(rig, image)).EnsureSuccess("stargz image rpull without --skip-content-verify");
+        var plain = (await RpullTests.Rpull(rig, image)).EnsureSuccess("stargz image rpull without --skip-content-verify");
         Assert.Contains("(0 remote, 2 applied, 0 existing layers)", plain.StdOut);
         Assert.Empty(rig.FuseMounts());
         Assert.Equal("no toc digest here", (await E2eHelpers.RunAsync(rig.Containerd, image, "sv-plain", "/bin/cat", "/etc/motd")).Trim());
@@ -44,11 +44,11 @@ public class SkipVerifyTests
         await FallbackTests.WaitNoSnapshotsAsync(rig);
 
         // With it, both layers are remote snapshots (FUSE mounts), labelled as the reference labels them.
-        var lazy = (await Rpull(rig, image, "--skip-content-verify")).EnsureSuccess("stargz image rpull --skip-content-verify");
+        var lazy = (await RpullTests.Rpull(rig, image, extra: ["--skip-content-verify"])).EnsureSuccess("stargz image rpull --skip-content-verify");
         Assert.Contains("(2 remote, 0 applied, 0 existing layers)", lazy.StdOut);
         Assert.Equal(2, rig.FuseMounts().Count);
         foreach (var s in await E2eHelpers.StargzSnapshotsAsync(rig.Containerd))
-            Assert.Contains(SkipVerifyLabel, await SnapshotInfoAsync(rig, s));
+            Assert.Contains(SkipVerifyLabel, await RpullTests.SnapshotInfoAsync(rig, s));
         var content = await rig.ContentDigestsAsync();
         foreach (var (digest, _) in manifest) Assert.DoesNotContain(digest, content);
         Assert.Equal("no toc digest here", (await E2eHelpers.RunAsync(rig.Containerd, image, "sv-lazy", "/bin/cat", "/etc/motd")).Trim());
@@ -63,7 +63,7 @@ public class SkipVerifyTests
         Assert.Equal("no toc digest here", (await E2eHelpers.RunAsync(rig.Containerd, image, "sv-ref", "/bin/cat", "/etc/motd")).Trim());
 
         // The image with its TOC digests is still verified as usual (and needs no flag).
-        var verified = (await Rpull(rig, esgz)).EnsureSuccess("stargz image rpull of the annotated image");
+        var verified = (await RpullTests.Rpull(rig, esgz)).EnsureSuccess("stargz image rpull of the annotated image");
         Assert.Contains("(0 remote, 0 applied, 2 existing layers)", verified.StdOut);
         Assert.Null(rig.Daemon.ExitCode);
     }
@@ -80,8 +80,8 @@ public class SkipVerifyTests
         var manifest = JsonNode.Parse(await got.Content.ReadAsStringAsync(ct))!.AsObject();
         var removed = 0;
         foreach (var layer in manifest["layers"]!.AsArray())
-            if (layer!["annotations"] is JsonObject a && a.Remove(TocDigestAnnotation)) removed++;
-        Assert.True(removed > 0, $"{repo}:{tag} had no {TocDigestAnnotation} annotations to remove");
+            if (layer!["annotations"] is JsonObject a && a.Remove(LayerLabels.TocDigestAnnotation)) removed++;
+        Assert.True(removed > 0, $"{repo}:{tag} had no {LayerLabels.TocDigestAnnotation} annotations to remove");
         using var put = new HttpRequestMessage(HttpMethod.Put, $"http://{host}/v2/{repo}/manifests/{newTag}")
         {
             Content = new StringContent(manifest.ToJsonString(), Encoding.UTF8, mediaType),
@@ -91,11 +91,4 @@ public class SkipVerifyTests
         put2.EnsureSuccessStatusCode();
         return $"{host}/{repo}:{newTag}";
     }
-
-    private static Task<ProcessResult> Rpull(E2eRig rig, string image, params string[] extra) =>
-        StargzCli.RunAsync(["image", "rpull", "--address", rig.Containerd.Socket, "--namespace", rig.Containerd.Namespace,
-            "--plain-http", "--log-level", "debug", .. extra, image]);
-
-    private static async Task<string> SnapshotInfoAsync(E2eRig rig, string key) =>
-        (await rig.Containerd.CtrAsync("snapshots", "--snapshotter", "stargz", "info", key)).EnsureSuccess($"ctr snapshots info {key}").StdOut;
 }
