@@ -51,6 +51,11 @@ public sealed unsafe partial class FuseServer : IDisposable
     /// <summary>True when the kernel accepted passthrough in INIT.</summary>
     public bool PassthroughNegotiated { get; private set; }
     /// <summary>
+    /// True while opens may still be answered with a backing file: passthrough was negotiated and the kernel has not
+    /// refused a backing file for good (EPERM: no CAP_SYS_ADMIN; ENOTTY/EOPNOTSUPP).
+    /// </summary>
+    public bool PassthroughUsable => _passthroughUsable;
+    /// <summary>
     /// True when the kernel accepted FUSE_DIRECT_IO_ALLOW_MMAP in INIT: files opened with
     /// <see cref="FuseOpenResult.DirectIo"/> can also be mapped shared (otherwise mmap(MAP_SHARED) fails with ENODEV).
     /// </summary>

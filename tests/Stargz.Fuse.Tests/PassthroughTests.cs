@@ -5,13 +5,6 @@ namespace Stargz.Fuse.Tests;
 
 public sealed class PassthroughTests
 {
-    private static void RequirePassthroughKernel()
-    {
-        Requires.Fuse();
-        var v = Environment.OSVersion.Version;
-        if (v.Major < 6 || v.Major == 6 && v.Minor < 9) Requires.Missing($"FUSE passthrough needs Linux 6.9+, this is {v}");
-    }
-
     private static string MakeBacking(string dir, int size)
     {
         var path = Path.Combine(dir, "backing.bin");
@@ -24,7 +17,7 @@ public sealed class PassthroughTests
     [Fact]
     public async Task With_passthrough_reads_go_to_the_backing_file_and_skip_user_space()
     {
-        RequirePassthroughKernel();
+        Requires.PassthroughKernel();
         using var dir = new TempDir("fuse-pt");
         var backing = MakeBacking(dir.Path, 8 << 20);
         using var fs = new MemoryFileSystem();
@@ -76,7 +69,7 @@ public sealed class PassthroughTests
     [Fact]
     public async Task When_the_kernel_refuses_a_backing_file_reads_fall_back_to_user_space()
     {
-        RequirePassthroughKernel();
+        Requires.PassthroughKernel();
         using var dir = new TempDir("fuse-ptfb");
         // A backing file on overlayfs is already one level deep: the kernel refuses it for max_stack_depth 1.
         var l1 = dir.Sub("l1");
@@ -110,7 +103,7 @@ public sealed class PassthroughTests
     [Fact]
     public async Task A_file_open_through_user_space_is_not_switched_to_passthrough_under_its_readers()
     {
-        RequirePassthroughKernel();
+        Requires.PassthroughKernel();
         var ct = TestContext.Current.CancellationToken;
         using var dir = new TempDir("fuse-ptmix");
         var backing = MakeBacking(dir.Path, 4 << 20);
@@ -146,7 +139,7 @@ public sealed class PassthroughTests
     public async Task A_binary_on_the_mount_executes(bool passthrough)
     {
         // exec maps the file (mmap, PROT_EXEC): what containers do with every binary of a layer.
-        if (passthrough) RequirePassthroughKernel();
+        if (passthrough) Requires.PassthroughKernel();
         else Requires.Fuse();
         using var dir = new TempDir("fuse-exec");
         var echo = Requires.Command("echo");

@@ -20,6 +20,14 @@ public static class Requires
         Assert.Skip($"skipped on this machine: {why}");
     }
 
+    /// <summary>FUSE passthrough (backing files) needs Linux 6.9 or newer.</summary>
+    public static void PassthroughKernel()
+    {
+        Fuse();
+        var v = Environment.OSVersion.Version;
+        if (v.Major < 6 || v.Major == 6 && v.Minor < 9) Missing($"FUSE passthrough needs Linux 6.9+, this is {v}");
+    }
+
     public static void Root()
     {
         if (!IsRoot) Missing("test needs root (mount(2), overlayfs, containerd)");
