@@ -208,6 +208,23 @@ public sealed class ChunkCache : IDisposable
         return File.Exists(path) ? path : null;
     }
 
+    /// <summary>The chunk's disk file if there is one, checked or not.</summary>
+    internal string? DiskPath(string key)
+    {
+        if (_chunkDir == null) return null;
+        var path = PathOf(key);
+        return File.Exists(path) ? path : null;
+    }
+
+    /// <summary>True when this process has verified the chunk's disk file (no I/O; the file may have gone since).</summary>
+    internal bool IsTrusted(string key) => _chunkDir != null && _trustedOnDisk.ContainsKey(key);
+
+    /// <summary>Where atomic writes are staged (cleared at start), or null for a memory-only cache.</summary>
+    internal string? TmpDirectory => _tmpDir;
+
+    /// <summary>Whether writes are made durable (fsync of file and directory).</summary>
+    internal bool DurableWrites => _durable;
+
     /// <summary>Forgets which disk chunks were checked, as a restarted process would (tests of the restart path).</summary>
     internal void ForgetTrust() => _trustedOnDisk.Clear();
 

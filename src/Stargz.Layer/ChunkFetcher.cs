@@ -52,6 +52,24 @@ internal sealed class ChunkFetcher : IDisposable
     /// <summary>A verified disk file holding exactly this chunk's bytes, or null (verification off: never).</summary>
     internal string? TrustedDiskPath(in LayerChunk c) => _verify && c.Digest != null ? _cache.TrustedPath(c.Digest) : null;
 
+    /// <summary>False with <c>disable_verification</c>: nothing read by this layer is checked, so nothing is trusted.</summary>
+    internal bool Verifies => _verify;
+
+    /// <summary>
+    /// The chunk's disk file, checked by this process or not (null when there is none): whole-file copies are built
+    /// from these and hashed as a whole against the file's digest, so they need no earlier check of each chunk.
+    /// </summary>
+    internal string? DiskPathOf(LayerChunk c) => _verify && c.Digest != null ? _cache.DiskPath(c.Digest) : null;
+
+    /// <summary>True when every chunk has a disk file this process verified (dictionary lookups only, no I/O).</summary>
+    internal bool AllTrustedOnDisk(LayerChunk[] chunks)
+    {
+        if (!_verify) return false;
+        foreach (ref readonly var c in chunks.AsSpan())
+            if (c.Digest == null || !_cache.IsTrusted(c.Digest)) return false;
+        return true;
+    }
+
     /// <summary>A read answered straight from a verified chunk file on disk (spliced by the FUSE bridge).</summary>
     internal void CountDiskFileRead() => Interlocked.Increment(ref _stats.CacheHits);
 

@@ -45,12 +45,15 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     // Chunk files of bigger files, by digest: a READ that falls inside one verified chunk on disk is spliced from it.
     private readonly ChunkFileHandles _diskChunks;
     private readonly bool _spliceFromChunkFiles;
+    // Whole-file copies of bigger files for passthrough (null: passthrough is off for this layer).
+    private readonly AssembledFiles? _assembled;
     private long _lastHandle;
 
     public LayerFileSystem(TocNode root, ChunkFetcher fetcher, bool userXattrOpaque, int maxCacheFds = LayerOptions.DefaultMaxCacheFds,
-        bool spliceFromChunkFiles = true)
+        bool spliceFromChunkFiles = true, AssembledFiles? assembled = null)
     {
         _fetcher = fetcher;
+        _assembled = assembled;
         _diskChunks = new ChunkFileHandles(maxCacheFds);
         _spliceFromChunkFiles = spliceFromChunkFiles;
         var list = new List<Inode>();
@@ -128,6 +131,15 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     }
 
     public int InodeCount => _inodes.Length;
+
+    /// <summary>
+    /// Whether the mount can still answer opens with a backing file (set once mounted): whole-file copies are only
+    /// worth building while it can.
+    /// </summary>
+    internal Func<bool>? PassthroughUsable { get; set; }
+
+    /// <summary>The whole-file build the last open of a bigger file started (tests wait for it).</summary>
+    internal Task LastAssembly { get; private set; } = Task.CompletedTask;
 
     private static Inode NewInode(TocNode node, Inode? parent, List<Inode> list, Dictionary<TocNode, Inode> byNode, ref ulong total)
     {
@@ -262,21 +274,38 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         // A file that is one chunk, already verified on disk: this open keeps the chunk file open. With passthrough
         // (when the mount negotiated it) the kernel reads it and reads never reach us; otherwise they are spliced
         // from it (TryReadFromFile) instead of going through the memory cache.
-        if (i.Chunks.Length == 1 && i.Chunks[0].FileOffset == 0 && (ulong)i.Chunks[0].Size == i.Attr.Size
-            && _fetcher.TrustedDiskPath(i.Chunks[0]) is { } path)
+        string? path = null;
+        if (i.Chunks.Length == 1 && i.Chunks[0].FileOffset == 0 && (ulong)i.Chunks[0].Size == i.Attr.Size)
+            path = _fetcher.TrustedDiskPath(i.Chunks[0]);
+        else if (i.Chunks.Length > 1)
+            path = AssembledCopy(i);
+        if (path == null) return 0;
+        SafeFileHandle h;
+        try { h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            SafeFileHandle h;
-            try { h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete); }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-            {
-                return 0; // removed or unreadable since it was checked: this open reads through the chunk cache
-            }
-            var handle = (ulong)Interlocked.Increment(ref _lastHandle);
-            _chunkFiles[handle] = h;
-            result.Handle = handle;
-            result.BackingFile = h;
+            return 0; // removed or unreadable since it was checked: this open reads through the chunk cache
         }
+        var handle = (ulong)Interlocked.Increment(ref _lastHandle);
+        _chunkFiles[handle] = h;
+        result.Handle = handle;
+        result.BackingFile = h;
         return 0;
+    }
+
+    /// <summary>
+    /// A bigger file, with passthrough usable: its verified whole-file copy when there is one. Otherwise, when every
+    /// chunk is verified on disk (or an earlier process left a copy), the copy is built (or hashed) in the background
+    /// for later opens, and this one is served as usual. Only lookups here: an OPEN never waits for disk work.
+    /// </summary>
+    private string? AssembledCopy(Inode i)
+    {
+        if (_assembled == null || !_fetcher.Verifies || i.Node?.Entry.Digest is not { } digest || PassthroughUsable?.Invoke() != true)
+            return null;
+        if (_assembled.TrustedPath(digest) is { } path) return path;
+        if (_assembled.HasUncheckedCopy(digest) || _fetcher.AllTrustedOnDisk(i.Chunks))
+            LastAssembly = _assembled.Schedule(digest, (long)i.Attr.Size, i.Chunks, _fetcher.DiskPathOf);
+        return null;
     }
 
     /// <summary>

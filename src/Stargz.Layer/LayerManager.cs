@@ -29,7 +29,8 @@ public static class LayerLabelKeys
 
 /// <summary>A mounted layer as the daemon reports it.</summary>
 /// <param name="AllChunksFetched">every chunk fetched and verified: the layer no longer needs its registry.</param>
-public sealed record MountedLayerInfo(string MountPoint, string Reference, string Digest, string TocDigest, LayerStatsSnapshot Stats, bool AllChunksFetched);
+public sealed record MountedLayerInfo(string MountPoint, string Reference, string Digest, string TocDigest, LayerStatsSnapshot Stats, bool AllChunksFetched,
+    long PassthroughOpens, long ReadRequests);
 
 /// <summary>
 /// The seam the snapshotter uses: mount a layer (described by snapshot labels) as a lazily fetched, verified,
@@ -66,7 +67,16 @@ public sealed class LayerManager : IAsyncDisposable
         // Beside the chunk cache (ROOT/stargz/cache -> ROOT/stargz/toc): TOCs are what a restart needs to mount offline.
         if (options.CacheDirectory != null)
             _tocs = new TocStore(Path.Combine(Path.GetDirectoryName(Path.GetFullPath(options.CacheDirectory).TrimEnd('/'))!, "toc"));
+        // With passthrough, bigger files get whole-file copies beside the chunks (CACHE/files) once all their chunks are in.
+        if (_fuse.Passthrough && options.CacheDirectory != null && Cache.TmpDirectory != null)
+            Files = new AssembledFiles(Path.Combine(options.CacheDirectory, "files"), Cache.TmpDirectory, options.DurableDiskWrites, _log);
     }
+
+    /// <summary>Whole-file copies for passthrough; null when the mounts do not ask for passthrough or there is no disk cache.</summary>
+    internal AssembledFiles? Files { get; }
+
+    /// <summary>Whole-file copies built for passthrough by this process (0 without passthrough).</summary>
+    public long AssembledFilesBuilt => Files?.Built ?? 0;
 
     /// <summary>The chunk cache shared by all layers.</summary>
     public ChunkCache Cache { get; }
@@ -80,7 +90,8 @@ public sealed class LayerManager : IAsyncDisposable
         {
             var list = new List<MountedLayerInfo>();
             foreach (var (mp, m) in _mounts)
-                list.Add(new MountedLayerInfo(mp, m.Layer.Reference, m.Layer.Digest, m.Layer.TocDigest, m.Layer.Stats.Snapshot(), m.Layer.AllChunksFetched));
+                list.Add(new MountedLayerInfo(mp, m.Layer.Reference, m.Layer.Digest, m.Layer.TocDigest, m.Layer.Stats.Snapshot(), m.Layer.AllChunksFetched,
+                    m.Server.PassthroughOpens, m.Server.ReadRequests));
             return list;
         }
     }
@@ -139,7 +150,7 @@ public sealed class LayerManager : IAsyncDisposable
         {
             if (_mounts.ContainsKey(mountpoint)) throw new InvalidOperationException($"{mountpoint} is already mounted");
             if (FuseServer.IsDeadMount(mountpoint)) FuseServer.CleanupDeadMount(mountpoint);
-            var layer = new RemoteLayer(reference, digest, resolved.Toc, resolved.Blob, Cache, _gate, _options);
+            var layer = new RemoteLayer(reference, digest, resolved.Toc, resolved.Blob, Cache, _gate, _options, Files);
             FuseServer server;
             try
             {
@@ -151,6 +162,7 @@ public sealed class LayerManager : IAsyncDisposable
                 await layer.DisposeAsync().ConfigureAwait(false);
                 throw;
             }
+            layer.FileSystem.PassthroughUsable = () => server.PassthroughUsable;
             _mounts[mountpoint] = new Mounted(layer, server, resolved.Blob);
             layer.StartBackgroundWork(prefetchSize);
             _log.LogInformation("mounted layer {Digest} of {Reference} at {MountPoint} (prefetch to {PrefetchEnd})",
@@ -323,6 +335,7 @@ public sealed class LayerManager : IAsyncDisposable
                 _log.LogWarning("cannot remove cached chunk {Key} of released layer {Digest}: {Error}", k, m.Layer.Digest, e.Message);
             }
         }
+        var assembled = await RemoveAssembledFilesAsync(m, ct).ConfigureAwait(false);
         var digestStillMounted = false;
         foreach (var (_, other) in _mounts) digestStillMounted |= other.Layer.Digest == m.Layer.Digest;
         if (!digestStillMounted && _tocs != null)
@@ -333,8 +346,21 @@ public sealed class LayerManager : IAsyncDisposable
                 _log.LogWarning("cannot remove the stored TOC of released layer {Digest}: {Error}", m.Layer.Digest, e.Message);
             }
         }
-        _log.LogInformation("released layer {Digest} from {MountPoint}: {Files} cached chunk files removed, {Shared} chunks kept for other layers",
-            m.Layer.Digest, mountpoint, files, total - keys.Count);
+        _log.LogInformation("released layer {Digest} from {MountPoint}: {Files} cached chunk files and {Assembled} whole-file copies removed, {Shared} chunks kept for other layers",
+            m.Layer.Digest, mountpoint, files, assembled, total - keys.Count);
+    }
+
+    /// <summary>Deletes the whole-file copies of the released layer's files that no mounted layer has.</summary>
+    private async Task<int> RemoveAssembledFilesAsync(Mounted released, CancellationToken ct)
+    {
+        if (Files == null) return 0;
+        var digests = released.Layer.FileDigests();
+        foreach (var (_, other) in _mounts)
+        {
+            if (digests.Count == 0) break;
+            foreach (var d in other.Layer.FileDigests()) digests.Remove(d);
+        }
+        return digests.Count == 0 ? 0 : await Files.RemoveAsync(digests, ct).ConfigureAwait(false);
     }
 
     private static async Task StopAsync(Mounted m)
@@ -351,6 +377,7 @@ public sealed class LayerManager : IAsyncDisposable
             if (_mounts.TryRemove(mp, out var m))
                 await StopAsync(m).ConfigureAwait(false);
         _gate.Dispose();
+        Files?.Dispose();
         Cache.Dispose();
         _disposed.Dispose();
     }

@@ -16,7 +16,8 @@ public sealed class RemoteLayer : IAsyncDisposable
     private Task _work = Task.CompletedTask;
     private int _disposed;
 
-    internal RemoteLayer(string reference, string digest, ResolvedToc toc, IRangeFetcher blob, ChunkCache cache, FetchGate gate, LayerOptions options)
+    internal RemoteLayer(string reference, string digest, ResolvedToc toc, IRangeFetcher blob, ChunkCache cache, FetchGate gate, LayerOptions options,
+        AssembledFiles? assembled = null)
     {
         Reference = reference;
         Digest = digest;
@@ -25,7 +26,7 @@ public sealed class RemoteLayer : IAsyncDisposable
         _options = options = options.Normalized();
         Stats = new LayerStats();
         Fetcher = new ChunkFetcher(blob, new EstargzChunkDecoder(toc.Reader.Compression), cache, gate, Stats, digest, options);
-        FileSystem = new LayerFileSystem(toc.Reader.Root, Fetcher, options.UserXattrOpaque, options.MaxCacheFds, options.SpliceFromChunkFiles);
+        FileSystem = new LayerFileSystem(toc.Reader.Root, Fetcher, options.UserXattrOpaque, options.MaxCacheFds, options.SpliceFromChunkFiles, assembled);
         _byBlobOffset = CollectChunks(toc.Reader);
     }
 
@@ -71,6 +72,15 @@ public sealed class RemoteLayer : IAsyncDisposable
         var keys = new HashSet<string>(_byBlobOffset.Length, StringComparer.Ordinal);
         foreach (var c in _byBlobOffset) keys.Add(Fetcher.KeyOf(c));
         return keys;
+    }
+
+    /// <summary>Content digests of the layer's files of more than one chunk (the ones that may have whole-file copies).</summary>
+    internal HashSet<string> FileDigests()
+    {
+        var digests = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var node in Reader.Tree.Nodes)
+            if (node.IsRegular && node.Chunks.Count > 1 && node.Entry.Digest is { } d) digests.Add(d);
+        return digests;
     }
 
     /// <summary>Starts prefetch then background fetch; returns at once (the mount never waits for them).</summary>
