@@ -40,7 +40,8 @@ public sealed class OutageRig : IAsyncDisposable
 
     /// <param name="fetchingTimeoutSec">the daemon's <c>[blob] fetching_timeout_sec</c>.</param>
     /// <param name="backgroundFetch">leave prefetch and background fetch on (the default config) instead of off.</param>
-    public static async Task<OutageRig> StartAsync(int fetchingTimeoutSec = FetchingTimeoutSec, bool backgroundFetch = false)
+    /// <param name="extraToml">more of the daemon's config, appended (tables only).</param>
+    public static async Task<OutageRig> StartAsync(int fetchingTimeoutSec = FetchingTimeoutSec, bool backgroundFetch = false, string extraToml = "")
     {
         Requires.Fuse();
         Requires.Root();
@@ -58,6 +59,7 @@ public sealed class OutageRig : IAsyncDisposable
                 no_background_fetch = {(backgroundFetch ? "false" : "true")}
                 [blob]
                 fetching_timeout_sec = {fetchingTimeoutSec}
+                {extraToml}
                 """);
             var ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket);
             return new OutageRig(registry, storage, daemon, ctd, port, work);

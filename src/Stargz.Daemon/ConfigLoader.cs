@@ -111,6 +111,7 @@ public static class ConfigLoader
             {
                 case "attr_timeout": f.AttrTimeout = r.Long(key, v); break;
                 case "entry_timeout": f.EntryTimeout = r.Long(key, v); break;
+                case "passthrough": f.Passthrough = r.Bool(key, v); break;
                 default: r.Unknown(key); break;
             }
         }
@@ -213,7 +214,7 @@ public static class ConfigLoader
     private static readonly HashSet<string> ReferenceOnlyKeys = new(StringComparer.Ordinal)
     {
         "http_cache_type", "filesystem_cache_type", "resolve_result_entry", "kubeconfig_keychain",
-        "snapshotter", "listen_path", "metadata_store", "debug_address", "fuse_manager", "fuse.passthrough", "fuse.merge_buffer_size",
+        "snapshotter", "listen_path", "metadata_store", "debug_address", "fuse_manager", "fuse.merge_buffer_size", "fuse.merge_worker_count",
         "fuse.passthrough_max_stack_depth", "directory_cache.cache_dir",
     };
 

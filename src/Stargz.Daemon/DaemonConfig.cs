@@ -54,6 +54,11 @@ public sealed class DaemonConfig
     {
         public long AttrTimeout { get; set; } = 1;
         public long EntryTimeout { get; set; } = 1;
+        /// <summary>
+        /// passthrough (reference default false): answer opens of files whose bytes are verified on disk with a kernel
+        /// backing file (Linux 6.9+), so their reads skip the daemon; bigger files get a whole-file copy in the cache.
+        /// </summary>
+        public bool Passthrough { get; set; }
     }
 
     /// <summary>

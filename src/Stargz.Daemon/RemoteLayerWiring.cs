@@ -68,11 +68,13 @@ public static class RemoteLayerWiring
             AllowOther = true,
             AttrTimeout = TimeSpan.FromSeconds(config.Fuse.AttrTimeout),
             EntryTimeout = TimeSpan.FromSeconds(config.Fuse.EntryTimeout),
+            Passthrough = config.Fuse.Passthrough,
         };
         var manager = new LayerManager(registry, options, fuse, loggers.CreateLogger("stargz.layer"));
         LayerMetrics.Track(manager);
-        log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}",
-            options.CacheDirectory, options.MaxConcurrency, options.NoPrefetch ? "off" : "on", options.NoBackgroundFetch ? "off" : "on");
+        log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}, passthrough {Passthrough}",
+            options.CacheDirectory, options.MaxConcurrency, options.NoPrefetch ? "off" : "on", options.NoBackgroundFetch ? "off" : "on",
+            fuse.Passthrough ? "on" : "off");
         return new LazyLayerFileSystem(manager, registry);
     }
 }
@@ -149,11 +151,17 @@ public static class LayerMetrics
         "stargz_layer_background_total_bytes", "Bytes the background fetch has to bring in.");
     private static readonly Gauge FullyFetched = Prometheus.Metrics.CreateGauge(
         "stargz_layers_fully_fetched", "Mounted layers with every chunk fetched and verified (served without the registry).");
+    private static readonly Gauge PassthroughOpens = Prometheus.Metrics.CreateGauge(
+        "stargz_layer_passthrough_opens", "Opens of the mounted layers' files answered with a kernel backing file (reads skip the daemon).");
+    private static readonly Gauge ReadRequests = Prometheus.Metrics.CreateGauge(
+        "stargz_layer_fuse_read_requests", "FUSE READ requests that reached the daemon (passthrough reads and page-cache hits never do).");
+    private static readonly Gauge AssembledFiles = Prometheus.Metrics.CreateGauge(
+        "stargz_assembled_files_built", "Whole-file copies built from verified chunks for passthrough since the daemon started.");
 
     public static void Track(LayerManager manager) =>
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
         {
-            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0;
+            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0, passthrough = 0, reads = 0;
             var layers = manager.Layers;
             foreach (var l in layers)
             {
@@ -165,6 +173,8 @@ public static class LayerMetrics
                 bgDone += l.Stats.BackgroundDoneBytes;
                 bgTotal += l.Stats.BackgroundTotalBytes;
                 if (l.AllChunksFetched) complete++;
+                passthrough += l.PassthroughOpens;
+                reads += l.ReadRequests;
             }
             Mounted.Set(layers.Count);
             FetchedBytes.Set(fetched);
@@ -175,5 +185,8 @@ public static class LayerMetrics
             BackgroundDone.Set(bgDone);
             BackgroundTotal.Set(bgTotal);
             FullyFetched.Set(complete);
+            PassthroughOpens.Set(passthrough);
+            ReadRequests.Set(reads);
+            AssembledFiles.Set(manager.AssembledFilesBuilt);
         });
 }

@@ -45,6 +45,7 @@ public class DaemonConfigTests
             [fuse]
             attr_timeout = 5
             entry_timeout = -1
+            passthrough = true
             [resolver.host."docker.io".mirrors]
             """.Replace("[resolver.host.\"docker.io\".mirrors]", """
             [[resolver.host."docker.io".mirrors]]
@@ -68,7 +69,7 @@ public class DaemonConfigTests
         Assert.Equal(65536, c.Blob.PrefetchChunkSize);
         Assert.Equal((3L, 10L, 100L, 30L), (c.Blob.MaxRetries, c.Blob.MinWaitMsec, c.Blob.MaxWaitMsec, c.Blob.ValidInterval));
         Assert.Equal((50L, 20L, true, false), (c.DirectoryCache.MaxLruCacheEntry, c.DirectoryCache.MaxCacheFds, c.DirectoryCache.SyncAdd, c.DirectoryCache.Direct));
-        Assert.Equal((5L, -1L), (c.Fuse.AttrTimeout, c.Fuse.EntryTimeout));
+        Assert.Equal((5L, -1L, true), (c.Fuse.AttrTimeout, c.Fuse.EntryTimeout, c.Fuse.Passthrough));
         var mirrors = c.ResolverHosts["docker.io"];
         Assert.Equal([new DaemonConfig.MirrorConfig("mirror.example:5000", true, 7), new DaemonConfig.MirrorConfig("second.example", false, 0)], mirrors);
     }
@@ -93,6 +94,7 @@ public class DaemonConfigTests
         Assert.Equal(2, c.MaxConcurrency);
         Assert.True(c.DirectoryCache.Direct);
         Assert.Equal("", c.MetricsAddress);
+        Assert.False(c.Fuse.Passthrough);
     }
 
     [Theory]
@@ -101,6 +103,7 @@ public class DaemonConfigTests
     [InlineData("[blob]\nchunk_size = 1.5", "blob.chunk_size must be an integer")]
     [InlineData("[blob]\nmin_wait_msec = 500\nmax_wait_msec = 100", "blob.max_wait_msec (100) is less than blob.min_wait_msec (500)")]
     [InlineData("blob = 3", "blob must be a table")]
+    [InlineData("[fuse]\npassthrough = 1", "fuse.passthrough must be a boolean")]
     [InlineData("metrics_address = \"nowhere\"", "metrics_address \"nowhere\" is not HOST:PORT")]
     [InlineData("[[resolver.host.\"r.io\".mirrors]]\ninsecure = true", "resolver.host.\"r.io\".mirrors[0].host is required")]
     [InlineData("this is = not toml [", "is not valid TOML")]
