@@ -121,7 +121,7 @@ public sealed class RemoteLayer : IAsyncDisposable
         }
         if (split >= _byBlobOffset.Length && Volatile.Read(ref Stats.PrefetchState) != (int)FetchStageState.Failed)
         {
-            Volatile.Write(ref _allFetched, 1);
+            await MarkAllFetchedAsync().ConfigureAwait(false);
             return;
         }
         if (_options.NoBackgroundFetch) return;
@@ -137,7 +137,7 @@ public sealed class RemoteLayer : IAsyncDisposable
                     b => Interlocked.Add(ref Stats.BackgroundDoneBytes, b), lifetime).ConfigureAwait(false);
                 Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Done);
                 // Prefetch may have given up on its part; it counts only when it finished too.
-                if (split == 0 || Volatile.Read(ref Stats.PrefetchState) == (int)FetchStageState.Done) Volatile.Write(ref _allFetched, 1);
+                if (split == 0 || Volatile.Read(ref Stats.PrefetchState) == (int)FetchStageState.Done) await MarkAllFetchedAsync().ConfigureAwait(false);
                 return;
             }
             catch (OperationCanceledException)
@@ -157,6 +157,16 @@ public sealed class RemoteLayer : IAsyncDisposable
                 backoff = TimeSpan.FromTicks(Math.Min(backoff.Ticks * 2, TimeSpan.FromSeconds(60).Ticks));
             }
         }
+    }
+
+    /// <summary>
+    /// Readers get a chunk before it is written to disk: the layer counts as fully fetched once those writes are done
+    /// too, so every chunk is then verified on disk (Check, passthrough copies and restarts rely on it).
+    /// </summary>
+    private async Task MarkAllFetchedAsync()
+    {
+        await Fetcher.DrainAsync().ConfigureAwait(false);
+        Volatile.Write(ref _allFetched, 1);
     }
 
     /// <summary>Stops prefetch and background fetch and fails reads still waiting; waits for disk writes in flight.</summary>
