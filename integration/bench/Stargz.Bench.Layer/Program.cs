@@ -8,9 +8,9 @@ using Stargz.Registry;
 using Stargz.TestSupport;
 
 // A layer whose chunks are all fetched and verified on disk, read through a fresh FUSE mount of it (the daemon's
-// FUSE options: page cache, passthrough off), against the same bytes read from a local file on the same disk. Both
-// layer variants (reads spliced from the chunk files, and the older copy through the memory cache) and the local
-// file are read in turn, N times, in one process.
+// FUSE options: page cache, passthrough off), against the same bytes read from a local file on the same disk. The
+// layer variants (reads spliced from the chunk files, the older copy through the memory cache, and passthrough on
+// with the file's whole-file copy built) and the local file are read in turn, N times, in one process.
 // Usage: Stargz.Bench.Layer [--file-mb N] [--repeats R] [--read-ahead-kb K] [--out FILE]
 var fileMb = 256;
 int? readAheadKb = null;
@@ -56,10 +56,11 @@ var labels = new Dictionary<string, string>
     [LayerLabelKeys.TocDigest] = built.TocDigest,
 };
 
-var variants = new (string Name, LayerOptions Options)[]
+var variants = new (string Name, LayerOptions Options, bool Passthrough)[]
 {
-    ("layer, reads spliced from the chunk files", new LayerOptions { CacheDirectory = work.Sub("cache-splice") }),
-    ("layer, reads copied through the memory cache", new LayerOptions { CacheDirectory = work.Sub("cache-copy"), SpliceFromChunkFiles = false }),
+    ("layer, reads spliced from the chunk files", new LayerOptions { CacheDirectory = work.Sub("cache-splice") }, false),
+    ("layer, reads copied through the memory cache", new LayerOptions { CacheDirectory = work.Sub("cache-copy"), SpliceFromChunkFiles = false }, false),
+    ("layer, `[fuse] passthrough = true` (whole-file copy)", new LayerOptions { CacheDirectory = work.Sub("cache-passthrough") }, true),
 };
 var managers = new LayerManager[variants.Length];
 int mounts = 0;
@@ -68,11 +69,29 @@ try
     for (int v = 0; v < variants.Length; v++)
     {
         // The daemon's FUSE options (RemoteLayerWiring), plus the readahead under test if given.
-        managers[v] = new LayerManager(client, variants[v].Options, new Stargz.Fuse.FuseMountOptions { AllowOther = true, ReadAheadKb = readAheadKb });
+        managers[v] = new LayerManager(client, variants[v].Options,
+            new Stargz.Fuse.FuseMountOptions { AllowOther = true, ReadAheadKb = readAheadKb, Passthrough = variants[v].Passthrough });
         // First mount: read everything once (fetched from the registry, verified, written to disk), then unmount.
         var mp = work.Sub($"mnt{mounts++}");
         await managers[v].MountAsync(mp, labels, CancellationToken.None);
         Read(Path.Combine(mp, "data.bin"), data.Length, 1);
+        if (variants[v].Passthrough)
+        {
+            // Once every chunk is on disk (the background fetch has written them), the next open has the whole-file
+            // copy built; wait for it.
+            var deadline = DateTime.UtcNow.AddMinutes(2);
+            while (!managers[v].Layers[0].AllChunksFetched)
+            {
+                if (DateTime.UtcNow > deadline) throw new TimeoutException("the layer was not fully fetched within 2 minutes");
+                await Task.Delay(50);
+            }
+            File.OpenHandle(Path.Combine(mp, "data.bin")).Dispose();
+            while (managers[v].AssembledFilesBuilt == 0)
+            {
+                if (DateTime.UtcNow > deadline) throw new TimeoutException("the whole-file copy was not built (does the kernel offer FUSE passthrough?)");
+                await Task.Delay(50);
+            }
+        }
         await managers[v].UnmountAsync(mp, CancellationToken.None);
     }
     Read(native, data.Length, 1);
@@ -103,7 +122,7 @@ try
         (readAheadKb is int ra ? $" --read-ahead-kb {ra}" : "") + "` on " +
         $"{Environment.ProcessorCount} cores, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC, kernel {File.ReadAllText("/proc/sys/kernel/osrelease").Trim()}.");
     sb.AppendLine($"One {fileMb} MiB file in a layer of {built.Size >> 20} MiB (4 MiB chunks, all fetched and verified on disk), read with 1 MiB " +
-        "reads by 1 or 4 threads (each its own part) through a fresh mount (daemon defaults: page cache, passthrough off);");
+        "reads by 1 or 4 threads (each its own part) through a fresh mount (daemon defaults: page cache, passthrough off, unless the row says so);");
     sb.AppendLine($"the local file is the same bytes on the same disk, in the page cache. Median of {repeats} interleaved repeats.");
     sb.AppendLine();
     sb.AppendLine("| read | readers | MiB/s | vs local file |");
