@@ -29,6 +29,12 @@ public class AssembledFilesTests
     private static AssembledFiles NewFiles(TempDir dir) =>
         new(Path.Combine(dir.Path, "files"), Directory.CreateDirectory(Path.Combine(dir.Path, "tmp")).FullName, durableWrites: false);
 
+    /// <summary>Schedules the build of <paramref name="file"/> and waits (bounded) for it to end.</summary>
+    private static Task BuildAsync(AssembledFiles files, byte[] file, LayerChunk[] chunks, Func<LayerChunk, string?> path) =>
+        files.Schedule(Sha(file), file.Length, chunks, path).WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken);
+
+    private static void NoTempFilesLeft(TempDir dir) => Assert.Empty(Directory.EnumerateFiles(Path.Combine(dir.Path, "tmp")));
+
     [Fact]
     public async Task BuildsTheFileFromItsChunksOnceHoweverManyAsk()
     {
@@ -37,11 +43,10 @@ public class AssembledFilesTests
         var (chunks, paths) = Split(dir.Path, file, 65_536);
         using var files = NewFiles(dir);
         var digest = Sha(file);
-        var builds = Enumerable.Range(0, 8).Select(_ => files.Schedule(digest, file.Length, chunks, c => paths[c.Digest!])).ToArray();
-        await Task.WhenAll(builds).WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken);
+        await Task.WhenAll(Enumerable.Range(0, 8).Select(_ => BuildAsync(files, file, chunks, c => paths[c.Digest!])));
         Assert.Equal(1, files.Built);
         Assert.Equal(file, File.ReadAllBytes(files.TrustedPath(digest)!));
-        Assert.Empty(Directory.EnumerateFiles(Path.Combine(dir.Path, "tmp")));
+        NoTempFilesLeft(dir);
         // Trusted now: asking again does nothing.
         Assert.True(files.Schedule(digest, file.Length, chunks, c => paths[c.Digest!]).IsCompleted);
         Assert.Equal(1, files.Built);
@@ -56,11 +61,11 @@ public class AssembledFilesTests
         File.WriteAllBytes(paths[chunks[1].Digest!], TestTars.Random(65_536, 3)); // a chunk file altered on disk
         using var files = NewFiles(dir);
         var digest = Sha(file);
-        await files.Schedule(digest, file.Length, chunks, c => paths[c.Digest!]).WaitAsync(TimeSpan.FromSeconds(30), TestContext.Current.CancellationToken);
+        await BuildAsync(files, file, chunks, c => paths[c.Digest!]);
         Assert.Equal((0, 1), (files.Built, files.Failed));
         Assert.Null(files.TrustedPath(digest));
         Assert.False(File.Exists(files.PathOf(digest)));
-        Assert.Empty(Directory.EnumerateFiles(Path.Combine(dir.Path, "tmp")));
+        NoTempFilesLeft(dir);
         Assert.True(files.Schedule(digest, file.Length, chunks, c => paths[c.Digest!]).IsCompleted);
         Assert.Equal(1, files.Failed);
     }
@@ -72,15 +77,14 @@ public class AssembledFilesTests
         var file = TestTars.Random(200_000, 4);
         var (chunks, paths) = Split(dir.Path, file, 65_536);
         using var files = NewFiles(dir);
-        var ct = TestContext.Current.CancellationToken;
-        await files.Schedule(Sha(file), file.Length, chunks, c => c.FileOffset == 65_536 ? null : paths[c.Digest!]).WaitAsync(TimeSpan.FromSeconds(30), ct);
+        await BuildAsync(files, file, chunks, c => c.FileOffset == 65_536 ? null : paths[c.Digest!]);
         Assert.Equal(1, files.Failed);
         var other = TestTars.Random(200_000, 5);
         var (otherChunks, otherPaths) = Split(dir.Path, other, 65_536);
         LayerChunk[] gap = [otherChunks[0], otherChunks[2], otherChunks[3]];
-        await files.Schedule(Sha(other), other.Length, gap, c => otherPaths[c.Digest!]).WaitAsync(TimeSpan.FromSeconds(30), ct);
+        await BuildAsync(files, other, gap, c => otherPaths[c.Digest!]);
         Assert.Equal((0, 2), (files.Built, files.Failed));
-        Assert.Empty(Directory.EnumerateFiles(Path.Combine(dir.Path, "tmp")));
+        NoTempFilesLeft(dir);
     }
 
     [Fact]
@@ -91,10 +95,9 @@ public class AssembledFilesTests
         var (chunks, paths) = Split(dir.Path, file, 65_536);
         using var files = NewFiles(dir);
         var digest = Sha(file);
-        var ct = TestContext.Current.CancellationToken;
-        await files.Schedule(digest, file.Length, chunks, c => paths[c.Digest!]).WaitAsync(TimeSpan.FromSeconds(30), ct);
+        await BuildAsync(files, file, chunks, c => paths[c.Digest!]);
         var path = files.TrustedPath(digest)!;
-        Assert.Equal(1, await files.RemoveAsync([digest, Sha([1, 2, 3])], ct));
+        Assert.Equal(1, await files.RemoveAsync([digest, Sha([1, 2, 3])], TestContext.Current.CancellationToken));
         Assert.False(File.Exists(path));
         Assert.Null(files.TrustedPath(digest));
     }
