@@ -120,6 +120,32 @@ public class CriKeychainTests
         Assert.Equal(0, await DaemonMetrics.ReadAsync(rig.MetricsPort, "stargz_layers_mounted"));
     }
 
+    /// <summary>A node whose docker config names a credential helper (as EKS nodes do with ecr-login): without the CRI
+    /// keychain, the daemon asks the helper and serves the layers of the auth registry lazily.</summary>
+    [Fact]
+    public async Task WithACredentialHelperInTheDaemonsDockerConfigTheLayersOfAnAuthRegistryAreServedLazily()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        await using var rig = await AuthRig.StartAsync(keychain: false, credentialHelper: true);
+
+        using var cri = new CriClient(rig.Containerd.Socket);
+        await cri.Images.PullImageAsync(new PullImageRequest
+        {
+            Image = new ImageSpec { Image = rig.Image },
+            Auth = new AuthConfig { Username = User, Password = Password }, // containerd's own manifest fetch
+        }, cancellationToken: ct);
+
+        Assert.Equal(rig.Layers.Count, rig.FuseMounts().Count);
+        var content = (await rig.Containerd.CtrInNamespaceAsync("k8s.io", "content", "ls", "-q")).EnsureSuccess("ctr -n k8s.io content ls").StdOut;
+        foreach (var (digest, _) in rig.Layers) Assert.DoesNotContain(digest, content);
+        var run = await rig.Containerd.CtrInNamespaceAsync("k8s.io", "run", "--rm", "--snapshotter", "stargz", rig.Image, "cri-helper",
+            "/bin/cat", "/etc/motd");
+        run.EnsureSuccess("ctr -n k8s.io run of the image served with the helper's credentials");
+        Assert.Equal(Motd, run.StdOut.Trim());
+        Assert.True(File.Exists(rig.HelperAskedFile), "the credential helper was never run");
+        Assert.DoesNotContain(Password, rig.Daemon.Log);
+    }
+
     /// <summary>The daemon starts before its backing CRI service (as under systemd, where containerd may come later);
     /// kubelet's calls meanwhile fail as Unavailable naming the backend, not as a hang or an internal error.</summary>
     [Fact]
@@ -160,19 +186,33 @@ public class CriKeychainTests
         public string Repository => "e2e/private";
         public string Image => $"{Registry.Host}/{Repository}:esgz";
         public List<(string Digest, long Size)> Layers { get; private set; } = [];
+        /// <summary>Written by the credential helper (when the rig has one) each time the daemon runs it.</summary>
+        public string HelperAskedFile => Path.Combine(Work.Path, "helper-asked");
 
         public List<Mounts.MountInfo> FuseMounts() =>
             Mounts.Under(Daemon.Root).Where(m => m.FsType.StartsWith("fuse", StringComparison.Ordinal)).ToList();
 
-        public static async Task<AuthRig> StartAsync(bool keychain)
+        /// <param name="credentialHelper">give the daemon a docker config whose credsStore is a helper that knows the
+        /// registry's credentials (a real program on the daemon's PATH).</param>
+        public static async Task<AuthRig> StartAsync(bool keychain, bool credentialHelper = false)
         {
             Requires.Fuse();
             var htpasswd = Requires.Command("htpasswd");
             var work = new TempDir("e2e-crikc");
             var storage = work.Sub("registry-storage");
-            var emptyDockerConfig = work.Sub("docker-config-empty");
-            // The daemon gets a docker config dir with nothing in it: whatever root's ~/.docker holds cannot help.
-            var env = new Dictionary<string, string> { ["DOCKER_CONFIG"] = emptyDockerConfig };
+            var dockerConfigDir = work.Sub("docker-config-empty");
+            // The daemon gets its own docker config dir (empty unless the rig has a helper): root's ~/.docker cannot help.
+            var env = new Dictionary<string, string> { ["DOCKER_CONFIG"] = dockerConfigDir };
+            if (credentialHelper)
+            {
+                var bin = work.Sub("helper-bin");
+                var helper = Path.Combine(bin, "docker-credential-e2e");
+                await File.WriteAllTextAsync(helper, "#!/bin/sh\nread server\necho \"$server\" >> '" + Path.Combine(work.Path, "helper-asked") +
+                    "'\nprintf '{\"ServerURL\":\"%s\",\"Username\":\"" + User + "\",\"Secret\":\"" + Password + "\"}' \"$server\"\n");
+                File.SetUnixFileMode(helper, (UnixFileMode)0b111_101_101);
+                await File.WriteAllTextAsync(Path.Combine(dockerConfigDir, "config.json"), "{\"credsStore\": \"e2e\"}");
+                env["PATH"] = bin + ":" + (Environment.GetEnvironmentVariable("PATH") ?? "/usr/sbin:/usr/bin:/sbin:/bin");
+            }
             var metricsPort = LocalRegistry.FreePort();
             var baseToml = $"metrics_address = \"127.0.0.1:{metricsPort}\"\n";
             var registry = await LocalRegistry.StartAsync(storageDir: storage);

@@ -43,9 +43,9 @@ public static class RemoteLayerWiring
         }
         // Registry credentials: those kubelet sent with the image's CRI PullImage when the CRI keychain is on, then the
         // docker config of the user running the daemon, as with the reference.
-        ICredentialProvider credentials = criKeychain is null
-            ? new DockerConfigCredentialProvider()
-            : new ChainedCredentialProvider(criKeychain, new DockerConfigCredentialProvider());
+        // docker's config may name credential helpers (credsStore, credHelpers); they are run as docker runs them.
+        var dockerConfig = new DockerConfigCredentialProvider(helpers: new CredentialHelpers(logger: loggers.CreateLogger("stargz.registry")));
+        ICredentialProvider credentials = criKeychain is null ? dockerConfig : new ChainedCredentialProvider(criKeychain, dockerConfig);
         var registry = new RegistryClient(hosts, credentials, loggers.CreateLogger("stargz.registry"));
         var options = new LayerOptions
         {

@@ -62,24 +62,35 @@ public sealed class ChainedCredentialProvider(params ICredentialProvider[] provi
 
 /// <summary>
 /// Reads docker's <c>config.json</c> (<c>$DOCKER_CONFIG/config.json</c> or <c>~/.docker/config.json</c>):
-/// <c>auths[HOST].auth</c> (base64 user:password), <c>username</c>/<c>password</c>, <c>identitytoken</c>.
-/// Re-read when the file changes. Credential helpers are not run.
+/// <c>auths[HOST].auth</c> (base64 user:password), <c>username</c>/<c>password</c>, <c>identitytoken</c>; and, as docker
+/// does, asks a credential helper first when one is named for the host (<c>credHelpers[HOST]</c>) or for all hosts
+/// (<c>credsStore</c>), falling back to <c>auths</c> when the helper has nothing. Re-read when the file changes.
 /// </summary>
 public sealed class DockerConfigCredentialProvider : ICredentialProvider
 {
+    private const string DockerHubServer = "https://index.docker.io/v1/";
+
+    private sealed record Loaded(Dictionary<string, RegistryCredential> Entries, string? CredsStore, Dictionary<string, string> CredHelpers)
+    {
+        public static readonly Loaded Empty = new(new(StringComparer.OrdinalIgnoreCase), null, new(StringComparer.OrdinalIgnoreCase));
+    }
+
     private readonly string _path;
     private readonly Lock _lock = new();
     private DateTime _loadedMtime = DateTime.MinValue;
     private long _checkedAtMs;
     private bool _checkedOnce;
     private readonly long _recheckMs;
-    private Dictionary<string, RegistryCredential> _entries = new(StringComparer.OrdinalIgnoreCase);
+    private readonly CredentialHelpers _helpers;
+    private Loaded _loaded = Loaded.Empty;
 
     /// <param name="recheckInterval">how often the file's mtime is looked at (default 1 s).</param>
-    public DockerConfigCredentialProvider(string? path = null, TimeSpan? recheckInterval = null)
+    /// <param name="helpers">runs the credential helpers the file names (default: from $PATH, 10 s timeout, answers kept 60 s).</param>
+    public DockerConfigCredentialProvider(string? path = null, TimeSpan? recheckInterval = null, CredentialHelpers? helpers = null)
     {
         _path = path ?? DefaultPath();
         _recheckMs = (long)(recheckInterval ?? TimeSpan.FromSeconds(1)).TotalMilliseconds;
+        _helpers = helpers ?? new CredentialHelpers();
     }
 
     public string Path => _path;
@@ -94,42 +105,74 @@ public sealed class DockerConfigCredentialProvider : ICredentialProvider
 
     public ValueTask<RegistryCredential?> GetAsync(string host, CancellationToken ct)
     {
-        var entries = Load();
-        if (entries.TryGetValue(host, out var c)) return ValueTask.FromResult<RegistryCredential?>(c);
-        if (host is ImageReference.DockerHubHost or ImageReference.DockerHubApiHost or "index.docker.io")
-        {
-            foreach (var k in (ReadOnlySpan<string>)["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"])
-                if (entries.TryGetValue(k, out c)) return ValueTask.FromResult<RegistryCredential?>(c);
-        }
-        return ValueTask.FromResult<RegistryCredential?>(null);
+        var loaded = Load();
+        var hub = host is ImageReference.DockerHubHost or ImageReference.DockerHubApiHost or "index.docker.io";
+        if (HelperFor(loaded, host, hub) is { } helper)
+            return WithHelperAsync(loaded, helper, hub ? DockerHubServer : host, host, hub, ct);
+        return ValueTask.FromResult(FromAuths(loaded.Entries, host, hub));
     }
 
-    private Dictionary<string, RegistryCredential> Load()
+    private async ValueTask<RegistryCredential?> WithHelperAsync(Loaded loaded, string helper, string server, string host, bool hub, CancellationToken ct)
+        => await _helpers.GetAsync(helper, server, ct).ConfigureAwait(false) ?? FromAuths(loaded.Entries, host, hub);
+
+    private static string? HelperFor(Loaded loaded, string host, bool hub)
+    {
+        if (loaded.CredHelpers.TryGetValue(host, out var h)) return h;
+        if (hub)
+            foreach (var k in (ReadOnlySpan<string>)[DockerHubServer, "index.docker.io", "docker.io", "registry-1.docker.io"])
+                if (loaded.CredHelpers.TryGetValue(k, out h)) return h;
+        return loaded.CredsStore;
+    }
+
+    private static RegistryCredential? FromAuths(Dictionary<string, RegistryCredential> entries, string host, bool hub)
+    {
+        if (entries.TryGetValue(host, out var c)) return c;
+        if (hub)
+            foreach (var k in (ReadOnlySpan<string>)[DockerHubServer, "index.docker.io", "docker.io", "registry-1.docker.io"])
+                if (entries.TryGetValue(k, out c)) return c;
+        return null;
+    }
+
+    private Loaded Load()
     {
         lock (_lock)
         {
             // Look at the file at most once per interval: this can run for requests on the hot path.
             var now = Environment.TickCount64;
-            if (_checkedOnce && now - _checkedAtMs < _recheckMs) return _entries;
+            if (_checkedOnce && now - _checkedAtMs < _recheckMs) return _loaded;
             _checkedOnce = true;
             _checkedAtMs = now;
             var mtime = File.Exists(_path) ? File.GetLastWriteTimeUtc(_path) : DateTime.MinValue;
-            if (mtime == _loadedMtime) return _entries;
-            _entries = mtime == DateTime.MinValue ? new(StringComparer.OrdinalIgnoreCase) : Parse(File.ReadAllBytes(_path), _path);
+            if (mtime == _loadedMtime) return _loaded;
+            _loaded = mtime == DateTime.MinValue ? Loaded.Empty : Parse(File.ReadAllBytes(_path), _path);
             _loadedMtime = mtime;
-            return _entries;
+            return _loaded;
         }
     }
 
-    internal static Dictionary<string, RegistryCredential> Parse(byte[] json, string source)
+    private static Loaded Parse(byte[] json, string source)
     {
         var result = new Dictionary<string, RegistryCredential>(StringComparer.OrdinalIgnoreCase);
+        var helpers = new Dictionary<string, string>(StringComparer.OrdinalIgnoreCase);
+        string? store;
         JsonDocument doc;
         try { doc = JsonDocument.Parse(json); }
         catch (JsonException e) { throw new FormatException($"{source}: not valid JSON: {e.Message}", e); }
         using (doc)
         {
-            if (!doc.RootElement.TryGetProperty("auths", out var auths) || auths.ValueKind != JsonValueKind.Object) return result;
+            if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new FormatException($"{source}: not a JSON object");
+            store = Str(doc.RootElement, "credsStore");
+            if (store is not null) CheckHelperName(store, "credsStore", source);
+            if (doc.RootElement.TryGetProperty("credHelpers", out var ch) && ch.ValueKind == JsonValueKind.Object)
+                foreach (var h in ch.EnumerateObject())
+                {
+                    if (h.Value.ValueKind != JsonValueKind.String) throw new FormatException($"{source}: credHelpers[\"{h.Name}\"] is not a string");
+                    var name = h.Value.GetString()!;
+                    CheckHelperName(name, $"credHelpers[\"{h.Name}\"]", source);
+                    helpers[KeyOf(h.Name)] = name;
+                }
+            if (!doc.RootElement.TryGetProperty("auths", out var auths) || auths.ValueKind != JsonValueKind.Object)
+                return new Loaded(result, string.IsNullOrEmpty(store) ? null : store, helpers);
             foreach (var entry in auths.EnumerateObject())
             {
                 if (entry.Value.ValueKind != JsonValueKind.Object) continue;
@@ -150,7 +193,14 @@ public sealed class DockerConfigCredentialProvider : ICredentialProvider
                 result[KeyOf(entry.Name)] = new RegistryCredential(user, pass, string.IsNullOrEmpty(idt) ? null : idt);
             }
         }
-        return result;
+        return new Loaded(result, string.IsNullOrEmpty(store) ? null : store, helpers);
+    }
+
+    // The name becomes part of a program name looked up on the search path: no path separators.
+    private static void CheckHelperName(string name, string key, string source)
+    {
+        if (name.Contains('/') || name.Contains('\0') || name is "." or "..")
+            throw new FormatException($"{source}: {key} \"{name}\" is not a credential helper name");
     }
 
     // Keys may be URLs ("https://host:port/v1/"); the host part is what we look up by.

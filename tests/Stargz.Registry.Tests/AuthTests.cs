@@ -67,6 +67,34 @@ public class AuthTests
     }
 
     [Fact]
+    public async Task A_credential_helper_named_in_the_docker_config_supplies_the_credentials_and_runs_once_for_many_requests()
+    {
+        await using var p = await StartBasicAsync("dave", "from the helper");
+        var bin = p.Dir.Sub("bin");
+        var seen = Path.Combine(p.Dir.Path, "asked.txt");
+        // A real program speaking the helper protocol: server address on stdin, JSON on stdout.
+        CredentialHelperTests.WriteHelper(bin, "stargztest", $$"""
+            read server
+            echo "$server" >> '{{seen}}'
+            printf '{"ServerURL":"%s","Username":"dave","Secret":"from the helper"}' "$server"
+            """);
+        var cfgFile = Path.Combine(p.Dir.Path, "config.json");
+        await File.WriteAllTextAsync(cfgFile, $$"""{"credHelpers": {"{{p.Registry.Host}}": "stargztest"}, "auths": {"{{p.Registry.Host}}": {} } }""", Ct);
+        var helpers = new CredentialHelpers(searchPath: bin);
+        using var client = new RegistryClient(null, new DockerConfigCredentialProvider(cfgFile, helpers: helpers));
+        var reference = ImageReference.Parse($"{p.Registry.Host}/{p.Image.Repository}:{p.Image.Tag}");
+        var m = await client.ResolveAsync(reference, Platform.Parse("linux/amd64"), Ct);
+        Assert.Equal(p.Image.AmdManifest, m.Digest);
+        var blob = await client.OpenBlobAsync(reference, p.Image.LayerDigests[1], Ct);
+        var buf = new byte[4096];
+        for (var i = 0; i < 5; i++) await blob.ReadAtAsync(i * 1000, buf, Ct);
+        Assert.Equal(p.Image.Layers[1].AsSpan(4000, 4096).ToArray(), buf);
+        // Basic auth looks the credentials up for every request; the helper's answer is reused.
+        Assert.Equal(1, helpers.Runs);
+        Assert.Equal($"{p.Registry.Host}\n", await File.ReadAllTextAsync(seen, Ct));
+    }
+
+    [Fact]
     public async Task Many_first_requests_at_once_on_a_fresh_client_ask_the_token_server_once()
     {
         var dir = new TempDir("reg-token-burst");
