@@ -200,7 +200,7 @@ public class CriKeychainTests
             var htpasswd = Requires.Command("htpasswd");
             var work = new TempDir("e2e-crikc");
             var storage = work.Sub("registry-storage");
-            var dockerConfigDir = work.Sub("docker-config-empty");
+            var dockerConfigDir = work.Sub("docker-config");
             // The daemon gets its own docker config dir (empty unless the rig has a helper): root's ~/.docker cannot help.
             var env = new Dictionary<string, string> { ["DOCKER_CONFIG"] = dockerConfigDir };
             if (credentialHelper)
