@@ -16,8 +16,11 @@ public class CriKeychainTests
 
     /// <summary>With [cri_keychain]: the pull succeeds, every layer is a lazy FUSE mount read from the auth registry,
     /// and a file of the image is read in a container. The image calls kubelet makes go through the proxy.</summary>
-    [Fact]
-    public async Task PullWithAuthConfigThroughTheDaemonServesEveryLayerLazilyFromAnAuthRegistry()
+    /// <param name="criVersion">kubelet's CRI version: v1, or v1alpha2 (kubelets before 1.26), served alike.</param>
+    [Theory]
+    [InlineData("v1")]
+    [InlineData("v1alpha2")]
+    public async Task PullWithAuthConfigThroughTheDaemonServesEveryLayerLazilyFromAnAuthRegistry(string criVersion)
     {
         var ct = TestContext.Current.CancellationToken;
         await using var rig = await AuthRig.StartAsync(keychain: true);
@@ -27,7 +30,7 @@ public class CriKeychainTests
         using (var anon = await http.GetAsync($"http://{rig.Registry.Host}/v2/{rig.Repository}/manifests/esgz", ct))
             Assert.Equal(System.Net.HttpStatusCode.Unauthorized, anon.StatusCode);
 
-        using var cri = new CriClient(rig.Daemon.Socket);
+        using var cri = new CriClient(rig.Daemon.Socket, criVersion);
         var pulled = await cri.Images.PullImageAsync(new PullImageRequest
         {
             Image = new ImageSpec { Image = rig.Image },

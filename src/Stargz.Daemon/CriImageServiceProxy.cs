@@ -57,6 +57,52 @@ internal sealed class CriImageServiceProxy(CriBackend backend, CriKeychain keych
 }
 
 /// <summary>
+/// The same proxy as CRI <c>runtime.v1alpha2.ImageService</c>, which kubelets before 1.26 speak and the reference
+/// serves too. The two versions' ImageService messages have the same field numbers, so the v1 types read and write
+/// them (fields this build does not know travel along untouched), and calls are forwarded to the backend as v1.
+/// </summary>
+[BindServiceMethod(typeof(CriImageServiceProxyV1Alpha2), nameof(BindService))]
+internal class CriImageServiceProxyV1Alpha2(CriBackend backend, CriKeychain keychain, ILogger<CriImageServiceProxy> log)
+{
+    public const string ServiceName = "runtime.v1alpha2.ImageService";
+
+    private readonly CriImageServiceProxy _v1 = new(backend, keychain, log);
+
+    // Virtual and declared here: ASP.NET Core binds each handler to a method whose base definition is on this type.
+    public virtual Task<PullImageResponse> PullImage(PullImageRequest request, ServerCallContext context) => _v1.PullImage(request, context);
+    public virtual Task<RemoveImageResponse> RemoveImage(RemoveImageRequest request, ServerCallContext context) => _v1.RemoveImage(request, context);
+    public virtual Task<ListImagesResponse> ListImages(ListImagesRequest request, ServerCallContext context) => _v1.ListImages(request, context);
+    public virtual Task<ImageStatusResponse> ImageStatus(ImageStatusRequest request, ServerCallContext context) => _v1.ImageStatus(request, context);
+    public virtual Task<ImageFsInfoResponse> ImageFsInfo(ImageFsInfoRequest request, ServerCallContext context) => _v1.ImageFsInfo(request, context);
+
+    private static Method<TRequest, TResponse> Unary<TRequest, TResponse>(string name)
+        where TRequest : class, Google.Protobuf.IMessage<TRequest>, new()
+        where TResponse : class, Google.Protobuf.IMessage<TResponse>, new()
+    {
+        var requestParser = new Google.Protobuf.MessageParser<TRequest>(() => new TRequest());
+        var responseParser = new Google.Protobuf.MessageParser<TResponse>(() => new TResponse());
+        return new Method<TRequest, TResponse>(MethodType.Unary, ServiceName, name,
+            Marshallers.Create(m => Google.Protobuf.MessageExtensions.ToByteArray(m), requestParser.ParseFrom),
+            Marshallers.Create(m => Google.Protobuf.MessageExtensions.ToByteArray(m), responseParser.ParseFrom));
+    }
+
+    /// <summary>Binds the v1 handlers under the v1alpha2 service name (ASP.NET Core finds each handler by method name).</summary>
+    public static void BindService(ServiceBinderBase binder, CriImageServiceProxyV1Alpha2? service)
+    {
+        binder.AddMethod(Unary<ListImagesRequest, ListImagesResponse>("ListImages"),
+            service == null ? null : new UnaryServerMethod<ListImagesRequest, ListImagesResponse>(service.ListImages));
+        binder.AddMethod(Unary<ImageStatusRequest, ImageStatusResponse>("ImageStatus"),
+            service == null ? null : new UnaryServerMethod<ImageStatusRequest, ImageStatusResponse>(service.ImageStatus));
+        binder.AddMethod(Unary<PullImageRequest, PullImageResponse>("PullImage"),
+            service == null ? null : new UnaryServerMethod<PullImageRequest, PullImageResponse>(service.PullImage));
+        binder.AddMethod(Unary<RemoveImageRequest, RemoveImageResponse>("RemoveImage"),
+            service == null ? null : new UnaryServerMethod<RemoveImageRequest, RemoveImageResponse>(service.RemoveImage));
+        binder.AddMethod(Unary<ImageFsInfoRequest, ImageFsInfoResponse>("ImageFsInfo"),
+            service == null ? null : new UnaryServerMethod<ImageFsInfoRequest, ImageFsInfoResponse>(service.ImageFsInfo));
+    }
+}
+
+/// <summary>
 /// The backing CRI image service over its unix socket. The channel connects lazily and again after a failure, so the
 /// daemon may start before containerd (as under systemd); a call while it is down fails with Unavailable naming it.
 /// </summary>

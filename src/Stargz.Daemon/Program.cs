@@ -117,7 +117,11 @@ public static class Program
             configureApp: a =>
             {
                 if (metricsEndpoint != null) a.MapMetrics("/metrics").RequireHost($"*:{metricsEndpoint.Port}");
-                if (criBackend != null) a.MapGrpcService<CriImageServiceProxy>();
+                if (criBackend != null)
+                {
+                    a.MapGrpcService<CriImageServiceProxy>();
+                    a.MapGrpcService<CriImageServiceProxyV1Alpha2>();
+                }
             },
             configureLogging: ConfigureLogging);
         try
