@@ -228,40 +228,9 @@ double SequentialRead(string path, long size, int readers) => SequentialReadWith
 
 static double SequentialReadWith(string path, long size, int readers, bool aligned)
 {
-    using var h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.Read);
-    long slice = size / readers;
-    var threads = new Thread[readers];
-    long total = 0;
-    using var go = new ManualResetEventSlim();
-    for (int r = 0; r < readers; r++)
-    {
-        long start = r * slice, end = r == readers - 1 ? size : start + slice;
-        var arr = GC.AllocateUninitializedArray<byte>((1 << 20) + (aligned ? 4096 : 0), pinned: true);
-        int skew = aligned ? (int)((4096 - Marshal.UnsafeAddrOfPinnedArrayElement(arr, 0) % 4096) % 4096) : 0;
-        var buf = new ArraySegment<byte>(arr, skew, 1 << 20);
-        threads[r] = new Thread(() =>
-        {
-            go.Wait();
-            long got = 0;
-            for (long off = start; off < end;)
-            {
-                int n = RandomAccess.Read(h, buf.AsSpan(0, (int)Math.Min(buf.Count, end - off)), off);
-                if (n <= 0) throw new IOException($"short read at {off}");
-                off += n;
-                got += n;
-            }
-            Interlocked.Add(ref total, got);
-        });
-        threads[r].Start();
-    }
-    long allocBefore = GC.GetTotalAllocatedBytes(precise: true);
-    var sw = Stopwatch.StartNew();
-    go.Set();
-    foreach (var t in threads) t.Join();
-    sw.Stop();
-    Alloc.Last = GC.GetTotalAllocatedBytes(precise: true) - allocBefore;
-    if (total != size) throw new IOException($"read {total} of {size} bytes");
-    return sw.Elapsed.TotalSeconds;
+    var (seconds, allocated) = Stargz.Bench.SequentialReader.Read(path, size, readers, aligned);
+    Alloc.Last = allocated;
+    return seconds;
 }
 
 static double FindStat(string dir, int expected)

@@ -154,36 +154,4 @@ static double Median(List<double> xs)
 }
 
 // Returns seconds; checks every byte arrived.
-static double Read(string path, long size, int readers)
-{
-    using var h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.Read);
-    long slice = size / readers;
-    long total = 0;
-    var threads = new Thread[readers];
-    using var go = new ManualResetEventSlim();
-    for (int r = 0; r < readers; r++)
-    {
-        long start = r * slice, end = r == readers - 1 ? size : start + slice;
-        var buf = GC.AllocateUninitializedArray<byte>(1 << 20, pinned: true);
-        threads[r] = new Thread(() =>
-        {
-            go.Wait();
-            long got = 0;
-            for (long off = start; off < end;)
-            {
-                int n = RandomAccess.Read(h, buf.AsSpan(0, (int)Math.Min(buf.Length, end - off)), off);
-                if (n <= 0) throw new IOException($"short read at {off} of {path}");
-                off += n;
-                got += n;
-            }
-            Interlocked.Add(ref total, got);
-        });
-        threads[r].Start();
-    }
-    var sw = Stopwatch.StartNew();
-    go.Set();
-    foreach (var t in threads) t.Join();
-    sw.Stop();
-    if (total != size) throw new IOException($"read {total} of {size} bytes of {path}");
-    return sw.Elapsed.TotalSeconds;
-}
+static double Read(string path, long size, int readers) => Stargz.Bench.SequentialReader.Read(path, size, readers).Seconds;
