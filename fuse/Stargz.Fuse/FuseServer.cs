@@ -52,7 +52,9 @@ public sealed unsafe partial class FuseServer : IDisposable
     public bool PassthroughNegotiated { get; private set; }
     /// <summary>
     /// True while opens may still be answered with a backing file: passthrough was negotiated and the kernel has not
-    /// refused a backing file for good (EPERM: no CAP_SYS_ADMIN; ENOTTY/EOPNOTSUPP).
+    /// refused a backing file for good (EPERM: no CAP_SYS_ADMIN; ENOTTY/EOPNOTSUPP; ELOOP: the backing file is on a
+    /// stacked filesystem such as overlayfs, deeper than this mount's max_stack_depth of 1 allows — taken to hold for
+    /// every backing file of the mount, which in practice come from one place, rather than retried and logged per open).
     /// </summary>
     public bool PassthroughUsable => _passthroughUsable;
     /// <summary>
@@ -528,8 +530,10 @@ public sealed unsafe partial class FuseServer : IDisposable
         if (own) Native.Close(fd);
         if (id < 0)
         {
-            _opt.Log?.Invoke($"passthrough refused (errno {e}); serving reads in user space");
-            if (e is Native.EPERM or Native.ENOTTY or Native.EOPNOTSUPP) _passthroughUsable = false;
+            _opt.Log?.Invoke(e == Native.ELOOP
+                ? "passthrough refused (errno 40, ELOOP): the backing file is on a stacked filesystem (overlayfs?) deeper than max_stack_depth 1 allows; passthrough off for this mount, reads served in user space"
+                : $"passthrough refused (errno {e}); serving reads in user space");
+            if (e is Native.EPERM or Native.ENOTTY or Native.EOPNOTSUPP or Native.ELOOP) _passthroughUsable = false;
             id = 0;
             return false;
         }

@@ -8,7 +8,7 @@ internal static unsafe partial class Native
     public const int O_RDONLY = 0, O_RDWR = 2, O_CLOEXEC = 0x80000;
     public const int EPERM = 1, ENOENT = 2, EINTR = 4, EIO = 5, EBADF = 9, EAGAIN = 11, EACCES = 13, EBUSY = 16,
         EINVAL = 22, ENODEV = 19, ENOTDIR = 20, EISDIR = 21, ERANGE = 34, ENOSYS = 38, ENODATA = 61, EROFS = 30,
-        ENXIO = 6, EPROTO = 71, ENOTTY = 25, EOPNOTSUPP = 95, ENOTCONN = 107, ECONNABORTED = 103, ENOTSUP = 95;
+        ENXIO = 6, EPROTO = 71, ENOTTY = 25, EOPNOTSUPP = 95, ENOTCONN = 107, ECONNABORTED = 103, ENOTSUP = 95, ELOOP = 40;
     public const ulong MS_RDONLY = 1, MS_NOSUID = 2, MS_NODEV = 4;
     public const int MNT_FORCE = 1, MNT_DETACH = 2;
     public const short POLLIN = 1;

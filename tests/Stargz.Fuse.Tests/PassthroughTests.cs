@@ -91,8 +91,12 @@ public sealed class PassthroughTests
                 Assert.True(cmp.ExitCode == 0, cmp.StdOut + cmp.StdErr);
                 Assert.Equal(0, server.PassthroughOpens);
                 Assert.True(fs.ReadCalls > 0);
+                // Refused for good: later opens do not ask the kernel again (nor log it again).
+                Assert.False(server.PassthroughUsable);
+                cmp = await Tools.Run("cmp", Path.Combine(mnt, "data.bin"), backing);
+                Assert.True(cmp.ExitCode == 0, cmp.StdOut + cmp.StdErr);
             }
-            lock (log) Assert.Contains(log, m => m.Contains("passthrough refused"));
+            lock (log) Assert.Single(log, m => m.Contains("passthrough refused") && m.Contains("ELOOP"));
         }
         finally
         {

@@ -164,4 +164,50 @@ public class AssembledFileTests
         Assert.Equal(big, ReadAll(Path.Combine(mp, "big.bin"), big.Length));
         Assert.False(Directory.Exists(Path.Combine(rig.Options.CacheDirectory!, "files")), "a copy directory was made without passthrough");
     }
+
+    [Fact]
+    public async Task WithTheCacheOnOverlayfsTheKernelRefusesTheCopyOnceAndNoMoreCopiesAreBuilt()
+    {
+        // As under kind or docker-in-docker, where the daemon's root is on overlayfs: a backing file there is too
+        // deep for passthrough (the FUSE mount's max_stack_depth is 1).
+        Requires.PassthroughKernel();
+        Requires.Root();
+        using var dir = new TempDir("assembled-ovl");
+        var merged = dir.Sub("merged");
+        (await ProcessRunner.RunAsync("mount", "-t", "overlay", "overlay", "-o",
+            $"lowerdir={dir.Sub("lower")},upperdir={dir.Sub("upper")},workdir={dir.Sub("work")}", merged)).EnsureSuccess("mount overlay");
+        try
+        {
+            await using var rig = await LayerRig.StartAsync(
+                new LayerOptions { NoBackgroundFetch = true, CacheDirectory = Path.Combine(merged, "cache") }, PassthroughMount);
+            var s = await MountAsync(rig, "assembled/ovl");
+            var files = rig.Manager.Files!;
+            Assert.Equal(s.Big, ReadAll(Path.Combine(s.Mp, "big.bin"), s.Big.Length));
+            await s.Layer.FileSystem.LastAssembly.WaitAsync(TimeSpan.FromSeconds(30), Ct);
+            Assert.Equal(1, files.Built);
+
+            // A later open offers the copy (once the kernel has released the earlier page-cache opens); the kernel
+            // refuses it (ELOOP), the file is read through the daemon, and passthrough is off for the mount.
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+            do
+            {
+                Assert.Equal(s.Big, ReadAll(Path.Combine(s.Mp, "big.bin"), s.Big.Length));
+                if (s.Server.PassthroughUsable) await Task.Delay(50, Ct);
+            } while (s.Server.PassthroughUsable && DateTime.UtcNow < deadline);
+            Assert.False(s.Server.PassthroughUsable, "the kernel never refused the copy on overlayfs");
+            Assert.Equal(0, s.Server.PassthroughOpens);
+
+            // No more copies: other.bin, once all its chunks are verified on disk, gets none.
+            Assert.Equal(s.Other, ReadAll(Path.Combine(s.Mp, "other.bin"), s.Other.Length));
+            await s.Layer.Fetcher.DrainAsync();
+            Assert.Equal(s.Other, ReadAll(Path.Combine(s.Mp, "other.bin"), s.Other.Length));
+            await s.Layer.FileSystem.LastAssembly.WaitAsync(TimeSpan.FromSeconds(30), Ct);
+            Assert.Equal(1, files.Built);
+            await rig.Manager.UnmountAsync(s.Mp, Ct);
+        }
+        finally
+        {
+            await ProcessRunner.RunAsync("umount", merged);
+        }
+    }
 }
