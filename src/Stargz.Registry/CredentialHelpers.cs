@@ -16,6 +16,7 @@ namespace Stargz.Registry;
 public sealed class CredentialHelpers
 {
     private const string NotFound = "credentials not found";
+    private const int TextFileBusy = 26; // ETXTBSY
 
     private readonly string _searchPath;
     private readonly TimeSpan _timeout;
@@ -75,12 +76,21 @@ public sealed class CredentialHelpers
         };
         psi.ArgumentList.Add("get");
         using var timeout = new CancellationTokenSource(_timeout);
-        Process p;
-        try { p = Process.Start(psi) ?? throw new InvalidOperationException("no process"); }
-        catch (Exception e) when (e is System.ComponentModel.Win32Exception or InvalidOperationException)
+        Process? p = null;
+        for (var attempt = 1; p is null; attempt++)
         {
-            _log.LogWarning("docker credential helper {Helper} cannot be started: {Error}", path, e.Message);
-            return null;
+            try { p = Process.Start(psi) ?? throw new InvalidOperationException("no process"); }
+            catch (System.ComponentModel.Win32Exception e) when (e.NativeErrorCode == TextFileBusy && attempt < 5)
+            {
+                // The helper is being written (a package upgrade; or any process forked at that moment still holds
+                // the writer's descriptor until it execs): wait a little and try again.
+                await Task.Delay(50 * attempt, CancellationToken.None).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is System.ComponentModel.Win32Exception or InvalidOperationException)
+            {
+                _log.LogWarning("docker credential helper {Helper} cannot be started: {Error}", path, e.Message);
+                return null;
+            }
         }
         using (p)
         {

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using Microsoft.Extensions.Logging;
 using Stargz.TestSupport;
 
 namespace Stargz.Registry.Tests;
@@ -15,6 +16,19 @@ public class CredentialHelperTests
         var path = Path.Combine(dir, "docker-credential-" + name);
         File.WriteAllText(path, "#!/bin/sh\n" + body.Replace("\r", "") + "\n");
         File.SetUnixFileMode(path, (UnixFileMode)0b111_101_101);
+    }
+
+    /// <summary>Keeps what the helpers runner logs, for assertion messages.</summary>
+    internal sealed class LogLines : ILogger
+    {
+        private readonly List<string> _lines = [];
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+        public bool IsEnabled(LogLevel logLevel) => true;
+        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
+        {
+            lock (_lines) _lines.Add(formatter(state, exception));
+        }
+        public override string ToString() { lock (_lines) return string.Join("\n", _lines); }
     }
 
     private static async Task<DockerConfigCredentialProvider> ProviderAsync(TempDir dir, string json, CredentialHelpers helpers)
@@ -39,14 +53,16 @@ public class CredentialHelperTests
             """);
         WriteHelper(bin, "special", """echo '{"Username":"sp","Secret":"sp-pw"}'""");
         var b64 = Convert.ToBase64String("fileuser:filepw"u8.ToArray());
-        var helpers = new CredentialHelpers(searchPath: bin);
+        var log = new LogLines();
+        var helpers = new CredentialHelpers(searchPath: bin, logger: log);
         var p = await ProviderAsync(dir, $$"""
             {"credsStore": "store", "credHelpers": {"https://special.example/v2/": "special"},
              "auths": {"plain.example": {"auth": "{{b64}}"}, "tok.example": {} } }
             """, helpers);
 
         var tok = await p.GetAsync("tok.example", Ct);
-        Assert.Equal(("refresh-123", (string?)null), (tok!.IdentityToken, tok.Username));
+        Assert.True(tok != null, $"no credentials from the helper; it logged:\n{log}");
+        Assert.Equal(("refresh-123", (string?)null), (tok.IdentityToken, tok.Username));
         Assert.Equal(("hubuser", "hubpw"), ((await p.GetAsync("registry-1.docker.io", Ct))!.Username, (await p.GetAsync("docker.io", Ct))!.Secret));
         Assert.Equal("sp", (await p.GetAsync("special.example", Ct))!.Username); // credHelpers wins over credsStore
         Assert.Equal("fileuser", (await p.GetAsync("plain.example", Ct))!.Username); // the store has nothing: auths
