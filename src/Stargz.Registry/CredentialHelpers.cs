@@ -92,12 +92,19 @@ public sealed class CredentialHelpers
                 return null;
             }
         }
-        using (p)
+        try
         {
             try
             {
-                await p.StandardInput.WriteAsync(server).ConfigureAwait(false);
-                p.StandardInput.Close();
+                try
+                {
+                    await p.StandardInput.WriteAsync(server).ConfigureAwait(false);
+                    p.StandardInput.Close();
+                }
+                catch (IOException)
+                {
+                    // EPIPE: the helper answered without reading its input (docker accepts that too); its output counts.
+                }
                 var stdout = p.StandardOutput.ReadToEndAsync(timeout.Token);
                 var stderr = p.StandardError.ReadToEndAsync(timeout.Token);
                 await p.WaitForExitAsync(timeout.Token).ConfigureAwait(false);
@@ -124,6 +131,10 @@ public sealed class CredentialHelpers
                 _log.LogWarning("docker credential helper {Helper} for {Server}: {Error}", path, server, e.Message);
                 return null;
             }
+        }
+        finally
+        {
+            try { p.Dispose(); } catch (IOException) { /* its stdin pipe, broken by a helper that did not read it */ }
         }
     }
 
