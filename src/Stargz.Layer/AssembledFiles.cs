@@ -3,6 +3,7 @@ using System.Collections.Concurrent;
 using System.Security.Cryptography;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Win32.SafeHandles;
 
 namespace Stargz.Layer;
 
@@ -81,7 +82,7 @@ internal sealed class AssembledFiles : IDisposable
     /// </summary>
     public Task Schedule(string digest, long size, LayerChunk[] chunks, Func<LayerChunk, string?> chunkPath)
     {
-        if (_trusted.ContainsKey(digest) || _lifetime.IsCancellationRequested || !IsSha256(digest)) return Task.CompletedTask;
+        if (_trusted.ContainsKey(digest) || _lifetime.IsCancellationRequested || !Digests.IsSha256(digest)) return Task.CompletedTask;
         if (_failedAt.TryGetValue(digest, out var at) && Environment.TickCount64 - at < (long)RetryAfterFailure.TotalMilliseconds)
             return Task.CompletedTask;
         if (_inflight.TryGetValue(digest, out var running)) return running;
@@ -165,21 +166,12 @@ internal sealed class AssembledFiles : IDisposable
                 long pos = 0;
                 foreach (var c in chunks)
                 {
-                    ct.ThrowIfCancellationRequested();
                     if (c.FileOffset != pos)
                         throw new InvalidDataException($"the chunks do not cover the file in order (chunk at {c.FileOffset}, expected {pos})");
                     var path = chunkPath(c) ?? throw new IOException($"chunk {c.Digest} at file offset {c.FileOffset} is not on disk");
                     using var input = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
-                    if (RandomAccess.GetLength(input) != c.Size)
+                    if (!Pump(input, c.Size, sha, buffer, output, ct))
                         throw new InvalidDataException($"chunk file {path} is not {c.Size} bytes long");
-                    for (long done = 0; done < c.Size;)
-                    {
-                        var n = RandomAccess.Read(input, buffer.AsSpan(0, (int)Math.Min(buffer.Length, c.Size - done)), done);
-                        if (n <= 0) throw new InvalidDataException($"chunk file {path} ended at {done} of {c.Size} bytes");
-                        sha.AppendData(buffer, 0, n);
-                        output.Write(buffer, 0, n);
-                        done += n;
-                    }
                     pos += c.Size;
                 }
                 if (pos != size) throw new InvalidDataException($"the chunks hold {pos} bytes of a {size}-byte file");
@@ -187,7 +179,7 @@ internal sealed class AssembledFiles : IDisposable
             }
             Span<byte> got = stackalloc byte[32];
             sha.GetHashAndReset(got);
-            if (!Matches(got, digest))
+            if (!Digests.HashMatches(got, digest))
                 throw new InvalidDataException($"the chunks' bytes hash to sha256:{Convert.ToHexStringLower(got)}, not to the TOC's {digest}");
         }
         finally
@@ -202,19 +194,11 @@ internal sealed class AssembledFiles : IDisposable
         try
         {
             using var h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
-            if (RandomAccess.GetLength(h) != size) return false;
             using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-            for (long done = 0; done < size;)
-            {
-                ct.ThrowIfCancellationRequested();
-                var n = RandomAccess.Read(h, buffer.AsSpan(0, (int)Math.Min(buffer.Length, size - done)), done);
-                if (n <= 0) return false;
-                sha.AppendData(buffer, 0, n);
-                done += n;
-            }
+            if (!Pump(h, size, sha, buffer, null, ct)) return false;
             Span<byte> got = stackalloc byte[32];
             sha.GetHashAndReset(got);
-            return Matches(got, digest);
+            return Digests.HashMatches(got, digest);
         }
         finally
         {
@@ -222,14 +206,24 @@ internal sealed class AssembledFiles : IDisposable
         }
     }
 
-    private static bool Matches(ReadOnlySpan<byte> hash, string digest)
+    /// <summary>
+    /// Reads all of <paramref name="input"/> into <paramref name="sha"/> (and <paramref name="output"/> when given);
+    /// false unless it is exactly <paramref name="length"/> bytes long.
+    /// </summary>
+    private static bool Pump(SafeFileHandle input, long length, IncrementalHash sha, byte[] buffer, Stream? output, CancellationToken ct)
     {
-        Span<byte> want = stackalloc byte[32];
-        return Convert.FromHexString(digest.AsSpan(7), want, out _, out var written) == OperationStatus.Done && written == 32
-            && CryptographicOperations.FixedTimeEquals(hash, want);
+        if (RandomAccess.GetLength(input) != length) return false;
+        for (long done = 0; done < length;)
+        {
+            ct.ThrowIfCancellationRequested();
+            var n = RandomAccess.Read(input, buffer.AsSpan(0, (int)Math.Min(buffer.Length, length - done)), done);
+            if (n <= 0) return false;
+            sha.AppendData(buffer, 0, n);
+            output?.Write(buffer, 0, n);
+            done += n;
+        }
+        return true;
     }
-
-    private static bool IsSha256(string digest) => digest.Length == 71 && digest.StartsWith("sha256:", StringComparison.Ordinal);
 
     /// <summary>
     /// Deletes the copies of <paramref name="digests"/> (their layers were released and no mounted layer has them);
@@ -243,7 +237,7 @@ internal sealed class AssembledFiles : IDisposable
             var removed = 0;
             foreach (var d in digests)
             {
-                if (!IsSha256(d)) continue;
+                if (!Digests.IsSha256(d)) continue;
                 _trusted.TryRemove(d, out _);
                 _unverified.TryRemove(d, out _);
                 _failedAt.TryRemove(d, out _);

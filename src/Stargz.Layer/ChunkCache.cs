@@ -201,12 +201,7 @@ public sealed class ChunkCache : IDisposable
     /// The disk file of a chunk this process has verified (hashed on read, or written itself), or null: a file
     /// FUSE passthrough may serve directly.
     /// </summary>
-    internal string? TrustedPath(string key)
-    {
-        if (_chunkDir == null || !_trustedOnDisk.ContainsKey(key)) return null;
-        var path = PathOf(key);
-        return File.Exists(path) ? path : null;
-    }
+    internal string? TrustedPath(string key) => IsTrusted(key) ? DiskPath(key) : null;
 
     /// <summary>The chunk's disk file if there is one, checked or not.</summary>
     internal string? DiskPath(string key)
@@ -231,7 +226,7 @@ public sealed class ChunkCache : IDisposable
     internal string PathOf(string key)
     {
         // "sha256:HEX" -> chunks/HE/HEX ; any other key (layer-local, unverified) -> chunks/x/sha256(key)
-        if (key.StartsWith("sha256:", StringComparison.Ordinal) && key.Length == 71)
+        if (Digests.IsSha256(key))
             return Path.Combine(_chunkDir!, key.Substring(7, 2), key.Substring(7));
         var h = Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(key)));
         return Path.Combine(_chunkDir!, "x", h);
@@ -261,14 +256,23 @@ internal static class Digests
 {
     public static bool Matches(ReadOnlySpan<byte> data, string digest)
     {
-        if (!digest.StartsWith("sha256:", StringComparison.Ordinal) || digest.Length != 71) return false;
         Span<byte> hash = stackalloc byte[32];
         SHA256.HashData(data, hash);
+        return HashMatches(hash, digest);
+    }
+
+    /// <summary>True when <paramref name="digest"/> is "sha256:" and the hex of <paramref name="hash"/>.</summary>
+    public static bool HashMatches(ReadOnlySpan<byte> hash, string digest)
+    {
+        if (!IsSha256(digest)) return false;
         Span<byte> want = stackalloc byte[32];
         if (Convert.FromHexString(digest.AsSpan(7), want, out _, out var written) != System.Buffers.OperationStatus.Done || written != 32)
             return false;
         return CryptographicOperations.FixedTimeEquals(hash, want);
     }
+
+    /// <summary>The "sha256:" + 64 characters form (hex is checked where the digest is compared).</summary>
+    public static bool IsSha256(string digest) => digest.Length == 71 && digest.StartsWith("sha256:", StringComparison.Ordinal);
 
     public static string Of(ReadOnlySpan<byte> data) => "sha256:" + Convert.ToHexStringLower(SHA256.HashData(data));
 }
