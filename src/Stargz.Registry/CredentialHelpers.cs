@@ -96,41 +96,38 @@ public sealed class CredentialHelpers
         {
             try
             {
-                try
-                {
-                    await p.StandardInput.WriteAsync(server).ConfigureAwait(false);
-                    p.StandardInput.Close();
-                }
-                catch (IOException)
-                {
-                    // EPIPE: the helper answered without reading its input (docker accepts that too); its output counts.
-                }
-                var stdout = p.StandardOutput.ReadToEndAsync(timeout.Token);
-                var stderr = p.StandardError.ReadToEndAsync(timeout.Token);
-                await p.WaitForExitAsync(timeout.Token).ConfigureAwait(false);
-                var output = await stdout.ConfigureAwait(false);
-                var error = await stderr.ConfigureAwait(false);
-                if (p.ExitCode != 0)
-                {
-                    // "credentials not found in native keychain": the helper simply has nothing for this server.
-                    if (!output.Contains(NotFound, StringComparison.OrdinalIgnoreCase) && !error.Contains(NotFound, StringComparison.OrdinalIgnoreCase))
-                        _log.LogWarning("docker credential helper {Helper} failed for {Server} (exit {ExitCode}): {Error}",
-                            path, server, p.ExitCode, FirstLine(error.Length > 0 ? error : output));
-                    return null;
-                }
-                return Parse(output, path, server);
+                await p.StandardInput.WriteAsync(server).ConfigureAwait(false);
+                p.StandardInput.Close();
             }
-            catch (OperationCanceledException)
+            catch (IOException)
             {
-                try { p.Kill(entireProcessTree: true); } catch (InvalidOperationException) { }
-                _log.LogWarning("docker credential helper {Helper} did not answer for {Server} within {Timeout} s; killed", path, server, _timeout.TotalSeconds);
+                // EPIPE: the helper answered without reading its input (docker accepts that too); its output counts.
+            }
+            var stdout = p.StandardOutput.ReadToEndAsync(timeout.Token);
+            var stderr = p.StandardError.ReadToEndAsync(timeout.Token);
+            await p.WaitForExitAsync(timeout.Token).ConfigureAwait(false);
+            var output = await stdout.ConfigureAwait(false);
+            var error = await stderr.ConfigureAwait(false);
+            if (p.ExitCode != 0)
+            {
+                // "credentials not found in native keychain": the helper simply has nothing for this server.
+                if (!output.Contains(NotFound, StringComparison.OrdinalIgnoreCase) && !error.Contains(NotFound, StringComparison.OrdinalIgnoreCase))
+                    _log.LogWarning("docker credential helper {Helper} failed for {Server} (exit {ExitCode}): {Error}",
+                        path, server, p.ExitCode, FirstLine(error.Length > 0 ? error : output));
                 return null;
             }
-            catch (IOException e)
-            {
-                _log.LogWarning("docker credential helper {Helper} for {Server}: {Error}", path, server, e.Message);
-                return null;
-            }
+            return Parse(output, path, server);
+        }
+        catch (OperationCanceledException)
+        {
+            try { p.Kill(entireProcessTree: true); } catch (InvalidOperationException) { }
+            _log.LogWarning("docker credential helper {Helper} did not answer for {Server} within {Timeout} s; killed", path, server, _timeout.TotalSeconds);
+            return null;
+        }
+        catch (IOException e)
+        {
+            _log.LogWarning("docker credential helper {Helper} for {Server}: {Error}", path, server, e.Message);
+            return null;
         }
         finally
         {

@@ -115,21 +115,17 @@ public sealed class DockerConfigCredentialProvider : ICredentialProvider
     private async ValueTask<RegistryCredential?> WithHelperAsync(Loaded loaded, string helper, string server, string host, bool hub, CancellationToken ct)
         => await _helpers.GetAsync(helper, server, ct).ConfigureAwait(false) ?? FromAuths(loaded.Entries, host, hub);
 
-    private static string? HelperFor(Loaded loaded, string host, bool hub)
-    {
-        if (loaded.CredHelpers.TryGetValue(host, out var h)) return h;
-        if (hub)
-            foreach (var k in (ReadOnlySpan<string>)[DockerHubServer, "index.docker.io", "docker.io", "registry-1.docker.io"])
-                if (loaded.CredHelpers.TryGetValue(k, out h)) return h;
-        return loaded.CredsStore;
-    }
+    private static string? HelperFor(Loaded loaded, string host, bool hub) => ForHost(loaded.CredHelpers, host, hub) ?? loaded.CredsStore;
 
-    private static RegistryCredential? FromAuths(Dictionary<string, RegistryCredential> entries, string host, bool hub)
+    private static RegistryCredential? FromAuths(Dictionary<string, RegistryCredential> entries, string host, bool hub) => ForHost(entries, host, hub);
+
+    /// <summary>The entry for <paramref name="host"/>; for Docker Hub also under any of the names docker files it by.</summary>
+    private static T? ForHost<T>(Dictionary<string, T> byHost, string host, bool hub) where T : class
     {
-        if (entries.TryGetValue(host, out var c)) return c;
+        if (byHost.TryGetValue(host, out var v)) return v;
         if (hub)
             foreach (var k in (ReadOnlySpan<string>)[DockerHubServer, "index.docker.io", "docker.io", "registry-1.docker.io"])
-                if (entries.TryGetValue(k, out c)) return c;
+                if (byHost.TryGetValue(k, out v)) return v;
         return null;
     }
 
