@@ -209,10 +209,11 @@ public class CriKeychainTests
             if (credentialHelper)
             {
                 var bin = work.Sub("helper-bin");
-                var helper = Path.Combine(bin, "docker-credential-e2e");
-                await File.WriteAllTextAsync(helper, "#!/bin/sh\nread server\necho \"$server\" >> '" + Path.Combine(work.Path, "helper-asked") +
-                    "'\nprintf '{\"ServerURL\":\"%s\",\"Username\":\"" + User + "\",\"Secret\":\"" + Password + "\"}' \"$server\"\n");
-                File.SetUnixFileMode(helper, (UnixFileMode)0b111_101_101);
+                CredentialHelperScript.Write(bin, "e2e", $$"""
+                    read server
+                    echo "$server" >> '{{Path.Combine(work.Path, "helper-asked")}}'
+                    printf '{"ServerURL":"%s","Username":"{{User}}","Secret":"{{Password}}"}' "$server"
+                    """);
                 await File.WriteAllTextAsync(Path.Combine(dockerConfigDir, "config.json"), "{\"credsStore\": \"e2e\"}");
                 env["PATH"] = bin + ":" + (Environment.GetEnvironmentVariable("PATH") ?? "/usr/sbin:/usr/bin:/sbin:/bin");
             }

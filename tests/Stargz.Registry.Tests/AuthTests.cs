@@ -73,7 +73,7 @@ public class AuthTests
         var bin = p.Dir.Sub("bin");
         var seen = Path.Combine(p.Dir.Path, "asked.txt");
         // A real program speaking the helper protocol: server address on stdin, JSON on stdout.
-        CredentialHelperTests.WriteHelper(bin, "stargztest", $$"""
+        CredentialHelperScript.Write(bin, "stargztest", $$"""
             read server
             echo "$server" >> '{{seen}}'
             printf '{"ServerURL":"%s","Username":"dave","Secret":"from the helper"}' "$server"

@@ -9,15 +9,6 @@ public class CredentialHelperTests
 {
     private static CancellationToken Ct => TestContext.Current.CancellationToken;
 
-    /// <summary>Writes an executable <c>docker-credential-NAME</c> shell script into <paramref name="dir"/>.</summary>
-    internal static void WriteHelper(string dir, string name, string body)
-    {
-        Directory.CreateDirectory(dir);
-        var path = Path.Combine(dir, "docker-credential-" + name);
-        File.WriteAllText(path, "#!/bin/sh\n" + body.Replace("\r", "") + "\n");
-        File.SetUnixFileMode(path, (UnixFileMode)0b111_101_101);
-    }
-
     /// <summary>Keeps what the helpers runner logs, for assertion messages.</summary>
     internal sealed class LogLines : ILogger
     {
@@ -43,7 +34,7 @@ public class CredentialHelperTests
     {
         using var dir = new TempDir("cred-store");
         var bin = dir.Sub("bin");
-        WriteHelper(bin, "store", """
+        CredentialHelperScript.Write(bin, "store", """
             read server
             case "$server" in
               tok.example) echo '{"ServerURL":"tok.example","Username":"<token>","Secret":"refresh-123"}' ;;
@@ -51,7 +42,7 @@ public class CredentialHelperTests
               *) echo "credentials not found in native keychain"; exit 1 ;;
             esac
             """);
-        WriteHelper(bin, "special", """echo '{"Username":"sp","Secret":"sp-pw"}'""");
+        CredentialHelperScript.Write(bin, "special", """echo '{"Username":"sp","Secret":"sp-pw"}'""");
         var b64 = Convert.ToBase64String("fileuser:filepw"u8.ToArray());
         var log = new LogLines();
         var helpers = new CredentialHelpers(searchPath: bin, logger: log);
@@ -81,7 +72,7 @@ public class CredentialHelperTests
         // which once cost a CI run its credentials (about 1 lookup in 20 before the fix).
         using var dir = new TempDir("cred-noread");
         var bin = dir.Sub("bin");
-        WriteHelper(bin, "noread", """exec 0<&-; echo '{"Username":"q","Secret":"s"}'""");
+        CredentialHelperScript.Write(bin, "noread", """exec 0<&-; echo '{"Username":"q","Secret":"s"}'""");
         var log = new LogLines();
         var helpers = new CredentialHelpers(searchPath: bin, cacheFor: TimeSpan.Zero, logger: log);
         var empty = 0;
@@ -95,10 +86,10 @@ public class CredentialHelperTests
     {
         using var dir = new TempDir("cred-bad");
         var bin = dir.Sub("bin");
-        WriteHelper(bin, "fails", """echo "backend unreachable" >&2; exit 3""");
-        WriteHelper(bin, "garbled", """echo 'not json, but maybe a secret'""");
+        CredentialHelperScript.Write(bin, "fails", """echo "backend unreachable" >&2; exit 3""");
+        CredentialHelperScript.Write(bin, "garbled", """echo 'not json, but maybe a secret'""");
         var pidFile = Path.Combine(dir.Path, "hang.pid");
-        WriteHelper(bin, "hangs", $"echo $$ > '{pidFile}'; exec sleep 60");
+        CredentialHelperScript.Write(bin, "hangs", $"echo $$ > '{pidFile}'; exec sleep 60");
         var helpers = new CredentialHelpers(searchPath: bin, timeout: TimeSpan.FromMilliseconds(500));
         var p = await ProviderAsync(dir, """
             {"credHelpers": {"a.example": "absent", "f.example": "fails", "g.example": "garbled", "h.example": "hangs"}}
