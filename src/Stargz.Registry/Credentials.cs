@@ -106,7 +106,7 @@ public sealed class DockerConfigCredentialProvider : ICredentialProvider
     public ValueTask<RegistryCredential?> GetAsync(string host, CancellationToken ct)
     {
         var loaded = Load();
-        var hub = host is ImageReference.DockerHubHost or ImageReference.DockerHubApiHost or "index.docker.io";
+        var hub = IsDockerHub(host);
         if (HelperFor(loaded, host, hub) is { } helper)
             return WithHelperAsync(loaded, helper, hub ? DockerHubServer : host, host, hub, ct);
         return ValueTask.FromResult(FromAuths(loaded.Entries, host, hub));
@@ -118,6 +118,15 @@ public sealed class DockerConfigCredentialProvider : ICredentialProvider
     private static string? HelperFor(Loaded loaded, string host, bool hub) => ForHost(loaded.CredHelpers, host, hub) ?? loaded.CredsStore;
 
     private static RegistryCredential? FromAuths(Dictionary<string, RegistryCredential> entries, string host, bool hub) => ForHost(entries, host, hub);
+
+    /// <summary>The <c>auths</c> of a docker config (as in an image pull secret), keyed by host.</summary>
+    internal static Dictionary<string, RegistryCredential> ParseAuths(byte[] json, string source) => Parse(json, source).Entries;
+
+    /// <summary>The entry of <c>auths</c> parsed by <see cref="ParseAuths"/> for <paramref name="host"/>.</summary>
+    internal static RegistryCredential? ForHost(Dictionary<string, RegistryCredential> auths, string host)
+        => ForHost(auths, host, IsDockerHub(host));
+
+    private static bool IsDockerHub(string host) => host is ImageReference.DockerHubHost or ImageReference.DockerHubApiHost or "index.docker.io";
 
     /// <summary>The entry for <paramref name="host"/>; for Docker Hub also under any of the names docker files it by.</summary>
     private static T? ForHost<T>(Dictionary<string, T> byHost, string host, bool hub) where T : class
