@@ -1,4 +1,7 @@
+using System.Security.Cryptography.X509Certificates;
+using System.Text;
 using Stargz.Cri.V1;
+using Stargz.Registry.Tests.Infra;
 using Stargz.TestSupport;
 
 namespace Stargz.Integration.Tests;
@@ -128,9 +131,26 @@ public class CriKeychainTests
     [Fact]
     public async Task WithACredentialHelperInTheDaemonsDockerConfigTheLayersOfAnAuthRegistryAreServedLazily()
     {
-        var ct = TestContext.Current.CancellationToken;
         await using var rig = await AuthRig.StartAsync(keychain: false, credentialHelper: true);
+        await PullThroughContainerdAndRunLazilyAsync(rig, "cri-helper", "the helper's credentials");
+        Assert.True(File.Exists(rig.HelperAskedFile), "the credential helper was never run");
+    }
 
+    /// <summary>With [kubeconfig_keychain] and no other credentials: the cluster's image pull secret (listed from the
+    /// Kubernetes API with the kubeconfig's client certificate) opens the auth registry's layers lazily.</summary>
+    [Fact]
+    public async Task WithTheKubeconfigKeychainAnImagePullSecretServesTheLayersOfAnAuthRegistryLazily()
+    {
+        await using var rig = await AuthRig.StartAsync(keychain: false, kubeSecrets: true);
+        await PullThroughContainerdAndRunLazilyAsync(rig, "kube-secret", "the pull secret's credentials");
+        Assert.True(rig.KubeApi!.Lists >= 1);
+    }
+
+    /// <summary>kubelet's pull straight to containerd (the daemon only gets the snapshots calls): every layer must be a
+    /// FUSE mount, none in containerd's content store, and a container reads the image's file; no secret is logged.</summary>
+    private static async Task PullThroughContainerdAndRunLazilyAsync(AuthRig rig, string container, string credentials)
+    {
+        var ct = TestContext.Current.CancellationToken;
         using var cri = new CriClient(rig.Containerd.Socket);
         await cri.Images.PullImageAsync(new PullImageRequest
         {
@@ -141,11 +161,10 @@ public class CriKeychainTests
         Assert.Equal(rig.Layers.Count, rig.FuseMounts().Count);
         var content = (await rig.Containerd.CtrInNamespaceAsync("k8s.io", "content", "ls", "-q")).EnsureSuccess("ctr -n k8s.io content ls").StdOut;
         foreach (var (digest, _) in rig.Layers) Assert.DoesNotContain(digest, content);
-        var run = await rig.Containerd.CtrInNamespaceAsync("k8s.io", "run", "--rm", "--snapshotter", "stargz", rig.Image, "cri-helper",
+        var run = await rig.Containerd.CtrInNamespaceAsync("k8s.io", "run", "--rm", "--snapshotter", "stargz", rig.Image, container,
             "/bin/cat", "/etc/motd");
-        run.EnsureSuccess("ctr -n k8s.io run of the image served with the helper's credentials");
+        run.EnsureSuccess($"ctr -n k8s.io run of the image served with {credentials}");
         Assert.Equal(Motd, run.StdOut.Trim());
-        Assert.True(File.Exists(rig.HelperAskedFile), "the credential helper was never run");
         Assert.DoesNotContain(Password, rig.Daemon.Log);
     }
 
@@ -191,13 +210,17 @@ public class CriKeychainTests
         public List<(string Digest, long Size)> Layers { get; private set; } = [];
         /// <summary>Written by the credential helper (when the rig has one) each time the daemon runs it.</summary>
         public string HelperAskedFile => Path.Combine(Work.Path, "helper-asked");
+        /// <summary>The Kubernetes API stand-in, when the rig serves an image pull secret.</summary>
+        public KubeApiServer? KubeApi { get; private set; }
 
         public List<Mounts.MountInfo> FuseMounts() =>
             Mounts.Under(Daemon.Root).Where(m => m.FsType.StartsWith("fuse", StringComparison.Ordinal)).ToList();
 
         /// <param name="credentialHelper">give the daemon a docker config whose credsStore is a helper that knows the
         /// registry's credentials (a real program on the daemon's PATH).</param>
-        public static async Task<AuthRig> StartAsync(bool keychain, bool credentialHelper = false)
+        /// <param name="kubeSecrets">serve the registry's credentials as an image pull secret from a Kubernetes API
+        /// stand-in and turn the daemon's kubeconfig keychain on.</param>
+        public static async Task<AuthRig> StartAsync(bool keychain, bool credentialHelper = false, bool kubeSecrets = false)
         {
             Requires.Fuse();
             var htpasswd = Requires.Command("htpasswd");
@@ -222,6 +245,7 @@ public class CriKeychainTests
             var registry = await LocalRegistry.StartAsync(storageDir: storage);
             LocalDaemon? daemon = null;
             LocalContainerd? ctd = null;
+            KubeApiServer? kubeApi = null;
             try
             {
                 daemon = await LocalDaemon.StartAsync(baseToml, env: env);
@@ -251,6 +275,43 @@ public class CriKeychainTests
                 registry = await LocalRegistry.StartAsync(authYaml: LocalRegistry.HtpasswdAuthYaml(file), storageDir: storage, port: port);
                 rig.Registry = registry;
 
+                if (kubeSecrets)
+                {
+                    // The cluster's image pull secret holds the registry's credentials; the daemon reads it through a
+                    // kubeconfig with a client certificate, as a node's snapshotter config would name one.
+                    var pki = await Pki.CreateAsync(work.Sub("pki"));
+                    rig.KubeApi = kubeApi = await KubeApiServer.StartAsync(pki);
+                    rig.KubeApi.ClientThumbprint = X509Certificate2.CreateFromPemFile(pki.ClientCert, pki.ClientKey).Thumbprint;
+                    var auth = Convert.ToBase64String(Encoding.UTF8.GetBytes(User + ":" + Password));
+                    rig.KubeApi.Put("team", "regcred", $$"""{"auths": {"{{registry.Host}}": {"auth": "{{auth}}"} } }""");
+                    var kubeconfig = Path.Combine(work.Path, "kubeconfig");
+                    await File.WriteAllTextAsync(kubeconfig, $"""
+                        apiVersion: v1
+                        kind: Config
+                        current-context: node
+                        contexts:
+                        - name: node
+                          context:
+                            cluster: c
+                            user: u
+                        clusters:
+                        - name: c
+                          cluster:
+                            server: {rig.KubeApi.Server}
+                            certificate-authority: {pki.CaCert}
+                        users:
+                        - name: u
+                          user:
+                            client-certificate: {pki.ClientCert}
+                            client-key: {pki.ClientKey}
+                        """);
+                    await File.WriteAllTextAsync(daemon.ConfigPath,
+                        baseToml + $"[kubeconfig_keychain]\nenable_keychain = true\nkubeconfig_path = \"{kubeconfig}\"\n");
+                    Assert.Equal(0, await daemon.StopAsync());
+                    await daemon.RestartAsync(env: env);
+                    Assert.True(await E2eHelpers.WaitLogLineAsync(daemon, "1 image pull secret(s) from") != null,
+                        "the daemon did not list the image pull secret:\n" + daemon.Log);
+                }
                 if (keychain)
                 {
                     await File.WriteAllTextAsync(daemon.ConfigPath,
@@ -265,6 +326,7 @@ public class CriKeychainTests
             }
             catch
             {
+                if (kubeApi != null) await kubeApi.DisposeAsync();
                 if (ctd != null) await ctd.DisposeAsync();
                 if (daemon != null) await daemon.DisposeAsync();
                 await registry.DisposeAsync();
@@ -275,6 +337,7 @@ public class CriKeychainTests
 
         public async ValueTask DisposeAsync()
         {
+            if (KubeApi != null) await KubeApi.DisposeAsync();
             await Containerd.DisposeAsync();
             await Daemon.DisposeAsync();
             await Registry.DisposeAsync();

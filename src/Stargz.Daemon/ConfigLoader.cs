@@ -58,6 +58,7 @@ public static class ConfigLoader
                 case "fuse": ReadFuse(c.Fuse, r.Table(key, value), r); break;
                 case "resolver": ReadResolver(c, r.Table(key, value), r); break;
                 case "cri_keychain": ReadCriKeychain(c.CriKeychain, r.Table(key, value), r); break;
+                case "kubeconfig_keychain": ReadKubeconfigKeychain(c.KubeconfigKeychain, r.Table(key, value), r); break;
                 default: r.Unknown(key); break;
             }
         }
@@ -132,6 +133,23 @@ public static class ConfigLoader
             r.Warn("cri_keychain.image_service_path is set but cri_keychain.enable_keychain is not true: the CRI keychain is off");
         // The reference proxies to containerd's socket unless told otherwise; configs written for it rely on that.
         if (k.EnableKeychain && k.ImageServicePath.Length == 0) k.ImageServicePath = DaemonConfig.CriKeychainConfig.DefaultImageServicePath;
+    }
+
+    private static void ReadKubeconfigKeychain(DaemonConfig.KubeconfigKeychainConfig k, TomlTable t, Reader r)
+    {
+        foreach (var (key, v) in t)
+        {
+            switch (key)
+            {
+                case "enable_keychain": k.EnableKeychain = r.Bool("kubeconfig_keychain.enable_keychain", v); break;
+                case "kubeconfig_path": k.KubeconfigPath = r.Str("kubeconfig_keychain.kubeconfig_path", v); break;
+                default: r.Unknown("kubeconfig_keychain." + key); break;
+            }
+        }
+        if (!k.EnableKeychain && k.KubeconfigPath.Length > 0)
+            r.Warn("kubeconfig_keychain.kubeconfig_path is set but kubeconfig_keychain.enable_keychain is not true: the kubeconfig keychain is off");
+        if (k.KubeconfigPath.Length > 0 && !Path.IsPathRooted(k.KubeconfigPath))
+            throw new ConfigException($"{r.Source}: kubeconfig_keychain.kubeconfig_path \"{k.KubeconfigPath}\" is not an absolute path");
     }
 
     /// <summary>The unix socket path of a CRI address ("/run/x.sock" or "unix:///run/x.sock"), or null when it is neither.</summary>
@@ -213,7 +231,7 @@ public static class ConfigLoader
     /// <summary>Keys the reference daemon knows that this build does not act on (cache types, keychains, FUSE manager...).</summary>
     private static readonly HashSet<string> ReferenceOnlyKeys = new(StringComparer.Ordinal)
     {
-        "http_cache_type", "filesystem_cache_type", "resolve_result_entry", "kubeconfig_keychain",
+        "http_cache_type", "filesystem_cache_type", "resolve_result_entry",
         "snapshotter", "listen_path", "metadata_store", "debug_address", "fuse_manager", "fuse.merge_buffer_size", "fuse.merge_worker_count",
         "fuse.passthrough_max_stack_depth", "directory_cache.cache_dir",
     };

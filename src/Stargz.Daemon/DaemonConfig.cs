@@ -26,6 +26,7 @@ public sealed class DaemonConfig
     public DirectoryCacheConfig DirectoryCache { get; } = new();
     public FuseConfig Fuse { get; } = new();
     public CriKeychainConfig CriKeychain { get; } = new();
+    public KubeconfigKeychainConfig KubeconfigKeychain { get; } = new();
     /// <summary>[resolver.host."HOST"] mirrors, by host.</summary>
     public Dictionary<string, List<MirrorConfig>> ResolverHosts { get; } = new(StringComparer.Ordinal);
 
@@ -73,6 +74,17 @@ public sealed class DaemonConfig
         public bool EnableKeychain { get; set; }
         /// <summary>The backing CRI image service's unix socket, as a path or unix:// address; <see cref="DefaultImageServicePath"/> when enabled without one.</summary>
         public string ImageServicePath { get; set; } = "";
+    }
+
+    /// <summary>
+    /// [kubeconfig_keychain]: credentials from the cluster's image pull secrets (type kubernetes.io/dockerconfigjson,
+    /// all namespaces), listed and watched with the identity of <see cref="KubeconfigPath"/>.
+    /// </summary>
+    public sealed class KubeconfigKeychainConfig
+    {
+        public bool EnableKeychain { get; set; }
+        /// <summary>"" = $KUBECONFIG, ~/.kube/config, then the pod's service account; a set path is waited for.</summary>
+        public string KubeconfigPath { get; set; } = "";
     }
 
     public sealed record MirrorConfig(string Host, bool Insecure, long RequestTimeoutSec);

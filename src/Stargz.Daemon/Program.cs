@@ -77,7 +77,12 @@ public static class Program
             criBackend = new CriBackend(config.CriKeychain.ImageServicePath, loggerFactory.CreateLogger("stargz.cri"));
         }
 
-        var remote = RemoteLayerWiring.Create(config, opt.Root, loggerFactory, log, criKeychain);
+        // [kubeconfig_keychain]: image pull secrets of the cluster, synced in the background (stopped on any return).
+        await using var kubeKeychain = config.KubeconfigKeychain.EnableKeychain
+            ? new KubeconfigKeychain(config.KubeconfigKeychain.KubeconfigPath, loggerFactory.CreateLogger("stargz.kubeconfig")).Start()
+            : null;
+
+        var remote = RemoteLayerWiring.Create(config, opt.Root, loggerFactory, log, criKeychain, kubeKeychain);
         StargzSnapshotter snapshotter;
         try
         {

@@ -16,7 +16,10 @@ public static class RemoteLayerWiring
     /// <param name="root">the daemon's --root (the layer keeps its chunk cache below it, as the reference does).</param>
     /// <returns>the remote filesystem; the daemon disposes it after the snapshotter has closed.</returns>
     /// <param name="criKeychain">credentials from CRI PullImage ([cri_keychain]), asked before the docker config; null when off.</param>
-    public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log, CriKeychain? criKeychain = null)
+    /// <param name="kubeKeychain">credentials from the cluster's image pull secrets ([kubeconfig_keychain]), asked after
+    /// the docker config; null when off.</param>
+    public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log, CriKeychain? criKeychain = null,
+        KubeconfigKeychain? kubeKeychain = null)
     {
         var hosts = new RegistryHostsConfig
         {
@@ -42,10 +45,15 @@ public static class RemoteLayerWiring
             hosts.Set(host, new HostConfig { Mirrors = endpoints });
         }
         // Registry credentials: those kubelet sent with the image's CRI PullImage when the CRI keychain is on, then the
-        // docker config of the user running the daemon, as with the reference.
+        // docker config of the user running the daemon, then the cluster's image pull secrets when the kubeconfig
+        // keychain is on (after the docker config, as in the reference).
         // docker's config may name credential helpers (credsStore, credHelpers); they are run as docker runs them.
         var dockerConfig = new DockerConfigCredentialProvider(helpers: new CredentialHelpers(logger: loggers.CreateLogger("stargz.registry")));
-        ICredentialProvider credentials = criKeychain is null ? dockerConfig : new ChainedCredentialProvider(criKeychain, dockerConfig);
+        var chain = new List<ICredentialProvider>(3);
+        if (criKeychain is not null) chain.Add(criKeychain);
+        chain.Add(dockerConfig);
+        if (kubeKeychain is not null) chain.Add(kubeKeychain);
+        ICredentialProvider credentials = chain.Count == 1 ? dockerConfig : new ChainedCredentialProvider([.. chain]);
         var registry = new RegistryClient(hosts, credentials, loggers.CreateLogger("stargz.registry"));
         var options = new LayerOptions
         {

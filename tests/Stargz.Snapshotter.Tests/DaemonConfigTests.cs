@@ -215,6 +215,31 @@ public class DaemonConfigTests
         Assert.Contains(warnings, w => w.Contains("enable_keychain is not true: the CRI keychain is off"));
     }
 
+    [Fact]
+    public void KubeconfigKeychainKeysAreParsedLikeTheReferences()
+    {
+        var warnings = new List<string>();
+        var c = ConfigLoader.Parse("""
+            [kubeconfig_keychain]
+            enable_keychain = true
+            kubeconfig_path = "/etc/kubernetes/snapshotter/config.conf"
+            """, "kube.toml", warnings);
+        Assert.Empty(warnings);
+        Assert.True(c.KubeconfigKeychain.EnableKeychain);
+        Assert.Equal("/etc/kubernetes/snapshotter/config.conf", c.KubeconfigKeychain.KubeconfigPath);
+        Assert.False(ConfigLoader.Parse("", "empty.toml", []).KubeconfigKeychain.EnableKeychain);
+
+        c = ConfigLoader.Parse("[kubeconfig_keychain]\nkubeconfig_path = \"/k\"\nenable = true\n", "typo.toml", warnings);
+        Assert.False(c.KubeconfigKeychain.EnableKeychain);
+        Assert.Contains(warnings, w => w.Contains("unknown key \"kubeconfig_keychain.enable\""));
+        Assert.Contains(warnings, w => w.Contains("enable_keychain is not true: the kubeconfig keychain is off"));
+
+        var e = Assert.Throws<ConfigException>(() => ConfigLoader.Parse("[kubeconfig_keychain]\nenable_keychain = true\nkubeconfig_path = \"kube/config\"", "rel.toml", []));
+        Assert.Contains("kubeconfig_keychain.kubeconfig_path \"kube/config\" is not an absolute path", e.Message);
+        e = Assert.Throws<ConfigException>(() => ConfigLoader.Parse("[kubeconfig_keychain]\nenable_keychain = 1", "num.toml", []));
+        Assert.Contains("kubeconfig_keychain.enable_keychain must be a boolean", e.Message);
+    }
+
     [Theory]
     [InlineData("[cri_keychain]\nenable_keychain = \"yes\"\nimage_service_path = \"/run/c.sock\"", "cri_keychain.enable_keychain must be a boolean")]
     [InlineData("[cri_keychain]\nenable_keychain = true\nimage_service_path = 5", "cri_keychain.image_service_path must be a string")]
