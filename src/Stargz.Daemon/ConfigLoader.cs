@@ -228,7 +228,7 @@ public static class ConfigLoader
         return IPAddress.TryParse(host, out var ip) ? new IPEndPoint(ip, port) : null;
     }
 
-    /// <summary>Keys the reference daemon knows that this build does not act on (cache types, keychains, FUSE manager...).</summary>
+    /// <summary>Keys the reference daemon knows that this build does not act on (cache types, FUSE manager...).</summary>
     private static readonly HashSet<string> ReferenceOnlyKeys = new(StringComparer.Ordinal)
     {
         "http_cache_type", "filesystem_cache_type", "resolve_result_entry",
