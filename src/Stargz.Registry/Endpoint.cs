@@ -35,9 +35,9 @@ internal sealed class Endpoint : IDisposable
         {
             try
             {
-                using var pem = X509Certificate2.CreateFromPemFile(certFile, config.ClientKeyFile);
-                // Re-import as PKCS#12 so the private key is usable by SslStream on every platform.
-                _clientCert = X509CertificateLoader.LoadPkcs12(pem.Export(X509ContentType.Pkcs12), null);
+                var certPem = File.ReadAllText(certFile);
+                // Without a key file the key sits in the certificate's file.
+                _clientCert = TlsTrust.ClientCertificate(certPem, config.ClientKeyFile is { } keyFile ? File.ReadAllText(keyFile) : certPem);
             }
             catch (Exception e) when (e is IOException or System.Security.Cryptography.CryptographicException or ArgumentException)
             {
@@ -66,15 +66,7 @@ internal sealed class Endpoint : IDisposable
     {
         if (errors == SslPolicyErrors.None) return true;
         if (Config.SkipVerify) return true;
-        if (cert is null || _roots.Count == 0) return false;
-        if ((errors & SslPolicyErrors.RemoteCertificateNameMismatch) != 0) return false;
-        using var c = new X509Chain();
-        c.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
-        c.ChainPolicy.CustomTrustStore.AddRange(_roots);
-        c.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
-        if (chain is not null)
-            foreach (var el in chain.ChainElements) c.ChainPolicy.ExtraStore.Add(el.Certificate);
-        return c.Build(cert as X509Certificate2 ?? X509CertificateLoader.LoadCertificate(cert.GetRawCertData()));
+        return TlsTrust.ChainsTo(cert, chain, errors, _roots);
     }
 
     public string Url(string repository, string kind, string reference) => $"{BaseUrl}/{repository}/{kind}/{reference}";

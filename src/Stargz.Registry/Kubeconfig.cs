@@ -97,7 +97,7 @@ public sealed class KubeClientConfig
             throw new FormatException($"kubeconfig {path}: user \"{userName}\" has a client certificate without its key or a key without its certificate");
         if (certPem is not null)
         {
-            try { clientCert = X509Certificate2.CreateFromPem(certPem, keyPem); }
+            try { clientCert = TlsTrust.ClientCertificate(certPem, keyPem!); }
             catch (System.Security.Cryptography.CryptographicException e)
             {
                 throw new FormatException($"kubeconfig {path}: user \"{userName}\" client certificate/key: {e.Message}", e);
@@ -127,17 +127,8 @@ public sealed class KubeClientConfig
         if (ClientCertificate is not null) ssl.ClientCertificates = [ClientCertificate];
         if (InsecureSkipTlsVerify) ssl.RemoteCertificateValidationCallback = static (_, _, _, _) => true;
         else if (CertificateAuthority is { Count: > 0 } ca)
-            ssl.RemoteCertificateValidationCallback = (_, cert, _, errors) =>
-            {
-                if (cert is null) return false;
-                // Only the name may be checked the usual way; the chain must end at the kubeconfig's CA.
-                if ((errors & SslPolicyErrors.RemoteCertificateNameMismatch) != 0) return false;
-                using var chain = new X509Chain();
-                chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
-                chain.ChainPolicy.CustomTrustStore.AddRange(ca);
-                chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
-                return chain.Build(cert as X509Certificate2 ?? X509CertificateLoader.LoadCertificate(cert.GetRawCertData()));
-            };
+            // As kubectl: a kubeconfig's CA replaces the system roots rather than adding to them.
+            ssl.RemoteCertificateValidationCallback = (_, cert, chain, errors) => TlsTrust.ChainsTo(cert, chain, errors, ca);
         return new SocketsHttpHandler { SslOptions = ssl, ConnectTimeout = TimeSpan.FromSeconds(10) };
     }
 
