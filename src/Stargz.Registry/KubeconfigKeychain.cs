@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Net;
 using System.Text.Json;
 using Microsoft.Extensions.Logging;
@@ -19,11 +20,14 @@ public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
     public const string SecretType = "kubernetes.io/dockerconfigjson";
     public const string DockerConfigJsonKey = ".dockerconfigjson";
     private const string Selector = "fieldSelector=type%3D" + "kubernetes.io%2Fdockerconfigjson";
+    /// <summary>A watch that ends sooner than this was not held open by the server.</summary>
+    private static readonly TimeSpan QuickWatch = TimeSpan.FromSeconds(1);
 
     private readonly string? _path;
     private readonly ILogger _log;
     private readonly TimeSpan _waitForConfig;
     private readonly TimeSpan _maxBackoff;
+    private TimeSpan FirstBackoff => _maxBackoff < TimeSpan.FromSeconds(1) ? _maxBackoff : TimeSpan.FromSeconds(1);
     private readonly CancellationTokenSource _stop = new();
     private readonly TaskCompletionSource _synced = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Lock _lock = new();
@@ -90,14 +94,27 @@ public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
             }
             using var http = new HttpClient(config.CreateHandler()) { Timeout = Timeout.InfiniteTimeSpan };
             var baseUri = new Uri(config.Server.AbsoluteUri.TrimEnd('/') + "/");
-            var backoff = TimeSpan.FromSeconds(1);
+            var backoff = FirstBackoff;
             while (!ct.IsCancellationRequested)
             {
                 try
                 {
                     var rv = await ListAsync(http, config, baseUri, ct).ConfigureAwait(false);
-                    backoff = TimeSpan.FromSeconds(1);
-                    while (rv is not null) rv = await WatchAsync(http, config, baseUri, rv, ct).ConfigureAwait(false);
+                    backoff = FirstBackoff;
+                    while (rv is not null)
+                    {
+                        var opened = Stopwatch.GetTimestamp();
+                        rv = await WatchAsync(http, config, baseUri, rv, ct).ConfigureAwait(false);
+                        // A real API server holds a watch for timeoutSeconds; one that ends every watch at once
+                        // (a proxy, an overloaded server) must not be asked again in a tight loop.
+                        if (Stopwatch.GetElapsedTime(opened) < QuickWatch)
+                        {
+                            _log.LogDebug("kubeconfig keychain: watch on {Server} ended at once; reopening in {Delay} s", config.Server, backoff.TotalSeconds);
+                            await Task.Delay(backoff, ct).ConfigureAwait(false);
+                            backoff = TimeSpan.FromTicks(Math.Min(backoff.Ticks * 2, _maxBackoff.Ticks));
+                        }
+                        else backoff = FirstBackoff;
+                    }
                     _log.LogDebug("kubeconfig keychain: watch on {Server} expired; listing again", config.Server);
                 }
                 catch (Exception e) when (!ct.IsCancellationRequested)

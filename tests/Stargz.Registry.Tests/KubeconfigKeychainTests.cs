@@ -199,4 +199,31 @@ public class KubeconfigKeychainTests
         // Docker Hub's secret is filed under docker's index URL and found for the registry host.
         Assert.Equal(new RegistryCredential("hubuser", "hubpw"), await keychain.GetAsync(ImageReference.DockerHubApiHost, Ct));
     }
+
+    [Fact]
+    public async Task A_server_that_ends_every_watch_at_once_is_not_asked_in_a_tight_loop()
+    {
+        using var dir = new TempDir("kube-keychain-quick");
+        var pki = await Pki.CreateAsync(dir.Path);
+        await using var api = await KubeApiServer.StartAsync(pki);
+        api.Token = "t";
+        api.EndWatchesAtOnce = true;
+        var kubeconfig = Path.Combine(dir.Path, "kubeconfig");
+        await File.WriteAllTextAsync(kubeconfig, Kubeconfig(api.Server, "    insecure-skip-tls-verify: true", "    token: t"), Ct);
+        await using var keychain = new KubeconfigKeychain(kubeconfig, maxBackoff: TimeSpan.FromMilliseconds(200)).Start();
+        await keychain.Synced.WaitAsync(TimeSpan.FromSeconds(20), Ct);
+
+        // Reopened after a pause (here at most 200 ms): a few watches in two seconds, not one per round trip.
+        await Task.Delay(TimeSpan.FromSeconds(2), Ct);
+        var watches = api.Watches;
+        Assert.InRange(watches, 2, 15);
+
+        // Once the server holds watches again, changes arrive through them without a new list.
+        api.EndWatchesAtOnce = false;
+        var lists = keychain.Lists;
+        api.Put("default", "late", DockerConfig("late.example", "u", "p"));
+        await Until(() => keychain.SecretCount == 1, "the secret added after the misbehaving watches");
+        Assert.Equal(new RegistryCredential("u", "p"), await keychain.GetAsync("late.example", Ct));
+        Assert.Equal(lists, keychain.Lists);
+    }
 }

@@ -37,6 +37,8 @@ public sealed class KubeApiServer : IAsyncDisposable
     public string? Token { get; set; }
     /// <summary>Thumbprint of the client certificate accepted (null: none is).</summary>
     public string? ClientThumbprint { get; set; }
+    /// <summary>Misbehave: answer every watch with an empty 200 and end it at once.</summary>
+    public bool EndWatchesAtOnce { get; set; }
     public int Lists => Volatile.Read(ref _lists);
     public int Watches => Volatile.Read(ref _watches);
     public int Unauthorized => Volatile.Read(ref _unauthorized);
@@ -154,6 +156,7 @@ public sealed class KubeApiServer : IAsyncDisposable
         if (!long.TryParse(ctx.Request.Query["resourceVersion"], out var from)) { ctx.Response.StatusCode = 400; return; }
         var ct = ctx.RequestAborted;
         await ctx.Response.StartAsync(ct);
+        if (EndWatchesAtOnce) return;
         while (!ct.IsCancellationRequested)
         {
             List<(long Rv, string Type, string Object)> pending;
