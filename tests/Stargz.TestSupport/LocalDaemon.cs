@@ -17,6 +17,8 @@ public sealed class LocalDaemon : IAsyncDisposable
     private Process? _process;
     private readonly TempDir _dir;
     private readonly bool _ownsDir;
+    private string? _executable;
+    private string _logLevel = "debug";
 
     public string Socket { get; }
     public string Root { get; }
@@ -42,12 +44,22 @@ public sealed class LocalDaemon : IAsyncDisposable
 
     /// <summary>Starts a daemon in a new dir. <paramref name="configToml"/> is written to config.toml (empty file if null).</summary>
     public static async Task<LocalDaemon> StartAsync(string? configToml = null, IDictionary<string, string>? env = null,
-        string[]? extraArgs = null, bool waitReady = true)
+        string[]? extraArgs = null, bool waitReady = true, string logLevel = "debug")
     {
         // Socket paths must stay short (108 bytes), so the dir lives directly under /tmp.
-        var d = new LocalDaemon(new TempDir("sgd"), ownsDir: true);
+        var d = new LocalDaemon(new TempDir("sgd"), ownsDir: true) { _logLevel = logLevel };
         await File.WriteAllTextAsync(d.ConfigPath, configToml ?? "");
         await d.LaunchAsync(env, extraArgs, waitReady);
+        return d;
+    }
+
+    /// <summary>Starts another snapshotter binary that takes the same flags (e.g. the reference's daemon built by
+    /// integration/bench/reference-daemon/build.sh), in a new dir, ready once it logs that it serves.</summary>
+    public static async Task<LocalDaemon> StartExecutableAsync(string executable, string? configToml = null, string logLevel = "debug")
+    {
+        var d = new LocalDaemon(new TempDir("sgd"), ownsDir: true) { _executable = executable, _logLevel = logLevel };
+        await File.WriteAllTextAsync(d.ConfigPath, configToml ?? "");
+        await d.LaunchAsync(null, null, waitReady: true);
         return d;
     }
 
@@ -63,9 +75,9 @@ public sealed class LocalDaemon : IAsyncDisposable
     private async Task LaunchAsync(IDictionary<string, string>? env, string[]? extraArgs, bool waitReady)
     {
         var dotnet = Requires.Which("dotnet") ?? Path.Combine(Environment.GetEnvironmentVariable("DOTNET_ROOT") ?? "/usr/share/dotnet", "dotnet");
-        var psi = new ProcessStartInfo(dotnet) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
-        psi.ArgumentList.Add(DllPath());
-        foreach (var a in new[] { "--address", Socket, "--root", Root, "--config", ConfigPath, "--log-level", "debug" }) psi.ArgumentList.Add(a);
+        var psi = new ProcessStartInfo(_executable ?? dotnet) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
+        if (_executable is null) psi.ArgumentList.Add(DllPath());
+        foreach (var a in new[] { "--address", Socket, "--root", Root, "--config", ConfigPath, "--log-level", _logLevel }) psi.ArgumentList.Add(a);
         if (extraArgs != null) foreach (var a in extraArgs) psi.ArgumentList.Add(a);
         if (env != null) foreach (var kv in env) psi.Environment[kv.Key] = kv.Value;
         var p = Process.Start(psi) ?? throw new InvalidOperationException("cannot start the daemon");

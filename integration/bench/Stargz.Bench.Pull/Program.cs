@@ -1,50 +1,77 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text;
+using Stargz.Bench.Pull;
 using Stargz.TestSupport;
 
-// Lazy pull (ctr-remote rpull through our daemon) vs full pull (ctr pull, containerd's overlayfs) of the same image,
-// each followed by one container run, alternated N times in one process so both see the same machine load.
-// Usage: Stargz.Bench.Pull [--runs N] [--data-mb M] [--out FILE]
+// Lazy pull (ctr-remote rpull through a stargz snapshotter) vs full pull (ctr pull, containerd's overlayfs) of the same
+// image, each followed by one container run, alternated N times in one process so all see the same machine load.
+// With --reference-daemon, the reference's daemon (integration/bench/reference-daemon/build.sh) runs the same lazy pull.
+// Usage: Stargz.Bench.Pull [--runs N] [--data-mb M] [--reference-daemon PATH] [--variants I,J] [--logs DIR [--log-level L]]
+//        [--out FILE]
 var runs = 3;
 var dataMb = 128;
-string? outFile = null;
+string? outFile = null, referenceDaemon = null, logDir = null;
+var logLevel = "info";
+HashSet<int>? only = null;
 for (var i = 0; i < args.Length; i++)
 {
     switch (args[i])
     {
         case "--runs": runs = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
         case "--data-mb": dataMb = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
+        case "--reference-daemon": referenceDaemon = Path.GetFullPath(args[++i]); break;
         case "--out": outFile = args[++i]; break;
+        // Keeps each daemon's log (at --log-level) in DIR, to see where a pull spends its time.
+        case "--logs": logDir = Directory.CreateDirectory(args[++i]).FullName; break;
+        case "--log-level": logLevel = args[++i]; break;
+        // Only some variants (0-based, in table order; the first is the full pull the ratios are taken against).
+        case "--variants": only = [.. args[++i].Split(',').Select(x => int.Parse(x, CultureInfo.InvariantCulture))]; break;
         default: Console.Error.WriteLine($"unknown argument {args[i]}"); return 2;
     }
 }
+if (referenceDaemon is not null && !File.Exists(referenceDaemon))
+{
+    Console.Error.WriteLine($"--reference-daemon {referenceDaemon}: no such file (build it with integration/bench/reference-daemon/build.sh)");
+    return 2;
+}
 
 await using var registry = await LocalRegistry.StartAsync();
+// Every pull goes through this proxy, which counts what the registry sends: the bytes a network would carry.
+await using var proxy = ByteCountingForwarder.Start(registry.Port);
+var host = $"127.0.0.1:{proxy.Port}";
 using var work = new TempDir("bench-pull");
 var layers = TestImages.WritePythonLayers(work.Path, dataMegabytes: dataMb);
 var layout = Path.Combine(work.Path, "oci");
 await TestImages.BuildAsync(layout, "v1", layers);
 await TestImages.PushAsync(layout, "v1", registry.Host, "bench/python:v1");
-var plain = $"{registry.Host}/bench/python:v1";
-var esgz = $"{registry.Host}/bench/python:esgz";
+var plain = $"{host}/bench/python:v1";
+var esgz = $"{host}/bench/python:esgz";
 var command = new[] { "/usr/bin/python3", "-c", "import json, email, http.client, argparse, decimal; print(json.dumps({'ok': True}))" };
 
-var variants = new (string Name, string? DaemonToml)[]
+var variants = new List<(string Name, string? DaemonToml, string? Executable)>
 {
-    ("full (`ctr pull`, overlayfs)", null),
-    ("lazy (`ctr-remote rpull`, stargz, default config)", ""),
-    ("lazy, `no_background_fetch = true` (on-demand bytes only)", "no_background_fetch = true\n"),
+    ("full (`ctr pull`, overlayfs)", null, null),
+    ("lazy (`ctr-remote rpull`, this daemon, default config)", "", null),
+    ("lazy, this daemon, `no_background_fetch = true` (on-demand bytes only)", "no_background_fetch = true\n", null),
 };
-var results = variants.Select(_ => new List<(double Seconds, double Bytes)>()).ToArray();
+if (referenceDaemon is not null)
+{
+    variants.Add(("lazy, the reference's daemon (stargz-snapshotter 0.12, Go), default config", "", referenceDaemon));
+    variants.Add(("lazy, the reference's daemon, `no_background_fetch = true`", "no_background_fetch = true\n", referenceDaemon));
+}
+var results = variants.Select(_ => new List<(double Seconds, double PullSeconds, double Bytes, double PeakRssMiB, double CpuSeconds)>()).ToArray();
 long imageBytes = 0, plainBytes = 0;
 for (var r = 0; r < runs; r++)
 {
-    for (var v = 0; v < variants.Length; v++)
+    for (var v = 0; v < variants.Count; v++)
     {
+        if (only is not null && v != 0 && !only.Contains(v)) continue;
+        var (name, toml, exe) = variants[v];
         // Fresh daemon, containerd and cache every time: cold pulls only.
-        var metricsPort = LocalRegistry.FreePort();
-        await using var daemon = await LocalDaemon.StartAsync($"metrics_address = \"127.0.0.1:{metricsPort}\"\n{variants[v].DaemonToml}");
+        await using var daemon = exe is null
+            ? await LocalDaemon.StartAsync(toml, logLevel: logLevel)
+            : await LocalDaemon.StartExecutableAsync(exe, toml, logLevel: logLevel);
         await using var ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket);
         if (r == 0 && v == 0)
         {
@@ -54,21 +81,30 @@ for (var r = 0; r < runs; r++)
         }
         await ctd.CtrAsync("images", "rm", "--sync", plain, esgz);
         await ctd.CtrAsync("content", "prune", "references");
+        proxy.Reset();
+        var cpuBefore = CpuSeconds(daemon.Pid);
         var sw = Stopwatch.StartNew();
-        if (variants[v].DaemonToml is null)
+        double pulled;
+        if (toml is null)
         {
             (await ctd.CtrAsync("image", "pull", "--plain-http", plain)).EnsureSuccess("ctr pull");
+            pulled = sw.Elapsed.TotalSeconds;
             (await ctd.CtrAsync(["run", "--rm", plain, $"full-{r}", .. command])).EnsureSuccess("ctr run (full)");
-            results[v].Add((sw.Elapsed.TotalSeconds, plainBytes));
         }
         else
         {
             (await ctd.CtrRemoteAsync("image", "rpull", "--plain-http", esgz)).EnsureSuccess("ctr-remote rpull");
+            pulled = sw.Elapsed.TotalSeconds;
             (await ctd.CtrAsync(["run", "--rm", "--snapshotter", "stargz", esgz, $"lazy-{r}", .. command])).EnsureSuccess("ctr run (lazy)");
-            var seconds = sw.Elapsed.TotalSeconds;
-            results[v].Add((seconds, await MetricAsync(metricsPort, "stargz_layer_fetched_bytes")));
         }
-        Console.Error.WriteLine($"run {r + 1}/{runs} {variants[v].Name}: {results[v][^1].Seconds:F2} s, {results[v][^1].Bytes / 1048576.0:F1} MiB");
+        var seconds = sw.Elapsed.TotalSeconds;
+        // Background fetches go on after the container exits: count what had arrived by then.
+        var bytes = proxy.BytesToClients;
+        var rss = toml is null ? double.NaN : PeakRssMiB(daemon.Pid);
+        var cpu = toml is null ? double.NaN : CpuSeconds(daemon.Pid) - cpuBefore;
+        results[v].Add((seconds, pulled, bytes, rss, cpu));
+        if (logDir is not null) await File.WriteAllTextAsync(Path.Combine(logDir, $"run{r + 1}-variant{v}.log"), daemon.Log);
+        Console.Error.WriteLine($"run {r + 1}/{runs} {name}: {seconds:F2} s (pull {pulled:F2} s), {bytes / 1048576.0:F1} MiB, peak RSS {rss:F0} MiB, CPU {cpu:F2} s");
     }
 }
 
@@ -78,19 +114,24 @@ var baseB = Median(results[0].Select(x => x.Bytes));
 var sb = new StringBuilder();
 sb.AppendLine("# Lazy pull vs full pull");
 sb.AppendLine();
-sb.AppendLine($"`dotnet run -c Release --project integration/bench/Stargz.Bench.Pull -- --runs {runs} --data-mb {dataMb}` on {Environment.ProcessorCount} cores, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC.");
+sb.AppendLine($"`dotnet run -c Release --project integration/bench/Stargz.Bench.Pull -- --runs {runs} --data-mb {dataMb}{(referenceDaemon is null ? "" : " --reference-daemon PATH")}` on {Environment.ProcessorCount} cores, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC.");
 sb.AppendLine($"Image: busybox + python3.11 and its stdlib + dist-packages + {dataMb} MiB of data (3 layers; {plainBytes / 1048576.0:F0} MiB gzip, {imageBytes / 1048576.0:F0} MiB as eStargz by ctr-remote).");
 sb.AppendLine("Time from pull start until `python3 -c 'import json, email, http.client, argparse, decimal'` in a new container has exited;");
-sb.AppendLine($"median of {runs} interleaved cold runs (fresh containerd, daemon and chunk cache each time). Bytes: layer bytes fetched from");
-sb.AppendLine("the registry by the time the container exited (full pull: every layer blob; lazy: our daemon's stargz_layer_fetched_bytes).");
+sb.AppendLine($"median of {runs} interleaved cold runs (fresh containerd, daemon and chunk cache each time). Bytes: what the registry had sent");
+sb.AppendLine("(through a counting proxy: manifests, layers, HTTP headers) by the time the container exited. Peak RSS: the snapshotter");
+sb.AppendLine($"daemon's VmHWM at that moment; daemon CPU: its user + system time from pull start to then. Both daemons log at {logLevel}.");
 sb.AppendLine();
-sb.AppendLine("| pull | seconds to container exit | layer bytes fetched | time vs full pull | bytes vs full pull |");
-sb.AppendLine("|---|---:|---:|---:|---:|");
-for (var v = 0; v < variants.Length; v++)
+sb.AppendLine("| pull | seconds to container exit | of which the pull | bytes from the registry | time vs full pull | bytes vs full pull | daemon peak RSS | daemon CPU |");
+sb.AppendLine("|---|---:|---:|---:|---:|---:|---:|---:|");
+for (var v = 0; v < variants.Count; v++)
 {
+    if (results[v].Count == 0) continue;
     var sec = Median(results[v].Select(x => x.Seconds));
+    var pull = Median(results[v].Select(x => x.PullSeconds));
     var bytes = Median(results[v].Select(x => x.Bytes));
-    sb.AppendLine($"| {variants[v].Name} | {sec:F2} | {bytes / 1048576.0:F1} MiB | {sec / baseS:F2}x | {bytes / baseB:F2}x |");
+    var rss = Median(results[v].Select(x => x.PeakRssMiB));
+    var cpu = Median(results[v].Select(x => x.CpuSeconds));
+    sb.AppendLine($"| {variants[v].Name} | {sec:F2} | {pull:F2} | {bytes / 1048576.0:F1} MiB | {sec / baseS:F2}x | {bytes / baseB:F2}x | {(double.IsNaN(rss) ? "—" : $"{rss:F0} MiB")} | {(double.IsNaN(cpu) ? "—" : $"{cpu:F2} s")} |");
 }
 Console.Write(sb.ToString());
 if (outFile != null) await File.WriteAllTextAsync(outFile, sb.ToString());
@@ -103,4 +144,18 @@ static async Task<long> LayerBytesAsync(string host, string repo, string tag)
     return sum;
 }
 
-static Task<double> MetricAsync(int port, string name) => DaemonMetrics.ReadAsync(port, name);
+// utime + stime (fields 14 and 15 of /proc/PID/stat, after the parenthesised command name), in clock ticks of 1/100 s.
+static double CpuSeconds(int pid)
+{
+    var stat = File.ReadAllText($"/proc/{pid}/stat");
+    var f = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+    return (long.Parse(f[11], CultureInfo.InvariantCulture) + long.Parse(f[12], CultureInfo.InvariantCulture)) / 100.0;
+}
+
+static double PeakRssMiB(int pid)
+{
+    foreach (var line in File.ReadLines($"/proc/{pid}/status"))
+        if (line.StartsWith("VmHWM:", StringComparison.Ordinal))
+            return long.Parse(line.AsSpan(6).Trim().TrimEnd("kB").Trim(), CultureInfo.InvariantCulture) / 1024.0;
+    return double.NaN;
+}
