@@ -67,6 +67,7 @@ public static class RemoteLayerWiring
             MaxConcurrency = (int)Math.Max(1, config.MaxConcurrency),
             FetchingTimeout = TimeSpan.FromSeconds(config.Blob.FetchingTimeoutSec),
             PrefetchChunkSize = config.Blob.PrefetchChunkSize,
+            OnDemandWindowBytes = config.Blob.ChunkSize,
             ResolveResultEntryTtl = TimeSpan.FromSeconds(config.ResolveResultEntryTtlSec),
             MaxCacheFds = (int)Math.Clamp(config.DirectoryCache.MaxCacheFds, 0, 4096),
         };

@@ -27,9 +27,13 @@ internal sealed class ChunkFetcher : IDisposable
     private readonly ConcurrentDictionary<string, TaskCompletionSource<byte[]>> _inflight;
     private readonly ConcurrentDictionary<Task, byte> _loads = new();
 
+    /// <summary>Every chunk of the layer by blob offset, for the on-demand window (null: no window).</summary>
+    private readonly LayerChunk[]? _byBlobOffset;
+
     public ChunkFetcher(IRangeFetcher blob, IChunkDecoder decoder, ChunkCache cache, FetchGate gate, LayerStats stats,
-        string layerDigest, LayerOptions options)
+        string layerDigest, LayerOptions options, LayerChunk[]? byBlobOffset = null)
     {
+        _byBlobOffset = byBlobOffset;
         _blob = blob;
         _decoder = decoder;
         _cache = cache;
@@ -182,6 +186,8 @@ internal sealed class ChunkFetcher : IDisposable
         }
         if (claimed != null)
         {
+            if (priority == FetchPriority.OnDemand && _options.OnDemandWindowBytes > 0 && _byBlobOffset != null)
+                ClaimWindowNeighbours(claimed);
             if (_lifetime.IsCancellationRequested)
             {
                 foreach (var p in claimed) Fail(p, new LayerIOException("layer is unmounted"));
@@ -204,6 +210,41 @@ internal sealed class ChunkFetcher : IDisposable
     }
 
     private sealed record Pending(LayerChunk Chunk, string Key, TaskCompletionSource<byte[]> Completion);
+
+    /// <summary>
+    /// Adds to <paramref name="claimed"/> the chunks wholly inside the aligned <c>chunk_size</c> window around each
+    /// chunk a reader asked for that are neither cached (memory or disk) nor being fetched. Nobody waits for them:
+    /// they ride in the same range request and land in the cache for the reads that usually follow.
+    /// </summary>
+    private void ClaimWindowNeighbours(List<Pending> claimed)
+    {
+        var window = _options.OnDemandWindowBytes;
+        var all = _byBlobOffset!;
+        var asked = claimed.Count;
+        for (var a = 0; a < asked; a++)
+        {
+            var c = claimed[a].Chunk;
+            var start = c.BlobOffset - c.BlobOffset % window;
+            var end = (c.BlobEnd + window - 1) / window * window;
+            // First chunk starting at or after the window's start.
+            int lo = 0, hi = all.Length;
+            while (lo < hi)
+            {
+                var mid = (lo + hi) >>> 1;
+                if (all[mid].BlobOffset < start) lo = mid + 1;
+                else hi = mid;
+            }
+            for (var i = lo; i < all.Length && all[i].BlobOffset < end; i++)
+            {
+                ref readonly var n = ref all[i];
+                if (n.BlobEnd > end || (_verify && n.Digest == null)) continue;
+                var key = KeyOf(n);
+                if (_inflight.ContainsKey(key) || _cache.Contains(key)) continue;
+                var tcs = new TaskCompletionSource<byte[]>(TaskCreationOptions.RunContinuationsAsynchronously);
+                if (_inflight.TryAdd(key, tcs)) claimed.Add(new Pending(n, key, tcs));
+            }
+        }
+    }
 
     private async Task LoadAsync(List<Pending> claimed, FetchPriority priority)
     {

@@ -39,6 +39,15 @@ public sealed record LayerOptions
     /// <summary><c>[blob] prefetch_chunk_size</c>: bytes per range request of prefetch and background fetch (0 = 4 MiB).</summary>
     public long PrefetchChunkSize { get; init; }
 
+    /// <summary>
+    /// <c>[blob] chunk_size</c> (the daemon's default is the reference's 50,000): an on-demand read that misses also
+    /// fetches, in the same range, the uncached chunks that lie wholly inside the blob window of this many bytes
+    /// (aligned to it) around each chunk it asked for, as the reference fetches whole aligned windows. Small files
+    /// stored next to each other (a language runtime's library) then cost one round trip per window, not one each.
+    /// 0 here: only the chunks asked for.
+    /// </summary>
+    public long OnDemandWindowBytes { get; init; }
+
     /// <summary>Missing chunks closer than this in the blob are fetched in one range (the gap bytes are discarded).</summary>
     public long MergeGapBytes { get; init; } = 32 << 10;
 
@@ -81,6 +90,7 @@ public sealed record LayerOptions
         MemoryCacheBytes = MemoryCacheBytes > 0 ? MemoryCacheBytes : 256L << 20,
         PrefetchSize = Math.Max(0, PrefetchSize),
         MergeGapBytes = Math.Max(0, MergeGapBytes),
+        OnDemandWindowBytes = Math.Max(0, OnDemandWindowBytes),
         BackgroundPause = BackgroundPause > TimeSpan.Zero ? BackgroundPause : TimeSpan.Zero,
     };
 

@@ -25,9 +25,9 @@ public sealed class RemoteLayer : IAsyncDisposable
         Reader = toc.Reader;
         _options = options = options.Normalized();
         Stats = new LayerStats();
-        Fetcher = new ChunkFetcher(blob, new EstargzChunkDecoder(toc.Reader.Compression), cache, gate, Stats, digest, options);
-        FileSystem = new LayerFileSystem(toc.Reader.Root, Fetcher, options.UserXattrOpaque, options.MaxCacheFds, options.SpliceFromChunkFiles, assembled);
         _byBlobOffset = CollectChunks(toc.Reader);
+        Fetcher = new ChunkFetcher(blob, new EstargzChunkDecoder(toc.Reader.Compression), cache, gate, Stats, digest, options, _byBlobOffset);
+        FileSystem = new LayerFileSystem(toc.Reader.Root, Fetcher, options.UserXattrOpaque, options.MaxCacheFds, options.SpliceFromChunkFiles, assembled);
     }
 
     public string Reference { get; }

@@ -286,4 +286,86 @@ public class ChunkFetcherTests
         Assert.True(t.IsCompletedSuccessfully, "a cached read went asynchronous");
         return t.Result;
     }
+
+    /// <summary>Sixty small files next to each other, as a language runtime's library is laid out.</summary>
+    private static (byte[] Blob, BlobBuilder B) SmallFiles()
+    {
+        var b = new BlobBuilder { Stored = true };
+        for (var i = 0; i < 60; i++) b.AddFile($"f{i:D2}", BlobBuilder.Random(1_000 + i * 37, 100 + i), 50_000);
+        return (b.Build(), b);
+    }
+
+    [Fact]
+    public async Task AnOnDemandMissBringsTheUncachedChunksOfItsChunkSizeWindowInTheSameRange()
+    {
+        const long Window = 16_384;
+        var (blob, b) = SmallFiles();
+        var all = b.ByBlobOffset();
+        using var rig = new FetcherRig(blob, new LayerOptions { OnDemandWindowBytes = Window }, byBlobOffset: all);
+        var (content, chunks) = b.Files["f20"];
+        var c = chunks[0];
+        var buf = new byte[content.Length];
+        Assert.Equal(content.Length, await rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct));
+        Assert.Equal(content, buf);
+
+        // One range request, holding every chunk wholly inside the aligned window around f20's chunk.
+        long start = c.BlobOffset / Window * Window, end = (c.BlobEnd + Window - 1) / Window * Window;
+        var inside = all.Where(x => x.BlobOffset >= start && x.BlobEnd <= end).ToArray();
+        Assert.True(inside.Length >= 5, $"{inside.Length} chunks in the window");
+        Assert.Equal(1, rig.Blob.Calls);
+        Assert.Equal(1, rig.Blob.Ranges);
+        Assert.Equal(inside.Length, rig.Stats.Snapshot().ChunksFetched);
+
+        // Their files are then read without asking the registry again, and each is right.
+        foreach (var (name, (fc, fch)) in b.Files)
+        {
+            if (!inside.Contains(fch[0])) continue;
+            var fb = new byte[fc.Length];
+            Assert.Equal(fc.Length, await rig.Fetcher.ReadAsync(fch, fc.Length, 0, fb, Ct));
+            Assert.True(fc.AsSpan().SequenceEqual(fb), name);
+        }
+        Assert.Equal(1, rig.Blob.Calls);
+
+        // A chunk that straddles the window's end was not taken; reading it is a new request.
+        var straddling = all.First(x => x.BlobOffset < end && x.BlobEnd > end);
+        var (sc, sch) = b.Files.Values.First(f => f.Chunks[0] == straddling);
+        Assert.Equal(sc.Length, await rig.Fetcher.ReadAsync(sch, sc.Length, 0, new byte[sc.Length], Ct));
+        Assert.Equal(2, rig.Blob.Calls);
+    }
+
+    [Fact]
+    public async Task WithoutAWindowAMissFetchesOnlyTheChunksAskedFor()
+    {
+        var (blob, b) = SmallFiles();
+        using var rig = new FetcherRig(blob, new LayerOptions(), byBlobOffset: b.ByBlobOffset());
+        var (c20, ch20) = b.Files["f20"];
+        var (c21, ch21) = b.Files["f21"];
+        await rig.Fetcher.ReadAsync(ch20, c20.Length, 0, new byte[c20.Length], Ct);
+        Assert.Equal(1, rig.Stats.Snapshot().ChunksFetched);
+        Assert.Equal(ch20[0].BlobLength, rig.Stats.Snapshot().FetchedBytes);
+        await rig.Fetcher.ReadAsync(ch21, c21.Length, 0, new byte[c21.Length], Ct);
+        Assert.Equal(2, rig.Blob.Calls);
+    }
+
+    [Fact]
+    public async Task TheWindowSkipsCachedChunksAndIsNotUsedByBackgroundFetch()
+    {
+        const long Window = 16_384;
+        var (blob, b) = SmallFiles();
+        var all = b.ByBlobOffset();
+        using var rig = new FetcherRig(blob, new LayerOptions { OnDemandWindowBytes = Window }, byBlobOffset: all);
+        // A background fetch of one chunk takes only that chunk.
+        var i20 = Array.IndexOf(all, b.Files["f20"].Chunks[0]);
+        await rig.Fetcher.AcquireAsync(all, i20, 1, null, FetchPriority.Background, Ct);
+        await rig.Fetcher.DrainAsync();
+        Assert.Equal(1, rig.Stats.Snapshot().ChunksFetched);
+        // An on-demand miss next to it fetches its window without f20's chunk again.
+        var (c21, ch21) = b.Files["f21"];
+        await rig.Fetcher.ReadAsync(ch21, c21.Length, 0, new byte[c21.Length], Ct);
+        await rig.Fetcher.DrainAsync();
+        long start = ch21[0].BlobOffset / Window * Window, end = (ch21[0].BlobEnd + Window - 1) / Window * Window;
+        var inside = all.Count(x => x.BlobOffset >= start && x.BlobEnd <= end);
+        var f20InWindow = all[i20].BlobOffset >= start && all[i20].BlobEnd <= end;
+        Assert.Equal(1 + inside - (f20InWindow ? 1 : 0), rig.Stats.Snapshot().ChunksFetched);
+    }
 }

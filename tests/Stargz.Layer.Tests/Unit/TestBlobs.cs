@@ -121,6 +121,15 @@ internal sealed class BlobBuilder
         return this;
     }
 
+    /// <summary>Every file's chunks by blob offset, as the layer hands them to its fetcher.</summary>
+    public LayerChunk[] ByBlobOffset()
+    {
+        var all = new List<LayerChunk>();
+        foreach (var f in Files.Values) all.AddRange(f.Chunks);
+        all.Sort(static (a, b) => a.BlobOffset != b.BlobOffset ? a.BlobOffset.CompareTo(b.BlobOffset) : a.InnerOffset.CompareTo(b.InnerOffset));
+        return [.. all];
+    }
+
     public byte[] Build()
     {
         WriteMember(new byte[1024]); // end-of-archive, TOC and footer would follow
@@ -147,14 +156,15 @@ internal sealed class FetcherRig : IDisposable
     public readonly ChunkFetcher Fetcher;
     private readonly bool _ownCache;
 
-    public FetcherRig(byte[] blob, LayerOptions? options = null, ChunkCache? cache = null, string layer = "sha256:layer")
+    public FetcherRig(byte[] blob, LayerOptions? options = null, ChunkCache? cache = null, string layer = "sha256:layer",
+        LayerChunk[]? byBlobOffset = null)
     {
         options ??= new LayerOptions();
         Blob = new MemoryBlob(blob);
         _ownCache = cache == null;
         Cache = cache ?? new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites);
         Gate = new FetchGate(options.MaxConcurrency);
-        Fetcher = new ChunkFetcher(Blob, new GzipTestDecoder(), Cache, Gate, Stats, layer, options);
+        Fetcher = new ChunkFetcher(Blob, new GzipTestDecoder(), Cache, Gate, Stats, layer, options, byBlobOffset);
     }
 
     public async Task<byte[]> ReadAllAsync(LayerChunk[] chunks, long size, int bufferSize, CancellationToken ct)
