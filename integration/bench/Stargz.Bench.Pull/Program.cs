@@ -7,11 +7,11 @@ using Stargz.TestSupport;
 // Lazy pull (ctr-remote rpull through a stargz snapshotter) vs full pull (ctr pull, containerd's overlayfs) of the same
 // image, each followed by one container run, alternated N times in one process so all see the same machine load.
 // With --reference-daemon, the reference's daemon (integration/bench/reference-daemon/build.sh) runs the same lazy pull.
-// Usage: Stargz.Bench.Pull [--runs N] [--data-mb M] [--reference-daemon PATH] [--variants I,J] [--logs DIR [--log-level L]]
+// Usage: Stargz.Bench.Pull [--runs N] [--data-mb M] [--daemon PATH] [--reference-daemon PATH] [--variants I,J] [--logs DIR [--log-level L]]
 //        [--out FILE]
 var runs = 3;
 var dataMb = 128;
-string? outFile = null, referenceDaemon = null, logDir = null;
+string? outFile = null, referenceDaemon = null, ourDaemon = null, logDir = null;
 var logLevel = "info";
 HashSet<int>? only = null;
 for (var i = 0; i < args.Length; i++)
@@ -21,6 +21,8 @@ for (var i = 0; i < args.Length; i++)
         case "--runs": runs = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
         case "--data-mb": dataMb = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
         case "--reference-daemon": referenceDaemon = Path.GetFullPath(args[++i]); break;
+        // This daemon as installed (e.g. the quick start's ReadyToRun publish) instead of the build output.
+        case "--daemon": ourDaemon = Path.GetFullPath(args[++i]); break;
         case "--out": outFile = args[++i]; break;
         // Keeps each daemon's log (at --log-level) in DIR, to see where a pull spends its time.
         case "--logs": logDir = Directory.CreateDirectory(args[++i]).FullName; break;
@@ -33,6 +35,11 @@ for (var i = 0; i < args.Length; i++)
 if (referenceDaemon is not null && !File.Exists(referenceDaemon))
 {
     Console.Error.WriteLine($"--reference-daemon {referenceDaemon}: no such file (build it with integration/bench/reference-daemon/build.sh)");
+    return 2;
+}
+if (ourDaemon is not null && !File.Exists(ourDaemon))
+{
+    Console.Error.WriteLine($"--daemon {ourDaemon}: no such file");
     return 2;
 }
 
@@ -52,8 +59,8 @@ var command = new[] { "/usr/bin/python3", "-c", "import json, email, http.client
 var variants = new List<(string Name, string? DaemonToml, string? Executable)>
 {
     ("full (`ctr pull`, overlayfs)", null, null),
-    ("lazy (`ctr-remote rpull`, this daemon, default config)", "", null),
-    ("lazy, this daemon, `no_background_fetch = true` (on-demand bytes only)", "no_background_fetch = true\n", null),
+    ("lazy (`ctr-remote rpull`, this daemon, default config)", "", ourDaemon),
+    ("lazy, this daemon, `no_background_fetch = true` (on-demand bytes only)", "no_background_fetch = true\n", ourDaemon),
 };
 if (referenceDaemon is not null)
 {
@@ -114,7 +121,7 @@ var baseB = Median(results[0].Select(x => x.Bytes));
 var sb = new StringBuilder();
 sb.AppendLine("# Lazy pull vs full pull");
 sb.AppendLine();
-sb.AppendLine($"`dotnet run -c Release --project integration/bench/Stargz.Bench.Pull -- --runs {runs} --data-mb {dataMb}{(referenceDaemon is null ? "" : " --reference-daemon PATH")}` on {Environment.ProcessorCount} cores, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC.");
+sb.AppendLine($"`dotnet run -c Release --project integration/bench/Stargz.Bench.Pull -- --runs {runs} --data-mb {dataMb}{(ourDaemon is null ? "" : " --daemon PATH")}{(referenceDaemon is null ? "" : " --reference-daemon PATH")}` on {Environment.ProcessorCount} cores, {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC.");
 sb.AppendLine($"Image: busybox + python3.11 and its stdlib + dist-packages + {dataMb} MiB of data (3 layers; {plainBytes / 1048576.0:F0} MiB gzip, {imageBytes / 1048576.0:F0} MiB as eStargz by ctr-remote).");
 sb.AppendLine("Time from pull start until `python3 -c 'import json, email, http.client, argparse, decimal'` in a new container has exited;");
 sb.AppendLine($"median of {runs} interleaved cold runs (fresh containerd, daemon and chunk cache each time). Bytes: what the registry had sent");
