@@ -209,7 +209,8 @@ internal sealed class ChunkFetcher : IDisposable
         }
     }
 
-    private sealed record Pending(LayerChunk Chunk, string Key, TaskCompletionSource<byte[]> Completion);
+    /// <summary>A claimed chunk; <paramref name="Neighbour"/>: taken along by the on-demand window, asked for by nobody.</summary>
+    private sealed record Pending(LayerChunk Chunk, string Key, TaskCompletionSource<byte[]> Completion, bool Neighbour = false);
 
     /// <summary>
     /// Adds to <paramref name="claimed"/> the chunks wholly inside the aligned <c>chunk_size</c> window around each
@@ -241,7 +242,7 @@ internal sealed class ChunkFetcher : IDisposable
                 var key = KeyOf(n);
                 if (_inflight.ContainsKey(key) || _cache.Contains(key)) continue;
                 var tcs = new TaskCompletionSource<byte[]>(TaskCreationOptions.RunContinuationsAsynchronously);
-                if (_inflight.TryAdd(key, tcs)) claimed.Add(new Pending(n, key, tcs));
+                if (_inflight.TryAdd(key, tcs)) claimed.Add(new Pending(n, key, tcs, Neighbour: true));
             }
         }
     }
@@ -286,7 +287,9 @@ internal sealed class ChunkFetcher : IDisposable
         }
         if (toFetch != null)
         {
-            Interlocked.Add(ref _stats.CacheMisses, toFetch.Count);
+            var misses = 0;
+            foreach (var p in toFetch) if (!p.Neighbour) misses++;
+            Interlocked.Add(ref _stats.CacheMisses, misses);
             await FetchAsync(toFetch, priority).ConfigureAwait(false);
         }
     }

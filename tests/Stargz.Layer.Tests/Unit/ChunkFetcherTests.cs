@@ -315,6 +315,7 @@ public class ChunkFetcherTests
         Assert.Equal(1, rig.Blob.Calls);
         Assert.Equal(1, rig.Blob.Ranges);
         Assert.Equal(inside.Length, rig.Stats.Snapshot().ChunksFetched);
+        Assert.Equal(1, rig.Stats.Snapshot().CacheMisses); // the neighbours were nobody's miss
 
         // Their files are then read without asking the registry again, and each is right.
         foreach (var (name, (fc, fch)) in b.Files)
