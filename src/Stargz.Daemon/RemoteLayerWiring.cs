@@ -68,6 +68,8 @@ public static class RemoteLayerWiring
             FetchingTimeout = TimeSpan.FromSeconds(config.Blob.FetchingTimeoutSec),
             PrefetchChunkSize = config.Blob.PrefetchChunkSize,
             OnDemandWindowBytes = config.Blob.ChunkSize,
+            // The reference's background task manager waits 5 s after its last mount, check or prefetch.
+            BackgroundQuietPeriod = TimeSpan.FromSeconds(5),
             ResolveResultEntryTtl = TimeSpan.FromSeconds(config.ResolveResultEntryTtlSec),
             MaxCacheFds = (int)Math.Clamp(config.DirectoryCache.MaxCacheFds, 0, 4096),
         };

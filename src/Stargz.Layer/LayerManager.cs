@@ -62,7 +62,7 @@ public sealed class LayerManager : IAsyncDisposable
         _options = options;
         _fuse = fuseOptions ?? new FuseMountOptions { AllowOther = true };
         _log = logger ?? NullLogger.Instance;
-        _gate = new FetchGate(options.MaxConcurrency);
+        _gate = new FetchGate(options.MaxConcurrency, options.BackgroundQuietPeriod);
         Cache = new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites);
         // Beside the chunk cache (ROOT/stargz/cache -> ROOT/stargz/toc): TOCs are what a restart needs to mount offline.
         if (options.CacheDirectory != null)
@@ -116,6 +116,13 @@ public sealed class LayerManager : IAsyncDisposable
     /// lazily, so the caller can fall back to a normal pull.
     /// </summary>
     public async Task MountAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
+    {
+        _gate.NotePriorityWork();
+        try { await MountCoreAsync(mountpoint, labels, ct).ConfigureAwait(false); }
+        finally { _gate.NotePriorityWork(); }
+    }
+
+    private async Task MountCoreAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {
         mountpoint = Path.GetFullPath(mountpoint);
         var reference = Label(labels, LayerLabelKeys.Reference, LayerLabelKeys.CriImageRef)
@@ -284,6 +291,7 @@ public sealed class LayerManager : IAsyncDisposable
     /// </summary>
     public async Task CheckAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {
+        _gate.NotePriorityWork();
         mountpoint = Path.GetFullPath(mountpoint);
         if (!_mounts.TryGetValue(mountpoint, out var m)) throw new InvalidOperationException($"no layer is mounted at {mountpoint}");
         if (m.Server.Completion.IsCompleted || FuseServer.IsDeadMount(mountpoint))

@@ -51,6 +51,13 @@ public sealed record LayerOptions
     /// <summary>Missing chunks closer than this in the blob are fetched in one range (the gap bytes are discarded).</summary>
     public long MergeGapBytes { get; init; } = 32 << 10;
 
+    /// <summary>
+    /// Background fetch starts (and resumes) only once mounts, checks and prefetch of all layers have been quiet this
+    /// long; the daemon uses the reference's 5 s, so containers that are starting do not share their cores with it.
+    /// Zero: it waits only while on-demand fetches are waiting or running.
+    /// </summary>
+    public TimeSpan BackgroundQuietPeriod { get; init; }
+
     /// <summary>Pause between two background-fetch batches, so on-demand reads always find the network free.</summary>
     public TimeSpan BackgroundPause { get; init; } = TimeSpan.FromMilliseconds(50);
 
@@ -92,6 +99,7 @@ public sealed record LayerOptions
         MergeGapBytes = Math.Max(0, MergeGapBytes),
         OnDemandWindowBytes = Math.Max(0, OnDemandWindowBytes),
         BackgroundPause = BackgroundPause > TimeSpan.Zero ? BackgroundPause : TimeSpan.Zero,
+        BackgroundQuietPeriod = BackgroundQuietPeriod > TimeSpan.Zero ? BackgroundQuietPeriod : TimeSpan.Zero,
     };
 
     internal long EffectivePrefetchChunkSize => PrefetchChunkSize > 0 ? PrefetchChunkSize : 4L << 20;
