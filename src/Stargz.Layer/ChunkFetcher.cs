@@ -438,6 +438,7 @@ internal sealed class ChunkFetcher : IDisposable
         while (next.Value < end)
         {
             ct.ThrowIfCancellationRequested();
+            if (priority == FetchPriority.Background) await _gate.WaitQuietAsync(ct).ConfigureAwait(false);
             var first = next.Value;
             var i = first;
             var batchStart = byBlobOffset[i].BlobOffset;

@@ -6,8 +6,9 @@ namespace Stargz.Layer;
 /// Bounds registry fetches in flight (<c>max_concurrency</c>, shared by all layers) and orders them: on-demand reads
 /// take a slot as soon as one is free; prefetch takes free slots; background fetch waits while any on-demand fetch
 /// is waiting or running, and holds at most one slot, so a reader in the kernel never queues behind it. With a quiet
-/// period, background fetch also waits until mounts, checks and prefetch (<see cref="NotePriorityWork"/>) have been
-/// quiet that long, as the reference's does (5 s), so it does not compete with containers that are starting.
+/// period, background fetch also waits (<see cref="WaitQuietAsync"/>, before each batch) until mounts, checks and
+/// prefetch (<see cref="NotePriorityWork"/>) have been quiet that long, as the reference's does (5 s), so it does not
+/// compete with containers that are starting.
 /// </summary>
 internal sealed class FetchGate : IDisposable
 {
@@ -25,6 +26,16 @@ internal sealed class FetchGate : IDisposable
 
     /// <summary>A mount, check or prefetch is running or just ended: background fetch waits the quiet period again.</summary>
     public void NotePriorityWork() => Volatile.Write(ref _lastPriorityWork, Stopwatch.GetTimestamp());
+
+    /// <summary>
+    /// Background fetch calls this before it claims its next batch (not inside <see cref="EnterAsync"/>: chunks it has
+    /// claimed are waited for by any reader that needs them, and must not sit out a quiet period).
+    /// </summary>
+    public async ValueTask WaitQuietAsync(CancellationToken cancellationToken)
+    {
+        while (QuietLeft() is var left && left > TimeSpan.Zero)
+            await Task.Delay(left, cancellationToken).ConfigureAwait(false);
+    }
 
     /// <summary>How much longer background fetch must wait for the quiet period (zero: none).</summary>
     private TimeSpan QuietLeft()
@@ -59,11 +70,6 @@ internal sealed class FetchGate : IDisposable
                     {
                         while (Volatile.Read(ref _onDemand) > 0)
                             await Task.Delay(5, cancellationToken).ConfigureAwait(false);
-                        if (QuietLeft() is var left && left > TimeSpan.Zero)
-                        {
-                            await Task.Delay(left, cancellationToken).ConfigureAwait(false);
-                            continue;
-                        }
                         await _slots.WaitAsync(cancellationToken).ConfigureAwait(false);
                         if (Volatile.Read(ref _onDemand) == 0) return;
                         _slots.Release(); // a reader arrived meanwhile: let it go first

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.CompilerServices;
 using Stargz.Layer;
 
 namespace Stargz.Layer.Tests.Unit;
@@ -9,19 +10,18 @@ public class FetchGateTests
     private static CancellationToken Ct => TestContext.Current.CancellationToken;
 
     [Fact]
-    public async Task BackgroundFetchStartsOnlyAfterTheQuietPeriodAndEachMountRestartsIt()
+    public async Task TheQuietPeriodRunsFromTheLastMountAndEachMountRestartsIt()
     {
         var quiet = TimeSpan.FromSeconds(1);
         using var gate = new FetchGate(2, quiet);
         gate.NotePriorityWork(); // a mount
-        var background = gate.EnterAsync(FetchPriority.Background, Ct).AsTask();
+        var waiting = gate.WaitQuietAsync(Ct).AsTask();
         await Task.Delay(600, Ct);
-        Assert.False(background.IsCompleted, "background fetch began within the quiet period");
+        Assert.False(waiting.IsCompleted, "the quiet period ended early");
         var secondMount = Stopwatch.StartNew();
         gate.NotePriorityWork(); // another mount, 0.6 s later: the wait starts over
-        await background.WaitAsync(TimeSpan.FromSeconds(20), Ct);
-        Assert.True(secondMount.Elapsed >= quiet - TimeSpan.FromMilliseconds(20), $"began {secondMount.Elapsed} after the last mount");
-        gate.Exit(FetchPriority.Background);
+        await waiting.WaitAsync(TimeSpan.FromSeconds(20), Ct);
+        Assert.True(secondMount.Elapsed >= quiet - TimeSpan.FromMilliseconds(20), $"ended {secondMount.Elapsed} after the last mount");
     }
 
     [Fact]
@@ -32,28 +32,47 @@ public class FetchGateTests
         await gate.EnterAsync(FetchPriority.Prefetch, Ct);
         var sincePrefetch = Stopwatch.StartNew();
         gate.Exit(FetchPriority.Prefetch);
-        await gate.EnterAsync(FetchPriority.Background, Ct).AsTask().WaitAsync(TimeSpan.FromSeconds(20), Ct);
-        Assert.True(sincePrefetch.Elapsed >= quiet - TimeSpan.FromMilliseconds(20), $"began {sincePrefetch.Elapsed} after the prefetch");
-        gate.Exit(FetchPriority.Background);
+        await gate.WaitQuietAsync(Ct).AsTask().WaitAsync(TimeSpan.FromSeconds(20), Ct);
+        Assert.True(sincePrefetch.Elapsed >= quiet - TimeSpan.FromMilliseconds(20), $"ended {sincePrefetch.Elapsed} after the prefetch");
 
-        // On-demand reads hold background fetch back only while they wait or run (they never stop it for long:
-        // a container reading now and then must not keep its layers from being fetched whole).
+        // On-demand reads hold background fetch back only while they wait or run (they never start the quiet
+        // period: a container reading now and then must not keep its layers from being fetched whole).
         using var idle = new FetchGate(2, TimeSpan.FromMinutes(5));
         await idle.EnterAsync(FetchPriority.OnDemand, Ct);
         var held = idle.EnterAsync(FetchPriority.Background, Ct).AsTask();
         await Task.Delay(200, Ct);
         Assert.False(held.IsCompleted, "background fetch ran beside a waiting on-demand read");
         idle.Exit(FetchPriority.OnDemand);
-        await held.WaitAsync(TimeSpan.FromSeconds(20), Ct); // not the five minutes of the quiet period
+        await idle.WaitQuietAsync(Ct).AsTask().WaitAsync(TimeSpan.FromSeconds(20), Ct); // not the five minutes
+        await held.WaitAsync(TimeSpan.FromSeconds(20), Ct);
         idle.Exit(FetchPriority.Background);
     }
 
     [Fact]
-    public async Task WithoutAQuietPeriodBackgroundFetchDoesNotWaitForMounts()
+    public async Task WithoutAQuietPeriodMountsDoNotHoldBackgroundFetch()
     {
         using var gate = new FetchGate(2);
         gate.NotePriorityWork();
-        await gate.EnterAsync(FetchPriority.Background, Ct).AsTask().WaitAsync(TimeSpan.FromSeconds(20), Ct);
-        gate.Exit(FetchPriority.Background);
+        await gate.WaitQuietAsync(Ct).AsTask().WaitAsync(TimeSpan.FromSeconds(20), Ct);
+    }
+
+    [Fact]
+    public async Task ABackgroundFetchSittingOutTheQuietPeriodHoldsNoChunkAReaderNeeds()
+    {
+        var b = new BlobBuilder();
+        for (var i = 0; i < 10; i++) b.AddFile("f" + i, BlobBuilder.Random(20_000, 300 + i), 20_000);
+        var blob = b.Build();
+        var all = b.ByBlobOffset();
+        using var rig = new FetcherRig(blob, new LayerOptions { BackgroundQuietPeriod = TimeSpan.FromMinutes(5) });
+        rig.Gate.NotePriorityWork(); // a mount: background fetch must wait five minutes
+        var background = rig.Fetcher.FetchAllAsync(all, new StrongBox<int>(0), all.Length, FetchPriority.Background, TimeSpan.Zero, null, Ct);
+        await Task.Delay(200, Ct);
+        Assert.False(background.IsCompleted);
+        // A reader of the first file is served now, not after the quiet period.
+        var (content, chunks) = b.Files["f0"];
+        var buf = new byte[content.Length];
+        Assert.Equal(buf.Length, await rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct).AsTask().WaitAsync(TimeSpan.FromSeconds(20), Ct));
+        Assert.Equal(content, buf);
+        Assert.Equal(1, rig.Blob.Calls);
     }
 }

@@ -163,7 +163,7 @@ internal sealed class FetcherRig : IDisposable
         Blob = new MemoryBlob(blob);
         _ownCache = cache == null;
         Cache = cache ?? new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites);
-        Gate = new FetchGate(options.MaxConcurrency);
+        Gate = new FetchGate(options.MaxConcurrency, options.BackgroundQuietPeriod);
         Fetcher = new ChunkFetcher(Blob, new GzipTestDecoder(), Cache, Gate, Stats, layer, options, byBlobOffset);
     }
 
