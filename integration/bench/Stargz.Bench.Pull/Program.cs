@@ -21,7 +21,7 @@ for (var i = 0; i < args.Length; i++)
         case "--runs": runs = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
         case "--data-mb": dataMb = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
         case "--reference-daemon": referenceDaemon = Path.GetFullPath(args[++i]); break;
-        // This daemon as installed (e.g. the quick start's ReadyToRun publish) instead of the build output.
+        // This daemon from a publish (e.g. ReadyToRun, or other runtime settings) instead of the build output.
         case "--daemon": ourDaemon = Path.GetFullPath(args[++i]); break;
         case "--out": outFile = args[++i]; break;
         // Keeps each daemon's log (at --log-level) in DIR, to see where a pull spends its time.
