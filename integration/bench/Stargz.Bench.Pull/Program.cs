@@ -8,10 +8,10 @@ using Stargz.TestSupport;
 // image, each followed by one container run, alternated N times in one process so all see the same machine load.
 // With --reference-daemon, the reference's daemon (integration/bench/reference-daemon/build.sh) runs the same lazy pull.
 // Usage: Stargz.Bench.Pull [--runs N] [--data-mb M] [--daemon PATH] [--reference-daemon PATH] [--variants I,J] [--logs DIR [--log-level L]]
-//        [--out FILE]
+//        [--profile DIR] [--out FILE]
 var runs = 3;
 var dataMb = 128;
-string? outFile = null, referenceDaemon = null, ourDaemon = null, logDir = null;
+string? outFile = null, referenceDaemon = null, ourDaemon = null, logDir = null, profileDir = null;
 var logLevel = "info";
 HashSet<int>? only = null;
 for (var i = 0; i < args.Length; i++)
@@ -27,6 +27,9 @@ for (var i = 0; i < args.Length; i++)
         // Keeps each daemon's log (at --log-level) in DIR, to see where a pull spends its time.
         case "--logs": logDir = Directory.CreateDirectory(args[++i]).FullName; break;
         case "--log-level": logLevel = args[++i]; break;
+        // perf record -g of each lazy variant's daemon from pull start to container exit, into DIR (JIT frames named
+        // through DOTNET_PerfMapEnabled, set for this daemon's runs).
+        case "--profile": profileDir = Directory.CreateDirectory(args[++i]).FullName; break;
         // Only some variants (0-based, in table order; the first is the full pull the ratios are taken against).
         case "--variants": only = [.. args[++i].Split(',').Select(x => int.Parse(x, CultureInfo.InvariantCulture))]; break;
         default: Console.Error.WriteLine($"unknown argument {args[i]}"); return 2;
@@ -96,7 +99,8 @@ for (var r = 0; r < runs; r++)
         var (name, toml, exe, warm) = variants[v];
         // Fresh daemon, containerd and cache every time: cold pulls only.
         await using var daemon = exe is null
-            ? await LocalDaemon.StartAsync(toml, logLevel: logLevel)
+            ? await LocalDaemon.StartAsync(toml, logLevel: logLevel,
+                env: profileDir is null ? null : new Dictionary<string, string> { ["DOTNET_PerfMapEnabled"] = "1" })
             : await LocalDaemon.StartExecutableAsync(exe, toml, logLevel: logLevel);
         await using var ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket);
         if (r == 0 && v == 0)
@@ -117,6 +121,9 @@ for (var r = 0; r < runs; r++)
         }
         proxy.Reset();
         var cpuBefore = CpuSeconds(daemon.Pid);
+        using var perf = profileDir is null || toml is null ? null : Process.Start(new ProcessStartInfo("perf",
+            ["record", "-q", "-g", "-F", "999", "-p", daemon.Pid.ToString(CultureInfo.InvariantCulture), "-o", Path.Combine(profileDir, $"run{r + 1}-variant{v}.data")])
+            { RedirectStandardError = true });
         var sw = Stopwatch.StartNew();
         double pulled;
         if (toml is null)
@@ -132,6 +139,11 @@ for (var r = 0; r < runs; r++)
             (await ctd.CtrAsync(["run", "--rm", "--snapshotter", "stargz", esgz, $"lazy-{r}", .. command])).EnsureSuccess("ctr run (lazy)");
         }
         var seconds = sw.Elapsed.TotalSeconds;
+        if (perf is not null)
+        {
+            kill(perf.Id, 2); // SIGINT: perf writes its file and exits
+            await perf.WaitForExitAsync();
+        }
         // Background fetches go on after the container exits: count what had arrived by then.
         var bytes = proxy.BytesToClients;
         var rss = toml is null ? double.NaN : PeakRssMiB(daemon.Pid);
@@ -193,3 +205,6 @@ static double PeakRssMiB(int pid)
             return long.Parse(line.AsSpan(6).Trim().TrimEnd("kB").Trim(), CultureInfo.InvariantCulture) / 1024.0;
     return double.NaN;
 }
+
+[System.Runtime.InteropServices.DllImport("libc", SetLastError = true)]
+static extern int kill(int pid, int sig);
