@@ -51,11 +51,21 @@ internal static class E2eHelpers
         }
     }
 
-    /// <summary>Runs a command in a fresh container and returns its stdout (container removed afterwards).</summary>
+    /// <summary>
+    /// Runs a command in a fresh container and returns its stdout (container removed afterwards). The command's stdout
+    /// goes to a file on a bind mount, not through ctr: containerd 1.6's ctr can lose a short-lived container's output
+    /// (seen in CI: `cat` of a one-line file succeeded and ctr printed nothing). The image needs /bin/sh.
+    /// </summary>
     public static async Task<string> RunAsync(LocalContainerd ctd, string image, string id, params string[] cmd)
     {
-        var args = new List<string> { "run", "--rm", "--snapshotter", "stargz", image, id };
+        using var outDir = new TempDir("ctr-out-" + id);
+        var args = new List<string>
+        {
+            "run", "--rm", "--snapshotter", "stargz", "--mount", $"type=bind,src={outDir.Path},dst=/out,options=rbind:rw",
+            image, id, "/bin/sh", "-c", "\"$@\" > /out/stdout", "sh",
+        };
         args.AddRange(cmd);
-        return (await ctd.CtrAsync(args.ToArray())).EnsureSuccess($"ctr run {id}").StdOut;
+        (await ctd.CtrAsync(args.ToArray())).EnsureSuccess($"ctr run {id}");
+        return await File.ReadAllTextAsync(Path.Combine(outDir.Path, "stdout"), TestContext.Current.CancellationToken);
     }
 }
