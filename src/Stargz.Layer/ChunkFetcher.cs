@@ -438,7 +438,6 @@ internal sealed class ChunkFetcher : IDisposable
         while (next.Value < end)
         {
             ct.ThrowIfCancellationRequested();
-            if (priority == FetchPriority.Background) await _gate.WaitQuietAsync(ct).ConfigureAwait(false);
             var first = next.Value;
             var i = first;
             var batchStart = byBlobOffset[i].BlobOffset;
@@ -449,6 +448,9 @@ internal sealed class ChunkFetcher : IDisposable
                 anyMissing = !_cache.Contains(KeyOf(byBlobOffset[k]));
             if (anyMissing)
             {
+                // Only a batch with something to fetch waits: a layer cached whole is known to be so at once (Check
+                // then needs no registry), however busy mounts and checks are.
+                if (priority == FetchPriority.Background) await _gate.WaitQuietAsync(ct).ConfigureAwait(false);
                 await AcquireAsync(byBlobOffset, first, i - first, null, priority, ct).ConfigureAwait(false);
                 if (pause > TimeSpan.Zero && i < end) await Task.Delay(pause, ct).ConfigureAwait(false);
             }

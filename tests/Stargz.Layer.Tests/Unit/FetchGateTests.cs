@@ -75,4 +75,20 @@ public class FetchGateTests
         Assert.Equal(content, buf);
         Assert.Equal(1, rig.Blob.Calls);
     }
+
+    [Fact]
+    public async Task ALayerCachedWholeIsNotHeldByTheQuietPeriod()
+    {
+        var b = new BlobBuilder();
+        for (var i = 0; i < 10; i++) b.AddFile("f" + i, BlobBuilder.Random(20_000, 400 + i), 20_000);
+        var blob = b.Build();
+        var all = b.ByBlobOffset();
+        using var rig = new FetcherRig(blob, new LayerOptions { BackgroundQuietPeriod = TimeSpan.FromMinutes(5) });
+        await rig.Fetcher.AcquireAsync(all, 0, all.Length, null, FetchPriority.OnDemand, Ct); // everything cached
+        rig.Gate.NotePriorityWork(); // a mount (after a restart, say)
+        // The background pass finds nothing to fetch and ends now, not five minutes later.
+        await rig.Fetcher.FetchAllAsync(all, new StrongBox<int>(0), all.Length, FetchPriority.Background, TimeSpan.Zero, null, Ct)
+            .WaitAsync(TimeSpan.FromSeconds(20), Ct);
+        Assert.Equal(1, rig.Blob.Calls);
+    }
 }
