@@ -11,9 +11,9 @@ namespace Stargz.Registry;
 /// <c>kubernetes.io/dockerconfigjson</c> in all namespaces, listed and then watched through the Kubernetes API with
 /// the kubeconfig's identity, each read like a docker config's <c>auths</c>. A host's credentials come from the first
 /// secret (by namespace/name) that has any. Nothing is known until the first list succeeds; a dropped watch resumes
-/// from the last resource version, an expired one (410 Gone) lists again, and errors back off up to 30 s. A
-/// malformed secret is logged by namespace/name and skipped; a kubeconfig that cannot be used turns syncing off with
-/// a warning, as in the reference.
+/// from the last resource version, an expired one (410 Gone) lists again, and errors (and watches the server ends at
+/// once) back off up to 30 s. A malformed secret is logged by namespace/name and skipped; a kubeconfig that cannot be
+/// used turns syncing off with a warning, as in the reference.
 /// </summary>
 public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
 {
@@ -28,6 +28,7 @@ public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
     private readonly TimeSpan _waitForConfig;
     private readonly TimeSpan _maxBackoff;
     private TimeSpan FirstBackoff => _maxBackoff < TimeSpan.FromSeconds(1) ? _maxBackoff : TimeSpan.FromSeconds(1);
+    private TimeSpan Doubled(TimeSpan backoff) => TimeSpan.FromTicks(Math.Min(backoff.Ticks * 2, _maxBackoff.Ticks));
     private readonly CancellationTokenSource _stop = new();
     private readonly TaskCompletionSource _synced = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Lock _lock = new();
@@ -111,7 +112,7 @@ public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
                         {
                             _log.LogDebug("kubeconfig keychain: watch on {Server} ended at once; reopening in {Delay} s", config.Server, backoff.TotalSeconds);
                             await Task.Delay(backoff, ct).ConfigureAwait(false);
-                            backoff = TimeSpan.FromTicks(Math.Min(backoff.Ticks * 2, _maxBackoff.Ticks));
+                            backoff = Doubled(backoff);
                         }
                         else backoff = FirstBackoff;
                     }
@@ -122,7 +123,7 @@ public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
                     _log.LogWarning("kubeconfig keychain: syncing image pull secrets from {Server} ({Kubeconfig}) failed: {Error}; retrying in {Delay} s",
                         config.Server, config.Source, e.Message, backoff.TotalSeconds);
                     await Task.Delay(backoff, ct).ConfigureAwait(false);
-                    backoff = TimeSpan.FromTicks(Math.Min(backoff.Ticks * 2, _maxBackoff.Ticks));
+                    backoff = Doubled(backoff);
                 }
             }
         }
