@@ -161,6 +161,14 @@ internal static class RpullCommand
                 .ConfigureAwait(false);
             return 0;
         }
+        // After Ctrl-C, whatever call was in flight fails its own way (a gRPC call as a "Cancelled" containerd error, an
+        // HTTP request as a cancelled task): the pull was cancelled.
+        catch (Exception e) when (ct.IsCancellationRequested
+            && e is OperationCanceledException or ContainerdException or RegistryException or HttpRequestException or TimeoutException)
+        {
+            await stderr.WriteLineAsync("stargz: rpull cancelled").ConfigureAwait(false);
+            return 130;
+        }
         catch (NotFoundException e)
         {
             await stderr.WriteLineAsync($"stargz: image {reference} not found: {e.Message}").ConfigureAwait(false);
@@ -180,11 +188,6 @@ internal static class RpullCommand
         catch (InvalidDataException e)
         {
             await stderr.WriteLineAsync($"stargz: {e.Message}").ConfigureAwait(false);
-        }
-        catch (OperationCanceledException) when (ct.IsCancellationRequested)
-        {
-            await stderr.WriteLineAsync("stargz: rpull cancelled").ConfigureAwait(false);
-            return 130;
         }
         catch (HttpRequestException e)
         {

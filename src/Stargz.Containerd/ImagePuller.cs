@@ -56,12 +56,15 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
         if (options.SkipContentVerify)
             _log.LogWarning("image {Image}: content verification disabled for layers without a TOC digest (--skip-content-verify)", imageName);
         // The lease first, as ctr-remote does: it is also the check that containerd answers, before any download.
+        // Not cancelled by the caller (the call has its own deadline): a Ctrl-C while containerd is creating it would
+        // leave a lease this pull never learnt it had, so never handed back.
         var leaseId = "stargz-rpull-" + Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(8));
-        await containerd.CreateLeaseAsync(leaseId, options.LeaseExpiry, ct).ConfigureAwait(false);
+        await containerd.CreateLeaseAsync(leaseId, options.LeaseExpiry, CancellationToken.None).ConfigureAwait(false);
         containerd.LeaseId = leaseId;
         _log.LogDebug("lease {Lease} created in namespace {Namespace}", leaseId, containerd.Namespace);
         try
         {
+            ct.ThrowIfCancellationRequested();
             var resolved = await registry.ResolveAsync(reference, options.Platform, ct).ConfigureAwait(false);
             _log.LogInformation("resolved {Image} to manifest {Manifest} ({Layers} layers) from {Host}", imageName, resolved.Digest, resolved.Layers.Count,
                 resolved.ServedBy);
