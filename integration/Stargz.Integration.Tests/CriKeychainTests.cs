@@ -152,11 +152,19 @@ public class CriKeychainTests
     {
         var ct = TestContext.Current.CancellationToken;
         using var cri = new CriClient(rig.Containerd.Socket);
-        await cri.Images.PullImageAsync(new PullImageRequest
+        try
         {
-            Image = new ImageSpec { Image = rig.Image },
-            Auth = new AuthConfig { Username = User, Password = Password }, // containerd's own manifest fetch
-        }, cancellationToken: ct);
+            await cri.Images.PullImageAsync(new PullImageRequest
+            {
+                Image = new ImageSpec { Image = rig.Image },
+                Auth = new AuthConfig { Username = User, Password = Password }, // containerd's own manifest fetch
+            }, cancellationToken: ct);
+        }
+        catch (Grpc.Core.RpcException e)
+        {
+            // Seen once in CI: containerd could not reach the daemon's socket. Say what the daemon was doing.
+            throw new Xunit.Sdk.XunitException($"PullImage failed: {e.Status}; daemon exit code {rig.Daemon.ExitCode?.ToString() ?? "none (running)"}:\n{Tail(rig.Daemon.Log)}");
+        }
 
         Assert.Equal(rig.Layers.Count, rig.FuseMounts().Count);
         var content = (await rig.Containerd.CtrInNamespaceAsync("k8s.io", "content", "ls", "-q")).EnsureSuccess("ctr -n k8s.io content ls").StdOut;
