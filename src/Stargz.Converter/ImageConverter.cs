@@ -4,6 +4,7 @@ using System.Security.Cryptography;
 using System.Text.Encodings.Web;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using System.Text.Json.Serialization;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Stargz.Estargz;
@@ -31,7 +32,8 @@ public sealed class ImageConverter
     public const string DockerLayerTar = "application/vnd.docker.image.rootfs.diff.tar";
     public const string DockerForeignGzip = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
-    private static readonly JsonSerializerOptions Json = new() { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+    // Source-generated (native AOT): manifests and configs are written as JsonObject trees, descriptors read typed.
+    private static readonly ConverterJsonContext Json = new(new JsonSerializerOptions { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping });
 
     private readonly RegistryClient _client;
     private readonly ILogger _log;
@@ -169,11 +171,11 @@ public sealed class ImageConverter
                 };
                 if (kept[i]["platform"] is JsonNode plat) entry["platform"] = plat.DeepClone();
                 if (kept[i]["annotations"] is JsonNode ann) entry["annotations"] = ann.DeepClone();
-                list.Add(entry);
+                list.Add((JsonNode)entry);
             }
             var outIndex = new JsonObject { ["schemaVersion"] = 2, ["mediaType"] = MediaTypes.OciIndex, ["manifests"] = list };
             if (index["annotations"] is JsonNode a) outIndex["annotations"] = a.DeepClone();
-            var bytes = JsonSerializer.SerializeToUtf8Bytes(outIndex, Json);
+            var bytes = JsonSerializer.SerializeToUtf8Bytes(outIndex, Json.JsonObject);
             var digest2 = await Wrap(() => _client.PushManifestAsync(target, bytes, MediaTypes.OciIndex, target.Tag ?? target.Digest, ct), null).ConfigureAwait(false);
             _log.LogInformation("pushed index {Target} ({Digest}) with {Count} manifests", target, digest2, done.Length);
             return new ConvertResult(target, digest2, MediaTypes.OciIndex, bytes.Length, done);
@@ -217,16 +219,16 @@ public sealed class ImageConverter
             for (var i = 0; i < layers.Count; i++)
             {
                 var diff = outcomes[i].DiffId ?? diffIds[i];
-                newDiffIds.Add(diff);
+                newDiffIds.Add((JsonNode)JsonValue.Create(diff));
                 converted.Add(new ConvertedLayer(layers[i], outcomes[i].Target, diff, outcomes[i].Action));
             }
             rootfs["diff_ids"] = newDiffIds;
-            var newConfig = JsonSerializer.SerializeToUtf8Bytes(config, Json);
+            var newConfig = JsonSerializer.SerializeToUtf8Bytes(config, Json.JsonObject);
             var cfgPush = await Wrap(() => _client.PushBlobAsync(target, newConfig, o.Push, ct), null).ConfigureAwait(false);
             var cfgOut = new Descriptor { MediaType = MediaTypes.OciConfig, Digest = cfgPush.Digest, Size = newConfig.Length };
 
             var outLayers = new JsonArray();
-            foreach (var c in converted) outLayers.Add(DescJson(c.Target));
+            foreach (var c in converted) outLayers.Add((JsonNode)DescJson(c.Target));
             var manifest = new JsonObject
             {
                 ["schemaVersion"] = 2,
@@ -235,7 +237,7 @@ public sealed class ImageConverter
                 ["layers"] = outLayers,
             };
             if (m["annotations"] is JsonNode ann) manifest["annotations"] = ann.DeepClone();
-            var mbytes = JsonSerializer.SerializeToUtf8Bytes(manifest, Json);
+            var mbytes = JsonSerializer.SerializeToUtf8Bytes(manifest, Json.JsonObject);
             var mdigest = RegistrySha(mbytes);
             var pushedAs = tagged ? target.Tag ?? target.Digest ?? mdigest : mdigest;
             await Wrap(() => _client.PushManifestAsync(target, mbytes, MediaTypes.OciManifest, pushedAs, ct), null).ConfigureAwait(false);
@@ -461,7 +463,7 @@ public sealed class ImageConverter
             if (d is null) throw Fail($"{what} of {_src} is missing");
             try
             {
-                return d.Deserialize<Descriptor>() is { Digest.Length: > 0 } desc ? desc : throw Fail($"{what} of {_src} has no digest");
+                return d.Deserialize(Json.Descriptor) is { Digest.Length: > 0 } desc ? desc : throw Fail($"{what} of {_src} has no digest");
             }
             catch (JsonException e)
             {
@@ -640,3 +642,7 @@ internal sealed class ConcatReadStream(Stream[] parts) : Stream
         await base.DisposeAsync().ConfigureAwait(false);
     }
 }
+
+[JsonSerializable(typeof(JsonObject))]
+[JsonSerializable(typeof(Descriptor))]
+internal sealed partial class ConverterJsonContext : JsonSerializerContext;

@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Net;
 using Tomlyn;
 using Tomlyn.Model;
+using Stargz.Registry;
 
 namespace Stargz.Daemon;
 
@@ -33,7 +34,7 @@ public static class ConfigLoader
     public static DaemonConfig Parse(string toml, string source, List<string> warnings)
     {
         TomlTable model;
-        try { model = TomlSerializer.Deserialize<TomlTable>(toml) ?? new TomlTable(); }
+        try { model = TomlModel.Parse(toml); }
         catch (TomlException e) { throw new ConfigException($"config file {source} is not valid TOML: {e.Message}"); }
         var c = new DaemonConfig();
         var r = new Reader(source, warnings);
@@ -95,6 +96,7 @@ public static class ConfigLoader
             switch (k)
             {
                 case "max_lru_cache_entry": d.MaxLruCacheEntry = r.NonNegative(key, v); break;
+                case "max_lru_cache_bytes": d.MaxLruCacheBytes = r.NonNegative(key, v); break;
                 case "max_cache_fds": d.MaxCacheFds = r.NonNegative(key, v); break;
                 case "sync_add": d.SyncAdd = r.Bool(key, v); break;
                 case "direct": d.Direct = r.Bool(key, v); break;

@@ -111,7 +111,7 @@ public sealed class RegistryHostsConfig
     /// </summary>
     public static RegistryHostsConfig FromDaemonToml(string toml)
     {
-        var model = TomlSerializer.Deserialize<TomlTable>(toml) ?? new TomlTable();
+        var model = TomlModel.Parse(toml);
         var cfg = new RegistryHostsConfig();
         if (model.TryGetValue("blob", out var b) && b is TomlTable blob)
         {
@@ -174,7 +174,7 @@ public sealed class RegistryHostsConfig
     /// <summary>Parses one hosts.toml for <paramref name="host"/>; relative cert paths resolve against <paramref name="baseDir"/>.</summary>
     public static HostConfig ParseHostsToml(string host, string toml, string baseDir)
     {
-        var model = TomlSerializer.Deserialize<TomlTable>(toml) ?? new TomlTable();
+        var model = TomlModel.Parse(toml);
         EndpointConfig? origin = null;
         var useOrigin = true;
         if (model.TryGetValue("server", out var sv) && sv is string server)
