@@ -27,7 +27,11 @@ public static class SnapshotterServer
         Action<WebApplicationBuilder>? configureBuilder = null, Action<WebApplication>? configureApp = null,
         Action<ILoggingBuilder>? configureLogging = null)
     {
-        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
+        // The empty builder: no appsettings files and so no file watcher, which would otherwise put an inotify watch on
+        // every directory below the working directory at start (seconds and thousands of fds from / under systemd).
+        var builder = WebApplication.CreateEmptyBuilder(new WebApplicationOptions { Args = [] });
+        builder.WebHost.UseKestrelCore();
+        builder.Services.AddRoutingCore();
         builder.Logging.ClearProviders();
         configureLogging?.Invoke(builder.Logging);
         builder.Services.AddSingleton(snapshotter);
