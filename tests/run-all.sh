@@ -6,6 +6,9 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 bash integration/install-deps.sh || exit 1
 dotnet build Stargz.sln -c Release -warnaserror -nologo -v q || exit 1
+# The shipped executables, native AOT: the end-to-end tests run these (tests/Stargz.TestSupport/NativeExecutables.cs).
+dotnet publish src/Stargz.Daemon -c Release -o artifacts/native/daemon -warnaserror -nologo -v q || exit 1
+dotnet publish src/Stargz.Cli -c Release -o artifacts/native/cli -warnaserror -nologo -v q || exit 1
 results="$top/artifacts/test-results"
 rm -rf "$results"; mkdir -p "$results"
 rc=0

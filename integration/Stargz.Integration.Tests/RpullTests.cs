@@ -335,12 +335,13 @@ public class RpullTests
         await using var proxy = new CountingProxy(rig.Registry.Host);
         proxy.Down();
         var image = plain.Replace(rig.Registry.Host, proxy.Host, StringComparison.Ordinal);
-        var psi = new System.Diagnostics.ProcessStartInfo(Requires.Which("dotnet") ?? "/usr/share/dotnet/dotnet")
+        var (file, args) = await StargzCli.CommandAsync();
+        var psi = new System.Diagnostics.ProcessStartInfo(file)
         {
             UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true,
         };
-        foreach (var a in new[] { await StargzCli.DllAsync(), "image", "rpull", "--address", rig.Containerd.Socket, "--plain-http", image })
-            psi.ArgumentList.Add(a);
+        args.AddRange(["image", "rpull", "--address", rig.Containerd.Socket, "--plain-http", image]);
+        foreach (var a in args) psi.ArgumentList.Add(a);
         using var p = System.Diagnostics.Process.Start(psi)!;
         var stderr = p.StandardError.ReadToEndAsync(TestContext.Current.CancellationToken);
         try

@@ -6,8 +6,9 @@ using System.Text;
 namespace Stargz.TestSupport;
 
 /// <summary>
-/// Our daemon (`stargz-snapshotter`) as a child process: `dotnet DIR/stargz-snapshotter.dll --address SOCK --root ROOT
-/// --config CFG`. The dll is found next to the test assembly (reference src/Stargz.Daemon from the test project).
+/// Our daemon (`stargz-snapshotter`) as a child process: the native executable (<see cref="NativeExecutables"/>)
+/// `--address SOCK --root ROOT --config CFG`, or on a developer's machine without it `dotnet DIR/stargz-snapshotter.dll`
+/// next to the test assembly (reference src/Stargz.Daemon from the test project).
 /// Restart with the same root/socket via <see cref="StartAsync(LocalDaemon)"/>. Dispose SIGTERMs it (then SIGKILL),
 /// unmounts what is left under its root, and removes its dirs.
 /// </summary>
@@ -74,9 +75,10 @@ public sealed class LocalDaemon : IAsyncDisposable
 
     private async Task LaunchAsync(IDictionary<string, string>? env, string[]? extraArgs, bool waitReady)
     {
+        var exe = _executable ?? NativeExecutables.Daemon(DllPath());
         var dotnet = Requires.Which("dotnet") ?? Path.Combine(Environment.GetEnvironmentVariable("DOTNET_ROOT") ?? "/usr/share/dotnet", "dotnet");
-        var psi = new ProcessStartInfo(_executable ?? dotnet) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
-        if (_executable is null) psi.ArgumentList.Add(DllPath());
+        var psi = new ProcessStartInfo(exe ?? dotnet) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
+        if (exe is null) psi.ArgumentList.Add(DllPath());
         foreach (var a in new[] { "--address", Socket, "--root", Root, "--config", ConfigPath, "--log-level", _logLevel }) psi.ArgumentList.Add(a);
         if (extraArgs != null) foreach (var a in extraArgs) psi.ArgumentList.Add(a);
         if (env != null) foreach (var kv in env) psi.Environment[kv.Key] = kv.Value;

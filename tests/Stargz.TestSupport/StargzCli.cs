@@ -1,7 +1,8 @@
 namespace Stargz.TestSupport;
 
 /// <summary>
-/// Our `stargz` command (src/Stargz.Cli) as a child process, the way a user runs it. Built once per test run from
+/// Our `stargz` command (src/Stargz.Cli) as a child process, the way a user runs it: the native executable
+/// (<see cref="NativeExecutables"/>), or on a developer's machine without it a JIT build, built once per test run from
 /// this checkout into a private artifacts dir under /tmp, so the build neither depends on nor disturbs the
 /// checkout's own bin/obj dirs (other builds may be using them at the same time).
 /// </summary>
@@ -43,9 +44,16 @@ public static class StargzCli
     /// <summary>Runs `stargz ARGS...` and returns its exit code and output.</summary>
     public static async Task<ProcessResult> RunAsync(IEnumerable<string> args, TimeSpan? timeout = null)
     {
-        var all = new List<string> { await DllAsync() };
+        var (file, all) = await CommandAsync();
         all.AddRange(args);
-        return await ProcessRunner.RunAsync(Dotnet(), all, timeout ?? TimeSpan.FromMinutes(5));
+        return await ProcessRunner.RunAsync(file, all, timeout ?? TimeSpan.FromMinutes(5));
+    }
+
+    /// <summary>The program to start and its first arguments: the native `stargz`, else `dotnet stargz.dll`.</summary>
+    public static async Task<(string File, List<string> Args)> CommandAsync()
+    {
+        if (NativeExecutables.Cli(null) is { } native) return (native, []);
+        return (Dotnet(), [await DllAsync()]);
     }
 
     private static string Dotnet() =>
