@@ -68,10 +68,16 @@ public static class RemoteLayerWiring
             FetchingTimeout = TimeSpan.FromSeconds(config.Blob.FetchingTimeoutSec),
             PrefetchChunkSize = config.Blob.PrefetchChunkSize,
             OnDemandWindowBytes = config.Blob.ChunkSize,
+            // Misses walking forward through a blob double the window up to this (a slow link's round trips).
+            OnDemandWindowMaxBytes = 1L << 20,
             // The reference's background task manager waits 5 s after its last mount, check or prefetch.
             BackgroundQuietPeriod = TimeSpan.FromSeconds(5),
             ResolveResultEntryTtl = TimeSpan.FromSeconds(config.ResolveResultEntryTtlSec),
             MaxCacheFds = (int)Math.Clamp(config.DirectoryCache.MaxCacheFds, 0, 4096),
+            MemoryCacheEntries = (int)Math.Clamp(config.DirectoryCache.MaxLruCacheEntry, 0, 1 << 20),
+            MemoryCacheBytes = config.DirectoryCache.MaxLruCacheBytes,
+            DirectDiskReads = config.DirectoryCache.Direct,
+            SyncAdd = config.DirectoryCache.SyncAdd,
         };
         var fuse = new FuseMountOptions
         {

@@ -16,6 +16,7 @@ namespace Stargz.Layer;
 public sealed class ChunkCache : IDisposable
 {
     private readonly MemoryCache _memory;
+    private readonly long _minEntryCharge;
     private readonly string? _chunkDir;
     private readonly string? _tmpDir;
     private readonly bool _durable;
@@ -29,9 +30,14 @@ public sealed class ChunkCache : IDisposable
     /// </summary>
     internal ConcurrentDictionary<string, TaskCompletionSource<byte[]>> Inflight { get; } = new(StringComparer.Ordinal);
 
-    public ChunkCache(string? directory, long memoryBytes, bool durableWrites = true)
+    /// <param name="memoryBytes">upper bound of chunk bytes kept in memory.</param>
+    /// <param name="memoryEntries">upper bound of chunks kept in memory (<c>max_lru_cache_entry</c>); 0 = bytes only.</param>
+    public ChunkCache(string? directory, long memoryBytes, bool durableWrites = true, int memoryEntries = 0)
     {
-        _memory = new MemoryCache(new MemoryCacheOptions { SizeLimit = Math.Max(1, memoryBytes), CompactionPercentage = 0.25 });
+        memoryBytes = Math.Max(1, memoryBytes);
+        // One size budget bounds both: every entry is charged at least bytes/entries, so at most `entries` fit.
+        _minEntryCharge = memoryEntries > 0 ? Math.Max(1, memoryBytes / memoryEntries) : 1;
+        _memory = new MemoryCache(new MemoryCacheOptions { SizeLimit = memoryBytes, CompactionPercentage = 0.25 });
         _durable = durableWrites;
         if (directory != null)
         {
@@ -155,7 +161,7 @@ public sealed class ChunkCache : IDisposable
     public void AddMemory(string key, byte[] data)
     {
         using var e = _memory.CreateEntry(key);
-        e.Size = Math.Max(1, data.Length);
+        e.Size = Math.Max(_minEntryCharge, data.Length);
         e.Value = data;
     }
 

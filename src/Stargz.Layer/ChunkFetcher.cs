@@ -25,6 +25,9 @@ internal sealed class ChunkFetcher : IDisposable
     private readonly bool _verify;
     private readonly CancellationTokenSource _lifetime = new();
     private readonly ConcurrentDictionary<string, TaskCompletionSource<byte[]>> _inflight;
+    // The last on-demand window (see NextWindow): where misses walk forward, the window grows.
+    private readonly Lock _walkLock = new();
+    private long _walkStart, _walkEnd, _walkSize;
     private readonly ConcurrentDictionary<Task, byte> _loads = new();
 
     /// <summary>Every chunk of the layer by blob offset, for the on-demand window (null: no window).</summary>
@@ -219,14 +222,12 @@ internal sealed class ChunkFetcher : IDisposable
     /// </summary>
     private void ClaimWindowNeighbours(List<Pending> claimed)
     {
-        var window = _options.OnDemandWindowBytes;
         var all = _byBlobOffset!;
         var asked = claimed.Count;
         for (var a = 0; a < asked; a++)
         {
             var c = claimed[a].Chunk;
-            var start = c.BlobOffset - c.BlobOffset % window;
-            var end = (c.BlobEnd + window - 1) / window * window;
+            var (start, end) = NextWindow(c);
             // First chunk starting at or after the window's start.
             int lo = 0, hi = all.Length;
             while (lo < hi)
@@ -244,6 +245,28 @@ internal sealed class ChunkFetcher : IDisposable
                 var tcs = new TaskCompletionSource<byte[]>(TaskCreationOptions.RunContinuationsAsynchronously);
                 if (_inflight.TryAdd(key, tcs)) claimed.Add(new Pending(n, key, tcs, Neighbour: true));
             }
+        }
+    }
+
+    /// <summary>
+    /// The blob range an on-demand miss of <paramref name="c"/> brings: the aligned <c>chunk_size</c> window around it,
+    /// or, while misses walk forward through the blob (each at or just past the end of the previous window), a window
+    /// twice the previous one reaching forward, up to <see cref="LayerOptions.OnDemandWindowMaxBytes"/>, as the kernel's
+    /// readahead grows. A workload that opens file after file in blob order then needs ever fewer round trips, while a
+    /// scattered one fetches no more than the fixed window.
+    /// </summary>
+    private (long Start, long End) NextWindow(in LayerChunk c)
+    {
+        var unit = _options.OnDemandWindowBytes;
+        var start = c.BlobOffset - c.BlobOffset % unit;
+        var alignedEnd = (c.BlobEnd + unit - 1) / unit * unit;
+        lock (_walkLock)
+        {
+            var forward = _walkEnd > 0 && c.BlobOffset >= _walkStart && c.BlobOffset < _walkEnd + unit;
+            var size = forward ? Math.Min(_walkSize * 2, Math.Max(unit, _options.OnDemandWindowMaxBytes)) : unit;
+            var end = Math.Max(alignedEnd, start + size);
+            (_walkStart, _walkEnd, _walkSize) = (start, end, size);
+            return (start, end);
         }
     }
 
@@ -269,7 +292,7 @@ internal sealed class ChunkFetcher : IDisposable
             try
             {
                 data = await _cache.TryGetAsync(p.Key, _verify ? p.Chunk.Digest : null, p.Chunk.Size,
-                    keepInMemory: priority != FetchPriority.Background, _lifetime.Token).ConfigureAwait(false);
+                    keepInMemory: priority != FetchPriority.Background && !_options.DirectDiskReads, _lifetime.Token).ConfigureAwait(false);
             }
             catch (IOException) { }
             catch (UnauthorizedAccessException) { }
@@ -361,7 +384,7 @@ internal sealed class ChunkFetcher : IDisposable
                             throw new LayerIOException($"chunk at blob offset {c.BlobOffset} does not match its digest {c.Digest}");
                         if (keepInMemory) _cache.AddMemory(p.Key, data);
                         Interlocked.Increment(ref _stats.ChunksFetched);
-                        p.Completion.TrySetResult(data);
+                        if (!_options.SyncAdd) p.Completion.TrySetResult(data);
                         (done ??= []).Add(p);
                         (doneData ??= []).Add(data);
                     }
@@ -389,7 +412,7 @@ internal sealed class ChunkFetcher : IDisposable
             foreach (var b in buffers) ArrayPool<byte>.Shared.Return(b);
         }
         if (done == null) return;
-        // Waiters already have their data; now make it durable, then let later callers find it in the cache.
+        // Waiters already have their data (unless sync_add); now make it durable, then let later callers find it in the cache.
         HashSet<string>? dirs = null;
         for (var i = 0; i < done.Count; i++)
         {
@@ -404,6 +427,8 @@ internal sealed class ChunkFetcher : IDisposable
             }
         }
         if (dirs != null) foreach (var d in dirs) _cache.SyncDirectory(d);
+        // sync_add: the waiters are answered only now that their chunks are on disk.
+        if (_options.SyncAdd) for (var i = 0; i < done.Count; i++) done[i].Completion.TrySetResult(doneData![i]);
         foreach (var p in done) _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
     }
 

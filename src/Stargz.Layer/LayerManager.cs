@@ -63,7 +63,7 @@ public sealed class LayerManager : IAsyncDisposable
         _fuse = fuseOptions ?? new FuseMountOptions { AllowOther = true };
         _log = logger ?? NullLogger.Instance;
         _gate = new FetchGate(options.MaxConcurrency, options.BackgroundQuietPeriod);
-        Cache = new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites);
+        Cache = new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites, options.EffectiveMemoryEntries);
         // Beside the chunk cache (ROOT/stargz/cache -> ROOT/stargz/toc): TOCs are what a restart needs to mount offline.
         if (options.CacheDirectory != null)
             _tocs = new TocStore(Path.Combine(Path.GetDirectoryName(Path.GetFullPath(options.CacheDirectory).TrimEnd('/'))!, "toc"));
@@ -146,10 +146,12 @@ public sealed class LayerManager : IAsyncDisposable
         try { imageRef = ImageReference.Parse(reference); }
         catch (Exception e) { throw new LayerResolveException($"bad image reference '{reference}': {e.Message}", e); }
 
+        // The image's other layers are resolved at the same time as this one, not after it: containerd prepares them
+        // one by one, and over a slow link each would otherwise start its own chain of round trips.
+        ResolveAhead(imageRef, digest, Label(labels, LayerLabelKeys.Layers, LayerLabelKeys.CriImageLayers));
         var resolved = await ResolveAsync(imageRef, digest, ct).ConfigureAwait(false);
         if (tocDigest != null && !string.Equals(tocDigest, resolved.Toc.TocDigest, StringComparison.Ordinal))
             throw new LayerResolveException($"layer {digest}: TOC digest {resolved.Toc.TocDigest} does not match the label's {tocDigest}");
-        ResolveAhead(imageRef, digest, Label(labels, LayerLabelKeys.Layers, LayerLabelKeys.CriImageLayers));
 
         // One mount per mountpoint at a time; mounts of different layers go in parallel.
         if (!_mounting.TryAdd(mountpoint, 0)) throw new InvalidOperationException($"{mountpoint} is being mounted already");

@@ -9,8 +9,26 @@ public sealed record LayerOptions
     /// <summary>Where chunks are cached on disk (the daemon's root + "/stargz/chunks"); null = memory only.</summary>
     public string? CacheDirectory { get; init; }
 
-    /// <summary>Upper bound of decompressed chunk bytes kept in memory.</summary>
-    public long MemoryCacheBytes { get; init; } = 256L << 20;
+    /// <summary>Upper bound of decompressed chunk bytes kept in memory. Small by default: the kernel's page cache keeps
+    /// what containers read, so the memory cache only bridges a fetch and the READs right after it.</summary>
+    public long MemoryCacheBytes { get; init; } = DefaultMemoryCacheBytes;
+
+    /// <summary><c>[directory_cache] max_lru_cache_entry</c>: upper bound of chunks kept in memory (reference default 10).</summary>
+    public int MemoryCacheEntries { get; init; } = DefaultMemoryCacheEntries;
+
+    /// <summary><c>[directory_cache] direct</c> (the daemon's default is the reference's, true): chunks read back from the
+    /// disk cache are not kept in memory; only freshly fetched ones are, for the READs that follow them.</summary>
+    public bool DirectDiskReads { get; init; }
+
+    /// <summary><c>[directory_cache] sync_add</c>: a fetched chunk is written to the disk cache before the reads waiting
+    /// for it are answered (default: answered first, written right after).</summary>
+    public bool SyncAdd { get; init; }
+
+    /// <summary>The entry bound in force: none without a disk cache, where memory is the only cache (tests, benchmarks).</summary>
+    internal int EffectiveMemoryEntries => CacheDirectory != null ? MemoryCacheEntries : 0;
+
+    public const long DefaultMemoryCacheBytes = 16L << 20;
+    public const int DefaultMemoryCacheEntries = 10;
 
     /// <summary><c>noprefetch</c>.</summary>
     public bool NoPrefetch { get; init; }
@@ -47,6 +65,12 @@ public sealed record LayerOptions
     /// 0 here: only the chunks asked for.
     /// </summary>
     public long OnDemandWindowBytes { get; init; }
+
+    /// <summary>
+    /// Bound of the on-demand window while misses walk forward through the blob (each doubles it, from
+    /// <see cref="OnDemandWindowBytes"/>); 0 or less than the window: the window never grows.
+    /// </summary>
+    public long OnDemandWindowMaxBytes { get; init; }
 
     /// <summary>Missing chunks closer than this in the blob are fetched in one range (the gap bytes are discarded).</summary>
     public long MergeGapBytes { get; init; } = 32 << 10;
@@ -85,7 +109,7 @@ public sealed record LayerOptions
 
     /// <summary>
     /// A copy where zero or negative values (an unset config key) become the reference defaults: fetching timeout
-    /// 300 s, prefetch timeout 10 s, resolve TTL 120 s, max_concurrency 2, memory cache 256 MiB, max_cache_fds 10.
+    /// 300 s, prefetch timeout 10 s, resolve TTL 120 s, max_concurrency 2, memory cache 10 chunks / 16 MiB, max_cache_fds 10.
     /// </summary>
     public LayerOptions Normalized() => this with
     {
@@ -94,7 +118,8 @@ public sealed record LayerOptions
         ResolveResultEntryTtl = ResolveResultEntryTtl > TimeSpan.Zero ? ResolveResultEntryTtl : TimeSpan.FromSeconds(120),
         MaxConcurrency = MaxConcurrency > 0 ? MaxConcurrency : 2,
         MaxCacheFds = MaxCacheFds > 0 ? MaxCacheFds : DefaultMaxCacheFds,
-        MemoryCacheBytes = MemoryCacheBytes > 0 ? MemoryCacheBytes : 256L << 20,
+        MemoryCacheBytes = MemoryCacheBytes > 0 ? MemoryCacheBytes : DefaultMemoryCacheBytes,
+        MemoryCacheEntries = MemoryCacheEntries > 0 ? MemoryCacheEntries : DefaultMemoryCacheEntries,
         PrefetchSize = Math.Max(0, PrefetchSize),
         MergeGapBytes = Math.Max(0, MergeGapBytes),
         OnDemandWindowBytes = Math.Max(0, OnDemandWindowBytes),

@@ -157,4 +157,57 @@ public class ChunkCacheTests
         Assert.Equal(shared, await r2);
         Assert.Equal(1, l1.Blob.Calls + l2.Blob.Calls);
     }
+
+    [Fact]
+    public void TheMemoryCacheHoldsNoMoreThanMaxLruCacheEntryChunksNorItsByteCap()
+    {
+        static int Held(ChunkCache c, int n)
+        {
+            var held = 0;
+            for (var i = 0; i < n; i++) if (c.TryGetMemory($"k{i}", out _)) held++;
+            return held;
+        }
+        using (var byCount = new ChunkCache(null, 1 << 20, memoryEntries: 4))
+        {
+            for (var i = 0; i < 10; i++) byCount.AddMemory($"k{i}", new byte[1_000]);
+            Assert.InRange(Held(byCount, 10), 1, 4);
+        }
+        using var byBytes = new ChunkCache(null, 10_000, memoryEntries: 100);
+        for (var i = 0; i < 10; i++) byBytes.AddMemory($"k{i}", new byte[4_000]);
+        Assert.InRange(Held(byBytes, 10), 1, 2);
+    }
+
+    [Fact]
+    public async Task WithDirectChunksReadBackFromDiskAreNotKeptInMemory()
+    {
+        using var dir = new TempDir("layer-cache");
+        var b = new BlobBuilder().AddFile("f", BlobBuilder.Random(200_000, 9), 64_000);
+        var blob = b.Build();
+        var (content, chunks) = b.Files["f"];
+        var options = new LayerOptions { CacheDirectory = dir.Path, DirectDiskReads = true };
+        using (var first = new FetcherRig(blob, options))
+        {
+            Assert.Equal(content, await first.ReadAllAsync(chunks, content.Length, 100_000, Ct));
+            await first.Fetcher.DrainAsync();
+        }
+        using var second = new FetcherRig(blob, options);
+        Assert.Equal(content, await second.ReadAllAsync(chunks, content.Length, 30_000, Ct));
+        Assert.Equal(content, await second.ReadAllAsync(chunks, content.Length, 30_000, Ct));
+        Assert.Equal(0, second.Blob.Calls);
+        Assert.Equal(0, second.Cache.MemoryHits);
+        Assert.True(second.Cache.DiskHits >= 2 * chunks.Length, $"{second.Cache.DiskHits} disk hits");
+    }
+
+    [Fact]
+    public async Task WithSyncAddAReadIsAnsweredOnlyOnceItsChunkIsOnDisk()
+    {
+        using var dir = new TempDir("layer-cache");
+        var b = new BlobBuilder().AddFile("f", BlobBuilder.Random(100_000, 11), 100_000);
+        var blob = b.Build();
+        var (content, chunks) = b.Files["f"];
+        using var rig = new FetcherRig(blob, new LayerOptions { CacheDirectory = dir.Path, SyncAdd = true });
+        Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 100_000, Ct));
+        // No drain: with sync_add the chunk file exists as soon as the read returned.
+        Assert.Single(Directory.EnumerateFiles(Path.Combine(dir.Path, "chunks"), "*", SearchOption.AllDirectories));
+    }
 }

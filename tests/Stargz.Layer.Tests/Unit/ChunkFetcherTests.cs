@@ -369,4 +369,47 @@ public class ChunkFetcherTests
         var f20InWindow = all[i20].BlobOffset >= start && all[i20].BlobEnd <= end;
         Assert.Equal(1 + inside - (f20InWindow ? 1 : 0), rig.Stats.Snapshot().ChunksFetched);
     }
+
+    [Fact]
+    public async Task MissesWalkingForwardThroughTheBlobGrowTheWindowUpToItsBoundAndAJumpBackResetsIt()
+    {
+        const long Window = 8_192, Max = 32_768;
+        var (blob, b) = SmallFiles();
+        var all = b.ByBlobOffset();
+        var options = new LayerOptions { OnDemandWindowBytes = Window, OnDemandWindowMaxBytes = Max };
+        async Task<MemoryBlob> ReadInBlobOrder(LayerOptions o)
+        {
+            var rig = new FetcherRig(blob, o, byBlobOffset: all);
+            foreach (var c in all)
+            {
+                var (content, chunks) = b.Files.Values.First(f => f.Chunks[0] == c);
+                var buf = new byte[content.Length];
+                Assert.Equal(content.Length, await rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct));
+                Assert.Equal(content, buf);
+                await rig.Fetcher.DrainAsync();
+            }
+            rig.Dispose();
+            return rig.Blob;
+        }
+        var fixedWindow = await ReadInBlobOrder(new LayerOptions { OnDemandWindowBytes = Window });
+        var growing = await ReadInBlobOrder(options);
+
+        // The same bytes in fewer round trips: each request reaches further than the one before, up to the bound.
+        Assert.True(growing.Calls < fixedWindow.Calls, $"{growing.Calls} requests growing vs {fixedWindow.Calls} fixed");
+        var spans = growing.Log.Select(r => r.Length).ToList();
+        Assert.True(spans[1] > spans[0] && spans[2] > spans[1], string.Join(",", spans));
+        Assert.All(spans, l => Assert.True(l <= Max + 2 * Window, $"request of {l} bytes over the bound"));
+
+        // Misses that jump back in the blob fetch only the fixed window again.
+        using var rig = new FetcherRig(blob, options, byBlobOffset: all);
+        foreach (var name in new[] { "f40", "f41", "f42", "f10" })
+        {
+            var (content, chunks) = b.Files[name];
+            await rig.Fetcher.ReadAsync(chunks, content.Length, 0, new byte[content.Length], Ct);
+            await rig.Fetcher.DrainAsync();
+        }
+        var f10 = b.Files["f10"].Chunks[0];
+        var last = rig.Blob.Log[^1];
+        Assert.True(last.Offset <= f10.BlobOffset && last.Length <= 2 * Window, $"jump back fetched {last.Length} bytes at {last.Offset}");
+    }
 }

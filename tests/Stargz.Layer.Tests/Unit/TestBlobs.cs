@@ -162,7 +162,7 @@ internal sealed class FetcherRig : IDisposable
         options ??= new LayerOptions();
         Blob = new MemoryBlob(blob);
         _ownCache = cache == null;
-        Cache = cache ?? new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites);
+        Cache = cache ?? new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites, options.EffectiveMemoryEntries);
         Gate = new FetchGate(options.MaxConcurrency, options.BackgroundQuietPeriod);
         Fetcher = new ChunkFetcher(Blob, new GzipTestDecoder(), Cache, Gate, Stats, layer, options, byBlobOffset);
     }
