@@ -15,7 +15,6 @@ run=/run/stargz-quickstart
 sock=/run/containerd-stargz-grpc/containerd-stargz-grpc.sock
 ctd_sock=$run/containerd.sock
 reg=127.0.0.1:5000
-prefix=/usr/local/lib
 
 stop_all() {
   for name in containerd stargz-snapshotter registry; do
@@ -32,11 +31,13 @@ if [ "${1:-}" = "stop" ]; then stop_all; exit 0; fi
 
 echo "== installing Debian parts and building Stargz"
 bash "$top/integration/install-deps.sh"
-dotnet publish "$top/src/Stargz.Daemon" -c Release -o "$prefix/stargz-snapshotter" -nologo -v q
-dotnet publish "$top/src/Stargz.Cli" -c Release -o "$prefix/stargz-cli" -nologo -v q
-printf '#!/bin/sh\nexec %s/stargz-snapshotter/stargz-snapshotter "$@"\n' "$prefix" > /usr/local/bin/stargz-snapshotter
-printf '#!/bin/sh\nexec %s/stargz-cli/stargz "$@"\n' "$prefix" > /usr/local/bin/stargz
-chmod +x /usr/local/bin/stargz-snapshotter /usr/local/bin/stargz
+# Native (AOT) executables: no .NET runtime is needed where they run.
+build=$(mktemp -d)
+dotnet publish "$top/src/Stargz.Daemon" -c Release -o "$build/daemon" -nologo -v q
+dotnet publish "$top/src/Stargz.Cli" -c Release -o "$build/cli" -nologo -v q
+install -m 0755 "$build/daemon/stargz-snapshotter" /usr/local/bin/stargz-snapshotter
+install -m 0755 "$build/cli/stargz" /usr/local/bin/stargz
+rm -rf "$build"
 install -D -m 0644 "$top/src/Stargz.Daemon/stargz-snapshotter.service" /etc/systemd/system/stargz-snapshotter.service 2>/dev/null || true
 
 stop_all >/dev/null
