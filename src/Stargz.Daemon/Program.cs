@@ -18,6 +18,12 @@ public static class Program
 
     public static async Task<int> Main(string[] args)
     {
+        // Process metrics stay (as the reference's Go collector has them); the event-counter and meter adapters would
+        // keep a runtime EventListener polling every second in an idle daemon. Must run before any metric is created.
+        Prometheus.Metrics.SuppressDefaultMetrics(new Prometheus.SuppressDefaultMetricOptions
+        {
+            SuppressProcessMetrics = false, SuppressDebugMetrics = true, SuppressEventCounters = true, SuppressMeters = true,
+        });
         DaemonOptions opt;
         try { opt = DaemonOptions.Parse(args); }
         catch (ArgumentException e)
