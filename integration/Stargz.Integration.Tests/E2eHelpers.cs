@@ -1,5 +1,6 @@
 using Grpc.Net.Client;
 using Stargz.Converter;
+using Stargz.Protos;
 using Stargz.TestSupport;
 
 namespace Stargz.Integration.Tests;
@@ -26,7 +27,7 @@ internal static class E2eHelpers
     }
 
     /// <summary>A gRPC channel to the daemon's snapshots API over its unix socket.</summary>
-    public static GrpcChannel Channel(string socket) => UnixGrpc.Channel(socket);
+    public static GrpcChannel Channel(string socket) => UnixGrpcChannel.Create(socket);
 
     /// <summary>Snapshot names `ctr snapshots --snapshotter stargz ls` shows in <paramref name="ns"/>.</summary>
     public static async Task<List<string>> StargzSnapshotsAsync(LocalContainerd ctd, string ns = "default")

@@ -2,6 +2,7 @@ using Containerd.Services.Snapshots.V1;
 using Grpc.Core;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
+using Stargz.Protos;
 using Stargz.TestSupport;
 
 namespace Stargz.Snapshotter.Tests;
@@ -9,7 +10,7 @@ namespace Stargz.Snapshotter.Tests;
 /// <summary>gRPC client helpers over a unix socket.</summary>
 public static class Client
 {
-    public static GrpcChannel Channel(string socket) => UnixGrpc.Channel(socket);
+    public static GrpcChannel Channel(string socket) => UnixGrpcChannel.Create(socket);
 
     public static Metadata Ns(string ns) => new() { { SnapshotsGrpcService.NamespaceHeader, ns } };
 
