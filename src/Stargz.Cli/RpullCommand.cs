@@ -140,34 +140,23 @@ internal static class RpullCommand
             await stderr.WriteLineAsync("stargz: rpull cancelled").ConfigureAwait(false);
             return 130;
         }
-        catch (NotFoundException e)
+        catch (Exception e) when (FailureMessage(e, reference) is { } message)
         {
-            await stderr.WriteLineAsync($"stargz: image {reference} not found: {e.Message}").ConfigureAwait(false);
-        }
-        catch (UnauthorizedException e)
-        {
-            await stderr.WriteLineAsync($"stargz: not authorized to pull {reference}: {e.Message}").ConfigureAwait(false);
-        }
-        catch (RegistryException e)
-        {
-            await stderr.WriteLineAsync($"stargz: registry: {e.Message}").ConfigureAwait(false);
-        }
-        catch (ContainerdException e)
-        {
-            await stderr.WriteLineAsync($"stargz: containerd: {e.Message}").ConfigureAwait(false);
-        }
-        catch (InvalidDataException e)
-        {
-            await stderr.WriteLineAsync($"stargz: {e.Message}").ConfigureAwait(false);
-        }
-        catch (HttpRequestException e)
-        {
-            await stderr.WriteLineAsync($"stargz: registry {reference.Host}: {e.Message}").ConfigureAwait(false);
-        }
-        catch (TimeoutException e)
-        {
-            await stderr.WriteLineAsync($"stargz: timed out: {e.Message}").ConfigureAwait(false);
+            await stderr.WriteLineAsync($"stargz: {message}").ConfigureAwait(false);
         }
         return 1;
     }
+
+    /// <summary>The one line a failed pull prints, saying what failed; null for an exception that is a bug.</summary>
+    private static string? FailureMessage(Exception e, ImageReference reference) => e switch
+    {
+        NotFoundException => $"image {reference} not found: {e.Message}",
+        UnauthorizedException => $"not authorized to pull {reference}: {e.Message}",
+        RegistryException => $"registry: {e.Message}",
+        ContainerdException => $"containerd: {e.Message}",
+        InvalidDataException => e.Message,
+        HttpRequestException => $"registry {reference.Host}: {e.Message}",
+        TimeoutException => $"timed out: {e.Message}",
+        _ => null,
+    };
 }
