@@ -17,6 +17,8 @@ public sealed class FuseMountOptions
     /// (<see cref="IFuseFileSystem.TryReadFromFile"/>) go without a copy up to <see cref="FuseServer.LargestSplicedRead"/>.
     /// </summary>
     public int MaxRead { get; init; } = 1 << 20;
+    /// <summary><see cref="MaxRead"/> as the kernel is told it: whole pages, 4 KiB to 1 MiB.</summary>
+    internal int MaxReadBytes => Math.Clamp(MaxRead / 4096 * 4096, 4096, 256 * 4096);
     public TimeSpan AttrTimeout { get; init; } = TimeSpan.FromSeconds(1);
     public TimeSpan EntryTimeout { get; init; } = TimeSpan.FromSeconds(1);
     /// <summary>How long the kernel may remember that a name does not exist (0 = not at all).</summary>

@@ -60,6 +60,26 @@ internal struct EntryOut
 {
     public ulong NodeId; public ulong Generation; public ulong EntryValid; public ulong AttrValid;
     public uint EntryValidNsec; public uint AttrValidNsec; public FuseAttr Attr;
+
+    /// <summary>A lookup answer on the wire: the entry's own cache timeouts, else the mount's.</summary>
+    public static EntryOut From(in FuseEntry e, FuseMountOptions opt)
+    {
+        var et = e.EntryTimeout ?? opt.EntryTimeout;
+        var at = e.AttrTimeout ?? opt.AttrTimeout;
+        var eo = new EntryOut
+        {
+            NodeId = e.Ino,
+            Generation = e.Generation,
+            EntryValid = (ulong)(et.Ticks / TimeSpan.TicksPerSecond),
+            EntryValidNsec = (uint)(et.Ticks % TimeSpan.TicksPerSecond * 100),
+            AttrValid = (ulong)(at.Ticks / TimeSpan.TicksPerSecond),
+            AttrValidNsec = (uint)(at.Ticks % TimeSpan.TicksPerSecond * 100),
+            Attr = e.Attr,
+        };
+        if (eo.Attr.Ino == 0) eo.Attr.Ino = e.Ino;
+        if (eo.Attr.BlkSize == 0) eo.Attr.BlkSize = 4096;
+        return eo;
+    }
 }
 
 [StructLayout(LayoutKind.Sequential)]

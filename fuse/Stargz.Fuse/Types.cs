@@ -1,5 +1,4 @@
 using System.Runtime.InteropServices;
-using System.Text;
 using Microsoft.Win32.SafeHandles;
 
 namespace Stargz.Fuse;
@@ -135,67 +134,4 @@ public sealed class FuseException(int errno, string? message = null)
     : Exception(message ?? $"errno {errno}")
 {
     public int Errno { get; } = errno;
-}
-
-/// <summary>
-/// Fills one READDIR/READDIRPLUS reply. The filesystem calls <see cref="Add(ReadOnlySpan{byte}, in FuseEntry, long)"/>
-/// for entries starting at the requested offset until it returns false (reply full). <c>nextOffset</c> is the
-/// offset the kernel passes back to continue after this entry (any stable non-zero cookie; an index + 1 is typical).
-/// Emit "." and ".." yourself if you want them listed.
-/// </summary>
-public sealed class FuseDirWriter
-{
-    private byte[] _buf = [];
-    private int _start, _pos, _end;
-    private FuseServer? _server;
-
-    /// <summary>True for READDIRPLUS: the entry's attributes are sent and count as a lookup.</summary>
-    public bool IsPlus { get; private set; }
-    /// <summary>Number of entries added so far in this reply.</summary>
-    public int Count { get; private set; }
-
-    internal void Reset(FuseServer server, byte[] buf, int start, int size, bool plus)
-    {
-        _server = server; _buf = buf; _start = start; _pos = start; _end = start + size; IsPlus = plus; Count = 0;
-    }
-
-    internal int Length => _pos - _start;
-
-    public bool Add(string name, in FuseEntry entry, long nextOffset)
-    {
-        Span<byte> tmp = stackalloc byte[1024];
-        int n = Encoding.UTF8.GetBytes(name, tmp);
-        return Add(tmp[..n], entry, nextOffset);
-    }
-
-    public bool Add(ReadOnlySpan<byte> name, in FuseEntry entry, long nextOffset)
-    {
-        int direntLen = (24 + name.Length + 7) & ~7;
-        int need = IsPlus ? direntLen + Marshal.SizeOf<EntryOut>() : direntLen;
-        if (_pos + need > _end) return false;
-        var span = _buf.AsSpan(_pos, need);
-        span.Clear();
-        int p = 0;
-        if (IsPlus)
-        {
-            var eo = _server!.MakeEntryOut(entry);
-            MemoryMarshal.Write(span, in eo);
-            p = Marshal.SizeOf<EntryOut>();
-            bool dot = name.Length == 1 && name[0] == (byte)'.' || name.Length == 2 && name[0] == (byte)'.' && name[1] == (byte)'.';
-            // The kernel takes a reference on every READDIRPLUS entry except "." and "..".
-            if (!dot && entry.Ino != 0) _server.AddLookup(entry.Ino);
-        }
-        var d = new DirentHeader
-        {
-            Ino = entry.Attr.Ino != 0 ? entry.Attr.Ino : entry.Ino,
-            Off = (ulong)nextOffset,
-            NameLen = (uint)name.Length,
-            Type = (entry.Attr.Mode & UnixMode.S_IFMT) >> 12,
-        };
-        MemoryMarshal.Write(span[p..], in d);
-        name.CopyTo(span[(p + 24)..]);
-        _pos += need;
-        Count++;
-        return true;
-    }
 }

@@ -2,6 +2,7 @@ using Grpc.Core;
 using Grpc.Core.Interceptors;
 using Grpc.Net.Client;
 using Stargz.Cri.V1;
+using Stargz.Protos;
 using Stargz.TestSupport;
 
 namespace Stargz.Integration.Tests;
@@ -16,7 +17,7 @@ public sealed class CriClient : IDisposable
     /// <param name="version">the CRI version the calls are made in: "v1", or "v1alpha2" as kubelets before 1.26 speak it.</param>
     public CriClient(string socketPath, string version = "v1")
     {
-        _channel = UnixGrpc.Channel(socketPath);
+        _channel = UnixGrpcChannel.Create(socketPath);
         var invoker = version == "v1" ? _channel.CreateCallInvoker() : _channel.Intercept(new VersionInterceptor(version));
         Images = new ImageService.ImageServiceClient(invoker);
         Runtime = new RuntimeService.RuntimeServiceClient(invoker);

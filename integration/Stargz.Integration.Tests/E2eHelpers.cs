@@ -1,5 +1,7 @@
 using Grpc.Net.Client;
 using Stargz.Converter;
+using Stargz.Protos;
+using Stargz.Registry;
 using Stargz.TestSupport;
 
 namespace Stargz.Integration.Tests;
@@ -16,17 +18,19 @@ internal static class E2eHelpers
         return $"{rig.Registry.Host}/{name}:v1";
     }
 
-    /// <summary>Converts SRC to eStargz with OUR converter (src/Stargz.Converter), registry to registry.</summary>
+    /// <summary>Converts SRC to eStargz with OUR converter (src/Stargz.Converter), registry to registry, over plain HTTP.</summary>
     public static async Task ConvertWithOursAsync(string src, string dst, string workDir, CancellationToken ct)
     {
-        var stdout = new StringWriter();
-        var stderr = new StringWriter();
-        var code = await ImageConvertCommand.RunAsync(["--plain-http", "--work-dir", workDir, src, dst], stdout, stderr, ct);
-        if (code != 0) throw new InvalidOperationException($"our converter exited {code}:\n{stdout}\n{stderr}");
+        var (from, to) = (ImageReference.Parse(src), ImageReference.Parse(dst));
+        var hosts = new RegistryHostsConfig();
+        foreach (var h in new[] { from.Host, to.Host }.Distinct(StringComparer.OrdinalIgnoreCase))
+            hosts.Set(h, new HostConfig { Origin = new EndpointConfig { Host = h, PlainHttp = true } });
+        using var client = new RegistryClient(hosts, new DockerConfigCredentialProvider());
+        await new ImageConverter(client).ConvertAsync(from, to, new ConvertOptions { WorkDirectory = workDir }, ct);
     }
 
     /// <summary>A gRPC channel to the daemon's snapshots API over its unix socket.</summary>
-    public static GrpcChannel Channel(string socket) => UnixGrpc.Channel(socket);
+    public static GrpcChannel Channel(string socket) => UnixGrpcChannel.Create(socket);
 
     /// <summary>Snapshot names `ctr snapshots --snapshotter stargz ls` shows in <paramref name="ns"/>.</summary>
     public static async Task<List<string>> StargzSnapshotsAsync(LocalContainerd ctd, string ns = "default")

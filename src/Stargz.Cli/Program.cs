@@ -26,7 +26,7 @@ public static class Program
             if (args.Length >= 2 && args[0] == "image" && args[1] == "rpull")
                 return await RpullCommand.RunAsync(args[2..], Console.Out, Console.Error, cts.Token);
             if (args.Length >= 2 && args[0] == "image" && args[1] == "convert")
-                return await Stargz.Converter.ImageConvertCommand.RunAsync(args[2..], Console.Out, Console.Error, cts.Token);
+                return await ConvertCommand.RunAsync(args[2..], Console.Out, Console.Error, cts.Token);
             if (args.Length >= 2 && args[0] == "blob")
             {
                 var rest = args[2..];
@@ -70,61 +70,21 @@ public static class Program
         return 2;
     }
 
-    private sealed class UsageException(string message) : Exception(message);
-
-    private static (List<string> Positional, Dictionary<string, List<string>> Flags) Parse(string[] args, HashSet<string> valued, HashSet<string> boolean)
-    {
-        var pos = new List<string>();
-        var flags = new Dictionary<string, List<string>>(StringComparer.Ordinal);
-        for (int i = 0; i < args.Length; i++)
-        {
-            var a = args[i];
-            if (a.StartsWith("--", StringComparison.Ordinal) && a.Length > 2)
-            {
-                string name = a;
-                string? value = null;
-                int eq = a.IndexOf('=');
-                if (eq > 0) { name = a[..eq]; value = a[(eq + 1)..]; }
-                if (boolean.Contains(name)) { flags[name] = ["true"]; continue; }
-                if (!valued.Contains(name)) throw new UsageException($"unknown flag {name}");
-                if (value is null)
-                {
-                    if (i + 1 >= args.Length) throw new UsageException($"{name} needs a value");
-                    value = args[++i];
-                }
-                if (!flags.TryGetValue(name, out var l)) flags[name] = l = new List<string>();
-                l.Add(value);
-            }
-            else pos.Add(a);
-        }
-        return (pos, flags);
-    }
-
-    private static int IntFlag(Dictionary<string, List<string>> f, string name, int? def, out bool present)
-    {
-        present = f.TryGetValue(name, out var v);
-        if (!present) return def ?? 0;
-        if (!int.TryParse(v![^1], System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out var n))
-            throw new UsageException($"{name} must be an integer");
-        return n;
-    }
-
     private static async Task<int> BlobBuild(string[] args, CancellationToken ct)
     {
-        var (pos, f) = Parse(args, ["--chunk-size", "--level", "--prioritize", "--parallelism"], ["--zstd", "--allow-prioritized-not-found"]);
+        var f = new ArgParser().Value("--chunk-size").Value("--level").Value("--prioritize").Value("--parallelism")
+            .Switch("--zstd").Switch("--allow-prioritized-not-found").Parse(args);
+        var pos = f.Positional;
         if (pos.Count != 2) throw new UsageException("blob build needs IN and OUT");
         var o = new BuildOptions
         {
-            ChunkSize = IntFlag(f, "--chunk-size", 4 << 20, out _),
-            Compression = f.ContainsKey("--zstd") ? BlobCompression.Zstd : BlobCompression.Gzip,
-            Prioritized = f.TryGetValue("--prioritize", out var p) ? p : [],
-            AllowPrioritizedNotFound = f.ContainsKey("--allow-prioritized-not-found"),
+            ChunkSize = f.Int("--chunk-size", min: 1) ?? 4 << 20,
+            Compression = f.Has("--zstd") ? BlobCompression.Zstd : BlobCompression.Gzip,
+            Prioritized = f.All("--prioritize"),
+            AllowPrioritizedNotFound = f.Has("--allow-prioritized-not-found"),
         };
-        int level = IntFlag(f, "--level", null, out var hasLevel);
-        if (hasLevel) o = o with { CompressionLevel = level };
-        int par = IntFlag(f, "--parallelism", null, out var hasPar);
-        if (hasPar) o = o with { Parallelism = par };
-        if (o.ChunkSize <= 0) throw new UsageException("--chunk-size must be positive");
+        if (f.Int("--level") is int level) o = o with { CompressionLevel = level };
+        if (f.Int("--parallelism") is int par) o = o with { Parallelism = par };
 
         await using Stream input = pos[0] == "-" ? Console.OpenStandardInput() : new FileStream(pos[0], FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
         var tmp = pos[1] + ".tmp-" + Environment.ProcessId;
@@ -158,7 +118,7 @@ public static class Program
 
     private static async Task<int> BlobToc(string[] args, CancellationToken ct)
     {
-        var (pos, _) = Parse(args, [], []);
+        var pos = new ArgParser().Parse(args).Positional;
         if (pos.Count != 1) throw new UsageException("blob toc needs BLOB");
         using var blob = new FileBlobSource(pos[0]);
         var footer = await EstargzReader.ReadFooterAsync(blob, ct);
@@ -177,17 +137,18 @@ public static class Program
 
     private static async Task<int> BlobVerify(string[] args, CancellationToken ct)
     {
-        var (pos, f) = Parse(args, ["--toc-digest", "--diff-id"], []);
+        var f = new ArgParser().Value("--toc-digest").Value("--diff-id").Parse(args);
+        var pos = f.Positional;
         if (pos.Count != 1) throw new UsageException("blob verify needs BLOB");
-        if (!f.TryGetValue("--toc-digest", out var d)) throw new UsageException("blob verify needs --toc-digest D");
+        if (f.Last("--toc-digest") is not { } d) throw new UsageException("blob verify needs --toc-digest D");
         using var blob = new FileBlobSource(pos[0]);
-        var r = await EstargzReader.OpenAsync(blob, d[^1], null, ct);
+        var r = await EstargzReader.OpenAsync(blob, d, null, ct);
         await r.VerifyAllAsync(ct);
-        if (f.TryGetValue("--diff-id", out var want))
+        if (f.Last("--diff-id") is { } want)
         {
             var got = await r.ComputeDiffIdAsync(ct);
-            if (got != want[^1])
-                throw new DigestMismatchException("layer diffID", want[^1], got);
+            if (got != want)
+                throw new DigestMismatchException("layer diffID", want, got);
         }
         int files = 0, chunks = 0;
         foreach (var n in r.Tree.Nodes) if (n.IsRegular) { files++; chunks += n.Chunks.Count; }
@@ -197,10 +158,11 @@ public static class Program
 
     private static async Task<int> BlobExtract(string[] args, CancellationToken ct)
     {
-        var (pos, f) = Parse(args, ["--toc-digest"], []);
+        var f = new ArgParser().Value("--toc-digest").Parse(args);
+        var pos = f.Positional;
         if (pos.Count != 2) throw new UsageException("blob extract needs BLOB and DIR");
         using var blob = new FileBlobSource(pos[0]);
-        var r = await EstargzReader.OpenAsync(blob, f.TryGetValue("--toc-digest", out var d) ? d[^1] : null, null, ct);
+        var r = await EstargzReader.OpenAsync(blob, f.Last("--toc-digest"), null, ct);
         await EstargzExtractor.ExtractAsync(r, pos[1], null, ct);
         return 0;
     }

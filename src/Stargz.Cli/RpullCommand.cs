@@ -29,78 +29,49 @@ internal static class RpullCommand
         public bool SkipContentVerify { get; init; }
     }
 
-    internal sealed class UsageError(string message) : Exception(message);
+    private static readonly ArgParser Options = new ArgParser()
+        .Value("--address", "-a").Value("--namespace", "-n").Value("--snapshotter").Switch("--plain-http")
+        .Switch("--skip-content-verify").Value("--user", "-u").Value("--hosts-dir").Value("--platform")
+        .Value("--label").Value("--log-level");
 
     internal static Args Parse(IReadOnlyList<string> args)
     {
-        string address = "/run/containerd/containerd.sock";
-        string ns = Environment.GetEnvironmentVariable("CONTAINERD_NAMESPACE") is { Length: > 0 } e ? e : "default";
-        string snapshotter = "stargz";
-        bool plainHttp = false;
-        string? user = null;
-        string? hostsDir = null;
-        bool skipVerify = false;
+        var f = Options.Parse(args);
+        var user = f.Last("--user");
+        if (user is not null && !user.Contains(':')) throw new UsageException("--user wants USER:PASSWORD");
+        var hostsDir = f.Last("--hosts-dir");
+        if (hostsDir is not null && !Directory.Exists(hostsDir)) throw new UsageException($"--hosts-dir {hostsDir}: no such directory");
         var platform = Platform.Current;
-        var level = LogLevel.Warning;
-        var labels = new Dictionary<string, string>(StringComparer.Ordinal);
-        var pos = new List<string>();
-        for (var i = 0; i < args.Count; i++)
+        if (f.Last("--platform") is { } p)
         {
-            var a = args[i];
-            string? inline = null;
-            if (a.StartsWith("--", StringComparison.Ordinal) && a.IndexOf('=') is var eq and > 0)
-            {
-                inline = a[(eq + 1)..];
-                a = a[..eq];
-            }
-            string Value()
-            {
-                if (inline is not null) return inline;
-                if (i + 1 >= args.Count) throw new UsageError($"{a} needs a value");
-                return args[++i];
-            }
-            switch (a)
-            {
-                case "--address" or "-a": address = Value(); break;
-                case "--namespace" or "-n": ns = Value(); break;
-                case "--snapshotter": snapshotter = Value(); break;
-                case "--plain-http": plainHttp = true; break;
-                case "--skip-content-verify": skipVerify = true; break;
-                case "--user" or "-u":
-                    user = Value();
-                    if (!user.Contains(':')) throw new UsageError("--user wants USER:PASSWORD");
-                    break;
-                case "--hosts-dir":
-                    hostsDir = Value();
-                    if (!Directory.Exists(hostsDir)) throw new UsageError($"--hosts-dir {hostsDir}: no such directory");
-                    break;
-                case "--platform":
-                    try { platform = Platform.Parse(Value()); }
-                    catch (FormatException ex) { throw new UsageError(ex.Message); }
-                    break;
-                case "--label":
-                    var kv = Value();
-                    var at = kv.IndexOf('=');
-                    if (at <= 0) throw new UsageError($"--label {kv}: want KEY=VALUE");
-                    labels[kv[..at]] = kv[(at + 1)..];
-                    break;
-                case "--log-level":
-                    level = Value() switch
-                    {
-                        "trace" => LogLevel.Trace, "debug" => LogLevel.Debug, "info" => LogLevel.Information,
-                        "warn" or "warning" => LogLevel.Warning, "error" => LogLevel.Error,
-                        var v => throw new UsageError($"--log-level {v}: want debug, info, warn or error"),
-                    };
-                    break;
-                default:
-                    if (a.StartsWith('-') && a.Length > 1) throw new UsageError($"unknown flag {a}");
-                    pos.Add(a);
-                    break;
-            }
+            try { platform = Platform.Parse(p); }
+            catch (FormatException ex) { throw new UsageException(ex.Message); }
         }
-        if (pos.Count != 1) throw new UsageError(pos.Count == 0 ? "image rpull needs an image reference" : "image rpull takes one image reference");
-        if (address.Length == 0 || ns.Length == 0 || snapshotter.Length == 0) throw new UsageError("--address, --namespace and --snapshotter must not be empty");
-        return new Args(address, ns, snapshotter, plainHttp, user, platform, level, labels, pos[0]) { HostsDir = hostsDir, SkipContentVerify = skipVerify };
+        var labels = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (var kv in f.All("--label"))
+        {
+            var at = kv.IndexOf('=');
+            if (at <= 0) throw new UsageException($"--label {kv}: want KEY=VALUE");
+            labels[kv[..at]] = kv[(at + 1)..];
+        }
+        var level = f.Last("--log-level") switch
+        {
+            null => LogLevel.Warning,
+            "trace" => LogLevel.Trace, "debug" => LogLevel.Debug, "info" => LogLevel.Information,
+            "warn" or "warning" => LogLevel.Warning, "error" => LogLevel.Error,
+            var v => throw new UsageException($"--log-level {v}: want debug, info, warn or error"),
+        };
+        var pos = f.Positional;
+        if (pos.Count != 1) throw new UsageException(pos.Count == 0 ? "image rpull needs an image reference" : "image rpull takes one image reference");
+        string address = f.Last("--address") ?? "/run/containerd/containerd.sock";
+        string ns = f.Last("--namespace") ?? (Environment.GetEnvironmentVariable("CONTAINERD_NAMESPACE") is { Length: > 0 } e ? e : "default");
+        string snapshotter = f.Last("--snapshotter") ?? "stargz";
+        if (address.Length == 0 || ns.Length == 0 || snapshotter.Length == 0) throw new UsageException("--address, --namespace and --snapshotter must not be empty");
+        return new Args(address, ns, snapshotter, f.Has("--plain-http"), user, platform, level, labels, pos[0])
+        {
+            HostsDir = hostsDir,
+            SkipContentVerify = f.Has("--skip-content-verify"),
+        };
     }
 
     public static async Task<int> RunAsync(string[] argv, TextWriter stdout, TextWriter stderr, CancellationToken ct)
@@ -111,7 +82,7 @@ internal static class RpullCommand
         {
             a = Parse(argv);
         }
-        catch (UsageError e)
+        catch (UsageException e)
         {
             await stderr.WriteLineAsync($"stargz: {e.Message}").ConfigureAwait(false);
             await stderr.WriteAsync("usage:\n" + Usage).ConfigureAwait(false);
@@ -169,34 +140,23 @@ internal static class RpullCommand
             await stderr.WriteLineAsync("stargz: rpull cancelled").ConfigureAwait(false);
             return 130;
         }
-        catch (NotFoundException e)
+        catch (Exception e) when (FailureMessage(e, reference) is { } message)
         {
-            await stderr.WriteLineAsync($"stargz: image {reference} not found: {e.Message}").ConfigureAwait(false);
-        }
-        catch (UnauthorizedException e)
-        {
-            await stderr.WriteLineAsync($"stargz: not authorized to pull {reference}: {e.Message}").ConfigureAwait(false);
-        }
-        catch (RegistryException e)
-        {
-            await stderr.WriteLineAsync($"stargz: registry: {e.Message}").ConfigureAwait(false);
-        }
-        catch (ContainerdException e)
-        {
-            await stderr.WriteLineAsync($"stargz: containerd: {e.Message}").ConfigureAwait(false);
-        }
-        catch (InvalidDataException e)
-        {
-            await stderr.WriteLineAsync($"stargz: {e.Message}").ConfigureAwait(false);
-        }
-        catch (HttpRequestException e)
-        {
-            await stderr.WriteLineAsync($"stargz: registry {reference.Host}: {e.Message}").ConfigureAwait(false);
-        }
-        catch (TimeoutException e)
-        {
-            await stderr.WriteLineAsync($"stargz: timed out: {e.Message}").ConfigureAwait(false);
+            await stderr.WriteLineAsync($"stargz: {message}").ConfigureAwait(false);
         }
         return 1;
     }
+
+    /// <summary>The one line a failed pull prints, saying what failed; null for an exception that is a bug.</summary>
+    private static string? FailureMessage(Exception e, ImageReference reference) => e switch
+    {
+        NotFoundException => $"image {reference} not found: {e.Message}",
+        UnauthorizedException => $"not authorized to pull {reference}: {e.Message}",
+        RegistryException => $"registry: {e.Message}",
+        ContainerdException => $"containerd: {e.Message}",
+        InvalidDataException => e.Message,
+        HttpRequestException => $"registry {reference.Host}: {e.Message}",
+        TimeoutException => $"timed out: {e.Message}",
+        _ => null,
+    };
 }

@@ -2,6 +2,7 @@ using System.Net.Sockets;
 using Google.Protobuf.WellKnownTypes;
 using Grpc.Core;
 using Grpc.Net.Client;
+using Stargz.Protos;
 using ContentApi = Containerd.Services.Content.V1;
 using DiffApi = Containerd.Services.Diff.V1;
 using ImagesApi = Containerd.Services.Images.V1;
@@ -56,32 +57,8 @@ public sealed class ContainerdClient : IDisposable
         Socket = socket;
         Namespace = ns;
         Timeouts = timeouts ?? new ContainerdTimeouts();
-        var handler = new SocketsHttpHandler
-        {
-            ConnectTimeout = TimeSpan.FromSeconds(10),
-            ConnectCallback = async (_, ct) =>
-            {
-                var s = new System.Net.Sockets.Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-                try
-                {
-                    await s.ConnectAsync(new UnixDomainSocketEndPoint(socket), ct).ConfigureAwait(false);
-                    return new NetworkStream(s, ownsSocket: true);
-                }
-                catch
-                {
-                    s.Dispose();
-                    throw;
-                }
-            },
-        };
-        _channel = GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions
-        {
-            HttpHandler = handler,
-            DisposeHttpClient = true,
-            // containerd accepts 16 MiB; our writes send 1 MiB messages, replies are small.
-            MaxSendMessageSize = 16 << 20,
-            MaxReceiveMessageSize = 16 << 20,
-        });
+        // containerd accepts 16 MiB messages; our writes send 1 MiB ones, replies are small.
+        _channel = UnixGrpcChannel.Create(socket);
         Content = new ContentApi.Content.ContentClient(_channel);
         Images = new ImagesApi.Images.ImagesClient(_channel);
         Leases = new LeasesApi.Leases.LeasesClient(_channel);

@@ -1,8 +1,8 @@
-using System.Net.Sockets;
 using Grpc.Core;
 using Grpc.Net.Client;
 using Microsoft.Extensions.Logging;
 using Stargz.Cri.V1;
+using Stargz.Protos;
 using Stargz.Registry;
 
 namespace Stargz.Daemon;
@@ -124,32 +124,8 @@ internal sealed class CriBackend : IDisposable
         Address = address;
         _log = log;
         var path = ConfigLoader.CriSocketPath(address) ?? throw new ArgumentException($"not a unix socket address: {address}", nameof(address));
-        var handler = new SocketsHttpHandler
-        {
-            ConnectTimeout = TimeSpan.FromSeconds(10),
-            ConnectCallback = async (_, ct) =>
-            {
-                var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-                try
-                {
-                    await s.ConnectAsync(new UnixDomainSocketEndPoint(path), ct).ConfigureAwait(false);
-                    return new NetworkStream(s, ownsSocket: true);
-                }
-                catch
-                {
-                    s.Dispose();
-                    throw;
-                }
-            },
-        };
-        _channel = GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions
-        {
-            HttpHandler = handler,
-            DisposeHttpClient = true,
-            // Image lists of a busy node exceed the 4 MiB default; containerd allows 16 MiB.
-            MaxReceiveMessageSize = 16 << 20,
-            MaxSendMessageSize = 16 << 20,
-        });
+        // Image lists of a busy node exceed gRPC's 4 MiB default; the channel allows containerd's 16 MiB.
+        _channel = UnixGrpcChannel.Create(path);
         _client = new ImageService.ImageServiceClient(_channel);
     }
 

@@ -6,37 +6,6 @@ using Stargz.TestSupport;
 
 namespace Stargz.Snapshotter.Tests;
 
-/// <summary>gRPC client helpers over a unix socket.</summary>
-public static class Client
-{
-    public static GrpcChannel Channel(string socket) => UnixGrpc.Channel(socket);
-
-    public static Metadata Ns(string ns) => new() { { SnapshotsGrpcService.NamespaceHeader, ns } };
-
-    public static async Task<StatusCode> CodeOf(Func<Task> call)
-    {
-        try
-        {
-            await call();
-            return StatusCode.OK;
-        }
-        catch (RpcException e) { return e.StatusCode; }
-    }
-
-    public static Task<List<Info>> ListAll(Snapshots.SnapshotsClient c, CancellationToken ct, params string[] filters)
-        => ListAll(c, null, ct, filters);
-
-    public static async Task<List<Info>> ListAll(Snapshots.SnapshotsClient c, Metadata? headers, CancellationToken ct, params string[] filters)
-    {
-        var req = new ListSnapshotsRequest { Snapshotter = "stargz" };
-        req.Filters.AddRange(filters);
-        using var call = c.List(req, headers, cancellationToken: ct);
-        var all = new List<Info>();
-        await foreach (var r in call.ResponseStream.ReadAllAsync(ct)) all.AddRange(r.Info);
-        return all;
-    }
-}
-
 /// <summary>
 /// The snapshotter served in-process by the same Kestrel host the daemon uses, on a real unix socket, with its LiteDB
 /// store on disk under a temp root. Reopen() closes and opens it again on the same root (a clean restart).
@@ -86,7 +55,7 @@ public sealed class InProcessSnapshotter : IAsyncDisposable
         var opt = new SnapshotterServerOptions { SocketPath = Socket };
         _app = SnapshotterServer.Build(Snapshotter, opt);
         await SnapshotterServer.StartAsync(_app, opt, CancellationToken.None);
-        _channel = Stargz.Snapshotter.Tests.Client.Channel(Socket);
+        _channel = Stargz.TestSupport.Client.Channel(Socket);
         Client = new Snapshots.SnapshotsClient(_channel);
     }
 

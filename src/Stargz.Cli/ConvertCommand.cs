@@ -1,15 +1,16 @@
 using System.Globalization;
+using Stargz.Converter;
 using Stargz.Registry;
 
-namespace Stargz.Converter;
+namespace Stargz.Cli;
 
 /// <summary>
 /// <c>stargz image convert [--zstd] [--chunk-size N] [--level L] [--prioritize PATH]... [--platform P | --all-platforms]
-/// [--plain-http] [--user U:P] [--work-dir DIR] SRC DST</c>: the CLI command, kept here so the CLI only forwards to it.
+/// [--plain-http] [--user U:P] [--work-dir DIR] SRC DST</c>: <see cref="ImageConverter"/> from the command line.
 /// Prints one line per layer and the pushed digest; exit code 0 on success, 1 on a failed conversion, 2 on bad usage,
 /// 130 when <c>ct</c> was cancelled (Ctrl-C).
 /// </summary>
-public static class ImageConvertCommand
+internal static class ConvertCommand
 {
     public const string Usage = """
         usage: stargz image convert [options] SRC DST
@@ -120,68 +121,28 @@ public static class ImageConvertCommand
         }
     }
 
-    private sealed class UsageException(string message) : Exception(message);
-
     private sealed record Parsed(ImageReference Source, ImageReference Target, ConvertOptions Options, bool PlainHttp, string? User, bool Help);
+
+    private static readonly ArgParser Options = new ArgParser()
+        .Switch("--help", "-h").Switch("--zstd", "--zstdchunked").Switch("--estargz", "--oci")
+        .Value("--chunk-size", "--estargz-chunk-size").Value("--level", "--estargz-compression-level").Value("--prioritize")
+        .Value("--platform").Switch("--all-platforms").Switch("--plain-http").Value("--user").Value("--work-dir").Value("--parallel");
 
     private static Parsed Parse(string[] args)
     {
-        var zstd = false;
-        int? chunk = null, level = null;
-        var parallel = 2;
-        var prio = new List<string>();
+        var f = Options.Parse(args);
+        bool help = f.Has("--help"), zstd = f.Has("--zstd"), all = f.Has("--all-platforms");
+        int? chunk = f.Int("--chunk-size", min: 1), level = f.Int("--level", min: 0);
+        var parallel = f.Int("--parallel", min: 1) ?? 2;
         Platform? platform = null;
-        bool all = false, plain = false, help = false;
-        string? user = null, work = null;
-        var positional = new List<string>();
-        for (var i = 0; i < args.Length; i++)
+        if (f.Last("--platform") is { } p)
         {
-            var a = args[i];
-            string? inline = null;
-            if (a.StartsWith("--", StringComparison.Ordinal) && a.Contains('='))
-            {
-                inline = a[(a.IndexOf('=') + 1)..];
-                a = a[..a.IndexOf('=')];
-            }
-            string Value()
-            {
-                if (inline is not null) return inline;
-                if (i + 1 >= args.Length) throw new UsageException($"{a} needs a value");
-                return args[++i];
-            }
-            int Int(int min)
-            {
-                var v = Value();
-                if (!int.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture, out var n) || n < min)
-                    throw new UsageException($"{a} wants an integer of at least {min}, not \"{v}\"");
-                return n;
-            }
-            switch (a)
-            {
-                case "-h" or "--help": help = true; break;
-                case "--zstd" or "--zstdchunked": zstd = true; break;
-                case "--estargz" or "--oci": break;
-                case "--chunk-size" or "--estargz-chunk-size": chunk = Int(1); break;
-                case "--level" or "--estargz-compression-level": level = Int(0); break;
-                case "--prioritize": prio.Add(Value()); break;
-                case "--platform":
-                    try { platform = Platform.Parse(Value()); }
-                    catch (FormatException e) { throw new UsageException(e.Message); }
-                    break;
-                case "--all-platforms": all = true; break;
-                case "--plain-http": plain = true; break;
-                case "--user":
-                    user = Value();
-                    if (!user.Contains(':')) throw new UsageException("--user wants USER:PASSWORD");
-                    break;
-                case "--work-dir": work = Value(); break;
-                case "--parallel": parallel = Int(1); break;
-                default:
-                    if (a.StartsWith('-') && a != "-") throw new UsageException($"unknown option {a}");
-                    positional.Add(a);
-                    break;
-            }
+            try { platform = Platform.Parse(p); }
+            catch (FormatException e) { throw new UsageException(e.Message); }
         }
+        var user = f.Last("--user");
+        if (user is not null && !user.Contains(':')) throw new UsageException("--user wants USER:PASSWORD");
+        var positional = f.Positional;
         if (help) return new Parsed(ImageReference.Parse("x"), ImageReference.Parse("x"), new ConvertOptions(), false, null, true);
         if (positional.Count != 2) throw new UsageException($"want SRC and DST, got {positional.Count} argument(s)");
         if (all && platform is not null) throw new UsageException("--platform and --all-platforms exclude each other");
@@ -199,12 +160,12 @@ public static class ImageConvertCommand
             Format = zstd ? LayerFormat.ZstdChunked : LayerFormat.Estargz,
             ChunkSize = chunk,
             CompressionLevel = level,
-            Prioritized = prio,
+            Prioritized = f.All("--prioritize"),
             Platform = platform,
             AllPlatforms = all,
-            WorkDirectory = work,
+            WorkDirectory = f.Last("--work-dir"),
             MaxParallelLayers = parallel,
         };
-        return new Parsed(src, dst, options, plain, user, false);
+        return new Parsed(src, dst, options, f.Has("--plain-http"), user, false);
     }
 }

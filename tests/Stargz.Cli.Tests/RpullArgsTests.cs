@@ -1,7 +1,6 @@
 using Microsoft.Extensions.Logging;
-using Stargz.Cli;
 
-namespace Stargz.Containerd.Tests;
+namespace Stargz.Cli.Tests;
 
 public class RpullArgsTests
 {
@@ -51,7 +50,7 @@ public class RpullArgsTests
     [InlineData("--hosts-dir /no/such/dir: no such directory", "--hosts-dir", "/no/such/dir", "a")]
     public void BadArgumentsAreUsageErrorsThatSayWhy(string message, params string[] args)
     {
-        var e = Assert.Throws<RpullCommand.UsageError>(() => RpullCommand.Parse(args));
+        var e = Assert.Throws<UsageException>(() => RpullCommand.Parse(args));
         Assert.Contains(message, e.Message);
     }
 

@@ -3,7 +3,7 @@ using Containerd.Services.Snapshots.V1;
 using Stargz.Daemon;
 using Stargz.TestSupport;
 
-namespace Stargz.Snapshotter.Tests;
+namespace Stargz.Daemon.Tests;
 
 /// <summary>The daemon's config.toml (reference keys), flags, and what an operator sees when one is wrong.</summary>
 public class DaemonConfigTests

@@ -1,8 +1,9 @@
 using Containerd.Services.Snapshots.V1;
 using Grpc.Core;
+using Stargz.Snapshotter;
 using Stargz.TestSupport;
 
-namespace Stargz.Snapshotter.Tests;
+namespace Stargz.Daemon.Tests;
 
 /// <summary>
 /// The real daemon binary as a child process: crashes between the steps of an API call (SIGKILL at a named point or at
