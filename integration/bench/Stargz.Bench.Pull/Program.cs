@@ -301,7 +301,7 @@ string Report()
         sb.AppendLine($"Image: busybox + python3.11 and its stdlib + dist-packages + {opt.DataMb} MiB of data ({layers.Count} layers; {uncompressed / 1048576.0:F0} MiB uncompressed, {plainBytes / 1048576.0:F0} MiB gzip, {imageBytes / 1048576.0:F0} MiB as eStargz by ctr-remote).");
     else
         sb.AppendLine($"Image: busybox + libc/libstdc++, openjdk-17-jre-headless ({jreBytes / 1048576.0:F0} MiB), {opt.BulkLayers} layers of {opt.BulkMb} MiB incompressible bulk ({layers.Count} layers; {uncompressed / 1048576.0:F0} MiB uncompressed, {plainBytes / 1048576.0:F0} MiB gzip, {imageBytes / 1048576.0:F0} MiB as eStargz by ctr-remote).");
-    sb.AppendLine($"Workload: `{string.Join(' ', command)}`. Network: {net}. Median of {opt.Runs} interleaved run(s); fresh containerd, daemon and cache each time.");
+    sb.AppendLine($"Workload: `{string.Join(' ', command.Select(a => a.Contains(' ', StringComparison.Ordinal) ? $"\"{a}\"" : a))}`. Network: {net}. Median of {opt.Runs} interleaved run(s); fresh containerd, daemon and cache each time.");
     sb.AppendLine();
     sb.AppendLine("| variant | seconds to container exit | of which the pull | × floor | × reference default | × full pull | bytes from the registry |");
     sb.AppendLine("|---|---:|---:|---:|---:|---:|---:|");
