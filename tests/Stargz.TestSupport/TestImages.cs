@@ -96,6 +96,66 @@ public static class TestImages
         return [l1, l2, l3];
     }
 
+    /// <summary>Where <see cref="WriteJavaLayers"/> puts the JRE in the image (Debian's path).</summary>
+    public const string JavaHome = "/usr/lib/jvm/java-17-openjdk-amd64";
+
+    /// <summary>
+    /// Lays out the layers of a large image (≥ 500 MB with the defaults) in which a program touches a small part:
+    /// (1) busybox + the C/C++ libraries `java` needs, (2) the files of Debian's openjdk-17-jre-headless package at
+    /// <see cref="JavaHome"/> and /etc/java-17-openjdk (about 190 MB; symlinks kept as they are), then
+    /// <paramref name="bulkLayers"/> layers of <paramref name="bulkMegabytes"/> MB each of incompressible generated
+    /// files under /bulk/N that `java -version` never reads. Returns the layer dirs in order.
+    /// </summary>
+    public static IReadOnlyList<string> WriteJavaLayers(string workDir, int bulkLayers = 3, int bulkMegabytes = 128)
+    {
+        const string package = "openjdk-17-jre-headless";
+        if (!File.Exists(Path.Combine(JavaHome, "bin/java")))
+            Requires.Missing($"{JavaHome}/bin/java ({package}) is not installed");
+        var l1 = Path.Combine(workDir, "java-l1");
+        var l2 = Path.Combine(workDir, "java-l2");
+        WriteBusybox(l1);
+        // What bin/java and lib/server/libjvm.so link against (ldd), outside the JRE itself.
+        foreach (var lib in new[] { "libc.so.6", "libm.so.6", "libz.so.1", "libstdc++.so.6", "libgcc_s.so.1" })
+            CopyResolved($"/lib/x86_64-linux-gnu/{lib}", Path.Combine(l1, "lib/x86_64-linux-gnu", lib));
+        CopyResolved("/lib64/ld-linux-x86-64.so.2", Path.Combine(l1, "lib64/ld-linux-x86-64.so.2"));
+        // The package's own file list, so the layer is the same whether or not a JDK is installed next to it.
+        var list = File.ReadAllLines($"/var/lib/dpkg/info/{package}:amd64.list");
+        foreach (var path in list)
+        {
+            if (!path.StartsWith(JavaHome + "/", StringComparison.Ordinal) && !path.StartsWith("/etc/java-17-openjdk/", StringComparison.Ordinal))
+                continue;
+            var info = new FileInfo(path);
+            var dst = Path.Combine(l2, path.TrimStart('/'));
+            if (info.LinkTarget != null)
+            {
+                Directory.CreateDirectory(Path.GetDirectoryName(dst)!);
+                if (!File.Exists(dst) && !Directory.Exists(dst)) File.CreateSymbolicLink(dst, info.LinkTarget);
+            }
+            else if (info.Exists)
+            {
+                Directory.CreateDirectory(Path.GetDirectoryName(dst)!);
+                info.CopyTo(dst, overwrite: true);
+                File.SetUnixFileMode(dst, info.UnixFileMode);
+            }
+        }
+        var dirs = new List<string> { l1, l2 };
+        var rng = new Random(20261205);
+        var buf = new byte[1 << 20];
+        for (var layer = 0; layer < bulkLayers; layer++)
+        {
+            var dir = Path.Combine(workDir, $"java-bulk{layer}");
+            var data = Path.Combine(dir, "bulk", layer.ToString(System.Globalization.CultureInfo.InvariantCulture));
+            Directory.CreateDirectory(data);
+            for (var i = 0; i < bulkMegabytes; i++)
+            {
+                rng.NextBytes(buf);
+                File.WriteAllBytes(Path.Combine(data, $"blob-{i:D4}.bin"), buf);
+            }
+            dirs.Add(dir);
+        }
+        return dirs;
+    }
+
     private static void CopyResolved(string src, string dst)
     {
         Directory.CreateDirectory(Path.GetDirectoryName(dst)!);

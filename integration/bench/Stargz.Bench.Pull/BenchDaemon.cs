@@ -1,0 +1,116 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using System.Text;
+using Stargz.TestSupport;
+
+namespace Stargz.Bench.Pull;
+
+/// <summary>
+/// A snapshotter daemon (ours or the reference's: both take `--address --root --config --log-level`) started for one
+/// measured run, timed from just before exec until its socket accepts a connection. Unlike TestSupport's LocalDaemon
+/// (which waits for a log line, polling every 50 ms), readiness here is the socket alone, probed every millisecond
+/// from a dedicated thread. Dispose SIGTERMs it (then SIGKILL), unmounts what is left under its dir and removes it.
+/// </summary>
+public sealed class BenchDaemon : IAsyncDisposable
+{
+    private readonly StringBuilder _log = new();
+    private readonly TempDir _dir = new("sgd"); // directly under /tmp: socket paths must stay under 108 bytes
+    private Process? _process;
+
+    public string Socket => Path.Combine(_dir.Path, "s.sock");
+    public string Root => Path.Combine(_dir.Path, "root");
+    public int Pid => _process?.Id ?? 0;
+    /// <summary>From just before exec until the first successful connect to <see cref="Socket"/>.</summary>
+    public TimeSpan ExecToListening { get; private set; }
+    /// <summary>Stopwatch timestamp of the first successful connect.</summary>
+    public long ListeningAt { get; private set; }
+    public string Log { get { lock (_log) return _log.ToString(); } }
+
+    /// <param name="command">the executable, then any arguments before the daemon's own (e.g. dotnet DLL).</param>
+    public static async Task<BenchDaemon> StartAsync(IReadOnlyList<string> command, string configToml, string logLevel,
+        IDictionary<string, string>? env = null)
+    {
+        var d = new BenchDaemon();
+        try
+        {
+            var config = Path.Combine(d._dir.Path, "config.toml");
+            await File.WriteAllTextAsync(config, configToml);
+            var psi = new ProcessStartInfo(command[0]) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
+            for (var i = 1; i < command.Count; i++) psi.ArgumentList.Add(command[i]);
+            foreach (var a in new[] { "--address", d.Socket, "--root", d.Root, "--config", config, "--log-level", logLevel }) psi.ArgumentList.Add(a);
+            if (env != null) foreach (var kv in env) psi.Environment[kv.Key] = kv.Value;
+            var started = Stopwatch.GetTimestamp();
+            var p = Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {command[0]}");
+            d._process = p;
+            p.OutputDataReceived += (_, e) => { if (e.Data != null) lock (d._log) d._log.AppendLine(e.Data); };
+            p.ErrorDataReceived += (_, e) => { if (e.Data != null) lock (d._log) d._log.AppendLine(e.Data); };
+            p.BeginOutputReadLine();
+            p.BeginErrorReadLine();
+            // A thread of its own, so the 1 ms probe cadence does not depend on the thread pool.
+            var probe = new TaskCompletionSource<long>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var thread = new Thread(() => Probe(d.Socket, p, probe, TimeSpan.FromSeconds(60))) { IsBackground = true, Name = "listen-probe" };
+            thread.Start();
+            var at = await probe.Task;
+            d.ListeningAt = at;
+            d.ExecToListening = Stopwatch.GetElapsedTime(started, at);
+            return d;
+        }
+        catch (Exception e) when (e is InvalidOperationException or TimeoutException)
+        {
+            var log = d.Log;
+            await d.DisposeAsync();
+            throw new InvalidOperationException($"{command[0]} did not start: {e.Message}\n{log}", e);
+        }
+    }
+
+    private static void Probe(string socket, Process p, TaskCompletionSource<long> done, TimeSpan timeout)
+    {
+        var deadline = Stopwatch.GetTimestamp() + (long)(timeout.TotalSeconds * Stopwatch.Frequency);
+        var endpoint = new UnixDomainSocketEndPoint(socket);
+        while (Stopwatch.GetTimestamp() < deadline)
+        {
+            using (var s = new System.Net.Sockets.Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+            {
+                try
+                {
+                    s.Connect(endpoint);
+                    done.SetResult(Stopwatch.GetTimestamp());
+                    return;
+                }
+                catch (SocketException) { }
+            }
+            if (p.HasExited)
+            {
+                done.SetException(new InvalidOperationException($"exited with {p.ExitCode} before listening"));
+                return;
+            }
+            Thread.Sleep(1);
+        }
+        done.SetException(new TimeoutException($"{socket} not accepting connections within {timeout}"));
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (_process != null)
+        {
+            try
+            {
+                if (!_process.HasExited)
+                {
+                    kill(_process.Id, 15);
+                    using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+                    try { await _process.WaitForExitAsync(cts.Token); }
+                    catch (OperationCanceledException) { _process.Kill(); await _process.WaitForExitAsync(); }
+                }
+            }
+            catch (InvalidOperationException) { }
+            _process.Dispose();
+        }
+        Mounts.UnmountAllUnder(_dir.Path);
+        _dir.Dispose();
+    }
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int kill(int pid, int sig);
+}
