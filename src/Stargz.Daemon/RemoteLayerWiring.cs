@@ -86,6 +86,9 @@ public static class RemoteLayerWiring
             AttrTimeout = TimeSpan.FromSeconds(config.Fuse.AttrTimeout),
             EntryTimeout = TimeSpan.FromSeconds(config.Fuse.EntryTimeout),
             Passthrough = config.Fuse.Passthrough,
+            // One reader thread per core (2 to 4): replies are asynchronous, so more threads only add a /dev/fuse fd,
+            // a splice pipe and ~170 KiB of buffers per layer (2 vs 4 threads for 16 readers: no difference measured).
+            ReaderThreads = Math.Clamp(Environment.ProcessorCount, 2, 4),
         };
         var manager = new LayerManager(registry, options, fuse, loggers.CreateLogger("stargz.layer"));
         LayerMetrics.Track(manager);
