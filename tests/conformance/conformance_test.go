@@ -1,0 +1,369 @@
+// Package conformance holds our daemon to containerd 1.6's snapshotter conformance suite
+// (github.com/containerd/containerd/snapshots/testsuite), spoken through containerd's own proxy client
+// (snapshots/proxy) over a gRPC connection to a fresh daemon per test, as containerd's proxy plugin dials it.
+//
+// Each variant is one run of the whole suite; the variants differ in how the client dials and what it sends:
+//
+//	containerd        unix://SOCK with containerd's dialer (:authority "localhost"), containerd-namespace header sent
+//	socket-authority  the socket path itself as the target (grpc-go's passthrough scheme, the old
+//	                  grpc.Dial(path, WithDialer(...)) pattern: :authority is the path), no containerd-namespace header
+//
+// Built in GOPATH mode from Debian's packaged sources by run.sh, which passes -daemon.
+package conformance
+
+import (
+	"bufio"
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/namespaces"
+	"github.com/containerd/containerd/pkg/dialer"
+	"github.com/containerd/containerd/snapshots"
+	"github.com/containerd/containerd/snapshots/proxy"
+	"github.com/containerd/containerd/snapshots/testsuite"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+)
+
+var (
+	daemonPath = flag.String("daemon", os.Getenv("STARGZ_DAEMON"), "the stargz-snapshotter executable (default $STARGZ_DAEMON)")
+	logDir     = flag.String("logdir", "", "where each daemon's log is kept (default: a temp dir, removed)")
+	only       = flag.String("variants", "", "comma-separated variants to run (default all)")
+)
+
+// readyLine is what the daemon logs once its socket serves the snapshots API.
+const readyLine = "serving containerd snapshots API"
+
+type variant struct {
+	name string
+	// dial connects to sock the way this variant's client does.
+	dial func(ctx context.Context, sock string) (*grpc.ClientConn, error)
+	// authority is the :authority the client sends for sock (checked before the suite runs).
+	authority func(sock string) string
+	// header: whether calls carry the containerd-namespace header the suite's contexts set.
+	header bool
+}
+
+var variants = []variant{
+	{
+		name: "containerd",
+		// As containerd 1.6's proxy plugins (services/server: proxyClients.getClient).
+		dial: func(ctx context.Context, sock string) (*grpc.ClientConn, error) {
+			return grpc.DialContext(ctx, dialer.DialAddress(sock),
+				grpc.WithInsecure(),
+				grpc.WithContextDialer(dialer.ContextDialer),
+				grpc.WithConnectParams(grpc.ConnectParams{MinConnectTimeout: 5 * time.Second}))
+		},
+		authority: func(string) string { return "localhost" },
+		header:    true,
+	},
+	{
+		name: "socket-authority",
+		// The target is the socket path (no scheme, so grpc-go's default passthrough resolver): the path becomes the
+		// :authority. Calls go without the containerd-namespace header, as from a client that never sets it.
+		dial: func(ctx context.Context, sock string) (*grpc.ClientConn, error) {
+			return grpc.DialContext(ctx, sock,
+				grpc.WithInsecure(),
+				grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+					var d net.Dialer
+					return d.DialContext(ctx, "unix", sock)
+				}),
+				grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+					return invoker(withoutNamespaceHeader(ctx), method, req, reply, cc, opts...)
+				}),
+				grpc.WithStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+					return streamer(withoutNamespaceHeader(ctx), desc, cc, method, opts...)
+				}))
+		},
+		authority: func(sock string) string { return sock },
+		header:    false,
+	},
+}
+
+// withoutNamespaceHeader drops the containerd-namespace header that namespaces.WithNamespace puts on the context.
+func withoutNamespaceHeader(ctx context.Context) context.Context {
+	md, ok := metadata.FromOutgoingContext(ctx)
+	if !ok {
+		return ctx
+	}
+	md = md.Copy()
+	delete(md, namespaces.GRPCHeader)
+	return metadata.NewOutgoingContext(ctx, md)
+}
+
+func TestSnapshotterSuite(t *testing.T) {
+	if *daemonPath == "" {
+		t.Fatal("no daemon: pass -daemon PATH or set STARGZ_DAEMON")
+	}
+	exe, err := filepath.Abs(*daemonPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(exe); err != nil || st.IsDir() {
+		t.Fatalf("daemon executable %s: %v", exe, err)
+	}
+	if os.Getuid() != 0 {
+		t.Fatal("the suite mounts overlays: run as root")
+	}
+	logs := *logDir
+	if logs == "" {
+		logs = t.TempDir()
+	} else if err := os.MkdirAll(logs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range variants {
+		v := v
+		if *only != "" && !contains(strings.Split(*only, ","), v.name) {
+			continue
+		}
+		t.Run(v.name, func(t *testing.T) {
+			// A variant that did not send what it claims would prove nothing: check the client first.
+			if err := checkClientSends(v); err != nil {
+				t.Fatal(err)
+			}
+			testsuite.SnapshotterSuite(t, "stargz-"+v.name, func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+				return startSnapshotter(ctx, exe, logs, v, root)
+			})
+		})
+	}
+}
+
+// startSnapshotter starts a fresh daemon on root (socket beside it, in the suite's temp dir) and returns containerd's
+// proxy snapshotter over a connection dialed as the variant dials; cleanup closes the connection and SIGTERMs the daemon.
+func startSnapshotter(ctx context.Context, exe, logs string, v variant, root string) (snapshots.Snapshotter, func() error, error) {
+	dir := filepath.Dir(root)
+	sock := filepath.Join(dir, "d.sock")
+	logPath := filepath.Join(logs, v.name+"-"+filepath.Base(dir)+".log")
+	d, err := startDaemon(exe, sock, root, logPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	dialCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	conn, err := v.dial(dialCtx, sock)
+	if err != nil {
+		_ = d.stop()
+		return nil, nil, fmt.Errorf("dial %s: %w", sock, err)
+	}
+	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "stargz")
+	cleanup := func() error {
+		cerr := conn.Close()
+		if err := d.stop(); err != nil {
+			return err
+		}
+		return cerr
+	}
+	return sn, cleanup, nil
+}
+
+type daemon struct {
+	cmd    *exec.Cmd
+	exited chan struct{}
+	log    string
+	tail   *tailBuffer
+}
+
+func startDaemon(exe, sock, root, logPath string) (*daemon, error) {
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(exe, "--address", sock, "--root", root, "--log-level", "debug")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		logFile.Close()
+		return nil, err
+	}
+	cmd.Stdout = logFile
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		return nil, fmt.Errorf("start %s: %w", exe, err)
+	}
+	d := &daemon{cmd: cmd, exited: make(chan struct{}), log: logPath, tail: &tailBuffer{max: 40}}
+	ready := make(chan struct{})
+	go func() {
+		// Every stderr line goes to the log file; the ready line unblocks the start.
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 64*1024), 1024*1024)
+		once := sync.Once{}
+		for sc.Scan() {
+			line := sc.Text()
+			fmt.Fprintln(logFile, line)
+			d.tail.add(line)
+			if strings.Contains(line, readyLine) {
+				once.Do(func() { close(ready) })
+			}
+		}
+		_, _ = io.Copy(io.Discard, stderr)
+		_ = cmd.Wait()
+		logFile.Close()
+		close(d.exited)
+	}()
+	select {
+	case <-ready:
+		return d, nil
+	case <-d.exited:
+		return nil, fmt.Errorf("daemon exited before serving (%v); log %s:\n%s", cmd.ProcessState, logPath, d.tail)
+	case <-time.After(60 * time.Second):
+		_ = d.stop()
+		return nil, fmt.Errorf("daemon not serving within 60 s; log %s:\n%s", logPath, d.tail)
+	}
+}
+
+// stop SIGTERMs the daemon (SIGKILL after 30 s) and reports an unclean exit.
+func (d *daemon) stop() error {
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(30 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-d.exited
+		return fmt.Errorf("daemon did not stop within 30 s of SIGTERM; log %s:\n%s", d.log, d.tail)
+	}
+	if !d.cmd.ProcessState.Success() {
+		return fmt.Errorf("daemon exited with %v; log %s:\n%s", d.cmd.ProcessState, d.log, d.tail)
+	}
+	return nil
+}
+
+type tailBuffer struct {
+	mu    sync.Mutex
+	max   int
+	lines []string
+}
+
+func (b *tailBuffer) add(line string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.lines = append(b.lines, line)
+	if len(b.lines) > b.max {
+		b.lines = b.lines[1:]
+	}
+}
+
+func (b *tailBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return strings.Join(b.lines, "\n")
+}
+
+// checkClientSends dials a bare HTTP/2 listener the way the variant dials the daemon, makes one call with the suite's
+// namespace and reports whether the request's :authority and containerd-namespace header are what the variant says.
+func checkClientSends(v variant) error {
+	dir, err := os.MkdirTemp("", "stargz-authority-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "c.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+
+	type seen struct {
+		authority string
+		namespace []string
+		err       error
+	}
+	got := make(chan seen, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			got <- seen{err: err}
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+		preface := make([]byte, len(http2.ClientPreface))
+		if _, err := io.ReadFull(c, preface); err != nil || string(preface) != http2.ClientPreface {
+			got <- seen{err: fmt.Errorf("no HTTP/2 client preface (%v)", err)}
+			return
+		}
+		fr := http2.NewFramer(c, c)
+		fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+		if err := fr.WriteSettings(); err != nil {
+			got <- seen{err: err}
+			return
+		}
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				got <- seen{err: err}
+				return
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					_ = fr.WriteSettingsAck()
+				}
+			case *http2.MetaHeadersFrame:
+				s := seen{}
+				for _, hf := range f.Fields {
+					switch hf.Name {
+					case ":authority":
+						s.authority = hf.Value
+					case namespaces.GRPCHeader:
+						s.namespace = append(s.namespace, hf.Value)
+					}
+				}
+				got <- s
+				return
+			}
+		}
+	}()
+
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), "testsuite"), 20*time.Second)
+	defer cancel()
+	conn, err := v.dial(ctx, sock)
+	if err != nil {
+		return fmt.Errorf("%s: dial: %w", v.name, err)
+	}
+	defer conn.Close()
+	go func() {
+		_, _ = snapshotsapi.NewSnapshotsClient(conn).Stat(ctx, &snapshotsapi.StatSnapshotRequest{Snapshotter: "stargz", Key: "k"})
+	}()
+	var s seen
+	select {
+	case s = <-got:
+	case <-ctx.Done():
+		return fmt.Errorf("%s: no request reached the listener", v.name)
+	}
+	if s.err != nil {
+		return fmt.Errorf("%s: reading the request: %w", v.name, s.err)
+	}
+	if want := v.authority(sock); s.authority != want {
+		return fmt.Errorf("%s: client sent :authority %q, want %q", v.name, s.authority, want)
+	}
+	if v.header && (len(s.namespace) != 1 || s.namespace[0] != "testsuite") {
+		return fmt.Errorf("%s: client sent containerd-namespace %q, want [testsuite]", v.name, s.namespace)
+	}
+	if !v.header && len(s.namespace) != 0 {
+		return fmt.Errorf("%s: client sent containerd-namespace %q, want none", v.name, s.namespace)
+	}
+	return nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if strings.TrimSpace(x) == s {
+			return true
+		}
+	}
+	return false
+}
