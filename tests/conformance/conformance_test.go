@@ -28,6 +28,7 @@ import (
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/defaults"
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/pkg/dialer"
 	"github.com/containerd/containerd/snapshots"
@@ -36,6 +37,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -63,10 +65,14 @@ var variants = []variant{
 		name: "containerd",
 		// As containerd 1.6's proxy plugins (services/server: proxyClients.getClient).
 		dial: func(ctx context.Context, sock string) (*grpc.ClientConn, error) {
+			bo := backoff.DefaultConfig
+			bo.MaxDelay = 3 * time.Second
 			return grpc.DialContext(ctx, dialer.DialAddress(sock),
 				grpc.WithInsecure(),
+				grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo}),
 				grpc.WithContextDialer(dialer.ContextDialer),
-				grpc.WithConnectParams(grpc.ConnectParams{MinConnectTimeout: 5 * time.Second}))
+				grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(defaults.DefaultMaxRecvMsgSize)),
+				grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(defaults.DefaultMaxSendMsgSize)))
 		},
 		authority: func(string) string { return "localhost" },
 		header:    true,
