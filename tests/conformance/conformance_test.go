@@ -4,9 +4,11 @@
 //
 // Each variant is one run of the whole suite; the variants differ in how the client dials and what it sends:
 //
-//	containerd        unix://SOCK with containerd's dialer (:authority "localhost"), containerd-namespace header sent
-//	socket-authority  the socket path itself as the target (grpc-go's passthrough scheme, the old
-//	                  grpc.Dial(path, WithDialer(...)) pattern: :authority is the path), no containerd-namespace header
+//	containerd   unix://SOCK with containerd's dialer (:authority "localhost"), containerd-namespace header sent
+//	passthrough  passthrough:///SOCK (grpc-go sends the socket path as :authority), no containerd-namespace header
+//
+// TestPlainPathTarget covers the older form of the same client, grpc.Dial(SOCK, WithDialer(...)), whose :authority is
+// the path with its leading slash, with a short round of calls rather than the whole suite.
 //
 // Built in GOPATH mode from Debian's packaged sources by run.sh, which passes -daemon.
 package conformance
@@ -29,6 +31,7 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/defaults"
+	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/pkg/dialer"
 	"github.com/containerd/containerd/snapshots"
@@ -78,26 +81,47 @@ var variants = []variant{
 		header:    true,
 	},
 	{
-		name: "socket-authority",
-		// The target is the socket path (no scheme, so grpc-go's default passthrough resolver): the path becomes the
-		// :authority. Calls go without the containerd-namespace header, as from a client that never sets it.
+		name: "passthrough",
 		dial: func(ctx context.Context, sock string) (*grpc.ClientConn, error) {
-			return grpc.DialContext(ctx, sock,
-				grpc.WithInsecure(),
-				grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
-					var d net.Dialer
-					return d.DialContext(ctx, "unix", sock)
-				}),
-				grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-					return invoker(withoutNamespaceHeader(ctx), method, req, reply, cc, opts...)
-				}),
-				grpc.WithStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-					return streamer(withoutNamespaceHeader(ctx), desc, cc, method, opts...)
-				}))
+			return dialPath(ctx, "passthrough:///"+sock, sock, false)
 		},
-		authority: func(sock string) string { return sock },
+		// grpc-go takes the endpoint after "passthrough:///", the path without its leading slash, as the authority.
+		authority: func(sock string) string { return strings.TrimPrefix(sock, "/") },
 		header:    false,
 	},
+}
+
+// plainPath is the old pattern: the socket path as the whole target (no scheme, so grpc-go's default passthrough
+// resolver), the path as :authority.
+var plainPath = variant{
+	name: "plain-path",
+	dial: func(ctx context.Context, sock string) (*grpc.ClientConn, error) {
+		return dialPath(ctx, sock, sock, true)
+	},
+	authority: func(sock string) string { return sock },
+	header:    true,
+}
+
+// dialPath dials target through a dialer that ignores the address and connects to sock; without header, calls go
+// without the containerd-namespace header, as from a client that never sets it.
+func dialPath(ctx context.Context, target, sock string, header bool) (*grpc.ClientConn, error) {
+	opts := []grpc.DialOption{
+		grpc.WithInsecure(),
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		}),
+	}
+	if !header {
+		opts = append(opts,
+			grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+				return invoker(withoutNamespaceHeader(ctx), method, req, reply, cc, opts...)
+			}),
+			grpc.WithStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+				return streamer(withoutNamespaceHeader(ctx), desc, cc, method, opts...)
+			}))
+	}
+	return grpc.DialContext(ctx, target, opts...)
 }
 
 // withoutNamespaceHeader drops the containerd-namespace header that namespaces.WithNamespace puts on the context.
@@ -112,25 +136,7 @@ func withoutNamespaceHeader(ctx context.Context) context.Context {
 }
 
 func TestSnapshotterSuite(t *testing.T) {
-	if *daemonPath == "" {
-		t.Fatal("no daemon: pass -daemon PATH or set STARGZ_DAEMON")
-	}
-	exe, err := filepath.Abs(*daemonPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st, err := os.Stat(exe); err != nil || st.IsDir() {
-		t.Fatalf("daemon executable %s: %v", exe, err)
-	}
-	if os.Getuid() != 0 {
-		t.Fatal("the suite mounts overlays: run as root")
-	}
-	logs := *logDir
-	if logs == "" {
-		logs = t.TempDir()
-	} else if err := os.MkdirAll(logs, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	exe, logs := setup(t)
 	for _, v := range variants {
 		v := v
 		if *only != "" && !contains(strings.Split(*only, ","), v.name) {
@@ -146,6 +152,71 @@ func TestSnapshotterSuite(t *testing.T) {
 			})
 		})
 	}
+}
+
+// TestPlainPathTarget: a client that dials the bare socket path is served, and a NotFound quotes its key.
+func TestPlainPathTarget(t *testing.T) {
+	exe, logs := setup(t)
+	if err := checkClientSends(plainPath); err != nil {
+		t.Fatal(err)
+	}
+	ctx := namespaces.WithNamespace(context.Background(), "testsuite")
+	sn, cleanup, err := startSnapshotter(ctx, exe, logs, plainPath, filepath.Join(t.TempDir(), "root"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := cleanup(); err != nil {
+			t.Error(err)
+		}
+	}()
+	mounts, err := sn.Prepare(ctx, "layer-active", "")
+	if err != nil || len(mounts) != 1 || mounts[0].Type != "bind" {
+		t.Fatalf("Prepare: %v %+v", err, mounts)
+	}
+	if err := sn.Commit(ctx, "layer", "layer-active"); err != nil {
+		t.Fatalf("Commit: %v", err)
+	}
+	if _, err := sn.View(ctx, "view", "layer"); err != nil {
+		t.Fatalf("View: %v", err)
+	}
+	info, err := sn.Stat(ctx, "view")
+	if err != nil || info.Kind != snapshots.KindView || info.Parent != "layer" {
+		t.Fatalf("Stat view: %v %+v", err, info)
+	}
+	_, err = sn.Stat(ctx, "missing")
+	if !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), "snapshot missing does not exist") {
+		t.Fatalf("Stat of a missing key: want NotFound quoting the key, got %v", err)
+	}
+	for _, k := range []string{"view", "layer"} {
+		if err := sn.Remove(ctx, k); err != nil {
+			t.Fatalf("Remove %s: %v", k, err)
+		}
+	}
+}
+
+// setup checks what every test needs and returns the daemon executable and where daemon logs go.
+func setup(t *testing.T) (exe, logs string) {
+	if *daemonPath == "" {
+		t.Fatal("no daemon: pass -daemon PATH or set STARGZ_DAEMON")
+	}
+	exe, err := filepath.Abs(*daemonPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(exe); err != nil || st.IsDir() {
+		t.Fatalf("daemon executable %s: %v", exe, err)
+	}
+	if os.Getuid() != 0 {
+		t.Fatal("the suite mounts overlays: run as root")
+	}
+	logs = *logDir
+	if logs == "" {
+		logs = t.TempDir()
+	} else if err := os.MkdirAll(logs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return exe, logs
 }
 
 // startSnapshotter starts a fresh daemon on root (socket beside it, in the suite's temp dir) and returns containerd's

@@ -33,7 +33,7 @@ cd "$gopath"
   > "$out/conformance.log" 2>&1
 rc=$?
 go tool test2json -t -p stargz-conformance < "$out/conformance.log" > "$out/conformance.gotest.json"
-# One line per variant (TestSnapshotterSuite/VARIANT/TEST), and every failure with its output.
+# One line per suite variant (TestSnapshotterSuite/VARIANT/TEST) and per other test, and every failure with its output.
 python3 - "$out/conformance.gotest.json" "$version" <<'PY'
 import json, sys, collections
 final, output = {}, collections.defaultdict(list)
@@ -50,6 +50,9 @@ for t, a in final.items():
     counts.setdefault(parts[1], collections.Counter())[a] += 1
 for v, c in counts.items():
     print(f"conformance (containerd {sys.argv[2]} snapshots/testsuite) {v}: {c['pass']} passed, {c['fail']} failed, {c['skip']} skipped")
+for t, a in final.items():
+    if "/" not in t and not any(o.startswith(t + "/") for o in final):
+        print(f"conformance {t}: {a}")
 for t, a in final.items():
     if a == "fail" and not any(o.startswith(t + "/") for o in final):
         print(f"--- FAIL {t}\n" + "".join(output[t])[-4000:])
