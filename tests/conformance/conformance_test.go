@@ -41,7 +41,9 @@ import (
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
 
 var (
@@ -85,8 +87,9 @@ var variants = []variant{
 		dial: func(ctx context.Context, sock string) (*grpc.ClientConn, error) {
 			return dialPath(ctx, "passthrough:///"+sock, sock, false)
 		},
-		// grpc-go takes the endpoint after "passthrough:///", the path without its leading slash, as the authority.
-		authority: func(sock string) string { return strings.TrimPrefix(sock, "/") },
+		// The target is "passthrough:///" + "/abs/path": grpc-go takes the endpoint (everything after the third slash,
+		// the absolute path) as the :authority.
+		authority: func(sock string) string { return sock },
 		header:    false,
 	},
 }
@@ -229,6 +232,10 @@ func startSnapshotter(ctx context.Context, exe, logs string, v variant, root str
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := probe(sock); err != nil {
+		_ = d.stop()
+		return nil, nil, fmt.Errorf("daemon on %s serves no call (log %s): %w", sock, logPath, err)
+	}
 	dialCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	conn, err := v.dial(dialCtx, sock)
@@ -245,6 +252,27 @@ func startSnapshotter(ctx context.Context, exe, logs string, v variant, root str
 		return cerr
 	}
 	return sn, cleanup, nil
+}
+
+// probe makes one call on a connection of its own, waiting as long as it takes (up to 60 s). containerd 1.6's proxy
+// plugins allow a connection's HTTP/2 handshake only about a second (no MinConnectTimeout, so the first backoff
+// delay) and fail the call when it is missed; the first connection to a daemon that has just started, still compiling
+// its first calls on a busy 2-core machine, can take longer. So the suite's connection, which dials as containerd
+// does, goes to a daemon that has served a call, as containerd's would in practice.
+func probe(sock string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	conn, err := dialPath(ctx, "passthrough:///"+sock, sock, true)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_, err = snapshotsapi.NewSnapshotsClient(conn).Stat(ctx,
+		&snapshotsapi.StatSnapshotRequest{Snapshotter: "stargz", Key: "stargz-conformance-probe"}, grpc.WaitForReady(true))
+	if status.Code(err) != codes.NotFound {
+		return fmt.Errorf("Stat of a missing key: want NotFound, got %v", err)
+	}
+	return nil
 }
 
 type daemon struct {
