@@ -11,7 +11,8 @@ namespace Stargz.Snapshotter;
 /// containerd's metadata layer namespaces the keys itself (`NAMESPACE/N/KEY`) and sends the `containerd-namespace`
 /// header only on some calls, so the header never splits containerd's snapshots; it only keeps apart the keys of
 /// direct clients (see <see cref="HeaderNamespace"/>).
-/// Errors become the gRPC codes containerd's errdefs maps back (NotFound, AlreadyExists, ...).
+/// Errors become the gRPC codes containerd's errdefs maps back (NotFound, AlreadyExists, ...), their messages quoting
+/// the keys as the caller sent them.
 /// </summary>
 public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<SnapshotsGrpcService> log) : Snapshots.SnapshotsBase
 {
@@ -52,7 +53,8 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
                 log.LogDebug("{Op} {Key}: {Code} {Error}", op, key, e.Code, e.Message);
             else
                 log.LogWarning("{Op} {Key}: {Code} {Error}", op, key, e.Code, e.Message);
-            throw new RpcException(new Status(e.Code, e.Message));
+            // The caller's keys, not the store's (`NS//KEY` for a header-carrying client).
+            throw new RpcException(new Status(e.Code, e.MessageFor(Header(ctx).ToClient)));
         }
         catch (OperationCanceledException) when (ctx.CancellationToken.IsCancellationRequested)
         {
@@ -122,7 +124,7 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
         => Run("Update", request.Info?.Name ?? "", context, async () =>
         {
             if (request.Info == null || request.Info.Name.Length == 0)
-                throw SnapshotterException.InvalidArgument("update needs info.name");
+                throw SnapshotterException.InvalidArgument($"update needs info.name");
             var paths = request.UpdateMask?.Paths.ToList() ?? [];
             var r = await sn.UpdateAsync(StoreNs, await Resolve(context, request.Info.Name), request.Info.Labels, paths, context.CancellationToken);
             return new UpdateSnapshotResponse { Info = ToInfo(r, Header(context)) };

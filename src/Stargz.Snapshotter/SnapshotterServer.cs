@@ -18,7 +18,8 @@ public sealed class SnapshotterServerOptions
 }
 
 /// <summary>
-/// Hosts <see cref="SnapshotsGrpcService"/> on Kestrel over a unix socket (HTTP/2 only). The daemon and the tests use
+/// Hosts <see cref="SnapshotsGrpcService"/> on Kestrel over a unix socket (HTTP/2 only, any :authority through
+/// <see cref="AuthorityFilter"/>). The daemon and the tests use
 /// the same host; the daemon adds its metrics endpoint and interceptors through the hooks.
 /// </summary>
 public static class SnapshotterServer
@@ -38,7 +39,12 @@ public static class SnapshotterServer
         builder.Services.AddGrpc(o => o.EnableDetailedErrors = true);
         builder.WebHost.ConfigureKestrel(k =>
         {
-            k.ListenUnixSocket(opt.SocketPath, lo => lo.Protocols = HttpProtocols.Http2);
+            // Any :authority a unix-socket client sends is served (a socket path, too): see AuthorityFilter.
+            k.ListenUnixSocket(opt.SocketPath, lo =>
+            {
+                lo.Protocols = HttpProtocols.Http2;
+                AuthorityFilter.Use(lo, k.Limits.Http2);
+            });
             k.Limits.MaxConcurrentConnections = null;
             k.Limits.Http2.MaxStreamsPerConnection = 1000;
         });

@@ -250,7 +250,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     private async Task<IReadOnlyList<Mount>> CreateAsync(string ns, SnapshotKind kind, string key, string parent,
         IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {
-        if (string.IsNullOrEmpty(key)) throw SnapshotterException.InvalidArgument("snapshot key must not be empty");
+        if (string.IsNullOrEmpty(key)) throw SnapshotterException.InvalidArgument($"snapshot key must not be empty");
         parent ??= "";
         if (parent.Length > 0)
             await CheckChainAsync(ns, parent, ct);
@@ -426,7 +426,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
 
     public async Task CommitAsync(string ns, string name, string key, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {
-        if (string.IsNullOrEmpty(name)) throw SnapshotterException.InvalidArgument("commit name must not be empty");
+        if (string.IsNullOrEmpty(name)) throw SnapshotterException.InvalidArgument($"commit name must not be empty");
         // Single flight per (namespace, name) and per key: one commit computes usage and syncs, the rest see the outcome.
         using var byName = await _commitLocks.AcquireAsync("n\u0000" + ns + "\u0000" + name, ct);
         using var byKey = await _commitLocks.AcquireAsync("k\u0000" + ns + "\u0000" + key, ct);
@@ -700,7 +700,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
 
     private void ThrowIfDisposed()
     {
-        if (Volatile.Read(ref _disposed) != 0) throw SnapshotterException.Unavailable("snapshotter is shutting down");
+        if (Volatile.Read(ref _disposed) != 0) throw SnapshotterException.Unavailable($"snapshotter is shutting down");
     }
 
     private void RemoveDirTree(string dir)

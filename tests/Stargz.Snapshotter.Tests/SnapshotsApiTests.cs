@@ -307,6 +307,48 @@ public class SnapshotsApiTests
     }
 
     [Fact]
+    public async Task ErrorsUnderTheNamespaceHeaderQuoteTheCallersKeys()
+    {
+        await using var s = await InProcessSnapshotter.StartAsync();
+        var c = s.Client;
+        var b = Client.Ns("b");
+        await c.PrepareAsync(Prep("extract"), b, cancellationToken: Ct);
+        await c.CommitAsync(Commit("base", "extract"), b, cancellationToken: Ct);
+        await c.PrepareAsync(Prep("child", "base"), b, cancellationToken: Ct);
+
+        // Stored as b//KEY; every message names the key as the client sent it.
+        (StatusCode, string)[] expected =
+        [
+            (StatusCode.NotFound, "snapshot k does not exist"),
+            (StatusCode.NotFound, "snapshot k does not exist"),
+            (StatusCode.NotFound, "snapshot nope (in a parent chain) does not exist"),
+            (StatusCode.AlreadyExists, "snapshot child already exists"),
+            (StatusCode.InvalidArgument, "parent child is not a committed snapshot"),
+            (StatusCode.FailedPrecondition, "snapshot base is not active (Committed)"),
+            (StatusCode.AlreadyExists, "snapshot base already exists"),
+            (StatusCode.FailedPrecondition, "cannot remove snapshot base: it has children"),
+            (StatusCode.NotFound, "snapshot k does not exist"),
+        ];
+        (StatusCode, string)[] actual =
+        [
+            await Client.ErrorOf(async () => await c.StatAsync(new StatSnapshotRequest { Key = "k" }, b, cancellationToken: Ct)),
+            await Client.ErrorOf(async () => await c.MountsAsync(new MountsRequest { Key = "k" }, b, cancellationToken: Ct)),
+            await Client.ErrorOf(async () => await c.PrepareAsync(Prep("x", "nope"), b, cancellationToken: Ct)),
+            await Client.ErrorOf(async () => await c.PrepareAsync(Prep("child", "base"), b, cancellationToken: Ct)),
+            await Client.ErrorOf(async () => await c.PrepareAsync(Prep("y", "child"), b, cancellationToken: Ct)),
+            await Client.ErrorOf(async () => await c.CommitAsync(Commit("n", "base"), b, cancellationToken: Ct)),
+            await Client.ErrorOf(async () => await c.CommitAsync(Commit("base", "child"), b, cancellationToken: Ct)),
+            await Client.ErrorOf(async () => await c.RemoveAsync(new RemoveSnapshotRequest { Key = "base" }, b, cancellationToken: Ct)),
+            await Client.ErrorOf(async () => await c.UpdateAsync(new UpdateSnapshotRequest { Info = new Info { Name = "k" } }, b, cancellationToken: Ct)),
+        ];
+        Assert.Equal(expected, actual);
+
+        // Without the header the same snapshots are named as stored, and so are they in messages.
+        Assert.Equal((StatusCode.FailedPrecondition, "cannot remove snapshot b//base: it has children"),
+            await Client.ErrorOf(async () => await c.RemoveAsync(new RemoveSnapshotRequest { Key = "b//base" }, cancellationToken: Ct)));
+    }
+
+    [Fact]
     public async Task SnapshotsSurviveReopenAndCleanupRemovesOnlyOrphanDirs()
     {
         await using var s = await InProcessSnapshotter.StartAsync();

@@ -26,6 +26,16 @@ public static class Client
         catch (RpcException e) { return e.StatusCode; }
     }
 
+    public static async Task<(StatusCode Code, string Message)> ErrorOf(Func<Task> call)
+    {
+        try
+        {
+            await call();
+            return (StatusCode.OK, "");
+        }
+        catch (RpcException e) { return (e.StatusCode, e.Status.Detail); }
+    }
+
     public static Task<List<Info>> ListAll(Snapshots.SnapshotsClient c, CancellationToken ct, params string[] filters)
         => ListAll(c, null, ct, filters);
 
