@@ -31,7 +31,11 @@ public static class SnapshotterServer
         builder.Logging.ClearProviders();
         configureLogging?.Invoke(builder.Logging);
         builder.Services.AddSingleton(snapshotter);
-        builder.Services.AddGrpc(o => o.EnableDetailedErrors = true);
+        builder.Services.AddGrpc(o =>
+        {
+            o.EnableDetailedErrors = true;
+            o.MaxReceiveMessageSize = SnapshotsGrpcService.MaxRequestBytes;
+        });
         builder.WebHost.ConfigureKestrel(k =>
         {
             k.ListenUnixSocket(opt.SocketPath, lo => lo.Protocols = HttpProtocols.Http2);
