@@ -252,10 +252,12 @@ public sealed class LayerManager : IAsyncDisposable
             throw new LayerResolveException($"layer {digest} of {imageRef}: {e.Message}", e);
         }
         var fetcher = new RemoteBlobFetcher(blob);
+        // A big TOC over a slow link keeps arriving: bounded by the time without progress, not the total.
+        using var stalled = new ProgressDeadline(_disposed.Token, _options.FetchingTimeout, () => fetcher.ReceivedBytes);
         try
         {
             // The digest policy is applied by the mount; here the TOC is fetched and its digest computed.
-            var toc = await LayerResolver.ResolveAsync(fetcher, digest, null, _options with { AllowNoVerification = true }, timeout.Token)
+            var toc = await LayerResolver.ResolveAsync(fetcher, digest, null, _options with { AllowNoVerification = true }, stalled.Token)
                 .ConfigureAwait(false);
             if (_tocs != null && toc.TocJson != null)
             {
