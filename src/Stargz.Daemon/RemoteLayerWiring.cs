@@ -184,9 +184,23 @@ public static class LayerMetrics
     private static readonly Gauge RegistryRetries = Prometheus.Metrics.CreateGauge(
         "stargz_registry_retries", "Registry requests tried again after a failure (5xx, refused, reset, stalled).");
 
+    private static readonly Gauge DiskWriteErrors = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_write_errors", "Writes to the cache disk (chunks, TOCs, whole-file copies) that failed (full, EIO); reads were served regardless.");
+    private static readonly Gauge DiskNoSpace = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_no_space_errors", "Of the failed cache disk writes, those for want of space (ENOSPC, EDQUOT).");
+    private static readonly Gauge DiskReadErrors = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_read_errors", "Reads of cached files that failed (EIO); the data was fetched again.");
+    private static readonly Gauge DiskFull = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_full", "1 while the cache disk is full (the last write failed for want of space and none has worked since).");
+
     public static void Track(LayerManager manager, RegistryClient registry) =>
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
         {
+            var disk = manager.Cache.Disk;
+            DiskWriteErrors.Set(disk.WriteErrors);
+            DiskNoSpace.Set(disk.NoSpaceErrors);
+            DiskReadErrors.Set(disk.ReadErrors);
+            DiskFull.Set(disk.IsFull ? 1 : 0);
             RegistryStalls.Set(registry.StallCount);
             RegistryRetries.Set(registry.RetryCount);
             long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0, passthrough = 0, reads = 0;

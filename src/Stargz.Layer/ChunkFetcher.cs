@@ -418,7 +418,7 @@ internal sealed class ChunkFetcher : IDisposable
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
-                _stats.RecordError($"cache write failed: {e.Message}");
+                _cache.Disk.WriteFailed($"chunk {done[i].Key}", e);
             }
         }
         if (dirs != null) foreach (var d in dirs) _cache.SyncDirectory(d);
@@ -467,6 +467,44 @@ internal sealed class ChunkFetcher : IDisposable
     /// each finished batch, so a caller that caught an error resumes where it stopped.
     /// <paramref name="progress"/> receives the blob bytes each batch covered.
     /// </summary>
+    private static readonly TimeSpan BackgroundRoomPoll = TimeSpan.FromSeconds(1);
+
+    /// <summary>
+    /// The first chunk of <paramref name="chunks"/> with no file in the disk cache (a write the disk refused), or -1
+    /// when all are there (a memory-only cache: always -1). File existence only, no hashing.
+    /// </summary>
+    internal bool HasDiskCache => _cache.HasDisk;
+
+    /// <summary>
+    /// Writes to disk the chunks of [<paramref name="from"/>, <paramref name="to"/>) that are in memory only; false
+    /// when one of them is on neither (it has to be fetched).
+    /// </summary>
+    private bool PersistFromMemory(LayerChunk[] chunks, int from, int to)
+    {
+        string? lastDir = null;
+        var all = true;
+        for (var k = from; k < to; k++)
+        {
+            var key = KeyOf(chunks[k]);
+            if (_cache.OnDisk(key)) continue;
+            if (!_cache.TryPeekMemory(key, out var data)) { all = false; continue; }
+            var dir = _cache.WriteDisk(key, data);
+            if (dir != null && dir != lastDir)
+            {
+                _cache.SyncDirectory(dir);
+                lastDir = dir;
+            }
+        }
+        return all;
+    }
+
+    internal int FirstMissingOnDisk(LayerChunk[] chunks)
+    {
+        for (var i = 0; i < chunks.Length; i++)
+            if (!_cache.OnDisk(KeyOf(chunks[i]))) return i;
+        return -1;
+    }
+
     internal async Task FetchAllAsync(LayerChunk[] byBlobOffset, System.Runtime.CompilerServices.StrongBox<int> next, int end,
         FetchPriority priority, TimeSpan pause, Action<long>? progress, CancellationToken ct)
     {
@@ -482,11 +520,19 @@ internal sealed class ChunkFetcher : IDisposable
             var anyMissing = false;
             for (var k = first; k < i && !anyMissing; k++)
                 anyMissing = !_cache.Contains(KeyOf(byBlobOffset[k]));
+            // With a disk cache the point is the disk: a chunk only in memory (its write was refused when the disk was
+            // full) is written from memory now.
+            if (!anyMissing && _cache.HasDisk) anyMissing = !PersistFromMemory(byBlobOffset, first, i);
             if (anyMissing)
             {
                 // Only a batch with something to fetch waits: a layer cached whole is known to be so at once (Check
                 // then needs no registry), however busy mounts and checks are.
-                if (priority == FetchPriority.Background) await _gate.WaitQuietAsync(ct).ConfigureAwait(false);
+                if (priority == FetchPriority.Background)
+                {
+                    await _gate.WaitQuietAsync(ct).ConfigureAwait(false);
+                    // A full cache disk: fetching more in the background would only be thrown away.
+                    while (!_cache.Disk.MayAddInBackground()) await Task.Delay(BackgroundRoomPoll, ct).ConfigureAwait(false);
+                }
                 await AcquireAsync(byBlobOffset, first, i - first, null, priority, ct).ConfigureAwait(false);
                 if (pause > TimeSpan.Zero && i < end) await Task.Delay(pause, ct).ConfigureAwait(false);
             }
