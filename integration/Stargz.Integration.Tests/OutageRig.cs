@@ -26,6 +26,8 @@ public sealed class OutageRig : IAsyncDisposable
     public LocalRegistry Registry => _registry ?? throw new InvalidOperationException("the registry is stopped");
     public string RegistryHost => $"127.0.0.1:{_registryPort}";
     public string RegistryStorage => _registryStorage;
+    /// <summary>The daemon's --root.</summary>
+    public string DaemonRoot { get; private init; } = "";
 
     private OutageRig(LocalRegistry registry, string storage, LocalDaemon daemon, LocalContainerd ctd, int metricsPort, TempDir work)
     {
@@ -41,7 +43,9 @@ public sealed class OutageRig : IAsyncDisposable
     /// <param name="fetchingTimeoutSec">the daemon's <c>[blob] fetching_timeout_sec</c>.</param>
     /// <param name="backgroundFetch">leave prefetch and background fetch on (the default config) instead of off.</param>
     /// <param name="extraToml">more of the daemon's config, appended (tables only).</param>
-    public static async Task<OutageRig> StartAsync(int fetchingTimeoutSec = FetchingTimeoutSec, bool backgroundFetch = false, string extraToml = "")
+    /// <param name="daemonRoot">the daemon's --root instead of one in its own dir (a small disk; the caller unmounts it).</param>
+    public static async Task<OutageRig> StartAsync(int fetchingTimeoutSec = FetchingTimeoutSec, bool backgroundFetch = false, string extraToml = "",
+        string? daemonRoot = null)
     {
         Requires.Fuse();
         Requires.Root();
@@ -60,9 +64,9 @@ public sealed class OutageRig : IAsyncDisposable
                 [blob]
                 fetching_timeout_sec = {fetchingTimeoutSec}
                 {extraToml}
-                """);
+                """, extraArgs: daemonRoot == null ? null : ["--root", daemonRoot]);
             var ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket);
-            return new OutageRig(registry, storage, daemon, ctd, port, work);
+            return new OutageRig(registry, storage, daemon, ctd, port, work) { DaemonRoot = daemonRoot ?? daemon.Root };
         }
         catch
         {
@@ -210,7 +214,7 @@ public sealed class OutageRig : IAsyncDisposable
     public SortedSet<string> FuseMountIds()
     {
         var set = new SortedSet<string>(StringComparer.Ordinal);
-        var root = Daemon.Root.TrimEnd('/') + "/";
+        var root = DaemonRoot.TrimEnd('/') + "/";
         foreach (var line in File.ReadAllLines("/proc/self/mountinfo"))
         {
             var f = line.Split(' ');
@@ -226,7 +230,7 @@ public sealed class OutageRig : IAsyncDisposable
     /// <summary>Files of the chunk cache (DAEMON_ROOT/stargz/cache) with their sizes.</summary>
     public SortedDictionary<string, long> CacheFiles()
     {
-        var dir = Path.Combine(Daemon.Root, "stargz", "cache");
+        var dir = Path.Combine(DaemonRoot, "stargz", "cache");
         var d = new SortedDictionary<string, long>(StringComparer.Ordinal);
         if (!Directory.Exists(dir)) return d;
         foreach (var f in Directory.EnumerateFiles(dir, "*", SearchOption.AllDirectories))

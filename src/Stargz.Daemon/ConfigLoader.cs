@@ -83,6 +83,8 @@ public static class ConfigLoader
                 case "max_wait_msec": b.MaxWaitMsec = r.NonNegative(key, v); break;
                 case "valid_interval": b.ValidInterval = r.NonNegative(key, v); break;
                 case "check_always": b.CheckAlways = r.Bool(key, v); break;
+                case "stall_timeout_sec": b.StallTimeoutSec = r.NonNegative(key, v); break;
+                case "outage_timeout_sec": b.OutageTimeoutSec = r.NonNegative(key, v); break;
                 default: r.Unknown(key); break;
             }
         }

@@ -41,6 +41,12 @@ public sealed class DaemonConfig
         public long MaxWaitMsec { get; set; } = 300;
         public long ValidInterval { get; set; } = 60;
         public bool CheckAlways { get; set; }
+        /// <summary>stall_timeout_sec (ours): a registry response that sends nothing this long is retried on a fresh
+        /// connection or the next mirror; 0 = no watchdog.</summary>
+        public long StallTimeoutSec { get; set; } = Stargz.Registry.BlobOptions.DefaultStallTimeoutSec;
+        /// <summary>outage_timeout_sec (ours): an uncached read fails with EIO once the registry has sent nothing this
+        /// long (refused, reset and stalled requests are retried until then); 0 = fetching_timeout_sec alone.</summary>
+        public long OutageTimeoutSec { get; set; } = Stargz.Registry.BlobOptions.DefaultOutageTimeoutSec;
     }
 
     public sealed class DirectoryCacheConfig

@@ -18,6 +18,13 @@ public static class RemoteLayerWiring
     /// <param name="criKeychain">credentials from CRI PullImage ([cri_keychain]), asked before the docker config; null when off.</param>
     /// <param name="kubeKeychain">credentials from the cluster's image pull secrets ([kubeconfig_keychain]), asked after
     /// the docker config; null when off.</param>
+    /// <summary>How long an uncached read waits for the registry to send something before it fails with EIO.</summary>
+    public static long ReadTimeoutSec(DaemonConfig.BlobConfig b)
+    {
+        var fetching = b.FetchingTimeoutSec > 0 ? b.FetchingTimeoutSec : 300;
+        return b.OutageTimeoutSec > 0 ? Math.Min(fetching, b.OutageTimeoutSec) : fetching;
+    }
+
     public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log, CriKeychain? criKeychain = null,
         KubeconfigKeychain? kubeKeychain = null)
     {
@@ -30,6 +37,8 @@ public static class RemoteLayerWiring
                 MinWait = TimeSpan.FromMilliseconds(config.Blob.MinWaitMsec),
                 MaxWait = TimeSpan.FromMilliseconds(config.Blob.MaxWaitMsec),
                 ForceSingleRangeMode = config.Blob.ForceSingleRangeMode,
+                StallTimeout = TimeSpan.FromSeconds(config.Blob.StallTimeoutSec),
+                OutageTimeout = TimeSpan.FromSeconds(config.Blob.OutageTimeoutSec),
             },
         };
         foreach (var (host, mirrors) in config.ResolverHosts)
@@ -65,7 +74,8 @@ public static class RemoteLayerWiring
             AllowNoVerification = config.AllowNoVerification,
             DisableVerification = config.DisableVerification,
             MaxConcurrency = (int)Math.Max(1, config.MaxConcurrency),
-            FetchingTimeout = TimeSpan.FromSeconds(config.Blob.FetchingTimeoutSec),
+            // A read fails once the registry has sent nothing for the shorter of the two (a moving transfer is never cut).
+            FetchingTimeout = TimeSpan.FromSeconds(ReadTimeoutSec(config.Blob)),
             PrefetchChunkSize = config.Blob.PrefetchChunkSize,
             OnDemandWindowBytes = config.Blob.ChunkSize,
             // Misses walking forward through a blob double the window up to this (a slow link's round trips).
@@ -91,7 +101,7 @@ public static class RemoteLayerWiring
             ReaderThreads = Math.Clamp(Environment.ProcessorCount, 2, 4),
         };
         var manager = new LayerManager(registry, options, fuse, loggers.CreateLogger("stargz.layer"));
-        LayerMetrics.Track(manager);
+        LayerMetrics.Track(manager, registry);
         log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}, passthrough {Passthrough}",
             options.CacheDirectory, options.MaxConcurrency, options.NoPrefetch ? "off" : "on", options.NoBackgroundFetch ? "off" : "on",
             fuse.Passthrough ? "on" : "off");
@@ -178,9 +188,30 @@ public static class LayerMetrics
     private static readonly Gauge AssembledFiles = Prometheus.Metrics.CreateGauge(
         "stargz_assembled_files_built", "Whole-file copies built from verified chunks for passthrough since the daemon started.");
 
-    public static void Track(LayerManager manager) =>
+    private static readonly Gauge RegistryStalls = Prometheus.Metrics.CreateGauge(
+        "stargz_registry_stalls", "Registry requests abandoned after receiving nothing for [blob] stall_timeout_sec (retried on a fresh connection or the next mirror).");
+    private static readonly Gauge RegistryRetries = Prometheus.Metrics.CreateGauge(
+        "stargz_registry_retries", "Registry requests tried again after a failure (5xx, refused, reset, stalled).");
+
+    private static readonly Gauge DiskWriteErrors = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_write_errors", "Writes to the cache disk (chunks, TOCs, whole-file copies) that failed (full, EIO); reads were served regardless.");
+    private static readonly Gauge DiskNoSpace = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_no_space_errors", "Of the failed cache disk writes, those for want of space (ENOSPC, EDQUOT).");
+    private static readonly Gauge DiskReadErrors = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_read_errors", "Reads of cached files that failed (EIO); the data was fetched again.");
+    private static readonly Gauge DiskFull = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_full", "1 while the cache disk is full (the last write failed for want of space and none has worked since).");
+
+    public static void Track(LayerManager manager, RegistryClient registry) =>
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
         {
+            var disk = manager.Cache.Disk;
+            DiskWriteErrors.Set(disk.WriteErrors);
+            DiskNoSpace.Set(disk.NoSpaceErrors);
+            DiskReadErrors.Set(disk.ReadErrors);
+            DiskFull.Set(disk.IsFull ? 1 : 0);
+            RegistryStalls.Set(registry.StallCount);
+            RegistryRetries.Set(registry.RetryCount);
             long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0, passthrough = 0, reads = 0;
             var layers = manager.Layers;
             foreach (var l in layers)

@@ -23,6 +23,9 @@ internal interface IRangeFetcher
 {
     long Size { get; }
 
+    /// <summary>Bytes received from the registry so far, by any request of this blob (progress, for timeouts).</summary>
+    long ReceivedBytes { get; }
+
     Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken);
 }
 

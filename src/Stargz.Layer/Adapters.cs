@@ -28,6 +28,8 @@ internal sealed class RemoteBlobFetcher : IRangeFetcher, IBlobSource
 
     public long Size { get; }
 
+    public long ReceivedBytes => Volatile.Read(ref _blob)?.BytesFetched ?? 0;
+
     private ValueTask<RemoteBlob> BlobAsync(CancellationToken ct)
         => Volatile.Read(ref _blob) is { } b ? ValueTask.FromResult(b) : new ValueTask<RemoteBlob>(OpenAsync(ct));
 

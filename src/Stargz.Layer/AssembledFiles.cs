@@ -36,8 +36,11 @@ internal sealed class AssembledFiles : IDisposable
     private readonly CancellationTokenSource _lifetime = new();
     private long _built, _reused, _rejected, _failed;
 
-    public AssembledFiles(string directory, string tmpDirectory, bool durableWrites, ILogger? logger = null)
+    private readonly CacheDiskHealth? _disk;
+
+    public AssembledFiles(string directory, string tmpDirectory, bool durableWrites, ILogger? logger = null, CacheDiskHealth? disk = null)
     {
+        _disk = disk;
         _dir = directory;
         _tmpDir = tmpDirectory;
         _durable = durableWrites;
@@ -132,6 +135,7 @@ internal sealed class AssembledFiles : IDisposable
             _trusted.TryAdd(digest, 0);
             _failedAt.TryRemove(digest, out _);
             Interlocked.Increment(ref _built);
+            _disk?.WriteSucceeded();
             _log.LogDebug("assembled file {Digest} ({Size} bytes) from {Chunks} chunks for passthrough", digest, size, chunks.Length);
         }
         catch (OperationCanceledException) when (ct.IsCancellationRequested) { }
@@ -139,7 +143,9 @@ internal sealed class AssembledFiles : IDisposable
         {
             Interlocked.Increment(ref _failed);
             _failedAt[digest] = Environment.TickCount64;
-            _log.LogWarning("cannot assemble file {Digest} for passthrough ({Error}); its reads stay with the chunk cache", digest, e.Message);
+            // A disk that refuses the copy (full, EIO) is reported once in a while, not once per file.
+            if (_disk != null && e is IOException && !File.Exists(PathOf(digest))) _disk.WriteFailed($"a whole-file copy of {digest} (its reads stay with the chunk cache)", e);
+            else _log.LogWarning("cannot assemble file {Digest} for passthrough ({Error}); its reads stay with the chunk cache", digest, e.Message);
         }
         finally
         {

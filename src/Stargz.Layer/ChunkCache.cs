@@ -53,6 +53,9 @@ public sealed class ChunkCache : IDisposable
         }
     }
 
+    /// <summary>Failures of the disk cache (counted, logged rate-limited) and whether the disk is full.</summary>
+    public CacheDiskHealth Disk { get; } = new();
+
     public long MemoryHits => Interlocked.Read(ref _memoryHits);
     public long DiskHits => Interlocked.Read(ref _diskHits);
     public long Misses => Interlocked.Read(ref _misses);
@@ -66,6 +69,24 @@ public sealed class ChunkCache : IDisposable
         if (_memory.TryGetValue(key, out var o) && o is byte[] b)
         {
             Interlocked.Increment(ref _memoryHits);
+            data = b;
+            return true;
+        }
+        data = null!;
+        return false;
+    }
+
+    /// <summary>False for a memory-only cache.</summary>
+    public bool HasDisk => _chunkDir != null;
+
+    /// <summary>True when a file for the chunk exists on disk (no hashing); always true for a memory-only cache.</summary>
+    public bool OnDisk(string key) => _chunkDir == null || File.Exists(PathOf(key));
+
+    /// <summary>The chunk from memory without counting a hit (background bookkeeping, not a read).</summary>
+    internal bool TryPeekMemory(string key, out byte[] data)
+    {
+        if (_memory.TryGetValue(key, out var o) && o is byte[] b)
+        {
             data = b;
             return true;
         }
@@ -115,6 +136,13 @@ public sealed class ChunkCache : IDisposable
         }
         catch (FileNotFoundException) { Interlocked.Increment(ref _misses); return null; }
         catch (DirectoryNotFoundException) { Interlocked.Increment(ref _misses); return null; }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // EIO and the like: the chunk is fetched again (and the file, if it can be, dropped).
+            Disk.ReadFailed($"cached chunk {key}", e);
+            Reject(path, key);
+            return null;
+        }
         if (digest != null && !_trustedOnDisk.ContainsKey(key))
         {
             if (!Digests.Matches(data, digest))
@@ -134,7 +162,8 @@ public sealed class ChunkCache : IDisposable
         Interlocked.Increment(ref _diskRejected);
         Interlocked.Increment(ref _misses);
         _trustedOnDisk.TryRemove(key, out _);
-        try { File.Delete(path); } catch (IOException) { }
+        try { File.Delete(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
     }
 
     /// <summary>
@@ -167,7 +196,9 @@ public sealed class ChunkCache : IDisposable
 
     /// <summary>
     /// Stores a verified chunk on disk unless it is there already. Returns the directory written into (so a
-    /// batch can fsync each directory once), or null when nothing was written.
+    /// batch can fsync each directory once), or null when nothing was written. A write the disk refuses (full, EIO)
+    /// leaves nothing behind, is reported to <see cref="Disk"/> and returns null: the chunk stays servable from memory
+    /// or the registry.
     /// </summary>
     public string? WriteDisk(string key, ReadOnlySpan<byte> data)
     {
@@ -175,10 +206,11 @@ public sealed class ChunkCache : IDisposable
         var path = PathOf(key);
         if (File.Exists(path)) return null;
         var dir = Path.GetDirectoryName(path)!;
-        Directory.CreateDirectory(dir);
         var tmp = Path.Combine(_tmpDir, Guid.NewGuid().ToString("N"));
         try
         {
+            Directory.CreateDirectory(dir);
+            // Written whole and synced under a temp name, then renamed: a chunk file is complete or absent.
             using (var fs = new FileStream(tmp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1, FileOptions.None))
             {
                 fs.Write(data);
@@ -186,13 +218,15 @@ public sealed class ChunkCache : IDisposable
             }
             File.Move(tmp, path, overwrite: true);
         }
-        catch
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             try { File.Delete(tmp); } catch (IOException) { }
-            throw;
+            Disk.WriteFailed($"chunk {key}", e);
+            return null;
         }
         _trustedOnDisk.TryAdd(key, 0);
         Interlocked.Increment(ref _diskWrites);
+        Disk.WriteSucceeded();
         return dir;
     }
 

@@ -8,8 +8,8 @@ namespace Stargz.Layer;
 /// <see cref="ChunkCache"/>, and fetches missing ones from the blob — neighbours merged into one range, scattered
 /// ones sent as one multi-range list — then decompresses, checks each chunk's digest and caches it. One fetch per
 /// chunk however many callers, across all layers sharing the cache (single-flight per cache key); a fetch runs detached from the caller that started it,
-/// so an interrupted reader cancels only its own wait; every fetch is bounded by the fetching timeout and fails
-/// with <see cref="LayerIOException"/> (EIO), after which the next read tries the registry again.
+/// so an interrupted reader cancels only its own wait; every fetch fails with <see cref="LayerIOException"/> (EIO) once
+/// the blob has received nothing for the fetching timeout, after which the next read tries the registry again.
 /// </summary>
 internal sealed class ChunkFetcher : IDisposable
 {
@@ -317,8 +317,24 @@ internal sealed class ChunkFetcher : IDisposable
         }
     }
 
+    /// <summary>
+    /// For this long after a fetch of this blob failed with nothing received, a fetch of the same chunks gets only this
+    /// long without progress (as long as nothing arrived since): the kernel reads a page again at once when its readahead
+    /// failed, and that second read must not wait out a second fetching timeout (it would double the time to EIO); a
+    /// registry that is back by then still serves it. Other chunks get the whole timeout.
+    /// </summary>
+    private const long RecentStallMs = 1000;
+    private long _stalledAt = long.MinValue / 2;
+    private long _stalledAtBytes = -1;
+    private HashSet<string>? _stalledKeys;
+
     private async Task FetchAsync(List<Pending> pending, FetchPriority priority)
     {
+        var startBytes = _blob.ReceivedBytes;
+        var limit = _options.FetchingTimeout;
+        if (Environment.TickCount64 - Volatile.Read(ref _stalledAt) < RecentStallMs && startBytes == Volatile.Read(ref _stalledAtBytes)
+            && limit > TimeSpan.FromMilliseconds(RecentStallMs) && Volatile.Read(ref _stalledKeys) is { } failed && AllIn(pending, failed))
+            limit = TimeSpan.FromMilliseconds(RecentStallMs);
         pending.Sort(static (a, b) =>
         {
             var r = a.Chunk.BlobOffset.CompareTo(b.Chunk.BlobOffset);
@@ -350,8 +366,8 @@ internal sealed class ChunkFetcher : IDisposable
             ranges[g] = new FetchRange(groups[g].Offset, buffers[g].AsMemory(0, len));
             total += len;
         }
-        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_lifetime.Token);
-        timeout.CancelAfter(_options.FetchingTimeout);
+        // Bounded by the time without progress, not the total: a slow transfer that moves is never cut.
+        using var timeout = new ProgressDeadline(_lifetime.Token, limit, () => _blob.ReceivedBytes);
         List<Pending>? done = null;
         List<byte[]>? doneData = null;
         try
@@ -401,10 +417,12 @@ internal sealed class ChunkFetcher : IDisposable
         }
         catch (OperationCanceledException)
         {
-            FailAll(pending, () => new LayerIOException($"registry did not deliver the chunk within {_options.FetchingTimeout.TotalSeconds:0.#} s"));
+            NoteStall(startBytes, pending);
+            FailAll(pending, () => new LayerIOException($"registry sent nothing for the chunk within {limit.TotalSeconds:0.#} s"));
         }
         catch (Exception e)
         {
+            NoteStall(startBytes, pending);
             FailAll(pending, () => new LayerIOException($"fetching chunks failed: {e.Message}", e));
         }
         finally
@@ -423,13 +441,31 @@ internal sealed class ChunkFetcher : IDisposable
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
-                _stats.RecordError($"cache write failed: {e.Message}");
+                _cache.Disk.WriteFailed($"chunk {done[i].Key}", e);
             }
         }
         if (dirs != null) foreach (var d in dirs) _cache.SyncDirectory(d);
         // sync_add: the waiters are answered only now that their chunks are on disk.
         if (_options.SyncAdd) for (var i = 0; i < done.Count; i++) done[i].Completion.TrySetResult(doneData![i]);
         foreach (var p in done) _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
+    }
+
+    /// <summary>A fetch failed: when the blob received nothing meanwhile, fetches in the next moment fail at once.</summary>
+    private void NoteStall(long startBytes, List<Pending> pending)
+    {
+        var now = _blob.ReceivedBytes;
+        if (now != startBytes) return;
+        var keys = new HashSet<string>(pending.Count, StringComparer.Ordinal);
+        foreach (var p in pending) keys.Add(p.Key);
+        Volatile.Write(ref _stalledKeys, keys);
+        Volatile.Write(ref _stalledAtBytes, now);
+        Volatile.Write(ref _stalledAt, Environment.TickCount64);
+    }
+
+    private static bool AllIn(List<Pending> pending, HashSet<string> keys)
+    {
+        foreach (var p in pending) if (!keys.Contains(p.Key)) return false;
+        return true;
     }
 
     private void FailAll(List<Pending> pending, Func<LayerIOException> error)
@@ -456,6 +492,44 @@ internal sealed class ChunkFetcher : IDisposable
     /// each finished batch, so a caller that caught an error resumes where it stopped.
     /// <paramref name="progress"/> receives the blob bytes each batch covered.
     /// </summary>
+    private static readonly TimeSpan BackgroundRoomPoll = TimeSpan.FromSeconds(1);
+
+    /// <summary>
+    /// The first chunk of <paramref name="chunks"/> with no file in the disk cache (a write the disk refused), or -1
+    /// when all are there (a memory-only cache: always -1). File existence only, no hashing.
+    /// </summary>
+    internal bool HasDiskCache => _cache.HasDisk;
+
+    /// <summary>
+    /// Writes to disk the chunks of [<paramref name="from"/>, <paramref name="to"/>) that are in memory only; false
+    /// when one of them is on neither (it has to be fetched).
+    /// </summary>
+    private bool PersistFromMemory(LayerChunk[] chunks, int from, int to)
+    {
+        string? lastDir = null;
+        var all = true;
+        for (var k = from; k < to; k++)
+        {
+            var key = KeyOf(chunks[k]);
+            if (_cache.OnDisk(key)) continue;
+            if (!_cache.TryPeekMemory(key, out var data)) { all = false; continue; }
+            var dir = _cache.WriteDisk(key, data);
+            if (dir != null && dir != lastDir)
+            {
+                _cache.SyncDirectory(dir);
+                lastDir = dir;
+            }
+        }
+        return all;
+    }
+
+    internal int FirstMissingOnDisk(LayerChunk[] chunks)
+    {
+        for (var i = 0; i < chunks.Length; i++)
+            if (!_cache.OnDisk(KeyOf(chunks[i]))) return i;
+        return -1;
+    }
+
     internal async Task FetchAllAsync(LayerChunk[] byBlobOffset, System.Runtime.CompilerServices.StrongBox<int> next, int end,
         FetchPriority priority, TimeSpan pause, Action<long>? progress, CancellationToken ct)
     {
@@ -471,11 +545,19 @@ internal sealed class ChunkFetcher : IDisposable
             var anyMissing = false;
             for (var k = first; k < i && !anyMissing; k++)
                 anyMissing = !_cache.Contains(KeyOf(byBlobOffset[k]));
+            // With a disk cache the point is the disk: a chunk only in memory (its write was refused when the disk was
+            // full) is written from memory now.
+            if (!anyMissing && _cache.HasDisk) anyMissing = !PersistFromMemory(byBlobOffset, first, i);
             if (anyMissing)
             {
                 // Only a batch with something to fetch waits: a layer cached whole is known to be so at once (Check
                 // then needs no registry), however busy mounts and checks are.
-                if (priority == FetchPriority.Background) await _gate.WaitQuietAsync(ct).ConfigureAwait(false);
+                if (priority == FetchPriority.Background)
+                {
+                    await _gate.WaitQuietAsync(ct).ConfigureAwait(false);
+                    // A full cache disk: fetching more in the background would only be thrown away.
+                    while (!_cache.Disk.MayAddInBackground()) await Task.Delay(BackgroundRoomPoll, ct).ConfigureAwait(false);
+                }
                 await AcquireAsync(byBlobOffset, first, i - first, null, priority, ct).ConfigureAwait(false);
                 if (pause > TimeSpan.Zero && i < end) await Task.Delay(pause, ct).ConfigureAwait(false);
             }

@@ -64,12 +64,13 @@ public sealed class LayerManager : IAsyncDisposable
         _log = logger ?? NullLogger.Instance;
         _gate = new FetchGate(options.MaxConcurrency, options.BackgroundQuietPeriod);
         Cache = new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites, options.EffectiveMemoryEntries);
+        Cache.Disk.Logger = _log;
         // Beside the chunk cache (ROOT/stargz/cache -> ROOT/stargz/toc): TOCs are what a restart needs to mount offline.
         if (options.CacheDirectory != null)
             _tocs = new TocStore(Path.Combine(Path.GetDirectoryName(Path.GetFullPath(options.CacheDirectory).TrimEnd('/'))!, "toc"));
         // With passthrough, bigger files get whole-file copies beside the chunks (CACHE/files) once all their chunks are in.
         if (_fuse.Passthrough && options.CacheDirectory != null && Cache.TmpDirectory != null)
-            Files = new AssembledFiles(Path.Combine(options.CacheDirectory, "files"), Cache.TmpDirectory, options.DurableDiskWrites, _log);
+            Files = new AssembledFiles(Path.Combine(options.CacheDirectory, "files"), Cache.TmpDirectory, options.DurableDiskWrites, _log, Cache.Disk);
     }
 
     /// <summary>Whole-file copies for passthrough; null when the mounts do not ask for passthrough or there is no disk cache.</summary>
@@ -254,17 +255,23 @@ public sealed class LayerManager : IAsyncDisposable
             throw new LayerResolveException($"layer {digest} of {imageRef}: {e.Message}", e);
         }
         var fetcher = new RemoteBlobFetcher(blob);
+        // A big TOC over a slow link keeps arriving: bounded by the time without progress, not the total.
+        using var stalled = new ProgressDeadline(_disposed.Token, _options.FetchingTimeout, () => fetcher.ReceivedBytes);
         try
         {
             // The digest policy is applied by the mount; here the TOC is fetched and its digest computed.
-            var toc = await LayerResolver.ResolveAsync(fetcher, digest, null, _options with { AllowNoVerification = true }, timeout.Token)
+            var toc = await LayerResolver.ResolveAsync(fetcher, digest, null, _options with { AllowNoVerification = true }, stalled.Token)
                 .ConfigureAwait(false);
             if (_tocs != null && toc.TocJson != null)
             {
-                try { _tocs.Save(digest, fetcher.Size, toc.Reader, toc.TocJson); }
+                try
+                {
+                    _tocs.Save(digest, fetcher.Size, toc.Reader, toc.TocJson);
+                    Cache.Disk.WriteSucceeded();
+                }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
                 {
-                    _log.LogWarning("layer {Digest}: cannot store its TOC in {Dir} (a restart will fetch it again): {Error}", digest, _tocs.Directory, e.Message);
+                    Cache.Disk.WriteFailed($"the TOC of layer {digest} (a restart will fetch it again)", e);
                 }
             }
             return new Resolved(fetcher, toc with { TocJson = null }, DateTime.UtcNow);

@@ -51,7 +51,11 @@ public sealed record LayerOptions
     /// <summary><c>max_concurrency</c>: registry fetches in flight at once, all layers together (reference default 2).</summary>
     public int MaxConcurrency { get; init; } = 2;
 
-    /// <summary><c>[blob] fetching_timeout_sec</c> (reference default 300): an uncached read fails with EIO after it.</summary>
+    /// <summary>
+    /// An uncached read fails with EIO once its layer's blob has received nothing from the registry for this long
+    /// (the daemon: the shorter of <c>[blob] fetching_timeout_sec</c> and <c>outage_timeout_sec</c>); a slow transfer
+    /// that keeps moving is never cut. Also bounds TOC fetches and Check.
+    /// </summary>
     public TimeSpan FetchingTimeout { get; init; } = TimeSpan.FromSeconds(300);
 
     /// <summary><c>[blob] prefetch_chunk_size</c>: bytes per range request of prefetch and background fetch (0 = 4 MiB).</summary>

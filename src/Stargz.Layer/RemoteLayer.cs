@@ -119,12 +119,12 @@ public sealed class RemoteLayer : IAsyncDisposable
                     : $"prefetch: {e.Message}");
             }
         }
-        if (split >= _byBlobOffset.Length && Volatile.Read(ref Stats.PrefetchState) != (int)FetchStageState.Failed)
-        {
-            await MarkAllFetchedAsync().ConfigureAwait(false);
+        if (split >= _byBlobOffset.Length && Volatile.Read(ref Stats.PrefetchState) != (int)FetchStageState.Failed
+            && await MarkAllFetchedAsync().ConfigureAwait(false))
             return;
-        }
         if (_options.NoBackgroundFetch) return;
+        // Prefetch covered the whole layer but some of it did not reach the disk: the background pass covers it all.
+        if (split >= _byBlobOffset.Length) split = 0;
         Interlocked.Exchange(ref Stats.BackgroundTotalBytes, _byBlobOffset[^1].BlobEnd - _byBlobOffset[split].BlobOffset);
         Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Running);
         var next = new StrongBox<int>(split);
@@ -135,10 +135,24 @@ public sealed class RemoteLayer : IAsyncDisposable
             {
                 await Fetcher.FetchAllAsync(_byBlobOffset, next, _byBlobOffset.Length, FetchPriority.Background, _options.BackgroundPause,
                     b => Interlocked.Add(ref Stats.BackgroundDoneBytes, b), lifetime).ConfigureAwait(false);
-                Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Done);
-                // Prefetch may have given up on its part; it counts only when it finished too.
-                if (split == 0 || Volatile.Read(ref Stats.PrefetchState) == (int)FetchStageState.Done) await MarkAllFetchedAsync().ConfigureAwait(false);
-                return;
+                // Every chunk has its file on disk; without a disk cache, prefetch may have given up on its part and
+                // counts only when it finished.
+                if (!Fetcher.HasDiskCache && split > 0 && Volatile.Read(ref Stats.PrefetchState) != (int)FetchStageState.Done)
+                {
+                    Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Done);
+                    return;
+                }
+                if (await MarkAllFetchedAsync().ConfigureAwait(false))
+                {
+                    Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Done);
+                    return;
+                }
+                // Some chunks never reached the disk (it was full): not fully fetched. Another pass from the first of
+                // them (cached batches are skipped at once) a little later; the pass itself waits for room.
+                await Task.Delay(CacheDiskHealth.FullRetryInterval, lifetime).ConfigureAwait(false);
+                next.Value = Math.Max(0, Fetcher.FirstMissingOnDisk(_byBlobOffset));
+                Interlocked.Exchange(ref Stats.BackgroundDoneBytes, 0);
+                Interlocked.Exchange(ref Stats.BackgroundTotalBytes, _byBlobOffset[^1].BlobEnd - _byBlobOffset[next.Value].BlobOffset);
             }
             catch (OperationCanceledException)
             {
@@ -161,12 +175,15 @@ public sealed class RemoteLayer : IAsyncDisposable
 
     /// <summary>
     /// Readers get a chunk before it is written to disk: the layer counts as fully fetched once those writes are done
-    /// too, so every chunk is then verified on disk (Check, passthrough copies and restarts rely on it).
+    /// too and every chunk has its file (a full disk may have refused some), so every chunk is then verified on disk
+    /// (Check, passthrough copies and restarts rely on it). False when one is missing.
     /// </summary>
-    private async Task MarkAllFetchedAsync()
+    private async Task<bool> MarkAllFetchedAsync()
     {
         await Fetcher.DrainAsync().ConfigureAwait(false);
+        if (Fetcher.FirstMissingOnDisk(_byBlobOffset) >= 0) return false;
         Volatile.Write(ref _allFetched, 1);
+        return true;
     }
 
     /// <summary>Stops prefetch and background fetch and fails reads still waiting; waits for disk writes in flight.</summary>

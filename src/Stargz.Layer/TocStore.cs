@@ -27,6 +27,22 @@ internal sealed class TocStore(string directory)
         var digest = Encoding.ASCII.GetBytes(reader.TocDigest);
         var path = PathOf(layerDigest);
         var tmp = path + ".tmp-" + Environment.ProcessId;
+        try
+        {
+            WriteFile(tmp, blobSize, reader, digest, tocJson);
+            File.Move(tmp, path, overwrite: true);
+        }
+        catch
+        {
+            // A full disk: nothing half-written is left (the next start would only delete it).
+            try { File.Delete(tmp); } catch (IOException) { }
+            throw;
+        }
+        ChunkCache.FsyncDirectory(Directory);
+    }
+
+    private static void WriteFile(string tmp, long blobSize, EstargzReader reader, byte[] digest, ReadOnlySpan<byte> tocJson)
+    {
         using (var f = new FileStream(tmp, FileMode.Create, FileAccess.Write, FileShare.None, 0))
         {
             Span<byte> h = stackalloc byte[HeaderBytes];
@@ -40,8 +56,6 @@ internal sealed class TocStore(string directory)
             f.Write(tocJson);
             f.Flush(flushToDisk: true);
         }
-        File.Move(tmp, path, overwrite: true);
-        ChunkCache.FsyncDirectory(Directory);
     }
 
     /// <summary>
@@ -56,6 +70,12 @@ internal sealed class TocStore(string directory)
         try { data = File.ReadAllBytes(path); }
         catch (FileNotFoundException) { return null; }
         catch (DirectoryNotFoundException) { return null; }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // An unreadable stored TOC (EIO) is fetched from the registry again, as a damaged one is.
+            problem = $"stored TOC of layer {layerDigest} cannot be read ({e.Message}); the registry is asked";
+            return null;
+        }
         try
         {
             if (data.Length < HeaderBytes || BinaryPrimitives.ReadUInt32LittleEndian(data) != Magic)

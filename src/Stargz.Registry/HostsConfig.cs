@@ -56,8 +56,25 @@ public sealed record HostConfig
 /// <summary>Blob fetching options; names follow the reference's <c>[blob]</c> section.</summary>
 public sealed record BlobOptions
 {
-    /// <summary><c>fetching_timeout_sec</c>: hard limit for one blob request.</summary>
+    /// <summary>
+    /// <c>fetching_timeout_sec</c>: hard limit for one request that is not watched for stalls (pushes); pulls are bounded
+    /// by <see cref="StallTimeout"/> and <see cref="OutageTimeout"/> instead, so a slow but moving transfer is never cut.
+    /// </summary>
     public TimeSpan FetchingTimeout { get; init; } = TimeSpan.FromSeconds(300);
+    /// <summary>
+    /// <c>stall_timeout_sec</c>: a pull request that receives nothing (neither its response headers nor body bytes) for
+    /// this long is abandoned (its connection closed) and retried on a fresh connection, or on the next mirror.
+    /// Zero turns the watchdog off.
+    /// </summary>
+    public TimeSpan StallTimeout { get; init; } = TimeSpan.FromSeconds(DefaultStallTimeoutSec);
+    public const int DefaultStallTimeoutSec = 3;
+    /// <summary>
+    /// <c>outage_timeout_sec</c>: refused, reset and stalled pull requests are retried with backoff (beyond
+    /// <see cref="MaxRetries"/>) until the host has sent nothing for this long, then the operation fails. Zero: only
+    /// <see cref="MaxRetries"/> counts, as for other failures.
+    /// </summary>
+    public TimeSpan OutageTimeout { get; init; } = TimeSpan.FromSeconds(DefaultOutageTimeoutSec);
+    public const int DefaultOutageTimeoutSec = 7;
     /// <summary><c>max_retries</c>: retries after the first attempt.</summary>
     public int MaxRetries { get; init; } = 5;
     /// <summary><c>min_wait_msec</c>/<c>max_wait_msec</c>: backoff bounds.</summary>

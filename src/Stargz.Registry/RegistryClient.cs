@@ -19,6 +19,8 @@ public sealed partial class RegistryClient : IDisposable
     private readonly ConcurrentDictionary<string, bool> _singleRangeHosts = new(StringComparer.OrdinalIgnoreCase);
     private long _requests;
     private long _bytes;
+    private long _stalls;
+    private long _retries;
     private bool _disposed;
 
     /// <summary>In-flight shared range reads (single-flight), guarded by locking the dictionary itself.</summary>
@@ -32,6 +34,10 @@ public sealed partial class RegistryClient : IDisposable
     public long RequestCount => Interlocked.Read(ref _requests);
     /// <summary>Blob body bytes received by this client.</summary>
     public long BytesFetched => Interlocked.Read(ref _bytes);
+    /// <summary>Requests abandoned because they received nothing for the stall timeout.</summary>
+    public long StallCount => Interlocked.Read(ref _stalls);
+    /// <summary>Requests tried again after a failure (any endpoint).</summary>
+    public long RetryCount => Interlocked.Read(ref _retries);
 
     public RegistryClient(RegistryHostsConfig? hosts = null, ICredentialProvider? credentials = null, ILogger? logger = null)
     {
@@ -128,14 +134,15 @@ public sealed partial class RegistryClient : IDisposable
         var eps = EndpointsFor(reference.Host);
         var scope = PullScope(reference);
         var subject = reference.ToString();
-        return OnEndpointsAsync(eps, 0, subject, async (ep, tct) =>
+        return OnEndpointsAsync(eps, 0, subject, async (ep, a) =>
         {
             using var resp = await SendAsync(ep, () =>
             {
                 var r = new HttpRequestMessage(HttpMethod.Head, ep.Url(reference.Repository, "manifests", reference.ManifestReference));
                 r.Headers.Accept.ParseAdd(MediaTypes.ManifestAccept);
                 return r;
-            }, scope, subject, tct, reference).ConfigureAwait(false);
+            }, scope, subject, a.Token, reference).ConfigureAwait(false);
+            a.Progress();
             ThrowForStatus(resp, ep.Host, subject);
             var digest = resp.Headers.TryGetValues("Docker-Content-Digest", out var v) ? v.FirstOrDefault() : null;
             if (string.IsNullOrEmpty(digest))
@@ -160,16 +167,17 @@ public sealed partial class RegistryClient : IDisposable
         var scope = PullScope(repo);
         var subject = $"{repo.Name}@{tagOrDigest}";
         var max = Blob.MaxManifestBytes;
-        return await OnEndpointsAsync(eps, 0, subject, async (ep, tct) =>
+        return await OnEndpointsAsync(eps, 0, subject, async (ep, a) =>
         {
             using var resp = await SendAsync(ep, () =>
             {
                 var r = new HttpRequestMessage(HttpMethod.Get, ep.Url(repo.Repository, "manifests", tagOrDigest));
                 r.Headers.Accept.ParseAdd(MediaTypes.ManifestAccept);
                 return r;
-            }, scope, subject, tct, repo).ConfigureAwait(false);
+            }, scope, subject, a.Token, repo).ConfigureAwait(false);
+            a.Progress();
             ThrowForStatus(resp, ep.Host, subject);
-            var bytes = await ReadLimitedAsync(resp, max, ep.Host, subject, tct).ConfigureAwait(false);
+            var bytes = await ReadLimitedAsync(resp, max, ep.Host, subject, a).ConfigureAwait(false);
             if (tagOrDigest.Contains(':'))
             {
                 var got = Sha256Digest(bytes);
@@ -201,13 +209,14 @@ public sealed partial class RegistryClient : IDisposable
         var eps = EndpointsFor(repoRef.Host);
         var scope = PullScope(repoRef);
         var subject = $"{repoRef.Name}@{digest}";
-        var found = await OnEndpointsAsync(eps, 0, subject, async (ep, tct) =>
+        var found = await OnEndpointsAsync(eps, 0, subject, async (ep, a) =>
         {
             var url = ep.Url(repoRef.Repository, "blobs", digest);
-            using var resp = await SendAsync(ep, () => new HttpRequestMessage(HttpMethod.Head, url), scope, subject, tct, repoRef).ConfigureAwait(false);
+            using var resp = await SendAsync(ep, () => new HttpRequestMessage(HttpMethod.Head, url), scope, subject, a.Token, repoRef).ConfigureAwait(false);
+            a.Progress();
             if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
             {
-                var (size, final) = await SizeAtRedirectAsync(ep, new Uri(new Uri(url), loc), subject, tct).ConfigureAwait(false);
+                var (size, final) = await SizeAtRedirectAsync(ep, new Uri(new Uri(url), loc), subject, a.Token, a.Progress).ConfigureAwait(false);
                 return (ep: ep, size: size, redirect: (string?)final);
             }
             ThrowForStatus(resp, ep.Host, subject);
@@ -229,7 +238,8 @@ public sealed partial class RegistryClient : IDisposable
     /// for its first byte instead and the size read from Content-Range, as the reference does. The registry's
     /// Authorization is never sent there. The Content-Length of a redirect answer is its own body's, never the blob's.
     /// </summary>
-    internal async Task<(long Size, string Url)> SizeAtRedirectAsync(Endpoint ep, Uri target, string subject, CancellationToken ct)
+    internal async Task<(long Size, string Url)> SizeAtRedirectAsync(Endpoint ep, Uri target, string subject, CancellationToken ct,
+        Action? progress = null)
     {
         HttpStatusCode headStatus = 0;
         for (var hop = 0; hop < MaxRedirects; hop++)
@@ -237,6 +247,7 @@ public sealed partial class RegistryClient : IDisposable
             CountRequest();
             using var head = new HttpRequestMessage(HttpMethod.Head, target);
             using var resp = await ep.Client.SendAsync(head, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+            progress?.Invoke();
             if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } next)
             {
                 target = new Uri(target, next);
@@ -252,6 +263,7 @@ public sealed partial class RegistryClient : IDisposable
             using var get = new HttpRequestMessage(HttpMethod.Get, target);
             get.Headers.Range = new RangeHeaderValue(0, 0);
             using var resp = await ep.Client.SendAsync(get, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
+            progress?.Invoke();
             if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } next)
             {
                 target = new Uri(target, next);
@@ -283,8 +295,9 @@ public sealed partial class RegistryClient : IDisposable
         return "sha256:" + Convert.ToHexStringLower(h);
     }
 
-    private static async Task<byte[]> ReadLimitedAsync(HttpResponseMessage resp, int max, string host, string subject, CancellationToken ct)
+    private static async Task<byte[]> ReadLimitedAsync(HttpResponseMessage resp, int max, string host, string subject, Attempt a)
     {
+        var ct = a.Token;
         if (resp.Content.Headers.ContentLength is long cl && cl > max)
             throw new RegistryException($"{subject} from {host} is {cl} bytes, more than the {max} allowed", resp.StatusCode, host, subject);
         await using var s = await resp.Content.ReadAsStreamAsync(ct).ConfigureAwait(false);
@@ -293,6 +306,7 @@ public sealed partial class RegistryClient : IDisposable
         int n;
         while ((n = await s.ReadAsync(buf, ct).ConfigureAwait(false)) > 0)
         {
+            a.Progress();
             if (ms.Length + n > max)
                 throw new RegistryException($"{subject} from {host} is more than the {max} bytes allowed", resp.StatusCode, host, subject);
             ms.Write(buf, 0, n);
@@ -356,10 +370,12 @@ public sealed partial class RegistryClient : IDisposable
 
     /// <summary>
     /// Runs <paramref name="op"/> on each endpoint from <paramref name="start"/> until one succeeds.
-    /// NotFound/Unauthorized/transport failures on a mirror move on to the next; the last endpoint's error is thrown.
+    /// NotFound/Unauthorized/transport failures and stalls on a mirror move on to the next; the last endpoint's error is
+    /// thrown. Every attempt is watched for stalls (<see cref="BlobOptions.StallTimeout"/>); a configured per-mirror
+    /// request timeout is a hard limit on top.
     /// </summary>
     internal async Task<T> OnEndpointsAsync<T>(IReadOnlyList<Endpoint> eps, int start, string subject,
-        Func<Endpoint, CancellationToken, Task<T>> op, CancellationToken ct)
+        Func<Endpoint, Attempt, Task<T>> op, CancellationToken ct)
     {
         for (var i = start; ; i++)
         {
@@ -367,7 +383,8 @@ public sealed partial class RegistryClient : IDisposable
             var last = i == eps.Count - 1;
             try
             {
-                return await RetryAsync(ep, subject, op, ep.RequestTimeout ?? Blob.FetchingTimeout, failFastOnConnect: !last, ct).ConfigureAwait(false);
+                return await RetryAsync(ep, subject, op, ep.RequestTimeout, Blob.StallTimeout, Blob.OutageTimeout, failFast: !last, ct)
+                    .ConfigureAwait(false);
             }
             catch (RegistryException e) when (!last && !ct.IsCancellationRequested && e is not DigestMismatchException)
             {
@@ -377,51 +394,99 @@ public sealed partial class RegistryClient : IDisposable
     }
 
     /// <summary>
-    /// One operation with a hard per-attempt timeout and jittered exponential backoff on 5xx/429,
-    /// connection resets and timeouts. Caller cancellation stops at once.
+    /// One operation with a hard per-attempt timeout and jittered exponential backoff on 5xx/429, connection resets and
+    /// timeouts (up to <see cref="BlobOptions.MaxRetries"/>), without a stall watchdog (pushes: an upload shows no
+    /// progress until the registry answers). Caller cancellation stops at once.
     /// </summary>
-    internal async Task<T> RetryAsync<T>(Endpoint ep, string subject, Func<Endpoint, CancellationToken, Task<T>> op, TimeSpan timeout,
+    internal Task<T> RetryAsync<T>(Endpoint ep, string subject, Func<Endpoint, CancellationToken, Task<T>> op, TimeSpan timeout,
         bool failFastOnConnect, CancellationToken ct)
+        => RetryAsync(ep, subject, (e, a) => op(e, a.Token), timeout, TimeSpan.Zero, TimeSpan.Zero, failFastOnConnect, ct);
+
+    /// <summary>Longest pause between two tries while a host refuses, resets or stalls: its return is noticed within it.</summary>
+    internal static readonly TimeSpan OutageBackoffCap = TimeSpan.FromSeconds(1);
+
+    /// <summary>
+    /// One operation, tried again after failures with jittered exponential backoff. 5xx/429 and hard timeouts are retried
+    /// up to <see cref="BlobOptions.MaxRetries"/> times. Connection failures (refused, reset, cut bodies) and stalls (no
+    /// byte for <paramref name="stall"/>: the connection is dropped, so the next try gets a fresh one) are retried until
+    /// the host has sent nothing for <paramref name="outage"/> (when set; else up to MaxRetries too); with
+    /// <paramref name="failFast"/> (a mirror with endpoints after it) a refused connection or a stall fails at once, so the
+    /// next endpoint is tried. Caller cancellation stops at once.
+    /// </summary>
+    internal async Task<T> RetryAsync<T>(Endpoint ep, string subject, Func<Endpoint, Attempt, Task<T>> op, TimeSpan? timeout,
+        TimeSpan stall, TimeSpan outage, bool failFast, CancellationToken ct)
     {
         var max = Blob.MaxRetries;
+        var lastProgress = Environment.TickCount64;
         for (var attempt = 0; ; attempt++)
         {
-            using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-            cts.CancelAfter(timeout);
             Exception error;
             TimeSpan? hint = null;
-            try
+            var connection = false;
+            using (var a = new Attempt(ct, timeout, stall))
             {
-                return await op(ep, cts.Token).ConfigureAwait(false);
+                try
+                {
+                    return await op(ep, a).ConfigureAwait(false);
+                }
+                catch (OperationCanceledException) when (ct.IsCancellationRequested)
+                {
+                    throw;
+                }
+                catch (OperationCanceledException e) when (a.TimedOut || stall <= TimeSpan.Zero)
+                {
+                    var t = timeout ?? TimeSpan.Zero;
+                    error = new RegistryException($"request to {ep.Host} for {subject} timed out after {t.TotalSeconds:0.#} s", host: ep.Host, subject: subject, inner: e);
+                }
+                catch (OperationCanceledException e)
+                {
+                    error = new RegistryException($"{ep.Host} sent nothing for {stall.TotalSeconds:0.#} s for {subject} (stalled; connection dropped)",
+                        host: ep.Host, subject: subject, inner: e);
+                    connection = true;
+                    Interlocked.Increment(ref _stalls);
+                    Logger.LogInformation("{Host} stalled on {Subject}: nothing received for {Stall} s; the request is abandoned", ep.Host, subject, stall.TotalSeconds);
+                    if (failFast) throw error;
+                }
+                catch (TransientRegistryException e)
+                {
+                    error = e;
+                    hint = e.RetryAfter;
+                    // A body cut short is the connection's failure; an answered 5xx/429 is the server's.
+                    connection = e.StatusCode is null;
+                }
+                catch (HttpRequestException e) when (failFast && IsConnectFailure(e))
+                {
+                    throw new RegistryException($"cannot connect to {ep.Host} for {subject}: {e.Message}", host: ep.Host, subject: subject, inner: e);
+                }
+                catch (Exception e) when (e is HttpRequestException or IOException)
+                {
+                    error = new RegistryException($"connection to {ep.Host} failed for {subject}: {e.Message}", host: ep.Host, subject: subject, inner: e);
+                    connection = true;
+                }
+                lastProgress = Math.Max(lastProgress, a.LastProgress);
             }
-            catch (OperationCanceledException) when (ct.IsCancellationRequested)
+            var delay = Backoff(attempt, hint);
+            bool retry;
+            if (connection && outage > TimeSpan.Zero)
             {
-                throw;
+                // An outage: keep trying (never pausing long, so the host's return is noticed) until it has been
+                // silent for the whole window; the last try starts when the window ends.
+                if (delay > OutageBackoffCap) delay = OutageBackoffCap;
+                var quiet = TimeSpan.FromMilliseconds(Environment.TickCount64 - lastProgress);
+                retry = quiet < outage;
+                if (retry && quiet + delay > outage) delay = outage - quiet;
             }
-            catch (OperationCanceledException e)
+            else
             {
-                error = new RegistryException($"request to {ep.Host} for {subject} timed out after {timeout.TotalSeconds:0.#} s", host: ep.Host, subject: subject, inner: e);
+                retry = attempt < max;
             }
-            catch (TransientRegistryException e)
-            {
-                error = e;
-                hint = e.RetryAfter;
-            }
-            catch (HttpRequestException e) when (failFastOnConnect && IsConnectFailure(e))
-            {
-                throw new RegistryException($"cannot connect to {ep.Host} for {subject}: {e.Message}", host: ep.Host, subject: subject, inner: e);
-            }
-            catch (Exception e) when (e is HttpRequestException or IOException)
-            {
-                error = new RegistryException($"connection to {ep.Host} failed for {subject}: {e.Message}", host: ep.Host, subject: subject, inner: e);
-            }
-            if (attempt >= max)
+            if (!retry)
             {
                 if (error is RegistryException re && re is not TransientRegistryException) throw re;
                 throw new RegistryException($"{error.Message} (gave up after {attempt + 1} attempts)",
                     (error as RegistryException)?.StatusCode, ep.Host, subject, error);
             }
-            var delay = Backoff(attempt, hint);
+            Interlocked.Increment(ref _retries);
             Logger.LogDebug("retrying {Subject} on {Host} in {Delay} ms after: {Error}", subject, ep.Host, (int)delay.TotalMilliseconds, error.Message);
             await Task.Delay(delay, ct).ConfigureAwait(false);
         }

@@ -141,15 +141,15 @@ public sealed class RemoteBlob
     /// <summary>One single-range GET with retries, redirect reuse and endpoint fallback.</summary>
     private Task FetchSingleAsync(long offset, Memory<byte> dest, CancellationToken ct)
     {
-        return RunAsync(async (ep, tct) =>
+        return RunAsync(async (ep, a) =>
         {
             var rangeHeader = new RangeHeaderValue(offset, offset + dest.Length - 1);
-            using var resp = await GetAsync(ep, rangeHeader, tct).ConfigureAwait(false);
-            await using var body = await resp.Content.ReadAsStreamAsync(tct).ConfigureAwait(false);
+            using var resp = await GetAsync(ep, rangeHeader, a).ConfigureAwait(false);
+            await using var body = await resp.Content.ReadAsStreamAsync(a.Token).ConfigureAwait(false);
             if (resp.StatusCode == HttpStatusCode.OK)
             {
                 // Server ignored Range: skip to the offset in the full body.
-                await SkipAsync(body, offset, tct).ConfigureAwait(false);
+                await SkipAsync(body, offset, a).ConfigureAwait(false);
             }
             else
             {
@@ -158,13 +158,14 @@ public sealed class RemoteBlob
                     throw new RegistryException($"{ep.Host} answered range {cr} for {offset}-{offset + dest.Length - 1} of {_subject}",
                         resp.StatusCode, ep.Host, _subject);
             }
-            await ReadExactlyAsync(body, dest, ep.Host, tct).ConfigureAwait(false);
+            await ReadExactlyAsync(body, dest, ep.Host, a).ConfigureAwait(false);
             return true;
         }, ct);
     }
 
-    private async Task SkipAsync(Stream s, long n, CancellationToken ct)
+    private async Task SkipAsync(Stream s, long n, Attempt a)
     {
+        var ct = a.Token;
         var buf = ArrayPool<byte>.Shared.Rent(65536);
         try
         {
@@ -172,6 +173,7 @@ public sealed class RemoteBlob
             {
                 var r = await s.ReadAsync(buf.AsMemory(0, (int)Math.Min(n, buf.Length)), ct).ConfigureAwait(false);
                 if (r == 0) throw new TransientRegistryException($"body of {_subject} ended early", null, Host, _subject);
+                a.Progress();
                 CountBytes(r);
                 n -= r;
             }
@@ -179,14 +181,16 @@ public sealed class RemoteBlob
         finally { ArrayPool<byte>.Shared.Return(buf); }
     }
 
-    private async ValueTask ReadExactlyAsync(Stream s, Memory<byte> dest, string host, CancellationToken ct)
+    private async ValueTask ReadExactlyAsync(Stream s, Memory<byte> dest, string host, Attempt a)
     {
+        var ct = a.Token;
         var got = 0;
         while (got < dest.Length)
         {
             var r = await s.ReadAsync(dest[got..], ct).ConfigureAwait(false);
             if (r == 0)
                 throw new TransientRegistryException($"body of {_subject} from {host} ended after {got} of {dest.Length} bytes", null, host, _subject);
+            a.Progress();
             got += r;
             CountBytes(r);
         }
@@ -203,8 +207,9 @@ public sealed class RemoteBlob
     /// there), else through the registry, following and remembering a redirect. Returns a 200/206 response.
     /// A failing redirect URL is forgotten so the next attempt asks the registry for a fresh one.
     /// </summary>
-    private async Task<HttpResponseMessage> GetAsync(Endpoint ep, RangeHeaderValue range, CancellationToken ct)
+    private async Task<HttpResponseMessage> GetAsync(Endpoint ep, RangeHeaderValue range, Attempt a)
     {
+        var ct = a.Token;
         var redirect = _redirect;
         if (redirect is not null)
         {
@@ -212,12 +217,20 @@ public sealed class RemoteBlob
             try
             {
                 r = await SendPlainAsync(ep, redirect, range, ct).ConfigureAwait(false);
+                a.Progress();
                 if (r.StatusCode is HttpStatusCode.OK or HttpStatusCode.PartialContent) return r;
                 _client.Logger.LogInformation("redirect URL for {Subject} answered {Status}; asking {Host} again", _subject, (int)r.StatusCode, ep.Host);
             }
             catch (Exception e) when (e is HttpRequestException or IOException)
             {
                 _client.Logger.LogInformation("redirect URL for {Subject} failed ({Error}); asking {Host} again", _subject, e.Message, ep.Host);
+            }
+            catch (OperationCanceledException)
+            {
+                // Stalled (or cancelled): the next try asks the registry for a fresh URL rather than this one again.
+                r?.Dispose();
+                Interlocked.CompareExchange(ref _redirect, null, redirect);
+                throw;
             }
             r?.Dispose();
             Interlocked.CompareExchange(ref _redirect, null, redirect);
@@ -229,6 +242,7 @@ public sealed class RemoteBlob
             m.Headers.Range = range;
             return m;
         }, _scope, _subject, ct, _repo).ConfigureAwait(false);
+        a.Progress();
         Interlocked.Increment(ref _requests);
         if (RegistryClient.IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
         {
@@ -236,6 +250,7 @@ public sealed class RemoteBlob
             resp.Dispose();
             _redirect = target;
             resp = await SendPlainAsync(ep, target, range, ct).ConfigureAwait(false);
+            a.Progress();
             if (resp.StatusCode is not (HttpStatusCode.OK or HttpStatusCode.PartialContent))
             {
                 Interlocked.CompareExchange(ref _redirect, null, target);
@@ -267,9 +282,9 @@ public sealed class RemoteBlob
     }
 
     /// <summary>Runs a fetch on the current endpoint with retries; on failure falls back to later endpoints and stays there.</summary>
-    private async Task RunAsync(Func<Endpoint, CancellationToken, Task<bool>> op, CancellationToken ct)
+    private async Task RunAsync(Func<Endpoint, Attempt, Task<bool>> op, CancellationToken ct)
     {
-        await _client.OnEndpointsAsync(_endpoints, _endpointIndex, _subject, async (ep, tct) =>
+        await _client.OnEndpointsAsync(_endpoints, _endpointIndex, _subject, async (ep, a) =>
         {
             var idx = IndexOf(ep);
             if (idx != _endpointIndex)
@@ -278,7 +293,7 @@ public sealed class RemoteBlob
                 _endpointIndex = idx;
                 _redirect = null;
             }
-            return await op(ep, tct).ConfigureAwait(false);
+            return await op(ep, a).ConfigureAwait(false);
         }, ct).ConfigureAwait(false);
     }
 
@@ -424,9 +439,10 @@ public sealed class RemoteBlob
     {
         var header = new RangeHeaderValue();
         for (var i = 0; i < batch.Count; i++) header.Ranges.Add(new RangeItemHeaderValue(batch[i].Start, batch[i].End - 1));
-        await RunAsync(async (ep, tct) =>
+        await RunAsync(async (ep, a) =>
         {
-            using var resp = await GetAsync(ep, header, tct).ConfigureAwait(false);
+            var tct = a.Token;
+            using var resp = await GetAsync(ep, header, a).ConfigureAwait(false);
             var rangeHost = resp.RequestMessage?.RequestUri?.Authority ?? ep.Host;
             if (resp.StatusCode == HttpStatusCode.OK)
             {
@@ -446,7 +462,7 @@ public sealed class RemoteBlob
                     _client.MarkSingleRangeHost(rangeHost);
                     return false;
                 }
-                using var reader = new MultipartReader(body, boundary);
+                using var reader = new MultipartReader(body, boundary, a);
                 while (true)
                 {
                     var part = await reader.NextPartAsync(tct).ConfigureAwait(false);
@@ -464,7 +480,7 @@ public sealed class RemoteBlob
                     _client.MarkSingleRangeHost(rangeHost);
                     return false;
                 }
-                using var reader = new MultipartReader(body, null);
+                using var reader = new MultipartReader(body, null, a);
                 await CopyPartAsync(reader, ranges, order, batch, from, to, ep.Host, tct).ConfigureAwait(false);
             }
             return true;
@@ -512,10 +528,11 @@ public sealed class RemoteBlob
     {
         private readonly Stream _s;
         private readonly string? _boundary;
+        private readonly Attempt _attempt;
         private byte[] _buf = ArrayPool<byte>.Shared.Rent(65536);
         private int _start, _end;
 
-        public MultipartReader(Stream s, string? boundary) { _s = s; _boundary = boundary; }
+        public MultipartReader(Stream s, string? boundary, Attempt attempt) { _s = s; _boundary = boundary; _attempt = attempt; }
 
         private async ValueTask<bool> FillAsync(CancellationToken ct)
         {
@@ -527,6 +544,7 @@ public sealed class RemoteBlob
                 _end -= _start; _start = 0;
             }
             var n = await _s.ReadAsync(_buf.AsMemory(_end), ct).ConfigureAwait(false);
+            if (n > 0) _attempt.Progress();
             _end += n;
             return n > 0;
         }

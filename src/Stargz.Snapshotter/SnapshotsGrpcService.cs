@@ -18,6 +18,12 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
 {
     public const string NamespaceHeader = "containerd-namespace";
 
+    /// <summary>
+    /// Largest request taken (bigger ones get ResourceExhausted): containerd's own server limit (16 MiB, its
+    /// `[grpc] max_recv_message_size` default), so whatever containerd accepts from its clients it can pass on to us.
+    /// </summary>
+    public const int MaxRequestBytes = 16 << 20;
+
     /// <summary>The store's one namespace; the header maps keys instead (<see cref="HeaderNamespace"/>).</summary>
     private const string StoreNs = "";
 
@@ -38,32 +44,40 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
         return new Dictionary<string, string>(labels, StringComparer.Ordinal) { [StargzSnapshotter.TargetRefLabel] = h.ToStore(target) };
     }
 
-    private async Task<T> Run<T>(string op, string key, ServerCallContext ctx, Func<Task<T>> body)
+    /// <summary>
+    /// Runs one call: errors become gRPC statuses. Keys are quoted in statuses and logs by their first characters only
+    /// (<see cref="KeyText"/>): <paramref name="key"/> and <paramref name="other"/> (parent or commit name) may be huge.
+    /// </summary>
+    private async Task<T> Run<T>(string op, string key, ServerCallContext ctx, Func<Task<T>> body, string? other = null)
     {
         var sw = Stopwatch.StartNew();
         try
         {
             var r = await body();
-            log.LogDebug("{Op} {Key} ok in {Ms} ms", op, key, sw.ElapsedMilliseconds);
+            if (log.IsEnabled(LogLevel.Debug)) log.LogDebug("{Op} {Key} ok in {Ms} ms", op, KeyText.Short(key), sw.ElapsedMilliseconds);
             return r;
         }
         catch (SnapshotterException e)
         {
+            var message = KeyText.Bound(e.Message, key, other);
             if (e.Code == StatusCode.AlreadyExists || e.Code == StatusCode.NotFound)
-                log.LogDebug("{Op} {Key}: {Code} {Error}", op, key, e.Code, e.Message);
+                log.LogDebug("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), e.Code, message);
             else
-                log.LogWarning("{Op} {Key}: {Code} {Error}", op, key, e.Code, e.Message);
-            // The caller's keys, not the store's (`NS//KEY` for a header-carrying client).
-            throw new RpcException(new Status(e.Code, e.MessageFor(Header(ctx).ToClient)));
+                log.LogWarning("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), e.Code, message);
+            // The caller's keys, not the store's (`NS//KEY` for a header-carrying client), each by its first characters.
+            throw new RpcException(new Status(e.Code, KeyText.Bound(e.MessageFor(k => KeyText.Short(Header(ctx).ToClient(k))))));
         }
         catch (OperationCanceledException) when (ctx.CancellationToken.IsCancellationRequested)
         {
-            throw new RpcException(new Status(StatusCode.Cancelled, $"{op} {key}: cancelled"));
+            throw new RpcException(new Status(StatusCode.Cancelled, $"{op} {KeyText.Short(key)}: cancelled"));
         }
         catch (Exception e) when (e is not RpcException)
         {
-            log.LogError(e, "{Op} {Key} failed", op, key);
-            throw new RpcException(new Status(StatusCode.Unknown, $"{op} {key}: {e.Message}"));
+            var message = KeyText.Bound(e.Message, key, other);
+            // The exception's own text may repeat a huge key: logged whole only when it is short.
+            if (e.Message.Length <= KeyText.MaxMessageChars && e.InnerException == null) log.LogError(e, "{Op} {Key} failed", op, KeyText.Short(key));
+            else log.LogError("{Op} {Key} failed: {Error} ({Type})", op, KeyText.Short(key), message, e.GetType().FullName);
+            throw new RpcException(new Status(StatusCode.Unknown, $"{op} {KeyText.Short(key)}: {message}"));
         }
     }
 
@@ -76,7 +90,7 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
             var r = new PrepareSnapshotResponse();
             r.Mounts.AddRange(m);
             return r;
-        });
+        }, request.Parent);
 
     public override Task<ViewSnapshotResponse> View(ViewSnapshotRequest request, ServerCallContext context)
         => Run("View", request.Key, context, async () =>
@@ -87,7 +101,7 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
             var r = new ViewSnapshotResponse();
             r.Mounts.AddRange(m);
             return r;
-        });
+        }, request.Parent);
 
     public override Task<MountsResponse> Mounts(MountsRequest request, ServerCallContext context)
         => Run("Mounts", request.Key, context, async () =>
@@ -104,7 +118,7 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
             await sn.CommitAsync(StoreNs, Header(context).ToStore(request.Name), await Resolve(context, request.Key),
                 request.Labels, context.CancellationToken);
             return new Empty();
-        });
+        }, request.Name);
 
     public override Task<Empty> Remove(RemoveSnapshotRequest request, ServerCallContext context)
         => Run("Remove", request.Key, context, async () =>
@@ -147,13 +161,25 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
             }
             return seen;
         });
-        const int batch = 100;
-        for (int i = 0; i < all.Count; i += batch)
+        // Batches of at most 100 snapshots and about 1 MiB: containerd's proxy client takes messages up to 4 MiB, and
+        // long keys or many labels would overflow a fixed count.
+        const int batch = 100, batchBytes = 1 << 20;
+        var resp = new ListSnapshotsResponse();
+        var bytes = 0;
+        foreach (var rec in all)
         {
-            var r = new ListSnapshotsResponse();
-            r.Info.AddRange(all.Skip(i).Take(batch).Select(ToInfo));
-            await responseStream.WriteAsync(r, context.CancellationToken);
+            var info = ToInfo(rec);
+            var size = info.CalculateSize();
+            if (resp.Info.Count > 0 && (resp.Info.Count == batch || bytes + size > batchBytes))
+            {
+                await responseStream.WriteAsync(resp, context.CancellationToken);
+                resp = new ListSnapshotsResponse();
+                bytes = 0;
+            }
+            resp.Info.Add(info);
+            bytes += size;
         }
+        if (resp.Info.Count > 0) await responseStream.WriteAsync(resp, context.CancellationToken);
     }
 
     public override Task<UsageResponse> Usage(UsageRequest request, ServerCallContext context)

@@ -36,7 +36,11 @@ public static class SnapshotterServer
         builder.Logging.ClearProviders();
         configureLogging?.Invoke(builder.Logging);
         builder.Services.AddSingleton(snapshotter);
-        builder.Services.AddGrpc(o => o.EnableDetailedErrors = true);
+        builder.Services.AddGrpc(o =>
+        {
+            o.EnableDetailedErrors = true;
+            o.MaxReceiveMessageSize = SnapshotsGrpcService.MaxRequestBytes;
+        });
         builder.WebHost.ConfigureKestrel(k =>
         {
             // Any :authority a unix-socket client sends is served (a socket path, too): see AuthorityFilter.

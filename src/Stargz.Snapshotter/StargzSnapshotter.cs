@@ -163,7 +163,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             {
                 _unrestored[r.Id] = "no remote filesystem is configured in this daemon";
                 _log.LogError("remote snapshot {Key} (namespace {Namespace}, layer {Digest}) cannot be restored: no remote filesystem is configured",
-                    r.Key, r.Namespace, LayerDigest(r.Labels));
+                    KeyText.Short(r.Key), r.Namespace, LayerDigest(r.Labels));
             }
             return;
         }
@@ -193,7 +193,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
                 // Only while still unrestored: a Remove that went through meanwhile dropped the entry for good.
                 if (_unrestored.TryGetValue(r.Id, out var was)) _unrestored.TryUpdate(r.Id, e.Message, was);
                 _log.LogError("remote snapshot {Key} (namespace {Namespace}, layer {Digest}) could not be restored: {Error}",
-                    r.Key, r.Namespace, LayerDigest(r.Labels), e.Message);
+                    KeyText.Short(r.Key), r.Namespace, LayerDigest(r.Labels), KeyText.Bound(e.Message, r.Key));
             }
         }
         _log.LogInformation("restored {Restored} of {Total} remote snapshots", ok, remotes.Count);
@@ -251,6 +251,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {
         if (string.IsNullOrEmpty(key)) throw SnapshotterException.InvalidArgument($"snapshot key must not be empty");
+        ValidateLabels(labels);
         parent ??= "";
         if (parent.Length > 0)
             await CheckChainAsync(ns, parent, ct);
@@ -278,7 +279,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         }
 
         var created = await WithStoreAsync(() => CreateRecord(ns, kind, key, parent, labels), ct);
-        _log.LogDebug("created {Kind} snapshot {Key} (id {Id}, parent {Parent})", kind, key, created.Id, parent);
+        _log.LogDebug("created {Kind} snapshot {Key} (id {Id}, parent {Parent})", kind, KeyText.Short(key), created.Id, KeyText.Short(parent));
         return await MountsForAsync(created, ct);
     }
 
@@ -294,7 +295,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         catch (Exception e) when (e is not OperationCanceledException)
         {
             _log.LogInformation("layer {Digest} for {Target} (key {Key}) is not served remotely, falling back to an ordinary snapshot: {Reason}",
-                LayerDigest(labels), target, rec.Key, e.Message);
+                LayerDigest(labels), KeyText.Short(target), KeyText.Short(rec.Key), KeyText.Bound(e.Message, target, rec.Key));
             return false;
         }
         try
@@ -317,13 +318,13 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             try { await _opt.RemoteFileSystem!.UnmountAsync(fs, CancellationToken.None); }
             catch (Exception ue) when (ue is not OperationCanceledException)
             {
-                _log.LogWarning("cannot unmount remote layer at {Mountpoint} after a failed commit of {Target}: {Error}", fs, target, ue.Message);
+                _log.LogWarning("cannot unmount remote layer at {Mountpoint} after a failed commit of {Target}: {Error}", fs, KeyText.Short(target), ue.Message);
             }
             throw;
         }
         _lastChecked[rec.Id] = DateTime.UtcNow;
         Interlocked.Increment(ref _remoteCount);
-        _log.LogInformation("remote snapshot {Target} (layer {Digest}) mounted in {Ms} ms", target, LayerDigest(labels), sw.ElapsedMilliseconds);
+        _log.LogInformation("remote snapshot {Target} (layer {Digest}) mounted in {Ms} ms", KeyText.Short(target), LayerDigest(labels), sw.ElapsedMilliseconds);
         return true;
     }
 
@@ -427,6 +428,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     public async Task CommitAsync(string ns, string name, string key, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {
         if (string.IsNullOrEmpty(name)) throw SnapshotterException.InvalidArgument($"commit name must not be empty");
+        ValidateLabels(labels);
         // Single flight per (namespace, name) and per key: one commit computes usage and syncs, the rest see the outcome.
         using var byName = await _commitLocks.AcquireAsync("n\u0000" + ns + "\u0000" + name, ct);
         using var byKey = await _commitLocks.AcquireAsync("k\u0000" + ns + "\u0000" + key, ct);
@@ -456,7 +458,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             _store.Update(r);
             return 0;
         }, ct);
-        _log.LogDebug("committed {Key} as {Name} ({Size} bytes, {Inodes} inodes)", key, name, size, inodes);
+        _log.LogDebug("committed {Key} as {Name} ({Size} bytes, {Inodes} inodes)", KeyText.Short(key), KeyText.Short(name), size, inodes);
     }
 
     public async Task RemoveAsync(string ns, string key, CancellationToken ct)
@@ -515,7 +517,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             _lastChecked.TryRemove(rec.Id, out _);
             _unrestored.TryRemove(rec.Id, out _);
             if (rec.IsRemote) Interlocked.Decrement(ref _remoteCount);
-            _log.LogDebug("removed snapshot {Key} (id {Id})", key, rec.Id);
+            _log.LogDebug("removed snapshot {Key} (id {Id})", KeyText.Short(key), rec.Id);
         }
         finally
         {
@@ -523,7 +525,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             _gate.Release();
         }
         if (trash == null) return;
-        if (_opt.AsyncRemove) _log.LogDebug("snapshot {Key} removed; its dir {Dir} is left for Cleanup (async_remove)", key, trash);
+        if (_opt.AsyncRemove) _log.LogDebug("snapshot {Key} removed; its dir {Dir} is left for Cleanup (async_remove)", KeyText.Short(key), trash);
         else RemoveDirTree(trash);
     }
 
@@ -543,7 +545,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         }
         catch (Exception e) when (e is IOException or SnapshotterException or UnauthorizedAccessException)
         {
-            _log.LogWarning("cannot drop snapshot {Key} (id {Id}) after a failed remote prepare: {Error} (Cleanup retries)", rec.Key, rec.Id, e.Message);
+            _log.LogWarning("cannot drop snapshot {Key} (id {Id}) after a failed remote prepare: {Error} (Cleanup retries)", KeyText.Short(rec.Key), rec.Id, KeyText.Bound(e.Message, rec.Key));
         }
     }
 
@@ -556,7 +558,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             try { await _opt.RemoteFileSystem.ReleaseAsync(fs, ct); }
             catch (Exception e) when (e is not OperationCanceledException)
             {
-                _log.LogWarning("remote filesystem failed to release {Mountpoint} of {Key}: {Error}", fs, rec.Key, e.Message);
+                _log.LogWarning("remote filesystem failed to release {Mountpoint} of {Key}: {Error}", fs, KeyText.Short(rec.Key), e.Message);
             }
         }
         foreach (var mp in Native.MountsUnder(SnapshotDir(rec.Id)))
@@ -579,6 +581,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     public Task<SnapshotRecord> UpdateAsync(string ns, string name, IReadOnlyDictionary<string, string> labels, IReadOnlyList<string> paths, CancellationToken ct)
         => WithStoreAsync(() =>
         {
+            ValidateLabels(labels);
             var r = _store.Get(ns, name) ?? throw SnapshotterException.NotFound($"snapshot {name} does not exist");
             if (paths.Count == 0)
                 r.Labels = new Dictionary<string, string>(labels, StringComparer.Ordinal);
@@ -656,7 +659,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
                 try
                 {
                     await RestoreRemoteAsync(r, ct);
-                    _log.LogInformation("remote snapshot {Key} (layer {Digest}) restored on demand", r.Key, LayerDigest(r.Labels));
+                    _log.LogInformation("remote snapshot {Key} (layer {Digest}) restored on demand", KeyText.Short(r.Key), LayerDigest(r.Labels));
                     continue;
                 }
                 catch (Exception e) when (e is not OperationCanceledException)
@@ -674,16 +677,32 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             catch (Exception e) when (e is not OperationCanceledException)
             {
                 _lastChecked.TryRemove(r.Id, out _);
-                _log.LogWarning("layer {Digest} of remote snapshot {Key} is unavailable: {Error}", LayerDigest(r.Labels), r.Key, e.Message);
+                _log.LogWarning("layer {Digest} of remote snapshot {Key} is unavailable: {Error}", LayerDigest(r.Labels), KeyText.Short(r.Key), KeyText.Bound(e.Message, r.Key));
                 throw SnapshotterException.Unavailable($"layer {LayerDigest(r.Labels)} of remote snapshot {r.Key} is unavailable: {e.Message}", e);
             }
         }
     }
 
+    /// <summary>containerd's own rule (labels.Validate): a label's key and value together are at most this many bytes.</summary>
+    public const int MaxLabelBytes = 4096;
+
+    /// <summary>Refuses labels containerd itself would refuse (so only direct clients ever meet it).</summary>
+    private static void ValidateLabels(IReadOnlyDictionary<string, string> labels)
+    {
+        foreach (var (k, v) in labels)
+        {
+            if (k.Length + v.Length <= MaxLabelBytes / 3) continue;
+            var n = System.Text.Encoding.UTF8.GetByteCount(k) + System.Text.Encoding.UTF8.GetByteCount(v);
+            if (n > MaxLabelBytes)
+                throw SnapshotterException.InvalidArgument($"label {KeyText.Short(k)}: key and value are {n} bytes, more than the {MaxLabelBytes} allowed");
+        }
+    }
+
+    /// <summary>The layer's digest as messages quote it (label values are a client's: shortened).</summary>
     public static string LayerDigest(IReadOnlyDictionary<string, string> labels)
-        => labels.TryGetValue("containerd.io/snapshot/remote/stargz.digest", out var d) ? d
-         : labels.TryGetValue("containerd.io/snapshot/cri.layer-digest", out d) ? d
-         : labels.TryGetValue(TargetRefLabel, out d) ? d : "(unknown digest)";
+        => labels.TryGetValue("containerd.io/snapshot/remote/stargz.digest", out var d) ? KeyText.Short(d)
+         : labels.TryGetValue("containerd.io/snapshot/cri.layer-digest", out d) ? KeyText.Short(d)
+         : labels.TryGetValue(TargetRefLabel, out d) ? KeyText.Short(d) : "(unknown digest)";
 
     // ---------------------------------------------------------------- plumbing
 
@@ -738,7 +757,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
                     try { await _opt.RemoteFileSystem.UnmountAsync(FsDir(r.Id), CancellationToken.None); }
                     catch (Exception e) when (e is not OperationCanceledException)
                     {
-                        _log.LogWarning("shutdown: cannot unmount remote layer {Key} at {Mountpoint}: {Error}", r.Key, FsDir(r.Id), e.Message);
+                        _log.LogWarning("shutdown: cannot unmount remote layer {Key} at {Mountpoint}: {Error}", KeyText.Short(r.Key), FsDir(r.Id), e.Message);
                     }
                 }
             }

@@ -171,3 +171,47 @@ public class ContainerdTests
         return doc.RootElement.GetProperty("layers").EnumerateArray().Select(l => l.GetProperty("digest").GetString()!).ToList();
     }
 }
+
+/// <summary>Long keys and many labels sent through real containerd 1.6's snapshots service to our snapshotter.</summary>
+public class ContainerdLongKeyTests
+{
+    private static CancellationToken Ct => TestContext.Current.CancellationToken;
+
+    [Fact]
+    public async Task ALongKeyAndTenThousandLabelsWorkThroughContainerd()
+    {
+        Requires.Root();
+        Requires.Command("containerd");
+        await using var sn = await InProcessSnapshotter.StartAsync();
+        await using var ctd = await LocalContainerd.StartAsync(stargzSocket: sn.Socket);
+        using var ch = Client.Channel(ctd.Socket);
+        var c = new Snapshots.SnapshotsClient(ch);
+        var ns = Client.Ns("default");
+        var key = "long-" + new string('k', 100_000);
+        // containerd passes on only labels under containerd.io/snapshot/ (and snapshot.ref).
+        var labels = Enumerable.Range(0, 10_000).ToDictionary(i => $"containerd.io/snapshot/test.label-{i:D5}", i => "value-" + i);
+        var req = new PrepareSnapshotRequest { Snapshotter = "stargz", Key = key };
+        req.Labels.Add(labels);
+        var prep = await c.PrepareAsync(req, ns, cancellationToken: Ct);
+        var dir = prep.Mounts.Single().Source;
+        await File.WriteAllTextAsync(Path.Combine(dir, "f.txt"), "through containerd", Ct);
+
+        var info = (await c.StatAsync(new StatSnapshotRequest { Snapshotter = "stargz", Key = key }, ns, cancellationToken: Ct)).Info;
+        Assert.Equal(key, info.Name);
+        Assert.Equal(labels, info.Labels.ToDictionary());
+        // In our store, under containerd's namespaced form of the key, with every label.
+        var ours = (await Client.ListAll(sn.Client, Ct)).Single();
+        Assert.EndsWith("/" + key, ours.Name);
+        Assert.Equal(labels, ours.Labels.ToDictionary());
+
+        // containerd itself keeps the name of a snapshot with a parent as a bolt key in the parent's record, and bolt
+        // refuses keys over 32 KiB ("key too large", before containerd asks us): children's names stay under that.
+        var name = "committed-" + new string('c', 30_000);
+        await c.CommitAsync(new CommitSnapshotRequest { Snapshotter = "stargz", Name = name, Key = key }, ns, cancellationToken: Ct);
+        var viewKey = "view-" + new string('v', 30_000);
+        var view = (await c.ViewAsync(new ViewSnapshotRequest { Snapshotter = "stargz", Key = viewKey, Parent = name }, ns, cancellationToken: Ct)).Mounts.Single();
+        Assert.Equal("through containerd", await File.ReadAllTextAsync(Path.Combine(view.Source, "f.txt"), Ct));
+        await c.RemoveAsync(new RemoveSnapshotRequest { Snapshotter = "stargz", Key = viewKey }, ns, cancellationToken: Ct);
+        await c.RemoveAsync(new RemoveSnapshotRequest { Snapshotter = "stargz", Key = name }, ns, cancellationToken: Ct);
+    }
+}

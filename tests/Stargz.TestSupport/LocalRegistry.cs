@@ -165,6 +165,24 @@ public sealed class LocalRegistry : IAsyncDisposable
         return string.Join("\n", s.Split('\n').Select(l => pad + l));
     }
 
+    /// <summary>
+    /// SIGSTOP: the registry keeps its listening socket, so the kernel still accepts connections, but nothing answers
+    /// (a frozen or hung registry). <see cref="Thaw"/> lets it run again.
+    /// </summary>
+    public void Freeze() => Signal(19);
+
+    /// <summary>SIGCONT after <see cref="Freeze"/>.</summary>
+    public void Thaw() => Signal(18);
+
+    private void Signal(int sig)
+    {
+        if (kill(_process.Id, sig) != 0)
+            throw new InvalidOperationException($"kill({_process.Id}, {sig}) failed: errno {System.Runtime.InteropServices.Marshal.GetLastPInvokeError()}");
+    }
+
+    [System.Runtime.InteropServices.DllImport("libc", SetLastError = true)]
+    private static extern int kill(int pid, int sig);
+
     public async ValueTask DisposeAsync()
     {
         try

@@ -34,6 +34,24 @@ public static class Mounts
             umount2(m.MountPoint, 2 /* MNT_DETACH */);
     }
 
+    /// <summary>Mounts a tmpfs of <paramref name="bytes"/> at <paramref name="dir"/> (a small disk that fills up). Root only.</summary>
+    public static void MountTmpfs(string dir, long bytes)
+    {
+        Directory.CreateDirectory(dir);
+        if (mount("tmpfs", dir, "tmpfs", 0, $"size={bytes},mode=0755") != 0)
+            throw new IOException($"mount tmpfs at {dir}: errno {System.Runtime.InteropServices.Marshal.GetLastPInvokeError()}");
+    }
+
+    /// <summary>Gives the tmpfs at <paramref name="dir"/> a new size (space returns to a full disk).</summary>
+    public static void ResizeTmpfs(string dir, long bytes)
+    {
+        if (mount("tmpfs", dir, "tmpfs", 32 /* MS_REMOUNT */, $"size={bytes}") != 0)
+            throw new IOException($"remount tmpfs at {dir}: errno {System.Runtime.InteropServices.Marshal.GetLastPInvokeError()}");
+    }
+
+    [System.Runtime.InteropServices.DllImport("libc", SetLastError = true)]
+    private static extern int mount(string source, string target, string fstype, ulong flags, string data);
+
     private static string Unescape(string s) =>
         s.Replace("\\040", " ").Replace("\\011", "\t").Replace("\\012", "\n").Replace("\\134", "\\");
 

@@ -182,6 +182,20 @@ public class ChunkFetcherTests
     }
 
     [Fact]
+    public async Task ASlowFetchThatKeepsReceivingIsNotCutByTheFetchingTimeout()
+    {
+        var (blob, b) = TwoFiles();
+        using var rig = new FetcherRig(blob, new LayerOptions { FetchingTimeout = TimeSpan.FromSeconds(1) });
+        // Three times the fetching timeout in all, never half of it without a byte.
+        rig.Blob.DribbleSteps = 15;
+        rig.Blob.DribbleStep = TimeSpan.FromMilliseconds(200);
+        var (content, chunks) = b.Files["big"];
+        var buf = new byte[1000];
+        Assert.Equal(1000, await rig.Fetcher.ReadAsync(chunks, content.Length, 200_000, buf, Ct));
+        Assert.True(content.AsSpan(200_000, 1000).SequenceEqual(buf));
+    }
+
+    [Fact]
     public async Task AnInterruptedReaderDoesNotFailTheOthersWaitingForTheSameChunk()
     {
         var (blob, b) = TwoFiles();

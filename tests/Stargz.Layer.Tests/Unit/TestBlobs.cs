@@ -13,10 +13,16 @@ internal sealed class MemoryBlob : IRangeFetcher
     public int Ranges;
     public readonly List<(long Offset, int Length)> Log = [];
     public TimeSpan Delay;
+    /// <summary>A slow registry that keeps moving: each fetch receives a byte every <see cref="DribbleStep"/>, this many times.</summary>
+    public int DribbleSteps;
+    public TimeSpan DribbleStep;
 
     public MemoryBlob(byte[] bytes) => Bytes = bytes;
 
     public long Size => Bytes.Length;
+
+    public long ReceivedBytes => Interlocked.Read(ref _received);
+    private long _received;
 
     private static TaskCompletionSource NewOpen(bool open)
     {
@@ -39,10 +45,16 @@ internal sealed class MemoryBlob : IRangeFetcher
         lock (_lock) open = _open.Task;
         await open.WaitAsync(cancellationToken);
         if (Delay > TimeSpan.Zero) await Task.Delay(Delay, cancellationToken);
+        for (var i = 0; i < DribbleSteps; i++)
+        {
+            await Task.Delay(DribbleStep, cancellationToken);
+            Interlocked.Increment(ref _received);
+        }
         foreach (var r in ranges)
         {
             if (r.Offset + r.Destination.Length > Bytes.Length) throw new IOException("range beyond blob");
             Bytes.AsMemory((int)r.Offset, r.Destination.Length).CopyTo(r.Destination);
+            Interlocked.Add(ref _received, r.Destination.Length);
         }
     }
 }
