@@ -97,7 +97,8 @@ public sealed class OutageRig : IAsyncDisposable
     /// (name → KiB). Pushed as NAME:v1 (plain gzip) and, converted by ctr-remote, as NAME:esgz; containerd then holds
     /// neither image nor content.
     /// </summary>
-    public async Task<TestImage> PushImageAsync(string name, IReadOnlyDictionary<string, int> dataFiles, int seed)
+    /// <param name="convertArgs">more arguments for ctr-remote's convert (e.g. --estargz-chunk-size N).</param>
+    public async Task<TestImage> PushImageAsync(string name, IReadOnlyDictionary<string, int> dataFiles, int seed, params string[] convertArgs)
     {
         var root = Work.Sub("img-" + name.Replace('/', '-'));
         var l1 = Path.Combine(root, "l1");
@@ -118,7 +119,7 @@ public sealed class OutageRig : IAsyncDisposable
         await TestImages.PushAsync(layout, "v1", RegistryHost, $"{name}:v1");
         var plain = $"{RegistryHost}/{name}:v1";
         var esgz = $"{RegistryHost}/{name}:esgz";
-        await Containerd.ConvertWithReferenceAsync(plain, esgz);
+        await Containerd.ConvertWithReferenceAsync(plain, esgz, false, convertArgs);
         foreach (var i in new[] { plain, esgz }) await Containerd.CtrAsync("images", "rm", "--sync", i);
         await Containerd.CtrAsync("content", "prune", "references");
         return new TestImage(plain, esgz, hashes);

@@ -102,6 +102,7 @@ public static class ConfigLoader
                 case "max_cache_fds": d.MaxCacheFds = r.NonNegative(key, v); break;
                 case "sync_add": d.SyncAdd = r.Bool(key, v); break;
                 case "direct": d.Direct = r.Bool(key, v); break;
+                case "max_disk_mb": d.MaxDiskMb = r.NonNegative(key, v); break;
                 default: r.Unknown(key); break;
             }
         }

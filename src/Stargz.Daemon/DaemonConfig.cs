@@ -57,6 +57,9 @@ public sealed class DaemonConfig
         public long MaxCacheFds { get; set; } = 10;
         public bool SyncAdd { get; set; }
         public bool Direct { get; set; } = true;
+        /// <summary>max_disk_mb (ours): the disk cache (chunks, TOCs, whole-file copies) stays within this many MiB
+        /// (plus one background batch), least recently used evicted first; 0 = unbounded.</summary>
+        public long MaxDiskMb { get; set; }
     }
 
     public sealed class FuseConfig

@@ -88,6 +88,7 @@ public static class RemoteLayerWiring
             MemoryCacheBytes = config.DirectoryCache.MaxLruCacheBytes,
             DirectDiskReads = config.DirectoryCache.Direct,
             SyncAdd = config.DirectoryCache.SyncAdd,
+            MaxDiskBytes = config.DirectoryCache.MaxDiskMb > 0 ? config.DirectoryCache.MaxDiskMb << 20 : 0,
         };
         var fuse = new FuseMountOptions
         {
@@ -110,9 +111,23 @@ public static class RemoteLayerWiring
 }
 
 /// <summary>The seam implemented by the layer manager: layer errors become "cannot be served remotely".</summary>
-public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient registry) : IRemoteFileSystem, IAsyncDisposable
+public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient registry) : IRemoteFileSystem, IRemoteCacheSweeper, IRemoteUsage,
+    IAsyncDisposable
 {
     public LayerManager Manager => manager;
+
+    public Task SweepAsync(IReadOnlyList<IReadOnlyDictionary<string, string>> remoteSnapshotLabels, CancellationToken ct)
+    {
+        var live = new List<string>(remoteSnapshotLabels.Count);
+        foreach (var l in remoteSnapshotLabels)
+        {
+            if (l.TryGetValue(LayerLabelKeys.Digest, out var d) || l.TryGetValue(LayerLabelKeys.CriLayerDigest, out d)) live.Add(d.Trim());
+        }
+        manager.SweepOrphans(live);
+        return Task.CompletedTask;
+    }
+
+    public (long Bytes, long Inodes)? Usage(string mountpoint) => manager.CachedUsage(mountpoint);
 
     public async Task MountAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {
@@ -199,6 +214,16 @@ public static class LayerMetrics
         "stargz_cache_disk_no_space_errors", "Of the failed cache disk writes, those for want of space (ENOSPC, EDQUOT).");
     private static readonly Gauge DiskReadErrors = Prometheus.Metrics.CreateGauge(
         "stargz_cache_disk_read_errors", "Reads of cached files that failed (EIO); the data was fetched again.");
+    private static readonly Gauge CacheBytes = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_bytes", "Bytes the disk cache holds (chunks, TOCs, whole-file copies).");
+    private static readonly Gauge CacheLimit = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_disk_limit_bytes", "[directory_cache] max_disk_mb in bytes (0: unbounded).");
+    private static readonly Gauge CacheEvictions = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_evictions", "Cache files evicted to stay within max_disk_mb.");
+    private static readonly Gauge CacheEvictedBytes = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_evicted_bytes", "Bytes evicted to stay within max_disk_mb.");
+    private static readonly Gauge CacheRefetches = Prometheus.Metrics.CreateGauge(
+        "stargz_cache_refetched_chunks", "Chunks fetched again (and verified) after their file had been evicted.");
     private static readonly Gauge DiskFull = Prometheus.Metrics.CreateGauge(
         "stargz_cache_disk_full", "1 while the cache disk is full (the last write failed for want of space and none has worked since).");
 
@@ -206,6 +231,12 @@ public static class LayerMetrics
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
         {
             var disk = manager.Cache.Disk;
+            var budget = manager.Cache.Budget;
+            CacheBytes.Set(budget.Used);
+            CacheLimit.Set(budget.Limit);
+            CacheEvictions.Set(budget.Evictions);
+            CacheEvictedBytes.Set(budget.EvictedBytes);
+            CacheRefetches.Set(manager.Cache.Refetches);
             DiskWriteErrors.Set(disk.WriteErrors);
             DiskNoSpace.Set(disk.NoSpaceErrors);
             DiskReadErrors.Set(disk.ReadErrors);

@@ -37,10 +37,19 @@ internal sealed class AssembledFiles : IDisposable
     private long _built, _reused, _rejected, _failed;
 
     private readonly CacheDiskHealth? _disk;
+    private readonly DiskBudget? _budget;
 
-    public AssembledFiles(string directory, string tmpDirectory, bool durableWrites, ILogger? logger = null, CacheDiskHealth? disk = null)
+    public AssembledFiles(string directory, string tmpDirectory, bool durableWrites, ILogger? logger = null, CacheDiskHealth? disk = null,
+        DiskBudget? budget = null)
     {
         _disk = disk;
+        _budget = budget;
+        if (budget != null)
+            budget.CopyEvicted = d =>
+            {
+                _trusted.TryRemove(d, out _);
+                _unverified.TryRemove(d, out _);
+            };
         _dir = directory;
         _tmpDir = tmpDirectory;
         _durable = durableWrites;
@@ -125,12 +134,20 @@ internal sealed class AssembledFiles : IDisposable
                 Interlocked.Increment(ref _rejected);
                 _log.LogWarning("assembled file {Digest}: the copy on disk does not match its digest; building it again", digest);
                 File.Delete(final);
+                _budget?.Removed(CacheFileKind.Copy, digest);
+            }
+            // A copy is optional: within the disk budget only if room can be made (never by evicting pinned files).
+            if (_budget != null && !_budget.MakeRoom(size))
+            {
+                _failedAt[digest] = Environment.TickCount64;
+                return;
             }
             tmp = Path.Combine(_tmpDir, "file-" + Guid.NewGuid().ToString("N"));
             Copy(chunks, size, chunkPath, tmp, digest, ct);
             Directory.CreateDirectory(Path.GetDirectoryName(final)!);
             File.Move(tmp, final, overwrite: true);
             tmp = null;
+            _budget?.Added(CacheFileKind.Copy, digest, final, size);
             if (_durable) ChunkCache.FsyncDirectory(Path.GetDirectoryName(final)!);
             _trusted.TryAdd(digest, 0);
             _failedAt.TryRemove(digest, out _);
@@ -252,6 +269,7 @@ internal sealed class AssembledFiles : IDisposable
                 {
                     if (!File.Exists(path)) continue;
                     File.Delete(path);
+                    _budget?.Removed(CacheFileKind.Copy, d);
                     removed++;
                 }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)

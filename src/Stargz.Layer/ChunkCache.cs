@@ -50,8 +50,34 @@ public sealed class ChunkCache : IDisposable
             {
                 try { File.Delete(f); } catch (IOException) { }
             }
+            Budget.Scan(_chunkDir, Path.Combine(directory, "files"));
         }
+        Budget.ChunkEvicted = key =>
+        {
+            _trustedOnDisk.TryRemove(key, out _);
+            // Remembered to count a fetch of it again as a refetch (bounded: forgotten wholesale when huge).
+            if (_evictedKeys.Count > 1_000_000) _evictedKeys.Clear();
+            _evictedKeys.TryAdd(key, 0);
+        };
     }
+
+    private readonly ConcurrentDictionary<string, byte> _evictedKeys = new(StringComparer.Ordinal);
+    private long _refetches;
+
+    /// <summary>
+    /// Bytes held on disk and, with <c>max_disk_mb</c>, the budget: writes of read chunks evict the least recently used
+    /// files; background writes only fill what is free.
+    /// </summary>
+    public DiskBudget Budget { get; } = new();
+
+    /// <summary>Chunks written again after their file had been evicted (fetched again on demand).</summary>
+    public long Refetches => Interlocked.Read(ref _refetches);
+
+    /// <summary>
+    /// Whether the background fetch may add a batch of <paramref name="bytes"/> now: not while the disk is full (but
+    /// for a probe now and then), nor beyond the budget (it never evicts to make room).
+    /// </summary>
+    public bool MayAddInBackground(long bytes) => Budget.HasRoom(bytes) && Disk.MayAddInBackground();
 
     /// <summary>Failures of the disk cache (counted, logged rate-limited) and whether the disk is full.</summary>
     public CacheDiskHealth Disk { get; } = new();
@@ -79,8 +105,14 @@ public sealed class ChunkCache : IDisposable
     /// <summary>False for a memory-only cache.</summary>
     public bool HasDisk => _chunkDir != null;
 
-    /// <summary>True when a file for the chunk exists on disk (no hashing); always true for a memory-only cache.</summary>
-    public bool OnDisk(string key) => _chunkDir == null || File.Exists(PathOf(key));
+    /// <summary>
+    /// True when the chunk has a file on disk, by the budget's index of what was written or found at start (no I/O);
+    /// always true for a memory-only cache.
+    /// </summary>
+    public bool OnDisk(string key) => _chunkDir == null || Budget.HasChunk(BudgetKey(key));
+
+    /// <summary>Bytes of the chunk's file on disk (0 when it has none), from the budget's index.</summary>
+    public long DiskBytesOf(string key) => _chunkDir == null ? 0 : Budget.SizeOf(CacheFileKind.Chunk, BudgetKey(key));
 
     /// <summary>The chunk from memory without counting a hit (background bookkeeping, not a read).</summary>
     internal bool TryPeekMemory(string key, out byte[] data)
@@ -153,6 +185,7 @@ public sealed class ChunkCache : IDisposable
             _trustedOnDisk.TryAdd(key, 0);
         }
         Interlocked.Increment(ref _diskHits);
+        Budget.TouchChunk(BudgetKey(key));
         if (keepInMemory) AddMemory(key, data);
         return data;
     }
@@ -162,6 +195,7 @@ public sealed class ChunkCache : IDisposable
         Interlocked.Increment(ref _diskRejected);
         Interlocked.Increment(ref _misses);
         _trustedOnDisk.TryRemove(key, out _);
+        Budget.Removed(CacheFileKind.Chunk, BudgetKey(key));
         try { File.Delete(path); }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
     }
@@ -180,6 +214,7 @@ public sealed class ChunkCache : IDisposable
         {
             if (!File.Exists(path)) return false;
             File.Delete(path);
+            Budget.Removed(CacheFileKind.Chunk, BudgetKey(key));
             return true;
         }
         catch (DirectoryNotFoundException) { return false; }
@@ -200,11 +235,18 @@ public sealed class ChunkCache : IDisposable
     /// leaves nothing behind, is reported to <see cref="Disk"/> and returns null: the chunk stays servable from memory
     /// or the registry.
     /// </summary>
-    public string? WriteDisk(string key, ReadOnlySpan<byte> data)
+    /// <param name="background">written by the background fetch: it only fills free room (one batch over at most),
+    /// others evict the least recently used files to stay within the budget.</param>
+    public string? WriteDisk(string key, ReadOnlySpan<byte> data, bool background = false)
     {
         if (_chunkDir == null || _tmpDir == null) return null;
         var path = PathOf(key);
         if (File.Exists(path)) return null;
+        if (Budget.Limit > 0)
+        {
+            var room = background ? Budget.HasRoom(data.Length - Budget.BackgroundSlack) : Budget.MakeRoom(data.Length);
+            if (!room) return null; // pinned files leave no room: served from memory, fetched again later
+        }
         var dir = Path.GetDirectoryName(path)!;
         var tmp = Path.Combine(_tmpDir, Guid.NewGuid().ToString("N"));
         try
@@ -226,6 +268,8 @@ public sealed class ChunkCache : IDisposable
         }
         _trustedOnDisk.TryAdd(key, 0);
         Interlocked.Increment(ref _diskWrites);
+        Budget.Added(background ? CacheFileKind.BackgroundChunk : CacheFileKind.Chunk, BudgetKey(key), path, data.Length);
+        if (!_evictedKeys.IsEmpty && _evictedKeys.TryRemove(key, out _)) Interlocked.Increment(ref _refetches);
         Disk.WriteSucceeded();
         return dir;
     }
@@ -262,6 +306,13 @@ public sealed class ChunkCache : IDisposable
 
     /// <summary>Forgets which disk chunks were checked, as a restarted process would (tests of the restart path).</summary>
     internal void ForgetTrust() => _trustedOnDisk.Clear();
+
+    /// <summary>
+    /// The chunk's name in <see cref="Budget"/>: its digest, or for a layer-local key (verification off) "x/" and the
+    /// hash its file is named by, as a scan at start finds it.
+    /// </summary>
+    private static string BudgetKey(string key)
+        => Digests.IsSha256(key) ? key : "x/" + Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(key)));
 
     internal string PathOf(string key)
     {

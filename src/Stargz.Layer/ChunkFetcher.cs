@@ -78,7 +78,13 @@ internal sealed class ChunkFetcher : IDisposable
     }
 
     /// <summary>A read answered straight from a verified chunk file on disk (spliced by the FUSE bridge).</summary>
-    internal void CountDiskFileRead() => Interlocked.Increment(ref _stats.CacheHits);
+    internal void CountDiskFileRead(string? chunkKey)
+    {
+        Interlocked.Increment(ref _stats.CacheHits);
+        if (chunkKey != null) _cache.Budget.TouchChunk(chunkKey);
+    }
+
+    internal DiskBudget Budget => _cache.Budget;
 
     internal string KeyOf(in LayerChunk c) =>
         _verify && c.Digest != null ? c.Digest : $"{_layerDigest}@{c.BlobOffset}+{c.InnerOffset}+{c.Size}";
@@ -436,7 +442,7 @@ internal sealed class ChunkFetcher : IDisposable
         {
             try
             {
-                var dir = _cache.WriteDisk(done[i].Key, doneData![i]);
+                var dir = _cache.WriteDisk(done[i].Key, doneData![i], background: priority == FetchPriority.Background);
                 if (dir != null) (dirs ??= []).Add(dir);
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -513,7 +519,7 @@ internal sealed class ChunkFetcher : IDisposable
             var key = KeyOf(chunks[k]);
             if (_cache.OnDisk(key)) continue;
             if (!_cache.TryPeekMemory(key, out var data)) { all = false; continue; }
-            var dir = _cache.WriteDisk(key, data);
+            var dir = _cache.WriteDisk(key, data, background: true);
             if (dir != null && dir != lastDir)
             {
                 _cache.SyncDirectory(dir);
@@ -556,7 +562,8 @@ internal sealed class ChunkFetcher : IDisposable
                 {
                     await _gate.WaitQuietAsync(ct).ConfigureAwait(false);
                     // A full cache disk: fetching more in the background would only be thrown away.
-                    while (!_cache.Disk.MayAddInBackground()) await Task.Delay(BackgroundRoomPoll, ct).ConfigureAwait(false);
+                    // Neither beyond the disk budget: the background fetch never evicts to make room.
+                    while (!_cache.MayAddInBackground(bytes)) await Task.Delay(BackgroundRoomPoll, ct).ConfigureAwait(false);
                 }
                 await AcquireAsync(byBlobOffset, first, i - first, null, priority, ct).ConfigureAwait(false);
                 if (pause > TimeSpan.Zero && i < end) await Task.Delay(pause, ct).ConfigureAwait(false);

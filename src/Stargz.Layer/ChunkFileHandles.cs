@@ -15,9 +15,12 @@ internal sealed class ChunkFileHandles : IDisposable
     private readonly long[] _lastUse;
     private long _clock;
     private bool _disposed;
+    // Chunks with a descriptor here are pinned in the disk budget (never evicted while held).
+    private readonly DiskBudget? _budget;
 
-    public ChunkFileHandles(int capacity)
+    public ChunkFileHandles(int capacity, DiskBudget? budget = null)
     {
+        _budget = budget;
         capacity = Math.Max(1, capacity);
         _keys = new string?[capacity];
         _handles = new SafeFileHandle?[capacity];
@@ -59,6 +62,7 @@ internal sealed class ChunkFileHandles : IDisposable
     public SafeFileHandle Add(string key, SafeFileHandle handle)
     {
         SafeFileHandle? evicted = null;
+        string? unpin = null, pin = null;
         lock (_keys)
         {
             if (_disposed)
@@ -83,6 +87,8 @@ internal sealed class ChunkFileHandles : IDisposable
                 if (slot >= 0)
                 {
                     evicted = _handles[slot];
+                    if (evicted != null) unpin = _keys[slot];
+                    pin = key;
                     _keys[slot] = key;
                     _handles[slot] = handle;
                     _lastUse[slot] = ++_clock;
@@ -90,6 +96,8 @@ internal sealed class ChunkFileHandles : IDisposable
             }
         }
         evicted?.Dispose();
+        if (pin != null) _budget?.Pin(CacheFileKind.Chunk, pin);
+        if (unpin != null) _budget?.Unpin(CacheFileKind.Chunk, unpin);
         return handle;
     }
 
@@ -100,6 +108,7 @@ internal sealed class ChunkFileHandles : IDisposable
             _disposed = true;
             for (int i = 0; i < _handles.Length; i++)
             {
+                if (_handles[i] != null && _keys[i] is { } k) _budget?.Unpin(CacheFileKind.Chunk, k);
                 _handles[i]?.Dispose();
                 _handles[i] = null;
                 _keys[i] = null;

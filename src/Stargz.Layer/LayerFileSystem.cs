@@ -42,6 +42,8 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     // Opens of files that are one verified chunk on disk, by open handle: the chunk file stays open until RELEASE and
     // serves the open's reads (spliced by the bridge, or by the kernel itself with passthrough).
     private readonly ConcurrentDictionary<ulong, SafeFileHandle> _chunkFiles = new();
+    // What each of those opens pins in the disk budget (a chunk or a whole-file copy): not evicted while open.
+    private readonly ConcurrentDictionary<ulong, (CacheFileKind Kind, string Key)> _pinned = new();
     // Chunk files of bigger files, by digest: a READ that falls inside one verified chunk on disk is spliced from it.
     private readonly ChunkFileHandles _diskChunks;
     private readonly bool _spliceFromChunkFiles;
@@ -54,7 +56,7 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     {
         _fetcher = fetcher;
         _assembled = assembled;
-        _diskChunks = new ChunkFileHandles(maxCacheFds);
+        _diskChunks = new ChunkFileHandles(maxCacheFds, fetcher.Budget);
         _spliceFromChunkFiles = spliceFromChunkFiles;
         var list = new List<Inode>();
         var byNode = new Dictionary<TocNode, Inode>(ReferenceEqualityComparer.Instance);
@@ -275,10 +277,17 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         // (when the mount negotiated it) the kernel reads it and reads never reach us; otherwise they are spliced
         // from it (TryReadFromFile) instead of going through the memory cache.
         string? path = null;
+        (CacheFileKind Kind, string Key) pin = (CacheFileKind.Chunk, "");
         if (i.Chunks.Length == 1 && i.Chunks[0].FileOffset == 0 && (ulong)i.Chunks[0].Size == i.Attr.Size)
+        {
             path = _fetcher.TrustedDiskPath(i.Chunks[0]);
+            if (path != null) pin = (CacheFileKind.Chunk, i.Chunks[0].Digest!);
+        }
         else if (i.Chunks.Length > 1)
+        {
             path = AssembledCopy(i);
+            if (path != null) pin = (CacheFileKind.Copy, i.Node!.Entry.Digest!);
+        }
         if (path == null) return 0;
         SafeFileHandle h;
         try { h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete); }
@@ -287,6 +296,10 @@ internal sealed class LayerFileSystem : IFuseFileSystem
             return 0; // removed or unreadable since it was checked: this open reads through the chunk cache
         }
         var handle = (ulong)Interlocked.Increment(ref _lastHandle);
+        _fetcher.Budget.Pin(pin.Kind, pin.Key);
+        _pinned[handle] = pin;
+        if (pin.Kind == CacheFileKind.Copy) _fetcher.Budget.TouchCopy(pin.Key);
+        else _fetcher.Budget.TouchChunk(pin.Key);
         _chunkFiles[handle] = h;
         result.Handle = handle;
         result.BackingFile = h;
@@ -323,6 +336,7 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         int len = offset >= fileSize ? 0 : (int)Math.Min(size, fileSize - offset);
         SafeFileHandle? file;
         long fileOffset = offset;
+        string? touched = null;
         if (handle == 0 || !_chunkFiles.TryGetValue(handle, out file))
         {
             var chunks = i.Chunks;
@@ -339,15 +353,17 @@ internal sealed class LayerFileSystem : IFuseFileSystem
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return false; }
             }
             fileOffset = offset - c.FileOffset;
+            touched = c.Digest;
         }
         if (!FuseFileRange.TryLend(file, fileOffset, len, out range)) return false;
-        _fetcher.CountDiskFileRead();
+        _fetcher.CountDiskFileRead(touched);
         return true;
     }
 
     public void Release(ulong ino, ulong handle)
     {
         if (handle != 0 && _chunkFiles.TryRemove(handle, out var h)) h.Dispose();
+        if (handle != 0 && _pinned.TryRemove(handle, out var pin)) _fetcher.Budget.Unpin(pin.Kind, pin.Key);
     }
 
     /// <summary>Closes chunk files of opens the kernel never released (a connection that was aborted).</summary>
@@ -355,6 +371,8 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     {
         foreach (var k in _chunkFiles.Keys)
             if (_chunkFiles.TryRemove(k, out var h)) h.Dispose();
+        foreach (var k in _pinned.Keys)
+            if (_pinned.TryRemove(k, out var pin)) _fetcher.Budget.Unpin(pin.Kind, pin.Key);
         _diskChunks.Dispose();
     }
 

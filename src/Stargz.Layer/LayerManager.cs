@@ -65,12 +65,19 @@ public sealed class LayerManager : IAsyncDisposable
         _gate = new FetchGate(options.MaxConcurrency, options.BackgroundQuietPeriod);
         Cache = new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites, options.EffectiveMemoryEntries);
         Cache.Disk.Logger = _log;
+        Cache.Budget.Limit = options.MaxDiskBytes;
+        // The background fetch checks for room before each batch: it may end up one batch over.
+        Cache.Budget.BackgroundSlack = options.EffectivePrefetchChunkSize;
         // Beside the chunk cache (ROOT/stargz/cache -> ROOT/stargz/toc): TOCs are what a restart needs to mount offline.
         if (options.CacheDirectory != null)
+        {
             _tocs = new TocStore(Path.Combine(Path.GetDirectoryName(Path.GetFullPath(options.CacheDirectory).TrimEnd('/'))!, "toc"));
+            Cache.Budget.ScanTocs(_tocs.Directory);
+        }
         // With passthrough, bigger files get whole-file copies beside the chunks (CACHE/files) once all their chunks are in.
         if (_fuse.Passthrough && options.CacheDirectory != null && Cache.TmpDirectory != null)
-            Files = new AssembledFiles(Path.Combine(options.CacheDirectory, "files"), Cache.TmpDirectory, options.DurableDiskWrites, _log, Cache.Disk);
+            Files = new AssembledFiles(Path.Combine(options.CacheDirectory, "files"), Cache.TmpDirectory, options.DurableDiskWrites, _log, Cache.Disk,
+                Cache.Budget);
     }
 
     /// <summary>Whole-file copies for passthrough; null when the mounts do not ask for passthrough or there is no disk cache.</summary>
@@ -266,7 +273,10 @@ public sealed class LayerManager : IAsyncDisposable
             {
                 try
                 {
+                    Cache.Budget.MakeRoom(toc.TocJson.Length);
                     _tocs.Save(digest, fetcher.Size, toc.Reader, toc.TocJson);
+                    var tocPath = _tocs.PathFor(digest);
+                    Cache.Budget.Added(CacheFileKind.Toc, tocPath, tocPath, new FileInfo(tocPath).Length);
                     Cache.Disk.WriteSucceeded();
                 }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -357,7 +367,11 @@ public sealed class LayerManager : IAsyncDisposable
         foreach (var (_, other) in _mounts) digestStillMounted |= other.Layer.Digest == m.Layer.Digest;
         if (!digestStillMounted && _tocs != null)
         {
-            try { _tocs.Delete(m.Layer.Digest); }
+            try
+            {
+                _tocs.Delete(m.Layer.Digest);
+                Cache.Budget.Removed(CacheFileKind.Toc, _tocs.PathFor(m.Layer.Digest));
+            }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 _log.LogWarning("cannot remove the stored TOC of released layer {Digest}: {Error}", m.Layer.Digest, e.Message);
@@ -365,6 +379,100 @@ public sealed class LayerManager : IAsyncDisposable
         }
         _log.LogInformation("released layer {Digest} from {MountPoint}: {Files} cached chunk files and {Assembled} whole-file copies removed, {Shared} chunks kept for other layers",
             m.Layer.Digest, mountpoint, files, assembled, total - keys.Count);
+    }
+
+    /// <summary>
+    /// What the layer at <paramref name="mountpoint"/> holds on disk: its chunks' files (shared ones too), its whole-file
+    /// copies and its stored TOC, as (bytes, files); null when no layer is mounted there. From the budget's index, no I/O.
+    /// </summary>
+    public (long Bytes, long Files)? CachedUsage(string mountpoint)
+    {
+        if (!_mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m)) return null;
+        long bytes = 0, files = 0;
+        foreach (var k in m.Layer.ChunkKeys())
+        {
+            var n = Cache.DiskBytesOf(k);
+            if (n > 0) { bytes += n; files++; }
+        }
+        if (Files != null)
+            foreach (var d in m.Layer.FileDigests())
+            {
+                var n = Cache.Budget.SizeOf(CacheFileKind.Copy, d);
+                if (n > 0) { bytes += n; files++; }
+            }
+        if (_tocs != null)
+        {
+            var n = Cache.Budget.SizeOf(CacheFileKind.Toc, _tocs.PathFor(m.Layer.Digest));
+            if (n > 0) { bytes += n; files++; }
+        }
+        return (bytes, files);
+    }
+
+    /// <summary>
+    /// At start, before anything is mounted: drops the stored TOCs of layers no remote snapshot refers to any more and
+    /// the chunks and whole-file copies that only such layers used (a snapshot removed while its layer was not mounted, or
+    /// a crash between remove and free). The chunks to keep are read from the live layers' stored TOCs; if one of them has
+    /// none, its chunks are unknown and only TOCs are dropped. Returns the files deleted.
+    /// </summary>
+    public int SweepOrphans(IReadOnlyCollection<string> liveLayerDigests)
+    {
+        if (_tocs == null || !Directory.Exists(_tocs.Directory)) return 0;
+        var live = new HashSet<string>(liveLayerDigests, StringComparer.Ordinal);
+        var dead = new List<string>();
+        foreach (var f in Directory.EnumerateFiles(_tocs.Directory, "*.toc"))
+        {
+            var name = Path.GetFileNameWithoutExtension(f);
+            var dash = name.IndexOf('-');
+            var digest = dash > 0 ? name[..dash] + ":" + name[(dash + 1)..] : name;
+            if (!live.Contains(digest)) dead.Add(digest);
+        }
+        // Chunks come only from layers whose TOC was stored; none of a layer no snapshot refers to: nothing to sweep.
+        if (dead.Count == 0) return 0;
+        var keepChunks = new HashSet<string>(StringComparer.Ordinal);
+        var keepCopies = new HashSet<string>(StringComparer.Ordinal);
+        var complete = true;
+        foreach (var d in live)
+        {
+            var stored = _tocs.TryLoad(d, out var problem);
+            if (problem != null) _log.LogWarning("{Problem}", problem);
+            if (stored is not { } st) { complete = false; continue; }
+            foreach (var node in st.Toc.Reader.Tree.Nodes)
+            {
+                if (!node.IsRegular) continue;
+                foreach (var c in node.Chunks) if (c.Digest != null) keepChunks.Add(c.Digest);
+                if (node.Chunks.Count > 1 && node.Entry.Digest is { } fd) keepCopies.Add(fd);
+            }
+        }
+        var removed = 0;
+        if (complete)
+        {
+            foreach (var k in Cache.Budget.ChunkKeys.ToList())
+                if (Digests.IsSha256(k) && !keepChunks.Contains(k) && Cache.Remove(k)) removed++;
+            if (Files != null)
+            {
+                var orphans = Cache.Budget.CopyDigests.Where(d => !keepCopies.Contains(d)).ToList();
+                if (orphans.Count > 0) removed += Files.RemoveAsync(orphans, CancellationToken.None).GetAwaiter().GetResult();
+            }
+        }
+        else
+        {
+            _log.LogWarning("start-up sweep: a remote snapshot's layer has no stored TOC, so its chunks are unknown; only stored TOCs of removed layers are dropped");
+        }
+        foreach (var d in dead)
+        {
+            try
+            {
+                _tocs.Delete(d);
+                Cache.Budget.Removed(CacheFileKind.Toc, _tocs.PathFor(d));
+                removed++;
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                _log.LogWarning("start-up sweep: cannot remove the stored TOC of removed layer {Digest}: {Error}", d, e.Message);
+            }
+        }
+        _log.LogInformation("start-up sweep: {Removed} cache files of {Layers} layers no snapshot refers to were removed", removed, dead.Count);
+        return removed;
     }
 
     /// <summary>Deletes the whole-file copies of the released layer's files that no mounted layer has.</summary>

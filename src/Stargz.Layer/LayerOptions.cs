@@ -76,6 +76,12 @@ public sealed record LayerOptions
     /// </summary>
     public long OnDemandWindowMaxBytes { get; init; }
 
+    /// <summary>
+    /// <c>[directory_cache] max_disk_mb</c> in bytes (0: unbounded): the disk cache (chunks, TOCs, whole-file copies)
+    /// stays within it, plus one background batch (see <see cref="DiskBudget"/>).
+    /// </summary>
+    public long MaxDiskBytes { get; init; }
+
     /// <summary>Missing chunks closer than this in the blob are fetched in one range (the gap bytes are discarded).</summary>
     public long MergeGapBytes { get; init; } = 32 << 10;
 

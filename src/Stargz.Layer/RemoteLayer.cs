@@ -41,9 +41,29 @@ public sealed class RemoteLayer : IAsyncDisposable
     /// <summary>Finishes when prefetch and background fetch are over (done, failed, or stopped).</summary>
     public Task BackgroundWork => _work;
 
-    /// <summary>True once every chunk of the layer has been fetched and verified (by prefetch and background fetch).</summary>
-    public bool AllChunksFetched => Volatile.Read(ref _allFetched) != 0;
+    /// <summary>
+    /// True once every chunk of the layer has been fetched and verified (by prefetch and background fetch) and has its
+    /// file on disk; false again once the disk budget evicted one of them (Check then asks the registry).
+    /// </summary>
+    public bool AllChunksFetched
+    {
+        get
+        {
+            if (Volatile.Read(ref _allFetched) == 0) return false;
+            var evictions = Fetcher.Budget.Evictions;
+            if (evictions == Volatile.Read(ref _checkedAtEvictions)) return true;
+            // Something was evicted since the last look: is every chunk of this layer still on disk?
+            if (Fetcher.FirstMissingOnDisk(_byBlobOffset) >= 0)
+            {
+                Volatile.Write(ref _allFetched, 0);
+                return false;
+            }
+            Volatile.Write(ref _checkedAtEvictions, evictions);
+            return true;
+        }
+    }
     private int _allFetched;
+    private long _checkedAtEvictions;
 
     /// <summary>Where the prefetch ends in the blob (0 = no prefetch).</summary>
     public long PrefetchEnd { get; private set; }
@@ -181,7 +201,9 @@ public sealed class RemoteLayer : IAsyncDisposable
     private async Task<bool> MarkAllFetchedAsync()
     {
         await Fetcher.DrainAsync().ConfigureAwait(false);
+        var evictions = Fetcher.Budget.Evictions;
         if (Fetcher.FirstMissingOnDisk(_byBlobOffset) >= 0) return false;
+        Volatile.Write(ref _checkedAtEvictions, evictions);
         Volatile.Write(ref _allFetched, 1);
         return true;
     }

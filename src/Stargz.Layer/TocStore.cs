@@ -18,6 +18,9 @@ internal sealed class TocStore(string directory)
 
     public string Directory { get; } = directory;
 
+    /// <summary>The file of the layer's stored TOC.</summary>
+    public string PathFor(string layerDigest) => PathOf(layerDigest);
+
     private string PathOf(string layerDigest) => Path.Combine(Directory, layerDigest.Replace(':', '-') + ".toc");
 
     /// <summary>Writes the layer's TOC atomically (temp, fsync, rename, fsync dir).</summary>

@@ -15,6 +15,23 @@ public interface IRemoteFileSystem
     Task ReleaseAsync(string mountpoint, CancellationToken ct) => UnmountAsync(mountpoint, ct);
 }
 
+/// <summary>
+/// Optional, for a remote filesystem whose cache outlives the process: told at start (before anything is mounted or
+/// served) the labels of every remote snapshot in the store, it drops cached data no remote snapshot refers to any more
+/// (a snapshot removed while its layer was not mounted, a crash between remove and free).
+/// </summary>
+public interface IRemoteCacheSweeper
+{
+    Task SweepAsync(IReadOnlyList<IReadOnlyDictionary<string, string>> remoteSnapshotLabels, CancellationToken ct);
+}
+
+/// <summary>Optional: what a mounted remote layer holds in the cache, reported as its snapshot's Usage.</summary>
+public interface IRemoteUsage
+{
+    /// <summary>(bytes, files) the layer at <paramref name="mountpoint"/> holds on disk; null when it is not mounted.</summary>
+    (long Bytes, long Inodes)? Usage(string mountpoint);
+}
+
 /// <summary>The remote layer cannot be served (the snapshotter falls back to an ordinary snapshot or answers Unavailable).</summary>
 public class RemoteLayerUnavailableException : Exception
 {

@@ -156,6 +156,15 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         try { remotes = _store.All().Where(r => r.IsRemote).ToList(); }
         finally { _gate.Release(); }
         Volatile.Write(ref _remoteCount, remotes.Count);
+        if (_opt.RemoteFileSystem is IRemoteCacheSweeper sweeper)
+        {
+            // Before any mount or call: nothing is being written into the cache yet.
+            try { await sweeper.SweepAsync(remotes.Select(r => (IReadOnlyDictionary<string, string>)r.Labels).ToList(), ct); }
+            catch (Exception e) when (e is not OperationCanceledException)
+            {
+                _log.LogWarning("sweeping the remote layer cache at start failed: {Error}", e.Message);
+            }
+        }
         if (remotes.Count == 0) return;
         if (_opt.RemoteFileSystem == null)
         {
@@ -612,6 +621,8 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     {
         var r = await StatAsync(ns, key, ct);
         if (r.Kind == SnapshotKind.Active) return DiskUsage.Of(FsDir(r.Id));
+        // A remote snapshot holds its layer's cached chunks (and TOC, whole-file copies): that is its disk usage.
+        if (r.IsRemote && _opt.RemoteFileSystem is IRemoteUsage usage && usage.Usage(FsDir(r.Id)) is { } u) return u;
         return (r.Size, r.Inodes);
     }
 

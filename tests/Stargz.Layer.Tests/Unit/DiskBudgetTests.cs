@@ -1,0 +1,108 @@
+using Stargz.Layer;
+using Stargz.TestSupport;
+
+namespace Stargz.Layer.Tests.Unit;
+
+/// <summary>The disk budget ([directory_cache] max_disk_mb): accounting, eviction order, pins, and reads under it.</summary>
+public class DiskBudgetTests
+{
+    private static CancellationToken Ct => TestContext.Current.CancellationToken;
+
+    private static string File(TempDir dir, string name, int bytes)
+    {
+        var p = Path.Combine(dir.Path, name);
+        System.IO.File.WriteAllBytes(p, new byte[bytes]);
+        return p;
+    }
+
+    [Fact]
+    public void EvictsBackgroundChunksFirstThenCopiesThenTheLeastRecentlyReadChunksButNeverPinnedFilesOrTocs()
+    {
+        using var dir = new TempDir("budget");
+        var b = new DiskBudget { Limit = 1000 };
+        var evicted = new List<string>();
+        b.ChunkEvicted = k => evicted.Add(k);
+        b.CopyEvicted = k => evicted.Add(k);
+        long t = 1;
+        b.Added(CacheFileKind.Toc, "toc", File(dir, "toc", 100), 100, t++);
+        b.Added(CacheFileKind.Chunk, "read-old", File(dir, "read-old", 100), 100, t++);
+        b.Added(CacheFileKind.Chunk, "read-pinned", File(dir, "read-pinned", 100), 100, t++);
+        b.Added(CacheFileKind.Copy, "copy", File(dir, "copy", 100), 100, t++);
+        b.Added(CacheFileKind.Chunk, "read-new", File(dir, "read-new", 100), 100, t++);
+        b.Added(CacheFileKind.BackgroundChunk, "bg-read-later", File(dir, "bg-read-later", 100), 100, t++);
+        b.Added(CacheFileKind.BackgroundChunk, "bg", File(dir, "bg", 100), 100, t++);
+        b.Pin(CacheFileKind.Chunk, "read-pinned");
+        b.TouchChunk("bg-read-later"); // read since: now a read chunk, the most recent
+        Assert.Equal(700, b.Used);
+        Assert.True(b.HasRoom(300));
+        Assert.False(b.HasRoom(301));
+
+        // 550 more: down to 1000 - 550 - 5% = 400 used.
+        Assert.True(b.MakeRoom(550));
+        Assert.Equal(["bg", "copy", "read-old"], evicted);
+        Assert.Equal(400, b.Used);
+        Assert.False(System.IO.File.Exists(Path.Combine(dir.Path, "bg")));
+        Assert.True(System.IO.File.Exists(Path.Combine(dir.Path, "read-pinned")));
+
+        // Only the TOC and the pinned chunk would be left: not enough room for 950.
+        evicted.Clear();
+        Assert.False(b.MakeRoom(950));
+        Assert.Equal(["read-new", "bg-read-later"], evicted);
+        Assert.Equal(200, b.Used);
+        Assert.Equal(5, b.Evictions);
+        b.Unpin(CacheFileKind.Chunk, "read-pinned");
+        Assert.True(b.MakeRoom(850));
+        Assert.Equal(100, b.Used); // the TOC stays
+    }
+
+    [Fact]
+    public async Task ReadingAFileFourTimesTheBudgetStaysWithinItAndEveryReadIsRight()
+    {
+        using var dir = new TempDir("budget-read");
+        var b = new BlobBuilder().AddFile("big", BlobBuilder.Random(2_000_000, 31), 50_000);
+        var blob = b.Build();
+        var (content, chunks) = b.Files["big"];
+        const long limit = 500_000;
+        // Little memory, so reads again go to the disk or the registry.
+        var options = new LayerOptions { CacheDirectory = dir.Path, MaxDiskBytes = limit, MemoryCacheBytes = 100_000 };
+        using var rig = new FetcherRig(blob, options);
+        rig.Cache.Budget.Limit = limit;
+        long max = 0;
+        var rnd = new Random(5);
+        for (var pass = 0; pass < 3; pass++)
+        {
+            for (long off = 0; off < content.Length; off += 64 << 10)
+            {
+                var buf = new byte[64 << 10];
+                var n = await rig.Fetcher.ReadAsync(chunks, content.Length, off, buf, Ct);
+                Assert.True(content.AsSpan((int)off, n).SequenceEqual(buf.AsSpan(0, n)), $"pass {pass} @{off}");
+                await rig.Fetcher.DrainAsync();
+                max = Math.Max(max, DiskBytes(dir.Path));
+            }
+        }
+        Assert.True(max <= limit, $"{max} bytes on disk, budget {limit}");
+        Assert.True(rig.Cache.Budget.Evictions > 0);
+        Assert.True(rig.Cache.Refetches > 0, "nothing was fetched again after its eviction");
+        Assert.Equal(DiskBytes(dir.Path), rig.Cache.Budget.Used); // the accounting matches the disk
+    }
+
+    private static long DiskBytes(string dir)
+        => Directory.EnumerateFiles(Path.Combine(dir, "chunks"), "*", SearchOption.AllDirectories).Sum(f => new FileInfo(f).Length);
+
+    [Fact]
+    public void AtStartTheBudgetCountsWhatTheCacheAlreadyHolds()
+    {
+        using var dir = new TempDir("budget-scan");
+        using (var first = new ChunkCache(dir.Path, 1 << 20))
+        {
+            first.WriteDisk("sha256:" + new string('a', 64), new byte[1000]);
+            first.WriteDisk("sha256:" + new string('b', 64), new byte[3000]);
+            Assert.Equal(4000, first.Budget.Used);
+        }
+        using var again = new ChunkCache(dir.Path, 1 << 20);
+        Assert.Equal(4000, again.Budget.Used);
+        Assert.True(again.OnDisk("sha256:" + new string('b', 64)));
+        Assert.True(again.Remove("sha256:" + new string('a', 64)));
+        Assert.Equal(3000, again.Budget.Used);
+    }
+}
