@@ -137,7 +137,7 @@ internal sealed class AssembledFiles : IDisposable
                 _budget?.Removed(CacheFileKind.Copy, digest);
             }
             // A copy is optional: within the disk budget only if room can be made (never by evicting pinned files).
-            if (_budget != null && !_budget.MakeRoom(size))
+            if (_budget != null && !_budget.MakeRoom(size, evictBelow: CacheFileKind.Chunk))
             {
                 _failedAt[digest] = Environment.TickCount64;
                 return;

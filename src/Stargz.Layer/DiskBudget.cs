@@ -144,7 +144,9 @@ public sealed class DiskBudget
     /// <see cref="CacheFileKind"/> for the order), down to a little below what is needed so that evictions come in
     /// rounds, not one per chunk. False when pinned files and TOCs alone leave too little room.
     /// </summary>
-    public bool MakeRoom(long bytes)
+    /// <param name="evictBelow">only files of kinds before this one are evicted (a whole-file copy, which is optional,
+    /// never pushes out the read chunks it is built from).</param>
+    public bool MakeRoom(long bytes, CacheFileKind evictBelow = CacheFileKind.Toc)
     {
         var limit = Limit;
         if (limit <= 0 || Used + bytes <= limit) return true;
@@ -154,8 +156,9 @@ public sealed class DiskBudget
             // Down to 95% of what is left for the new file: the next few additions find room at once.
             var target = limit - bytes - limit / 20;
             var candidates = new List<Entry>(_chunks.Count + _copies.Count);
-            foreach (var (_, e) in _chunks) if (Volatile.Read(ref e.Pins) == 0) candidates.Add(e);
-            foreach (var (_, e) in _copies) if (Volatile.Read(ref e.Pins) == 0) candidates.Add(e);
+            var below = (int)evictBelow;
+            foreach (var (_, e) in _chunks) if (Volatile.Read(ref e.Pins) == 0 && Volatile.Read(ref e.Kind) < below) candidates.Add(e);
+            foreach (var (_, e) in _copies) if (Volatile.Read(ref e.Pins) == 0 && Volatile.Read(ref e.Kind) < below) candidates.Add(e);
             candidates.Sort(static (a, b) =>
             {
                 var r = Volatile.Read(ref a.Kind).CompareTo(Volatile.Read(ref b.Kind));

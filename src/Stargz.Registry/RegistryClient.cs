@@ -383,7 +383,9 @@ public sealed partial class RegistryClient : IDisposable
             var last = i == eps.Count - 1;
             try
             {
-                return await RetryAsync(ep, subject, op, ep.RequestTimeout, Blob.StallTimeout, Blob.OutageTimeout, failFast: !last, ct)
+                // Without the watchdog (stall_timeout_sec = 0) every attempt has fetching_timeout_sec as a hard limit, as before.
+                var hard = ep.RequestTimeout ?? (Blob.StallTimeout > TimeSpan.Zero ? null : Blob.FetchingTimeout);
+                return await RetryAsync(ep, subject, op, hard, Blob.StallTimeout, Blob.OutageTimeout, failFast: !last, ct)
                     .ConfigureAwait(false);
             }
             catch (RegistryException e) when (!last && !ct.IsCancellationRequested && e is not DigestMismatchException)

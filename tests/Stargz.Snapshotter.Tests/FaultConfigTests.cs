@@ -38,4 +38,12 @@ public class FaultConfigTests
         Assert.Throws<ConfigException>(() => Parse("[blob]\nstall_timeout_sec = -1"));
         Assert.Throws<ConfigException>(() => Parse("[blob]\noutage_timeout_sec = \"soon\""));
     }
+
+    [Fact]
+    public void MaxDiskMbParsesAndIsUnboundedWhenAbsent()
+    {
+        Assert.Equal(0, Parse("").DirectoryCache.MaxDiskMb);
+        Assert.Equal(512, Parse("[directory_cache]\nmax_disk_mb = 512").DirectoryCache.MaxDiskMb);
+        Assert.Throws<ConfigException>(() => Parse("[directory_cache]\nmax_disk_mb = -5"));
+    }
 }

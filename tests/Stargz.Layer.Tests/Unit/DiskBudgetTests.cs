@@ -56,6 +56,20 @@ public class DiskBudgetTests
     }
 
     [Fact]
+    public void AWholeFileCopyMakesRoomOnlyFromBackgroundChunksAndOtherCopiesNeverFromReadChunks()
+    {
+        using var dir = new TempDir("budget-copy");
+        var b = new DiskBudget { Limit = 400 };
+        b.Added(CacheFileKind.Chunk, "read", File(dir, "read", 200), 200, 1);
+        b.Added(CacheFileKind.BackgroundChunk, "bg", File(dir, "bg", 100), 100, 2);
+        b.Added(CacheFileKind.Copy, "old-copy", File(dir, "old-copy", 100), 100, 3);
+        Assert.False(b.MakeRoom(250, evictBelow: CacheFileKind.Chunk));
+        Assert.Equal(200, b.Used); // background chunk and old copy went; the read chunk stays
+        Assert.True(System.IO.File.Exists(Path.Combine(dir.Path, "read")));
+        Assert.True(b.MakeRoom(150, evictBelow: CacheFileKind.Chunk));
+    }
+
+    [Fact]
     public async Task ReadingAFileFourTimesTheBudgetStaysWithinItAndEveryReadIsRight()
     {
         using var dir = new TempDir("budget-read");
