@@ -109,7 +109,7 @@ public class DiskBudgetTests
         (await rig.Containerd.CtrInNamespaceAsync("k8s.io", "run", "--rm", "--snapshotter", "stargz", image, "usage-read", "/bin/sha256sum", "/data/blob.bin"))
             .EnsureSuccess("reading the data in a container");
 
-        using var ch = UnixGrpc.Channel(rig.Daemon.Socket);
+        using var ch = Client.Channel(rig.Daemon.Socket);
         var sn = new Snapshots.SnapshotsClient(ch);
         var remote = new List<Info>();
         using (var list = sn.List(new ListSnapshotsRequest { Snapshotter = "stargz" }, cancellationToken: ct))
