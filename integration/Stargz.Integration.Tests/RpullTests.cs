@@ -212,7 +212,8 @@ public class RpullTests
         Assert.Equal(0, await rig.Daemon.StopAsync());
         var down = await Rpull(rig, image);
         Assert.Equal(1, down.ExitCode);
-        Assert.Contains("snapshotter \"stargz\" is unavailable (is its daemon running?)", down.StdErr);
+        // The whole stderr on failure (Assert.Contains cuts it): this has failed now and then, cause not yet seen.
+        Assert.True(down.StdErr.Contains("snapshotter \"stargz\" is unavailable (is its daemon running?)", StringComparison.Ordinal), down.StdErr);
 
         // None of the failures left an image behind or a lease open.
         Assert.DoesNotContain(image, (await rig.Containerd.CtrAsync("images", "ls", "-q")).EnsureSuccess("ctr images ls").StdOut);
