@@ -39,6 +39,11 @@ public sealed class FuseMountOptions
     public TimeSpan InitTimeout { get; init; } = TimeSpan.FromSeconds(10);
     /// <summary>Mount through fusermount3 even as root (non-root always does).</summary>
     public bool UseFusermount { get; init; }
+    /// <summary>
+    /// Where connections are kept across restarts of this process (the service manager's fd store), or null: a mount
+    /// in the store is adopted instead of mounted again, and a new mount is stored once INIT is answered.
+    /// </summary>
+    public Handover.FuseConnectionStore? Connections { get; init; }
     /// <summary>Diagnostics sink (passthrough refusals, unexpected errors); null = silent.</summary>
     public Action<string>? Log { get; init; }
 }

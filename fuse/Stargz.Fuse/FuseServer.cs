@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using Stargz.Fuse.Handover;
 
 namespace Stargz.Fuse;
 
@@ -25,6 +26,7 @@ public sealed class FuseServer : IDisposable
     private readonly InflightReads _inflight = new();
     private readonly FileReplies _fileReplies;
     private readonly RequestDispatcher _dispatcher;
+    private readonly ReplyWriter _replies;
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private int _liveReaders;
     private int _unmounted;
@@ -72,24 +74,40 @@ public sealed class FuseServer : IDisposable
     /// </summary>
     public static int LargestSplicedRead => FileReplies.LargestSplicedRead;
 
-    private FuseServer(string mountPoint, IFuseFileSystem fs, FuseMountOptions opt, int fd)
+    private FuseServer(string mountPoint, IFuseFileSystem fs, FuseMountOptions opt, int fd, FuseAgreement? adopted = null)
     {
         MountPoint = mountPoint;
         _opt = opt;
         _masterFd = fd;
         _session = new FuseSession(opt);
-        var replies = new ReplyWriter(opt.Log);
+        if (adopted is { } a) _session.Restore(a);
+        var replies = _replies = new ReplyWriter(opt.Log);
         _fileReplies = new FileReplies(replies, _session.MaxRead, opt.Log);
         _backings = new PassthroughBackings(fd, opt.Log);
         _lookups = new LookupCounts(fs);
         _dispatcher = new RequestDispatcher(fs, opt, _session, replies, _fileReplies, _backings, _lookups, _inflight);
     }
 
-    /// <summary>Mounts <paramref name="fs"/> at <paramref name="mountPoint"/> and starts serving; returns after INIT.</summary>
+    /// <summary>True when this server took over a connection an earlier process left in the fd store.</summary>
+    public bool Adopted { get; private set; }
+    /// <summary>
+    /// Requests of an adopted connection that waited for this server: queued while no process served it, or read by
+    /// the earlier process and sent again (FUSE_NOTIFY_RESEND).
+    /// </summary>
+    public long WaitedRequests => Interlocked.Read(ref _waited) + _dispatcher.ResentRequests;
+    private long _waited;
+
+    /// <summary>
+    /// Mounts <paramref name="fs"/> at <paramref name="mountPoint"/> and starts serving; returns after INIT. When
+    /// <see cref="FuseMountOptions.Connections"/> holds a live connection for the mount point (left by an earlier
+    /// process), it is adopted instead: no mount(2), no INIT, the kernel's queued requests are answered by
+    /// <paramref name="fs"/>, which must number its nodes as the earlier server did.
+    /// </summary>
     public static FuseServer Mount(string mountPoint, IFuseFileSystem fs, FuseMountOptions? options = null)
     {
         var opt = options ?? new FuseMountOptions();
         mountPoint = Path.GetFullPath(mountPoint);
+        if (opt.Connections?.Take(mountPoint) is { } adopted) return Adopt(adopted, fs, opt);
         int fd = KernelMount.Mount(mountPoint, opt);
         var server = new FuseServer(mountPoint, fs, opt, fd);
         try
@@ -100,6 +118,8 @@ public sealed class FuseServer : IDisposable
                 throw new TimeoutException($"FUSE INIT did not arrive within {opt.InitTimeout}");
             if (agreed.IsFaulted) agreed.GetAwaiter().GetResult();
             if (opt.ReadAheadKb is int ra) KernelMount.SetReadAhead(mountPoint, ra, opt.Log);
+            // Stored only once INIT is answered: a process that adopts it never waits for an INIT the kernel will not resend.
+            opt.Connections?.Keep(mountPoint, server._fds, server._session.Agreement);
         }
         catch
         {
@@ -109,12 +129,70 @@ public sealed class FuseServer : IDisposable
         return server;
     }
 
+    private static unsafe FuseServer Adopt(AdoptedConnection c, IFuseFileSystem fs, FuseMountOptions opt)
+    {
+        var server = new FuseServer(c.MountPoint, fs, opt, c.Fds[0], c.Agreement) { Adopted = true };
+        server._backings.Start(c.Agreement.Passthrough);
+        server._fds.AddRange(c.Fds);
+        // Requests the earlier process had read but not answered sit on its (stored) fds' processing lists: the kernel
+        // queues them again, marked as resent, and they are answered like any other (Linux 6.9+; older kernels ignore
+        // the notification and those requests wait until the mount ends).
+        if (!server._replies.Notify(server._masterFd, NotifyResend))
+            opt.Log?.Invoke($"FUSE_NOTIFY_RESEND on {c.MountPoint}: errno {Native.LastErrno}; requests read by the previous process are not sent again");
+        server.DrainQueued();
+        server.StartReaderThreads();
+        return server;
+    }
+
+    /// <summary>FUSE_NOTIFY_RESEND: move every request read but not answered back to the pending queue.</summary>
+    private const int NotifyResend = 7;
+
+    /// <summary>Answers what queued while no process served the connection, counting it, before the readers start.</summary>
+    private unsafe void DrainQueued()
+    {
+        const int F_GETFL = 3, F_SETFL = 4, O_NONBLOCK = 0x800;
+        int flags = Native.Fcntl(_masterFd, F_GETFL, 0);
+        if (flags < 0 || Native.Fcntl(_masterFd, F_SETFL, flags | O_NONBLOCK) != 0) return;
+        var ctx = new ReaderContext(_masterFd);
+        var req = GC.AllocateUninitializedArray<byte>(FuseSession.RequestBufferSize, pinned: true);
+        byte* reqPtr = (byte*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(req));
+        try
+        {
+            while (true)
+            {
+                nint n = Native.Read(_masterFd, reqPtr, req.Length);
+                if (n < 0)
+                {
+                    int e = Native.LastErrno;
+                    if (e is Native.EINTR or Native.ENOENT) continue;
+                    break; // EAGAIN: the queue is empty
+                }
+                if (n < RequestDispatcher.InHeaderSize) continue;
+                Interlocked.Increment(ref _waited);
+                var request = new ReadOnlySpan<byte>(reqPtr, (int)n);
+                try { _dispatcher.Dispatch(ctx, request); }
+                catch (Exception ex)
+                {
+                    _opt.Log?.Invoke($"FUSE handler failed: {ex}");
+                    _dispatcher.Failed(ctx, request);
+                }
+            }
+        }
+        finally
+        {
+            Native.Fcntl(_masterFd, F_SETFL, flags);
+            ctx.Dispose();
+        }
+    }
+
     // ---------------------------------------------------------------- readers
 
     private unsafe void StartReaders()
     {
         _fds.Add(_masterFd);
         int n = Math.Clamp(_opt.ReaderThreads, 1, 64);
+        // With a store, every reader fd is kept in it: a clone closed by a dying process would fail (ECONNABORTED) the
+        // requests it had read, where a stored one keeps them for the next process to answer.
         for (int i = 1; i < n; i++)
         {
             // A cloned fd shares the connection's input queue but has its own processing list, so readers do not
@@ -130,6 +208,11 @@ public sealed class FuseServer : IDisposable
             }
             _fds.Add(c);
         }
+        StartReaderThreads();
+    }
+
+    private void StartReaderThreads()
+    {
         _liveReaders = _fds.Count;
         for (int i = 0; i < _fds.Count; i++)
             new Thread(ReaderLoop) { IsBackground = true, Name = $"fuse-reader-{i}" }.Start(_fds[i]);
@@ -184,6 +267,8 @@ public sealed class FuseServer : IDisposable
 
     private async Task DrainThenCloseAsync()
     {
+        // The connection is over (unmounted or aborted): the store lets go of it too.
+        _opt.Connections?.Drop(MountPoint);
         if (await _inflight.DrainAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false)) CloseFds();
         else _opt.Log?.Invoke($"{_inflight.Count} FUSE reads did not finish after the connection ended; leaving fds open");
         _completion.TrySetResult();

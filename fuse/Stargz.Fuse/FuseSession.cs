@@ -1,3 +1,5 @@
+using Stargz.Fuse.Handover;
+
 namespace Stargz.Fuse;
 
 /// <summary>
@@ -16,8 +18,8 @@ internal sealed class FuseSession(FuseMountOptions opt)
 
     private readonly TaskCompletionSource _agreed = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    /// <summary>Largest READ, from the options (INIT announces it as max_pages).</summary>
-    public int MaxRead { get; } = opt.MaxReadBytes;
+    /// <summary>Largest READ, from the options (INIT announces it as max_pages), or as an adopted connection agreed.</summary>
+    public int MaxRead { get; private set; } = opt.MaxReadBytes;
     public uint ProtocolMinor { get; private set; }
     public bool Passthrough { get; private set; }
     public bool DirectIoAllowMmap { get; private set; }
@@ -73,6 +75,22 @@ internal sealed class FuseSession(FuseMountOptions opt)
         if (opt.DirectIoAllowMmap && !DirectIoAllowMmap)
             opt.Log?.Invoke($"kernel did not accept FUSE_DIRECT_IO_ALLOW_MMAP (protocol 7.{init.Minor}); shared mmap of direct-I/O files fails with ENODEV");
         return Outcome.Accepted;
+    }
+
+    /// <summary>What was agreed, to store beside the connection's fds.</summary>
+    public FuseAgreement Agreement => new(ProtocolMinor, Passthrough, DirectIoAllowMmap, MaxRead);
+
+    /// <summary>
+    /// Takes over what an earlier server agreed on this connection: the kernel sends INIT once per connection, so an
+    /// adopting server answers with the sizes and features the kernel already holds.
+    /// </summary>
+    public void Restore(FuseAgreement a)
+    {
+        ProtocolMinor = a.ProtocolMinor;
+        Passthrough = a.Passthrough;
+        DirectIoAllowMmap = a.DirectIoAllowMmap;
+        MaxRead = a.MaxRead;
+        _agreed.TrySetResult();
     }
 
     /// <summary>INIT's answer has been sent: the connection is ready.</summary>

@@ -21,6 +21,10 @@ internal sealed record MountInfo(string DeviceId, string MountPoint, string FsTy
         return found;
     }
 
+    /// <summary>True when the topmost mount at <paramref name="mountPoint"/> is a FUSE filesystem.</summary>
+    public static bool IsFuseMount(string mountPoint) =>
+        Find(mountPoint) is { } m && (m.FsType == "fuse" || m.FsType.StartsWith("fuse.", StringComparison.Ordinal));
+
     // mountinfo escapes space, tab, newline and backslash as \ooo.
     private static string Unescape(string s)
     {

@@ -17,6 +17,13 @@ internal sealed unsafe class ReplyWriter(Action<string>? log)
         Write(fd, (byte*)&oh, OutHeaderSize);
     }
 
+    /// <summary>A notification without payload (unique 0, the code in the error field), e.g. FUSE_NOTIFY_RESEND.</summary>
+    public bool Notify(int fd, int code)
+    {
+        OutHeader oh = new() { Len = OutHeaderSize, Error = code, Unique = 0 };
+        return Native.Write(fd, (byte*)&oh, OutHeaderSize) == OutHeaderSize;
+    }
+
     /// <summary><paramref name="value"/> (its first <paramref name="size"/> bytes, zero-padded) from the thread's buffer.</summary>
     public void Struct<T>(ReaderContext ctx, ulong unique, in T value, int size) where T : unmanaged
     {

@@ -15,6 +15,12 @@ internal sealed class RequestDispatcher(
 
     private readonly long[] _opCounts = new long[(int)Opcode.MaxKnown];
     private long _directIoOpens;
+    private long _resent;
+
+    /// <summary>FUSE_UNIQUE_RESEND: the kernel marks requests it queued again after FUSE_NOTIFY_RESEND.</summary>
+    private const ulong ResendBit = 1UL << 63;
+    /// <summary>Requests the kernel sent a second time (read by an earlier process that ended before answering).</summary>
+    public long ResentRequests => Interlocked.Read(ref _resent);
 
     /// <summary>Requests of <paramref name="opcode"/> (FUSE opcode number) seen so far.</summary>
     public long RequestCount(int opcode) => opcode is > 0 and < (int)Opcode.MaxKnown ? Interlocked.Read(ref _opCounts[opcode]) : 0;
@@ -27,6 +33,7 @@ internal sealed class RequestDispatcher(
         var args = req[InHeaderSize..];
         var op = (Opcode)h.Opcode;
         if (h.Opcode < (uint)Opcode.MaxKnown) Interlocked.Increment(ref _opCounts[h.Opcode]);
+        if ((h.Unique & ResendBit) != 0) Interlocked.Increment(ref _resent);
         switch (op)
         {
             case Opcode.Init: HandleInit(ctx, h, args); break;

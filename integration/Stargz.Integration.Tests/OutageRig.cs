@@ -44,8 +44,9 @@ public sealed class OutageRig : IAsyncDisposable
     /// <param name="backgroundFetch">leave prefetch and background fetch on (the default config) instead of off.</param>
     /// <param name="extraToml">more of the daemon's config, appended (tables only).</param>
     /// <param name="daemonRoot">the daemon's --root instead of one in its own dir (a small disk; the caller unmounts it).</param>
+    /// <param name="supervised">run the daemon under `stargz-snapshotter supervise` (its fd store keeps the FUSE connections).</param>
     public static async Task<OutageRig> StartAsync(int fetchingTimeoutSec = FetchingTimeoutSec, bool backgroundFetch = false, string extraToml = "",
-        string? daemonRoot = null)
+        string? daemonRoot = null, bool supervised = false)
     {
         Requires.Fuse();
         Requires.Root();
@@ -64,7 +65,7 @@ public sealed class OutageRig : IAsyncDisposable
                 [blob]
                 fetching_timeout_sec = {fetchingTimeoutSec}
                 {extraToml}
-                """, extraArgs: daemonRoot == null ? null : ["--root", daemonRoot]);
+                """, extraArgs: daemonRoot == null ? null : ["--root", daemonRoot], supervised: supervised);
             var ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket);
             return new OutageRig(registry, storage, daemon, ctd, port, work) { DaemonRoot = daemonRoot ?? daemon.Root };
         }

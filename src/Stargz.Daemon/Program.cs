@@ -2,7 +2,9 @@ using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Routing;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
+using System.Runtime.InteropServices;
 using Prometheus;
+using Stargz.Fuse.Handover;
 using Stargz.Registry;
 using Stargz.Snapshotter;
 
@@ -18,6 +20,8 @@ public static class Program
 
     public static async Task<int> Main(string[] args)
     {
+        // A parent that keeps the FUSE connections (the fd store) when no systemd does, and restarts the daemon.
+        if (args.Length > 0 && args[0] == "supervise") return Supervise.Supervisor.Run(args[1..]);
         // Process metrics stay (as the reference's Go collector has them); the event-counter and meter adapters would
         // keep a runtime EventListener polling every second in an idle daemon. Must run before any metric is created.
         Prometheus.Metrics.SuppressDefaultMetrics(new Prometheus.SuppressDefaultMetricOptions
@@ -88,7 +92,21 @@ public static class Program
             ? new KubeconfigKeychain(config.KubeconfigKeychain.KubeconfigPath, loggerFactory.CreateLogger("stargz.kubeconfig")).Start()
             : null;
 
-        var remote = RemoteLayerWiring.Create(config, opt.Root, loggerFactory, log, criKeychain, kubeKeychain);
+        // Under systemd (or supervise) the FUSE connections are kept in the service manager's fd store, so running
+        // containers keep their layers over a restart: SIGTERM hands them over, SIGINT ends them (unmounts).
+        var handoverLog = loggerFactory.CreateLogger("stargz.handover");
+        FuseConnectionStore? connections = null;
+        try { connections = FuseConnectionStore.FromEnvironment(Path.Combine(opt.Root, "fuse-connections"), m => handoverLog.LogWarning("{Message}", m)); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
+        {
+            log.LogWarning("no fd store: FUSE connections end with this process ({Error})", e.Message);
+        }
+        Environment.SetEnvironmentVariable("NOTIFY_SOCKET", null); // not for our children (fusermount3, mkfs)
+        PosixSignal? stopSignal = null;
+        using var onTerm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, _ => stopSignal ??= PosixSignal.SIGTERM);
+        using var onInt = PosixSignalRegistration.Create(PosixSignal.SIGINT, _ => stopSignal ??= PosixSignal.SIGINT);
+
+        var remote = RemoteLayerWiring.Create(config, opt.Root, loggerFactory, log, criKeychain, kubeKeychain, connections);
         StargzSnapshotter snapshotter;
         try
         {
@@ -152,8 +170,18 @@ public static class Program
         log.LogInformation("serving containerd snapshots API on {Address} (root {Root}, remote layers {Remote}, metrics {Metrics})",
             opt.Address, opt.Root, remote != null ? "on" : "off", metricsEndpoint?.ToString() ?? "off");
 
+        connections?.Notify("READY=1");
+
         // SIGTERM/SIGINT: the host stops accepting, drains in-flight calls (shutdown timeout), then we close the store.
         await app.WaitForShutdownAsync();
+        if (remote is IRemoteHandover handover && connections != null)
+        {
+            handover.HandingOver = stopSignal != PosixSignal.SIGINT;
+            log.LogInformation(handover.HandingOver
+                ? "stopping: FUSE connections stay in the fd store; running containers keep their layers and the next daemon adopts them"
+                : "stopping for good (SIGINT): remote layers are unmounted and dropped from the fd store");
+            connections.Notify("STOPPING=1");
+        }
         log.LogInformation("shutting down: in-flight calls drained, closing the metadata store");
         await app.DisposeAsync();
         await snapshotter.DisposeAsync();

@@ -1,6 +1,7 @@
 using Microsoft.Extensions.Logging;
 using Prometheus;
 using Stargz.Fuse;
+using Stargz.Fuse.Handover;
 using Stargz.Layer;
 using Stargz.Registry;
 using Stargz.Snapshotter;
@@ -25,8 +26,9 @@ public static class RemoteLayerWiring
         return b.OutageTimeoutSec > 0 ? Math.Min(fetching, b.OutageTimeoutSec) : fetching;
     }
 
+    /// <param name="connections">the fd store that keeps FUSE connections over a restart (systemd or supervise); null: none.</param>
     public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log, CriKeychain? criKeychain = null,
-        KubeconfigKeychain? kubeKeychain = null)
+        KubeconfigKeychain? kubeKeychain = null, FuseConnectionStore? connections = null)
     {
         var hosts = new RegistryHostsConfig
         {
@@ -100,21 +102,43 @@ public static class RemoteLayerWiring
             // One reader thread per core (2 to 4): replies are asynchronous, so more threads only add a /dev/fuse fd,
             // a splice pipe and ~170 KiB of buffers per layer (2 vs 4 threads for 16 readers: no difference measured).
             ReaderThreads = Math.Clamp(Environment.ProcessorCount, 2, 4),
+            Connections = connections,
         };
         var manager = new LayerManager(registry, options, fuse, loggers.CreateLogger("stargz.layer"));
         LayerMetrics.Track(manager, registry);
         log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}, passthrough {Passthrough}",
             options.CacheDirectory, options.MaxConcurrency, options.NoPrefetch ? "off" : "on", options.NoBackgroundFetch ? "off" : "on",
             fuse.Passthrough ? "on" : "off");
-        return new LazyLayerFileSystem(manager, registry);
+        if (connections != null)
+            log.LogInformation("FUSE connections are kept in the fd store of {Manager}: running containers survive a restart ({Adoptable} kept connections to adopt)",
+                Environment.GetEnvironmentVariable("NOTIFY_SOCKET"), connections.HeldMountPoints().Count);
+        LayerMetrics.TrackHandover(connections);
+        return new LazyLayerFileSystem(manager, registry, connections);
     }
 }
 
 /// <summary>The seam implemented by the layer manager: layer errors become "cannot be served remotely".</summary>
-public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient registry) : IRemoteFileSystem, IRemoteCacheSweeper, IRemoteUsage,
-    IAsyncDisposable
+public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient registry, FuseConnectionStore? connections = null)
+    : IRemoteFileSystem, IRemoteCacheSweeper, IRemoteUsage, IRemoteHandover, IAsyncDisposable
 {
     public LayerManager Manager => manager;
+
+    public bool Holds(string mountpoint) => connections?.Holds(mountpoint) == true;
+
+    public int EndUnclaimed()
+    {
+        if (connections == null) return 0;
+        int n = connections.CloseUnclaimed();
+        LayerMetrics.RestoreDone();
+        return n;
+    }
+
+    /// <summary>Set on SIGTERM when an fd store keeps the connections: shutdown leaves the layers mounted for the next daemon.</summary>
+    public bool HandingOver
+    {
+        get => connections != null && manager.HandingOver;
+        set => manager.HandingOver = value && connections != null;
+    }
 
     public Task SweepAsync(IReadOnlyList<IReadOnlyDictionary<string, string>> remoteSnapshotLabels, CancellationToken ct)
     {
@@ -171,7 +195,9 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
     public async ValueTask DisposeAsync()
     {
         await manager.DisposeAsync().ConfigureAwait(false);
+        if (HandingOver) return; // the process ends now; in-flight fetches must not fail the reads they serve
         registry.Dispose();
+        connections?.Dispose();
     }
 }
 
@@ -227,6 +253,25 @@ public static class LayerMetrics
     private static readonly Gauge DiskFull = Prometheus.Metrics.CreateGauge(
         "stargz_cache_disk_full", "1 while the cache disk is full (the last write failed for want of space and none has worked since).");
 
+    private static readonly Gauge AdoptedMounts = Prometheus.Metrics.CreateGauge(
+        "stargz_fuse_adopted_mounts", "Mounted layers whose FUSE connection this daemon took over from the previous one (kept in the fd store over a restart).");
+    private static readonly Gauge WaitedRequests = Prometheus.Metrics.CreateGauge(
+        "stargz_fuse_waited_requests", "FUSE requests of adopted mounts that waited for this daemon (queued while none served, or sent again after the previous one died).");
+    private static readonly Gauge RestoreSeconds = Prometheus.Metrics.CreateGauge(
+        "stargz_restore_seconds", "Seconds from this daemon's start until every remote snapshot was restored and kept connections adopted (0 until then).");
+    private static readonly Gauge KeptConnections = Prometheus.Metrics.CreateGauge(
+        "stargz_fuse_kept_connections_pending", "FUSE connections passed back by the fd store at start and not adopted yet.");
+
+    /// <summary>Restore has finished: the time since the process started.</summary>
+    public static void RestoreDone() =>
+        RestoreSeconds.Set((DateTime.Now - System.Diagnostics.Process.GetCurrentProcess().StartTime).TotalSeconds);
+
+    public static void TrackHandover(FuseConnectionStore? connections)
+    {
+        if (connections != null)
+            Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() => KeptConnections.Set(connections.Unclaimed));
+    }
+
     public static void Track(LayerManager manager, RegistryClient registry) =>
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
         {
@@ -243,7 +288,7 @@ public static class LayerMetrics
             DiskFull.Set(disk.IsFull ? 1 : 0);
             RegistryStalls.Set(registry.StallCount);
             RegistryRetries.Set(registry.RetryCount);
-            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0, passthrough = 0, reads = 0;
+            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0, passthrough = 0, reads = 0, adopted = 0, waited = 0;
             var layers = manager.Layers;
             foreach (var l in layers)
             {
@@ -257,7 +302,11 @@ public static class LayerMetrics
                 if (l.AllChunksFetched) complete++;
                 passthrough += l.PassthroughOpens;
                 reads += l.ReadRequests;
+                if (l.Adopted) adopted++;
+                waited += l.WaitedRequests;
             }
+            AdoptedMounts.Set(adopted);
+            WaitedRequests.Set(waited);
             Mounted.Set(layers.Count);
             FetchedBytes.Set(fetched);
             BlobBytes.Set(blob);

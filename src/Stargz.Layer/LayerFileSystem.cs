@@ -41,7 +41,7 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     private readonly ulong _totalBytes;
     // Opens of files that are one verified chunk on disk, by open handle: the chunk file stays open until RELEASE and
     // serves the open's reads (spliced by the bridge, or by the kernel itself with passthrough).
-    private readonly ConcurrentDictionary<ulong, SafeFileHandle> _chunkFiles = new();
+    private readonly ConcurrentDictionary<ulong, (ulong Ino, SafeFileHandle File)> _chunkFiles = new();
     // What each of those opens pins in the disk budget (a chunk or a whole-file copy): not evicted while open.
     private readonly ConcurrentDictionary<ulong, (CacheFileKind Kind, string Key)> _pinned = new();
     // Chunk files of bigger files, by digest: a READ that falls inside one verified chunk on disk is spliced from it.
@@ -49,7 +49,9 @@ internal sealed class LayerFileSystem : IFuseFileSystem
     private readonly bool _spliceFromChunkFiles;
     // Whole-file copies of bigger files for passthrough (null: passthrough is off for this layer).
     private readonly AssembledFiles? _assembled;
-    private long _lastHandle;
+    // Handles start at a random generation (bits 32-61; 62-63 are the FUSE bridge's): after a restart the kernel still
+    // holds the earlier process's handles, and one of them must never name an open of this process.
+    private long _lastHandle = (long)Random.Shared.NextInt64(1, 1L << 30) << 32;
 
     public LayerFileSystem(TocNode root, ChunkFetcher fetcher, bool userXattrOpaque, int maxCacheFds = LayerOptions.DefaultMaxCacheFds,
         bool spliceFromChunkFiles = true, AssembledFiles? assembled = null)
@@ -300,7 +302,7 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         _pinned[handle] = pin;
         if (pin.Kind == CacheFileKind.Copy) _fetcher.Budget.TouchCopy(pin.Key);
         else _fetcher.Budget.TouchChunk(pin.Key);
-        _chunkFiles[handle] = h;
+        _chunkFiles[handle] = (ino, h);
         result.Handle = handle;
         result.BackingFile = h;
         return 0;
@@ -337,7 +339,9 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         SafeFileHandle? file;
         long fileOffset = offset;
         string? touched = null;
-        if (handle == 0 || !_chunkFiles.TryGetValue(handle, out file))
+        if (handle == 0 || !_chunkFiles.TryGetValue(handle, out var open) || open.Ino != ino) file = null;
+        else file = open.File;
+        if (file == null)
         {
             var chunks = i.Chunks;
             if (!_spliceFromChunkFiles || len == 0 || chunks.Length == 0) return false;
@@ -362,15 +366,17 @@ internal sealed class LayerFileSystem : IFuseFileSystem
 
     public void Release(ulong ino, ulong handle)
     {
-        if (handle != 0 && _chunkFiles.TryRemove(handle, out var h)) h.Dispose();
-        if (handle != 0 && _pinned.TryRemove(handle, out var pin)) _fetcher.Budget.Unpin(pin.Kind, pin.Key);
+        // A handle of an earlier process (opened before a restart) is not ours: nothing to close.
+        if (handle == 0 || !_chunkFiles.TryGetValue(handle, out var open) || open.Ino != ino) return;
+        if (_chunkFiles.TryRemove(handle, out open)) open.File.Dispose();
+        if (_pinned.TryRemove(handle, out var pin)) _fetcher.Budget.Unpin(pin.Kind, pin.Key);
     }
 
     /// <summary>Closes chunk files of opens the kernel never released (a connection that was aborted).</summary>
     internal void CloseChunkFiles()
     {
         foreach (var k in _chunkFiles.Keys)
-            if (_chunkFiles.TryRemove(k, out var h)) h.Dispose();
+            if (_chunkFiles.TryRemove(k, out var h)) h.File.Dispose();
         foreach (var k in _pinned.Keys)
             if (_pinned.TryRemove(k, out var pin)) _fetcher.Budget.Unpin(pin.Kind, pin.Key);
         _diskChunks.Dispose();

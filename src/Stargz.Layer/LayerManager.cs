@@ -30,7 +30,7 @@ public static class LayerLabelKeys
 /// <summary>A mounted layer as the daemon reports it.</summary>
 /// <param name="AllChunksFetched">every chunk fetched and verified: the layer no longer needs its registry.</param>
 public sealed record MountedLayerInfo(string MountPoint, string Reference, string Digest, string TocDigest, LayerStatsSnapshot Stats, bool AllChunksFetched,
-    long PassthroughOpens, long ReadRequests);
+    long PassthroughOpens, long ReadRequests, bool Adopted = false, long WaitedRequests = 0);
 
 /// <summary>
 /// The seam the snapshotter uses: mount a layer (described by snapshot labels) as a lazily fetched, verified,
@@ -99,7 +99,7 @@ public sealed class LayerManager : IAsyncDisposable
             var list = new List<MountedLayerInfo>();
             foreach (var (mp, m) in _mounts)
                 list.Add(new MountedLayerInfo(mp, m.Layer.Reference, m.Layer.Digest, m.Layer.TocDigest, m.Layer.Stats.Snapshot(), m.Layer.AllChunksFetched,
-                    m.Server.PassthroughOpens, m.Server.ReadRequests));
+                    m.Server.PassthroughOpens, m.Server.ReadRequests, m.Server.Adopted, m.Server.WaitedRequests));
             return list;
         }
     }
@@ -166,7 +166,8 @@ public sealed class LayerManager : IAsyncDisposable
         try
         {
             if (_mounts.ContainsKey(mountpoint)) throw new InvalidOperationException($"{mountpoint} is already mounted");
-            if (FuseServer.IsDeadMount(mountpoint)) FuseServer.CleanupDeadMount(mountpoint);
+            // A connection kept over a restart is adopted as it is (a stat of it would wait for this very server).
+            if (_fuse.Connections?.Holds(mountpoint) != true && FuseServer.IsDeadMount(mountpoint)) FuseServer.CleanupDeadMount(mountpoint);
             var layer = new RemoteLayer(reference, digest, resolved.Toc, resolved.Blob, Cache, _gate, _options, Files);
             FuseServer server;
             try
@@ -182,8 +183,12 @@ public sealed class LayerManager : IAsyncDisposable
             layer.FileSystem.PassthroughUsable = () => server.PassthroughUsable;
             _mounts[mountpoint] = new Mounted(layer, server, resolved.Blob);
             layer.StartBackgroundWork(prefetchSize);
-            _log.LogInformation("mounted layer {Digest} of {Reference} at {MountPoint} (prefetch to {PrefetchEnd})",
-                digest, reference, mountpoint, layer.PrefetchEnd);
+            if (server.Adopted)
+                _log.LogInformation("adopted the kept FUSE connection of layer {Digest} of {Reference} at {MountPoint} ({Waited} requests had waited)",
+                    digest, reference, mountpoint, server.WaitedRequests);
+            else
+                _log.LogInformation("mounted layer {Digest} of {Reference} at {MountPoint} (prefetch to {PrefetchEnd})",
+                    digest, reference, mountpoint, layer.PrefetchEnd);
         }
         finally
         {
@@ -494,10 +499,22 @@ public sealed class LayerManager : IAsyncDisposable
         await Task.Run(() => m.Server.Unmount()).ConfigureAwait(false);
     }
 
+    /// <summary>
+    /// Set before <see cref="DisposeAsync"/> when the mounts' connections are kept for the next process: they are left
+    /// mounted and served until this process exits (a request it has read but not answered then is sent again to
+    /// the next one), and their layers are not stopped (stopping would fail reads waiting on them).
+    /// </summary>
+    public bool HandingOver { get; set; }
+
     public async ValueTask DisposeAsync()
     {
         if (_disposed.IsCancellationRequested) return;
         _disposed.Cancel();
+        if (HandingOver)
+        {
+            _log.LogInformation("handing {Count} mounted layers over to the next daemon", _mounts.Count);
+            return;
+        }
         foreach (var mp in _mounts.Keys)
             if (_mounts.TryRemove(mp, out var m))
                 await StopAsync(m).ConfigureAwait(false);

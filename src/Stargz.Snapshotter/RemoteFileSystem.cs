@@ -25,6 +25,20 @@ public interface IRemoteCacheSweeper
     Task SweepAsync(IReadOnlyList<IReadOnlyDictionary<string, string>> remoteSnapshotLabels, CancellationToken ct);
 }
 
+/// <summary>
+/// Optional, for a remote filesystem whose mounts outlive the process (FUSE connections kept in a service manager's
+/// fd store): such mounts are adopted by the next process instead of being cleared and mounted again.
+/// </summary>
+public interface IRemoteHandover
+{
+    /// <summary>A live mount left by an earlier process waits at <paramref name="mountpoint"/>: leave it mounted.</summary>
+    bool Holds(string mountpoint);
+    /// <summary>Restore is over: ends the kept mounts no remote snapshot took (removed meanwhile); returns how many.</summary>
+    int EndUnclaimed();
+    /// <summary>True when this shutdown hands the mounts over to the next process: leave them mounted.</summary>
+    bool HandingOver { get; set; }
+}
+
 /// <summary>Optional: what a mounted remote layer holds in the cache, reported as its snapshot's Usage.</summary>
 public interface IRemoteUsage
 {

@@ -139,8 +139,14 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     private async Task RestoreAsync(CancellationToken ct)
     {
         await RecoverInterruptedRemovesAsync(ct);
+        var handover = _opt.RemoteFileSystem as IRemoteHandover;
         foreach (var mp in Native.MountsUnder(_snapshotsDir))
         {
+            if (handover?.Holds(mp) == true)
+            {
+                _log.LogInformation("keeping mount {Mountpoint}: its FUSE connection was kept over the restart and is adopted", mp);
+                continue;
+            }
             try
             {
                 Native.Unmount(mp, detach: true);
@@ -165,7 +171,11 @@ public sealed class StargzSnapshotter : IAsyncDisposable
                 _log.LogWarning("sweeping the remote layer cache at start failed: {Error}", e.Message);
             }
         }
-        if (remotes.Count == 0) return;
+        if (remotes.Count == 0)
+        {
+            EndUnclaimed(handover);
+            return;
+        }
         if (_opt.RemoteFileSystem == null)
         {
             foreach (var r in remotes)
@@ -206,6 +216,14 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             }
         }
         _log.LogInformation("restored {Restored} of {Total} remote snapshots", ok, remotes.Count);
+        EndUnclaimed(_opt.RemoteFileSystem as IRemoteHandover);
+    }
+
+    private void EndUnclaimed(IRemoteHandover? handover)
+    {
+        if (handover == null) return;
+        int n = handover.EndUnclaimed();
+        if (n > 0) _log.LogInformation("ended {Count} kept mounts whose snapshots were removed while the daemon was down", n);
     }
 
     /// <summary>Mounts an unrestored remote snapshot's layer again (one at a time per snapshot; no-op once mounted).</summary>
@@ -220,7 +238,8 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             // Being removed, or removed meanwhile (Remove renames the dir away first): nothing to mount.
             if (_removing.ContainsKey(r.Id)) throw new IOException($"snapshot {r.Key} is being removed");
             if (!Directory.Exists(SnapshotDir(r.Id))) throw new IOException($"snapshot dir of {r.Key} is gone");
-            Directory.CreateDirectory(FsDir(r.Id));
+            // A kept mount is not touched before it is adopted: a stat of it would wait for the server being restored.
+            if (_opt.RemoteFileSystem is not IRemoteHandover h || !h.Holds(FsDir(r.Id))) Directory.CreateDirectory(FsDir(r.Id));
             await _opt.RemoteFileSystem!.MountAsync(FsDir(r.Id), r.Labels, ct);
             _lastChecked[r.Id] = DateTime.UtcNow;
             _unrestored.TryRemove(r.Id, out _);
@@ -761,7 +780,9 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         try
         {
             if (Interlocked.Exchange(ref _disposed, 1) != 0) return;
-            if (_opt.RemoteFileSystem != null)
+            if (_opt.RemoteFileSystem is IRemoteHandover { HandingOver: true })
+                _log.LogInformation("shutdown: remote layers stay mounted for the next daemon to adopt");
+            else if (_opt.RemoteFileSystem != null)
             {
                 foreach (var r in _store.All().Where(r => r.IsRemote && !_unrestored.ContainsKey(r.Id)))
                 {

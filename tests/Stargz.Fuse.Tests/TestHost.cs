@@ -11,6 +11,8 @@ namespace Stargz.Fuse.Tests;
 internal static class TestHost
 {
     public const string EnvVar = "STARGZ_FUSE_TESTHOST";
+    /// <summary>With this set (a state dir) and NOTIFY_SOCKET, the host keeps its connection in that fd store.</summary>
+    public const string StoreEnvVar = "STARGZ_FUSE_TESTHOST_STORE";
 
 #pragma warning disable CA2255 // the module initializer is the only hook that runs before xunit's generated Main
     [ModuleInitializer]
@@ -24,7 +26,9 @@ internal static class TestHost
             var fs = new MemoryFileSystem();
             fs.AddFile("hello.txt", "hello from the child\n");
             fs.AddFile("block.bin", new byte[4096]).BlockReads = true;
-            var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Log = Console.Error.WriteLine });
+            var storeDir = Environment.GetEnvironmentVariable(StoreEnvVar);
+            var store = string.IsNullOrEmpty(storeDir) ? null : Handover.FuseConnectionStore.FromEnvironment(storeDir, Console.Error.WriteLine);
+            var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Log = Console.Error.WriteLine, Connections = store });
             Console.Out.WriteLine("READY");
             Console.Out.Flush();
             // "unmount" on stdin: end cleanly (the non-root test uses this to exercise fusermount3 -u).

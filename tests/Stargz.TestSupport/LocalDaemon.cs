@@ -21,6 +21,12 @@ public sealed class LocalDaemon : IAsyncDisposable
     private string? _executable;
     private string _logLevel = "debug";
 
+    /// <summary>
+    /// Runs as `stargz-snapshotter supervise FLAGS`: <see cref="Pid"/> is the supervisor, <see cref="ChildPid"/> the
+    /// daemon it runs (restarted by it, keeping the FUSE connections in its fd store).
+    /// </summary>
+    public bool Supervised { get; private init; }
+
     public string Socket { get; }
     public string Root { get; }
     public string ConfigPath { get; }
@@ -45,10 +51,10 @@ public sealed class LocalDaemon : IAsyncDisposable
 
     /// <summary>Starts a daemon in a new dir. <paramref name="configToml"/> is written to config.toml (empty file if null).</summary>
     public static async Task<LocalDaemon> StartAsync(string? configToml = null, IDictionary<string, string>? env = null,
-        string[]? extraArgs = null, bool waitReady = true, string logLevel = "debug")
+        string[]? extraArgs = null, bool waitReady = true, string logLevel = "debug", bool supervised = false)
     {
         // Socket paths must stay short (108 bytes), so the dir lives directly under /tmp.
-        var d = new LocalDaemon(new TempDir("sgd"), ownsDir: true) { _logLevel = logLevel };
+        var d = new LocalDaemon(new TempDir("sgd"), ownsDir: true) { _logLevel = logLevel, Supervised = supervised };
         await File.WriteAllTextAsync(d.ConfigPath, configToml ?? "");
         await d.LaunchAsync(env, extraArgs, waitReady);
         return d;
@@ -79,6 +85,7 @@ public sealed class LocalDaemon : IAsyncDisposable
         var dotnet = Requires.Which("dotnet") ?? Path.Combine(Environment.GetEnvironmentVariable("DOTNET_ROOT") ?? "/usr/share/dotnet", "dotnet");
         var psi = new ProcessStartInfo(exe ?? dotnet) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
         if (exe is null) psi.ArgumentList.Add(DllPath());
+        if (Supervised) psi.ArgumentList.Add("supervise");
         foreach (var a in new[] { "--address", Socket, "--root", Root, "--config", ConfigPath, "--log-level", _logLevel }) psi.ArgumentList.Add(a);
         if (extraArgs != null) foreach (var a in extraArgs) psi.ArgumentList.Add(a);
         if (env != null) foreach (var kv in env) psi.Environment[kv.Key] = kv.Value;
@@ -113,6 +120,63 @@ public sealed class LocalDaemon : IAsyncDisposable
     }
 
     public string Log { get { lock (_log) return _log.ToString(); } }
+
+    /// <summary>How many times a daemon has logged that it serves (a supervised one logs it once per start).</summary>
+    public int ServingCount
+    {
+        get
+        {
+            var log = Log;
+            int n = 0;
+            for (int i = log.IndexOf("serving containerd snapshots API", StringComparison.Ordinal); i >= 0;
+                 i = log.IndexOf("serving containerd snapshots API", i + 1, StringComparison.Ordinal)) n++;
+            return n;
+        }
+    }
+
+    /// <summary>The supervised daemon's pid (the supervisor's child), or 0 while none runs.</summary>
+    public int ChildPid
+    {
+        get
+        {
+            if (!Supervised || _process is not { HasExited: false } p) return 0;
+            try
+            {
+                var children = File.ReadAllText($"/proc/{p.Id}/task/{p.Id}/children").Split(' ', StringSplitOptions.RemoveEmptyEntries);
+                return children.Length > 0 ? int.Parse(children[0], System.Globalization.CultureInfo.InvariantCulture) : 0;
+            }
+            catch (IOException) { return 0; }
+        }
+    }
+
+    /// <summary>Sends <paramref name="signal"/> to the supervisor (supervised) or the daemon.</summary>
+    public void Signal(int signal)
+    {
+        var p = _process ?? throw new InvalidOperationException("not started");
+        if (!p.HasExited) kill(p.Id, signal);
+    }
+
+    /// <summary>
+    /// Supervised: sends <paramref name="signal"/> to the daemon (or, <paramref name="toSupervisor"/>, to the
+    /// supervisor) and waits until a new daemon process serves; returns its pid.
+    /// </summary>
+    public async Task<int> SignalAndWaitRestartAsync(int signal, bool toSupervisor = false, TimeSpan? timeout = null)
+    {
+        if (!Supervised) throw new InvalidOperationException("not supervised");
+        int old = ChildPid;
+        int served = ServingCount;
+        if (old == 0) throw new InvalidOperationException($"no supervised daemon runs:\n{Log}");
+        kill(toSupervisor ? _process!.Id : old, signal);
+        var deadline = DateTime.UtcNow + (timeout ?? TimeSpan.FromSeconds(60));
+        while (DateTime.UtcNow < deadline)
+        {
+            if (_process!.HasExited) throw new InvalidOperationException($"supervisor exited {_process.ExitCode}:\n{Log}");
+            int now = ChildPid;
+            if (now != 0 && now != old && ServingCount > served) return now;
+            await Task.Delay(20);
+        }
+        throw new TimeoutException($"no new daemon served within the timeout after signal {signal}:\n{Log}");
+    }
 
     /// <summary>SIGTERM and wait for exit; returns the exit code.</summary>
     public async Task<int> StopAsync(TimeSpan? timeout = null)

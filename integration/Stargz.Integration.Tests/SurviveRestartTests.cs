@@ -1,0 +1,161 @@
+using System.Text.RegularExpressions;
+using Stargz.TestSupport;
+
+namespace Stargz.Integration.Tests;
+
+/// <summary>
+/// Running containers keep their lazily pulled layers while the daemon dies, restarts and is upgraded: the daemon
+/// runs under `stargz-snapshotter supervise`, whose fd store keeps every FUSE connection, and each new daemon adopts
+/// the mounts instead of mounting again.
+/// </summary>
+public class SurviveRestartTests
+{
+    private const int SigHup = 1, SigKill = 9, SigTerm = 15;
+
+    /// <summary>25 files of 4 MiB: a 100 MiB set, read lazily (no prefetch, no background fetch).</summary>
+    private static Dictionary<string, int> DataSet()
+    {
+        var d = new Dictionary<string, int>();
+        for (int i = 0; i < 25; i++) d[$"f{i:00}.bin"] = 4096;
+        return d;
+    }
+
+    [Fact]
+    public async Task AContainerHashingLazyFilesSeesNoErrorAcrossThreeKillsARestartAndAnUpgrade()
+    {
+        await using var rig = await OutageRig.StartAsync(supervised: true);
+        var ct = TestContext.Current.CancellationToken;
+        var img = await rig.PushImageAsync("survive/loop", DataSet(), seed: 1701);
+        await rig.RpullAsync(img.Estargz);
+
+        // The container hashes the whole set again and again and logs each pass to a host dir.
+        var outDir = rig.Work.Sub("reader-out");
+        await File.WriteAllLinesAsync(Path.Combine(outDir, "expected"), img.Sha256.Select(kv => $"{kv.Value}  {kv.Key}"), ct);
+        const string script = """
+            cd /data
+            n=0
+            while [ ! -e /out/stop ]; do
+              n=$((n+1))
+              if sha256sum -c /out/expected > /out/last 2>&1; then echo "pass $n" >> /out/log
+              else echo "FAIL $n" >> /out/log; cat /out/last >> /out/log; fi
+            done
+            echo "stopped $n" >> /out/log
+            """;
+        (await rig.Containerd.CtrAsync("run", "-d", "--snapshotter", "stargz",
+            "--mount", $"type=bind,src={outDir},dst=/out,options=rbind:rw", img.Estargz, "hasher", "/bin/sh", "-c", script))
+            .EnsureSuccess("ctr run -d hasher");
+        var log = Path.Combine(outDir, "log");
+        int Passes() => File.Exists(log) ? File.ReadAllLines(log).Count(l => l.StartsWith("pass ", StringComparison.Ordinal)) : 0;
+        string Failures() => File.Exists(log) ? string.Join('\n', File.ReadAllLines(log).Where(l => !l.StartsWith("pass ", StringComparison.Ordinal))) : "";
+
+        // Page-cache hits never reach the daemon: drop the kernel's caches all along, so every pass reads through FUSE
+        // (and the kernel forgets inodes, sending FORGETs across restarts).
+        using var stopDropping = new CancellationTokenSource();
+        var dropper = Task.Run(async () =>
+        {
+            while (!stopDropping.IsCancellationRequested)
+            {
+                try { await File.WriteAllTextAsync("/proc/sys/vm/drop_caches", "3"); } catch (IOException) { }
+                try { await Task.Delay(300, stopDropping.Token); } catch (OperationCanceledException) { }
+            }
+        });
+
+        async Task WaitPassesAsync(int atLeast, string after)
+        {
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(180);
+            while (Passes() < atLeast)
+            {
+                Assert.True(Failures() == "", $"the reader saw errors {after}:\n{Failures()}\ndaemon log:\n{Tail(rig.Daemon.Log)}");
+                if (DateTime.UtcNow > deadline) throw new TimeoutException($"the reader made {Passes()} passes, not {atLeast}, {after}\n{Tail(rig.Daemon.Log)}");
+                await Task.Delay(200, ct);
+            }
+        }
+
+        await WaitPassesAsync(1, "before any restart");
+        var mounts = rig.FuseMountIds();
+        Assert.Equal(2, mounts.Count);
+        var exe = NativeExecutables.Daemon(LocalDaemon.DllPath());
+
+        var events = new (string What, int Signal, bool ToSupervisor)[]
+        {
+            ("SIGKILL #1", SigKill, false), ("SIGKILL #2", SigKill, false), ("SIGKILL #3", SigKill, false),
+            ("SIGTERM (restart)", SigTerm, false), ("SIGHUP to supervise (upgrade)", SigHup, true),
+        };
+        int step = 0;
+        foreach (var (what, signal, toSupervisor) in events)
+        {
+            step++;
+            if (toSupervisor && exe != null)
+            {
+                // "The binary now on disk": a new file in the old one's place (same code); the old daemon still runs the old inode.
+                File.Copy(exe, exe + ".upgrade", overwrite: true);
+                File.Move(exe + ".upgrade", exe, overwrite: true);
+            }
+            int before = Passes();
+            int pid = await rig.Daemon.SignalAndWaitRestartAsync(signal, toSupervisor);
+            if (toSupervisor && exe != null)
+                Assert.Equal(exe, File.ResolveLinkTarget($"/proc/{pid}/exe", false)?.FullName);
+            await rig.WaitContainerdReachesDaemonAsync();
+            // The same mounts, adopted: not one mounted again, none added.
+            Assert.Equal(mounts, rig.FuseMountIds());
+            Assert.Equal(2, await rig.WaitMetricAsync("stargz_fuse_adopted_mounts", v => v >= 2, TimeSpan.FromSeconds(60)));
+            // The reader goes on through the restart: two more full passes, no error.
+            await WaitPassesAsync(before + 2, $"after {what}");
+            // A new container from the same image starts and reads right bytes.
+            var file = $"f{step:00}.bin";
+            Assert.Equal(img.Sha256[file], await rig.Sha256InContainerAsync(img.Estargz, $"after-{step}", file));
+            Assert.Equal(mounts, rig.FuseMountIds());
+        }
+
+        File.WriteAllText(Path.Combine(outDir, "stop"), "");
+        var end = DateTime.UtcNow + TimeSpan.FromSeconds(120);
+        while (!File.ReadAllText(log).Contains("stopped", StringComparison.Ordinal) && DateTime.UtcNow < end) await Task.Delay(200, ct);
+        await stopDropping.CancelAsync();
+        await dropper;
+        Assert.Contains("stopped", File.ReadAllText(log));
+        Assert.Equal("stopped", Regex.Replace(Failures(), @"stopped \d+", "stopped"));
+        Assert.True(Passes() >= 1 + 2 * events.Length);
+
+        // Removing the container and the image ends the mounts and the stored connections.
+        (await rig.Containerd.CtrAsync("tasks", "rm", "-f", "hasher")).EnsureSuccess("ctr tasks rm hasher");
+        (await rig.Containerd.CtrAsync("containers", "rm", "hasher")).EnsureSuccess("ctr containers rm hasher");
+        (await rig.Containerd.CtrAsync("images", "rm", "--sync", img.Estargz)).EnsureSuccess("ctr images rm");
+        var gone = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+        while ((rig.FuseMountIds().Count > 0 || StoredFuseFds(rig.Daemon.Pid) > 0) && DateTime.UtcNow < gone) await Task.Delay(250, ct);
+        Assert.Empty(rig.FuseMountIds());
+        Assert.Equal(0, StoredFuseFds(rig.Daemon.Pid));
+    }
+
+    [Fact]
+    public async Task StoppingTheSupervisorStopsTheDaemonForGoodAndUnmountsEverything()
+    {
+        await using var rig = await OutageRig.StartAsync(supervised: true);
+        var img = await rig.PushImageAsync("survive/stop", new Dictionary<string, int> { ["a.bin"] = 256 }, seed: 1702);
+        await rig.RpullAsync(img.Estargz);
+        Assert.Equal(img.Sha256["a.bin"], await rig.Sha256InContainerAsync(img.Estargz, "once", "a.bin"));
+        Assert.Equal(2, rig.FuseMountIds().Count);
+        Assert.True(StoredFuseFds(rig.Daemon.Pid) >= 2, "the supervisor holds no FUSE connection");
+        int child = rig.Daemon.ChildPid;
+        Assert.NotEqual(0, child);
+
+        rig.Daemon.Signal(SigTerm);
+        Assert.Equal(0, await rig.Daemon.WaitExitAsync(TimeSpan.FromSeconds(90)));
+        Assert.False(Directory.Exists($"/proc/{child}"), "the daemon outlived its supervisor");
+        Assert.Empty(rig.FuseMountIds());
+        Assert.Contains("stopping for good (SIGINT)", rig.Daemon.Log);
+    }
+
+    /// <summary>/dev/fuse descriptors the process holds (the supervisor's fd store).</summary>
+    private static int StoredFuseFds(int pid)
+    {
+        int n = 0;
+        foreach (var fd in Directory.EnumerateFileSystemEntries($"/proc/{pid}/fd"))
+        {
+            try { if (File.ResolveLinkTarget(fd, false)?.FullName == "/dev/fuse") n++; }
+            catch (IOException) { }
+        }
+        return n;
+    }
+
+    private static string Tail(string log) => log.Length > 6000 ? log[^6000..] : log;
+}

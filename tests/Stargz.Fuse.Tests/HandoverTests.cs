@@ -1,0 +1,174 @@
+using System.Diagnostics;
+using Stargz.Fuse.Handover;
+using Stargz.Fuse.Samples;
+using Stargz.TestSupport;
+
+namespace Stargz.Fuse.Tests;
+
+/// <summary>The fd store protocol (sd_notify FDSTORE, sd_listen_fds) and adopting a connection whose server died.</summary>
+public sealed class HandoverTests
+{
+    [Fact]
+    public void A_stored_fd_arrives_with_its_name_and_the_senders_pid()
+    {
+        using var listener = new NotifyListener(NotifyListener.NewAbstractName("stargz-test"));
+        using var notifier = new ServiceManagerNotifier(listener.Path);
+        var (r, w) = Pipe();
+        try
+        {
+            notifier.StoreFds("fuse-abc", [r, w]);
+            var m = listener.Receive(5000);
+            Assert.NotNull(m);
+            Assert.Equal("1", m.Value("FDSTORE"));
+            Assert.Equal("fuse-abc", m.Value("FDNAME"));
+            Assert.Equal(Environment.ProcessId, m.SenderPid);
+            Assert.Equal(2, m.Fds.Length);
+            // The received fds are the same pipe: a byte written through one copy comes out of the other.
+            using (var wr = new FileStream(new Microsoft.Win32.SafeHandles.SafeFileHandle(m.Fds[1], ownsHandle: true), FileAccess.Write))
+                wr.WriteByte(42);
+            using var rd = new FileStream(new Microsoft.Win32.SafeHandles.SafeFileHandle(r, ownsHandle: true), FileAccess.Read);
+            Assert.Equal(42, rd.ReadByte());
+            NotifyNative.Close(m.Fds[0]);
+
+            notifier.RemoveFds("fuse-abc");
+            var rm = listener.Receive(5000);
+            Assert.NotNull(rm);
+            Assert.Equal("1", rm.Value("FDSTOREREMOVE"));
+            Assert.Empty(rm.Fds);
+        }
+        finally { NotifyNative.Close(w); }
+    }
+
+    [Fact]
+    public void Names_the_service_manager_would_refuse_are_refused_before_sending()
+    {
+        Assert.True(ServiceManagerNotifier.IsValidName("fuse-0123456789abcdef"));
+        Assert.False(ServiceManagerNotifier.IsValidName("a:b"));
+        Assert.False(ServiceManagerNotifier.IsValidName(""));
+        Assert.False(ServiceManagerNotifier.IsValidName(new string('x', 256)));
+        Assert.False(ServiceManagerNotifier.IsValidName("with space"));
+        using var listener = new NotifyListener(NotifyListener.NewAbstractName("stargz-test"));
+        using var notifier = new ServiceManagerNotifier(listener.Path);
+        Assert.Throws<ArgumentException>(() => notifier.StoreFds("a:b", [0]));
+    }
+
+    [Fact]
+    public void Listen_fds_are_taken_only_when_meant_for_this_process()
+    {
+        var env = new Dictionary<string, string?> { ["LISTEN_FDS"] = "3", ["LISTEN_PID"] = "1234", ["LISTEN_FDNAMES"] = "fuse-a:fuse-a:fuse-b" };
+        var fds = ListenFds.Take(k => env.GetValueOrDefault(k), pid: 1234, clear: false);
+        Assert.Equal([("fuse-a", 3), ("fuse-a", 4), ("fuse-b", 5)], fds);
+        Assert.Empty(ListenFds.Take(k => env.GetValueOrDefault(k), pid: 999, clear: false)); // another process's
+        env.Remove("LISTEN_PID");
+        Assert.Empty(ListenFds.Take(k => env.GetValueOrDefault(k), pid: 1234, clear: false));
+        env["LISTEN_PID"] = "1234";
+        env["LISTEN_FDS"] = "x";
+        Assert.Empty(ListenFds.Take(k => env.GetValueOrDefault(k), pid: 1234, clear: false));
+    }
+
+    [Fact]
+    public void The_agreement_file_round_trips_and_a_broken_one_is_refused()
+    {
+        var ok = FuseConnectionStore.ParseState("mountpoint=/var/lib/x/snapshots/3/fs\nminor=40\npassthrough=1\ndirect_io_allow_mmap=0\nmax_read=1048576\n");
+        Assert.NotNull(ok);
+        Assert.Equal("/var/lib/x/snapshots/3/fs", ok.Value.MountPoint);
+        Assert.Equal(new FuseAgreement(40, true, false, 1048576), ok.Value.Agreement);
+        Assert.Null(FuseConnectionStore.ParseState("minor=40\nmax_read=1048576\n")); // no mount point
+        Assert.Null(FuseConnectionStore.ParseState("mountpoint=/x\nminor=12\nmax_read=1048576\n")); // protocol too old
+        Assert.Null(FuseConnectionStore.ParseState("mountpoint=/x\nminor=40\nmax_read=12\n"));
+        Assert.Null(FuseConnectionStore.ParseState("mountpoint=relative\nminor=40\nmax_read=1048576\n"));
+        Assert.NotEqual(FuseConnectionStore.NameOf("/a/fs"), FuseConnectionStore.NameOf("/b/fs"));
+        Assert.True(ServiceManagerNotifier.IsValidName(FuseConnectionStore.NameOf("/a/fs")));
+    }
+
+    [Fact]
+    public async Task A_read_pending_when_the_server_is_killed_is_answered_by_the_server_that_adopts_the_kept_connection()
+    {
+        Requires.Fuse();
+        Requires.Root();
+        var ct = TestContext.Current.CancellationToken;
+        using var dir = new TempDir("fuse-adopt");
+        var mnt = dir.Sub("mnt");
+        var state = dir.Sub("state");
+        using var listener = new NotifyListener(NotifyListener.NewAbstractName("stargz-test"));
+        var psi = TestHost.StartInfo(mnt);
+        psi.Environment["NOTIFY_SOCKET"] = listener.Path;
+        psi.Environment[TestHost.StoreEnvVar] = state;
+        using var host = Process.Start(psi)!;
+        Process? reader = null;
+        FuseServer? adopter = null;
+        try
+        {
+            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            wait.CancelAfter(TimeSpan.FromSeconds(30));
+            Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
+            Console.Error.WriteLine("STEP 1");
+            var stored = listener.Receive(10_000);
+            Console.Error.WriteLine("STEP 2");
+            Assert.NotNull(stored);
+            Assert.Equal(host.Id, stored.SenderPid);
+            Assert.Equal(FuseConnectionStore.NameOf(mnt), stored.Value("FDNAME"));
+            Assert.NotEmpty(stored.Fds);
+            var mountBefore = MountInfo.Find(mnt);
+            Assert.NotNull(mountBefore);
+
+            // A READ the dying server has read and never answers.
+            reader = Process.Start(new ProcessStartInfo(Requires.Command("sha256sum"), Path.Combine(mnt, "block.bin"))
+            { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true })!;
+            Assert.Equal("READ-PENDING", await host.StandardOutput.ReadLineAsync(wait.Token));
+            host.Kill();
+            Console.Error.WriteLine("STEP 3");
+            await host.WaitForExitAsync(wait.Token);
+            // The connection lives on in the store: the reader neither fails nor finishes, it waits.
+            await Task.Delay(500, ct);
+            Console.Error.WriteLine("STEP 4");
+            Assert.False(reader.HasExited, "the reader failed when the server died: " + reader.StandardError.ReadToEnd());
+
+            // A new server (here: this process) adopts it by mount point: same mount, the pending READ answered by it.
+            var fs = new MemoryFileSystem();
+            fs.AddFile("hello.txt", "hello from the child\n");
+            var data = new byte[4096];
+            Array.Fill(data, (byte)0x5A);
+            fs.AddFile("block.bin", data);
+            var store = new FuseConnectionStore(state, new ServiceManagerNotifier(listener.Path),
+                [.. stored.Fds.Select(fd => (stored.Value("FDNAME")!, fd))], null);
+            Assert.True(store.Holds(mnt));
+            Console.Error.WriteLine("STEP 5");
+            adopter = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Connections = store });
+            Console.Error.WriteLine("STEP 6");
+            Assert.True(adopter.Adopted);
+            using var readerWait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            readerWait.CancelAfter(TimeSpan.FromSeconds(15));
+            await reader.WaitForExitAsync(readerWait.Token);
+            Console.Error.WriteLine("STEP 7");
+            Assert.Equal(0, reader.ExitCode);
+            Assert.StartsWith(Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(data)), await reader.StandardOutput.ReadToEndAsync(ct));
+            Assert.True(adopter.WaitedRequests >= 1, $"waited requests: {adopter.WaitedRequests}");
+            Assert.Equal(mountBefore.DeviceId, MountInfo.Find(mnt)?.DeviceId); // not mounted again
+            Assert.Equal("hello from the child\n", await File.ReadAllTextAsync(Path.Combine(mnt, "hello.txt"), ct));
+
+            // Unmounting for good tells the store to let go.
+            adopter.Unmount();
+            Console.Error.WriteLine("STEP 8");
+            var removed = listener.Receive(5000);
+            Assert.NotNull(removed);
+            Assert.Equal("1", removed.Value("FDSTOREREMOVE"));
+            Assert.False(FuseServer.IsMountPoint(mnt));
+        }
+        finally
+        {
+            if (!host.HasExited) host.Kill();
+            if (reader is { HasExited: false }) reader.Kill();
+            reader?.Dispose();
+            adopter?.Dispose();
+            if (FuseServer.IsMountPoint(mnt)) await Tools.Run("umount", "-l", mnt);
+        }
+    }
+
+    private static unsafe (int Read, int Write) Pipe()
+    {
+        int* fds = stackalloc int[2];
+        Assert.Equal(0, Native.Pipe2(fds, Native.O_CLOEXEC));
+        return (fds[0], fds[1]);
+    }
+}
