@@ -20,7 +20,7 @@ stop_all() {
   for name in containerd stargz-snapshotter registry; do
     if [ -f "$run/$name.pid" ]; then
       pid=$(cat "$run/$name.pid")
-      if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" || true; for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done; fi
+      if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" || true; for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done; fi
       rm -f "$run/$name.pid"
     fi
   done
@@ -51,8 +51,10 @@ http: { addr: $reg }
 YML
 docker-registry serve "$qs/registry.yml" > "$qs/registry.log" 2>&1 & echo $! > "$run/registry.pid"
 
-echo "== starting stargz-snapshotter (embedded default config) on $sock"
-stargz-snapshotter --log-level info > "$qs/stargz-snapshotter.log" 2>&1 & echo $! > "$run/stargz-snapshotter.pid"
+echo "== starting stargz-snapshotter (embedded default config) on $sock, under its supervisor"
+# `supervise` keeps the FUSE connections while the daemon restarts: kill -HUP the supervisor to upgrade the daemon,
+# kill -9 the daemon to see it come back; running containers keep reading their lazily pulled files meanwhile.
+stargz-snapshotter supervise --log-level info > "$qs/stargz-snapshotter.log" 2>&1 & echo $! > "$run/stargz-snapshotter.pid"
 
 echo "== starting containerd with the stargz proxy plugin on $ctd_sock"
 cat > "$qs/containerd.toml" <<TOML

@@ -50,15 +50,15 @@ public class SurviveRestartTests
 
         // Page-cache hits never reach the daemon: drop the kernel's caches all along, so every pass reads through FUSE
         // (and the kernel forgets inodes, sending FORGETs across restarts).
-        using var stopDropping = new CancellationTokenSource();
+        using var stopDropping = CancellationTokenSource.CreateLinkedTokenSource(ct);
         var dropper = Task.Run(async () =>
         {
             while (!stopDropping.IsCancellationRequested)
             {
-                try { await File.WriteAllTextAsync("/proc/sys/vm/drop_caches", "3"); } catch (IOException) { }
+                try { await File.WriteAllTextAsync("/proc/sys/vm/drop_caches", "3", CancellationToken.None); } catch (IOException) { }
                 try { await Task.Delay(300, stopDropping.Token); } catch (OperationCanceledException) { }
             }
-        });
+        }, CancellationToken.None);
 
         async Task WaitPassesAsync(int atLeast, string after)
         {
