@@ -83,7 +83,7 @@ public sealed class FuseServer : IDisposable
         if (adopted is { } a) _session.Restore(a);
         var replies = _replies = new ReplyWriter(opt.Log);
         _fileReplies = new FileReplies(replies, _session.MaxRead, opt.Log);
-        _backings = new PassthroughBackings(fd, opt.Log);
+        _backings = new PassthroughBackings(fd, opt.Log, opt.Connections?.ModesPath(mountPoint));
         _lookups = new LookupCounts(fs);
         _dispatcher = new RequestDispatcher(fs, opt, _session, replies, _fileReplies, _backings, _lookups, _inflight);
     }
@@ -132,7 +132,7 @@ public sealed class FuseServer : IDisposable
     private static unsafe FuseServer Adopt(AdoptedConnection c, IFuseFileSystem fs, FuseMountOptions opt)
     {
         var server = new FuseServer(c.MountPoint, fs, opt, c.Fds[0], c.Agreement) { Adopted = true };
-        server._backings.Start(c.Agreement.Passthrough);
+        server._backings.Start(c.Agreement.Passthrough, adopted: true);
         server._fds.AddRange(c.Fds);
         // Requests the earlier process had read but not answered sit on its (stored) fds' processing lists: the kernel
         // queues them again, marked as resent, and they are answered like any other (Linux 6.9+; older kernels ignore
@@ -271,6 +271,7 @@ public sealed class FuseServer : IDisposable
         _opt.Connections?.Drop(MountPoint);
         if (await _inflight.DrainAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false)) CloseFds();
         else _opt.Log?.Invoke($"{_inflight.Count} FUSE reads did not finish after the connection ended; leaving fds open");
+        _backings.Dispose();
         _completion.TrySetResult();
     }
 

@@ -9,15 +9,19 @@ namespace Stargz.Fuse;
 /// handle the kernel keeps, so RELEASE undoes exactly what OPEN did. One backing id per inode, shared by its opens
 /// (the kernel refuses two different backing files on one inode) and closed on the last release.
 /// </summary>
-internal sealed unsafe class PassthroughBackings(int masterFd, Action<string>? log)
+/// <remarks>
+/// With <paramref name="modesPath"/> (a connection kept over restarts), the modes live in a file mapped shared
+/// (<see cref="OpenModes"/>): a process that adopts the connection releases the earlier one's opens right and shares
+/// its backing ids instead of registering a second backing file on an inode (which the kernel refuses).
+/// </remarks>
+internal sealed unsafe class PassthroughBackings(int masterFd, Action<string>? log, string? modesPath = null) : IDisposable
 {
     private const ulong PassthroughHandleBit = 1UL << 63;
     private const ulong CachedOpenBit = 1UL << 62;
     private const ulong HandleBits = PassthroughHandleBit | CachedOpenBit;
 
     private readonly Lock _lock = new();
-    private readonly Dictionary<ulong, (int Id, int Refs)> _backing = [];
-    private readonly Dictionary<ulong, int> _cachedOpens = [];
+    private readonly OpenModes _modes = new();
     private volatile bool _usable;
     private long _opens;
 
@@ -27,8 +31,33 @@ internal sealed unsafe class PassthroughBackings(int masterFd, Action<string>? l
     /// <summary>Opens answered with a backing file.</summary>
     public long Opens => Interlocked.Read(ref _opens);
 
-    /// <summary>Set once INIT has agreed (or not) on passthrough.</summary>
-    public void Start(bool negotiated) => _usable = negotiated;
+    /// <summary>
+    /// Set once INIT has agreed (or not) on passthrough, or when an adopted connection's agreement is restored
+    /// (<paramref name="adopted"/>: the kept modes are taken over).
+    /// </summary>
+    public void Start(bool negotiated, bool adopted = false)
+    {
+        if (negotiated && modesPath != null)
+        {
+            try
+            {
+                lock (_lock) _modes.Persist(modesPath, adopted);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // Without the kept modes an adopting process could not tell passthrough inodes from cached ones.
+                log?.Invoke($"passthrough off: cannot keep open modes in {modesPath}: {e.Message}");
+                _usable = false;
+                return;
+            }
+        }
+        _usable = negotiated;
+    }
+
+    public void Dispose()
+    {
+        lock (_lock) _modes.Dispose();
+    }
 
     /// <summary>The filesystem's own handle inside the one the kernel holds.</summary>
     public static ulong FilesystemHandle(ulong fh) => fh & ~HandleBits;
@@ -64,21 +93,14 @@ internal sealed unsafe class PassthroughBackings(int masterFd, Action<string>? l
     {
         lock (_lock)
         {
-            ref var slot = ref CollectionsMarshal.GetValueRefOrNullRef(_backing, ino);
-            if (!Unsafe.IsNullRef(ref slot))
-            {
-                slot.Refs++;
-                id = slot.Id;
-                return true;
-            }
+            if (_modes.TryShareBacking(ino, out id)) return true;
             id = 0;
-            bool cachedOpen = _cachedOpens.ContainsKey(ino);
-            if (cachedOpen || (r.BackingPath == null && r.BackingFile == null) || !TryRegister(r, out id))
+            if (_modes.HasCachedOpens(ino) || (r.BackingPath == null && r.BackingFile == null) || !TryRegister(r, out id))
             {
-                CollectionsMarshal.GetValueRefOrAddDefault(_cachedOpens, ino, out _)++;
+                _modes.AddCachedOpen(ino);
                 return false;
             }
-            _backing[ino] = (id, 1);
+            _modes.SetBacking(ino, id);
             return true;
         }
     }
@@ -121,21 +143,13 @@ internal sealed unsafe class PassthroughBackings(int masterFd, Action<string>? l
     {
         lock (_lock)
         {
-            ref var slot = ref CollectionsMarshal.GetValueRefOrNullRef(_backing, ino);
-            if (Unsafe.IsNullRef(ref slot)) return;
-            if (--slot.Refs > 0) return;
-            int id = slot.Id;
-            _backing.Remove(ino);
-            Native.Ioctl(masterFd, Native.FUSE_DEV_IOC_BACKING_CLOSE, &id);
+            int id = _modes.ReleaseBacking(ino);
+            if (id > 0) Native.Ioctl(masterFd, Native.FUSE_DEV_IOC_BACKING_CLOSE, &id);
         }
     }
 
     private void ReleaseCachedOpen(ulong ino)
     {
-        lock (_lock)
-        {
-            ref int c = ref CollectionsMarshal.GetValueRefOrNullRef(_cachedOpens, ino);
-            if (!Unsafe.IsNullRef(ref c) && --c <= 0) _cachedOpens.Remove(ino);
-        }
+        lock (_lock) _modes.ReleaseCachedOpen(ino);
     }
 }

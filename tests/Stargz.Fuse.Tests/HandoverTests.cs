@@ -157,6 +157,81 @@ public sealed class HandoverTests
         }
     }
 
+    [Fact]
+    public async Task A_file_held_open_in_passthrough_mode_over_the_restart_opens_again_and_closes_right()
+    {
+        Requires.Fuse();
+        Requires.Root();
+        Requires.PassthroughKernel();
+        var ct = TestContext.Current.CancellationToken;
+        using var dir = new TempDir("fuse-adopt-pt");
+        var mnt = dir.Sub("mnt");
+        var state = dir.Sub("state");
+        var backing = Path.Combine(dir.Path, "backing.bin");
+        var data = new byte[1 << 20];
+        new Random(7).NextBytes(data);
+        await File.WriteAllBytesAsync(backing, data, ct);
+        var hash = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(data));
+        using var listener = new NotifyListener(NotifyListener.NewAbstractName("stargz-test"));
+        var psi = TestHost.StartInfo(mnt);
+        psi.Environment["NOTIFY_SOCKET"] = listener.Path;
+        psi.Environment[TestHost.StoreEnvVar] = state;
+        psi.Environment[TestHost.PassthroughEnvVar] = backing;
+        using var host = Process.Start(psi)!;
+        Process? holder = null;
+        FuseServer? adopter = null;
+        try
+        {
+            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            wait.CancelAfter(TimeSpan.FromSeconds(30));
+            Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
+            var stored = listener.Receive(10_000);
+            Assert.NotNull(stored);
+            var pt = Path.Combine(mnt, "pt.bin");
+            // Opened in passthrough mode by the first server, and kept open over its death.
+            holder = Process.Start(new ProcessStartInfo(Requires.Command("python3"))
+            {
+                ArgumentList = { "-c", "import sys; f = open(sys.argv[1], 'rb'); print(len(f.read()), flush=True); sys.stdin.read(); print(len(f.read(1)), flush=True)", pt },
+                UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardInput = true, RedirectStandardError = true,
+            })!;
+            Assert.Equal($"{data.Length}", await holder.StandardOutput.ReadLineAsync(wait.Token));
+            host.Kill();
+            await host.WaitForExitAsync(wait.Token);
+
+            using var fs = new MemoryFileSystem();
+            fs.AddFile("hello.txt", "hello from the child\n");
+            fs.AddFile("block.bin", new byte[4096]);
+            fs.AddBackedFile("pt.bin", backing);
+            var store = new FuseConnectionStore(state, new ServiceManagerNotifier(listener.Path),
+                [.. stored.Fds.Select(fd => (stored.Value("FDNAME")!, fd))], null);
+            adopter = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Connections = store, Passthrough = true });
+            Assert.True(adopter.Adopted);
+            Assert.True(adopter.PassthroughNegotiated);
+            // A new open of the same inode shares the backing file the first server registered (a second one, or a
+            // cached open, would fail with EIO while the first open lasts).
+            var again = await Tools.Run("sha256sum", pt);
+            Assert.True(again.ExitCode == 0, again.StdErr);
+            Assert.StartsWith(hash, again.StdOut);
+            Assert.Equal(0, fs.ReadCalls); // passthrough: the kernel read the backing file itself
+            // The held open ends; the inode leaves passthrough mode, and an open after that works as well.
+            holder.StandardInput.Close();
+            Assert.Equal("0", await holder.StandardOutput.ReadLineAsync(wait.Token));
+            await holder.WaitForExitAsync(wait.Token);
+            Assert.Equal(0, holder.ExitCode);
+            var third = await Tools.Run("sha256sum", pt);
+            Assert.True(third.ExitCode == 0, third.StdErr);
+            Assert.StartsWith(hash, third.StdOut);
+        }
+        finally
+        {
+            if (!host.HasExited) host.Kill();
+            if (holder is { HasExited: false }) holder.Kill();
+            holder?.Dispose();
+            adopter?.Dispose();
+            if (FuseServer.IsMountPoint(mnt)) await Tools.Run("umount", "-l", mnt);
+        }
+    }
+
     private static unsafe (int Read, int Write) Pipe()
     {
         int* fds = stackalloc int[2];

@@ -13,6 +13,8 @@ internal static class TestHost
     public const string EnvVar = "STARGZ_FUSE_TESTHOST";
     /// <summary>With this set (a state dir) and NOTIFY_SOCKET, the host keeps its connection in that fd store.</summary>
     public const string StoreEnvVar = "STARGZ_FUSE_TESTHOST_STORE";
+    /// <summary>With this set (a local file), the host also serves it as pt.bin with passthrough on.</summary>
+    public const string PassthroughEnvVar = "STARGZ_FUSE_TESTHOST_PASSTHROUGH";
 
 #pragma warning disable CA2255 // the module initializer is the only hook that runs before xunit's generated Main
     [ModuleInitializer]
@@ -26,9 +28,12 @@ internal static class TestHost
             var fs = new MemoryFileSystem();
             fs.AddFile("hello.txt", "hello from the child\n");
             fs.AddFile("block.bin", new byte[4096]).BlockReads = true;
+            var backing = Environment.GetEnvironmentVariable(PassthroughEnvVar);
+            if (!string.IsNullOrEmpty(backing)) fs.AddBackedFile("pt.bin", backing);
             var storeDir = Environment.GetEnvironmentVariable(StoreEnvVar);
             var store = string.IsNullOrEmpty(storeDir) ? null : Handover.FuseConnectionStore.FromEnvironment(storeDir, Console.Error.WriteLine);
-            var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Log = Console.Error.WriteLine, Connections = store });
+            var server = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Log = Console.Error.WriteLine, Connections = store,
+                Passthrough = !string.IsNullOrEmpty(backing) });
             Console.Out.WriteLine("READY");
             Console.Out.Flush();
             // "unmount" on stdin: end cleanly (the non-root test uses this to exercise fusermount3 -u).

@@ -138,8 +138,13 @@ public sealed class FuseConnectionStore : IDisposable
         Forget(name);
     }
 
+    /// <summary>Where the open modes of the connection at <paramref name="mountPoint"/> are kept (passthrough only).</summary>
+    public string ModesPath(string mountPoint) => Path.Combine(StateDir, NameOf(mountPoint) + ".modes");
+
     private void Forget(string name)
     {
+        try { File.Delete(Path.Combine(StateDir, name + ".modes")); }
+        catch (IOException e) { _log?.Invoke($"fd store: {e.Message}"); }
         try { File.Delete(Path.Combine(StateDir, name)); }
         catch (IOException e) { _log?.Invoke($"fd store: {e.Message}"); }
     }
