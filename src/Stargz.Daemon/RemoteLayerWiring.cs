@@ -25,6 +25,19 @@ public static class RemoteLayerWiring
         return b.OutageTimeoutSec > 0 ? Math.Min(fetching, b.OutageTimeoutSec) : fetching;
     }
 
+    /// <summary>[erofs] promote, or (not set) whether this machine can: erofs in the kernel and mkfs.erofs on the PATH.</summary>
+    public static bool PromoteToErofs(DaemonConfig.ErofsConfig e, ILogger log)
+    {
+        var kernel = Stargz.Layer.Erofs.ErofsPromoter.KernelSupportsErofs();
+        var mkfs = Stargz.Layer.Erofs.ErofsPromoter.MkfsAvailable();
+        if (e.Promote == false) return false;
+        if (kernel && mkfs) return true;
+        var why = !kernel ? "the kernel has no erofs (/proc/filesystems)" : "mkfs.erofs (erofs-utils) is not installed";
+        if (e.Promote == true) log.LogWarning("[erofs] promote = true, but {Why}: fully fetched layers stay on FUSE", why);
+        else log.LogInformation("fully fetched layers are not promoted to EROFS: {Why}", why);
+        return false;
+    }
+
     public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log, CriKeychain? criKeychain = null,
         KubeconfigKeychain? kubeKeychain = null)
     {
@@ -89,6 +102,7 @@ public static class RemoteLayerWiring
             DirectDiskReads = config.DirectoryCache.Direct,
             SyncAdd = config.DirectoryCache.SyncAdd,
             MaxDiskBytes = config.DirectoryCache.MaxDiskMb > 0 ? config.DirectoryCache.MaxDiskMb << 20 : 0,
+            PromoteToErofs = PromoteToErofs(config.Erofs, log),
         };
         var fuse = new FuseMountOptions
         {
@@ -103,9 +117,9 @@ public static class RemoteLayerWiring
         };
         var manager = new LayerManager(registry, options, fuse, loggers.CreateLogger("stargz.layer"));
         LayerMetrics.Track(manager, registry);
-        log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}, passthrough {Passthrough}",
+        log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}, passthrough {Passthrough}, EROFS promotion {Erofs}",
             options.CacheDirectory, options.MaxConcurrency, options.NoPrefetch ? "off" : "on", options.NoBackgroundFetch ? "off" : "on",
-            fuse.Passthrough ? "on" : "off");
+            fuse.Passthrough ? "on" : "off", options.PromoteToErofs ? "on" : "off");
         return new LazyLayerFileSystem(manager, registry);
     }
 }
@@ -227,6 +241,15 @@ public static class LayerMetrics
     private static readonly Gauge DiskFull = Prometheus.Metrics.CreateGauge(
         "stargz_cache_disk_full", "1 while the cache disk is full (the last write failed for want of space and none has worked since).");
 
+    private static readonly Gauge PromotedLayers = Prometheus.Metrics.CreateGauge(
+        "stargz_layers_promoted", "Mounted layers served by the kernel from their EROFS image instead of FUSE.");
+    private static readonly Gauge Promotions = Prometheus.Metrics.CreateGauge(
+        "stargz_erofs_promotions", "Layers promoted to EROFS (image built and checked against the TOC) since the daemon started.");
+    private static readonly Gauge PromotionFailures = Prometheus.Metrics.CreateGauge(
+        "stargz_erofs_promotion_failures", "Promotions to EROFS that failed (build, mount or check against the TOC); those layers stay on FUSE.");
+    private static readonly Gauge PromotionBytes = Prometheus.Metrics.CreateGauge(
+        "stargz_erofs_promoted_bytes", "Bytes of the EROFS images built since the daemon started.");
+
     public static void Track(LayerManager manager, RegistryClient registry) =>
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
         {
@@ -243,7 +266,7 @@ public static class LayerMetrics
             DiskFull.Set(disk.IsFull ? 1 : 0);
             RegistryStalls.Set(registry.StallCount);
             RegistryRetries.Set(registry.RetryCount);
-            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0, passthrough = 0, reads = 0;
+            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0, passthrough = 0, reads = 0, promoted = 0;
             var layers = manager.Layers;
             foreach (var l in layers)
             {
@@ -255,6 +278,7 @@ public static class LayerMetrics
                 bgDone += l.Stats.BackgroundDoneBytes;
                 bgTotal += l.Stats.BackgroundTotalBytes;
                 if (l.AllChunksFetched) complete++;
+                if (l.Promoted) promoted++;
                 passthrough += l.PassthroughOpens;
                 reads += l.ReadRequests;
             }
@@ -270,5 +294,10 @@ public static class LayerMetrics
             PassthroughOpens.Set(passthrough);
             ReadRequests.Set(reads);
             AssembledFiles.Set(manager.AssembledFilesBuilt);
+            var (promotions, failures, bytes) = manager.PromotionCounts;
+            PromotedLayers.Set(promoted);
+            Promotions.Set(promotions);
+            PromotionFailures.Set(failures);
+            PromotionBytes.Set(bytes);
         });
 }
