@@ -17,12 +17,8 @@ public class ErofsPromotionTests
 
     private static void RequiresErofs()
     {
-        Requires.Root();
-        if (!ErofsPromoter.KernelSupportsErofs() || !ErofsPromoter.MkfsAvailable())
-        {
-            if (Environment.GetEnvironmentVariable("CI") == "true") Assert.Fail("CI=true: erofs (kernel) and mkfs.erofs (erofs-utils) are required");
-            Assert.Skip("needs erofs in the kernel and mkfs.erofs (erofs-utils)");
-        }
+        Requires.Fuse();
+        Requires.Erofs();
     }
 
     private static string? FsTypeAt(string path) => Mounts.List().LastOrDefault(m => m.MountPoint == Path.GetFullPath(path))?.FsType;
