@@ -75,6 +75,8 @@ public sealed class LayerManager : IAsyncDisposable
     private readonly CancellationTokenSource _disposed = new();
     private readonly TocStore? _tocs;
     private readonly ErofsPromoter? _promoter;
+    // Promotions in flight: disposal waits for them (cancelled) before it unmounts their images.
+    private readonly ConcurrentDictionary<Task, byte> _promotions = new();
 
     public LayerManager(RegistryClient registry, LayerOptions options, FuseMountOptions? fuseOptions = null, ILogger? logger = null)
     {
@@ -223,8 +225,13 @@ public sealed class LayerManager : IAsyncDisposable
             _mounts[mountpoint] = mounted;
             layer.StartBackgroundWork(prefetchSize);
             if (_promoter != null)
-                _ = layer.BackgroundWork.ContinueWith(_ => PromoteWhenFetchedAsync(mountpoint, mounted), CancellationToken.None,
+            {
+                var promotion = layer.BackgroundWork.ContinueWith(_ => PromoteWhenFetchedAsync(mountpoint, mounted), CancellationToken.None,
                     TaskContinuationOptions.None, TaskScheduler.Default).Unwrap();
+                _promotions[promotion] = 0;
+                _ = promotion.ContinueWith(t => _promotions.TryRemove(t, out _), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously,
+                    TaskScheduler.Default);
+            }
             _log.LogInformation("mounted layer {Digest} of {Reference} at {MountPoint} (prefetch to {PrefetchEnd})",
                 digest, reference, mountpoint, layer.PrefetchEnd);
         }
@@ -688,6 +695,8 @@ public sealed class LayerManager : IAsyncDisposable
     {
         if (_disposed.IsCancellationRequested) return;
         _disposed.Cancel();
+        // PromoteWhenFetchedAsync never throws; cancelled, it removes what it had built.
+        await Task.WhenAll(_promotions.Keys).ConfigureAwait(false);
         foreach (var mp in _mounts.Keys)
             if (_mounts.TryRemove(mp, out var m))
                 await StopAsync(m, mp).ConfigureAwait(false);

@@ -60,7 +60,6 @@ public class ErofsPromotionTests
         Assert.StartsWith("fuse", FsTypeAt(mp));
         // A file held open across the promotion, as a container started before it would: it keeps reading through FUSE.
         await using var held = new FileStream(Path.Combine(mp, "home/user/big.bin"), FileMode.Open, FileAccess.Read);
-        var heldOverlayDir = new DirectoryInfo(Path.Combine(mp, "bin"));
 
         await WaitPromotedAsync(rig, mp);
         Assert.Equal("erofs", FsTypeAt(mp));
@@ -85,7 +84,11 @@ public class ErofsPromotionTests
         Assert.Equal("erofs", FsTypeAt(mp2));
         Assert.True(TreeModel.Diff(expected, TreeModel.FromDirectory(mp2)) == "");
         await rig.Manager.UnmountAsync(mp2, Ct);
+        // The detached FUSE mount ends when its last user does: its server stops once the held file is closed.
+        var fuse = rig.Manager.ServerOf(mp)!;
+        Assert.False(fuse.Completion.IsCompleted);
         await held.DisposeAsync();
+        await fuse.Completion.WaitAsync(TimeSpan.FromSeconds(30), Ct);
         await rig.Manager.UnmountAsync(mp, Ct);
         Assert.Null(FsTypeAt(mp));
 
