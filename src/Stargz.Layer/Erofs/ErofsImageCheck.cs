@@ -52,7 +52,11 @@ internal static class ErofsImageCheck
         return new Summary(names, files, hashed);
     }
 
-    private static string Rel(string root, string path) => "/" + Path.GetRelativePath(root, path).TrimStart('.');
+    private static string Rel(string root, string path)
+    {
+        var rel = Path.GetRelativePath(root, path);
+        return rel == "." ? "/" : "/" + rel;
+    }
 
     private static void CheckOne(LayerFileSystem.Inode want, string path, string rel, Dictionary<LayerFileSystem.Inode, ulong> seenIno,
         ref long files, ref long hashed, byte[] buffer, CancellationToken ct)
