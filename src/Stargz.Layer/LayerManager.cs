@@ -97,10 +97,16 @@ public sealed class LayerManager : IAsyncDisposable
             _tocs = new TocStore(Path.Combine(Path.GetDirectoryName(Path.GetFullPath(options.CacheDirectory).TrimEnd('/'))!, "toc"));
             Cache.Budget.ScanTocs(_tocs.Directory);
             // Promoted layers' images: ROOT/stargz/erofs, counted in the budget like the TOCs.
+            var erofsDir = Path.Combine(Path.GetDirectoryName(_tocs.Directory)!, "erofs");
             if (options.PromoteToErofs)
             {
-                _promoter = new ErofsPromoter(Path.Combine(Path.GetDirectoryName(_tocs.Directory)!, "erofs"), Cache.Budget, _log);
+                _promoter = new ErofsPromoter(erofsDir, Cache.Budget, _log);
                 _promoter.ScanAtStart();
+            }
+            else
+            {
+                // Promotion turned off: images of an earlier run would never be used, only take space.
+                ErofsPromoter.DropAll(erofsDir, _log);
             }
         }
         // With passthrough, bigger files get whole-file copies beside the chunks (CACHE/files) once all their chunks are in.

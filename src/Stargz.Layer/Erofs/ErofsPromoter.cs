@@ -75,6 +75,36 @@ public sealed class ErofsPromoter : IDisposable
             try { f.Delete(); } catch (IOException) { }
     }
 
+    /// <summary>Deletes every image and record under <paramref name="directory"/> (promotion is off; nothing mounts them).</summary>
+    public static void DropAll(string directory, ILogger log)
+    {
+        if (!System.IO.Directory.Exists(directory)) return;
+        var mounts = Path.Combine(directory, "mnt");
+        if (System.IO.Directory.Exists(mounts))
+            foreach (var d in System.IO.Directory.EnumerateDirectories(mounts))
+            {
+                try
+                {
+                    ErofsNative.Detach(d); // left mounted by a crash
+                    System.IO.Directory.Delete(d);
+                }
+                catch (IOException e) { log.LogWarning("cannot remove the EROFS mount {Dir}: {Error}", d, e.Message); }
+            }
+        var n = 0;
+        foreach (var f in System.IO.Directory.EnumerateFiles(directory))
+        {
+            if (!f.EndsWith(".erofs", StringComparison.Ordinal) && !f.EndsWith(".promoted", StringComparison.Ordinal) && !f.Contains(".tmp-", StringComparison.Ordinal))
+                continue;
+            try
+            {
+                File.Delete(f);
+                n++;
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { log.LogWarning("cannot delete {Path}: {Error}", f, e.Message); }
+        }
+        if (n > 0) log.LogInformation("[erofs] promote is off: {Count} EROFS image files of an earlier run deleted from {Dir}", n, directory);
+    }
+
     /// <summary>The checked image of the layer, if it was promoted against this TOC (null otherwise).</summary>
     public string? Lookup(string layerDigest, string tocDigest)
     {

@@ -109,6 +109,40 @@ public class ErofsPromotionTests
         Assert.Empty(Mounts.Under(rig.Dir.Path));
     }
 
+    [Fact]
+    public async Task WithPromotionTurnedOffAfterARestartThePromotedLayerIsServedLazilyThroughFuseAgainAndItsImageIsDeleted()
+    {
+        Requires.Fuse();
+        Requires.Erofs();
+        var tar = OurBuilderLayerTests.RichTar();
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 256 << 10, CompressionLevel = 1 }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions
+        {
+            PromoteToErofs = true, BackgroundPause = TimeSpan.FromMilliseconds(1), BackgroundQuietPeriod = TimeSpan.Zero,
+        });
+        var digest = await rig.PushAsync("erofs/off", blob, Ct);
+        var labels = rig.Labels("erofs/off", digest, built.TocDigest);
+        var mp = await rig.MountAsync(labels, Ct);
+        await WaitPromotedAsync(rig, mp);
+        var image = rig.Manager.Layers.Single(l => l.MountPoint == mp).ErofsImage!;
+        await rig.Manager.UnmountAsync(mp, Ct);
+        Assert.True(File.Exists(image));
+
+        await rig.Manager.DisposeAsync();
+        await using var off = new LayerManager(rig.Client, rig.Options with { PromoteToErofs = false });
+        Assert.False(File.Exists(image));
+        var mp2 = rig.Dir.Sub("mnt-off");
+        await off.MountAsync(mp2, labels, Ct);
+        try
+        {
+            Assert.StartsWith("fuse", FsTypeAt(mp2));
+            Assert.False(off.IsPromoted(mp2));
+            var expected = TreeModel.FromTar(new MemoryStream(tar));
+            Assert.True(TreeModel.Diff(expected, TreeModel.FromDirectory(mp2)) == "", TreeModel.Diff(expected, TreeModel.FromDirectory(mp2)));
+        }
+        finally { await off.UnmountAsync(mp2, Ct); }
+    }
+
     /// <summary>
     /// The check behind every promotion: a copy of the FUSE mount (cp -a) passes it, and each kind of difference —
     /// a mode, an owner, an mtime, a byte of content, an xattr, an extra name, a broken hard link, a symlink target —
