@@ -313,8 +313,8 @@ public class CriKeychainTests
                             client-certificate: {pki.ClientCert}
                             client-key: {pki.ClientKey}
                         """);
-                    await File.WriteAllTextAsync(daemon.ConfigPath,
-                        baseToml + $"[kubeconfig_keychain]\nenable_keychain = true\nkubeconfig_path = \"{kubeconfig}\"\n");
+                    await File.WriteAllTextAsync(daemon.ConfigPath, LocalDaemon.WithErofsDefault(
+                        baseToml + $"[kubeconfig_keychain]\nenable_keychain = true\nkubeconfig_path = \"{kubeconfig}\"\n"));
                     Assert.Equal(0, await daemon.StopAsync());
                     await daemon.RestartAsync(env: env);
                     Assert.True(await E2eHelpers.WaitLogLineAsync(daemon, "1 image pull secret(s) from") != null,
@@ -322,8 +322,8 @@ public class CriKeychainTests
                 }
                 if (keychain)
                 {
-                    await File.WriteAllTextAsync(daemon.ConfigPath,
-                        baseToml + $"[cri_keychain]\nenable_keychain = true\nimage_service_path = \"{ctd.Socket}\"\n");
+                    await File.WriteAllTextAsync(daemon.ConfigPath, LocalDaemon.WithErofsDefault(
+                        baseToml + $"[cri_keychain]\nenable_keychain = true\nimage_service_path = \"{ctd.Socket}\"\n"));
                     Assert.Equal(0, await daemon.StopAsync());
                     await daemon.RestartAsync(env: env);
                     // Logged just before "serving containerd snapshots API", but through the other output stream: wait for it.

@@ -57,6 +57,7 @@ public static class ConfigLoader
                 case "blob": ReadBlob(c.Blob, r.Table(key, value), r); break;
                 case "directory_cache": ReadDirCache(c.DirectoryCache, r.Table(key, value), r); break;
                 case "fuse": ReadFuse(c.Fuse, r.Table(key, value), r); break;
+                case "erofs": ReadErofs(c.Erofs, r.Table(key, value), r); break;
                 case "resolver": ReadResolver(c, r.Table(key, value), r); break;
                 case "cri_keychain": ReadCriKeychain(c.CriKeychain, r.Table(key, value), r); break;
                 case "kubeconfig_keychain": ReadKubeconfigKeychain(c.KubeconfigKeychain, r.Table(key, value), r); break;
@@ -118,6 +119,19 @@ public static class ConfigLoader
                 case "attr_timeout": f.AttrTimeout = r.Long(key, v); break;
                 case "entry_timeout": f.EntryTimeout = r.Long(key, v); break;
                 case "passthrough": f.Passthrough = r.Bool(key, v); break;
+                default: r.Unknown(key); break;
+            }
+        }
+    }
+
+    private static void ReadErofs(DaemonConfig.ErofsConfig e, TomlTable t, Reader r)
+    {
+        foreach (var (k, v) in t)
+        {
+            var key = "erofs." + k;
+            switch (k)
+            {
+                case "promote": e.Promote = r.Bool(key, v); break;
                 default: r.Unknown(key); break;
             }
         }

@@ -25,6 +25,7 @@ public sealed class DaemonConfig
     public BlobConfig Blob { get; } = new();
     public DirectoryCacheConfig DirectoryCache { get; } = new();
     public FuseConfig Fuse { get; } = new();
+    public ErofsConfig Erofs { get; } = new();
     public CriKeychainConfig CriKeychain { get; } = new();
     public KubeconfigKeychainConfig KubeconfigKeychain { get; } = new();
     /// <summary>[resolver.host."HOST"] mirrors, by host.</summary>
@@ -71,6 +72,16 @@ public sealed class DaemonConfig
         /// backing file (Linux 6.9+), so their reads skip the daemon; bigger files get a whole-file copy in the cache.
         /// </summary>
         public bool Passthrough { get; set; }
+    }
+
+    /// <summary>
+    /// [erofs] (ours): a layer whose every chunk is fetched and verified is promoted to a kernel EROFS image (checked
+    /// against its TOC), which new mounts of the layer use instead of FUSE.
+    /// </summary>
+    public sealed class ErofsConfig
+    {
+        /// <summary>promote: null (not set) = on where the kernel has erofs (/proc/filesystems) and mkfs.erofs is installed.</summary>
+        public bool? Promote { get; set; }
     }
 
     /// <summary>

@@ -26,6 +26,20 @@ public static class RemoteLayerWiring
         return b.OutageTimeoutSec > 0 ? Math.Min(fetching, b.OutageTimeoutSec) : fetching;
     }
 
+    /// <summary>[erofs] promote, or (not set) whether this machine can: erofs in the kernel and mkfs.erofs on the PATH.</summary>
+    public static bool PromoteToErofs(DaemonConfig.ErofsConfig e, ILogger log)
+    {
+        var kernel = Stargz.Layer.Erofs.ErofsPromoter.KernelSupportsErofs();
+        var mkfs = Stargz.Layer.Erofs.ErofsPromoter.MkfsAvailable();
+        if (e.Promote == false) return false;
+        if (kernel && mkfs) return true;
+        var why = !kernel ? "the kernel has no erofs (/proc/filesystems)" : "mkfs.erofs (erofs-utils) is not installed";
+        if (e.Promote == true) log.LogWarning("[erofs] promote = true, but {Why}: fully fetched layers stay on FUSE", why);
+        else log.LogInformation("fully fetched layers are not promoted to EROFS: {Why}", why);
+        return false;
+    }
+
+
     /// <param name="connections">the fd store that keeps FUSE connections over a restart (systemd or supervise); null: none.</param>
     public static IRemoteFileSystem? Create(DaemonConfig config, string root, ILoggerFactory loggers, ILogger log, CriKeychain? criKeychain = null,
         KubeconfigKeychain? kubeKeychain = null, FuseConnectionStore? connections = null)
@@ -91,6 +105,7 @@ public static class RemoteLayerWiring
             DirectDiskReads = config.DirectoryCache.Direct,
             SyncAdd = config.DirectoryCache.SyncAdd,
             MaxDiskBytes = config.DirectoryCache.MaxDiskMb > 0 ? config.DirectoryCache.MaxDiskMb << 20 : 0,
+            PromoteToErofs = PromoteToErofs(config.Erofs, log),
         };
         var fuse = new FuseMountOptions
         {
@@ -106,9 +121,9 @@ public static class RemoteLayerWiring
         };
         var manager = new LayerManager(registry, options, fuse, loggers.CreateLogger("stargz.layer"));
         LayerMetrics.Track(manager, registry);
-        log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}, passthrough {Passthrough}",
+        log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}, passthrough {Passthrough}, EROFS promotion {Erofs}",
             options.CacheDirectory, options.MaxConcurrency, options.NoPrefetch ? "off" : "on", options.NoBackgroundFetch ? "off" : "on",
-            fuse.Passthrough ? "on" : "off");
+            fuse.Passthrough ? "on" : "off", options.PromoteToErofs ? "on" : "off");
         if (connections != null)
             log.LogInformation("FUSE connections are kept in the fd store of {Manager}: running containers survive a restart ({Adoptable} kept connections to adopt)",
                 Environment.GetEnvironmentVariable("NOTIFY_SOCKET"), connections.HeldMountPoints().Count);
@@ -271,6 +286,14 @@ public static class LayerMetrics
         if (connections != null)
             Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() => KeptConnections.Set(connections.Unclaimed));
     }
+    private static readonly Gauge PromotedLayers = Prometheus.Metrics.CreateGauge(
+        "stargz_layers_promoted", "Mounted layers served by the kernel from their EROFS image instead of FUSE.");
+    private static readonly Gauge Promotions = Prometheus.Metrics.CreateGauge(
+        "stargz_erofs_promotions", "Layers promoted to EROFS (image built and checked against the TOC) since the daemon started.");
+    private static readonly Gauge PromotionFailures = Prometheus.Metrics.CreateGauge(
+        "stargz_erofs_promotion_failures", "Promotions to EROFS that failed (build, mount or check against the TOC); those layers stay on FUSE.");
+    private static readonly Gauge PromotionBytes = Prometheus.Metrics.CreateGauge(
+        "stargz_erofs_promoted_bytes", "Bytes of the EROFS images built since the daemon started.");
 
     public static void Track(LayerManager manager, RegistryClient registry) =>
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
@@ -288,7 +311,7 @@ public static class LayerMetrics
             DiskFull.Set(disk.IsFull ? 1 : 0);
             RegistryStalls.Set(registry.StallCount);
             RegistryRetries.Set(registry.RetryCount);
-            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0, passthrough = 0, reads = 0, adopted = 0, waited = 0;
+            long fetched = 0, blob = 0, hits = 0, misses = 0, errors = 0, bgDone = 0, bgTotal = 0, complete = 0, passthrough = 0, reads = 0, promoted = 0, adopted = 0, waited = 0;
             var layers = manager.Layers;
             foreach (var l in layers)
             {
@@ -300,6 +323,7 @@ public static class LayerMetrics
                 bgDone += l.Stats.BackgroundDoneBytes;
                 bgTotal += l.Stats.BackgroundTotalBytes;
                 if (l.AllChunksFetched) complete++;
+                if (l.Promoted) promoted++;
                 passthrough += l.PassthroughOpens;
                 reads += l.ReadRequests;
                 if (l.Adopted) adopted++;
@@ -319,5 +343,10 @@ public static class LayerMetrics
             PassthroughOpens.Set(passthrough);
             ReadRequests.Set(reads);
             AssembledFiles.Set(manager.AssembledFilesBuilt);
+            var (promotions, failures, bytes) = manager.PromotionCounts;
+            PromotedLayers.Set(promoted);
+            Promotions.Set(promotions);
+            PromotionFailures.Set(failures);
+            PromotionBytes.Set(bytes);
         });
 }

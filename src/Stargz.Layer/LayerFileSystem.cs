@@ -136,6 +136,21 @@ internal sealed class LayerFileSystem : IFuseFileSystem
 
     public int InodeCount => _inodes.Length;
 
+    /// <summary>Bytes of the layer's regular files (hard links counted once).</summary>
+    internal long TotalBytes => (long)_totalBytes;
+
+    /// <summary>
+    /// Set once the layer is promoted to EROFS (the image's mount dir): its chunks are dropped then, so the opens and
+    /// reads that still come through this FUSE mount (containers started before the promotion) are served from the
+    /// image, which was checked against the TOC.
+    /// </summary>
+    internal string? PromotedRoot
+    {
+        get => Volatile.Read(ref _promotedRoot);
+        set => Volatile.Write(ref _promotedRoot, value);
+    }
+    private string? _promotedRoot;
+
     /// <summary>
     /// Whether the mount can still answer opens with a backing file (set once mounted): whole-file copies are only
     /// worth building while it can.
@@ -280,7 +295,12 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         // from it (TryReadFromFile) instead of going through the memory cache.
         string? path = null;
         (CacheFileKind Kind, string Key) pin = (CacheFileKind.Chunk, "");
-        if (i.Chunks.Length == 1 && i.Chunks[0].FileOffset == 0 && (ulong)i.Chunks[0].Size == i.Attr.Size)
+        if (PromotedRoot is { } promoted)
+        {
+            // The image's file serves this open (spliced by the bridge, or by the kernel with passthrough); nothing to pin.
+            if (i.Node is { IsRegular: true } node) path = Path.Combine(promoted, node.Path);
+        }
+        else if (i.Chunks.Length == 1 && i.Chunks[0].FileOffset == 0 && (ulong)i.Chunks[0].Size == i.Attr.Size)
         {
             path = _fetcher.TrustedDiskPath(i.Chunks[0]);
             if (path != null) pin = (CacheFileKind.Chunk, i.Chunks[0].Digest!);
@@ -298,10 +318,13 @@ internal sealed class LayerFileSystem : IFuseFileSystem
             return 0; // removed or unreadable since it was checked: this open reads through the chunk cache
         }
         var handle = (ulong)Interlocked.Increment(ref _lastHandle);
-        _fetcher.Budget.Pin(pin.Kind, pin.Key);
-        _pinned[handle] = pin;
-        if (pin.Kind == CacheFileKind.Copy) _fetcher.Budget.TouchCopy(pin.Key);
-        else _fetcher.Budget.TouchChunk(pin.Key);
+        if (pin.Key.Length > 0)
+        {
+            _fetcher.Budget.Pin(pin.Kind, pin.Key);
+            _pinned[handle] = pin;
+            if (pin.Kind == CacheFileKind.Copy) _fetcher.Budget.TouchCopy(pin.Key);
+            else _fetcher.Budget.TouchChunk(pin.Key);
+        }
         _chunkFiles[handle] = (ino, h);
         result.Handle = handle;
         result.BackingFile = h;
@@ -387,8 +410,27 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         var i = Get(ino);
         if (i == null) return new ValueTask<int>(-Errno.EBADF);
         if (i.Node is not { IsRegular: true }) return new ValueTask<int>(-Errno.EINVAL);
+        if (PromotedRoot is { } promoted) return new ValueTask<int>(ReadFromImage(promoted, i.Node, offset, destination.Span));
         var t = _fetcher.ReadAsync(i.Chunks, (long)i.Attr.Size, offset, destination, cancellationToken);
         return t.IsCompletedSuccessfully ? t : AwaitRead(t);
+    }
+
+    /// <summary>A read of an open made before the promotion: from the image (rare, so opened per read).</summary>
+    private static int ReadFromImage(string root, TocNode node, long offset, Span<byte> destination)
+    {
+        try
+        {
+            using var h = File.OpenHandle(Path.Combine(root, node.Path), FileMode.Open, FileAccess.Read, FileShare.Read);
+            var total = 0;
+            while (total < destination.Length)
+            {
+                var n = RandomAccess.Read(h, destination[total..], offset + total);
+                if (n == 0) break;
+                total += n;
+            }
+            return total;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return -Errno.EIO; }
     }
 
     private static async ValueTask<int> AwaitRead(ValueTask<int> t)

@@ -4,6 +4,7 @@ using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Stargz.Estargz;
 using Stargz.Fuse;
+using Stargz.Layer.Erofs;
 using Stargz.Registry;
 
 namespace Stargz.Layer;
@@ -30,7 +31,17 @@ public static class LayerLabelKeys
 /// <summary>A mounted layer as the daemon reports it.</summary>
 /// <param name="AllChunksFetched">every chunk fetched and verified: the layer no longer needs its registry.</param>
 public sealed record MountedLayerInfo(string MountPoint, string Reference, string Digest, string TocDigest, LayerStatsSnapshot Stats, bool AllChunksFetched,
-    long PassthroughOpens, long ReadRequests, bool Adopted = false, long WaitedRequests = 0);
+    long PassthroughOpens, long ReadRequests, bool Adopted = false, long WaitedRequests = 0)
+{
+    /// <summary>Served by the kernel from a checked EROFS image (the mountpoint is that image), no longer through FUSE.</summary>
+    public bool Promoted { get; init; }
+
+    /// <summary>The promoted layer's EROFS image file (null when not promoted).</summary>
+    public string? ErofsImage { get; init; }
+
+    /// <summary>Why the last promotion of this layer failed (null: none failed).</summary>
+    public string? PromotionError { get; init; }
+}
 
 /// <summary>
 /// The seam the snapshotter uses: mount a layer (described by snapshot labels) as a lazily fetched, verified,
@@ -42,7 +53,16 @@ public sealed class LayerManager : IAsyncDisposable
 {
     private sealed record Resolved(RemoteBlobFetcher Blob, ResolvedToc Toc, DateTime At);
 
-    private sealed record Mounted(RemoteLayer Layer, FuseServer Server, RemoteBlobFetcher Blob);
+    /// <summary>A mounted layer: through FUSE (<see cref="Server"/>), or, once <see cref="Promoted"/>, an EROFS image bound at the mountpoint.
+    /// After a promotion the FUSE server stays until the kernel ends its connection (the last overlay made over it is gone).</summary>
+    private sealed class Mounted(RemoteLayer layer, FuseServer? server, RemoteBlobFetcher blob)
+    {
+        public RemoteLayer Layer { get; } = layer;
+        public FuseServer? Server { get; } = server;
+        public RemoteBlobFetcher Blob { get; } = blob;
+        public volatile bool Promoted;
+        public volatile string? PromotionError;
+    }
 
     private readonly RegistryClient _registry;
     private readonly LayerOptions _options;
@@ -54,6 +74,9 @@ public sealed class LayerManager : IAsyncDisposable
     private readonly ConcurrentDictionary<string, byte> _mounting = new(StringComparer.Ordinal);
     private readonly CancellationTokenSource _disposed = new();
     private readonly TocStore? _tocs;
+    private readonly ErofsPromoter? _promoter;
+    // Promotions in flight: disposal waits for them (cancelled) before it unmounts their images.
+    private readonly ConcurrentDictionary<Task, byte> _promotions = new();
 
     public LayerManager(RegistryClient registry, LayerOptions options, FuseMountOptions? fuseOptions = null, ILogger? logger = null)
     {
@@ -73,6 +96,18 @@ public sealed class LayerManager : IAsyncDisposable
         {
             _tocs = new TocStore(Path.Combine(Path.GetDirectoryName(Path.GetFullPath(options.CacheDirectory).TrimEnd('/'))!, "toc"));
             Cache.Budget.ScanTocs(_tocs.Directory);
+            // Promoted layers' images: ROOT/stargz/erofs, counted in the budget like the TOCs.
+            var erofsDir = Path.Combine(Path.GetDirectoryName(_tocs.Directory)!, "erofs");
+            if (options.PromoteToErofs)
+            {
+                _promoter = new ErofsPromoter(erofsDir, Cache.Budget, _log);
+                _promoter.ScanAtStart();
+            }
+            else
+            {
+                // Promotion turned off: images of an earlier run would never be used, only take space.
+                ErofsPromoter.DropAll(erofsDir, _log);
+            }
         }
         // With passthrough, bigger files get whole-file copies beside the chunks (CACHE/files) once all their chunks are in.
         if (_fuse.Passthrough && options.CacheDirectory != null && Cache.TmpDirectory != null)
@@ -98,14 +133,26 @@ public sealed class LayerManager : IAsyncDisposable
         {
             var list = new List<MountedLayerInfo>();
             foreach (var (mp, m) in _mounts)
-                list.Add(new MountedLayerInfo(mp, m.Layer.Reference, m.Layer.Digest, m.Layer.TocDigest, m.Layer.Stats.Snapshot(), m.Layer.AllChunksFetched,
-                    m.Server.PassthroughOpens, m.Server.ReadRequests, m.Server.Adopted, m.Server.WaitedRequests));
+                list.Add(new MountedLayerInfo(mp, m.Layer.Reference, m.Layer.Digest, m.Layer.TocDigest, m.Layer.Stats.Snapshot(),
+                    m.Promoted || m.Layer.AllChunksFetched, m.Server?.PassthroughOpens ?? 0, m.Server?.ReadRequests ?? 0,
+                    m.Server?.Adopted ?? false, m.Server?.WaitedRequests ?? 0)
+                {
+                    Promoted = m.Promoted,
+                    ErofsImage = m.Promoted ? _promoter?.ImagePath(m.Layer.Digest) : null,
+                    PromotionError = m.PromotionError,
+                });
             return list;
         }
     }
 
     /// <summary>The FUSE server of the mount (tests and diagnostics), or null.</summary>
     internal FuseServer? ServerOf(string mountpoint) => _mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m) ? m.Server : null;
+
+    /// <summary>Layers promoted to EROFS by this process, promotions that failed, and bytes of the images built.</summary>
+    public (long Promoted, long Failures, long Bytes) PromotionCounts => _promoter is { } p ? (p.Promoted, p.Failures, p.Bytes) : (0, 0, 0);
+
+    /// <summary>Whether the layer at <paramref name="mountpoint"/> is served from its EROFS image.</summary>
+    public bool IsPromoted(string mountpoint) => _mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m) && m.Promoted;
 
     /// <summary>The layer mounted at <paramref name="mountpoint"/>, or null.</summary>
     public RemoteLayer? GetLayer(string mountpoint) => _mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m) ? m.Layer : null;
@@ -169,6 +216,8 @@ public sealed class LayerManager : IAsyncDisposable
             // A connection kept over a restart is adopted as it is (a stat of it would wait for this very server).
             if (_fuse.Connections?.Holds(mountpoint) != true && FuseServer.IsDeadMount(mountpoint)) FuseServer.CleanupDeadMount(mountpoint);
             var layer = new RemoteLayer(reference, digest, resolved.Toc, resolved.Blob, Cache, _gate, _options, Files);
+            // A kept FUSE connection is adopted even when the layer was promoted since: containers still read through it.
+            if (_fuse.Connections?.Holds(mountpoint) != true && TryMountPromoted(mountpoint, layer, resolved.Blob)) return;
             FuseServer server;
             try
             {
@@ -181,8 +230,17 @@ public sealed class LayerManager : IAsyncDisposable
                 throw;
             }
             layer.FileSystem.PassthroughUsable = () => server.PassthroughUsable;
-            _mounts[mountpoint] = new Mounted(layer, server, resolved.Blob);
+            var mounted = new Mounted(layer, server, resolved.Blob);
+            _mounts[mountpoint] = mounted;
             layer.StartBackgroundWork(prefetchSize);
+            if (_promoter != null)
+            {
+                var promotion = layer.BackgroundWork.ContinueWith(_ => PromoteWhenFetchedAsync(mountpoint, mounted), CancellationToken.None,
+                    TaskContinuationOptions.None, TaskScheduler.Default).Unwrap();
+                _promotions[promotion] = 0;
+                _ = promotion.ContinueWith(t => _promotions.TryRemove(t, out _), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously,
+                    TaskScheduler.Default);
+            }
             if (server.Adopted)
                 _log.LogInformation("adopted the kept FUSE connection of layer {Digest} of {Reference} at {MountPoint} ({Waited} requests had waited)",
                     digest, reference, mountpoint, server.WaitedRequests);
@@ -318,7 +376,13 @@ public sealed class LayerManager : IAsyncDisposable
         _gate.NotePriorityWork();
         mountpoint = Path.GetFullPath(mountpoint);
         if (!_mounts.TryGetValue(mountpoint, out var m)) throw new InvalidOperationException($"no layer is mounted at {mountpoint}");
-        if (m.Server.Completion.IsCompleted || FuseServer.IsDeadMount(mountpoint))
+        // A promoted layer is its checked image, mounted by the kernel: no registry, no FUSE server to ask.
+        if (m.Promoted)
+        {
+            if (!FuseServer.IsMountPoint(mountpoint)) throw new IOException($"the EROFS mount of layer {m.Layer.Digest} at {mountpoint} is gone");
+            return;
+        }
+        if (m.Server == null || m.Server.Completion.IsCompleted || FuseServer.IsDeadMount(mountpoint))
             throw new IOException($"the FUSE mount at {mountpoint} is gone");
         // Every chunk is verified on disk: the layer is served whatever the registry does.
         if (_options.CacheDirectory != null && m.Layer.AllChunksFetched) return;
@@ -333,7 +397,7 @@ public sealed class LayerManager : IAsyncDisposable
         mountpoint = Path.GetFullPath(mountpoint);
         if (!_mounts.TryRemove(mountpoint, out var m))
             throw new InvalidOperationException($"no layer is mounted at {mountpoint}");
-        await StopAsync(m).WaitAsync(ct).ConfigureAwait(false);
+        await StopAsync(m, mountpoint).WaitAsync(ct).ConfigureAwait(false);
         _log.LogInformation("unmounted layer {Digest} from {MountPoint}", m.Layer.Digest, mountpoint);
     }
 
@@ -350,26 +414,12 @@ public sealed class LayerManager : IAsyncDisposable
         if (!_mounts.TryRemove(mountpoint, out var m))
             throw new InvalidOperationException($"no layer is mounted at {mountpoint}");
         // Stopped first: the layer's fetches and disk writes are over before its chunks are dropped.
-        await StopAsync(m).WaitAsync(ct).ConfigureAwait(false);
-        var keys = m.Layer.ChunkKeys();
-        var total = keys.Count;
-        foreach (var (_, other) in _mounts)
-        {
-            if (keys.Count == 0) break;
-            foreach (var k in other.Layer.ChunkKeys()) keys.Remove(k);
-        }
-        var files = 0;
-        foreach (var k in keys)
-        {
-            try { if (Cache.Remove(k)) files++; }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-            {
-                _log.LogWarning("cannot remove cached chunk {Key} of released layer {Digest}: {Error}", k, m.Layer.Digest, e.Message);
-            }
-        }
+        await StopAsync(m, mountpoint).WaitAsync(ct).ConfigureAwait(false);
+        var (files, total, kept) = DropChunks(m, "released");
         var assembled = await RemoveAssembledFilesAsync(m, ct).ConfigureAwait(false);
         var digestStillMounted = false;
         foreach (var (_, other) in _mounts) digestStillMounted |= other.Layer.Digest == m.Layer.Digest;
+        if (!digestStillMounted) _promoter?.Drop(m.Layer.Digest);
         if (!digestStillMounted && _tocs != null)
         {
             try
@@ -383,7 +433,138 @@ public sealed class LayerManager : IAsyncDisposable
             }
         }
         _log.LogInformation("released layer {Digest} from {MountPoint}: {Files} cached chunk files and {Assembled} whole-file copies removed, {Shared} chunks kept for other layers",
-            m.Layer.Digest, mountpoint, files, assembled, total - keys.Count);
+            m.Layer.Digest, mountpoint, files, assembled, kept);
+    }
+
+    /// <summary>
+    /// Deletes the cached chunks of <paramref name="m"/>'s layer that no other mounted layer still reads through FUSE
+    /// (a promoted layer reads none). Returns (files removed, chunks of the layer, chunks kept for others).
+    /// </summary>
+    private (int Files, int Total, int Kept) DropChunks(Mounted m, string why)
+    {
+        var keys = m.Layer.ChunkKeys();
+        var total = keys.Count;
+        foreach (var (_, other) in _mounts)
+        {
+            if (keys.Count == 0) break;
+            if (other == m || other.Promoted) continue;
+            foreach (var k in other.Layer.ChunkKeys()) keys.Remove(k);
+        }
+        var files = 0;
+        foreach (var k in keys)
+        {
+            try { if (Cache.Remove(k)) files++; }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                _log.LogWarning("cannot remove cached chunk {Key} of {Why} layer {Digest}: {Error}", k, why, m.Layer.Digest, e.Message);
+            }
+        }
+        return (files, total, total - keys.Count);
+    }
+
+    /// <summary>
+    /// A layer with a checked EROFS image for this TOC (promoted earlier, by this or a previous run) is mounted from it:
+    /// the image's one kernel mount is bound at <paramref name="mountpoint"/>. No FUSE, no registry, no background fetch.
+    /// False when there is no usable image (the layer is then mounted through FUSE).
+    /// </summary>
+    private bool TryMountPromoted(string mountpoint, RemoteLayer layer, RemoteBlobFetcher blob)
+    {
+        if (_promoter?.Lookup(layer.Digest, layer.TocDigest) == null) return false;
+        string dir;
+        try { dir = _promoter.Acquire(layer.Digest); }
+        catch (IOException e)
+        {
+            _log.LogWarning("layer {Digest}: its EROFS image cannot be mounted ({Error}); dropped, the layer is served through FUSE", layer.Digest, e.Message);
+            _promoter.Drop(layer.Digest);
+            return false;
+        }
+        try
+        {
+            Directory.CreateDirectory(mountpoint);
+            ErofsNative.Bind(dir, mountpoint);
+        }
+        catch (IOException e)
+        {
+            _promoter.Release(layer.Digest, drop: false);
+            _log.LogWarning("layer {Digest}: cannot bind its EROFS image at {MountPoint} ({Error}); served through FUSE", layer.Digest, mountpoint, e.Message);
+            return false;
+        }
+        layer.FileSystem.PromotedRoot = dir;
+        _mounts[mountpoint] = new Mounted(layer, null, blob) { Promoted = true };
+        _log.LogInformation("mounted layer {Digest} of {Reference} at {MountPoint} from its EROFS image {Image}",
+            layer.Digest, layer.Reference, mountpoint, _promoter.ImagePath(layer.Digest));
+        return true;
+    }
+
+    /// <summary>
+    /// After the background fetch: once every chunk is verified on disk, the layer is promoted (image built from this
+    /// FUSE mount, checked, recorded), every FUSE mount of the layer is switched to the image, and the chunks the image
+    /// replaces are dropped. Never throws (a failure leaves the layer on FUSE).
+    /// </summary>
+    private async Task PromoteWhenFetchedAsync(string mountpoint, Mounted m)
+    {
+        try
+        {
+            if (_promoter == null || _disposed.IsCancellationRequested || !m.Layer.AllChunksFetched) return;
+            if (!_mounts.TryGetValue(mountpoint, out var cur) || cur != m || m.Promoted) return;
+            // Let the mount-time burst of other layers' fetches and the container's start settle first.
+            await _gate.WaitQuietAsync(_disposed.Token).ConfigureAwait(false);
+            var dir = await _promoter.PromoteAsync(m.Layer.Digest, m.Layer.TocDigest, mountpoint, m.Layer.FileSystem, m.Layer.FileSystem.TotalBytes,
+                _disposed.Token).ConfigureAwait(false);
+            if (dir == null)
+            {
+                m.PromotionError = "promotion failed (see the daemon log)";
+                return;
+            }
+            var first = true;
+            foreach (var (mp, other) in _mounts)
+            {
+                if (other.Promoted || other.Layer.Digest != m.Layer.Digest || other.Layer.TocDigest != m.Layer.TocDigest) continue;
+                if (!first) _promoter.Acquire(m.Layer.Digest);
+                if (SwitchToImage(mp, other, dir)) first = false;
+                else if (!first) _promoter.Release(m.Layer.Digest, drop: false);
+            }
+            if (first) _promoter.Release(m.Layer.Digest, drop: false); // every mount went away meanwhile
+            var (files, _, kept) = DropChunks(m, "promoted");
+            var assembled = await RemoveAssembledFilesAsync(m, _disposed.Token).ConfigureAwait(false);
+            _log.LogInformation("layer {Digest}: {Files} chunk files and {Assembled} whole-file copies dropped after promotion ({Kept} kept for other layers)",
+                m.Layer.Digest, files, assembled, kept);
+        }
+        catch (OperationCanceledException) when (_disposed.IsCancellationRequested) { }
+        catch (Exception e)
+        {
+            m.PromotionError = e.Message;
+            _log.LogError(e, "layer {Digest}: promotion to EROFS failed", m.Layer.Digest);
+        }
+    }
+
+    /// <summary>
+    /// Puts the image beneath the FUSE mount at <paramref name="mountpoint"/> and detaches the FUSE mount: new lookups
+    /// (new overlays' lowerdirs) find the image, overlays made before keep their FUSE connection until they go.
+    /// </summary>
+    private bool SwitchToImage(string mountpoint, Mounted m, string dir)
+    {
+        lock (m)
+        {
+            if (m.Promoted || !_mounts.TryGetValue(mountpoint, out var cur) || cur != m) return false;
+            m.Layer.FileSystem.PromotedRoot = dir;
+            try
+            {
+                ErofsNative.MountBeneath(dir, mountpoint);
+                m.Server?.Unmount(lazy: true);
+            }
+            catch (IOException e)
+            {
+                // An old kernel (< 6.5) or a mount propagation it refuses: detach then bind (a moment without the layer).
+                _log.LogInformation("layer {Digest}: cannot mount the image beneath {MountPoint} ({Error}); detaching FUSE first", m.Layer.Digest, mountpoint, e.Message);
+                m.Server?.Unmount(lazy: true);
+                ErofsNative.Bind(dir, mountpoint);
+            }
+            m.Promoted = true;
+            _log.LogInformation("layer {Digest} at {MountPoint} switched to its EROFS image; its FUSE mount stays only for overlays made before",
+                m.Layer.Digest, mountpoint);
+            return true;
+        }
     }
 
     /// <summary>
@@ -410,6 +591,11 @@ public sealed class LayerManager : IAsyncDisposable
             var n = Cache.Budget.SizeOf(CacheFileKind.Toc, _tocs.PathFor(m.Layer.Digest));
             if (n > 0) { bytes += n; files++; }
         }
+        if (_promoter != null)
+        {
+            var n = Cache.Budget.SizeOf(CacheFileKind.Toc, _promoter.ImagePath(m.Layer.Digest));
+            if (n > 0) { bytes += n; files++; }
+        }
         return (bytes, files);
     }
 
@@ -431,8 +617,17 @@ public sealed class LayerManager : IAsyncDisposable
             var digest = dash > 0 ? name[..dash] + ":" + name[(dash + 1)..] : name;
             if (!live.Contains(digest)) dead.Add(digest);
         }
+        // EROFS images of layers no snapshot refers to any more.
+        var images = 0;
+        if (_promoter != null)
+            foreach (var d in _promoter.ImageDigests().ToList())
+                if (!live.Contains(d))
+                {
+                    _promoter.Drop(d);
+                    images++;
+                }
         // Chunks come only from layers whose TOC was stored; none of a layer no snapshot refers to: nothing to sweep.
-        if (dead.Count == 0) return 0;
+        if (dead.Count == 0) return images;
         var keepChunks = new HashSet<string>(StringComparer.Ordinal);
         var keepCopies = new HashSet<string>(StringComparer.Ordinal);
         var complete = true;
@@ -476,8 +671,9 @@ public sealed class LayerManager : IAsyncDisposable
                 _log.LogWarning("start-up sweep: cannot remove the stored TOC of removed layer {Digest}: {Error}", d, e.Message);
             }
         }
-        _log.LogInformation("start-up sweep: {Removed} cache files of {Layers} layers no snapshot refers to were removed", removed, dead.Count);
-        return removed;
+        _log.LogInformation("start-up sweep: {Removed} cache files and {Images} EROFS images of {Layers} layers no snapshot refers to were removed",
+            removed, images, dead.Count);
+        return removed + images;
     }
 
     /// <summary>Deletes the whole-file copies of the released layer's files that no mounted layer has.</summary>
@@ -493,10 +689,19 @@ public sealed class LayerManager : IAsyncDisposable
         return digests.Count == 0 ? 0 : await Files.RemoveAsync(digests, ct).ConfigureAwait(false);
     }
 
-    private static async Task StopAsync(Mounted m)
+    private async Task StopAsync(Mounted m, string mountpoint)
     {
         await m.Layer.DisposeAsync().ConfigureAwait(false); // fails waiting reads first, so unmount is not busy on them
-        await Task.Run(() => m.Server.Unmount()).ConfigureAwait(false);
+        if (!m.Promoted)
+        {
+            await Task.Run(() => m.Server!.Unmount()).ConfigureAwait(false);
+            return;
+        }
+        // The image's bind at the mountpoint, then one user less of its kernel mount. A FUSE connection still kept by an
+        // overlay made before the promotion was detached already; it ends with that overlay (or this process).
+        try { ErofsNative.Detach(mountpoint); }
+        catch (IOException e) { _log.LogWarning("cannot unmount the EROFS image of layer {Digest} at {MountPoint}: {Error}", m.Layer.Digest, mountpoint, e.Message); }
+        _promoter?.Release(m.Layer.Digest, drop: false);
     }
 
     /// <summary>
@@ -515,9 +720,12 @@ public sealed class LayerManager : IAsyncDisposable
             _log.LogInformation("handing {Count} mounted layers over to the next daemon", _mounts.Count);
             return;
         }
+        // PromoteWhenFetchedAsync never throws; cancelled, it removes what it had built.
+        await Task.WhenAll(_promotions.Keys).ConfigureAwait(false);
         foreach (var mp in _mounts.Keys)
             if (_mounts.TryRemove(mp, out var m))
-                await StopAsync(m).ConfigureAwait(false);
+                await StopAsync(m, mp).ConfigureAwait(false);
+        _promoter?.Dispose();
         _gate.Dispose();
         Files?.Dispose();
         Cache.Dispose();

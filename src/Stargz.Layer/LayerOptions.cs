@@ -30,6 +30,12 @@ public sealed record LayerOptions
     public const long DefaultMemoryCacheBytes = 16L << 20;
     public const int DefaultMemoryCacheEntries = 10;
 
+    /// <summary>
+    /// <c>[erofs] promote</c>: a layer whose every chunk is fetched and verified is turned into a kernel EROFS image
+    /// (checked against the TOC), and mounts of it from then on use the image instead of FUSE. Needs a disk cache.
+    /// </summary>
+    public bool PromoteToErofs { get; init; }
+
     /// <summary><c>noprefetch</c>.</summary>
     public bool NoPrefetch { get; init; }
 

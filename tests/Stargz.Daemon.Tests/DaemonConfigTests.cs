@@ -95,6 +95,21 @@ public class DaemonConfigTests
         Assert.True(c.DirectoryCache.Direct);
         Assert.Equal("", c.MetricsAddress);
         Assert.False(c.Fuse.Passthrough);
+        Assert.Null(c.Erofs.Promote); // not set: on where the machine can (kernel erofs, mkfs.erofs)
+    }
+
+    [Fact]
+    public void ErofsPromoteIsParsedAndOffWinsOverTheMachinesSupport()
+    {
+        var log = Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance;
+        var on = ConfigLoader.Parse("[erofs]\npromote = true", "cfg.toml", []);
+        var off = ConfigLoader.Parse("[erofs]\npromote = false", "cfg.toml", []);
+        Assert.True(on.Erofs.Promote);
+        Assert.False(off.Erofs.Promote);
+        Assert.False(RemoteLayerWiring.PromoteToErofs(off.Erofs, log));
+        var machineCan = Stargz.Layer.Erofs.ErofsPromoter.KernelSupportsErofs() && Stargz.Layer.Erofs.ErofsPromoter.MkfsAvailable();
+        Assert.Equal(machineCan, RemoteLayerWiring.PromoteToErofs(on.Erofs, log));
+        Assert.Equal(machineCan, RemoteLayerWiring.PromoteToErofs(ConfigLoader.Parse("", "cfg.toml", []).Erofs, log));
     }
 
     [Theory]
@@ -104,6 +119,7 @@ public class DaemonConfigTests
     [InlineData("[blob]\nmin_wait_msec = 500\nmax_wait_msec = 100", "blob.max_wait_msec (100) is less than blob.min_wait_msec (500)")]
     [InlineData("blob = 3", "blob must be a table")]
     [InlineData("[fuse]\npassthrough = 1", "fuse.passthrough must be a boolean")]
+    [InlineData("[erofs]\npromote = \"on\"", "erofs.promote must be a boolean")]
     [InlineData("metrics_address = \"nowhere\"", "metrics_address \"nowhere\" is not HOST:PORT")]
     [InlineData("[[resolver.host.\"r.io\".mirrors]]\ninsecure = true", "resolver.host.\"r.io\".mirrors[0].host is required")]
     [InlineData("this is = not toml [", "is not valid TOML")]

@@ -55,10 +55,19 @@ public sealed class LocalDaemon : IAsyncDisposable
     {
         // Socket paths must stay short (108 bytes), so the dir lives directly under /tmp.
         var d = new LocalDaemon(new TempDir("sgd"), ownsDir: true) { _logLevel = logLevel, Supervised = supervised };
-        await File.WriteAllTextAsync(d.ConfigPath, configToml ?? "");
+        await File.WriteAllTextAsync(d.ConfigPath, WithErofsDefault(configToml));
         await d.LaunchAsync(env, extraArgs, waitReady);
         return d;
     }
+
+    /// <summary>
+    /// Tests of the lazy FUSE layer keep it for their whole run: promotion to EROFS (on by default where the machine
+    /// supports it) would swap a fully fetched layer's mount and drop its chunk files mid-test. A test of promotion
+    /// says <c>[erofs]</c> itself. Appended: a new table at the end is valid after anything the test wrote.
+    /// </summary>
+    public static string WithErofsDefault(string? configToml) =>
+        configToml != null && configToml.Contains("[erofs]", StringComparison.Ordinal) ? configToml
+            : (configToml ?? "") + "\n[erofs]\npromote = false\n";
 
     /// <summary>Starts another snapshotter binary that takes the same flags (e.g. the reference's daemon built by
     /// integration/bench/reference-daemon/build.sh), in a new dir, ready once it logs that it serves.</summary>

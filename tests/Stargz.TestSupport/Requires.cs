@@ -28,6 +28,14 @@ public static class Requires
         if (v.Major < 6 || v.Major == 6 && v.Minor < 9) Missing($"FUSE passthrough needs Linux 6.9+, this is {v}");
     }
 
+    /// <summary>Kernel EROFS (file-backed mounts) and mkfs.erofs (erofs-utils), for promoted layers.</summary>
+    public static void Erofs()
+    {
+        Root();
+        if (!File.ReadAllText("/proc/filesystems").Contains("\terofs")) Missing("the kernel has no erofs (/proc/filesystems)");
+        Command("mkfs.erofs");
+    }
+
     public static void Root()
     {
         if (!IsRoot) Missing("test needs root (mount(2), overlayfs, containerd)");
