@@ -106,7 +106,7 @@ public static class RemoteLayerWiring
         log.LogInformation("lazy layers on: chunk cache {Cache}, max_concurrency {MaxConcurrency}, prefetch {Prefetch}, background fetch {Background}, passthrough {Passthrough}",
             options.CacheDirectory, options.MaxConcurrency, options.NoPrefetch ? "off" : "on", options.NoBackgroundFetch ? "off" : "on",
             fuse.Passthrough ? "on" : "off");
-        return new LazyLayerFileSystem(manager, registry);
+        return new LazyLayerFileSystem(manager, registry) { CriKeychain = criKeychain };
     }
 }
 
@@ -116,6 +116,9 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
 {
     public LayerManager Manager => manager;
 
+    /// <summary>The CRI keychain, whose credentials of images without a remote snapshot are dropped by the start-up sweep.</summary>
+    public CriKeychain? CriKeychain { get; init; }
+
     public Task SweepAsync(IReadOnlyList<IReadOnlyDictionary<string, string>> remoteSnapshotLabels, CancellationToken ct)
     {
         var live = new List<string>(remoteSnapshotLabels.Count);
@@ -124,6 +127,17 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
             if (l.TryGetValue(LayerLabelKeys.Digest, out var d) || l.TryGetValue(LayerLabelKeys.CriLayerDigest, out d)) live.Add(d.Trim());
         }
         manager.SweepOrphans(live);
+        if (CriKeychain is { } keychain)
+        {
+            // Persisted credentials of images removed while the daemon was down (or not through CRI) go too.
+            var images = new List<string>(remoteSnapshotLabels.Count);
+            foreach (var l in remoteSnapshotLabels)
+            {
+                if (l.TryGetValue(LayerLabelKeys.CriImageRef, out var r)) images.Add(r.Trim());
+                if (l.TryGetValue(LayerLabelKeys.Reference, out r)) images.Add(r.Trim());
+            }
+            keychain.Retain(images);
+        }
         return Task.CompletedTask;
     }
 
