@@ -246,7 +246,10 @@ public sealed class PodRig : IAsyncDisposable
 
     /// <summary>The container's stdout as kubelet reads it from the log file CRI writes (CRI log format:
     /// "TIME STREAM TAG TEXT", a P tag continues the line in the next record).</summary>
-    public static string ReadStdout(string logPath)
+    public static string ReadStdout(string logPath) => ReadStream(logPath, "stdout");
+
+    /// <summary>One stream ("stdout" or "stderr") of the container's log file.</summary>
+    public static string ReadStream(string logPath, string stream)
     {
         if (!File.Exists(logPath)) return "";
         var sb = new System.Text.StringBuilder();
@@ -257,7 +260,7 @@ public sealed class PodRig : IAsyncDisposable
         foreach (var line in text.Split('\n'))
         {
             var parts = line.Split(' ', 4);
-            if (parts.Length < 4 || parts[1] != "stdout") continue;
+            if (parts.Length < 4 || parts[1] != stream) continue;
             sb.Append(parts[3]);
             if (parts[2] == "F") sb.Append('\n');
         }
@@ -322,7 +325,16 @@ public sealed class PodRig : IAsyncDisposable
     public static int CountFiles(string dir) =>
         Directory.Exists(dir) ? Directory.EnumerateFiles(dir, "*", SearchOption.AllDirectories).Count() : 0;
 
-    public string Tail() { var l = Daemon.Log; return l.Length <= 8000 ? l : l[^8000..]; }
+    /// <summary>The end of the daemon's log without its per-request lines (containerd polls Usage every 10 s).</summary>
+    public string Tail()
+    {
+        var sb = new System.Text.StringBuilder();
+        foreach (var l in Daemon.Log.Split('\n'))
+            if (!l.Contains("\"Microsoft.AspNetCore.", StringComparison.Ordinal) && !l.Contains("\"LogLevel\":\"Debug\"", StringComparison.Ordinal))
+                sb.AppendLine(l);
+        var t = sb.ToString();
+        return t.Length <= 12000 ? t : t[^12000..];
+    }
 
     public async ValueTask DisposeAsync()
     {

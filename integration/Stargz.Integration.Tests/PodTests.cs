@@ -155,8 +155,10 @@ public class PodTests
         {
             var late = await rig.StartContainerAsync(pod, podConfig, "late", imageId, ["/bin/sh", "-c", "sha256sum /data/late.bin"], ct);
             var s = await rig.WaitExitedAsync(late, ct);
-            var output = PodRig.ReadStdout(Path.Combine(podConfig.LogDirectory, "late.log"));
-            if (s.ExitCode != 0 || !output.StartsWith(img.LateSha256, StringComparison.Ordinal)) failure = $"exit {s.ExitCode}, [{output}]";
+            var log = Path.Combine(podConfig.LogDirectory, "late.log");
+            var output = PodRig.ReadStdout(log);
+            if (s.ExitCode != 0 || !output.StartsWith(img.LateSha256, StringComparison.Ordinal))
+                failure = $"exit {s.ExitCode}, stdout [{output}], stderr [{PodRig.ReadStream(log, "stderr")}]";
         }
         catch (RpcException e)
         {
@@ -164,6 +166,12 @@ public class PodTests
         }
         Assert.True(failure != null, "late.bin was read after a restart without persisted credentials: the registry is not private?");
         TestContext.Current.TestOutputHelper?.WriteLine($"without persisted credentials, after the restart: {failure}");
+        // Because the private registry refused the daemon (which had no credentials to answer with): a layer error.
+        // What the container sees: EIO on the read (the layers themselves were restored from their stored TOCs).
+        Assert.Contains("Input/output error", failure);
+        var refused = await E2eHelpers.WaitLogLineAsync(rig.Daemon, "asked for Basic auth for", "/e2e/private-nopersist@sha256:");
+        Assert.True(refused != null, $"no refusal by the registry in the daemon's log:\n{rig.Tail()}");
+        Assert.True(await rig.MetricAsync("stargz_layer_errors") > 0, "no layer error counted");
         Assert.False(File.Exists(rig.CredentialsFile));
         Assert.DoesNotContain(PodRig.Password, rig.Daemon.Log);
     }
