@@ -16,6 +16,7 @@ public class PodTests
     private const string Motd = "served to a pod from a private registry";
     private const int ReadEarly = 2 << 20;
     private const int ReadLate = 6 << 20;
+    private const ulong Scratch = 1 << 20;
 
     private sealed record PrivateImage(string Reference, int Layers, string EarlySha256, string LateSha256);
 
@@ -45,7 +46,7 @@ public class PodTests
     /// container in that pod reads a file whose chunks were never fetched, with the credentials read back from the
     /// daemon's 0600 file. Removing the pod and then the image by ID (kubelet's image GC) frees every FUSE mount,
     /// cached chunk and the credentials; the daemon's Usage of the remote snapshots counts what was read, and
-    /// ImageFsInfo through containerd goes down when they are gone.
+    /// ImageFsInfo through containerd counts the pod's writable layer and goes down when the pod and image are gone.
     /// (The pod's first container keeps running across the restart, but its own FUSE reads need the restart work of
     /// issue 17 to survive, so the reads after the restart are a new container's.)
     /// </summary>
@@ -56,6 +57,8 @@ public class PodTests
         await using var rig = await PodRig.StartAsync();
         var img = await PushPrivateImageAsync(rig, "e2e/private-pod");
         await rig.GoPrivateAsync(persist: true);
+        // ImageFsInfo before the image: the pause image's snapshot (once CRI has looked at it, within 10 s).
+        var baseline = await rig.WaitImageFsAsync(v => v > 0, ct);
 
         var imageId = await rig.PullAsync(img.Reference, ct: ct);
         Assert.StartsWith("sha256:", imageId);
@@ -72,7 +75,7 @@ public class PodTests
         Assert.StartsWith("10.231.0.", sandbox.Network?.Ip ?? "");
 
         var app = await rig.StartContainerAsync(pod, podConfig, "app", imageId,
-            ["/bin/sh", "-c", "cat /etc/motd; sha256sum /data/early.bin; exec sleep 2147483647"], ct);
+            ["/bin/sh", "-c", $"cat /etc/motd; sha256sum /data/early.bin; head -c {Scratch} /data/early.bin > /tmp/scratch; exec sleep 2147483647"], ct);
         var appLog = Path.Combine(podConfig.LogDirectory, "app.log");
         var stdout = await PodRig.WaitStdoutLinesAsync(appLog, 2, ct);
         var lines = stdout.Split('\n');
@@ -80,11 +83,17 @@ public class PodTests
         Assert.Equal(Motd, lines[0]);
         Assert.StartsWith(img.EarlySha256 + " ", lines[1]);
         Assert.Equal(ContainerState.ContainerRunning, (await ContainerStatusAsync(rig, app, ct)).State);
+        // kubelet's exec probe (ExecSync) in the running container reads the image too.
+        var probe = await rig.Cri.Runtime.ExecSyncAsync(new ExecSyncRequest { ContainerId = app, Cmd = { "/bin/cat", "/etc/motd" }, Timeout = 60 },
+            cancellationToken: ct);
+        Assert.Equal(0, probe.ExitCode);
+        Assert.Equal(Motd + "\n", probe.Stdout.ToStringUtf8());
 
-        // ImageFsInfo: containerd's CRI sums its snapshots' Usage. It reads a committed snapshot's Usage once, when it
-        // first sees it (every 10 s it re-reads active ones only), so our layers count with what they held then.
-        var usedRunning = await rig.WaitImageFsAsync(v => v > 0, ct);
-        Assert.True(usedRunning > 0, "ImageFsInfo says nothing is used");
+        // ImageFsInfo: containerd's CRI sums its snapshots' Usage, from us. It reads a committed snapshot's Usage once,
+        // when it first sees it (every 10 s it re-reads active ones only), so our lazy layers count with what they held
+        // then (little); the container's writable layer (active, ours too) counts as it grows.
+        var usedRunning = await rig.WaitImageFsAsync(v => v >= baseline + Scratch, ct);
+        Assert.True(usedRunning >= baseline + Scratch, $"ImageFsInfo: {baseline} bytes before the pod, {usedRunning} with {Scratch} written in it");
 
         // The daemon restarts with the pod running.
         Assert.Equal(0, await rig.Daemon.StopAsync());
@@ -126,8 +135,8 @@ public class PodTests
         Assert.Single(await E2eHelpers.StargzSnapshotsAsync(rig.Containerd, "k8s.io"));
         Assert.Equal(0, await RemoteUsageAsync(rig, ct));
         // ... and containerd's ImageFsInfo no longer counts them, nor the pod's containers.
-        var usedAfter = await rig.WaitImageFsAsync(v => v < usedRunning, ct);
-        Assert.True(usedAfter < usedRunning, $"ImageFsInfo: {usedRunning} bytes while running, {usedAfter} after the image was removed");
+        var usedAfter = await rig.WaitImageFsAsync(v => v + Scratch <= usedRunning, ct);
+        Assert.True(usedAfter + Scratch <= usedRunning, $"ImageFsInfo: {usedRunning} bytes while running, {usedAfter} after the pod and image were removed");
 
         Assert.DoesNotContain(PodRig.Password, rig.Daemon.Log);
         Assert.DoesNotContain(PodRig.Password, rig.Containerd.ReadLog());
