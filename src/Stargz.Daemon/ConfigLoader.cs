@@ -145,11 +145,14 @@ public static class ConfigLoader
             {
                 case "enable_keychain": k.EnableKeychain = r.Bool("cri_keychain.enable_keychain", v); break;
                 case "image_service_path": k.ImageServicePath = r.Str("cri_keychain.image_service_path", v); break;
+                case "persist_credentials": k.PersistCredentials = r.Bool("cri_keychain.persist_credentials", v); break;
                 default: r.Unknown("cri_keychain." + key); break;
             }
         }
         if (!k.EnableKeychain && k.ImageServicePath.Length > 0)
             r.Warn("cri_keychain.image_service_path is set but cri_keychain.enable_keychain is not true: the CRI keychain is off");
+        if (!k.EnableKeychain && k.PersistCredentials)
+            r.Warn("cri_keychain.persist_credentials is set but cri_keychain.enable_keychain is not true: nothing is persisted");
         // The reference proxies to containerd's socket unless told otherwise; configs written for it rely on that.
         if (k.EnableKeychain && k.ImageServicePath.Length == 0) k.ImageServicePath = DaemonConfig.CriKeychainConfig.DefaultImageServicePath;
     }

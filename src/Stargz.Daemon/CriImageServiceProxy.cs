@@ -38,11 +38,35 @@ internal sealed class CriImageServiceProxy(CriBackend backend, CriKeychain keych
             (c, o) => c.PullImageAsync(request, o).ResponseAsync).ConfigureAwait(false);
     }
 
-    public override Task<RemoveImageResponse> RemoveImage(RemoveImageRequest request, ServerCallContext context)
+    public override async Task<RemoveImageResponse> RemoveImage(RemoveImageRequest request, ServerCallContext context)
     {
         var image = request.Image?.Image ?? "";
-        if (keychain.Forget(image)) log.LogInformation("CRI RemoveImage {Image}: its pull credentials are dropped", image);
-        return backend.CallAsync(image, "RemoveImage", CriBackend.CallTimeout, context, (c, o) => c.RemoveImageAsync(request, o).ResponseAsync);
+        // kubelet's image GC removes by image ID (sha256:...), which names no repository: the image's tags and digests
+        // (asked for before it is gone) say whose credentials go with it.
+        var names = new List<string> { image };
+        try
+        {
+            var status = await backend.CallAsync(image, "ImageStatus", CriBackend.CallTimeout, context,
+                (c, o) => c.ImageStatusAsync(new ImageStatusRequest { Image = request.Image ?? new ImageSpec() }, o).ResponseAsync).ConfigureAwait(false);
+            if (status.Image is { } found)
+            {
+                names.AddRange(found.RepoTags);
+                names.AddRange(found.RepoDigests);
+            }
+        }
+        catch (RpcException e) when (e.StatusCode != StatusCode.Cancelled)
+        {
+            // The removal itself tells kubelet what is wrong; only the request's own name is forgotten then.
+            log.LogInformation("CRI RemoveImage {Image}: the image's names could not be read ({Code}); dropping the credentials of that name only", image, e.StatusCode);
+        }
+        var removed = await backend.CallAsync(image, "RemoveImage", CriBackend.CallTimeout, context,
+            (c, o) => c.RemoveImageAsync(request, o).ResponseAsync).ConfigureAwait(false);
+        // Only once it is gone: an image still in use keeps the credentials its lazy layers read with.
+        var dropped = keychain.Forget(names);
+        if (dropped > 0)
+            log.LogInformation("CRI RemoveImage {Image}: its pull credentials are dropped ({Count} name(s){Persisted})", image, dropped,
+                keychain.StorePath != null ? ", persisted store updated" : "");
+        return removed;
     }
 
     public override Task<ListImagesResponse> ListImages(ListImagesRequest request, ServerCallContext context)

@@ -96,6 +96,16 @@ public sealed class DaemonConfig
         public bool EnableKeychain { get; set; }
         /// <summary>The backing CRI image service's unix socket, as a path or unix:// address; <see cref="DefaultImageServicePath"/> when enabled without one.</summary>
         public string ImageServicePath { get; set; } = "";
+        /// <summary>
+        /// Keep each pulled image's credentials on disk (<see cref="StoreFileName"/> under the daemon root, mode 0600)
+        /// for as long as the image is on the node, so its not yet fetched chunks still read after a daemon restart.
+        /// Off by default: the reference holds them in memory only, and a file of registry secrets on the node is a
+        /// thing an operator should choose.
+        /// </summary>
+        public bool PersistCredentials { get; set; }
+
+        /// <summary>The credentials file's name under the daemon root.</summary>
+        public const string StoreFileName = "cri-keychain.json";
     }
 
     /// <summary>

@@ -83,7 +83,19 @@ public static class Program
                     config.CriKeychain.ImageServicePath);
                 return 1;
             }
-            criKeychain = new CriKeychain();
+            var store = Path.Combine(opt.Root, DaemonConfig.CriKeychainConfig.StoreFileName);
+            if (config.CriKeychain.PersistCredentials)
+            {
+                // Root-only from the start: the file under it holds registry secrets.
+                if (!Directory.Exists(opt.Root)) Directory.CreateDirectory(opt.Root, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+                criKeychain = new CriKeychain(store, loggerFactory.CreateLogger("stargz.cri"));
+            }
+            else
+            {
+                criKeychain = new CriKeychain();
+                // Persistence was on before and is off now: the secrets it left must not linger.
+                if (CriKeychain.DeleteStore(store)) log.LogInformation("cri_keychain.persist_credentials is off: removed the credentials file {Path}", store);
+            }
             criBackend = new CriBackend(config.CriKeychain.ImageServicePath, loggerFactory.CreateLogger("stargz.cri"));
         }
 

@@ -128,7 +128,7 @@ public static class RemoteLayerWiring
             log.LogInformation("FUSE connections are kept in the fd store of {Manager}: running containers survive a restart ({Adoptable} kept connections to adopt)",
                 Environment.GetEnvironmentVariable("NOTIFY_SOCKET"), connections.HeldMountPoints().Count);
         LayerMetrics.TrackHandover(connections);
-        return new LazyLayerFileSystem(manager, registry, connections);
+        return new LazyLayerFileSystem(manager, registry, connections) { CriKeychain = criKeychain };
     }
 }
 
@@ -155,6 +155,9 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
         set => manager.HandingOver = value && connections != null;
     }
 
+    /// <summary>The CRI keychain, whose credentials of images without a remote snapshot are dropped by the start-up sweep.</summary>
+    public CriKeychain? CriKeychain { get; init; }
+
     public Task SweepAsync(IReadOnlyList<IReadOnlyDictionary<string, string>> remoteSnapshotLabels, CancellationToken ct)
     {
         var live = new List<string>(remoteSnapshotLabels.Count);
@@ -163,6 +166,17 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
             if (l.TryGetValue(LayerLabelKeys.Digest, out var d) || l.TryGetValue(LayerLabelKeys.CriLayerDigest, out d)) live.Add(d.Trim());
         }
         manager.SweepOrphans(live);
+        if (CriKeychain is { } keychain)
+        {
+            // Persisted credentials of images removed while the daemon was down (or not through CRI) go too.
+            var images = new List<string>(remoteSnapshotLabels.Count);
+            foreach (var l in remoteSnapshotLabels)
+            {
+                if (l.TryGetValue(LayerLabelKeys.CriImageRef, out var r)) images.Add(r.Trim());
+                if (l.TryGetValue(LayerLabelKeys.Reference, out r)) images.Add(r.Trim());
+            }
+            keychain.Retain(images);
+        }
         return Task.CompletedTask;
     }
 

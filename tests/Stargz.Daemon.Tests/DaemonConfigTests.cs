@@ -229,6 +229,14 @@ public class DaemonConfigTests
         Assert.Equal(2, warnings.Count);
         Assert.Contains(warnings, w => w.Contains("unknown key \"cri_keychain.enable_keychian\""));
         Assert.Contains(warnings, w => w.Contains("enable_keychain is not true: the CRI keychain is off"));
+
+        // persist_credentials: off unless set; set without the keychain it warns that nothing is persisted.
+        Assert.False(ConfigLoader.Parse("[cri_keychain]\nenable_keychain = true\n", "d.toml", []).CriKeychain.PersistCredentials);
+        warnings.Clear();
+        Assert.True(ConfigLoader.Parse("[cri_keychain]\nenable_keychain = true\npersist_credentials = true\n", "p.toml", warnings).CriKeychain.PersistCredentials);
+        Assert.Empty(warnings);
+        ConfigLoader.Parse("[cri_keychain]\npersist_credentials = true\n", "p.toml", warnings);
+        Assert.Contains(warnings, w => w.Contains("persist_credentials is set but cri_keychain.enable_keychain is not true"));
     }
 
     [Fact]
@@ -262,6 +270,7 @@ public class DaemonConfigTests
     [InlineData("[cri_keychain]\nenable_keychain = true\nimage_service_path = \"containerd.sock\"", "\"containerd.sock\" is not an absolute unix socket path")]
     [InlineData("[cri_keychain]\nenable_keychain = true\nimage_service_path = \"tcp://127.0.0.1:1234\"", "is not an absolute unix socket path")]
     [InlineData("cri_keychain = true", "cri_keychain must be a table")]
+    [InlineData("[cri_keychain]\nenable_keychain = true\npersist_credentials = 1", "cri_keychain.persist_credentials must be a boolean")]
     public void BadCriKeychainValuesAreClearErrors(string toml, string expected)
     {
         var e = Assert.Throws<ConfigException>(() => ConfigLoader.Parse(toml, "bad.toml", []));

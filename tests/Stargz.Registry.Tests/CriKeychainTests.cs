@@ -148,4 +148,93 @@ public class CriKeychainTests
         Assert.Null(await k.GetAsync(ImageReference.DockerHubApiHost, hub, Ct));
         Assert.Throws<InvalidReferenceException>(() => k.Remember("UPPER/case", new RegistryCredential("u", "p")));
     }
+
+    /// <summary>With a store (persist_credentials): a keychain started again from the file (a daemon restart) still reads
+    /// the private blob; the file is 0600 and goes when the last image's credentials are forgotten.</summary>
+    [Fact]
+    public async Task Persisted_credentials_read_the_blob_after_a_restart_and_leave_with_the_image()
+    {
+        await using var p = await StartBasicAsync("kube", "s3cret");
+        var image = $"{p.Registry.Host}/{p.Image.Repository}:{p.Image.Tag}";
+        var reference = ImageReference.Parse(image);
+        var store = Path.Combine(p.Dir.Path, "root", "cri-keychain.json");
+        Directory.CreateDirectory(Path.GetDirectoryName(store)!);
+        var log = new ListLogger();
+
+        var first = new CriKeychain(store, log);
+        first.Remember(image, CriKeychain.FromAuthConfig("kube", "s3cret", null, null, null), $"http://{p.Registry.Host}");
+        Assert.True(File.Exists(store));
+        Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(store));
+        Assert.False(File.Exists(store + ".tmp"));
+
+        // "Restart": a new keychain from the file alone.
+        var second = new CriKeychain(store, log);
+        Assert.Equal([reference.ToString()], second.Images());
+        using (var client = new RegistryClient(null, second))
+        {
+            var data = await client.FetchBlobBytesAsync(reference, p.Image.LayerDigests[1], ct: Ct);
+            Assert.Equal(p.Image.Layers[1], data);
+        }
+        // The start-up sweep keeps an image that still has remote snapshots.
+        Assert.Equal(0, second.Retain([image]));
+
+        // Removed (by its tag and digest names, as RemoveImage by ID does): nothing left, not even an empty file.
+        Assert.Equal(1, second.Forget(["sha256:" + new string('a', 64), image, reference.WithDigest(p.Image.AmdManifest).ToString()]));
+        Assert.False(File.Exists(store));
+        Assert.Empty(new CriKeychain(store, log).Images());
+        using (var client = new RegistryClient(null, new CriKeychain(store, log)))
+            await Assert.ThrowsAsync<UnauthorizedException>(() => client.FetchBlobBytesAsync(reference, p.Image.LayerDigests[1], ct: Ct));
+        Assert.DoesNotContain("s3cret", log.Text);
+    }
+
+    [Fact]
+    public async Task Store_keeps_tokens_fixes_loose_modes_survives_garbage_and_the_sweep_drops_removed_images()
+    {
+        using var dir = new TempDir("cri-store");
+        var store = Path.Combine(dir.Path, "cri-keychain.json");
+        var log = new ListLogger();
+        var k = new CriKeychain(store, log);
+        k.Remember("r.example.com/a/app:v1", CriKeychain.FromAuthConfig(null, null, null, "refresh-secret", null));
+        k.Remember("r.example.com/b/app:v1", CriKeychain.FromAuthConfig(null, null, null, null, "bearer-secret"));
+        k.Remember("r.example.com/c/app:v1", CriKeychain.FromAuthConfig("u", "basic-secret", null, null, null));
+
+        File.SetUnixFileMode(store, (UnixFileMode)0b110_100_100); // 0644, as a careless copy would leave it
+        var again = new CriKeychain(store, log);
+        Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(store));
+        var a = ImageReference.Parse("r.example.com/a/app:v1");
+        Assert.Equal("refresh-secret", (await again.GetAsync("r.example.com", a, Ct))!.IdentityToken);
+        Assert.Equal("bearer-secret", (await again.GetAsync("r.example.com", ImageReference.Parse("r.example.com/b/app:v1"), Ct))!.RegistryToken);
+        Assert.Equal("basic-secret", (await again.GetAsync("r.example.com", ImageReference.Parse("r.example.com/c/app:v1"), Ct))!.Secret);
+
+        // Only /a has remote snapshots left at start: /b and /c leave memory and the file.
+        Assert.Equal(2, again.Retain(["r.example.com/a/app:v1"]));
+        Assert.Equal(["r.example.com/a/app:v1"], new CriKeychain(store, log).Images());
+
+        // A damaged file: a warning that names the file and quotes none of it; the keychain starts empty and works.
+        await File.WriteAllTextAsync(store, "{\"version\": 1, \"images\": [ {\"image\": \"x\", \"secret\": \"garbage-secret", Ct);
+        var broken = new CriKeychain(store, log);
+        Assert.Empty(broken.Images());
+        Assert.Contains(store, log.Text);
+        broken.Remember("r.example.com/d/app:v1", new RegistryCredential("u", "p"));
+        Assert.Equal(["r.example.com/d/app:v1"], new CriKeychain(store, log).Images());
+
+        // Memory only (persistence off): the daemon deletes a file left from before.
+        Assert.True(CriKeychain.DeleteStore(store));
+        Assert.False(File.Exists(store));
+        foreach (var secret in new[] { "refresh-secret", "bearer-secret", "basic-secret", "garbage-secret" })
+            Assert.DoesNotContain(secret, log.Text);
+    }
+
+    private sealed class ListLogger : Microsoft.Extensions.Logging.ILogger
+    {
+        private readonly System.Text.StringBuilder _text = new();
+        public string Text { get { lock (_text) return _text.ToString(); } }
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state,
+            Exception? exception, Func<TState, Exception?, string> formatter)
+        {
+            lock (_text) _text.AppendLine(formatter(state, exception));
+        }
+    }
 }

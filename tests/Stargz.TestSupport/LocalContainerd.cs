@@ -34,8 +34,11 @@ public sealed class LocalContainerd : IAsyncDisposable
     /// <param name="stargzSocket">our daemon's socket for the `stargz` proxy plugin, or null for none.</param>
     /// <param name="enableCri">load the CRI plugin (kubelet path) with <paramref name="criSnapshotter"/> as its snapshotter.</param>
     /// <param name="extraToml">appended verbatim to the config.</param>
+    /// <param name="sandboxImage">CRI's pause image (pods need one; image-only tests never start it).</param>
+    /// <param name="prepare">called with this instance's dir before containerd starts (e.g. to fill cni-bin and
+    /// cni-conf, which CRI reads at start).</param>
     public static async Task<LocalContainerd> StartAsync(string? stargzSocket = null, bool enableCri = false, string? extraToml = null,
-        string criSnapshotter = "stargz")
+        string criSnapshotter = "stargz", string sandboxImage = "127.0.0.1/none/pause:never", Func<string, Task>? prepare = null)
     {
         Requires.Root();
         var bin = Requires.Command("containerd");
@@ -71,7 +74,10 @@ public sealed class LocalContainerd : IAsyncDisposable
             toml += $"""
 
             [plugins."io.containerd.grpc.v1.cri"]
-              sandbox_image = "127.0.0.1/none/pause:never"
+              sandbox_image = "{sandboxImage}"
+              # Pods' oom_score_adj no lower than containerd's own: CRI gives sandboxes -998, which needs
+              # CAP_SYS_RESOURCE, and a machine that is itself a container (as here and in CI) may not grant it.
+              restrict_oom_score_adj = true
               [plugins."io.containerd.grpc.v1.cri".containerd]
                 snapshotter = "{criSnapshotter}"
                 # Here, in the containerd table (containerd 1.6 ignores it one level up, and defaults it to true):
@@ -83,6 +89,11 @@ public sealed class LocalContainerd : IAsyncDisposable
             """;
         if (extraToml != null) toml += "\n" + extraToml;
         await File.WriteAllTextAsync(cfg, toml + "\n");
+        if (prepare != null)
+        {
+            try { await prepare(dir.Path); }
+            catch { dir.Dispose(); throw; }
+        }
         var psi = new ProcessStartInfo(bin) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
         psi.ArgumentList.Add("--config");
         psi.ArgumentList.Add(cfg);
