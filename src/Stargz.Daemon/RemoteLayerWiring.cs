@@ -138,7 +138,7 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
         catch (Exception e) when (e is not OperationCanceledException || !ct.IsCancellationRequested)
         {
             // Not eStargz, no TOC digest, registry down, FUSE refused: the snapshotter falls back and logs this.
-            throw new RemoteLayerUnavailableException(e.Message, e);
+            throw new RemoteLayerUnavailableException(e.Message, e, e is LayerResolveException lr ? lr.Reason : FallbackReasons.MountFailed);
         }
     }
 

@@ -134,16 +134,16 @@ public sealed class LayerManager : IAsyncDisposable
     {
         mountpoint = Path.GetFullPath(mountpoint);
         var reference = Label(labels, LayerLabelKeys.Reference, LayerLabelKeys.CriImageRef)
-            ?? throw new LayerResolveException($"no image reference label ({LayerLabelKeys.Reference} or {LayerLabelKeys.CriImageRef})");
+            ?? throw new LayerResolveException($"no image reference label ({LayerLabelKeys.Reference} or {LayerLabelKeys.CriImageRef})", reason: FallbackReasons.NoLabels);
         var digest = Label(labels, LayerLabelKeys.Digest, LayerLabelKeys.CriLayerDigest)
-            ?? throw new LayerResolveException($"no layer digest label ({LayerLabelKeys.Digest} or {LayerLabelKeys.CriLayerDigest})");
+            ?? throw new LayerResolveException($"no layer digest label ({LayerLabelKeys.Digest} or {LayerLabelKeys.CriLayerDigest})", reason: FallbackReasons.NoLabels);
         var tocDigest = Label(labels, LayerLabelKeys.TocDigest);
         if (tocDigest == null && !_options.DisableVerification && !(_options.AllowNoVerification && labels.ContainsKey(LayerLabelKeys.SkipVerify)))
             throw new LayerResolveException(
                 $"layer {digest} has no TOC digest label ({LayerLabelKeys.TocDigest}); refusing to mount it unverified " +
                 (_options.AllowNoVerification
                     ? $"without the {LayerLabelKeys.SkipVerify} label (rpull --skip-content-verify)"
-                    : $"(needs allow_no_verification in the config and the {LayerLabelKeys.SkipVerify} label: rpull --skip-content-verify)"));
+                    : $"(needs allow_no_verification in the config and the {LayerLabelKeys.SkipVerify} label: rpull --skip-content-verify)"), reason: FallbackReasons.NoTocDigest);
         if (tocDigest == null)
             _log.LogWarning("layer {Digest} of {Reference}: no TOC digest label; mounting it unverified ({Why})", digest, reference,
                 _options.DisableVerification ? "disable_verification" : "allow_no_verification and " + LayerLabelKeys.SkipVerify);
@@ -152,14 +152,14 @@ public sealed class LayerManager : IAsyncDisposable
             prefetchSize = ps;
         ImageReference imageRef;
         try { imageRef = ImageReference.Parse(reference); }
-        catch (Exception e) { throw new LayerResolveException($"bad image reference '{reference}': {e.Message}", e); }
+        catch (Exception e) { throw new LayerResolveException($"bad image reference '{reference}': {e.Message}", e, FallbackReasons.NoLabels); }
 
         // The image's other layers are resolved at the same time as this one, not after it: containerd prepares them
         // one by one, and over a slow link each would otherwise start its own chain of round trips.
         ResolveAhead(imageRef, digest, Label(labels, LayerLabelKeys.Layers, LayerLabelKeys.CriImageLayers));
         var resolved = await ResolveAsync(imageRef, digest, ct).ConfigureAwait(false);
         if (tocDigest != null && !string.Equals(tocDigest, resolved.Toc.TocDigest, StringComparison.Ordinal))
-            throw new LayerResolveException($"layer {digest}: TOC digest {resolved.Toc.TocDigest} does not match the label's {tocDigest}");
+            throw new LayerResolveException($"layer {digest}: TOC digest {resolved.Toc.TocDigest} does not match the label's {tocDigest}", reason: FallbackReasons.BadToc);
 
         // One mount per mountpoint at a time; mounts of different layers go in parallel.
         if (!_mounting.TryAdd(mountpoint, 0)) throw new InvalidOperationException($"{mountpoint} is being mounted already");
@@ -259,7 +259,7 @@ public sealed class LayerManager : IAsyncDisposable
         }
         catch (Exception e) when (e is RegistryException or OperationCanceledException or HttpRequestException or IOException)
         {
-            throw new LayerResolveException($"layer {digest} of {imageRef}: {e.Message}", e);
+            throw new LayerResolveException($"layer {digest} of {imageRef}: {e.Message}", e, FallbackReasons.OfRegistryFailure(e));
         }
         var fetcher = new RemoteBlobFetcher(blob);
         // A big TOC over a slow link keeps arriving: bounded by the time without progress, not the total.
@@ -288,7 +288,7 @@ public sealed class LayerManager : IAsyncDisposable
         }
         catch (Exception e) when (e is RegistryException or OperationCanceledException or HttpRequestException or IOException)
         {
-            throw new LayerResolveException($"layer {digest} of {imageRef}: fetching the TOC failed: {e.Message}", e);
+            throw new LayerResolveException($"layer {digest} of {imageRef}: fetching the TOC failed: {e.Message}", e, FallbackReasons.OfRegistryFailure(e));
         }
     }
 
