@@ -113,7 +113,7 @@ public class StatusTests
         await using var rig = await OutageRig.StartAsync();
         var img = await rig.PushImageAsync("status/plain", new Dictionary<string, int> { ["a.bin"] = 64 }, seed: 7);
         var manifest = await DaemonMetrics.ManifestLayersAsync(rig.RegistryHost, "status/plain", "v1");
-        // The plain gzip image through rpull: every layer is tried remotely, is not eStargz, and is downloaded.
+        // The plain gzip image through rpull: every layer is tried remotely, has no TOC digest (not eStargz), and is downloaded.
         await rig.RpullAsync(img.Plain);
         Assert.Empty(rig.FuseMountIds());
 
@@ -123,21 +123,21 @@ public class StatusTests
         foreach (var (digest, _) in manifest)
         {
             var f = fallbacks.Single(x => x.GetProperty("layerDigest").GetString() == digest);
-            Assert.Equal("not_estargz", f.GetProperty("reason").GetString());
+            Assert.Equal("no_toc_digest", f.GetProperty("reason").GetString());
             Assert.Equal(img.Plain, f.GetProperty("imageReference").GetString());
-            Assert.Contains("no eStargz footer", f.GetProperty("message").GetString());
+            Assert.Contains("has no TOC digest label", f.GetProperty("message").GetString());
         }
         Assert.Equal(manifest.Count, fallbacks.Count);
 
         using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(10) };
         var metrics = await http.GetStringAsync($"http://127.0.0.1:{rig.MetricsPort}/metrics", TestContext.Current.CancellationToken);
-        Assert.Matches(new Regex($"^stargz_fallbacks_total\\{{reason=\"not_estargz\"\\}} {manifest.Count}$", RegexOptions.Multiline), metrics);
+        Assert.Matches(new Regex($"^stargz_fallbacks_total\\{{reason=\"no_toc_digest\"\\}} {manifest.Count}$", RegexOptions.Multiline), metrics);
         Assert.Matches(new Regex("^stargz_fallbacks_total\\{reason=\"registry_error\"\\} 0$", RegexOptions.Multiline), metrics);
         // Logged once per layer, with the reason.
         foreach (var (digest, _) in manifest)
         {
             var lines = rig.Daemon.Log.Split('\n').Where(l => l.Contains($"layer {digest} for ", StringComparison.Ordinal)
-                && l.Contains("falling back to an ordinary snapshot (not_estargz)", StringComparison.Ordinal)).ToList();
+                && l.Contains("falling back to an ordinary snapshot (no_toc_digest)", StringComparison.Ordinal)).ToList();
             Assert.True(lines.Count >= 1, $"no fallback log line for {digest}:\n{rig.Daemon.Log}");
         }
     }
