@@ -53,6 +53,15 @@ public static class RemoteLayerWiring
                 });
             hosts.Set(host, new HostConfig { Mirrors = endpoints });
         }
+        // [registry] config_path: containerd's hosts.toml directories; a host configured there is configured by it
+        // alone (as the reference's plugin does), the first directory holding the host winning.
+        var dirs = config.Registry.ConfigPaths;
+        for (var i = dirs.Count - 1; i >= 0; i--)
+        {
+            if (!Directory.Exists(dirs[i])) continue;
+            hosts.LoadHostsDirectory(dirs[i]);
+            log.LogInformation("registry hosts from {Dir}", dirs[i]);
+        }
         // Registry credentials: those kubelet sent with the image's CRI PullImage when the CRI keychain is on, then the
         // docker config of the user running the daemon, then the cluster's image pull secrets when the kubeconfig
         // keychain is on (after the docker config, as in the reference).
