@@ -141,4 +141,38 @@ public class StatusTests
             Assert.True(lines.Count >= 1, $"no fallback log line for {digest}:\n{rig.Daemon.Log}");
         }
     }
+
+    [Fact]
+    public async Task ALayerWhoseRegistryIsGoneShowsUnavailableSinceWithTheErrorThenServingAgain()
+    {
+        // Every Prepare checks the layers below it (check_always), so the outage is seen at the next container start.
+        await using var rig = await OutageRig.StartAsync(extraToml: "check_always = true");
+        var img = await rig.PushImageAsync("status/outage", new Dictionary<string, int> { ["a.bin"] = 128 }, seed: 3);
+        await rig.RpullAsync(img.Estargz);
+        await rig.StopRegistryAsync();
+        var before = DateTime.UtcNow;
+        var failed = await rig.RunAsync(img.Estargz, "status-outage", "true");
+        Assert.NotEqual(0, failed.ExitCode);
+
+        using (var doc = await StatusJsonAsync(rig.Daemon))
+        {
+            var down = doc.RootElement.GetProperty("layers").EnumerateArray()
+                .Where(l => l.GetProperty("state").GetString() == "unavailable").ToList();
+            Assert.NotEmpty(down);
+            foreach (var l in down)
+            {
+                Assert.True(l.GetProperty("unavailableSince").GetDateTime().ToUniversalTime() >= before.AddSeconds(-1));
+                Assert.False(string.IsNullOrEmpty(l.GetProperty("lastError").GetString()));
+            }
+        }
+
+        await rig.StartRegistryAsync();
+        (await rig.RunUntilItSucceedsAsync(img.Estargz, "status-back", "true", TimeSpan.FromSeconds(90))).EnsureSuccess("run after the registry is back");
+        using var again = await StatusJsonAsync(rig.Daemon);
+        foreach (var l in again.RootElement.GetProperty("layers").EnumerateArray())
+        {
+            Assert.Equal("serving", l.GetProperty("state").GetString());
+            Assert.Equal(JsonValueKind.Null, l.GetProperty("unavailableSince").ValueKind);
+        }
+    }
 }
