@@ -20,6 +20,9 @@ public class RpullTests
 
         var pull = (await Rpull(rig, image, extra: ["--label", "rpull.test=esgz"])).EnsureSuccess("stargz image rpull");
         Assert.Contains("(3 remote, 0 applied, 0 existing layers)", pull.StdOut);
+        // Not a terminal: one plain line per layer (no progress bars, no terminal control sequences).
+        foreach (var (digest, _) in manifest) Assert.Contains($"layer {digest[..15]}... remote snapshot\n", pull.StdOut);
+        Assert.DoesNotContain("\u001b[", pull.StdOut);
         var listed = (await rig.Containerd.CtrAsync("images", "ls")).EnsureSuccess("ctr images ls").StdOut;
         Assert.Contains("rpull.test=esgz", listed.Split('\n').Single(l => l.StartsWith(image + " ", StringComparison.Ordinal)));
 
@@ -87,6 +90,12 @@ public class RpullTests
 
         var pull = (await Rpull(rig, image)).EnsureSuccess("stargz image rpull of a plain image");
         Assert.Contains("(0 remote, 3 applied, 0 existing layers)", pull.StdOut);
+        foreach (var (digest, _) in manifest)
+        {
+            Assert.Contains($"fetching {digest[..15]}... ", pull.StdOut);
+            Assert.Contains($"layer {digest[..15]}... applied\n", pull.StdOut);
+        }
+        Assert.DoesNotContain("\u001b[", pull.StdOut);
 
         // No FUSE mount: every layer went through containerd's content store and its differ into ordinary snapshots.
         Assert.Empty(rig.FuseMounts());

@@ -70,12 +70,16 @@ internal static class ConvertCommand
         }
         using var client = new RegistryClient(hosts, creds);
         var converter = new ImageConverter(client);
-        // One line per distinct layer as soon as it is done.
-        var progress = new LineProgress(stdout);
+        // On a terminal, a bar per layer; otherwise one line per distinct layer as soon as it is done.
+        var bars = LayerProgressView.UseBars(stdout);
         try
         {
             var started = DateTime.UtcNow;
-            var result = await converter.ConvertAsync(p.Source, p.Target, p.Options with { Progress = progress }, ct).ConfigureAwait(false);
+            var result = bars
+                ? await LayerProgressView.RunAsync(update => converter.ConvertAsync(p.Source, p.Target,
+                    p.Options with { LayerProgress = new InlineProgress<LayerConvertProgress>(l => update(l.Digest, LayerProgressView.Describe(l))) }, ct))
+                    .ConfigureAwait(false)
+                : await converter.ConvertAsync(p.Source, p.Target, p.Options with { Progress = new LineProgress(stdout) }, ct).ConfigureAwait(false);
             foreach (var m in result.Manifests)
                 if (m.Platform is not null)
                     await stdout.WriteLineAsync($"manifest {m.Digest} [{m.Platform}] from {m.SourceDigest}").ConfigureAwait(false);

@@ -123,10 +123,16 @@ internal static class RpullCommand
 
         using var registry = new RegistryClient(hosts, creds, new StderrLogger("registry", a.LogLevel, stderr));
         using var containerd = new ContainerdClient(a.Address, a.Namespace);
-        var puller = new ImagePuller(registry, containerd, log, stdout);
+        // On a terminal, a bar per layer; otherwise (and in the tests) the lines ctr-remote prints.
+        var bars = LayerProgressView.UseBars(stdout);
+        var puller = new ImagePuller(registry, containerd, log, bars ? null : stdout);
+        var options = new RpullOptions { Snapshotter = a.Snapshotter, Platform = a.Platform, ImageLabels = a.Labels, SkipContentVerify = a.SkipContentVerify };
         try
         {
-            var r = await puller.PullAsync(reference, new RpullOptions { Snapshotter = a.Snapshotter, Platform = a.Platform, ImageLabels = a.Labels, SkipContentVerify = a.SkipContentVerify }, ct).ConfigureAwait(false);
+            var r = bars
+                ? await LayerProgressView.RunAsync(update => puller.PullAsync(reference,
+                    options with { LayerProgress = new InlineProgress<LayerPullProgress>(p => update(p.Digest, LayerProgressView.Describe(p))) }, ct)).ConfigureAwait(false)
+                : await puller.PullAsync(reference, options, ct).ConfigureAwait(false);
             await stdout.WriteLineAsync($"done: {r.ImageName} {r.Target.Digest} ({r.Layers.Count(l => l.Outcome == LayerOutcome.Remote)} remote, " +
                 $"{r.Layers.Count(l => l.Outcome == LayerOutcome.Applied)} applied, {r.Layers.Count(l => l.Outcome == LayerOutcome.Existing)} existing layers)")
                 .ConfigureAwait(false);

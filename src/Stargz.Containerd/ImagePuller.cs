@@ -23,7 +23,30 @@ public sealed record RpullOptions
     /// <c>--skip-content-verify</c>): a layer without a TOC digest may then be mounted unverified where the daemon allows it.
     /// </summary>
     public bool SkipContentVerify { get; init; }
+
+    /// <summary>Told where each layer is (checked, remote, downloading with bytes so far, applying, applied); for progress bars.</summary>
+    public IProgress<LayerPullProgress>? LayerProgress { get; init; }
 }
+
+public enum LayerPullStage
+{
+    /// <summary>Being prepared on the snapshotter (which may mount it remotely).</summary>
+    Preparing,
+    /// <summary>The snapshot existed already.</summary>
+    Existing,
+    /// <summary>Mounted lazily by the snapshotter: nothing downloaded.</summary>
+    Remote,
+    /// <summary>Being downloaded into the content store (<see cref="LayerPullProgress.Bytes"/> so far).</summary>
+    Downloading,
+    /// <summary>Downloaded, being unpacked by containerd's differ.</summary>
+    Applying,
+    /// <summary>Unpacked and committed.</summary>
+    Applied,
+}
+
+/// <param name="Index">the layer's position in the manifest (0 = bottom).</param>
+/// <param name="Size">the blob's size per the manifest.</param>
+public readonly record struct LayerPullProgress(int Index, string Digest, long Size, LayerPullStage Stage, long Bytes);
 
 public enum LayerOutcome
 {
@@ -151,8 +174,11 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
         var chainId = chainIds[i];
         var parent = i == 0 ? "" : chainIds[i - 1];
         var sn = options.Snapshotter;
+        void Stage(LayerPullStage s, long bytes = 0) => options.LayerProgress?.Report(new LayerPullProgress(i, layer.Digest, layer.Size, s, bytes));
+        Stage(LayerPullStage.Preparing);
         if (await containerd.StatSnapshotAsync(sn, chainId, ct).ConfigureAwait(false) is not null)
         {
+            Stage(LayerPullStage.Existing, layer.Size);
             _log.LogInformation("layer {Index} {Digest}: snapshot {ChainId} exists", i, layer.Digest, chainId);
             Report($"layer {Short(layer.Digest)}... already unpacked");
             return LayerOutcome.Existing;
@@ -175,6 +201,7 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
                 _log.LogInformation("layer {Index} {Digest}: {Kind} snapshot {ChainId} on {Snapshotter}", i, layer.Digest,
                     remote ? "remote" : "concurrently committed", chainId, sn);
                 Report($"layer {Short(layer.Digest)}... {(remote ? "remote snapshot" : "already unpacked")}");
+                Stage(remote ? LayerPullStage.Remote : LayerPullStage.Existing, layer.Size);
                 return remote ? LayerOutcome.Remote : LayerOutcome.Existing;
             }
             if (attempt >= 3)
@@ -187,7 +214,9 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
         try
         {
             Report($"fetching {Short(layer.Digest)}... {layer.MediaType}");
-            await EnsureLayerBlobAsync(reference, layer, ct).ConfigureAwait(false);
+            Stage(LayerPullStage.Downloading);
+            await EnsureLayerBlobAsync(reference, layer, options.LayerProgress == null ? null : b => Stage(LayerPullStage.Downloading, b), ct).ConfigureAwait(false);
+            Stage(LayerPullStage.Applying, layer.Size);
             var desc = new CtdDescriptor { MediaType = layer.MediaType, Digest = layer.Digest, Size = layer.Size };
             if (layer.Annotations is not null) foreach (var (k, v) in layer.Annotations) desc.Annotations[k] = v;
             var applied = await containerd.ApplyAsync(desc, mounts, ct).ConfigureAwait(false);
@@ -199,6 +228,7 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
             await containerd.UpdateContentLabelsAsync(layer.Digest, new Dictionary<string, string> { [RpullLabels.Uncompressed] = diffId }, ct)
                 .ConfigureAwait(false);
             Report($"layer {Short(layer.Digest)}... applied");
+            Stage(LayerPullStage.Applied, layer.Size);
             return LayerOutcome.Applied;
         }
         finally
@@ -213,12 +243,14 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
     }
 
     /// <summary>Downloads the layer into containerd's content store unless it is there already.</summary>
-    private async Task EnsureLayerBlobAsync(ImageReference reference, Descriptor layer, CancellationToken ct)
+    /// <param name="bytes">told the bytes written so far (null: not told).</param>
+    private async Task EnsureLayerBlobAsync(ImageReference reference, Descriptor layer, Action<long>? bytes, CancellationToken ct)
     {
         var labels = new Dictionary<string, string> { [RpullLabels.DistributionSourcePrefix + reference.Host] = reference.Repository };
         await WithIngestAsync("layer", layer.Digest, layer.Size, labels, async ingest =>
         {
-            var n = await registry.DownloadBlobAsync(reference, layer.Digest, ingest.AsStream(), ct).ConfigureAwait(false);
+            var sink = ingest.AsStream();
+            var n = await registry.DownloadBlobAsync(reference, layer.Digest, bytes == null ? sink : new ProgressWriteStream(sink, bytes), ct).ConfigureAwait(false);
             if (n != layer.Size)
                 throw new InvalidDataException($"layer {layer.Digest}: the registry sent {n} bytes, the manifest says {layer.Size}");
         }, ct).ConfigureAwait(false);

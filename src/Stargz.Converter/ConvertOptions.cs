@@ -38,4 +38,24 @@ public sealed record ConvertOptions
     public BlobPushOptions? Push { get; init; }
     /// <summary>Told about each distinct layer as soon as it is done (from the converting thread; keep it quick).</summary>
     public IProgress<ConvertedLayer>? Progress { get; init; }
+    /// <summary>Told where each distinct layer is while it is converted (downloading with bytes, pushing, done); progress bars.</summary>
+    public IProgress<LayerConvertProgress>? LayerProgress { get; init; }
 }
+
+public enum LayerConvertStage
+{
+    /// <summary>Waiting for a free slot (<see cref="ConvertOptions.MaxParallelLayers"/>).</summary>
+    Queued,
+    /// <summary>Being downloaded (and rebuilt as it arrives); <see cref="LayerConvertProgress.Bytes"/> of the source blob so far.</summary>
+    Converting,
+    /// <summary>Already eStargz: being copied (<see cref="LayerConvertProgress.Bytes"/> so far).</summary>
+    Copying,
+    /// <summary>Rebuilt; the new blob is being pushed.</summary>
+    Pushing,
+    /// <summary>Done (converted, copied or kept).</summary>
+    Done,
+}
+
+/// <param name="Digest">the source layer's digest.</param>
+/// <param name="Size">the source layer's size.</param>
+public readonly record struct LayerConvertProgress(string Digest, long Size, LayerConvertStage Stage, long Bytes);

@@ -259,6 +259,7 @@ public sealed class ImageConverter
             {
                 var outcome = await ConvertLayerAsync(layer, diffId, _abort.Token).ConfigureAwait(false);
                 o.Progress?.Report(new ConvertedLayer(layer, outcome.Target, outcome.DiffId ?? diffId, outcome.Action));
+                Stage(layer, LayerConvertStage.Done, layer.Size);
                 return outcome;
             }
             catch (Exception e) when (e is not OperationCanceledException)
@@ -284,9 +285,16 @@ public sealed class ImageConverter
             }
         }
 
+        private void Stage(Descriptor layer, LayerConvertStage stage, long bytes = 0) =>
+            o.LayerProgress?.Report(new LayerConvertProgress(layer.Digest, layer.Size, stage, bytes));
+
+        private Action<long>? BytesOf(Descriptor layer, LayerConvertStage stage) =>
+            o.LayerProgress == null ? null : b => Stage(layer, stage, b);
+
         private async Task<LayerOutcome> ConvertLayerAsync(Descriptor layer, string diffId, CancellationToken ct)
         {
             await Task.Yield();
+            Stage(layer, LayerConvertStage.Queued);
             if (IsForeignLayer(layer.MediaType))
                 return new LayerOutcome(With(layer, ToOci(layer.MediaType), null), null, LayerAction.KeptForeign, []);
             if (layer.Annotation(LayerLabels.TocDigestAnnotation) is not null)
@@ -294,6 +302,7 @@ public sealed class ImageConverter
                 await _gate.WaitAsync(ct).ConfigureAwait(false);
                 try
                 {
+                    Stage(layer, LayerConvertStage.Copying);
                     await CopyBlobAsync(layer, ct).ConfigureAwait(false);
                 }
                 catch (Exception e) when (e is not OperationCanceledException && e is not ImageConvertException)
@@ -313,7 +322,9 @@ public sealed class ImageConverter
             try
             {
                 var started = DateTime.UtcNow;
+                Stage(layer, LayerConvertStage.Converting);
                 var (result, blobDigest, size) = await BuildAsync(layer, outPath, ct).ConfigureAwait(false);
+                Stage(layer, LayerConvertStage.Pushing, layer.Size);
                 await using (var fs = new FileStream(outPath, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16, FileOptions.Asynchronous))
                     await _client.PushBlobAsync(target, fs, blobDigest, size, o.Push, ct).ConfigureAwait(false);
                 var ann = new Dictionary<string, string>(StringComparer.Ordinal);
@@ -358,7 +369,8 @@ public sealed class ImageConverter
                 try
                 {
                     await using var w = pipe.Writer.AsStream(leaveOpen: true);
-                    await _client.DownloadBlobAsync(source, layer.Digest, w, cts.Token).ConfigureAwait(false);
+                    var bytes = BytesOf(layer, LayerConvertStage.Converting);
+                    await _client.DownloadBlobAsync(source, layer.Digest, bytes == null ? w : new ProgressWriteStream(w, bytes), cts.Token).ConfigureAwait(false);
                     await pipe.Writer.CompleteAsync().ConfigureAwait(false);
                 }
                 catch (Exception e)
@@ -422,7 +434,8 @@ public sealed class ImageConverter
             try
             {
                 await using var fs = new FileStream(tmp, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.None, 1 << 16, FileOptions.Asynchronous);
-                var size = await _client.DownloadBlobAsync(source, layer.Digest, fs, ct).ConfigureAwait(false);
+                var bytes = BytesOf(layer, LayerConvertStage.Copying);
+                var size = await _client.DownloadBlobAsync(source, layer.Digest, bytes == null ? fs : new ProgressWriteStream(fs, bytes), ct).ConfigureAwait(false);
                 fs.Position = 0;
                 await _client.PushBlobAsync(target, fs, layer.Digest, size, o.Push, ct).ConfigureAwait(false);
             }

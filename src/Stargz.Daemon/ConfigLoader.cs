@@ -59,6 +59,7 @@ public static class ConfigLoader
                 case "fuse": ReadFuse(c.Fuse, r.Table(key, value), r); break;
                 case "erofs": ReadErofs(c.Erofs, r.Table(key, value), r); break;
                 case "resolver": ReadResolver(c, r.Table(key, value), r); break;
+                case "registry": ReadRegistry(c.Registry, r.Table(key, value), r); break;
                 case "cri_keychain": ReadCriKeychain(c.CriKeychain, r.Table(key, value), r); break;
                 case "kubeconfig_keychain": ReadKubeconfigKeychain(c.KubeconfigKeychain, r.Table(key, value), r); break;
                 default: r.Unknown(key); break;
@@ -179,6 +180,37 @@ public static class ConfigLoader
     {
         var p = address.StartsWith("unix://", StringComparison.Ordinal) ? address["unix://".Length..] : address;
         return p.Length > 0 && Path.IsPathRooted(p) ? p : null;
+    }
+
+    private static void ReadRegistry(DaemonConfig.RegistryConfig g, TomlTable t, Reader r)
+    {
+        foreach (var (k, v) in t)
+        {
+            switch (k)
+            {
+                case "config_path": g.ConfigPath = r.Str("registry.config_path", v); break;
+                // containerd's deprecated forms; config_path replaces them (the reference ignores them when it is set).
+                case "mirrors" or "configs":
+                    r.Warn($"registry.{k} is not supported (ignored): use registry.config_path (hosts.toml directories) or [resolver.host]");
+                    break;
+                default: r.Unknown("registry." + k); break;
+            }
+        }
+        foreach (var dir in g.ConfigPaths)
+        {
+            if (!Path.IsPathRooted(dir)) throw new ConfigException($"{r.Source}: registry.config_path: {dir} is not an absolute path");
+            if (!Directory.Exists(dir))
+            {
+                r.Warn($"registry.config_path: {dir} does not exist (no host is configured from it)");
+                continue;
+            }
+            // Parsed once here so that a broken hosts.toml stops the start with its name, not later in a pull.
+            try { new Stargz.Registry.RegistryHostsConfig().LoadHostsDirectory(dir); }
+            catch (Exception e) when (e is FormatException or Tomlyn.TomlException or IOException or UnauthorizedAccessException or InvalidOperationException)
+            {
+                throw new ConfigException($"{r.Source}: registry.config_path: a hosts.toml under {dir} is invalid: {e.Message}");
+            }
+        }
     }
 
     private static void ReadResolver(DaemonConfig c, TomlTable t, Reader r)

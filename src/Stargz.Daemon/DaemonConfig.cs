@@ -28,6 +28,8 @@ public sealed class DaemonConfig
     public ErofsConfig Erofs { get; } = new();
     public CriKeychainConfig CriKeychain { get; } = new();
     public KubeconfigKeychainConfig KubeconfigKeychain { get; } = new();
+    /// <summary>[registry]: containerd's CRI registry config (its <c>config_path</c>: hosts.toml directories).</summary>
+    public RegistryConfig Registry { get; } = new();
     /// <summary>[resolver.host."HOST"] mirrors, by host.</summary>
     public Dictionary<string, List<MirrorConfig>> ResolverHosts { get; } = new(StringComparer.Ordinal);
 
@@ -120,4 +122,19 @@ public sealed class DaemonConfig
     }
 
     public sealed record MirrorConfig(string Host, bool Insecure, long RequestTimeoutSec);
+
+    /// <summary>
+    /// [registry] as the reference's containerd-plugin config and containerd's CRI plugin have it: <c>config_path</c>,
+    /// directories (':'-separated, the first holding a host's directory wins) with one HOST/hosts.toml each
+    /// (<c>server</c>, <c>[host."URL"]</c> mirrors tried in order, <c>ca</c>, <c>client</c>, <c>skip_verify</c>,
+    /// <c>override_path</c>, <c>capabilities</c>). Read at start.
+    /// </summary>
+    public sealed class RegistryConfig
+    {
+        public string ConfigPath { get; set; } = "";
+
+        /// <summary>The directories of <see cref="ConfigPath"/>, in order.</summary>
+        public IReadOnlyList<string> ConfigPaths =>
+            ConfigPath.Split(':', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+    }
 }

@@ -25,14 +25,31 @@ public sealed class MetricsInterceptor : Interceptor
     public static readonly Gauge UnrestoredRemoteSnapshots = Prometheus.Metrics.CreateGauge(
         "stargz_snapshotter_remote_snapshots_unavailable", "Remote snapshots whose layer is not mounted (restore failed).");
 
-    /// <summary>Refreshes the snapshot gauges on every scrape.</summary>
-    public static void TrackSnapshotter(Stargz.Snapshotter.StargzSnapshotter sn) =>
+    public static readonly Counter Fallbacks = Prometheus.Metrics.CreateCounter(
+        "stargz_fallbacks_total", "Layers not served remotely (made by a full download instead), by reason.",
+        new CounterConfiguration { LabelNames = ["reason"] });
+
+    /// <summary>Every reason a fallback is counted under (each series is there from the start, at 0).</summary>
+    public static readonly string[] FallbackReasonLabels =
+    [
+        Stargz.Layer.FallbackReasons.NoLabels, Stargz.Layer.FallbackReasons.NoTocDigest, Stargz.Layer.FallbackReasons.NotEstargz,
+        Stargz.Layer.FallbackReasons.BadToc, Stargz.Layer.FallbackReasons.Unauthorized, Stargz.Layer.FallbackReasons.Registry,
+        Stargz.Layer.FallbackReasons.Timeout, Stargz.Layer.FallbackReasons.MountFailed, Stargz.Layer.FallbackReasons.Other,
+    ];
+
+    /// <summary>Refreshes the snapshot gauges on every scrape; counts fallbacks by reason.</summary>
+    public static void TrackSnapshotter(Stargz.Snapshotter.StargzSnapshotter sn)
+    {
+        foreach (var r in FallbackReasonLabels) Fallbacks.WithLabels(r);
+        // The reason is one of the fixed set; anything else (a bug) is counted as "other" so the series stay bounded.
+        sn.FallbackOccurred += f => Fallbacks.WithLabels(Array.IndexOf(FallbackReasonLabels, f.Reason) >= 0 ? f.Reason : Stargz.Layer.FallbackReasons.Other).Inc();
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
         {
             var (remote, unrestored) = sn.RemoteSnapshotCounts();
             RemoteSnapshots.Set(remote);
             UnrestoredRemoteSnapshots.Set(unrestored);
         });
+    }
 
     private static string Op(string method) => method[(method.LastIndexOf('/') + 1)..];
 

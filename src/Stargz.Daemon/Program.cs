@@ -146,6 +146,7 @@ public static class Program
             configureBuilder: b =>
             {
                 b.Services.AddSingleton<MetricsInterceptor>();
+                b.Services.AddSingleton(new StatusSource(snapshotter, remote as LazyLayerFileSystem));
                 b.Services.Configure<Grpc.AspNetCore.Server.GrpcServiceOptions>(o => o.Interceptors.Add<MetricsInterceptor>());
                 if (criBackend != null)
                 {
@@ -157,6 +158,7 @@ public static class Program
             },
             configureApp: a =>
             {
+                a.MapGrpcService<StatusGrpcService>();
                 if (metricsEndpoint != null) a.MapMetrics("/metrics").RequireHost($"*:{metricsEndpoint.Port}");
                 if (criBackend != null)
                 {

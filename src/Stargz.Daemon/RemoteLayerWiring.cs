@@ -69,6 +69,15 @@ public static class RemoteLayerWiring
                 });
             hosts.Set(host, new HostConfig { Mirrors = endpoints });
         }
+        // [registry] config_path: containerd's hosts.toml directories; a host configured there is configured by it
+        // alone (as the reference's plugin does), the first directory holding the host winning.
+        var dirs = config.Registry.ConfigPaths;
+        for (var i = dirs.Count - 1; i >= 0; i--)
+        {
+            if (!Directory.Exists(dirs[i])) continue;
+            hosts.LoadHostsDirectory(dirs[i]);
+            log.LogInformation("registry hosts from {Dir}", dirs[i]);
+        }
         // Registry credentials: those kubelet sent with the image's CRI PullImage when the CRI keychain is on, then the
         // docker config of the user running the daemon, then the cluster's image pull secrets when the kubeconfig
         // keychain is on (after the docker config, as in the reference).
@@ -191,7 +200,7 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
         catch (Exception e) when (e is not OperationCanceledException || !ct.IsCancellationRequested)
         {
             // Not eStargz, no TOC digest, registry down, FUSE refused: the snapshotter falls back and logs this.
-            throw new RemoteLayerUnavailableException(e.Message, e);
+            throw new RemoteLayerUnavailableException(e.Message, e, e is LayerResolveException lr ? lr.Reason : FallbackReasons.MountFailed);
         }
     }
 

@@ -86,6 +86,8 @@ internal sealed class ChunkFetcher : IDisposable
 
     internal DiskBudget Budget => _cache.Budget;
 
+    internal ChunkCache Cache => _cache;
+
     internal string KeyOf(in LayerChunk c) =>
         _verify && c.Digest != null ? c.Digest : $"{_layerDigest}@{c.BlobOffset}+{c.InnerOffset}+{c.Size}";
 
@@ -384,7 +386,7 @@ internal sealed class ChunkFetcher : IDisposable
                 Interlocked.Increment(ref _stats.FetchCalls);
                 Interlocked.Add(ref _stats.RangeRequests, groups.Count);
                 await _blob.FetchAsync(ranges, timeout.Token).ConfigureAwait(false);
-                Interlocked.Add(ref _stats.FetchedBytes, total);
+                _stats.AddFetched(priority, total);
             }
             finally
             {

@@ -181,16 +181,16 @@ public sealed class LayerManager : IAsyncDisposable
     {
         mountpoint = Path.GetFullPath(mountpoint);
         var reference = Label(labels, LayerLabelKeys.Reference, LayerLabelKeys.CriImageRef)
-            ?? throw new LayerResolveException($"no image reference label ({LayerLabelKeys.Reference} or {LayerLabelKeys.CriImageRef})");
+            ?? throw new LayerResolveException($"no image reference label ({LayerLabelKeys.Reference} or {LayerLabelKeys.CriImageRef})", reason: FallbackReasons.NoLabels);
         var digest = Label(labels, LayerLabelKeys.Digest, LayerLabelKeys.CriLayerDigest)
-            ?? throw new LayerResolveException($"no layer digest label ({LayerLabelKeys.Digest} or {LayerLabelKeys.CriLayerDigest})");
+            ?? throw new LayerResolveException($"no layer digest label ({LayerLabelKeys.Digest} or {LayerLabelKeys.CriLayerDigest})", reason: FallbackReasons.NoLabels);
         var tocDigest = Label(labels, LayerLabelKeys.TocDigest);
         if (tocDigest == null && !_options.DisableVerification && !(_options.AllowNoVerification && labels.ContainsKey(LayerLabelKeys.SkipVerify)))
             throw new LayerResolveException(
                 $"layer {digest} has no TOC digest label ({LayerLabelKeys.TocDigest}); refusing to mount it unverified " +
                 (_options.AllowNoVerification
                     ? $"without the {LayerLabelKeys.SkipVerify} label (rpull --skip-content-verify)"
-                    : $"(needs allow_no_verification in the config and the {LayerLabelKeys.SkipVerify} label: rpull --skip-content-verify)"));
+                    : $"(needs allow_no_verification in the config and the {LayerLabelKeys.SkipVerify} label: rpull --skip-content-verify)"), reason: FallbackReasons.NoTocDigest);
         if (tocDigest == null)
             _log.LogWarning("layer {Digest} of {Reference}: no TOC digest label; mounting it unverified ({Why})", digest, reference,
                 _options.DisableVerification ? "disable_verification" : "allow_no_verification and " + LayerLabelKeys.SkipVerify);
@@ -199,14 +199,14 @@ public sealed class LayerManager : IAsyncDisposable
             prefetchSize = ps;
         ImageReference imageRef;
         try { imageRef = ImageReference.Parse(reference); }
-        catch (Exception e) { throw new LayerResolveException($"bad image reference '{reference}': {e.Message}", e); }
+        catch (Exception e) { throw new LayerResolveException($"bad image reference '{reference}': {e.Message}", e, FallbackReasons.NoLabels); }
 
         // The image's other layers are resolved at the same time as this one, not after it: containerd prepares them
         // one by one, and over a slow link each would otherwise start its own chain of round trips.
-        ResolveAhead(imageRef, digest, Label(labels, LayerLabelKeys.Layers, LayerLabelKeys.CriImageLayers));
-        var resolved = await ResolveAsync(imageRef, digest, ct).ConfigureAwait(false);
+        ResolveAhead(imageRef, digest, Label(labels, LayerLabelKeys.Layers, LayerLabelKeys.CriImageLayers), labels);
+        var resolved = await ResolveAsync(imageRef, digest, UrlsOf(labels, LayerLabelKeys.Urls), ct).ConfigureAwait(false);
         if (tocDigest != null && !string.Equals(tocDigest, resolved.Toc.TocDigest, StringComparison.Ordinal))
-            throw new LayerResolveException($"layer {digest}: TOC digest {resolved.Toc.TocDigest} does not match the label's {tocDigest}");
+            throw new LayerResolveException($"layer {digest}: TOC digest {resolved.Toc.TocDigest} does not match the label's {tocDigest}", reason: FallbackReasons.BadToc);
 
         // One mount per mountpoint at a time; mounts of different layers go in parallel.
         if (!_mounting.TryAdd(mountpoint, 0)) throw new InvalidOperationException($"{mountpoint} is being mounted already");
@@ -254,7 +254,11 @@ public sealed class LayerManager : IAsyncDisposable
         }
     }
 
-    private Task<Resolved> ResolveAsync(ImageReference imageRef, string digest, CancellationToken ct)
+    /// <summary>The comma-separated URLs of a urls label (none when absent).</summary>
+    private static string[] UrlsOf(IReadOnlyDictionary<string, string> labels, string key) =>
+        labels.TryGetValue(key, out var v) && v.Length > 0 ? v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : [];
+
+    private Task<Resolved> ResolveAsync(ImageReference imageRef, string digest, string[] urls, CancellationToken ct)
     {
         // Forget expired TOCs nobody asked for again (they would otherwise stay for the daemon's life).
         var now = DateTime.UtcNow;
@@ -264,7 +268,7 @@ public sealed class LayerManager : IAsyncDisposable
         var key = imageRef.Host + "/" + imageRef.Repository + "@" + digest;
         while (true)
         {
-            var lazy = _resolved.GetOrAdd(key, _ => new Lazy<Task<Resolved>>(() => FetchTocAsync(imageRef, digest)));
+            var lazy = _resolved.GetOrAdd(key, _ => new Lazy<Task<Resolved>>(() => FetchTocAsync(imageRef, digest, urls)));
             var task = lazy.Value;
             if (task.IsCompletedSuccessfully && DateTime.UtcNow - task.Result.At > _options.ResolveResultEntryTtl)
             {
@@ -299,7 +303,8 @@ public sealed class LayerManager : IAsyncDisposable
         }
     }
 
-    private async Task<Resolved> FetchTocAsync(ImageReference imageRef, string digest)
+    /// <param name="urls">the layer's URLs (containerd.io/snapshot/remote/urls): tried before the registry.</param>
+    private async Task<Resolved> FetchTocAsync(ImageReference imageRef, string digest, string[] urls)
     {
         if (_tocs != null)
         {
@@ -309,7 +314,7 @@ public sealed class LayerManager : IAsyncDisposable
             {
                 _log.LogInformation("layer {Digest} of {Reference}: TOC {TocDigest} read from {Dir}; the registry is asked on the first missing chunk",
                     digest, imageRef, st.Toc.TocDigest, _tocs.Directory);
-                return new Resolved(new RemoteBlobFetcher(st.BlobSize, ct => _registry.OpenBlobAsync(imageRef, digest, ct)), st.Toc, DateTime.UtcNow);
+                return new Resolved(new RemoteBlobFetcher(st.BlobSize, ct => _registry.OpenBlobAsync(imageRef, digest, urls, ct)), st.Toc, DateTime.UtcNow);
             }
         }
         // Not tied to one caller's token: others may be waiting for the same TOC. Bounded by the fetching timeout.
@@ -318,11 +323,11 @@ public sealed class LayerManager : IAsyncDisposable
         RemoteBlob blob;
         try
         {
-            blob = await _registry.OpenBlobAsync(imageRef, digest, timeout.Token).ConfigureAwait(false);
+            blob = await _registry.OpenBlobAsync(imageRef, digest, urls, timeout.Token).ConfigureAwait(false);
         }
         catch (Exception e) when (e is RegistryException or OperationCanceledException or HttpRequestException or IOException)
         {
-            throw new LayerResolveException($"layer {digest} of {imageRef}: {e.Message}", e);
+            throw new LayerResolveException($"layer {digest} of {imageRef}: {e.Message}", e, FallbackReasons.OfRegistryFailure(e));
         }
         var fetcher = new RemoteBlobFetcher(blob);
         // A big TOC over a slow link keeps arriving: bounded by the time without progress, not the total.
@@ -351,18 +356,21 @@ public sealed class LayerManager : IAsyncDisposable
         }
         catch (Exception e) when (e is RegistryException or OperationCanceledException or HttpRequestException or IOException)
         {
-            throw new LayerResolveException($"layer {digest} of {imageRef}: fetching the TOC failed: {e.Message}", e);
+            throw new LayerResolveException($"layer {digest} of {imageRef}: fetching the TOC failed: {e.Message}", e, FallbackReasons.OfRegistryFailure(e));
         }
     }
 
-    private void ResolveAhead(ImageReference imageRef, string digest, string? layers)
+    private void ResolveAhead(ImageReference imageRef, string digest, string? layers, IReadOnlyDictionary<string, string> labels)
     {
         if (layers == null) return;
-        foreach (var d in layers.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+        var all = layers.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        for (var i = 0; i < all.Length; i++)
         {
+            var d = all[i];
             // The label may be cut short; only complete digests are used.
             if (d == digest || !d.StartsWith("sha256:", StringComparison.Ordinal) || d.Length != 71) continue;
-            var t = ResolveAsync(imageRef, d, _disposed.Token);
+            // urls.N goes with the N-th digest of the layers label (as rpull and containerd set them).
+            var t = ResolveAsync(imageRef, d, UrlsOf(labels, LayerLabelKeys.Urls + "." + i.ToString(CultureInfo.InvariantCulture)), _disposed.Token);
             _ = t.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
         }
     }

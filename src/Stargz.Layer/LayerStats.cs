@@ -6,7 +6,11 @@ public sealed class LayerStats
     internal long BlobSize;
     internal long FetchedBytes;        // compressed bytes received from the registry (all priorities)
     internal long RangeRequests;       // ranges asked of the registry (a multi-range request counts each range)
-    internal long FetchCalls;          // calls to the blob (one HTTP request each when multi-range works)
+    internal long FetchCalls;
+    // FetchedBytes split by who asked (the fetch's priority; a chunk is counted once, by the fetch that brought it).
+    internal long OnDemandFetchedBytes;
+    internal long PrefetchRegistryBytes;
+    internal long BackgroundRegistryBytes;          // calls to the blob (one HTTP request each when multi-range works)
     internal long ChunksFetched;
     internal long CacheHits;
     internal long CacheMisses;
@@ -42,7 +46,21 @@ public sealed class LayerStats
         (FetchStageState)Volatile.Read(ref BackgroundState),
         Interlocked.Read(ref BackgroundTotalBytes),
         Interlocked.Read(ref BackgroundDoneBytes),
-        LastError);
+        LastError,
+        Interlocked.Read(ref OnDemandFetchedBytes),
+        Interlocked.Read(ref PrefetchRegistryBytes),
+        Interlocked.Read(ref BackgroundRegistryBytes));
+
+    internal void AddFetched(FetchPriority priority, long bytes)
+    {
+        Interlocked.Add(ref FetchedBytes, bytes);
+        switch (priority)
+        {
+            case FetchPriority.OnDemand: Interlocked.Add(ref OnDemandFetchedBytes, bytes); break;
+            case FetchPriority.Prefetch: Interlocked.Add(ref PrefetchRegistryBytes, bytes); break;
+            default: Interlocked.Add(ref BackgroundRegistryBytes, bytes); break;
+        }
+    }
 }
 
 public enum FetchStageState
@@ -57,6 +75,9 @@ public enum FetchStageState
 /// <param name="FetchedBytes">compressed bytes fetched from the registry.</param>
 /// <param name="RangeRequests">ranges requested from the registry.</param>
 /// <param name="FetchCalls">blob requests (a multi-range request is one).</param>
+/// <param name="OnDemandFetchedBytes">of <paramref name="FetchedBytes"/>, those fetched for a reader waiting in the kernel.</param>
+/// <param name="PrefetchFetchedFromRegistry">of <paramref name="FetchedBytes"/>, those fetched by the mount-time prefetch.</param>
+/// <param name="BackgroundFetchedFromRegistry">of <paramref name="FetchedBytes"/>, those fetched by the background fetch.</param>
 public readonly record struct LayerStatsSnapshot(
     long BlobSize,
     long FetchedBytes,
@@ -72,4 +93,7 @@ public readonly record struct LayerStatsSnapshot(
     FetchStageState Background,
     long BackgroundTotalBytes,
     long BackgroundDoneBytes,
-    string? LastError);
+    string? LastError,
+    long OnDemandFetchedBytes = 0,
+    long PrefetchFetchedFromRegistry = 0,
+    long BackgroundFetchedFromRegistry = 0);

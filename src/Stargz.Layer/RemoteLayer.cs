@@ -65,6 +65,20 @@ public sealed class RemoteLayer : IAsyncDisposable
     private int _allFetched;
     private long _checkedAtEvictions;
 
+    /// <summary>Chunks of the layer in the cache (on disk; in memory when there is no disk cache) and in all.</summary>
+    /// <remarks>A walk over every chunk (dictionary look-ups): for status queries, not for the read path.</remarks>
+    public (int Cached, int Total) ChunkCounts()
+    {
+        var cached = 0;
+        var disk = Fetcher.HasDiskCache;
+        foreach (var c in _byBlobOffset)
+        {
+            var key = Fetcher.KeyOf(c);
+            if (disk ? Fetcher.Cache.OnDisk(key) : Fetcher.Cache.Contains(key)) cached++;
+        }
+        return (cached, _byBlobOffset.Length);
+    }
+
     /// <summary>Where the prefetch ends in the blob (0 = no prefetch).</summary>
     public long PrefetchEnd { get; private set; }
 

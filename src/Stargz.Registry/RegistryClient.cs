@@ -229,6 +229,44 @@ public sealed partial class RegistryClient : IDisposable
         return new RemoteBlob(this, repoRef, digest, found.size, eps, index, scope, found.redirect);
     }
 
+    /// <summary>
+    /// Opens the blob at the first of <paramref name="urls"/> that answers (the layer descriptor's <c>urls</c>, as
+    /// containerd passes them in the <c>containerd.io/snapshot/remote/urls</c> label: a CDN, a foreign layer's home),
+    /// else through the registry. A URL is used like a registry's redirect: ranged GETs without the registry's
+    /// credentials; when it fails later the registry (its mirrors, then the origin) takes over.
+    /// </summary>
+    public async Task<RemoteBlob> OpenBlobAsync(ImageReference repoRef, string digest, IReadOnlyList<string> urls, CancellationToken ct = default)
+    {
+        ArgumentNullException.ThrowIfNull(repoRef);
+        ArgumentNullException.ThrowIfNull(urls);
+        if (urls.Count == 0) return await OpenBlobAsync(repoRef, digest, ct).ConfigureAwait(false);
+        _ = repoRef.WithDigest(digest);
+        var eps = EndpointsFor(repoRef.Host);
+        var subject = $"{repoRef.Name}@{digest}";
+        foreach (var u in urls)
+        {
+            if (!Uri.TryCreate(u, UriKind.Absolute, out var uri) || uri.Scheme is not ("http" or "https"))
+            {
+                Logger.LogWarning("blob {Subject}: URL \"{Url}\" is not an http(s) URL; ignored", subject, u);
+                continue;
+            }
+            // Bounded like one registry request; the URL is only a preference, the registry remains.
+            using var timeout = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            timeout.CancelAfter(Hosts.Blob.FetchingTimeout);
+            try
+            {
+                var (size, final) = await SizeAtRedirectAsync(eps[0], uri, subject, timeout.Token).ConfigureAwait(false);
+                Logger.LogInformation("blob {Subject}: served from its URL {Host} ({Size} bytes)", subject, uri.Authority, size);
+                return new RemoteBlob(this, repoRef, digest, size, eps, 0, PullScope(repoRef), final);
+            }
+            catch (Exception e) when (!ct.IsCancellationRequested && e is RegistryException or HttpRequestException or IOException or OperationCanceledException)
+            {
+                Logger.LogInformation("blob {Subject}: URL {Host} failed ({Error}); trying the next, then the registry", subject, uri.Authority, e.Message);
+            }
+        }
+        return await OpenBlobAsync(repoRef, digest, ct).ConfigureAwait(false);
+    }
+
     /// <summary>Redirect hops followed from a registry to where a blob's bytes are (registry -> CDN -> bucket).</summary>
     internal const int MaxRedirects = 5;
 

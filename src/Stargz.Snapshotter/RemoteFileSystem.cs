@@ -51,4 +51,8 @@ public class RemoteLayerUnavailableException : Exception
 {
     public RemoteLayerUnavailableException(string message) : base(message) { }
     public RemoteLayerUnavailableException(string message, Exception inner) : base(message, inner) { }
+    public RemoteLayerUnavailableException(string message, Exception? inner, string reason) : base(message, inner) { Reason = reason; }
+
+    /// <summary>Why, as a short word from a fixed set (a metrics label): the remote filesystem's classification.</summary>
+    public string Reason { get; } = "other";
 }

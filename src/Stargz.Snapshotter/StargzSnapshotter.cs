@@ -64,6 +64,17 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     private readonly ConcurrentDictionary<long, byte> _removing = new();
     private readonly ConcurrentDictionary<long, DateTime> _lastChecked = new();
     private readonly ConcurrentDictionary<long, string> _unrestored = new();
+    // For status: first-time remote mounts in progress, when a layer was first seen unavailable, recent fallbacks.
+    private readonly ConcurrentDictionary<long, (string Namespace, string Key, IReadOnlyDictionary<string, string> Labels)> _remoteMounting = new();
+    private readonly ConcurrentDictionary<long, (DateTime Since, string Error)> _unavailable = new();
+    private readonly Queue<FallbackRecord> _fallbacks = new();
+    private readonly DateTime _started = DateTime.UtcNow;
+
+    /// <summary>How many fallbacks <see cref="RecentFallbacks"/> keeps.</summary>
+    public const int RecentFallbackLimit = 256;
+
+    /// <summary>Raised once per layer that falls back to an ordinary snapshot (after it is logged).</summary>
+    public event Action<FallbackRecord>? FallbackOccurred;
     private readonly bool _indexOff;
     private readonly bool _userXattr;
     private int _disposed;
@@ -210,7 +221,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             catch (Exception e)
             {
                 // Only while still unrestored: a Remove that went through meanwhile dropped the entry for good.
-                if (_unrestored.TryGetValue(r.Id, out var was)) _unrestored.TryUpdate(r.Id, e.Message, was);
+                if (_unrestored.TryGetValue(r.Id, out var was) && _unrestored.TryUpdate(r.Id, e.Message, was)) MarkUnavailable(r.Id, e.Message);
                 _log.LogError("remote snapshot {Key} (namespace {Namespace}, layer {Digest}) could not be restored: {Error}",
                     KeyText.Short(r.Key), r.Namespace, LayerDigest(r.Labels), KeyText.Bound(e.Message, r.Key));
             }
@@ -243,6 +254,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             await _opt.RemoteFileSystem!.MountAsync(FsDir(r.Id), r.Labels, ct);
             _lastChecked[r.Id] = DateTime.UtcNow;
             _unrestored.TryRemove(r.Id, out _);
+            _unavailable.TryRemove(r.Id, out _);
         }
         finally { _mounting.TryRemove(r.Id, out _); }
     }
@@ -316,16 +328,22 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     {
         var fs = FsDir(rec.Id);
         var sw = Stopwatch.StartNew();
+        _remoteMounting[rec.Id] = (rec.Namespace, rec.Key, labels);
         try
         {
             await _opt.RemoteFileSystem!.MountAsync(fs, labels, ct);
         }
         catch (Exception e) when (e is not OperationCanceledException)
         {
-            _log.LogInformation("layer {Digest} for {Target} (key {Key}) is not served remotely, falling back to an ordinary snapshot: {Reason}",
-                LayerDigest(labels), KeyText.Short(target), KeyText.Short(rec.Key), KeyText.Bound(e.Message, target, rec.Key));
+            var reason = (e as RemoteLayerUnavailableException)?.Reason ?? "other";
+            _log.LogInformation("layer {Digest} for {Target} (key {Key}) is not served remotely, falling back to an ordinary snapshot ({FallbackReason}): {Reason}",
+                LayerDigest(labels), KeyText.Short(target), KeyText.Short(rec.Key), reason, KeyText.Bound(e.Message, target, rec.Key));
+            RecordFallback(new FallbackRecord(DateTime.UtcNow, rec.Namespace, target, rec.Key, LabelOr(labels, "containerd.io/snapshot/remote/stargz.reference",
+                "containerd.io/snapshot/cri.image-ref"), LabelOr(labels, "containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest"),
+                reason, e.Message));
             return false;
         }
+        finally { _remoteMounting.TryRemove(rec.Id, out _); }
         try
         {
             var commitLabels = new Dictionary<string, string>(labels, StringComparer.Ordinal) { [RemoteLabel] = RemoteLabelValue };
@@ -544,6 +562,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             if (!moved) trash = null;
             _lastChecked.TryRemove(rec.Id, out _);
             _unrestored.TryRemove(rec.Id, out _);
+            _unavailable.TryRemove(rec.Id, out _);
             if (rec.IsRemote) Interlocked.Decrement(ref _remoteCount);
             _log.LogDebug("removed snapshot {Key} (id {Id})", KeyText.Short(key), rec.Id);
         }
@@ -671,6 +690,70 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         return removed;
     }
 
+    // ---------------------------------------------------------------- status
+
+    private void MarkUnavailable(long id, string error) =>
+        _unavailable.AddOrUpdate(id, static (_, e) => (DateTime.UtcNow, e), static (_, old, e) => (old.Since, e), error);
+
+    private static string LabelOr(IReadOnlyDictionary<string, string> labels, string key, string fallback) =>
+        labels.TryGetValue(key, out var v) && v.Length > 0 ? v : labels.TryGetValue(fallback, out v) ? v : "";
+
+    private void RecordFallback(FallbackRecord f)
+    {
+        lock (_fallbacks)
+        {
+            _fallbacks.Enqueue(f);
+            while (_fallbacks.Count > RecentFallbackLimit) _fallbacks.Dequeue();
+        }
+        try { FallbackOccurred?.Invoke(f); }
+        catch (Exception e) { _log.LogWarning("fallback observer failed: {Error}", e.Message); }
+    }
+
+    /// <summary>The last <see cref="RecentFallbackLimit"/> layers that fell back to an ordinary snapshot, oldest first.</summary>
+    public IReadOnlyList<FallbackRecord> RecentFallbacks()
+    {
+        lock (_fallbacks) return [.. _fallbacks];
+    }
+
+    /// <summary>Every remote snapshot (and remote mount in progress) with its state, for <c>stargz status</c>.</summary>
+    public async Task<IReadOnlyList<RemoteSnapshotStatus>> RemoteStatusAsync(CancellationToken ct)
+    {
+        var remotes = await WithStoreAsync(() =>
+        {
+            var list = new List<SnapshotRecord>();
+            foreach (var r in _store.All()) if (r.IsRemote) list.Add(r);
+            return list;
+        }, ct);
+        var result = new List<RemoteSnapshotStatus>(remotes.Count + _remoteMounting.Count);
+        foreach (var (id, m) in _remoteMounting)
+            result.Add(new RemoteSnapshotStatus(m.Namespace, m.Key, id, FsDir(id), LabelOr(m.Labels, "containerd.io/snapshot/remote/stargz.reference",
+                "containerd.io/snapshot/cri.image-ref"), LabelOr(m.Labels, "containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest"),
+                RemoteSnapshotState.Mounting, null, null));
+        foreach (var r in remotes)
+        {
+            var reference = LabelOr(r.Labels, "containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/cri.image-ref");
+            var digest = LabelOr(r.Labels, "containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest");
+            RemoteSnapshotState state;
+            DateTime? since = null;
+            string? error = null;
+            if (_unavailable.TryGetValue(r.Id, out var u))
+            {
+                state = _mounting.ContainsKey(r.Id) ? RemoteSnapshotState.Mounting : RemoteSnapshotState.Unavailable;
+                (since, error) = (u.Since, u.Error);
+            }
+            else if (_unrestored.TryGetValue(r.Id, out var why))
+            {
+                // Not mounted since start: being restored, or not restorable without a remote filesystem.
+                state = _mounting.ContainsKey(r.Id) || _opt.RemoteFileSystem != null && why == "being restored after start"
+                    ? RemoteSnapshotState.Mounting : RemoteSnapshotState.Unavailable;
+                if (state == RemoteSnapshotState.Unavailable) (since, error) = (_started, why);
+            }
+            else state = RemoteSnapshotState.Mounted;
+            result.Add(new RemoteSnapshotStatus(r.Namespace, r.Key, r.Id, FsDir(r.Id), reference, digest, state, since, error));
+        }
+        return result;
+    }
+
     // ---------------------------------------------------------------- check
 
     /// <summary>Checks every remote layer in the chain from <paramref name="key"/> down; Unavailable if one cannot be served.</summary>
@@ -703,10 +786,12 @@ public sealed class StargzSnapshotter : IAsyncDisposable
             {
                 await fsys.CheckAsync(fs, r.Labels, ct);
                 _lastChecked[r.Id] = DateTime.UtcNow;
+                _unavailable.TryRemove(r.Id, out _);
             }
             catch (Exception e) when (e is not OperationCanceledException)
             {
                 _lastChecked.TryRemove(r.Id, out _);
+                MarkUnavailable(r.Id, e.Message);
                 _log.LogWarning("layer {Digest} of remote snapshot {Key} is unavailable: {Error}", LayerDigest(r.Labels), KeyText.Short(r.Key), KeyText.Bound(e.Message, r.Key));
                 throw SnapshotterException.Unavailable($"layer {LayerDigest(r.Labels)} of remote snapshot {r.Key} is unavailable: {e.Message}", e);
             }
