@@ -94,7 +94,14 @@ public static class Program
             {
                 criKeychain = new CriKeychain();
                 // Persistence was on before and is off now: the secrets it left must not linger.
-                if (CriKeychain.DeleteStore(store)) log.LogInformation("cri_keychain.persist_credentials is off: removed the credentials file {Path}", store);
+                try
+                {
+                    if (CriKeychain.DeleteStore(store)) log.LogInformation("cri_keychain.persist_credentials is off: removed the credentials file {Path}", store);
+                }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    log.LogWarning("cri_keychain.persist_credentials is off but the credentials file {Path} cannot be removed: {Error}", store, e.Message);
+                }
             }
             criBackend = new CriBackend(config.CriKeychain.ImageServicePath, loggerFactory.CreateLogger("stargz.cri"));
         }
