@@ -40,7 +40,8 @@ public sealed class PodRig : IAsyncDisposable
     public string CredentialsFile => Path.Combine(Daemon.Root, "cri-keychain.json");
     public string CacheChunks => Path.Combine(Daemon.Root, "stargz", "cache", "chunks");
 
-    public static async Task<PodRig> StartAsync(string extraDaemonToml = "")
+    /// <param name="supervised">run the daemon under `stargz-snapshotter supervise` (FUSE connections kept over restarts).</param>
+    public static async Task<PodRig> StartAsync(string extraDaemonToml = "", bool supervised = false)
     {
         Requires.Fuse();
         var ip = Requires.Command("ip");
@@ -61,7 +62,7 @@ public sealed class PodRig : IAsyncDisposable
             var baseToml = $"metrics_address = \"127.0.0.1:{metricsPort}\"\nnoprefetch = true\nno_background_fetch = true\n{extraDaemonToml}";
             // Its own docker config (none): root's ~/.docker must not open the private registry.
             var env = new Dictionary<string, string> { ["DOCKER_CONFIG"] = work.Sub("docker-config") };
-            daemon = await LocalDaemon.StartAsync(baseToml, env: env);
+            daemon = await LocalDaemon.StartAsync(baseToml, env: env, supervised: supervised);
             var pause = $"{registry.Host}/e2e/pause:v1";
             ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket, enableCri: true, sandboxImage: pause,
                 prepare: dir => WriteCniAsync(dir, ip, netns),
@@ -167,6 +168,18 @@ public sealed class PodRig : IAsyncDisposable
     public async Task RestartDaemonAsync()
     {
         await Daemon.RestartAsync(env: _env);
+        await WaitContainerdReachesDaemonAsync();
+    }
+
+    /// <summary>Supervised: SIGTERM to the daemon (it hands its mounts over), its supervisor starts it again; waits until containerd reaches it.</summary>
+    public async Task HandOverDaemonAsync()
+    {
+        await Daemon.SignalAndWaitRestartAsync(15);
+        await WaitContainerdReachesDaemonAsync();
+    }
+
+    private async Task WaitContainerdReachesDaemonAsync()
+    {
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
         while (true)
         {

@@ -18,7 +18,7 @@ public class PodTests
     private const int ReadLate = 6 << 20;
     private const ulong Scratch = 1 << 20;
 
-    private sealed record PrivateImage(string Reference, int Layers, string EarlySha256, string LateSha256);
+    private sealed record PrivateImage(string Reference, int Layers, string EarlySha256, string LateSha256, string LateHalfSha256);
 
     /// <summary>busybox; /etc/motd and /data/early.bin (read before the restart); /data/late.bin alone in the last
     /// layer (read only after it): random bytes, so what is read is what is fetched.</summary>
@@ -37,24 +37,24 @@ public class PodTests
         var late = RandomNumberGenerator.GetBytes(ReadLate);
         await File.WriteAllBytesAsync(Path.Combine(l3, "data", "late.bin"), late);
         var image = await rig.PushEstargzAsync(name, [l1, l2, l3]);
-        return new PrivateImage(image, 3, Convert.ToHexStringLower(SHA256.HashData(early)), Convert.ToHexStringLower(SHA256.HashData(late)));
+        return new PrivateImage(image, 3, Convert.ToHexStringLower(SHA256.HashData(early)), Convert.ToHexStringLower(SHA256.HashData(late)),
+            Convert.ToHexStringLower(SHA256.HashData(late.AsSpan(0, ReadLate / 2))));
     }
 
     /// <summary>
     /// A pod of a private eStargz image pulled through the daemon's CRI keychain with persist_credentials: its
-    /// container's log is right; the daemon is stopped (SIGTERM) and started again with the pod running, and a new
-    /// container in that pod reads a file whose chunks were never fetched, with the credentials read back from the
-    /// daemon's 0600 file. Removing the pod and then the image by ID (kubelet's image GC) frees every FUSE mount,
+    /// container's log is right; the daemon (under supervise) is restarted with SIGTERM with the pod running: it hands
+    /// its FUSE connections over, the running container reads on (ExecSync) half of a file whose chunks were never
+    /// fetched, and a new container in that pod reads all of it, with the credentials read back from the daemon's
+    /// 0600 file. Removing the pod and then the image by ID (kubelet's image GC) frees every FUSE mount,
     /// cached chunk and the credentials; the daemon's Usage of the remote snapshots counts what was read, and
     /// ImageFsInfo through containerd counts the pod's writable layer and goes down when the pod and image are gone.
-    /// (The pod's first container keeps running across the restart, but its own FUSE reads need the restart work of
-    /// issue 17 to survive, so the reads after the restart are a new container's.)
     /// </summary>
     [Fact]
     public async Task APrivateLazyPodRunsKeepsFetchingAfterADaemonRestartWithPersistedCredentialsAndGcFreesEverything()
     {
         var ct = TestContext.Current.CancellationToken;
-        await using var rig = await PodRig.StartAsync();
+        await using var rig = await PodRig.StartAsync(supervised: true);
         var img = await PushPrivateImageAsync(rig, "e2e/private-pod");
         await rig.GoPrivateAsync(persist: true);
         // ImageFsInfo before the image: the pause image's snapshot (once CRI has looked at it, within 10 s).
@@ -95,15 +95,26 @@ public class PodTests
         var usedRunning = await rig.WaitImageFsAsync(v => v >= baseline + Scratch, ct);
         Assert.True(usedRunning >= baseline + Scratch, $"ImageFsInfo: {baseline} bytes before the pod, {usedRunning} with {Scratch} written in it");
 
-        // The daemon restarts with the pod running.
-        Assert.Equal(0, await rig.Daemon.StopAsync());
-        await rig.RestartDaemonAsync();
+        // The daemon restarts with the pod running (SIGTERM; its supervisor keeps the FUSE connections and starts it again).
+        var mountsBefore = rig.FuseMounts();
+        await rig.HandOverDaemonAsync();
         Assert.NotNull(await E2eHelpers.WaitLogLineAsync(rig.Daemon, "CRI keychain: credentials of 1 image(s) restored from"));
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
-        while (await rig.MetricAsync("stargz_layers_mounted") < img.Layers && DateTime.UtcNow < deadline) await Task.Delay(250, ct);
+        while (await rig.MetricAsync("stargz_fuse_adopted_mounts") < img.Layers && DateTime.UtcNow < deadline) await Task.Delay(250, ct);
         Assert.Equal(img.Layers, await rig.MetricAsync("stargz_layers_mounted"));
+        Assert.Equal(img.Layers, await rig.MetricAsync("stargz_fuse_adopted_mounts")); // the same mounts, taken over
+        Assert.Equal(mountsBefore, rig.FuseMounts());
         Assert.Equal(0, await rig.MetricAsync("stargz_layer_fetched_bytes")); // a new process: nothing fetched yet
         Assert.Equal(ContainerState.ContainerRunning, (await ContainerStatusAsync(rig, app, ct)).State);
+
+        // The pod's running container reads on: half of the file never read before, through the mounts the new
+        // daemon adopted, its chunks fetched from the private registry with the credentials read back from the file.
+        var half = await rig.Cri.Runtime.ExecSyncAsync(new ExecSyncRequest
+        {
+            ContainerId = app, Cmd = { "/bin/sh", "-c", $"head -c {ReadLate / 2} /data/late.bin | sha256sum" }, Timeout = 120,
+        }, cancellationToken: ct);
+        Assert.True(half.ExitCode == 0, $"exec in the running container after the restart: {half.Stderr.ToStringUtf8()}\n{rig.Tail()}");
+        Assert.StartsWith(img.LateHalfSha256 + " ", half.Stdout.ToStringUtf8());
 
         // A new container of the pod reads the file never read before: its chunks come from the private registry,
         // with the credentials the daemon read back from its file (kubelet does not pull an image it has).
