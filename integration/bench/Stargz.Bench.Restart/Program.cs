@@ -59,7 +59,7 @@ report.AppendLine();
 report.AppendLine("A running container reads its lazily pulled files (256 KiB preads through its overlayfs rootfs, each range dropped");
 report.AppendLine("from the page cache after it is read, so every read reaches the daemon) while the daemon is SIGKILLed.");
 report.AppendLine();
-report.AppendLine("| daemon | run | steady read (median) | kill → new daemon listening | longest read | completed after listening | read errors |");
+report.AppendLine("| daemon | run | steady read (median) | kill → new daemon listening | longest read | its end − listening | read errors |");
 report.AppendLine("|---|---|---|---|---|---|---|");
 
 var ours = new List<RunResult>();
@@ -108,7 +108,7 @@ return 0;
 
 static string Row(string who, string run, RunResult r) =>
     $"| {who} | {run} | {r.SteadyMs:0.0} ms | {r.KillToListeningMs:0} ms | {r.LongestMs:0} ms | " +
-    (r.Errors > 0 && !r.Recovered ? "never (reads fail)" : $"{r.AfterListening:0} ms") + $" | {r.Errors} |";
+    (r.Errors > 0 && !r.Recovered ? "never recovers (reads fail)" : $"{r.AfterListening:+0;-0} ms") + $" | {r.Errors} |";
 
 static async Task<string> StartReaderContainerAsync(LocalContainerd ctd, string image)
 {
@@ -128,21 +128,28 @@ static async Task<RunResult> MeasureAsync(string rootfs, string socket, Func<Tas
     var reader = new Thread(() => ReadLoop(rootfs, reads, stop.Token)) { IsBackground = true, Name = "reader" };
     reader.Start();
     await Task.Delay(1000);
-    long killAt = Stopwatch.GetTimestamp();
-    await kill();
-    // The new daemon is listening when its socket accepts (the dead one's socket file refuses until then).
-    long listeningAt = 0;
+    // The new daemon is listening at the first accepted connect after the old one's socket has refused one (a
+    // dying daemon may accept for a moment after the signal): probed every millisecond from before the kill.
+    long killAt = 0, listeningAt = 0;
     var probe = new Thread(() =>
     {
         var ep = new UnixDomainSocketEndPoint(socket);
+        bool down = false;
         while (!stop.IsCancellationRequested)
         {
             using var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-            try { s.Connect(ep); Volatile.Write(ref listeningAt, Stopwatch.GetTimestamp()); return; }
-            catch (SocketException) { Thread.Sleep(1); }
+            try
+            {
+                s.Connect(ep);
+                if (down) { Volatile.Write(ref listeningAt, Stopwatch.GetTimestamp()); return; }
+            }
+            catch (SocketException) { if (Volatile.Read(ref killAt) != 0) down = true; }
+            Thread.Sleep(1);
         }
     }) { IsBackground = true };
     probe.Start();
+    Volatile.Write(ref killAt, Stopwatch.GetTimestamp());
+    await kill();
     await waitBack();
     probe.Join(TimeSpan.FromSeconds(60));
     await Task.Delay(3000);
@@ -154,7 +161,8 @@ static async Task<RunResult> MeasureAsync(string rootfs, string socket, Func<Tas
     var during = snapshot.Where(x => x.End >= killAt).ToList();
     var longest = during.Count == 0 ? default : during.MaxBy(x => x.Ms);
     long listen = Volatile.Read(ref listeningAt);
-    double afterListening = listen == 0 || longest.End == 0 ? double.NaN : Math.Max(0, Stopwatch.GetElapsedTime(listen, longest.End).TotalMilliseconds * (longest.End >= listen ? 1 : -1));
+    // Negative: the longest read was answered before the new daemon listened (adoption comes first).
+    double afterListening = listen == 0 || longest.End == 0 ? double.NaN : (longest.End - listen) * 1000.0 / Stopwatch.Frequency;
     int errors = during.Count(x => !x.Ok);
     bool recovered = during.Count > 0 && during[^1].Ok;
     return new RunResult(steady.Count == 0 ? double.NaN : steady[steady.Count / 2],
