@@ -232,6 +232,61 @@ public sealed class HandoverTests
         }
     }
 
+    [Fact]
+    public async Task A_kept_connection_no_mount_takes_is_ended_and_dropped_from_the_store()
+    {
+        Requires.Fuse();
+        Requires.Root();
+        var ct = TestContext.Current.CancellationToken;
+        using var dir = new TempDir("fuse-unclaimed");
+        var mnt = dir.Sub("mnt");
+        var state = dir.Sub("state");
+        using var listener = new NotifyListener(NotifyListener.NewAbstractName("stargz-test"));
+        var psi = TestHost.StartInfo(mnt);
+        psi.Environment["NOTIFY_SOCKET"] = listener.Path;
+        psi.Environment[TestHost.StoreEnvVar] = state;
+        using var host = Process.Start(psi)!;
+        Process? reader = null;
+        try
+        {
+            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            wait.CancelAfter(TimeSpan.FromSeconds(30));
+            Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
+            var stored = listener.Receive(10_000);
+            Assert.NotNull(stored);
+            reader = Process.Start(new ProcessStartInfo(Requires.Command("cat"), Path.Combine(mnt, "block.bin"))
+            { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true })!;
+            Assert.Equal("READ-PENDING", await host.StandardOutput.ReadLineAsync(wait.Token));
+            host.Kill();
+            await host.WaitForExitAsync(wait.Token);
+
+            // The snapshot of this mount was removed while no daemon ran: nothing adopts it.
+            var store = new FuseConnectionStore(state, new ServiceManagerNotifier(listener.Path),
+                [.. stored.Fds.Select(fd => (stored.Value("FDNAME")!, fd))], null);
+            Assert.True(store.Holds(mnt));
+            Assert.Equal(1, store.CloseUnclaimed());
+            Assert.False(store.Holds(mnt));
+            var removed = listener.Receive(5000);
+            Assert.NotNull(removed);
+            Assert.Equal("1", removed.Value("FDSTOREREMOVE"));
+            Assert.Equal(FuseConnectionStore.NameOf(mnt), removed.Value("FDNAME"));
+            Assert.False(FuseServer.IsMountPoint(mnt));
+            Assert.False(File.Exists(Path.Combine(state, FuseConnectionStore.NameOf(mnt))));
+            // The connection is over: the reader that waited on it fails instead of hanging.
+            using var readerWait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            readerWait.CancelAfter(TimeSpan.FromSeconds(15));
+            await reader.WaitForExitAsync(readerWait.Token);
+            Assert.NotEqual(0, reader.ExitCode);
+        }
+        finally
+        {
+            if (!host.HasExited) host.Kill();
+            if (reader is { HasExited: false }) reader.Kill();
+            reader?.Dispose();
+            if (FuseServer.IsMountPoint(mnt)) await Tools.Run("umount", "-l", mnt);
+        }
+    }
+
     private static unsafe (int Read, int Write) Pipe()
     {
         int* fds = stackalloc int[2];
