@@ -13,7 +13,8 @@ namespace Stargz.Cli;
 internal sealed record LayerReport(
     string Namespace, string SnapshotKey, string ImageReference, string LayerDigest, string TocDigest, string MountPoint, string State,
     long Size, long FetchedBytes, long FetchedOnDemandBytes, long FetchedPrefetchBytes, long FetchedBackgroundBytes, long FetchRequests,
-    int ChunksCached, int ChunksTotal, long CacheHits, long CacheMisses, double HitRatio, long Errors, DateTime? UnavailableSince, string? LastError);
+    int ChunksCached, int ChunksTotal, long CacheHits, long CacheMisses, double HitRatio, long Errors, DateTime? UnavailableSince, string? LastError,
+    string? ErofsImage = null, bool Adopted = false);
 
 /// <summary>A layer that fell back to a full download.</summary>
 internal sealed record FallbackReport(DateTime Time, string Namespace, string SnapshotKey, string ImageReference, string LayerDigest, string Reason,
@@ -132,7 +133,8 @@ internal static class StatusCommand
             layers.Add(new LayerReport(l.Namespace, l.SnapshotKey, l.ImageReference, l.LayerDigest, l.TocDigest, l.MountPoint, StateName(l.State),
                 l.Size, l.FetchedBytes, l.FetchedOnDemandBytes, l.FetchedPrefetchBytes, l.FetchedBackgroundBytes, l.FetchRequests,
                 l.ChunksCached, l.ChunksTotal, l.CacheHits, l.CacheMisses, l.HitRatio, l.Errors,
-                l.UnavailableSince?.ToDateTime(), l.LastError.Length > 0 ? l.LastError : null));
+                l.UnavailableSince?.ToDateTime(), l.LastError.Length > 0 ? l.LastError : null,
+                l.ErofsImage.Length > 0 ? l.ErofsImage : null, l.Adopted));
         var fallbacks = new List<FallbackReport>(r.Fallbacks.Count);
         foreach (var f in r.Fallbacks)
             fallbacks.Add(new FallbackReport(f.Time?.ToDateTime() ?? default, f.Namespace, f.SnapshotKey, f.ImageReference, f.LayerDigest, f.Reason, f.Message));
@@ -145,6 +147,7 @@ internal static class StatusCommand
         LayerState.Serving => "serving",
         LayerState.FullyFetched => "fully-fetched",
         LayerState.Unavailable => "unavailable",
+        LayerState.Promoted => "promoted",
         _ => "unknown",
     };
 
@@ -162,11 +165,13 @@ internal static class StatusCommand
             {
                 "serving" => "[green]serving[/]",
                 "fully-fetched" => "[blue]fully fetched[/]",
+                "promoted" => "[blue]promoted (EROFS)[/]",
                 "mounting" => "[yellow]mounting[/]",
                 _ => "[red]" + Markup.Escape(l.State) + "[/]",
             };
             if (l.State == "unavailable" && l.UnavailableSince is { } since)
                 state += $"\n[red]since {since.ToLocalTime():yyyy-MM-dd HH:mm:ss}[/]";
+            if (l.Adopted) state += "\n[grey]kept over a restart[/]";
             if (l.LastError != null) state += "\n[grey]" + Markup.Escape(Shorten(l.LastError, 80)) + "[/]";
             layers.AddRow(
                 new Markup(Markup.Escape(l.ImageReference)),

@@ -62,7 +62,7 @@ public sealed class StatusSource(StargzSnapshotter snapshotter, LazyLayerFileSys
                     st.State = LayerState.Unavailable;
                     error ??= "the layer is not mounted";
                 }
-                else st.State = info.AllChunksFetched ? LayerState.FullyFetched : LayerState.Serving;
+                else st.State = info.Promoted ? LayerState.Promoted : info.AllChunksFetched ? LayerState.FullyFetched : LayerState.Serving;
                 break;
         }
         if (info != null)
@@ -80,6 +80,8 @@ public sealed class StatusSource(StargzSnapshotter snapshotter, LazyLayerFileSys
             st.HitRatio = x.CacheHits + x.CacheMisses > 0 ? (double)x.CacheHits / (x.CacheHits + x.CacheMisses) : 0;
             st.Errors = x.Errors;
             error ??= x.LastError;
+            if (info.ErofsImage != null) st.ErofsImage = info.ErofsImage;
+            st.Adopted = info.Adopted;
         }
         st.ChunksCached = chunks.Cached;
         st.ChunksTotal = chunks.Total;

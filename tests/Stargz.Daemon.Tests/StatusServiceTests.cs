@@ -20,6 +20,20 @@ public class StatusServiceTests
             OnDemandFetchedBytes: 1500, PrefetchFetchedFromRegistry: 1000, BackgroundFetchedFromRegistry: 500), complete, 0, 0);
 
     [Fact]
+    public void A_promoted_layer_shows_its_image_and_an_adopted_one_says_so()
+    {
+        var promoted = StatusSource.Describe(Snap(RemoteSnapshotState.Mounted),
+            Info(true, 0, 0) with { Promoted = true, ErofsImage = "/root/stargz/erofs/sha256-x.erofs" }, (10, 10));
+        Assert.Equal(LayerState.Promoted, promoted.State);
+        Assert.Equal("/root/stargz/erofs/sha256-x.erofs", promoted.ErofsImage);
+        Assert.False(promoted.Adopted);
+        var adopted = StatusSource.Describe(Snap(RemoteSnapshotState.Mounted), Info(false, 0, 0) with { Adopted = true }, (1, 10));
+        Assert.Equal(LayerState.Serving, adopted.State);
+        Assert.True(adopted.Adopted);
+        Assert.Equal("", adopted.ErofsImage);
+    }
+
+    [Fact]
     public void AMountedLayerIsServingWithItsBytesByWhoAskedAndItsHitRatio()
     {
         var s = StatusSource.Describe(Snap(RemoteSnapshotState.Mounted), Info(false, 3, 1), (6, 10));
