@@ -3,6 +3,9 @@
 # (unit and integration) and containerd 1.6's snapshotter conformance suite (tests/conformance, Go) against the
 # published daemon, and prints one summary line: "N passed, N failed, N skipped" (xunit TRX files + go test events).
 set -uo pipefail
+# Daemons started by the tests must not find an outer service manager (a CI job in a systemd unit): they would keep
+# their FUSE connections in its fd store and hand them over on SIGTERM instead of unmounting.
+unset NOTIFY_SOCKET LISTEN_FDS LISTEN_PID LISTEN_FDNAMES
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 bash integration/install-deps.sh || exit 1

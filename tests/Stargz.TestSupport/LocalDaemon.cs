@@ -95,6 +95,9 @@ public sealed class LocalDaemon : IAsyncDisposable
         var psi = new ProcessStartInfo(exe ?? dotnet) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
         if (exe is null) psi.ArgumentList.Add(DllPath());
         if (Supervised) psi.ArgumentList.Add("supervise");
+        // A test runner under a service manager (CI in a systemd unit) must not lend it to the daemon: the daemon
+        // would keep its FUSE connections there and hand them over on SIGTERM instead of unmounting.
+        foreach (var v in new[] { "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES" }) psi.Environment.Remove(v);
         foreach (var a in new[] { "--address", Socket, "--root", Root, "--config", ConfigPath, "--log-level", _logLevel }) psi.ArgumentList.Add(a);
         if (extraArgs != null) foreach (var a in extraArgs) psi.ArgumentList.Add(a);
         if (env != null) foreach (var kv in env) psi.Environment[kv.Key] = kv.Value;

@@ -40,6 +40,7 @@ public sealed class BenchDaemon : IAsyncDisposable
             for (var i = 1; i < command.Count; i++) psi.ArgumentList.Add(command[i]);
             foreach (var a in new[] { "--address", d.Socket, "--root", d.Root, "--config", config, "--log-level", logLevel }) psi.ArgumentList.Add(a);
             if (env != null) foreach (var kv in env) psi.Environment[kv.Key] = kv.Value;
+            foreach (var v in new[] { "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES" }) psi.Environment.Remove(v); // no service manager of ours
             var started = Stopwatch.GetTimestamp();
             var p = Process.Start(psi) ?? throw new InvalidOperationException($"cannot start {command[0]}");
             d._process = p;
