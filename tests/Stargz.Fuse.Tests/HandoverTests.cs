@@ -89,21 +89,12 @@ public sealed class HandoverTests
         var ct = TestContext.Current.CancellationToken;
         using var dir = new TempDir("fuse-adopt");
         var mnt = dir.Sub("mnt");
-        var state = dir.Sub("state");
-        using var listener = new NotifyListener(NotifyListener.NewAbstractName("stargz-test"));
-        var psi = TestHost.StartInfo(mnt);
-        psi.Environment["NOTIFY_SOCKET"] = listener.Path;
-        psi.Environment[TestHost.StoreEnvVar] = state;
-        using var host = Process.Start(psi)!;
+        using var kept = await StoredHost.StartAsync(mnt, dir.Sub("state"), ct);
+        var (host, listener, stored) = (kept.Host, kept.Listener, kept.Stored);
         Process? reader = null;
         FuseServer? adopter = null;
         try
         {
-            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
-            wait.CancelAfter(TimeSpan.FromSeconds(30));
-            Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
-            var stored = listener.Receive(10_000);
-            Assert.NotNull(stored);
             Assert.Equal(host.Id, stored.SenderPid);
             Assert.Equal(FuseConnectionStore.NameOf(mnt), stored.Value("FDNAME"));
             Assert.NotEmpty(stored.Fds);
@@ -113,9 +104,8 @@ public sealed class HandoverTests
             // A READ the dying server has read and never answers.
             reader = Process.Start(new ProcessStartInfo(Requires.Command("sha256sum"), Path.Combine(mnt, "block.bin"))
             { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true })!;
-            Assert.Equal("READ-PENDING", await host.StandardOutput.ReadLineAsync(wait.Token));
-            host.Kill();
-            await host.WaitForExitAsync(wait.Token);
+            Assert.Equal("READ-PENDING", await kept.NextLineAsync(ct));
+            await kept.KillAsync(ct);
             // The connection lives on in the store: the reader neither fails nor finishes, it waits.
             await Task.Delay(500, ct);
             Assert.False(reader.HasExited, "the reader ended when the server died instead of waiting");
@@ -126,8 +116,7 @@ public sealed class HandoverTests
             var data = new byte[4096];
             Array.Fill(data, (byte)0x5A);
             fs.AddFile("block.bin", data);
-            var store = new FuseConnectionStore(state, new ServiceManagerNotifier(listener.Path),
-                [.. stored.Fds.Select(fd => (stored.Value("FDNAME")!, fd))], null);
+            var store = kept.AdoptingStore();
             Assert.True(store.Holds(mnt));
             adopter = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Connections = store });
             Assert.True(adopter.Adopted);
@@ -172,21 +161,14 @@ public sealed class HandoverTests
         new Random(7).NextBytes(data);
         await File.WriteAllBytesAsync(backing, data, ct);
         var hash = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(data));
-        using var listener = new NotifyListener(NotifyListener.NewAbstractName("stargz-test"));
-        var psi = TestHost.StartInfo(mnt);
-        psi.Environment["NOTIFY_SOCKET"] = listener.Path;
-        psi.Environment[TestHost.StoreEnvVar] = state;
-        psi.Environment[TestHost.PassthroughEnvVar] = backing;
-        using var host = Process.Start(psi)!;
+        using var kept = await StoredHost.StartAsync(mnt, state, ct, passthroughBacking: backing);
+        var host = kept.Host;
         Process? holder = null;
         FuseServer? adopter = null;
         try
         {
             using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
             wait.CancelAfter(TimeSpan.FromSeconds(30));
-            Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
-            var stored = listener.Receive(10_000);
-            Assert.NotNull(stored);
             var pt = Path.Combine(mnt, "pt.bin");
             // Opened in passthrough mode by the first server, and kept open over its death.
             holder = Process.Start(new ProcessStartInfo(Requires.Command("python3"))
@@ -195,16 +177,13 @@ public sealed class HandoverTests
                 UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardInput = true, RedirectStandardError = true,
             })!;
             Assert.Equal($"{data.Length}", await holder.StandardOutput.ReadLineAsync(wait.Token));
-            host.Kill();
-            await host.WaitForExitAsync(wait.Token);
+            await kept.KillAsync(ct);
 
             using var fs = new MemoryFileSystem();
             fs.AddFile("hello.txt", "hello from the child\n");
             fs.AddFile("block.bin", new byte[4096]);
             fs.AddBackedFile("pt.bin", backing);
-            var store = new FuseConnectionStore(state, new ServiceManagerNotifier(listener.Path),
-                [.. stored.Fds.Select(fd => (stored.Value("FDNAME")!, fd))], null);
-            adopter = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Connections = store, Passthrough = true });
+            adopter = FuseServer.Mount(mnt, fs, new FuseMountOptions { FsName = "stargz-testhost", Connections = kept.AdoptingStore(), Passthrough = true });
             Assert.True(adopter.Adopted);
             Assert.True(adopter.PassthroughNegotiated);
             // A new open of the same inode shares the backing file the first server registered (a second one, or a
@@ -241,28 +220,18 @@ public sealed class HandoverTests
         using var dir = new TempDir("fuse-unclaimed");
         var mnt = dir.Sub("mnt");
         var state = dir.Sub("state");
-        using var listener = new NotifyListener(NotifyListener.NewAbstractName("stargz-test"));
-        var psi = TestHost.StartInfo(mnt);
-        psi.Environment["NOTIFY_SOCKET"] = listener.Path;
-        psi.Environment[TestHost.StoreEnvVar] = state;
-        using var host = Process.Start(psi)!;
+        using var kept = await StoredHost.StartAsync(mnt, state, ct);
+        var (host, listener) = (kept.Host, kept.Listener);
         Process? reader = null;
         try
         {
-            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
-            wait.CancelAfter(TimeSpan.FromSeconds(30));
-            Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
-            var stored = listener.Receive(10_000);
-            Assert.NotNull(stored);
             reader = Process.Start(new ProcessStartInfo(Requires.Command("cat"), Path.Combine(mnt, "block.bin"))
             { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true })!;
-            Assert.Equal("READ-PENDING", await host.StandardOutput.ReadLineAsync(wait.Token));
-            host.Kill();
-            await host.WaitForExitAsync(wait.Token);
+            Assert.Equal("READ-PENDING", await kept.NextLineAsync(ct));
+            await kept.KillAsync(ct);
 
             // The snapshot of this mount was removed while no daemon ran: nothing adopts it.
-            var store = new FuseConnectionStore(state, new ServiceManagerNotifier(listener.Path),
-                [.. stored.Fds.Select(fd => (stored.Value("FDNAME")!, fd))], null);
+            var store = kept.AdoptingStore();
             Assert.True(store.Holds(mnt));
             Assert.Equal(1, store.CloseUnclaimed());
             Assert.False(store.Holds(mnt));
@@ -284,6 +253,73 @@ public sealed class HandoverTests
             if (reader is { HasExited: false }) reader.Kill();
             reader?.Dispose();
             if (FuseServer.IsMountPoint(mnt)) await Tools.Run("umount", "-l", mnt);
+        }
+    }
+
+    /// <summary>
+    /// A TestHost serving <c>mnt</c> whose connection is kept in a store this test holds (its listener): started, its
+    /// stored fds received. <see cref="AdoptingStore"/> hands them to a server in this process, as a restarted daemon
+    /// gets them back.
+    /// </summary>
+    private sealed class StoredHost : IDisposable
+    {
+        public required Process Host { get; init; }
+        public required NotifyListener Listener { get; init; }
+        public required NotifyMessage Stored { get; init; }
+        public required string State { get; init; }
+
+        public static async Task<StoredHost> StartAsync(string mnt, string state, CancellationToken ct, string? passthroughBacking = null)
+        {
+            var listener = new NotifyListener(NotifyListener.NewAbstractName("stargz-test"));
+            var psi = TestHost.StartInfo(mnt);
+            psi.Environment["NOTIFY_SOCKET"] = listener.Path;
+            psi.Environment[TestHost.StoreEnvVar] = state;
+            if (passthroughBacking != null) psi.Environment[TestHost.PassthroughEnvVar] = passthroughBacking;
+            var host = Process.Start(psi)!;
+            try
+            {
+                using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+                wait.CancelAfter(TimeSpan.FromSeconds(30));
+                Assert.Equal("READY", await host.StandardOutput.ReadLineAsync(wait.Token));
+                var stored = listener.Receive(10_000);
+                Assert.NotNull(stored);
+                return new StoredHost { Host = host, Listener = listener, Stored = stored, State = state };
+            }
+            catch
+            {
+                if (!host.HasExited) host.Kill();
+                host.Dispose();
+                listener.Dispose();
+                throw;
+            }
+        }
+
+        /// <summary>Waits (bounded) for the host's next line on stdout (READ-PENDING).</summary>
+        public async Task<string?> NextLineAsync(CancellationToken ct)
+        {
+            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            wait.CancelAfter(TimeSpan.FromSeconds(30));
+            return await Host.StandardOutput.ReadLineAsync(wait.Token);
+        }
+
+        /// <summary>SIGKILL: no code of the server runs; its connection lives on in the store.</summary>
+        public async Task KillAsync(CancellationToken ct)
+        {
+            Host.Kill();
+            using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            wait.CancelAfter(TimeSpan.FromSeconds(30));
+            await Host.WaitForExitAsync(wait.Token);
+        }
+
+        /// <summary>The store a restarted server would build from what the manager passes back.</summary>
+        public FuseConnectionStore AdoptingStore() => new(State, new ServiceManagerNotifier(Listener.Path),
+            [.. Stored.Fds.Select(fd => (Stored.Value("FDNAME")!, fd))], null);
+
+        public void Dispose()
+        {
+            if (!Host.HasExited) Host.Kill();
+            Host.Dispose();
+            Listener.Dispose();
         }
     }
 

@@ -1,7 +1,7 @@
-namespace Stargz.Containerd;
+namespace Stargz.Registry;
 
-/// <summary>A write-only pass-through that tells how many bytes went through (progress bars).</summary>
-internal sealed class ProgressWriteStream(Stream inner, Action<long> written) : Stream
+/// <summary>A write-only pass-through that tells how many bytes went through: blob downloads report progress with it (rpull, convert).</summary>
+public sealed class ProgressWriteStream(Stream inner, Action<long> written) : Stream
 {
     private long _total;
 
