@@ -56,15 +56,7 @@ public class DiskBudgetTests
         }, Ct);
         await rig.RpullAsync(img.Estargz);
         var first = await rig.RunDetachedAsync(img.Estargz, "first", "/bin/sleep", "3600");
-        var exec = 0;
-        async Task<Dictionary<string, string>> HashAll(string container)
-        {
-            var r = (await rig.Containerd.CtrAsync("tasks", "exec", "--exec-id", $"h{exec++}", container, "/bin/sh", "-c", "cd /data && sha256sum *.bin"))
-                .EnsureSuccess($"sha256sum in {container}\n{rig.Daemon.Log}");
-            return r.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries)
-                .Select(l => l.Split(' ', 2, StringSplitOptions.TrimEntries)).ToDictionary(f => f[1], f => f[0]);
-        }
-        Assert.Equal(img.Sha256, await HashAll(first));
+        Assert.Equal(img.Sha256, await rig.Sha256OfDataFilesInAsync(first));
         // The background fetch runs once things are quiet, fills the budget and stops there.
         var limit = (double)budgetMb * (1 << 20);
         await rig.WaitMetricAsync("stargz_cache_disk_bytes", v => v >= limit * 0.9, TimeSpan.FromSeconds(120));
@@ -77,7 +69,7 @@ public class DiskBudgetTests
         await rig.Daemon.RestartAsync();
         await rig.WaitContainerdReachesDaemonAsync();
         var second = await rig.RunDetachedAsync(img.Estargz, "second", "/bin/sleep", "3600");
-        Assert.Equal(img.Sha256, await HashAll(second));
+        Assert.Equal(img.Sha256, await rig.Sha256OfDataFilesInAsync(second));
         stop.Cancel();
         await sampler;
 

@@ -25,16 +25,7 @@ public class DiskFullTests
             var holder = await rig.RunDetachedAsync(img.Estargz, "holder", "/bin/sleep", "3600");
             var full = await rig.WaitMetricAsync("stargz_cache_disk_full", v => v == 1, TimeSpan.FromSeconds(180));
             Assert.True(full == 1, $"the cache never filled the disk\n{rig.Daemon.Log}");
-
-            var exec = 0;
-            async Task<Dictionary<string, string>> HashAll(string container)
-            {
-                var r = (await rig.Containerd.CtrAsync("tasks", "exec", "--exec-id", $"h{exec++}", container, "/bin/sh", "-c", "cd /data && sha256sum *.bin"))
-                    .EnsureSuccess($"sha256sum in {container}\n{rig.Daemon.Log}");
-                return r.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries)
-                    .Select(l => l.Split(' ', 2, StringSplitOptions.TrimEntries)).ToDictionary(f => f[1], f => f[0]);
-            }
-            Assert.Equal(img.Sha256, await HashAll(holder));
+            Assert.Equal(img.Sha256, await rig.Sha256OfDataFilesInAsync(holder));
             Assert.Null(rig.Daemon.ExitCode);
             Assert.True(await rig.MetricAsync("stargz_cache_disk_no_space_errors") > 0);
             Assert.True(await rig.MetricAsync("stargz_layers_fully_fetched") < 2, "a layer whose chunks did not all reach the disk counts as fully fetched");
@@ -53,7 +44,7 @@ public class DiskFullTests
             Assert.Equal(2, await rig.WaitMetricAsync("stargz_layers_fully_fetched", v => v == 2, TimeSpan.FromSeconds(180)));
             Assert.Equal(0, await rig.MetricAsync("stargz_cache_disk_full"));
             var second = await rig.RunDetachedAsync(img.Estargz, "second", "/bin/sleep", "3600");
-            Assert.Equal(img.Sha256, await HashAll(second));
+            Assert.Equal(img.Sha256, await rig.Sha256OfDataFilesInAsync(second));
             Assert.Null(rig.Daemon.ExitCode);
         }
         finally { Mounts.UnmountAllUnder(root); }

@@ -150,6 +150,17 @@ public sealed class OutageRig : IAsyncDisposable
         return r.StdOut.Trim().Split(' ', 2)[0];
     }
 
+    private int _execs;
+
+    /// <summary>`sha256sum /data/*.bin` run in the running container <paramref name="container"/>: file name → hash.</summary>
+    public async Task<Dictionary<string, string>> Sha256OfDataFilesInAsync(string container)
+    {
+        var r = (await Containerd.CtrAsync("tasks", "exec", "--exec-id", $"h{Interlocked.Increment(ref _execs)}", container, "/bin/sh", "-c", "cd /data && sha256sum *.bin"))
+            .EnsureSuccess($"sha256sum in {container}\n{Daemon.Log}");
+        return r.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+            .Select(l => l.Split(' ', 2, StringSplitOptions.TrimEntries)).ToDictionary(f => f[1], f => f[0]);
+    }
+
     /// <summary>
     /// Waits (bounded) until containerd reaches our daemon again: after a restart its proxy client may answer
     /// "connection refused" for a while (gRPC reconnect backoff) although the socket is up.
