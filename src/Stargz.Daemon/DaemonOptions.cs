@@ -16,6 +16,7 @@ public sealed class DaemonOptions
 
     public const string Usage = """
         usage: stargz-snapshotter [flags]
+               stargz-snapshotter supervise [flags]   (restarts the daemon, keeping its FUSE connections; --help)
           --address PATH      unix socket to serve containerd's snapshots API on
                               (default /run/containerd-stargz-grpc/containerd-stargz-grpc.sock)
           --root DIR          metadata and snapshot dirs (default /var/lib/containerd-stargz-grpc)
