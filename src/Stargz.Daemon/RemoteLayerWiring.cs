@@ -135,7 +135,7 @@ public static class RemoteLayerWiring
             fuse.Passthrough ? "on" : "off", options.PromoteToErofs ? "on" : "off");
         if (connections != null)
             log.LogInformation("FUSE connections are kept in the fd store of {Manager}: running containers survive a restart ({Adoptable} kept connections to adopt)",
-                Environment.GetEnvironmentVariable("NOTIFY_SOCKET"), connections.HeldMountPoints().Count);
+                connections.ManagerSocket, connections.HeldMountPoints().Count);
         LayerMetrics.TrackHandover(connections);
         return new LazyLayerFileSystem(manager, registry, connections) { CriKeychain = criKeychain };
     }

@@ -25,6 +25,9 @@ public sealed class FuseConnectionStore : IDisposable
     private readonly Dictionary<string, AdoptedConnection> _adoptable = new(StringComparer.Ordinal);
     private long _adopted;
 
+    /// <summary>The service manager's notify socket the fds go to.</summary>
+    public string ManagerSocket => _notifier.SocketPath;
+
     /// <summary>Directory of the agreement files (one per stored connection).</summary>
     public string StateDir { get; }
     /// <summary>Connections taken over from an earlier process so far.</summary>
