@@ -1,5 +1,6 @@
 using Google.Protobuf;
 using Grpc.Core;
+using Microsoft.Extensions.Logging;
 
 namespace Stargz.Snapshotter;
 
@@ -16,6 +17,12 @@ public sealed class MalformedRequests : ServiceBinderBase
 {
     private readonly ServiceBinderBase _inner;
 
+    /// <summary>
+    /// Where refused requests are logged (a warning each). Static: Grpc.AspNetCore calls the bind method by reflection,
+    /// with no service provider; the host sets it once it is built (<see cref="SnapshotterServer.Build"/>).
+    /// </summary>
+    public static ILogger? Logger { get; set; }
+
     private MalformedRequests(ServiceBinderBase inner) => _inner = inner;
 
     /// <summary>A binder that forwards every method to <paramref name="inner"/> with a checking request marshaller.</summary>
@@ -30,6 +37,8 @@ public sealed class MalformedRequests : ServiceBinderBase
             try { return inner.ContextualDeserializer(ctx); }
             catch (InvalidProtocolBufferException e)
             {
+                Logger?.LogWarning("{Method}: refused a request that is not a valid {Message} message ({PayloadBytes} bytes): {Error}",
+                    m.FullName, typeof(TRequest).Name, ctx.PayloadLength, e.Message);
                 throw new RpcException(new Status(StatusCode.InvalidArgument,
                     $"{m.FullName}: the request is not a valid {typeof(TRequest).Name} message: {e.Message}"));
             }

@@ -239,6 +239,9 @@ public class DaemonProcessTests
         var c = new Snapshots.SnapshotsClient(ch);
         await c.PrepareAsync(new PrepareSnapshotRequest { Key = "after" }, cancellationToken: Ct);
         Assert.Equal(["after"], (await Client.ListAll(c, Ct)).Select(i => i.Name));
+        // Stopped first, so that all it wrote has been read: the refusal is in its log, naming the message type.
+        Assert.Equal(0, await d.StopAsync());
+        Assert.Contains("refused a request that is not a valid PrepareSnapshotRequest message", d.Log);
     }
 
     [Fact]
