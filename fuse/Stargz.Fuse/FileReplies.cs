@@ -2,34 +2,40 @@ namespace Stargz.Fuse;
 
 /// <summary>
 /// READ replies whose bytes sit in a local file (<see cref="IFuseFileSystem.TryReadFromFile"/>): spliced through the
-/// reader thread's pipe when the range fits it, else read with pread into a reply buffer and written.
+/// reader thread's pipe when the range fits it, else read with pread into a reply buffer and written. A range the
+/// file cannot give (EIO on a failing cache disk and the like) is not answered here: the dispatcher then serves the
+/// READ through <see cref="IFuseFileSystem.ReadAsync"/>, which can get the bytes elsewhere.
 /// </summary>
 internal sealed unsafe class FileReplies(ReplyWriter replies, int maxRead, Action<string>? log)
 {
     // Cleared for good when /dev/fuse refuses a spliced reply in a way a pread reply would not meet.
     private volatile bool _spliceUsable = true;
-    private long _spliced, _fallbacks;
+    private long _spliced, _fallbacks, _readErrors;
 
     /// <summary>See <see cref="FuseServer.SplicedReads"/>.</summary>
     public long Spliced => Interlocked.Read(ref _spliced);
     /// <summary>See <see cref="FuseServer.FileReadFallbacks"/>.</summary>
     public long Fallbacks => Interlocked.Read(ref _fallbacks);
+    /// <summary>See <see cref="FuseServer.FileReadErrors"/>.</summary>
+    public long ReadErrors => Interlocked.Read(ref _readErrors);
 
-    public void Send(ReaderContext ctx, ulong unique, in FuseFileRange range, int size)
+    /// <summary>
+    /// Replies with the range's bytes and returns 0; or, when the file cannot be read, sends nothing and returns the
+    /// errno (the READ is still waiting for an answer). Returns the lent reference either way.
+    /// </summary>
+    public int Send(ReaderContext ctx, ulong unique, in FuseFileRange range, int size)
     {
-        if (range.File is not { } file)
-        {
-            replies.Error(ctx.Fd, unique, Errno.EIO); // not made by TryLend
-            return;
-        }
+        if (range.File is not { } file) return Errno.EIO; // not made by TryLend: let the filesystem read it
         try
         {
             // The lend holds a reference: the descriptor stays open until Return, whoever disposes the handle.
             int fileFd = (int)file.DangerousGetHandle();
             int len = Math.Clamp(range.Length, 0, size);
-            if (len > 0 && _spliceUsable && TrySplice(ctx, unique, fileFd, range.Offset, len)) return;
+            if (len > 0 && _spliceUsable && TrySplice(ctx, unique, fileFd, range.Offset, len)) return 0;
             if (len > 0) Interlocked.Increment(ref _fallbacks);
-            PreadReply(ctx, unique, fileFd, range.Offset, len);
+            int e = PreadReply(ctx, unique, fileFd, range.Offset, len);
+            if (e != 0) Interlocked.Increment(ref _readErrors);
+            return e;
         }
         finally
         {
@@ -137,8 +143,11 @@ internal sealed unsafe class FileReplies(ReplyWriter replies, int maxRead, Actio
     /// <summary>See <see cref="FuseServer.LargestSplicedRead"/>.</summary>
     public static int LargestSplicedRead => SpliceLimit.Value;
 
-    /// <summary>The copying answer for a file range: pread into a reply buffer, then one write.</summary>
-    private void PreadReply(ReaderContext ctx, ulong unique, int fileFd, long offset, int len)
+    /// <summary>
+    /// The copying answer for a file range: pread into a reply buffer, then one write. A failed pread sends nothing
+    /// and returns its errno; 0 once replied.
+    /// </summary>
+    private int PreadReply(ReaderContext ctx, ulong unique, int fileFd, long offset, int len)
     {
         var buf = ctx.ReplyBufferFor(len, out bool pooled);
         try
@@ -153,11 +162,11 @@ internal sealed unsafe class FileReplies(ReplyWriter replies, int maxRead, Actio
                     if (n == 0) break; // end of file: a short reply means EOF to the kernel
                     int e = Native.LastErrno;
                     if (e == Native.EINTR) continue;
-                    replies.Error(ctx.Fd, unique, e);
-                    return;
+                    return e;
                 }
             }
             replies.Send(ctx.Fd, buf, unique, 0, got);
+            return 0;
         }
         finally
         {

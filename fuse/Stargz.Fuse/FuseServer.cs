@@ -62,6 +62,11 @@ public sealed class FuseServer : IDisposable
     public long SplicedReads => _fileReplies.Spliced;
     /// <summary>READs of <see cref="IFuseFileSystem.TryReadFromFile"/> ranges that could not be spliced and were read with pread.</summary>
     public long FileReadFallbacks => _fileReplies.Fallbacks;
+    /// <summary>
+    /// READs whose <see cref="IFuseFileSystem.TryReadFromFile"/> range could not be read (EIO and the like) and were
+    /// served through <see cref="IFuseFileSystem.ReadAsync"/> instead.
+    /// </summary>
+    public long FileReadErrors => _fileReplies.ReadErrors;
     /// <summary>Requests of <paramref name="opcode"/> (FUSE opcode number) seen so far.</summary>
     public long RequestCount(int opcode) => _dispatcher.RequestCount(opcode);
     /// <summary>The kernel's current reference count on <paramref name="ino"/> (0 when forgotten).</summary>

@@ -52,7 +52,8 @@ public interface IFuseFileSystem
     /// Optional fast path, tried after <see cref="TryReadDirect"/> and before <see cref="ReadAsync"/>: if the bytes sit
     /// in a local file (a cache file, a backing file that passthrough did not take), name the file and where the
     /// bytes start. The bridge moves them to the kernel with splice(2), so they never pass through the server's memory
-    /// (one copy, in the kernel, instead of two); if the file cannot be spliced it reads the same range with pread.
+    /// (one copy, in the kernel, instead of two); if the file cannot be spliced it reads the same range with pread, and if
+    /// that fails too it calls <see cref="FileReadFailed"/> and then <see cref="ReadAsync"/>.
     /// <see cref="FuseFileRange.Length"/> is the reply's length: <paramref name="size"/>, fewer only at end of file.
     /// Make the range with <see cref="FuseFileRange.TryLend"/>: the bridge holds the handle open until it has replied,
     /// whatever the filesystem does with its own reference meanwhile. Runs on a reader thread: only for files on local
@@ -63,6 +64,14 @@ public interface IFuseFileSystem
         range = default;
         return false;
     }
+
+    /// <summary>
+    /// The file a <see cref="TryReadFromFile"/> range named could not be read (<paramref name="errno"/>, e.g. EIO from
+    /// a failing disk). Nothing was sent: right after this call the bridge serves the same READ through
+    /// <see cref="ReadAsync"/>. Drop or stop naming that file here if it should not be tried again. Runs on a reader
+    /// thread.
+    /// </summary>
+    void FileReadFailed(ulong ino, ulong handle, long offset, int size, int errno) { }
 
     void Release(ulong ino, ulong handle) { }
 

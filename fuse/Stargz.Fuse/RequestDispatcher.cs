@@ -211,8 +211,12 @@ internal sealed class RequestDispatcher(
         }
         if (fromFile)
         {
-            fileReplies.Send(ctx, unique, range, size);
-            return;
+            int failed = fileReplies.Send(ctx, unique, range, size);
+            if (failed == 0) return;
+            // The local file could not give the bytes (a failing cache disk): tell the filesystem, which may drop the
+            // file and note the error, then serve the READ the normal way (memory, the chunk cache, the registry).
+            try { fs.FileReadFailed(h.NodeId, handle, (long)ri.Offset, size, failed); }
+            catch (Exception ex) { opt.Log?.Invoke($"FileReadFailed of inode {h.NodeId}: {ex.Message}"); }
         }
         var buf = ctx.ReplyBufferFor(size, out bool pooled);
         ValueTask<int> vt;

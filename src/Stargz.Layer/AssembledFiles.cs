@@ -285,6 +285,24 @@ internal sealed class AssembledFiles : IDisposable
         }
     }
 
+    /// <summary>
+    /// A read of the copy of <paramref name="digest"/> failed (EIO on the cache disk): it is counted, no longer used and
+    /// deleted if the disk lets it; it is not rebuilt for a while (a failing disk would fail the build too).
+    /// </summary>
+    public void Unreadable(string digest, Exception error)
+    {
+        _disk?.ReadFailed($"whole-file copy {digest}", error);
+        _trusted.TryRemove(digest, out _);
+        _unverified.TryRemove(digest, out _);
+        _failedAt[digest] = Environment.TickCount64;
+        try
+        {
+            File.Delete(PathOf(digest));
+            _budget?.Removed(CacheFileKind.Copy, digest);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+    }
+
     /// <summary>Forgets which copies were checked, as a restarted process would (tests of the restart path).</summary>
     internal void ForgetTrust() => _trusted.Clear();
 

@@ -190,6 +190,17 @@ public sealed class ChunkCache : IDisposable
         return data;
     }
 
+    /// <summary>
+    /// A read of the chunk's disk file failed outside this cache (spliced by the FUSE bridge): counted and logged like
+    /// a failed read here, and the file dropped, so the chunk is served from memory or fetched again.
+    /// </summary>
+    internal void DiskFileUnreadable(string key, Exception error)
+    {
+        if (_chunkDir == null) return;
+        Disk.ReadFailed($"cached chunk {key}", error);
+        Reject(PathOf(key), key);
+    }
+
     private void Reject(string path, string key)
     {
         Interlocked.Increment(ref _diskRejected);

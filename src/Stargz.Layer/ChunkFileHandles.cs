@@ -101,6 +101,28 @@ internal sealed class ChunkFileHandles : IDisposable
         return handle;
     }
 
+    /// <summary>Drops (and closes) the descriptor of <paramref name="key"/>, if one is held (its file failed a read).</summary>
+    public void Remove(string key)
+    {
+        SafeFileHandle? dropped = null;
+        lock (_keys)
+        {
+            for (int i = 0; i < _keys.Length; i++)
+            {
+                if (_handles[i] != null && string.Equals(_keys[i], key, StringComparison.Ordinal))
+                {
+                    dropped = _handles[i];
+                    _handles[i] = null;
+                    _keys[i] = null;
+                    break;
+                }
+            }
+        }
+        if (dropped == null) return;
+        dropped.Dispose(); // a reply in flight holds its own reference (TryLend)
+        _budget?.Unpin(CacheFileKind.Chunk, key);
+    }
+
     public void Dispose()
     {
         lock (_keys)

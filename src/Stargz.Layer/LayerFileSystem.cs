@@ -387,6 +387,36 @@ internal sealed class LayerFileSystem : IFuseFileSystem
         return true;
     }
 
+    /// <summary>
+    /// The bridge could not read the file <see cref="TryReadFromFile"/> named (EIO on the cache disk, a file that went):
+    /// the error is counted and logged (<see cref="CacheDiskHealth"/>), the file is dropped so no later READ tries it,
+    /// and the bridge then serves this READ through <see cref="ReadAsync"/> (memory, or the registry again).
+    /// </summary>
+    public void FileReadFailed(ulong ino, ulong handle, long offset, int size, int errno)
+    {
+        var i = Get(ino);
+        if (i == null) return;
+        var error = new IOException($"read of {size} bytes at {offset}: errno {errno}", errno);
+        if (handle != 0 && _chunkFiles.TryGetValue(handle, out var open) && open.Ino == ino)
+        {
+            // The open's own file: later READs of this open take the chunk cache. Release then finds nothing to close.
+            if (_chunkFiles.TryRemove(handle, out open)) open.File.Dispose();
+            if (_pinned.TryRemove(handle, out var pin))
+            {
+                _fetcher.Budget.Unpin(pin.Kind, pin.Key);
+                if (pin.Kind == CacheFileKind.Copy) _assembled?.Unreadable(pin.Key, error);
+                else _fetcher.Cache.DiskFileUnreadable(pin.Key, error);
+            }
+            else _fetcher.Cache.Disk.ReadFailed($"file {i.Node?.Path} of the layer's image", error); // promoted
+            return;
+        }
+        var chunks = i.Chunks;
+        int at = chunks.Length == 0 ? -1 : ChunkFetcher.FindChunk(chunks, offset);
+        if (at < 0 || chunks[at].Digest is not { } digest) return;
+        _diskChunks.Remove(digest);
+        _fetcher.Cache.DiskFileUnreadable(digest, error);
+    }
+
     public void Release(ulong ino, ulong handle)
     {
         // A handle of an earlier process (opened before a restart) is not ours: nothing to close.

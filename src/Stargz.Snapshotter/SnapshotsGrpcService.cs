@@ -12,10 +12,19 @@ namespace Stargz.Snapshotter;
 /// header only on some calls, so the header never splits containerd's snapshots; it only keeps apart the keys of
 /// direct clients (see <see cref="HeaderNamespace"/>).
 /// Errors become the gRPC codes containerd's errdefs maps back (NotFound, AlreadyExists, ...), their messages quoting
-/// the keys as the caller sent them.
+/// the keys as the caller sent them. A request that is not valid protobuf gets InvalidArgument
+/// (<see cref="MalformedRequests"/>, bound by <see cref="BindService"/>).
 /// </summary>
+[BindServiceMethod(typeof(SnapshotsGrpcService), nameof(BindService))]
 public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<SnapshotsGrpcService> log) : Snapshots.SnapshotsBase
 {
+    /// <summary>
+    /// The generated binding with checking request marshallers; found by Grpc.AspNetCore through the attribute. It
+    /// takes the generated base class: Grpc.AspNetCore matches the handlers to the methods that base class declares.
+    /// </summary>
+    public static void BindService(ServiceBinderBase binder, Snapshots.SnapshotsBase? service)
+        => Snapshots.BindService(MalformedRequests.Wrap(binder), service);
+
     public const string NamespaceHeader = "containerd-namespace";
 
     /// <summary>

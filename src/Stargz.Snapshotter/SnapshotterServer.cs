@@ -55,6 +55,7 @@ public static class SnapshotterServer
         builder.WebHost.UseShutdownTimeout(TimeSpan.FromSeconds(30));
         configureBuilder?.Invoke(builder);
         var app = builder.Build();
+        MalformedRequests.Logger = app.Services.GetRequiredService<ILoggerFactory>().CreateLogger<SnapshotsGrpcService>();
         app.MapGrpcService<SnapshotsGrpcService>();
         configureApp?.Invoke(app);
         return app;

@@ -222,6 +222,29 @@ public class DaemonProcessTests
     }
 
     [Fact]
+    public async Task AMalformedRequestOnTheDaemonsSocketGetsInvalidArgument()
+    {
+        await using var d = await LocalDaemon.StartAsync();
+        using var ch = Client.Channel(d.Socket);
+        // Raw bytes as the request message: grpc framing around something that is not a PrepareSnapshotRequest
+        // (field 2, the key, claims 100 bytes and carries 3).
+        var raw = Marshallers.Create<byte[]>(b => b, b => b);
+        var prepare = new Method<byte[], byte[]>(MethodType.Unary, "containerd.services.snapshots.v1.Snapshots", "Prepare", raw, raw);
+        var e = await Assert.ThrowsAsync<RpcException>(async () =>
+            await ch.CreateCallInvoker().AsyncUnaryCall(prepare, null, new CallOptions(cancellationToken: Ct), [0x12, 100, (byte)'a', (byte)'b', (byte)'c']));
+        Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+        Assert.Contains("PrepareSnapshotRequest", e.Status.Detail);
+
+        // The daemon goes on serving well-formed calls.
+        var c = new Snapshots.SnapshotsClient(ch);
+        await c.PrepareAsync(new PrepareSnapshotRequest { Key = "after" }, cancellationToken: Ct);
+        Assert.Equal(["after"], (await Client.ListAll(c, Ct)).Select(i => i.Name));
+        // Stopped first, so that all it wrote has been read: the refusal is in its log, naming the message type.
+        Assert.Equal(0, await d.StopAsync());
+        Assert.Contains("refused a request that is not a valid PrepareSnapshotRequest message", d.Log);
+    }
+
+    [Fact]
     public async Task SigtermKeepsEverySnapshotForTheNextStart()
     {
         await using var d = await LocalDaemon.StartAsync();

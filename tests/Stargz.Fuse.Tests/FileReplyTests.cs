@@ -128,6 +128,41 @@ public sealed class FileReplyTests
     }
 
     [Fact]
+    public async Task A_file_range_that_fails_with_EIO_is_answered_through_ReadAsync_with_the_right_bytes()
+    {
+        Requires.Fuse();
+        using var dir = new TempDir("fuse-splice-eio");
+        const int size = (2 << 20) + 333;
+        // A real file whose every read fails with EIO, as on a failing disk: a file of a second FUSE mount.
+        using var broken = new MemoryFileSystem();
+        broken.AddFile("eio.bin", new byte[size]).FailReads = Errno.EIO;
+        var brokenMnt = dir.Sub("broken");
+        using var brokenServer = FuseServer.Mount(brokenMnt, broken, Options());
+
+        static void Content(long offset, Span<byte> dst)
+        {
+            for (int k = 0; k < dst.Length; k++) dst[k] = (byte)((offset + k) * 31 >> 3);
+        }
+        using var fs = new MemoryFileSystem();
+        var n = fs.AddGeneratedFile("data.bin", size, Content);
+        n.SplicePath = Path.Combine(brokenMnt, "eio.bin");
+        n.DirectIo = true; // every read reaches the server
+        var mnt = dir.Sub("mnt");
+        using var server = FuseServer.Mount(mnt, fs, Options());
+
+        var got = await File.ReadAllBytesAsync(Path.Combine(mnt, "data.bin"), TestContext.Current.CancellationToken);
+        var expected = new byte[size];
+        Content(0, expected);
+        Assert.Equal(size, got.Length);
+        Assert.True(expected.AsSpan().SequenceEqual(got), "a READ whose file failed returned wrong bytes");
+        // Every READ with bytes met the failing file, was reported to the filesystem, and went through ReadAsync.
+        Assert.True(server.FileReadErrors > 0, "no file read failed");
+        Assert.Equal(server.FileReadErrors, fs.FileReadFailures);
+        Assert.Equal(Errno.EIO, fs.LastFileReadErrno);
+        Assert.Equal(0, server.SplicedReads);
+    }
+
+    [Fact]
     public void A_closed_handle_cannot_be_lent()
     {
         using var dir = new TempDir("fuse-lend-closed");

@@ -154,6 +154,29 @@ public class LongKeyTests
     }
 
     [Fact]
+    public async Task AMalformedRequestGetsInvalidArgumentNamingTheMessage_AndTheServerGoesOn()
+    {
+        await using var s = await InProcessSnapshotter.StartAsync();
+        await using var raw = await RawGrpcClient.ConnectAsync(s.Socket, Ct);
+        const string svc = "/containerd.services.snapshots.v1.Snapshots/";
+        // Field 2 (key), length-delimited, claims 100 bytes and has 3; then a tag with wire type 7, which does not exist.
+        byte[][] malformed = [[0x12, 100, (byte)'a', (byte)'b', (byte)'c'], [0x0f, 0x01]];
+        foreach (var body in malformed)
+        {
+            var r = await raw.CallAsync(svc + "Prepare", "localhost", body, Ct);
+            Assert.Equal(((int)StatusCode.InvalidArgument).ToString(), r.Status);
+            Assert.Contains("PrepareSnapshotRequest", r.ErrorMessage);
+        }
+        var stat = await raw.CallAsync(svc + "Stat", "localhost", [0x0a, 0x05, 0x01], Ct);
+        Assert.Equal(((int)StatusCode.InvalidArgument).ToString(), stat.Status);
+        Assert.Contains("StatSnapshotRequest", stat.ErrorMessage);
+
+        // Well-formed calls on the same connection still work.
+        var ok = await raw.CallAsync(svc + "Prepare", "localhost", new PrepareSnapshotRequest { Snapshotter = "stargz", Key = "default/1/fine" }, Ct);
+        Assert.Equal("0", ok.Status);
+    }
+
+    [Fact]
     public async Task LabelsPiledUpByUpdatesBeyondWhatTheStoreHoldsGetResourceExhausted()
     {
         await using var s = await InProcessSnapshotter.StartAsync();

@@ -113,7 +113,11 @@ public sealed class RawGrpcClient : IAsyncDisposable
     }
 
     /// <summary>One unary call. Throws <see cref="IOException"/> naming the error code when the server resets the stream.</summary>
-    public async Task<Result> CallAsync(string method, string authority, IMessage request, CancellationToken ct,
+    public Task<Result> CallAsync(string method, string authority, IMessage request, CancellationToken ct,
+        params (string Name, string Value)[] headers) => CallAsync(method, authority, request.ToByteArray(), ct, headers);
+
+    /// <summary>One unary call whose message is <paramref name="body"/> as it is (well-formed or not).</summary>
+    public async Task<Result> CallAsync(string method, string authority, byte[] body, CancellationToken ct,
         params (string Name, string Value)[] headers)
     {
         uint id = _nextStream;
@@ -127,7 +131,6 @@ public sealed class RawGrpcClient : IAsyncDisposable
         }
         b.Literal(31, "application/grpc").Literal("te", "trailers");
         foreach (var (n, v) in headers) b.Literal(n, v);
-        var body = request.ToByteArray();
         var data = new byte[5 + body.Length];
         BinaryPrimitives.WriteUInt32BigEndian(data.AsSpan(1), (uint)body.Length);
         body.CopyTo(data, 5);

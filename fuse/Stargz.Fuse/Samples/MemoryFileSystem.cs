@@ -40,6 +40,13 @@ public sealed class MemoryFileSystem : IFuseFileSystem, IDisposable
         /// </summary>
         public bool SpliceFromBacking { get; set; } = true;
         internal SafeFileHandle? BackingHandle;
+        /// <summary>
+        /// A local file <see cref="TryReadFromFile"/> names for this file's bytes instead of <see cref="BackingPath"/>
+        /// (its reads may fail: the bridge then calls <see cref="FileReadFailed"/> and reads through
+        /// <see cref="ReadAsync"/>, which serves the node's own content).
+        /// </summary>
+        public string? SplicePath { get; set; }
+        internal SafeFileHandle? SpliceHandle;
         /// <summary>Reads fail with this errno (0 = serve normally).</summary>
         public int FailReads { get; set; }
         /// <summary>Reads never finish on their own (until interrupted): to test hung readers and INTERRUPT.</summary>
@@ -62,7 +69,11 @@ public sealed class MemoryFileSystem : IFuseFileSystem, IDisposable
 
     public void Dispose()
     {
-        foreach (var n in _inodes) Interlocked.Exchange(ref n.BackingHandle, null)?.Dispose();
+        foreach (var n in _inodes)
+        {
+            Interlocked.Exchange(ref n.BackingHandle, null)?.Dispose();
+            Interlocked.Exchange(ref n.SpliceHandle, null)?.Dispose();
+        }
     }
     /// <summary>Bumped each time a read reaches this filesystem (any of the three read paths).</summary>
     public long ReadCalls => Interlocked.Read(ref _readCalls);
@@ -273,20 +284,38 @@ public sealed class MemoryFileSystem : IFuseFileSystem, IDisposable
     {
         range = default;
         var n = Get(ino);
-        if (n?.BackingPath == null || !n.SpliceFromBacking || n.FailReads != 0 || n.BlockReads) return false;
+        if (n == null || n.FailReads != 0 || n.BlockReads) return false;
+        SafeFileHandle file;
+        if (n.SplicePath != null) file = HandleOf(ref n.SpliceHandle, n.SplicePath);
+        else if (n.BackingPath != null && n.SpliceFromBacking) file = BackingHandleOf(n);
+        else return false;
         Interlocked.Increment(ref _readCalls);
         long fileSize = (long)n.Attr.Size;
         int len = offset >= fileSize ? 0 : (int)Math.Min(size, fileSize - offset);
-        return FuseFileRange.TryLend(BackingHandleOf(n), offset, len, out range);
+        return FuseFileRange.TryLend(file, offset, len, out range);
     }
 
-    // Opened once per node and kept: a read must not pay an open(2).
-    private static SafeFileHandle BackingHandleOf(Node n)
+    /// <summary>Calls of <see cref="FileReadFailed"/> (a file named by <see cref="TryReadFromFile"/> could not be read).</summary>
+    public long FileReadFailures => Interlocked.Read(ref _fileReadFailures);
+    private long _fileReadFailures;
+    /// <summary>The errno of the last <see cref="FileReadFailed"/>.</summary>
+    public int LastFileReadErrno { get; private set; }
+
+    public void FileReadFailed(ulong ino, ulong handle, long offset, int size, int errno)
     {
-        var h = Volatile.Read(ref n.BackingHandle);
+        LastFileReadErrno = errno;
+        Interlocked.Increment(ref _fileReadFailures);
+    }
+
+    private static SafeFileHandle BackingHandleOf(Node n) => HandleOf(ref n.BackingHandle, n.BackingPath!);
+
+    // Opened once per node and kept: a read must not pay an open(2).
+    private static SafeFileHandle HandleOf(ref SafeFileHandle? slot, string path)
+    {
+        var h = Volatile.Read(ref slot);
         if (h != null) return h;
-        var fresh = File.OpenHandle(n.BackingPath!, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
-        h = Interlocked.CompareExchange(ref n.BackingHandle, fresh, null);
+        var fresh = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+        h = Interlocked.CompareExchange(ref slot, fresh, null);
         if (h == null) return fresh;
         fresh.Dispose();
         return h;

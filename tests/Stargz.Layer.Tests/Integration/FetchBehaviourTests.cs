@@ -395,6 +395,43 @@ public class FetchBehaviourTests
         Assert.True(layer.Stats.Snapshot().FetchedBytes > fetchedBefore);
     }
 
+    [Fact]
+    public async Task ChunkFilesThatFailWithEioAreCountedDroppedAndTheReadsStillGetTheRightBytes()
+    {
+        var big = TestTars.Random((3 << 20) + 999, 79);
+        var tar = TestTars.Write(w => TestTars.File(w, "big.bin", big));
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions
+        {
+            ChunkSize = 1 << 20, CompressionLevel = 1, Prioritized = ["big.bin"],
+        }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions { NoBackgroundFetch = true },
+            new Stargz.Fuse.FuseMountOptions { AllowOther = true, Passthrough = false, MaxRead = 256 << 10, ReadAheadKb = 256 });
+        var (mp, server, _, _) = await MountPrefetchedAsync(rig, "splice/eio", blob, built.TocDigest);
+
+        // A failing disk: every chunk file on the cache disk now leads to a file whose reads fail with EIO (a file of
+        // a second FUSE mount that answers EIO), still where the layer trusts a verified chunk to be.
+        using var broken = new Stargz.Fuse.Samples.MemoryFileSystem();
+        broken.AddFile("eio.bin", new byte[2 << 20]).FailReads = Stargz.Fuse.Errno.EIO;
+        var brokenMnt = rig.Dir.Sub("broken");
+        using var brokenServer = Stargz.Fuse.FuseServer.Mount(brokenMnt, broken, new Stargz.Fuse.FuseMountOptions());
+        var chunkFiles = Directory.GetFiles(Path.Combine(rig.Options.CacheDirectory!, "chunks"), "*", SearchOption.AllDirectories);
+        Assert.True(chunkFiles.Length >= 4, $"{chunkFiles.Length} chunk files after prefetch");
+        foreach (var f in chunkFiles)
+        {
+            File.Delete(f);
+            File.CreateSymbolicLink(f, Path.Combine(brokenMnt, "eio.bin"));
+        }
+
+        Assert.Equal(big, await File.ReadAllBytesAsync(Path.Combine(mp, "big.bin"), Ct));
+        // Every READ that met a failing file was counted once as a disk read error by the layer (not again when the
+        // chunk cache then found the file gone), the file was dropped, and the READ was served through the chunk cache
+        // (memory or the registry) instead of failing. (READs in flight together may each meet the same file.)
+        Assert.True(server.FileReadErrors > 0, "no READ met a failing chunk file");
+        Assert.Equal(server.FileReadErrors, rig.Manager.Cache.Disk.ReadErrors);
+        Assert.Equal(0, server.SplicedReads);
+        Assert.DoesNotContain(chunkFiles, f => new FileInfo(f).LinkTarget != null);
+    }
+
     /// <summary>Pushes and mounts the blob and waits until its prefetch is done; returns what the caller checks.</summary>
     private static async Task<(string Mp, Stargz.Fuse.FuseServer Server, RemoteLayer Layer, long FetchedBefore)> MountPrefetchedAsync(
         LayerRig rig, string repo, byte[] blob, string tocDigest)
