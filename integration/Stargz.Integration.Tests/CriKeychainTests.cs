@@ -265,13 +265,7 @@ public class CriKeychainTests
                 var l2 = work.Sub("l2");
                 Directory.CreateDirectory(Path.Combine(l2, "etc"));
                 await File.WriteAllTextAsync(Path.Combine(l2, "etc", "motd"), Motd + "\n");
-                var layout = Path.Combine(work.Path, "oci");
-                await TestImages.BuildAsync(layout, "v1", [l1, l2]);
-                await TestImages.PushAsync(layout, "v1", registry.Host, $"{rig.Repository}:v1");
-                var src = $"{registry.Host}/{rig.Repository}:v1";
-                await ctd.ConvertWithReferenceAsync(src, rig.Image);
-                foreach (var i in new[] { src, rig.Image }) await ctd.CtrAsync("images", "rm", "--sync", i);
-                await ctd.CtrAsync("content", "prune", "references");
+                Assert.Equal(rig.Image, await E2eHelpers.PushEstargzAsync(registry, ctd, work.Path, rig.Repository, [l1, l2]));
                 rig.Layers = await DaemonMetrics.ManifestLayersAsync(registry.Host, rig.Repository, "esgz");
 
                 // From now on the registry wants Basic credentials.

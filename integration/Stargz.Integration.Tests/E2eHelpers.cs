@@ -18,6 +18,27 @@ internal static class E2eHelpers
         return $"{rig.Registry.Host}/{name}:v1";
     }
 
+    /// <summary>Builds the image from <paramref name="layers"/>, pushes it as NAME:v1, converts it to NAME:esgz with
+    /// ctr-remote, and leaves containerd with neither image nor content. Returns the eStargz reference.</summary>
+    public static async Task<string> PushEstargzAsync(LocalRegistry registry, LocalContainerd ctd, string workDir, string name, IReadOnlyList<string> layers)
+    {
+        var layout = Path.Combine(workDir, "oci-" + name.Replace('/', '-'));
+        await TestImages.BuildAsync(layout, "v1", layers);
+        await TestImages.PushAsync(layout, "v1", registry.Host, $"{name}:v1");
+        var src = $"{registry.Host}/{name}:v1";
+        var dst = $"{registry.Host}/{name}:esgz";
+        await ctd.ConvertWithReferenceAsync(src, dst);
+        await ForgetImagesAsync(ctd, src, dst);
+        return dst;
+    }
+
+    /// <summary>Removes images from containerd and lets its GC drop their content and snapshots.</summary>
+    public static async Task ForgetImagesAsync(LocalContainerd ctd, params string[] images)
+    {
+        foreach (var i in images) await ctd.CtrAsync("images", "rm", "--sync", i);
+        await ctd.CtrAsync("content", "prune", "references");
+    }
+
     /// <summary>Converts SRC to eStargz with OUR converter (src/Stargz.Converter), registry to registry, over plain HTTP.</summary>
     public static async Task ConvertWithOursAsync(string src, string dst, string workDir, CancellationToken ct)
     {

@@ -27,24 +27,11 @@ public sealed class E2eRig : IAsyncDisposable
 
     /// <summary>Builds the image from <paramref name="layers"/>, pushes it as NAME:v1, converts it to NAME:esgz with
     /// ctr-remote, and leaves containerd with neither image nor content. Returns the eStargz reference.</summary>
-    public async Task<string> PushEstargzAsync(string name, IReadOnlyList<string> layers)
-    {
-        var layout = Path.Combine(Work.Path, "oci-" + name.Replace('/', '-'));
-        await TestImages.BuildAsync(layout, "v1", layers);
-        await TestImages.PushAsync(layout, "v1", Registry.Host, $"{name}:v1");
-        var src = $"{Registry.Host}/{name}:v1";
-        var dst = $"{Registry.Host}/{name}:esgz";
-        await Containerd.ConvertWithReferenceAsync(src, dst);
-        await ForgetImagesAsync(src, dst);
-        return dst;
-    }
+    public Task<string> PushEstargzAsync(string name, IReadOnlyList<string> layers) =>
+        E2eHelpers.PushEstargzAsync(Registry, Containerd, Work.Path, name, layers);
 
     /// <summary>Removes images from containerd and lets its GC drop their content and snapshots.</summary>
-    public async Task ForgetImagesAsync(params string[] images)
-    {
-        foreach (var i in images) await Containerd.CtrAsync("images", "rm", "--sync", i);
-        await Containerd.CtrAsync("content", "prune", "references");
-    }
+    public Task ForgetImagesAsync(params string[] images) => E2eHelpers.ForgetImagesAsync(Containerd, images);
 
     /// <summary>Reads one gauge from the daemon's Prometheus endpoint.</summary>
     public Task<double> MetricAsync(string name) => DaemonMetrics.ReadAsync(MetricsPort, name);

@@ -121,8 +121,7 @@ public sealed class OutageRig : IAsyncDisposable
         var plain = $"{RegistryHost}/{name}:v1";
         var esgz = $"{RegistryHost}/{name}:esgz";
         await Containerd.ConvertWithReferenceAsync(plain, esgz, false, convertArgs);
-        foreach (var i in new[] { plain, esgz }) await Containerd.CtrAsync("images", "rm", "--sync", i);
-        await Containerd.CtrAsync("content", "prune", "references");
+        await E2eHelpers.ForgetImagesAsync(Containerd, plain, esgz);
         return new TestImage(plain, esgz, hashes);
     }
 

@@ -132,18 +132,8 @@ public sealed class PodRig : IAsyncDisposable
 
     /// <summary>Builds NAME:v1, converts it to NAME:esgz with ctr-remote (eStargz), and leaves containerd without
     /// either (so the pull starts from nothing). Call while the registry is open. Returns the eStargz reference.</summary>
-    public async Task<string> PushEstargzAsync(string name, IReadOnlyList<string> layers)
-    {
-        var layout = Path.Combine(Work.Path, "oci-" + name.Replace('/', '-'));
-        await TestImages.BuildAsync(layout, "v1", layers);
-        await TestImages.PushAsync(layout, "v1", Registry.Host, $"{name}:v1");
-        var src = $"{Registry.Host}/{name}:v1";
-        var dst = $"{Registry.Host}/{name}:esgz";
-        await Containerd.ConvertWithReferenceAsync(src, dst);
-        foreach (var i in new[] { src, dst }) await Containerd.CtrAsync("images", "rm", "--sync", i);
-        await Containerd.CtrAsync("content", "prune", "references");
-        return dst;
-    }
+    public Task<string> PushEstargzAsync(string name, IReadOnlyList<string> layers) =>
+        E2eHelpers.PushEstargzAsync(Registry, Containerd, Work.Path, name, layers);
 
     /// <summary>
     /// From now on the registry wants Basic credentials, and the daemon serves CRI's ImageService ([cri_keychain],
