@@ -220,17 +220,7 @@ public sealed class LocalDaemon : IAsyncDisposable
     {
         if (_process != null)
         {
-            try
-            {
-                if (!_process.HasExited)
-                {
-                    kill(_process.Id, 15);
-                    using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
-                    try { await _process.WaitForExitAsync(cts.Token); }
-                    catch (OperationCanceledException) { _process.Kill(); await _process.WaitForExitAsync(); }
-                }
-            }
-            catch (InvalidOperationException) { }
+            await ProcessRunner.TerminateAsync(_process, TimeSpan.FromSeconds(20));
             _process.Dispose();
         }
         Mounts.UnmountAllUnder(_dir.Path);

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using System.Text;
 
 namespace Stargz.TestSupport;
@@ -59,4 +60,24 @@ public static class ProcessRunner
 
     public static async Task<string> CheckAsync(string file, params string[] args)
         => (await RunAsync(file, args, null)).EnsureSuccess($"{file} {string.Join(' ', args)}").StdOut;
+
+    /// <summary>
+    /// Ends a long-running child as a service manager would: SIGTERM, then SIGKILL if it has not exited within
+    /// <paramref name="grace"/>. A process that has already exited (or was never started) is left alone.
+    /// </summary>
+    public static async Task TerminateAsync(Process p, TimeSpan grace)
+    {
+        try
+        {
+            if (p.HasExited) return;
+            kill(p.Id, 15);
+            using var cts = new CancellationTokenSource(grace);
+            try { await p.WaitForExitAsync(cts.Token); }
+            catch (OperationCanceledException) { p.Kill(); await p.WaitForExitAsync(); }
+        }
+        catch (InvalidOperationException) { }
+    }
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int kill(int pid, int sig);
 }

@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Net.Sockets;
-using System.Runtime.InteropServices;
 using System.Text;
 using Stargz.TestSupport;
 
@@ -95,23 +94,10 @@ public sealed class BenchDaemon : IAsyncDisposable
     {
         if (_process != null)
         {
-            try
-            {
-                if (!_process.HasExited)
-                {
-                    kill(_process.Id, 15);
-                    using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
-                    try { await _process.WaitForExitAsync(cts.Token); }
-                    catch (OperationCanceledException) { _process.Kill(); await _process.WaitForExitAsync(); }
-                }
-            }
-            catch (InvalidOperationException) { }
+            await ProcessRunner.TerminateAsync(_process, TimeSpan.FromSeconds(20));
             _process.Dispose();
         }
         Mounts.UnmountAllUnder(_dir.Path);
         _dir.Dispose();
     }
-
-    [DllImport("libc", SetLastError = true)]
-    private static extern int kill(int pid, int sig);
 }
