@@ -60,13 +60,7 @@ public class CacheDiskTests
         var blob = b.Build();
         var (content, chunks) = b.Files["f"];
         var options = new LayerOptions { CacheDirectory = dir.Path };
-        string path;
-        using (var first = new FetcherRig(blob, options))
-        {
-            Assert.Equal(content, await first.ReadAllAsync(chunks, content.Length, content.Length, Ct));
-            await first.Fetcher.DrainAsync();
-            path = first.Cache.PathOf(chunks[1].Digest!);
-        }
+        var path = (await FetcherRig.FillCacheAsync(blob, options, chunks, content, content.Length, Ct))[1];
         // A chunk "file" that cannot be read (a directory in its place: the read fails as on a broken disk).
         File.Delete(path);
         Directory.CreateDirectory(path);

@@ -15,11 +15,7 @@ public class ChunkCacheTests
         var blob = b.Build();
         var (content, chunks) = b.Files["f"];
         var options = new LayerOptions { CacheDirectory = dir.Path };
-        using (var first = new FetcherRig(blob, options))
-        {
-            Assert.Equal(content, await first.ReadAllAsync(chunks, content.Length, 100_000, Ct));
-            await first.Fetcher.DrainAsync();
-        }
+        await FetcherRig.FillCacheAsync(blob, options, chunks, content, 100_000, Ct);
         using var second = new FetcherRig(blob, options); // a new cache over the same directory = a restarted daemon
         Assert.Equal(content, await second.ReadAllAsync(chunks, content.Length, 30_000, Ct));
         Assert.Equal(0, second.Blob.Calls);
@@ -35,13 +31,7 @@ public class ChunkCacheTests
         var blob = b.Build();
         var (content, chunks) = b.Files["f"];
         var options = new LayerOptions { CacheDirectory = dir.Path };
-        string path;
-        using (var first = new FetcherRig(blob, options))
-        {
-            Assert.Equal(content, await first.ReadAllAsync(chunks, content.Length, content.Length, Ct));
-            await first.Fetcher.DrainAsync();
-            path = first.Cache.PathOf(chunks[1].Digest!);
-        }
+        var path = (await FetcherRig.FillCacheAsync(blob, options, chunks, content, content.Length, Ct))[1];
         var onDisk = await File.ReadAllBytesAsync(path, Ct);
         onDisk[17] ^= 1;
         await File.WriteAllBytesAsync(path, onDisk, Ct);
@@ -185,11 +175,7 @@ public class ChunkCacheTests
         var blob = b.Build();
         var (content, chunks) = b.Files["f"];
         var options = new LayerOptions { CacheDirectory = dir.Path, DirectDiskReads = true };
-        using (var first = new FetcherRig(blob, options))
-        {
-            Assert.Equal(content, await first.ReadAllAsync(chunks, content.Length, 100_000, Ct));
-            await first.Fetcher.DrainAsync();
-        }
+        await FetcherRig.FillCacheAsync(blob, options, chunks, content, 100_000, Ct);
         using var second = new FetcherRig(blob, options);
         Assert.Equal(content, await second.ReadAllAsync(chunks, content.Length, 30_000, Ct));
         Assert.Equal(content, await second.ReadAllAsync(chunks, content.Length, 30_000, Ct));

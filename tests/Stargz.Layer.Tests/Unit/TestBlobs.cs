@@ -179,6 +179,22 @@ internal sealed class FetcherRig : IDisposable
         Fetcher = new ChunkFetcher(Blob, new GzipTestDecoder(), Cache, Gate, Stats, layer, options, byBlobOffset);
     }
 
+    /// <summary>
+    /// A daemon's first life: reads the whole file through a fresh rig over <paramref name="options"/>' cache directory
+    /// (asserting the bytes) and waits until every chunk is on disk, so a second rig over the same directory is a restart.
+    /// Returns where each chunk's file is.
+    /// </summary>
+    public static async Task<string[]> FillCacheAsync(byte[] blob, LayerOptions options, LayerChunk[] chunks, byte[] content, int bufferSize,
+        CancellationToken ct)
+    {
+        using var first = new FetcherRig(blob, options);
+        Assert.Equal(content, await first.ReadAllAsync(chunks, content.Length, bufferSize, ct));
+        await first.Fetcher.DrainAsync();
+        var paths = new string[chunks.Length];
+        for (var i = 0; i < chunks.Length; i++) paths[i] = first.Cache.PathOf(chunks[i].Digest!);
+        return paths;
+    }
+
     public async Task<byte[]> ReadAllAsync(LayerChunk[] chunks, long size, int bufferSize, CancellationToken ct)
     {
         var result = new byte[size];
