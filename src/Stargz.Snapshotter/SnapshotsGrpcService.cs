@@ -69,12 +69,13 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
         catch (SnapshotterException e)
         {
             var message = KeyText.Bound(e.Message, key, other);
-            if (e.Code == StatusCode.AlreadyExists || e.Code == StatusCode.NotFound)
-                log.LogDebug("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), e.Code, message);
+            var code = CodeOf(e.Kind);
+            if (code == StatusCode.AlreadyExists || code == StatusCode.NotFound)
+                log.LogDebug("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), code, message);
             else
-                log.LogWarning("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), e.Code, message);
+                log.LogWarning("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), code, message);
             // The caller's keys, not the store's (`NS//KEY` for a header-carrying client), each by its first characters.
-            throw new RpcException(new Status(e.Code, KeyText.Bound(e.MessageFor(k => KeyText.Short(Header(ctx).ToClient(k))))));
+            throw new RpcException(new Status(code, KeyText.Bound(e.MessageFor(k => KeyText.Short(Header(ctx).ToClient(k))))));
         }
         catch (OperationCanceledException) when (ctx.CancellationToken.IsCancellationRequested)
         {
@@ -89,6 +90,18 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
             throw new RpcException(new Status(StatusCode.Unknown, $"{op} {KeyText.Short(key)}: {message}"));
         }
     }
+
+    /// <summary>The gRPC code containerd's errdefs maps back to each error kind (the only place kinds meet gRPC).</summary>
+    public static StatusCode CodeOf(SnapshotterErrorKind kind) => kind switch
+    {
+        SnapshotterErrorKind.NotFound => StatusCode.NotFound,
+        SnapshotterErrorKind.AlreadyExists => StatusCode.AlreadyExists,
+        SnapshotterErrorKind.FailedPrecondition => StatusCode.FailedPrecondition,
+        SnapshotterErrorKind.InvalidArgument => StatusCode.InvalidArgument,
+        SnapshotterErrorKind.Unavailable => StatusCode.Unavailable,
+        SnapshotterErrorKind.ResourceExhausted => StatusCode.ResourceExhausted,
+        _ => StatusCode.Unknown,
+    };
 
     public override Task<PrepareSnapshotResponse> Prepare(PrepareSnapshotRequest request, ServerCallContext context)
         => Run("Prepare", request.Key, context, async () =>
