@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
 using Microsoft.Extensions.Logging;
+using Stargz.Estargz;
 
 namespace Stargz.Snapshotter;
 
@@ -196,15 +197,14 @@ public sealed class RemoteSnapshots
             var reason = (e as RemoteLayerUnavailableException)?.Reason ?? "other";
             _log.LogInformation("layer {Digest} for {Target} (key {Key}) is not served remotely, falling back to an ordinary snapshot ({FallbackReason}): {Reason}",
                 LayerDigest(labels), KeyText.Short(target), KeyText.Short(rec.Key), reason, KeyText.Bound(e.Message, target, rec.Key));
-            RecordFallback(new FallbackRecord(DateTime.UtcNow, rec.Namespace, target, rec.Key, LabelOr(labels, "containerd.io/snapshot/remote/stargz.reference",
-                "containerd.io/snapshot/cri.image-ref"), LabelOr(labels, "containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest"),
-                reason, e.Message));
+            var source = LayerSource.FromLabels(labels);
+            RecordFallback(new FallbackRecord(DateTime.UtcNow, rec.Namespace, target, rec.Key, source.Reference ?? "", source.Digest ?? "", reason, e.Message));
             return false;
         }
         finally { _remoteMounting.TryRemove(rec.Id, out _); }
         try
         {
-            var commitLabels = new Dictionary<string, string>(labels, StringComparer.Ordinal) { [StargzSnapshotter.RemoteLabel] = StargzSnapshotter.RemoteLabelValue };
+            var commitLabels = new Dictionary<string, string>(labels, StringComparer.Ordinal) { [SnapshotLabels.RemoteSnapshot] = SnapshotLabels.RemoteSnapshotValue };
             await _sn.WithStoreAsync(() =>
             {
                 var cur = _store.Get(rec.Namespace, rec.Key) ?? throw SnapshotterException.NotFound($"active snapshot {rec.Key} vanished");
@@ -283,9 +283,6 @@ public sealed class RemoteSnapshots
     private void MarkUnavailable(long id, string error) =>
         _unavailable.AddOrUpdate(id, static (_, e) => (DateTime.UtcNow, e), static (_, old, e) => (old.Since, e), error);
 
-    private static string LabelOr(IReadOnlyDictionary<string, string> labels, string key, string fallback) =>
-        labels.TryGetValue(key, out var v) && v.Length > 0 ? v : labels.TryGetValue(fallback, out v) ? v : "";
-
     private void RecordFallback(FallbackRecord f)
     {
         lock (_fallbacks)
@@ -314,13 +311,15 @@ public sealed class RemoteSnapshots
         }, ct);
         var result = new List<RemoteSnapshotStatus>(remotes.Count + _remoteMounting.Count);
         foreach (var (id, m) in _remoteMounting)
-            result.Add(new RemoteSnapshotStatus(m.Namespace, m.Key, id, FsDir(id), LabelOr(m.Labels, "containerd.io/snapshot/remote/stargz.reference",
-                "containerd.io/snapshot/cri.image-ref"), LabelOr(m.Labels, "containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest"),
+        {
+            var source = LayerSource.FromLabels(m.Labels);
+            result.Add(new RemoteSnapshotStatus(m.Namespace, m.Key, id, FsDir(id), source.Reference ?? "", source.Digest ?? "",
                 RemoteSnapshotState.Mounting, null, null));
+        }
         foreach (var r in remotes)
         {
-            var reference = LabelOr(r.Labels, "containerd.io/snapshot/remote/stargz.reference", "containerd.io/snapshot/cri.image-ref");
-            var digest = LabelOr(r.Labels, "containerd.io/snapshot/remote/stargz.digest", "containerd.io/snapshot/cri.layer-digest");
+            var source = LayerSource.FromLabels(r.Labels);
+            var (reference, digest) = (source.Reference ?? "", source.Digest ?? "");
             RemoteSnapshotState state;
             DateTime? since = null;
             string? error = null;
@@ -387,9 +386,8 @@ public sealed class RemoteSnapshots
 
     /// <summary>The layer's digest as messages quote it (label values are a client's: shortened).</summary>
     public static string LayerDigest(IReadOnlyDictionary<string, string> labels)
-        => labels.TryGetValue("containerd.io/snapshot/remote/stargz.digest", out var d) ? KeyText.Short(d)
-         : labels.TryGetValue("containerd.io/snapshot/cri.layer-digest", out d) ? KeyText.Short(d)
-         : labels.TryGetValue(StargzSnapshotter.TargetRefLabel, out d) ? KeyText.Short(d) : "(unknown digest)";
+        => LayerSource.FromLabels(labels).Digest is { } d ? KeyText.Short(d)
+         : labels.TryGetValue(SnapshotLabels.SnapshotRef, out d) ? KeyText.Short(d) : "(unknown digest)";
 
     // ---------------------------------------------------------------- shutdown
 

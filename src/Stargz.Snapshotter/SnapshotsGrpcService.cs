@@ -3,6 +3,7 @@ using Containerd.Services.Snapshots.V1;
 using Google.Protobuf.WellKnownTypes;
 using Grpc.Core;
 using Microsoft.Extensions.Logging;
+using Stargz.Estargz;
 
 namespace Stargz.Snapshotter;
 
@@ -49,8 +50,8 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
     /// <summary>A direct client's snapshot.ref target is a name it creates, so it lives in the client's namespace too.</summary>
     private static IReadOnlyDictionary<string, string> StoreLabels(HeaderNamespace h, string key, IReadOnlyDictionary<string, string> labels)
     {
-        if (h.IsContainerdKey(key) || !labels.TryGetValue(StargzSnapshotter.TargetRefLabel, out var target)) return labels;
-        return new Dictionary<string, string>(labels, StringComparer.Ordinal) { [StargzSnapshotter.TargetRefLabel] = h.ToStore(target) };
+        if (h.IsContainerdKey(key) || !labels.TryGetValue(SnapshotLabels.SnapshotRef, out var target)) return labels;
+        return new Dictionary<string, string>(labels, StringComparer.Ordinal) { [SnapshotLabels.SnapshotRef] = h.ToStore(target) };
     }
 
     /// <summary>
@@ -225,7 +226,7 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
         var c = r.Clone();
         c.Key = h.ToClient(r.Key);
         c.Parent = h.ToClient(r.Parent);
-        if (c.Labels.TryGetValue(StargzSnapshotter.TargetRefLabel, out var target)) c.Labels[StargzSnapshotter.TargetRefLabel] = h.ToClient(target);
+        if (c.Labels.TryGetValue(SnapshotLabels.SnapshotRef, out var target)) c.Labels[SnapshotLabels.SnapshotRef] = h.ToClient(target);
         return c;
     }
 

@@ -1,6 +1,7 @@
 using Containerd.Types;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using Stargz.Estargz;
 
 namespace Stargz.Snapshotter;
 
@@ -13,10 +14,6 @@ namespace Stargz.Snapshotter;
 /// </summary>
 public sealed class StargzSnapshotter : IAsyncDisposable
 {
-    public const string TargetRefLabel = "containerd.io/snapshot.ref";
-    public const string RemoteLabel = "containerd.io/snapshot/remote";
-    public const string RemoteLabelValue = "remote snapshot";
-
     private readonly SnapshotterOptions _opt;
     private readonly ILogger _log;
     private readonly MetaStore _store;
@@ -125,7 +122,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
         if (parent.Length > 0)
             await CheckChainAsync(ns, parent, ct);
 
-        if (kind == SnapshotKind.Active && Remote.Enabled && labels.TryGetValue(TargetRefLabel, out var target) && target.Length > 0)
+        if (kind == SnapshotKind.Active && Remote.Enabled && labels.TryGetValue(SnapshotLabels.SnapshotRef, out var target) && target.Length > 0)
         {
             // Single flight per chainID: the first caller mounts and commits; the rest wait and see AlreadyExists.
             using var _ = await Remote.LockTargetAsync(ns, target, ct);
@@ -458,7 +455,7 @@ public sealed class StargzSnapshotter : IAsyncDisposable
     }
 
     /// <summary>containerd's own rule (labels.Validate): a label's key and value together are at most this many bytes.</summary>
-    public const int MaxLabelBytes = 4096;
+    public const int MaxLabelBytes = SnapshotLabels.MaxBytes;
 
     /// <summary>Refuses labels containerd itself would refuse (so only direct clients ever meet it).</summary>
     private static void ValidateLabels(IReadOnlyDictionary<string, string> labels)
