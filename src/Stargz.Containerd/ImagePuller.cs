@@ -1,3 +1,4 @@
+using Stargz.Estargz;
 using System.Security.Cryptography;
 using System.Text.Json;
 using Grpc.Core;
@@ -19,7 +20,7 @@ public sealed record RpullOptions
     /// <summary>Labels for the image record (the reference's <c>--label</c>).</summary>
     public IReadOnlyDictionary<string, string> ImageLabels { get; init; } = new Dictionary<string, string>();
     /// <summary>
-    /// Labels every layer's snapshot with <see cref="RpullLabels.SkipVerify"/> (the reference's
+    /// Labels every layer's snapshot with <see cref="SnapshotLabels.SkipVerify"/> (the reference's
     /// <c>--skip-content-verify</c>): a layer without a TOC digest may then be mounted unverified where the daemon allows it.
     /// </summary>
     public bool SkipContentVerify { get; init; }
@@ -185,7 +186,7 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
         }
 
         var labels = RpullLabels.ForLayer(imageName, layers, i, chainId, options.PrefetchSize);
-        if (options.SkipContentVerify) labels[RpullLabels.SkipVerify] = "true";
+        if (options.SkipContentVerify) labels[SnapshotLabels.SkipVerify] = "true";
         string key = "";
         IReadOnlyList<global::Containerd.Types.Mount>? mounts = null;
         for (var attempt = 1; ; attempt++)
@@ -197,7 +198,7 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
             // concurrent pull did. Either way the snapshot must now be there; its label tells which.
             if (await containerd.StatSnapshotAsync(sn, chainId, ct).ConfigureAwait(false) is { } info)
             {
-                var remote = info.Labels.ContainsKey(RpullLabels.RemoteSnapshotMarker);
+                var remote = info.Labels.ContainsKey(SnapshotLabels.RemoteSnapshot);
                 _log.LogInformation("layer {Index} {Digest}: {Kind} snapshot {ChainId} on {Snapshotter}", i, layer.Digest,
                     remote ? "remote" : "concurrently committed", chainId, sn);
                 Report($"layer {Short(layer.Digest)}... {(remote ? "remote snapshot" : "already unpacked")}");

@@ -1,28 +1,14 @@
 using System.Security.Cryptography;
 using System.Text;
+using Stargz.Estargz;
 using Stargz.Registry;
 
 namespace Stargz.Containerd;
 
-/// <summary>Names and small computations shared with containerd and the reference's <c>ctr-remote image rpull</c>.</summary>
+/// <summary>Names and small computations shared with containerd and the reference's <c>ctr-remote image rpull</c>; the
+/// layer labels themselves are <see cref="SnapshotLabels"/>, written by <see cref="LayerSource.WriteLabels"/>.</summary>
 public static class RpullLabels
 {
-    public const string SnapshotRef = "containerd.io/snapshot.ref";
-    public const string TargetRef = "containerd.io/snapshot/remote/stargz.reference";
-    public const string TargetDigest = "containerd.io/snapshot/remote/stargz.digest";
-    public const string TargetImageLayers = "containerd.io/snapshot/remote/stargz.layers";
-    public const string TargetPrefetchSize = "containerd.io/snapshot/remote/stargz.prefetch";
-    public const string TargetUrls = "containerd.io/snapshot/remote/urls";
-    public const string TargetImageUrlsPrefix = "containerd.io/snapshot/remote/urls.";
-    public const string TocDigest = "containerd.io/snapshot/stargz/toc.digest";
-    /// <summary>`rpull --skip-content-verify`: the layer may be mounted without a TOC digest (if the daemon allows it).</summary>
-    public const string SkipVerify = "containerd.io/snapshot/remote/stargz.skipverify";
-    public const string UncompressedSize = "io.containers.estargz.uncompressed-size";
-    /// <summary>What a remote snapshotter (ours, the reference) marks its remote snapshots with.</summary>
-    public const string RemoteSnapshotMarker = "containerd.io/snapshot/remote";
-    /// <summary>containerd passes layer annotations with this prefix on to the snapshotter (and only those).</summary>
-    public const string InheritedPrefix = "containerd.io/snapshot/";
-
     public const string GcRefContentConfig = "containerd.io/gc.ref.content.config";
     public const string GcRefContentLayerPrefix = "containerd.io/gc.ref.content.l.";
     public const string GcRefContentManifestPrefix = "containerd.io/gc.ref.content.m.";
@@ -32,9 +18,6 @@ public static class RpullLabels
 
     /// <summary>The reference's prefetch size label value (10 MiB), as ctr-remote passes it.</summary>
     public const long DefaultPrefetchSize = 10 * 1024 * 1024;
-
-    /// <summary>containerd refuses labels whose key and value together exceed this many bytes.</summary>
-    public const int MaxLabelSize = 4096;
 
     /// <summary>OCI chain IDs: the first layer's is its diffID, each next one sha256("PARENT DIFFID").</summary>
     public static IReadOnlyList<string> ChainIds(IReadOnlyList<string> diffIds)
@@ -62,40 +45,13 @@ public static class RpullLabels
         var labels = new Dictionary<string, string>(StringComparer.Ordinal);
         if (layer.Annotations is not null)
             foreach (var (k, v) in layer.Annotations)
-                if (k.StartsWith(InheritedPrefix, StringComparison.Ordinal) || k == UncompressedSize)
+                if (k.StartsWith(SnapshotLabels.InheritedPrefix, StringComparison.Ordinal) || k == LayerLabels.UncompressedSizeAnnotation)
                     labels[k] = v;
-        labels[TargetRef] = imageRef;
-        labels[TargetDigest] = layer.Digest;
-        var sb = new StringBuilder();
-        for (var i = index; i < layers.Count; i++)
-        {
-            var add = (sb.Length == 0 ? "" : ",") + layers[i].Digest;
-            // +1: the reference measures the list with a trailing comma.
-            if (TargetImageLayers.Length + sb.Length + add.Length + 1 > MaxLabelSize) break;
-            sb.Append(add);
-            // urls.N counts from this layer, as the daemon reads it back against the layers list.
-            var urlsKey = TargetImageUrlsPrefix + (i - index).ToString(System.Globalization.CultureInfo.InvariantCulture);
-            if (layers[i].Urls is { Count: > 0 } u && JoinWithin(urlsKey, u) is { Length: > 0 } us)
-                labels[urlsKey] = us;
-        }
-        labels[TargetImageLayers] = sb.ToString();
-        labels[TargetPrefetchSize] = prefetchSize.ToString(System.Globalization.CultureInfo.InvariantCulture);
-        if (layer.Urls is { Count: > 0 } urls && JoinWithin(TargetUrls, urls) is { Length: > 0 } joined)
-            labels[TargetUrls] = joined;
-        labels[SnapshotRef] = chainId;
+        var sources = new (string Digest, IReadOnlyList<string>? Urls)[layers.Count];
+        for (var i = 0; i < layers.Count; i++) sources[i] = (layers[i].Digest, layers[i].Urls);
+        LayerSource.WriteLabels(labels, imageRef, sources, index, prefetchSize);
+        labels[SnapshotLabels.SnapshotRef] = chainId;
         return labels;
-    }
-
-    private static string JoinWithin(string key, IReadOnlyList<string> values)
-    {
-        var sb = new StringBuilder();
-        foreach (var v in values)
-        {
-            var add = (sb.Length == 0 ? "" : ",") + v;
-            if (key.Length + sb.Length + add.Length + 1 > MaxLabelSize) break;
-            sb.Append(add);
-        }
-        return sb.ToString();
     }
 
     /// <summary>containerd's unpack key: <c>extract-NANOS-RANDOM CHAINID</c>, unique per attempt.</summary>

@@ -42,10 +42,10 @@ public sealed class MetricsInterceptor : Interceptor
     {
         foreach (var r in FallbackReasonLabels) Fallbacks.WithLabels(r);
         // The reason is one of the fixed set; anything else (a bug) is counted as "other" so the series stay bounded.
-        sn.FallbackOccurred += f => Fallbacks.WithLabels(Array.IndexOf(FallbackReasonLabels, f.Reason) >= 0 ? f.Reason : Stargz.Layer.FallbackReasons.Other).Inc();
+        sn.Remote.FallbackOccurred += f => Fallbacks.WithLabels(Array.IndexOf(FallbackReasonLabels, f.Reason) >= 0 ? f.Reason : Stargz.Layer.FallbackReasons.Other).Inc();
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
         {
-            var (remote, unrestored) = sn.RemoteSnapshotCounts();
+            var (remote, unrestored) = sn.Remote.RemoteSnapshotCounts();
             RemoteSnapshots.Set(remote);
             UnrestoredRemoteSnapshots.Set(unrestored);
         });

@@ -172,7 +172,7 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
         var live = new List<string>(remoteSnapshotLabels.Count);
         foreach (var l in remoteSnapshotLabels)
         {
-            if (l.TryGetValue(LayerLabelKeys.Digest, out var d) || l.TryGetValue(LayerLabelKeys.CriLayerDigest, out d)) live.Add(d.Trim());
+            if (l.TryGetValue(Stargz.Estargz.SnapshotLabels.Digest, out var d) || l.TryGetValue(Stargz.Estargz.SnapshotLabels.CriLayerDigest, out d)) live.Add(d.Trim());
         }
         manager.SweepOrphans(live);
         if (CriKeychain is { } keychain)
@@ -181,8 +181,8 @@ public sealed class LazyLayerFileSystem(LayerManager manager, RegistryClient reg
             var images = new List<string>(remoteSnapshotLabels.Count);
             foreach (var l in remoteSnapshotLabels)
             {
-                if (l.TryGetValue(LayerLabelKeys.CriImageRef, out var r)) images.Add(r.Trim());
-                if (l.TryGetValue(LayerLabelKeys.Reference, out r)) images.Add(r.Trim());
+                if (l.TryGetValue(Stargz.Estargz.SnapshotLabels.CriImageRef, out var r)) images.Add(r.Trim());
+                if (l.TryGetValue(Stargz.Estargz.SnapshotLabels.Reference, out r)) images.Add(r.Trim());
             }
             keychain.Retain(images);
         }

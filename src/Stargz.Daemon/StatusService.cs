@@ -12,7 +12,7 @@ public sealed class StatusSource(StargzSnapshotter snapshotter, LazyLayerFileSys
 {
     public async Task<GetStatusResponse> GetAsync(CancellationToken ct)
     {
-        var snaps = await snapshotter.RemoteStatusAsync(ct).ConfigureAwait(false);
+        var snaps = await snapshotter.Remote.RemoteStatusAsync(ct).ConfigureAwait(false);
         var mounted = new Dictionary<string, MountedLayerInfo>(StringComparer.Ordinal);
         if (remote != null)
             foreach (var l in remote.Manager.Layers) mounted[l.MountPoint] = l;
@@ -24,7 +24,7 @@ public sealed class StatusSource(StargzSnapshotter snapshotter, LazyLayerFileSys
             var layer = info != null ? remote!.Manager.GetLayer(mp) : null;
             resp.Layers.Add(Describe(s, info, layer?.ChunkCounts() ?? (0, 0)));
         }
-        foreach (var f in snapshotter.RecentFallbacks())
+        foreach (var f in snapshotter.Remote.RecentFallbacks())
             resp.Fallbacks.Add(new Fallback
             {
                 Time = Timestamp.FromDateTime(DateTime.SpecifyKind(f.At, DateTimeKind.Utc)),

@@ -9,25 +9,6 @@ using Stargz.Registry;
 
 namespace Stargz.Layer;
 
-/// <summary>Snapshot labels the layer manager reads (set by ctr-remote / nerdctl, or containerd's CRI plugin).</summary>
-public static class LayerLabelKeys
-{
-    public const string Reference = "containerd.io/snapshot/remote/stargz.reference";
-    public const string Digest = "containerd.io/snapshot/remote/stargz.digest";
-    public const string Layers = "containerd.io/snapshot/remote/stargz.layers";
-    public const string Prefetch = "containerd.io/snapshot/remote/stargz.prefetch";
-    public const string Urls = "containerd.io/snapshot/remote/urls";
-    public const string CriImageRef = "containerd.io/snapshot/cri.image-ref";
-    public const string CriLayerDigest = "containerd.io/snapshot/cri.layer-digest";
-    public const string CriImageLayers = "containerd.io/snapshot/cri.image-layers";
-    public const string TocDigest = LayerLabels.TocDigestAnnotation;
-    /// <summary>
-    /// Set (any value) by `rpull --skip-content-verify` on the layer's snapshot: a layer without a TOC digest may be
-    /// mounted unverified, if the daemon's <c>allow_no_verification</c> permits it (the reference's rule).
-    /// </summary>
-    public const string SkipVerify = "containerd.io/snapshot/remote/stargz.skipverify";
-}
-
 /// <summary>A mounted layer as the daemon reports it.</summary>
 /// <param name="AllChunksFetched">every chunk fetched and verified: the layer no longer needs its registry.</param>
 public sealed record MountedLayerInfo(string MountPoint, string Reference, string Digest, string TocDigest, LayerStatsSnapshot Stats, bool AllChunksFetched,
@@ -157,13 +138,6 @@ public sealed class LayerManager : IAsyncDisposable
     /// <summary>The layer mounted at <paramref name="mountpoint"/>, or null.</summary>
     public RemoteLayer? GetLayer(string mountpoint) => _mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m) ? m.Layer : null;
 
-    private static string? Label(IReadOnlyDictionary<string, string> labels, string key, string? fallback = null)
-    {
-        if (labels.TryGetValue(key, out var v) && !string.IsNullOrWhiteSpace(v)) return v.Trim();
-        if (fallback != null && labels.TryGetValue(fallback, out v) && !string.IsNullOrWhiteSpace(v)) return v.Trim();
-        return null;
-    }
-
     /// <summary>
     /// Resolves the layer the labels describe (footer + TOC, TOC digest checked) and mounts it at
     /// <paramref name="mountpoint"/>. Returns once the mount serves requests; prefetch and background fetch go on
@@ -180,31 +154,30 @@ public sealed class LayerManager : IAsyncDisposable
     private async Task MountCoreAsync(string mountpoint, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {
         mountpoint = Path.GetFullPath(mountpoint);
-        var reference = Label(labels, LayerLabelKeys.Reference, LayerLabelKeys.CriImageRef)
-            ?? throw new LayerResolveException($"no image reference label ({LayerLabelKeys.Reference} or {LayerLabelKeys.CriImageRef})", reason: FallbackReasons.NoLabels);
-        var digest = Label(labels, LayerLabelKeys.Digest, LayerLabelKeys.CriLayerDigest)
-            ?? throw new LayerResolveException($"no layer digest label ({LayerLabelKeys.Digest} or {LayerLabelKeys.CriLayerDigest})", reason: FallbackReasons.NoLabels);
-        var tocDigest = Label(labels, LayerLabelKeys.TocDigest);
-        if (tocDigest == null && !_options.DisableVerification && !(_options.AllowNoVerification && labels.ContainsKey(LayerLabelKeys.SkipVerify)))
+        var source = LayerSource.FromLabels(labels);
+        var reference = source.Reference
+            ?? throw new LayerResolveException($"no image reference label ({SnapshotLabels.Reference} or {SnapshotLabels.CriImageRef})", reason: FallbackReasons.NoLabels);
+        var digest = source.Digest
+            ?? throw new LayerResolveException($"no layer digest label ({SnapshotLabels.Digest} or {SnapshotLabels.CriLayerDigest})", reason: FallbackReasons.NoLabels);
+        var tocDigest = source.TocDigest;
+        if (tocDigest == null && !_options.DisableVerification && !(_options.AllowNoVerification && source.SkipVerify))
             throw new LayerResolveException(
-                $"layer {digest} has no TOC digest label ({LayerLabelKeys.TocDigest}); refusing to mount it unverified " +
+                $"layer {digest} has no TOC digest label ({SnapshotLabels.TocDigest}); refusing to mount it unverified " +
                 (_options.AllowNoVerification
-                    ? $"without the {LayerLabelKeys.SkipVerify} label (rpull --skip-content-verify)"
-                    : $"(needs allow_no_verification in the config and the {LayerLabelKeys.SkipVerify} label: rpull --skip-content-verify)"), reason: FallbackReasons.NoTocDigest);
+                    ? $"without the {SnapshotLabels.SkipVerify} label (rpull --skip-content-verify)"
+                    : $"(needs allow_no_verification in the config and the {SnapshotLabels.SkipVerify} label: rpull --skip-content-verify)"), reason: FallbackReasons.NoTocDigest);
         if (tocDigest == null)
             _log.LogWarning("layer {Digest} of {Reference}: no TOC digest label; mounting it unverified ({Why})", digest, reference,
-                _options.DisableVerification ? "disable_verification" : "allow_no_verification and " + LayerLabelKeys.SkipVerify);
-        long? prefetchSize = null;
-        if (Label(labels, LayerLabelKeys.Prefetch) is { } p && long.TryParse(p, NumberStyles.None, CultureInfo.InvariantCulture, out var ps))
-            prefetchSize = ps;
+                _options.DisableVerification ? "disable_verification" : "allow_no_verification and " + SnapshotLabels.SkipVerify);
+        var prefetchSize = source.PrefetchSize;
         ImageReference imageRef;
         try { imageRef = ImageReference.Parse(reference); }
         catch (Exception e) { throw new LayerResolveException($"bad image reference '{reference}': {e.Message}", e, FallbackReasons.NoLabels); }
 
         // The image's other layers are resolved at the same time as this one, not after it: containerd prepares them
         // one by one, and over a slow link each would otherwise start its own chain of round trips.
-        ResolveAhead(imageRef, digest, Label(labels, LayerLabelKeys.Layers, LayerLabelKeys.CriImageLayers), labels);
-        var resolved = await ResolveAsync(imageRef, digest, UrlsOf(labels, LayerLabelKeys.Urls), ct).ConfigureAwait(false);
+        ResolveAhead(imageRef, digest, source);
+        var resolved = await ResolveAsync(imageRef, digest, source.Urls, ct).ConfigureAwait(false);
         if (tocDigest != null && !string.Equals(tocDigest, resolved.Toc.TocDigest, StringComparison.Ordinal))
             throw new LayerResolveException($"layer {digest}: TOC digest {resolved.Toc.TocDigest} does not match the label's {tocDigest}", reason: FallbackReasons.BadToc);
 
@@ -253,10 +226,6 @@ public sealed class LayerManager : IAsyncDisposable
             _mounting.TryRemove(mountpoint, out _);
         }
     }
-
-    /// <summary>The comma-separated URLs of a urls label (none when absent).</summary>
-    private static string[] UrlsOf(IReadOnlyDictionary<string, string> labels, string key) =>
-        labels.TryGetValue(key, out var v) && v.Length > 0 ? v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : [];
 
     private Task<Resolved> ResolveAsync(ImageReference imageRef, string digest, string[] urls, CancellationToken ct)
     {
@@ -360,17 +329,16 @@ public sealed class LayerManager : IAsyncDisposable
         }
     }
 
-    private void ResolveAhead(ImageReference imageRef, string digest, string? layers, IReadOnlyDictionary<string, string> labels)
+    private void ResolveAhead(ImageReference imageRef, string digest, LayerSource source)
     {
-        if (layers == null) return;
-        var all = layers.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        var all = source.Layers;
         for (var i = 0; i < all.Length; i++)
         {
             var d = all[i];
             // The label may be cut short; only complete digests are used.
             if (d == digest || !d.StartsWith("sha256:", StringComparison.Ordinal) || d.Length != 71) continue;
             // urls.N goes with the N-th digest of the layers label (as rpull and containerd set them).
-            var t = ResolveAsync(imageRef, d, UrlsOf(labels, LayerLabelKeys.Urls + "." + i.ToString(CultureInfo.InvariantCulture)), _disposed.Token);
+            var t = ResolveAsync(imageRef, d, source.LayerUrls[i], _disposed.Token);
             _ = t.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
         }
     }

@@ -171,7 +171,7 @@ public sealed class MetaStore : IDisposable
         if (bound <= MaxDocumentBytes) return d;
         var size = BsonSerializer.Serialize(d).Length;
         if (size > MaxDocumentBytes)
-            throw new SnapshotterException(Grpc.Core.StatusCode.ResourceExhausted,
+            throw new SnapshotterException(SnapshotterErrorKind.ResourceExhausted,
                 $"snapshot {KeyText.Short(r.Key)}: its metadata ({size} bytes: key, parent and {r.Labels.Count} labels) exceeds the store's limit of {MaxDocumentBytes} bytes");
         return d;
     }

@@ -1,3 +1,5 @@
+using Stargz.Estargz;
+
 namespace Stargz.Snapshotter;
 
 public enum SnapshotKind { Unknown = 0, View = 1, Active = 2, Committed = 3 }
@@ -16,7 +18,7 @@ public sealed class SnapshotRecord
     public long Size { get; set; }
     public long Inodes { get; set; }
 
-    public bool IsRemote => Labels.TryGetValue(StargzSnapshotter.RemoteLabel, out var v) && v == StargzSnapshotter.RemoteLabelValue;
+    public bool IsRemote => Labels.TryGetValue(SnapshotLabels.RemoteSnapshot, out var v) && v == SnapshotLabels.RemoteSnapshotValue;
 
     public SnapshotRecord Clone() => new()
     {

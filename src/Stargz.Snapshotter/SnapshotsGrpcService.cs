@@ -3,6 +3,7 @@ using Containerd.Services.Snapshots.V1;
 using Google.Protobuf.WellKnownTypes;
 using Grpc.Core;
 using Microsoft.Extensions.Logging;
+using Stargz.Estargz;
 
 namespace Stargz.Snapshotter;
 
@@ -49,8 +50,8 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
     /// <summary>A direct client's snapshot.ref target is a name it creates, so it lives in the client's namespace too.</summary>
     private static IReadOnlyDictionary<string, string> StoreLabels(HeaderNamespace h, string key, IReadOnlyDictionary<string, string> labels)
     {
-        if (h.IsContainerdKey(key) || !labels.TryGetValue(StargzSnapshotter.TargetRefLabel, out var target)) return labels;
-        return new Dictionary<string, string>(labels, StringComparer.Ordinal) { [StargzSnapshotter.TargetRefLabel] = h.ToStore(target) };
+        if (h.IsContainerdKey(key) || !labels.TryGetValue(SnapshotLabels.SnapshotRef, out var target)) return labels;
+        return new Dictionary<string, string>(labels, StringComparer.Ordinal) { [SnapshotLabels.SnapshotRef] = h.ToStore(target) };
     }
 
     /// <summary>
@@ -69,12 +70,13 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
         catch (SnapshotterException e)
         {
             var message = KeyText.Bound(e.Message, key, other);
-            if (e.Code == StatusCode.AlreadyExists || e.Code == StatusCode.NotFound)
-                log.LogDebug("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), e.Code, message);
+            var code = CodeOf(e.Kind);
+            if (code == StatusCode.AlreadyExists || code == StatusCode.NotFound)
+                log.LogDebug("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), code, message);
             else
-                log.LogWarning("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), e.Code, message);
+                log.LogWarning("{Op} {Key}: {Code} {Error}", op, KeyText.Short(key), code, message);
             // The caller's keys, not the store's (`NS//KEY` for a header-carrying client), each by its first characters.
-            throw new RpcException(new Status(e.Code, KeyText.Bound(e.MessageFor(k => KeyText.Short(Header(ctx).ToClient(k))))));
+            throw new RpcException(new Status(code, KeyText.Bound(e.MessageFor(k => KeyText.Short(Header(ctx).ToClient(k))))));
         }
         catch (OperationCanceledException) when (ctx.CancellationToken.IsCancellationRequested)
         {
@@ -89,6 +91,18 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
             throw new RpcException(new Status(StatusCode.Unknown, $"{op} {KeyText.Short(key)}: {message}"));
         }
     }
+
+    /// <summary>The gRPC code containerd's errdefs maps back to each error kind (the only place kinds meet gRPC).</summary>
+    public static StatusCode CodeOf(SnapshotterErrorKind kind) => kind switch
+    {
+        SnapshotterErrorKind.NotFound => StatusCode.NotFound,
+        SnapshotterErrorKind.AlreadyExists => StatusCode.AlreadyExists,
+        SnapshotterErrorKind.FailedPrecondition => StatusCode.FailedPrecondition,
+        SnapshotterErrorKind.InvalidArgument => StatusCode.InvalidArgument,
+        SnapshotterErrorKind.Unavailable => StatusCode.Unavailable,
+        SnapshotterErrorKind.ResourceExhausted => StatusCode.ResourceExhausted,
+        _ => StatusCode.Unknown,
+    };
 
     public override Task<PrepareSnapshotResponse> Prepare(PrepareSnapshotRequest request, ServerCallContext context)
         => Run("Prepare", request.Key, context, async () =>
@@ -212,7 +226,7 @@ public sealed class SnapshotsGrpcService(StargzSnapshotter sn, ILogger<Snapshots
         var c = r.Clone();
         c.Key = h.ToClient(r.Key);
         c.Parent = h.ToClient(r.Parent);
-        if (c.Labels.TryGetValue(StargzSnapshotter.TargetRefLabel, out var target)) c.Labels[StargzSnapshotter.TargetRefLabel] = h.ToClient(target);
+        if (c.Labels.TryGetValue(SnapshotLabels.SnapshotRef, out var target)) c.Labels[SnapshotLabels.SnapshotRef] = h.ToClient(target);
         return c;
     }
 

@@ -1,33 +1,45 @@
 using System.Globalization;
-using Grpc.Core;
 
 namespace Stargz.Snapshotter;
 
+/// <summary>What went wrong, as containerd's errdefs classes it; <see cref="SnapshotsGrpcService"/> maps each to its gRPC code.</summary>
+public enum SnapshotterErrorKind
+{
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    /// <summary>The layer (or the snapshotter) cannot serve now; a retry later may succeed.</summary>
+    Unavailable,
+    /// <summary>Over a size limit of the store.</summary>
+    ResourceExhausted,
+}
+
 /// <summary>
-/// An error with the gRPC code containerd expects (errdefs mapping). The message names the key or digest. Messages are
-/// kept as their format and arguments, so the API can quote each snapshot key as the caller knows it
-/// (<see cref="MessageFor"/>) while <see cref="Exception.Message"/> has the keys as stored.
+/// An error of a <see cref="SnapshotterErrorKind"/> (the API turns it into the gRPC code containerd expects). The message
+/// names the key or digest. Messages are kept as their format and arguments, so the API can quote each snapshot key as
+/// the caller knows it (<see cref="MessageFor"/>) while <see cref="Exception.Message"/> has the keys as stored.
 /// </summary>
 public sealed class SnapshotterException : Exception
 {
     private readonly FormattableString? _message;
 
-    public StatusCode Code { get; }
+    public SnapshotterErrorKind Kind { get; }
 
-    public SnapshotterException(StatusCode code, string message, Exception? inner = null) : base(message, inner) => Code = code;
+    public SnapshotterException(SnapshotterErrorKind kind, string message, Exception? inner = null) : base(message, inner) => Kind = kind;
 
-    private SnapshotterException(StatusCode code, FormattableString message, Exception? inner)
+    private SnapshotterException(SnapshotterErrorKind kind, FormattableString message, Exception? inner)
         : base(FormattableString.Invariant(message), inner)
     {
-        Code = code;
+        Kind = kind;
         _message = message;
     }
 
-    public static SnapshotterException NotFound(FormattableString m) => new(StatusCode.NotFound, m, null);
-    public static SnapshotterException AlreadyExists(FormattableString m) => new(StatusCode.AlreadyExists, m, null);
-    public static SnapshotterException FailedPrecondition(FormattableString m) => new(StatusCode.FailedPrecondition, m, null);
-    public static SnapshotterException InvalidArgument(FormattableString m) => new(StatusCode.InvalidArgument, m, null);
-    public static SnapshotterException Unavailable(FormattableString m, Exception? inner = null) => new(StatusCode.Unavailable, m, inner);
+    public static SnapshotterException NotFound(FormattableString m) => new(SnapshotterErrorKind.NotFound, m, null);
+    public static SnapshotterException AlreadyExists(FormattableString m) => new(SnapshotterErrorKind.AlreadyExists, m, null);
+    public static SnapshotterException FailedPrecondition(FormattableString m) => new(SnapshotterErrorKind.FailedPrecondition, m, null);
+    public static SnapshotterException InvalidArgument(FormattableString m) => new(SnapshotterErrorKind.InvalidArgument, m, null);
+    public static SnapshotterException Unavailable(FormattableString m, Exception? inner = null) => new(SnapshotterErrorKind.Unavailable, m, inner);
 
     /// <summary>
     /// The message with every string argument passed through <paramref name="clientName"/> (which maps a store key to

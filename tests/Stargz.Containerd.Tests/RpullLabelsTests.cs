@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.RegularExpressions;
 using Stargz.Containerd;
+using Stargz.Estargz;
 using Stargz.Registry;
 
 namespace Stargz.Containerd.Tests;
@@ -61,18 +62,44 @@ public class RpullLabelsTests
     }
 
     [Fact]
+    public void TheLayerReadsBackWhatRpullWrites()
+    {
+        var layers = new[]
+        {
+            new Descriptor { Digest = D('a') },
+            new Descriptor
+            {
+                Digest = D('b'), Annotations = new Dictionary<string, string> { ["containerd.io/snapshot/stargz/toc.digest"] = D('t') },
+                Urls = ["https://example.invalid/b1", "https://example.invalid/b2"],
+            },
+            new Descriptor { Digest = D('c'), Urls = ["https://example.invalid/c"] },
+        };
+        var source = LayerSource.FromLabels(RpullLabels.ForLayer("127.0.0.1:5000/app:esgz", layers, 1, "sha256:chain", prefetchSize: 777));
+        Assert.Equal("127.0.0.1:5000/app:esgz", source.Reference);
+        Assert.Equal(D('b'), source.Digest);
+        Assert.Equal(D('t'), source.TocDigest);
+        Assert.Equal(777, source.PrefetchSize);
+        Assert.False(source.SkipVerify);
+        Assert.Equal(["https://example.invalid/b1", "https://example.invalid/b2"], source.Urls);
+        Assert.Equal([D('b'), D('c')], source.Layers);
+        Assert.Equal(2, source.LayerUrls.Length);
+        Assert.Equal(["https://example.invalid/b1", "https://example.invalid/b2"], source.LayerUrls[0]);
+        Assert.Equal(["https://example.invalid/c"], source.LayerUrls[1]);
+    }
+
+    [Fact]
     public void TheLayersLabelIsCutToContainerdsLabelLimit()
     {
         // 100 layers of 71-byte digests do not fit in 4096 bytes with the key: the list stops at a whole digest.
         var layers = Enumerable.Range(0, 100).Select(i => new Descriptor { Digest = "sha256:" + i.ToString("x64") }).ToArray();
         var l = RpullLabels.ForLayer("r", layers, 0, "sha256:x");
-        var v = l[RpullLabels.TargetImageLayers];
-        Assert.True(RpullLabels.TargetImageLayers.Length + v.Length <= 4096, $"{v.Length} bytes");
+        var v = l[SnapshotLabels.Layers];
+        Assert.True(SnapshotLabels.Layers.Length + v.Length <= 4096, $"{v.Length} bytes");
         var listed = v.Split(',');
         Assert.True(listed.Length is > 40 and < 100, $"{listed.Length} digests");
         Assert.Equal(layers.Take(listed.Length).Select(d => d.Digest), listed);
         // One more digest would not have fitted.
-        Assert.True(RpullLabels.TargetImageLayers.Length + v.Length + 1 + layers[listed.Length].Digest.Length + 1 > 4096);
+        Assert.True(SnapshotLabels.Layers.Length + v.Length + 1 + layers[listed.Length].Digest.Length + 1 > 4096);
     }
 
     [Fact]

@@ -51,6 +51,6 @@ public class FilterTests
     public void MalformedFiltersAreInvalidArgument(string filter)
     {
         var e = Assert.Throws<SnapshotterException>(() => SnapshotFilter.Parse([filter]));
-        Assert.Equal(Grpc.Core.StatusCode.InvalidArgument, e.Code);
+        Assert.Equal(SnapshotterErrorKind.InvalidArgument, e.Kind);
     }
 }

@@ -173,11 +173,11 @@ public class RemoteSnapshotTests
         await s.ReopenAsync(fs2);
         Assert.Equal(1, fs2.MountCalls("sha256:l1"));
         Assert.Equal("restored", await File.ReadAllTextAsync(Path.Combine(fsDir, "f.txt"), Ct));
-        Assert.Empty(s.Snapshotter.UnrestoredRemoteSnapshots);
+        Assert.Empty(s.Snapshotter.Remote.UnrestoredRemoteSnapshots);
 
         // A daemon without a remote filesystem keeps the snapshot, reports it, and answers Unavailable on top of it.
         await s.ReopenAsync(null);
-        Assert.Single(s.Snapshotter.UnrestoredRemoteSnapshots);
+        Assert.Single(s.Snapshotter.Remote.UnrestoredRemoteSnapshots);
         Assert.Equal("sha256:c1", (await s.Client.StatAsync(new StatSnapshotRequest { Key = "sha256:c1" }, cancellationToken: Ct)).Info.Name);
         Assert.Equal(StatusCode.Unavailable, await Client.CodeOf(async () =>
             await s.Client.PrepareAsync(new PrepareSnapshotRequest { Key = "container", Parent = "sha256:c1" }, cancellationToken: Ct)));

@@ -44,7 +44,7 @@ public class RestoreInBackgroundTests
         var slow = new BindMountRemoteFileSystemDouble { MountDelay = TimeSpan.FromSeconds(300) };
         slow.AddLayer("sha256:l1", dir);
         await s.ReopenAsync(slow).WaitAsync(TimeSpan.FromSeconds(60), Ct);
-        Assert.Single(s.Snapshotter.UnrestoredRemoteSnapshots);
+        Assert.Single(s.Snapshotter.Remote.UnrestoredRemoteSnapshots);
         Assert.Equal("sha256:c1", (await s.Client.StatAsync(new StatSnapshotRequest { Key = "sha256:c1" }, cancellationToken: Ct)).Info.Name);
         var plain = await s.Client.PrepareAsync(new PrepareSnapshotRequest { Key = "plain" }, cancellationToken: Ct);
         Assert.NotEmpty(plain.Mounts);
@@ -53,10 +53,10 @@ public class RestoreInBackgroundTests
         var late = new BindMountRemoteFileSystemDouble { MountDelay = TimeSpan.FromSeconds(15) };
         late.AddLayer("sha256:l1", dir);
         await s.ReopenAsync(late).WaitAsync(TimeSpan.FromSeconds(60), Ct);
-        Assert.Single(s.Snapshotter.UnrestoredRemoteSnapshots);
+        Assert.Single(s.Snapshotter.Remote.UnrestoredRemoteSnapshots);
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(120);
-        while (s.Snapshotter.UnrestoredRemoteSnapshots.Count > 0 && DateTime.UtcNow < deadline) await Task.Delay(200, Ct);
-        Assert.Empty(s.Snapshotter.UnrestoredRemoteSnapshots);
+        while (s.Snapshotter.Remote.UnrestoredRemoteSnapshots.Count > 0 && DateTime.UtcNow < deadline) await Task.Delay(200, Ct);
+        Assert.Empty(s.Snapshotter.Remote.UnrestoredRemoteSnapshots);
         Assert.Equal(1, late.MountCalls("sha256:l1"));
         Assert.Equal("restored", await File.ReadAllTextAsync(Path.Combine(fsDir, "f.txt"), Ct));
 
@@ -66,7 +66,7 @@ public class RestoreInBackgroundTests
         await s.ReopenAsync(third).WaitAsync(TimeSpan.FromSeconds(60), Ct);
         var top = await s.Client.PrepareAsync(new PrepareSnapshotRequest { Key = "top", Parent = "sha256:c1" }, cancellationToken: Ct);
         Assert.NotEmpty(top.Mounts);
-        Assert.Empty(s.Snapshotter.UnrestoredRemoteSnapshots);
+        Assert.Empty(s.Snapshotter.Remote.UnrestoredRemoteSnapshots);
         Assert.Equal(1, third.MountCalls("sha256:l1"));
         Assert.Single(Mounts.Under(fsDir));
     }
@@ -85,16 +85,16 @@ public class RestoreInBackgroundTests
         var slow = new BindMountRemoteFileSystemDouble { MountDelay = TimeSpan.FromSeconds(15) };
         slow.AddLayer("sha256:l1", dir);
         await s.ReopenAsync(slow).WaitAsync(TimeSpan.FromSeconds(60), Ct);
-        Assert.Single(s.Snapshotter.UnrestoredRemoteSnapshots);
+        Assert.Single(s.Snapshotter.Remote.UnrestoredRemoteSnapshots);
         Assert.Equal(StatusCode.FailedPrecondition, await Client.CodeOf(async () =>
             await s.Client.RemoveAsync(new RemoveSnapshotRequest { Key = "sha256:c1" }, cancellationToken: Ct)));
 
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(120);
-        while (s.Snapshotter.UnrestoredRemoteSnapshots.Count > 0 && DateTime.UtcNow < deadline) await Task.Delay(200, Ct);
-        Assert.Empty(s.Snapshotter.UnrestoredRemoteSnapshots);
+        while (s.Snapshotter.Remote.UnrestoredRemoteSnapshots.Count > 0 && DateTime.UtcNow < deadline) await Task.Delay(200, Ct);
+        Assert.Empty(s.Snapshotter.Remote.UnrestoredRemoteSnapshots);
         await s.Client.RemoveAsync(new RemoveSnapshotRequest { Key = "sha256:c1" }, cancellationToken: Ct);
         Assert.Empty(Mounts.Under(Path.Combine(s.Root, "snapshots")));
-        Assert.Empty(s.Snapshotter.UnrestoredRemoteSnapshots);
-        Assert.Equal((0, 0), s.Snapshotter.RemoteSnapshotCounts());
+        Assert.Empty(s.Snapshotter.Remote.UnrestoredRemoteSnapshots);
+        Assert.Equal((0, 0), s.Snapshotter.Remote.RemoteSnapshotCounts());
     }
 }

@@ -65,9 +65,9 @@ using var client = new RegistryClient();
 var pushed = await client.PushBlobAsync(ImageReference.Parse($"{registry.Host}/bench/erofs:latest"), blob.ToArray());
 var labels = new Dictionary<string, string>
 {
-    [LayerLabelKeys.Reference] = $"{registry.Host}/bench/erofs:latest",
-    [LayerLabelKeys.Digest] = pushed.Digest,
-    [LayerLabelKeys.TocDigest] = built.TocDigest,
+    [SnapshotLabels.Reference] = $"{registry.Host}/bench/erofs:latest",
+    [SnapshotLabels.Digest] = pushed.Digest,
+    [SnapshotLabels.TocDigest] = built.TocDigest,
 };
 var fuseOptions = new Stargz.Fuse.FuseMountOptions { AllowOther = true, AttrTimeout = TimeSpan.FromSeconds(1), EntryTimeout = TimeSpan.FromSeconds(1) };
 await using var fuse = new LayerManager(client, new LayerOptions { CacheDirectory = work.Sub("cache-fuse"), BackgroundPause = TimeSpan.Zero }, fuseOptions);

@@ -51,9 +51,9 @@ using var client = new RegistryClient();
 var pushed = await client.PushBlobAsync(ImageReference.Parse($"{registry.Host}/bench/layer:latest"), blob.ToArray());
 var labels = new Dictionary<string, string>
 {
-    [LayerLabelKeys.Reference] = $"{registry.Host}/bench/layer:latest",
-    [LayerLabelKeys.Digest] = pushed.Digest,
-    [LayerLabelKeys.TocDigest] = built.TocDigest,
+    [SnapshotLabels.Reference] = $"{registry.Host}/bench/layer:latest",
+    [SnapshotLabels.Digest] = pushed.Digest,
+    [SnapshotLabels.TocDigest] = built.TocDigest,
 };
 
 var variants = new (string Name, LayerOptions Options, bool Passthrough)[]

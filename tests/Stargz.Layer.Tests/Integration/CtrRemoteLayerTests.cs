@@ -109,7 +109,7 @@ public class CtrRemoteLayerTests
             var expected = TreeModel.FromTar(tar);
 
             var l = dst.Layers[i];
-            var toc = l.Annotation(LayerLabelKeys.TocDigest);
+            var toc = l.Annotation(Stargz.Estargz.SnapshotLabels.TocDigest);
             Assert.NotNull(toc);
             var mp = await rig.MountAsync(rig.Labels("ref/app", l.Digest, toc, layers), Ct);
             mounts.Add(mp);

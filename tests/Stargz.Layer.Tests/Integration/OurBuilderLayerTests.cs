@@ -153,7 +153,7 @@ public class OurBuilderLayerTests
         var (blob, built) = await LayerRig.BuildAsync(RichTar(), null, Ct);
         Dictionary<string, string> SkipVerify(Dictionary<string, string> l)
         {
-            l[LayerLabelKeys.SkipVerify] = "true";
+            l[SnapshotLabels.SkipVerify] = "true";
             return l;
         }
         await using var rig = await LayerRig.StartAsync();
@@ -170,7 +170,7 @@ public class OurBuilderLayerTests
         var d2 = await lax.PushAsync("ours/nolabel", blob, Ct);
         // Nor is the config alone (the reference's rule: the pull asks for it with --skip-content-verify).
         e = await Assert.ThrowsAsync<LayerResolveException>(() => lax.MountAsync(lax.Labels("ours/nolabel", d2, null), Ct));
-        Assert.Contains(LayerLabelKeys.SkipVerify, e.Message);
+        Assert.Contains(SnapshotLabels.SkipVerify, e.Message);
         var mp = await lax.MountAsync(SkipVerify(lax.Labels("ours/nolabel", d2, null)), Ct);
         Assert.Equal("stargz\n", await File.ReadAllTextAsync(Path.Combine(mp, "etc/hostname"), Ct));
         // A wrong TOC digest is refused whatever the skip label says.

@@ -55,7 +55,7 @@ public class StoredTocTests
         Assert.Equal(0, rig.Proxy.Requests);
 
         // A TOC that does not match the layer's label is still refused (the stored one is only a cache of the registry's).
-        var wrong = new Dictionary<string, string>(labels) { [LayerLabelKeys.TocDigest] = "sha256:" + new string('0', 64) };
+        var wrong = new Dictionary<string, string>(labels) { [SnapshotLabels.TocDigest] = "sha256:" + new string('0', 64) };
         var e = await Assert.ThrowsAsync<LayerResolveException>(() => rig.MountAsync(wrong, Ct));
         Assert.Contains("does not match the label", e.Message);
 

@@ -70,11 +70,11 @@ internal sealed class LayerRig : IAsyncDisposable
     {
         var l = new Dictionary<string, string>
         {
-            [LayerLabelKeys.Reference] = $"{Proxy.Host}/{repo}:latest",
-            [LayerLabelKeys.Digest] = digest,
+            [SnapshotLabels.Reference] = $"{Proxy.Host}/{repo}:latest",
+            [SnapshotLabels.Digest] = digest,
         };
-        if (tocDigest != null) l[LayerLabelKeys.TocDigest] = tocDigest;
-        if (layers != null) l[LayerLabelKeys.Layers] = layers;
+        if (tocDigest != null) l[SnapshotLabels.TocDigest] = tocDigest;
+        if (layers != null) l[SnapshotLabels.Layers] = layers;
         return l;
     }
 
