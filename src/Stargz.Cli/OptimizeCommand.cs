@@ -23,11 +23,13 @@ internal static class OptimizeCommand
 
         """;
 
+    private sealed class HelpRequested : Exception;
+
     internal sealed record Args(ImageReference Source, ImageReference Target, IReadOnlyList<string> Command, string Address, string Namespace,
         string Snapshotter, bool PlainHttp, bool Zstd, TimeSpan Period, string? RuncRoot, string? WorkDir, LogLevel LogLevel);
 
     private static readonly ArgParser Options = new ArgParser()
-        .Switch("--plain-http").Switch("--zstd", "--zstdchunked").Switch("--estargz", "--oci")
+        .Switch("--help", "-h").Switch("--plain-http").Switch("--zstd", "--zstdchunked").Switch("--estargz", "--oci")
         .Value("--address", "-a").Value("--namespace", "-n").Value("--snapshotter").Value("--period").Value("--runc-root")
         .Value("--work-dir").Value("--log-level");
 
@@ -37,6 +39,7 @@ internal static class OptimizeCommand
         var dash = Array.IndexOf(argv, "--");
         var (own, command) = dash < 0 ? (argv, Array.Empty<string>()) : (argv[..dash], argv[(dash + 1)..]);
         var f = Options.Parse(own);
+        if (f.Has("--help")) throw new HelpRequested();
         var pos = f.Positional;
         if (pos.Count != 2) throw new UsageException($"image optimize wants SRC and DST, got {pos.Count} argument(s)");
         if (dash >= 0 && command.Length == 0) throw new UsageException("nothing after --: give a command or leave out --");
@@ -67,6 +70,11 @@ internal static class OptimizeCommand
     {
         Args a;
         try { a = Parse(argv); }
+        catch (HelpRequested)
+        {
+            await stdout.WriteAsync("usage:\n" + Usage).ConfigureAwait(false);
+            return 0;
+        }
         catch (UsageException e)
         {
             await stderr.WriteLineAsync($"stargz image optimize: {e.Message}").ConfigureAwait(false);

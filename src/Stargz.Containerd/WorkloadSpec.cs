@@ -112,7 +112,8 @@ public static class WorkloadSpec
     private static JsonArray Array(IReadOnlyList<string> items)
     {
         var a = new JsonArray();
-        foreach (var s in items) a.Add(JsonValue.Create(s)); // JsonValue.Create(string): no reflection (AOT)
+        // The non-generic Add(JsonNode) with JsonValue.Create(string): no reflection (Add<T> is not AOT-safe).
+        foreach (var s in items) a.Add((JsonNode?)JsonValue.Create(s));
         return a;
     }
 }

@@ -59,6 +59,16 @@ public class OptimizeArgsTests
     }
 
     [Fact]
+    public async Task HelpPrintsTheUsageAndExitsZero()
+    {
+        var (stdout, stderr) = (new StringWriter(), new StringWriter());
+        Assert.Equal(0, await OptimizeCommand.RunAsync(["--help"], stdout, stderr, TestContext.Current.CancellationToken));
+        Assert.Contains("stargz image optimize", stdout.ToString());
+        Assert.Contains("--period", stdout.ToString());
+        Assert.Equal("", stderr.ToString());
+    }
+
+    [Fact]
     public async Task AMissingContainerdSocketIsNamed()
     {
         var (stdout, stderr) = (new StringWriter(), new StringWriter());
