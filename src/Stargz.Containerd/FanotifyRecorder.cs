@@ -16,7 +16,7 @@ public sealed partial class FanotifyRecorder : IDisposable
     private const uint FAN_CLASS_NOTIF = 0x0, FAN_CLOEXEC = 0x1, FAN_NONBLOCK = 0x2;
     private const uint FAN_MARK_ADD = 0x1, FAN_MARK_FILESYSTEM = 0x100;
     private const ulong FAN_OPEN = 0x20, FAN_OPEN_EXEC = 0x1000, FAN_Q_OVERFLOW = 0x4000;
-    private const int O_RDONLY = 0, O_LARGEFILE = 0x8000, AT_FDCWD = -100, EAGAIN = 11, EINTR = 4;
+    private const int O_RDONLY = 0, O_LARGEFILE = 0x8000, O_CLOEXEC = 0x80000, AT_FDCWD = -100, EAGAIN = 11, EINTR = 4;
     private const int MetadataLength = 24; // struct fanotify_event_metadata (vers 3)
 
     private readonly int _fd;
@@ -26,6 +26,7 @@ public sealed partial class FanotifyRecorder : IDisposable
     private readonly HashSet<string> _seen = new(StringComparer.Ordinal);
     private readonly Lock _lock = new();
     private volatile bool _stop;
+    private bool _closed;
     private Exception? _failure;
 
     /// <summary>True when the kernel dropped events (queue overflow): the record is then incomplete.</summary>
@@ -42,7 +43,8 @@ public sealed partial class FanotifyRecorder : IDisposable
     public static FanotifyRecorder Start(string mountPoint)
     {
         var full = Path.GetFullPath(mountPoint).TrimEnd('/');
-        int fd = fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK, O_RDONLY | O_LARGEFILE);
+        // O_CLOEXEC on the event fds too: ctr is started while events arrive, and must not inherit the opened files.
+        int fd = fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK, O_RDONLY | O_LARGEFILE | O_CLOEXEC);
         if (fd < 0)
             throw new IOException($"fanotify_init: {Marshal.GetLastPInvokeErrorMessage()} (errno {Marshal.GetLastPInvokeError()}; needs root / CAP_SYS_ADMIN)");
         if (fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FAN_OPEN | FAN_OPEN_EXEC, AT_FDCWD, full) != 0)
@@ -156,6 +158,8 @@ public sealed partial class FanotifyRecorder : IDisposable
 
     public void Dispose()
     {
+        if (_closed) return;
+        _closed = true;
         if (!_stop)
         {
             _stop = true;
