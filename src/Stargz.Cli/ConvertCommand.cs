@@ -109,7 +109,7 @@ internal static class ConvertCommand
         }
     }
 
-    private sealed class LineProgress(TextWriter w) : IProgress<ConvertedLayer>
+    internal sealed class LineProgress(TextWriter w) : IProgress<ConvertedLayer>
     {
         private readonly Lock _lock = new();
 

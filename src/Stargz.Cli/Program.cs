@@ -15,7 +15,7 @@ public static class Program
           stargz image convert [--zstd] [--chunk-size N] [--level L] [--prioritize PATH]... [--plain-http]
                                [--platform P | --all-platforms] [--user U:P] SRC DST
               registry to registry: every layer rebuilt as eStargz (or zstd:chunked), annotated with its TOC digest
-        """ + "\n" + RpullCommand.Usage + StatusCommand.Usage;
+        """ + "\n" + OptimizeCommand.Usage + RpullCommand.Usage + StatusCommand.Usage;
 
     public static async Task<int> Main(string[] args)
     {
@@ -27,6 +27,8 @@ public static class Program
                 return await RpullCommand.RunAsync(args[2..], Console.Out, Console.Error, cts.Token);
             if (args.Length >= 1 && args[0] == "status")
                 return await StatusCommand.RunAsync(args[1..], Console.Out, Console.Error, cts.Token);
+            if (args.Length >= 2 && args[0] == "image" && args[1] == "optimize")
+                return await OptimizeCommand.RunAsync(args[2..], Console.Out, Console.Error, cts.Token);
             if (args.Length >= 2 && args[0] == "image" && args[1] == "convert")
                 return await ConvertCommand.RunAsync(args[2..], Console.Out, Console.Error, cts.Token);
             if (args.Length >= 2 && args[0] == "blob")
