@@ -229,6 +229,23 @@ public sealed class DiskBudget
 
     private bool _heldImages = true; // evicted images may be held (found at start): look once
 
+    /// <summary>
+    /// Room for a new promoted image: older images go (least recently mounted first), no chunk — the layer being promoted
+    /// needs its chunks until its image is built, and other layers' chunks are what their containers read lazily.
+    /// </summary>
+    public bool MakeRoomForImage(long bytes)
+    {
+        var limit = Limit;
+        if (limit <= 0 || Used + bytes <= limit) return true;
+        if (Images is not { } images) return false;
+        lock (_evicting)
+        {
+            if (_heldImages) _heldImages = images.FreeHeld();
+            if (Used + bytes > limit) EvictImages(images, bytes, limit);
+            return Used + bytes <= limit;
+        }
+    }
+
     /// <summary>Deletes the evicted images nothing holds any more (called now and then: a status or metrics query).</summary>
     public void FreeHeldImages()
     {

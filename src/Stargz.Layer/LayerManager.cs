@@ -64,6 +64,8 @@ public sealed class LayerManager : IAsyncDisposable
         public readonly List<FuseServer> Earlier = [];
         public RemoteBlobFetcher Blob { get; } = blob;
         public volatile bool Promoted;
+        /// <summary>Its image was evicted: a promotion again waits for room, it does not evict another image.</summary>
+        public volatile bool Evicted;
         public volatile string? PromotionError;
     }
 
@@ -529,7 +531,7 @@ public sealed class LayerManager : IAsyncDisposable
             // Let the mount-time burst of other layers' fetches and the container's start settle first.
             await _gate.WaitQuietAsync(_disposed.Token).ConfigureAwait(false);
             var dir = await _promoter.PromoteAsync(m.Layer.Digest, m.Layer.TocDigest, mountpoint, m.Layer.FileSystem, m.Layer.FileSystem.TotalBytes,
-                _disposed.Token).ConfigureAwait(false);
+                !m.Evicted, _disposed.Token).ConfigureAwait(false);
             if (dir == null)
             {
                 m.PromotionError = "promotion failed (see the daemon log)";
@@ -679,6 +681,7 @@ public sealed class LayerManager : IAsyncDisposable
             if (m.Server != null) m.Earlier.Add(m.Server);
             m.Server = server;
             m.Promoted = false;
+            m.Evicted = true;
         }
         _promoter.Release(m.Layer.Digest, drop: false);
         _log.LogInformation("layer {Digest} at {MountPoint}: EROFS image evicted, served lazily through FUSE again", m.Layer.Digest, mountpoint);

@@ -145,8 +145,10 @@ public sealed class ErofsPromoter : IDisposable
     /// checks it against the TOC (<see cref="ErofsImageCheck"/>), then records it. Returns the image's mount dir, or null
     /// when the promotion failed (logged and counted; the layer stays on FUSE).
     /// </summary>
+    /// <param name="mayEvictImages">older images may make room for this one (not for a layer whose own image was evicted:
+    /// two layers whose images do not both fit would otherwise take turns).</param>
     internal async Task<string?> PromoteAsync(string layerDigest, string tocDigest, string source, LayerFileSystem fs, long uncompressedBytes,
-        CancellationToken ct)
+        bool mayEvictImages, CancellationToken ct)
     {
         await _one.WaitAsync(ct).ConfigureAwait(false);
         var image = ImagePath(layerDigest);
@@ -156,7 +158,8 @@ public sealed class ErofsPromoter : IDisposable
         {
             if (Lookup(layerDigest, tocDigest) != null) return Acquire(layerDigest); // another snapshot of the layer did it
             // The image is about as big as the layer's files; it replaces their chunks, but both exist while it is built.
-            if (!_budget.HasRoom(uncompressedBytes))
+            // Older images make room for it (least recently mounted first): chunks do not, they are being read.
+            if (mayEvictImages ? !_budget.MakeRoomForImage(uncompressedBytes) : !_budget.HasRoom(uncompressedBytes))
                 throw new IOException($"no room in max_disk_mb for a {uncompressedBytes >> 20} MiB image next to the chunks");
             System.IO.Directory.CreateDirectory(Directory);
             var sw = Stopwatch.StartNew();
@@ -242,6 +245,7 @@ public sealed class ErofsPromoter : IDisposable
         var mnt = MountPath(layerDigest);
         lock (_mountLock)
         {
+            _budget.TouchImage(layerDigest);
             if (_mountRefs.TryGetValue(layerDigest, out var n) && n > 0)
             {
                 _mountRefs[layerDigest] = n + 1;
@@ -251,7 +255,6 @@ public sealed class ErofsPromoter : IDisposable
             ErofsNative.Detach(mnt); // left by a previous run
             ErofsNative.MountErofs(ImagePath(layerDigest), mnt);
             _mountRefs[layerDigest] = 1;
-            _budget.TouchImage(layerDigest);
             return mnt;
         }
     }
