@@ -227,22 +227,22 @@ public class ErofsPromotionTests
 
     /// <summary>
     /// Issue 20's disk rule on real containerd: under max_disk_mb, image A's layers are promoted; image B's data layer,
-    /// once fully fetched, needs room for its image, and A's data image (the least recently mounted, no container on it)
-    /// is evicted for it. A's layer goes back to lazy FUSE: a new container on A reads the right bytes, fetched from the
+    /// once fully fetched, needs room for its image, and A's images (the least recently mounted, no container on them)
+    /// are evicted for it. A's layer goes back to lazy FUSE: a new container on A reads the right bytes, fetched from the
     /// registry again, with its data layer on FUSE; the disk use sampled all along stays within the budget plus one batch.
     /// </summary>
     [Fact]
     public async Task APromotedImageIsEvictedForAnotherUnderTheBudgetAndANewContainerOnItReadsRightBytesLazily()
     {
         Requires.Erofs();
-        const int budgetMb = 26;
+        const int budgetMb = 34;
         await using var rig = await OutageRig.StartAsync(fetchingTimeoutSec: 300, backgroundFetch: true, extraToml: $"""
             [directory_cache]
             max_disk_mb = {budgetMb}
             [erofs]
             promote = true
             """);
-        var a = await rig.PushImageAsync("evict/a", new Dictionary<string, int> { ["a0.bin"] = 4 << 10, ["a1.bin"] = 4 << 10 }, seed: 2031,
+        var a = await rig.PushImageAsync("evict/a", new Dictionary<string, int> { ["a0.bin"] = 5 << 10, ["a1.bin"] = 5 << 10 }, seed: 2031,
             "--estargz-chunk-size", "262144");
         var b = await rig.PushImageAsync("evict/b", new Dictionary<string, int> { ["b0.bin"] = 4 << 10, ["b1.bin"] = 4 << 10, ["b2.bin"] = 4 << 10 },
             seed: 2032, "--estargz-chunk-size", "262144");
@@ -273,14 +273,15 @@ public class ErofsPromotionTests
         await WaitAsync("A's two layers were not promoted", async () => await rig.MetricAsync("stargz_layers_promoted") >= 2);
         var fetchedBefore = await rig.MetricAsync("stargz_layer_fetched_bytes");
 
-        // B (sharing A's busybox layer, promoted already): its data layer's image takes the place of A's.
+        // B: its layers fit beside A's images, but its data layer's image does not: A's images (the least recently
+        // mounted) make room for it. A's layers then fetch again in the background, but its data layer's image does not
+        // fit beside B's: it stays on FUSE.
         await rig.RpullAsync(b.Estargz);
         var second = (await rig.RunAsync(b.Estargz, "evict-b1", "cd /data && sha256sum *.bin")).EnsureSuccess("run on B");
         Assert.Equal(b.Sha256, Sums(second.StdOut));
         await WaitAsync("B's data layer was not promoted in place of A's", async () =>
             await rig.MetricAsync("stargz_erofs_image_evictions") >= 1 && await rig.MetricAsync("stargz_erofs_promotions") >= 3);
-        Assert.Equal(1, await rig.MetricAsync("stargz_erofs_image_evictions"));
-        Assert.Equal(2, await rig.MetricAsync("stargz_layers_promoted")); // busybox and B's data; A's data is served by FUSE
+        Assert.True(await rig.MetricAsync("stargz_layers_promoted") < 4, "A's layers are all still promoted");
         Assert.NotNull(await E2eHelpers.WaitLogLineAsync(rig.Daemon, "served lazily through FUSE again"));
         Assert.Empty(Directory.GetFiles(Path.Combine(rig.DaemonRoot, "stargz", "erofs"), "*.evicted-*")); // nothing held it: deleted
 
@@ -289,10 +290,9 @@ public class ErofsPromotionTests
         Assert.Equal(a.Sha256, Sums(third.StdOut));
         var root = third.StdOut.Split('\n').Single(l => l.Split(' ') is { Length: > 4 } f && f[4] == "/");
         var types = LowerDirs(root[(root.LastIndexOf(' ') + 1)..]).Select(d => Mounts.List().LastOrDefault(m => m.MountPoint == d)?.FsType).ToList();
-        Assert.Contains("erofs", types);
         Assert.Contains(types, t => t != null && t.StartsWith("fuse", StringComparison.Ordinal));
         var fetched = await rig.MetricAsync("stargz_layer_fetched_bytes") - fetchedBefore;
-        Assert.True(fetched >= (12 + 8) * 0.95 * (1 << 20), $"{fetched} bytes fetched since A was promoted: B's 12 MiB and A's 8 MiB again expected");
+        Assert.True(fetched >= (12 + 10) * 0.95 * (1 << 20), $"{fetched} bytes fetched since A was promoted: B's 12 MiB and A's 10 MiB again expected");
         stop.Cancel();
         await sampler;
         Assert.True(max <= ((long)budgetMb << 20) + (4 << 20), $"the daemon's layer files took {max} bytes; budget {budgetMb} MiB");
