@@ -138,7 +138,8 @@ public sealed class FuseServer : IDisposable
 
     private static unsafe FuseServer Adopt(AdoptedConnection c, IFuseFileSystem fs, FuseMountOptions opt)
     {
-        var server = new FuseServer(c.MountPoint, fs, opt, c.Fds[0], c.Agreement) { Adopted = true };
+        var server = new FuseServer(c.MountPoint, fs, opt, c.Fds[0], c.Agreement) { Adopted = true, _storeName = c.StoreName };
+        if (c.DetachedTag != null) server._unmounted = 1; // no mount point to unmount: it ends with what was made over it
         server._backings.Start(c.Agreement.Passthrough, adopted: true);
         server._fds.AddRange(c.Fds);
         // Requests the earlier process had read but not answered sit on its (stored) fds' processing lists: the kernel
@@ -347,10 +348,8 @@ public sealed class FuseServer : IDisposable
     /// <summary>Serves a detached connection a store passed back at start (<see cref="FuseConnectionStore.TakeDetached"/>).</summary>
     public static FuseServer AdoptDetached(AdoptedConnection c, IFuseFileSystem fs, FuseMountOptions opt)
     {
-        var server = Adopt(c, fs, opt);
-        server._storeName = c.StoreName;
-        server._unmounted = 1; // nothing to unmount: it has no mount point any more
-        return server;
+        if (c.DetachedTag == null) throw new ArgumentException($"the connection of {c.MountPoint} is not a detached one", nameof(c));
+        return Adopt(c, fs, opt);
     }
 
     public void Dispose() => Unmount();

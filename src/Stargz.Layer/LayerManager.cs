@@ -242,6 +242,7 @@ public sealed class LayerManager : IAsyncDisposable
             layer.FileSystem.PassthroughUsable = () => server.PassthroughUsable;
             var mounted = new Mounted(layer, server, resolved.Blob);
             _mounts[mountpoint] = mounted;
+            AdoptDetached(mountpoint, mounted);
             layer.StartBackgroundWork(prefetchSize);
             PromoteAfterBackgroundWork(mountpoint, mounted);
             if (server.Adopted)
@@ -511,7 +512,9 @@ public sealed class LayerManager : IAsyncDisposable
             return false;
         }
         layer.FileSystem.PromotedRoot = dir;
-        _mounts[mountpoint] = new Mounted(layer, null, blob) { Promoted = true };
+        var mounted = new Mounted(layer, null, blob) { Promoted = true };
+        _mounts[mountpoint] = mounted;
+        AdoptDetached(mountpoint, mounted);
         _log.LogInformation("mounted layer {Digest} of {Reference} at {MountPoint} from its EROFS image {Image}",
             layer.Digest, layer.Reference, mountpoint, _promoter.ImagePath(layer.Digest));
         return true;
@@ -587,6 +590,31 @@ public sealed class LayerManager : IAsyncDisposable
             _log.LogInformation("layer {Digest} at {MountPoint} switched to its EROFS image; its FUSE mount stays only for overlays made before",
                 m.Layer.Digest, mountpoint);
             return true;
+        }
+    }
+
+    /// <summary>
+    /// After a restart: the FUSE connections of this mountpoint's layer that an earlier process had detached when it promoted
+    /// the layer (containers started before the promotion still read through them) are served again, from the image when
+    /// the layer is promoted, else from the cache and the registry.
+    /// </summary>
+    private void AdoptDetached(string mountpoint, Mounted m)
+    {
+        if (_fuse.Connections is not { } store) return;
+        var tag = DetachedTag(m.Layer);
+        foreach (var c in store.TakeDetached(mountpoint, t => t == tag))
+        {
+            try
+            {
+                var server = FuseServer.AdoptDetached(c, m.Layer.FileSystem, _fuse);
+                lock (m) m.Earlier.Add(server);
+                _log.LogInformation("adopted a detached FUSE connection of layer {Digest} at {MountPoint} (containers started before its promotion; {Waited} requests had waited)",
+                    m.Layer.Digest, mountpoint, server.WaitedRequests);
+            }
+            catch (Exception e) when (e is IOException or InvalidOperationException)
+            {
+                _log.LogWarning("layer {Digest}: cannot adopt a detached FUSE connection of {MountPoint}: {Error}", m.Layer.Digest, mountpoint, e.Message);
+            }
         }
     }
 
