@@ -161,6 +161,7 @@ public class ErofsPromotionTests
         Assert.StartsWith("fuse", FsTypeAt(mp));
         var info = rig.Manager.Layers.Single(l => l.MountPoint == mp);
         Assert.False(info.Promoted);
+        Assert.False(info.AllChunksFetched); // status: serving again (its chunks were dropped at the promotion)
         Assert.Null(info.ErofsImage);
         Assert.False(File.Exists(image));
         Assert.Empty(Directory.GetFiles(erofsDir, "*.promoted"));
