@@ -32,8 +32,10 @@ public sealed class FuseServer : IDisposable
     private int _unmounted;
     private int _fdsClosed;
 
-    /// <summary>Absolute path of the mount point.</summary>
-    public string MountPoint { get; }
+    /// <summary>Absolute path of the mount point (where it was mounted, or moved to: <see cref="MovedTo"/>).</summary>
+    public string MountPoint { get; private set; }
+    // The connection's name in the fd store when it is not the mount point's (a detached connection: StoreDetached).
+    private string? _storeName;
     /// <summary>Negotiated protocol minor version (7.x).</summary>
     public uint ProtocolMinor => _session.ProtocolMinor;
     /// <summary>True when the kernel accepted passthrough in INIT.</summary>
@@ -136,7 +138,8 @@ public sealed class FuseServer : IDisposable
 
     private static unsafe FuseServer Adopt(AdoptedConnection c, IFuseFileSystem fs, FuseMountOptions opt)
     {
-        var server = new FuseServer(c.MountPoint, fs, opt, c.Fds[0], c.Agreement) { Adopted = true };
+        var server = new FuseServer(c.MountPoint, fs, opt, c.Fds[0], c.Agreement) { Adopted = true, _storeName = c.StoreName };
+        if (c.DetachedTag != null) server._unmounted = 1; // no mount point to unmount: it ends with what was made over it
         server._backings.Start(c.Agreement.Passthrough, adopted: true);
         server._fds.AddRange(c.Fds);
         // Requests the earlier process had read but not answered sit on its (stored) fds' processing lists: the kernel
@@ -273,7 +276,8 @@ public sealed class FuseServer : IDisposable
     private async Task DrainThenCloseAsync()
     {
         // The connection is over (unmounted or aborted): the store lets go of it too.
-        _opt.Connections?.Drop(MountPoint);
+        if (_storeName is { } name) _opt.Connections?.DropName(name);
+        else _opt.Connections?.Drop(MountPoint);
         if (await _inflight.DrainAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false)) CloseFds();
         else _opt.Log?.Invoke($"{_inflight.Count} FUSE reads did not finish after the connection ended; leaving fds open");
         _backings.Dispose();
@@ -306,6 +310,47 @@ public sealed class FuseServer : IDisposable
     }
 
     private bool WaitReaders(TimeSpan timeout) => _completion.Task.Wait(timeout);
+
+    /// <summary>
+    /// The mount was moved (a clone put at <paramref name="mountPoint"/>, the original detached): later unmounts go
+    /// there, and the fd store keeps the connection under its new mount point.
+    /// </summary>
+    public void MovedTo(string mountPoint)
+    {
+        var old = _storeName;
+        var oldMountPoint = MountPoint;
+        MountPoint = Path.GetFullPath(mountPoint);
+        _storeName = null;
+        if (_opt.Connections is not { } store || Volatile.Read(ref _fdsClosed) != 0) return;
+        store.Keep(MountPoint, _fds, _session.Agreement);
+        if (old != null) store.DropName(old);
+        else store.Drop(oldMountPoint);
+    }
+
+    /// <summary>
+    /// Detaches the mount (lazily: open files and the overlays made over it keep the connection) and keeps the connection
+    /// in the fd store under a name of its own, tagged with <paramref name="tag"/> (what its next server needs to know,
+    /// e.g. the layer), so that a mount made at the same point later is stored apart and a new process can adopt this one
+    /// (<see cref="FuseConnectionStore.TakeDetached"/>).
+    /// </summary>
+    public void DetachKeepingConnection(string tag)
+    {
+        Unmount(lazy: true);
+        if (_opt.Connections is not { } store || Volatile.Read(ref _fdsClosed) != 0) return;
+        var name = FuseConnectionStore.DetachedNameOf(MountPoint, tag);
+        if (name == _storeName) return;
+        store.Keep(MountPoint, _fds, _session.Agreement, name, tag);
+        if (_storeName is { } old) store.DropName(old);
+        else store.Drop(MountPoint);
+        _storeName = name;
+    }
+
+    /// <summary>Serves a detached connection a store passed back at start (<see cref="FuseConnectionStore.TakeDetached"/>).</summary>
+    public static FuseServer AdoptDetached(AdoptedConnection c, IFuseFileSystem fs, FuseMountOptions opt)
+    {
+        if (c.DetachedTag == null) throw new ArgumentException($"the connection of {c.MountPoint} is not a detached one", nameof(c));
+        return Adopt(c, fs, opt);
+    }
 
     public void Dispose() => Unmount();
 

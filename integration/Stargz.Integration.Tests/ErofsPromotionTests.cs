@@ -202,4 +202,100 @@ public class ErofsPromotionTests
         Assert.Empty(rig.FuseMounts());
         Assert.NotNull(await E2eHelpers.WaitLogLineAsync(rig.Daemon, "from its EROFS image"));
     }
+
+    /// <summary>Bytes of the daemon's layer files: chunks, copies, temp files, TOCs and EROFS images (evicted ones still held too).</summary>
+    private static long DiskBytes(string root)
+    {
+        long n = 0;
+        foreach (var sub in new[] { "cache", "toc", "erofs" })
+        {
+            var d = Path.Combine(root, "stargz", sub);
+            if (!Directory.Exists(d)) continue;
+            var files = sub == "erofs" ? Directory.EnumerateFiles(d) : Directory.EnumerateFiles(d, "*", SearchOption.AllDirectories); // not erofs/mnt
+            foreach (var f in files)
+            {
+                try { n += new FileInfo(f).Length; }
+                catch (FileNotFoundException) { }
+            }
+        }
+        return n;
+    }
+
+    private static Dictionary<string, string> Sums(string stdout) => stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+        .Select(l => l.Split(' ', 2, StringSplitOptions.TrimEntries)).Where(f => f.Length == 2 && f[1].EndsWith(".bin", StringComparison.Ordinal))
+        .ToDictionary(f => f[1], f => f[0]);
+
+    /// <summary>
+    /// Issue 20's disk rule on real containerd: under max_disk_mb, image A's layers are promoted; image B's data layer,
+    /// once fully fetched, needs room for its image, and A's images (the least recently mounted, no container on them)
+    /// are evicted for it. A's layer goes back to lazy FUSE: a new container on A reads the right bytes, fetched from the
+    /// registry again, with its data layer on FUSE; the disk use sampled all along stays within the budget plus one batch.
+    /// </summary>
+    [Fact]
+    public async Task APromotedImageIsEvictedForAnotherUnderTheBudgetAndANewContainerOnItReadsRightBytesLazily()
+    {
+        Requires.Erofs();
+        const int budgetMb = 34;
+        await using var rig = await OutageRig.StartAsync(fetchingTimeoutSec: 300, backgroundFetch: true, extraToml: $"""
+            [directory_cache]
+            max_disk_mb = {budgetMb}
+            [erofs]
+            promote = true
+            """);
+        var a = await rig.PushImageAsync("evict/a", new Dictionary<string, int> { ["a0.bin"] = 5 << 10, ["a1.bin"] = 5 << 10 }, seed: 2031,
+            "--estargz-chunk-size", "262144");
+        var b = await rig.PushImageAsync("evict/b", new Dictionary<string, int> { ["b0.bin"] = 4 << 10, ["b1.bin"] = 4 << 10, ["b2.bin"] = 4 << 10 },
+            seed: 2032, "--estargz-chunk-size", "262144");
+        long max = 0;
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(Ct);
+        var sampler = Task.Run(async () =>
+        {
+            while (!stop.IsCancellationRequested)
+            {
+                max = Math.Max(max, DiskBytes(rig.DaemonRoot));
+                try { await Task.Delay(50, stop.Token); } catch (OperationCanceledException) { }
+            }
+        }, Ct);
+        async Task WaitAsync(string what, Func<Task<bool>> done)
+        {
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(240);
+            while (!await done())
+            {
+                Assert.True(DateTime.UtcNow < deadline, $"{what} within 240 s:\n{rig.Daemon.Log}");
+                await Task.Delay(500, Ct);
+            }
+        }
+
+        // A: both layers promoted (its container ran and is gone).
+        await rig.RpullAsync(a.Estargz);
+        var first = (await rig.RunAsync(a.Estargz, "evict-a1", "cd /data && sha256sum *.bin")).EnsureSuccess("run on A");
+        Assert.Equal(a.Sha256, Sums(first.StdOut));
+        await WaitAsync("A's two layers were not promoted", async () => await rig.MetricAsync("stargz_layers_promoted") >= 2);
+        var fetchedBefore = await rig.MetricAsync("stargz_layer_fetched_bytes");
+
+        // B: its layers fit beside A's images, but its data layer's image does not: A's images (the least recently
+        // mounted) make room for it. A's layers then fetch again in the background, but its data layer's image does not
+        // fit beside B's: it stays on FUSE.
+        await rig.RpullAsync(b.Estargz);
+        var second = (await rig.RunAsync(b.Estargz, "evict-b1", "cd /data && sha256sum *.bin")).EnsureSuccess("run on B");
+        Assert.Equal(b.Sha256, Sums(second.StdOut));
+        await WaitAsync("B's data layer was not promoted in place of A's", async () =>
+            await rig.MetricAsync("stargz_erofs_image_evictions") >= 1 && await rig.MetricAsync("stargz_erofs_promotions") >= 3);
+        Assert.True(await rig.MetricAsync("stargz_layers_promoted") < 4, "A's layers are all still promoted");
+        Assert.NotNull(await E2eHelpers.WaitLogLineAsync(rig.Daemon, "served lazily through FUSE again"));
+        Assert.Empty(Directory.GetFiles(Path.Combine(rig.DaemonRoot, "stargz", "erofs"), "*.evicted-*")); // nothing held it: deleted
+
+        // A new container on A: right bytes, its data layer on FUSE, fetched from the registry again.
+        var third = (await rig.RunAsync(a.Estargz, "evict-a2", "cd /data && sha256sum *.bin; cat /proc/self/mountinfo")).EnsureSuccess("run on A again");
+        Assert.Equal(a.Sha256, Sums(third.StdOut));
+        var root = third.StdOut.Split('\n').Single(l => l.Split(' ') is { Length: > 4 } f && f[4] == "/");
+        var types = LowerDirs(root[(root.LastIndexOf(' ') + 1)..]).Select(d => Mounts.List().LastOrDefault(m => m.MountPoint == d)?.FsType).ToList();
+        Assert.Contains(types, t => t != null && t.StartsWith("fuse", StringComparison.Ordinal));
+        var fetched = await rig.MetricAsync("stargz_layer_fetched_bytes") - fetchedBefore;
+        Assert.True(fetched >= (12 + 10) * 0.95 * (1 << 20), $"{fetched} bytes fetched since A was promoted: B's 12 MiB and A's 10 MiB again expected");
+        stop.Cancel();
+        await sampler;
+        Assert.True(max <= ((long)budgetMb << 20) + (4 << 20), $"the daemon's layer files took {max} bytes; budget {budgetMb} MiB");
+        TestContext.Current.TestOutputHelper?.WriteLine($"disk peak {max} bytes (budget {budgetMb} MiB), {fetched} bytes fetched after A's promotion");
+    }
 }

@@ -146,6 +146,95 @@ public class SurviveRestartTests
     }
 
     /// <summary>/dev/fuse descriptors the process holds (the supervisor's fd store).</summary>
+    /// <summary>
+    /// Issue 20: a container started lazily keeps reading through its layers' FUSE connections after they are promoted to
+    /// EROFS (the mounts are detached then, new containers get the images). Those detached connections are kept in the fd
+    /// store too, under their layer, and a restarted daemon adopts them (served from the images): the container's reads
+    /// go on with right bytes across a SIGKILL and a SIGTERM.
+    /// </summary>
+    [Fact]
+    public async Task AContainerStartedBeforeItsLayersWerePromotedKeepsReadingRightBytesAcrossAKillAndARestart()
+    {
+        Requires.Erofs();
+        await using var rig = await OutageRig.StartAsync(supervised: true, backgroundFetch: true, extraToml: "[erofs]\npromote = true\n");
+        var ct = TestContext.Current.CancellationToken;
+        var set = new Dictionary<string, int>();
+        for (int i = 0; i < 4; i++) set[$"f{i:00}.bin"] = 4096;
+        var img = await rig.PushImageAsync("survive/promoted", set, seed: 1702);
+        await rig.RpullAsync(img.Estargz);
+        var outDir = rig.Work.Sub("reader-out");
+        await File.WriteAllLinesAsync(Path.Combine(outDir, "expected"), img.Sha256.Select(kv => $"{kv.Value}  {kv.Key}"), ct);
+        const string script = """
+            cd /data
+            n=0
+            while [ ! -e /out/stop ]; do
+              n=$((n+1))
+              if sha256sum -c /out/expected > /out/last 2>&1; then echo "pass $n" >> /out/log
+              else echo "FAIL $n" >> /out/log; cat /out/last >> /out/log; fi
+            done
+            echo "stopped $n" >> /out/log
+            """;
+        (await rig.Containerd.CtrAsync("run", "-d", "--snapshotter", "stargz",
+            "--mount", $"type=bind,src={outDir},dst=/out,options=rbind:rw", img.Estargz, "early", "/bin/sh", "-c", script))
+            .EnsureSuccess("ctr run -d early");
+        var log = Path.Combine(outDir, "log");
+        int Passes() => File.Exists(log) ? File.ReadAllLines(log).Count(l => l.StartsWith("pass ", StringComparison.Ordinal)) : 0;
+        string Failures() => File.Exists(log) ? string.Join('\n', File.ReadAllLines(log).Where(l => !l.StartsWith("pass ", StringComparison.Ordinal))) : "";
+        // Every pass reads through the connection, not the page cache.
+        using var stopDropping = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var dropper = Task.Run(async () =>
+        {
+            while (!stopDropping.IsCancellationRequested)
+            {
+                try { await File.WriteAllTextAsync("/proc/sys/vm/drop_caches", "3", CancellationToken.None); } catch (IOException) { }
+                try { await Task.Delay(300, stopDropping.Token); } catch (OperationCanceledException) { }
+            }
+        }, CancellationToken.None);
+        async Task WaitPassesAsync(int atLeast, string after)
+        {
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(180);
+            while (Passes() < atLeast)
+            {
+                Assert.True(Failures() == "", $"the reader saw errors {after}:\n{Failures()}\ndaemon log:\n{Tail(rig.Daemon.Log)}");
+                if (DateTime.UtcNow > deadline) throw new TimeoutException($"the reader made {Passes()} passes, not {atLeast}, {after}\n{Tail(rig.Daemon.Log)}");
+                await Task.Delay(200, ct);
+            }
+        }
+
+        await WaitPassesAsync(1, "before the promotion");
+        Assert.Equal(2, rig.FuseMountIds().Count);
+        await rig.WaitMetricAsync("stargz_layers_promoted", v => v >= 2, TimeSpan.FromSeconds(240));
+        // Promoted: no FUSE mount left at the mount points; the container reads through the detached connections.
+        Assert.Empty(rig.FuseMountIds());
+        await WaitPassesAsync(Passes() + 2, "after the promotion");
+
+        foreach (var (what, signal) in new[] { ("SIGKILL", SigKill), ("SIGTERM", SigTerm) })
+        {
+            int before = Passes();
+            await rig.Daemon.SignalAndWaitRestartAsync(signal);
+            await rig.WaitContainerdReachesDaemonAsync();
+            Assert.NotNull(await E2eHelpers.WaitLogLineAsync(rig.Daemon, "adopted a detached FUSE connection"));
+            await WaitPassesAsync(before + 2, $"after {what}");
+            // New containers get the images.
+            Assert.Equal(img.Sha256["f01.bin"], await rig.Sha256InContainerAsync(img.Estargz, $"late-{what.ToLowerInvariant()}", "f01.bin"));
+            Assert.Equal(2, await rig.MetricAsync("stargz_layers_promoted"));
+        }
+
+        File.WriteAllText(Path.Combine(outDir, "stop"), "");
+        var end = DateTime.UtcNow + TimeSpan.FromSeconds(120);
+        while (!File.ReadAllText(log).Contains("stopped", StringComparison.Ordinal) && DateTime.UtcNow < end) await Task.Delay(200, ct);
+        await stopDropping.CancelAsync();
+        await dropper;
+        Assert.Equal("stopped", Regex.Replace(Failures(), @"stopped \d+", "stopped"));
+
+        // The container gone, its detached connections end and leave the fd store.
+        (await rig.Containerd.CtrAsync("tasks", "rm", "-f", "early")).EnsureSuccess("ctr tasks rm early");
+        (await rig.Containerd.CtrAsync("containers", "rm", "early")).EnsureSuccess("ctr containers rm early");
+        var gone = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+        while (StoredFuseFds(rig.Daemon.Pid) > 0 && DateTime.UtcNow < gone) await Task.Delay(250, ct);
+        Assert.Equal(0, StoredFuseFds(rig.Daemon.Pid));
+    }
+
     private static int StoredFuseFds(int pid)
     {
         int n = 0;

@@ -317,6 +317,8 @@ public static class LayerMetrics
         "stargz_erofs_promotion_failures", "Promotions to EROFS that failed (build, mount or check against the TOC); those layers stay on FUSE.");
     private static readonly Gauge PromotionBytes = Prometheus.Metrics.CreateGauge(
         "stargz_erofs_promoted_bytes", "Bytes of the EROFS images built since the daemon started.");
+    private static readonly Gauge ImageEvictions = Prometheus.Metrics.CreateGauge(
+        "stargz_erofs_image_evictions", "EROFS images evicted to stay within max_disk_mb since the daemon started (their layers went back to lazy FUSE).");
 
     public static void Track(LayerManager manager, RegistryClient registry) =>
         Prometheus.Metrics.DefaultRegistry.AddBeforeCollectCallback(() =>
@@ -371,5 +373,6 @@ public static class LayerMetrics
             Promotions.Set(promotions);
             PromotionFailures.Set(failures);
             PromotionBytes.Set(bytes);
+            ImageEvictions.Set(manager.ImageEvictions);
         });
 }

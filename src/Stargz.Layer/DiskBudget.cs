@@ -11,15 +11,34 @@ public enum CacheFileKind
     Copy = 1,
     /// <summary>A chunk that was read (on demand, prefetch, or from disk since).</summary>
     Chunk = 2,
-    /// <summary>A stored TOC: counted, never evicted (a restart needs it to mount offline).</summary>
-    Toc = 3,
+    /// <summary>
+    /// A promoted layer's EROFS image (key = layer digest): evicted last, least recently mounted first, through
+    /// <see cref="DiskBudget.Images"/>, which puts the layer back on lazy FUSE.
+    /// </summary>
+    Image = 3,
+    /// <summary>A stored TOC (or an evicted image the kernel still holds): counted, never evicted.</summary>
+    Toc = 4,
+}
+
+/// <summary>What the budget needs from the owner of the promoted images to evict one (the layer manager).</summary>
+internal interface IImageEviction
+{
+    /// <summary>Deletes evicted images nothing holds any more (taking them out of the budget); true when one is still held.</summary>
+    bool FreeHeld();
+
+    /// <summary>
+    /// Takes the layer's image out of use (its mounts go back to lazy FUSE, its record is removed) and deletes it, or,
+    /// while a running container still reads it, keeps counting it until it is freed. False when it could not be done.
+    /// </summary>
+    bool Evict(string layerDigest);
 }
 
 /// <summary>
 /// The bytes the disk cache holds (chunks, whole-file copies, TOCs) and, with <c>[directory_cache] max_disk_mb</c>, the
 /// budget they stay within: adding a file evicts the least recently used ones first — background-fetched chunks nobody
-/// read, then whole-file copies, then chunks that were read — skipping pinned files (held open by a mount). Without a
-/// budget it only counts (Usage, metrics). Every method is thread-safe; evictions are serialized.
+/// read, then whole-file copies, then chunks that were read — skipping pinned files (held open by a mount), and last
+/// promoted layers' EROFS images, least recently mounted first (<see cref="Images"/>). Without a budget it only
+/// counts (Usage, metrics). Every method is thread-safe; evictions are serialized.
 /// </summary>
 public sealed class DiskBudget
 {
@@ -36,9 +55,10 @@ public sealed class DiskBudget
     private readonly ConcurrentDictionary<string, Entry> _chunks = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, Entry> _copies = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, Entry> _tocs = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, Entry> _images = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, int> _pinsBeforeAdd = new(StringComparer.Ordinal);
     private readonly object _evicting = new();
-    private long _used, _evictions, _evictedBytes;
+    private long _used, _evictions, _evictedBytes, _imageEvictions;
 
     /// <summary>The budget in bytes; 0 = unbounded (counting only).</summary>
     public long Limit { get; set; }
@@ -54,6 +74,12 @@ public sealed class DiskBudget
 
     public long EvictedBytes => Interlocked.Read(ref _evictedBytes);
 
+    /// <summary>Promoted layers' EROFS images evicted (their layers went back to lazy FUSE), since the start.</summary>
+    public long ImageEvictions => Interlocked.Read(ref _imageEvictions);
+
+    /// <summary>Evicts promoted images when chunks and copies are not enough (null: images are never evicted).</summary>
+    internal IImageEviction? Images { get; set; }
+
     /// <summary>A chunk's file was evicted (key = chunk key).</summary>
     public Action<string>? ChunkEvicted { get; set; }
 
@@ -64,6 +90,7 @@ public sealed class DiskBudget
     {
         CacheFileKind.Copy => _copies,
         CacheFileKind.Toc => _tocs,
+        CacheFileKind.Image => _images,
         _ => _chunks,
     };
 
@@ -81,7 +108,7 @@ public sealed class DiskBudget
         {
             Interlocked.Add(ref _used, -old.Size);
             e.Pins = Math.Max(e.Pins, Volatile.Read(ref old.Pins));
-            if (old.Kind > e.Kind && kind != CacheFileKind.Toc) e.Kind = old.Kind; // a read chunk stays "read"
+            if (old.Kind > e.Kind && kind < CacheFileKind.Image) e.Kind = old.Kind; // a read chunk stays "read"
             return e;
         });
         Interlocked.Add(ref _used, size);
@@ -109,6 +136,12 @@ public sealed class DiskBudget
     public void TouchCopy(string digest)
     {
         if (_copies.TryGetValue(digest, out var e)) Volatile.Write(ref e.LastUse, Now);
+    }
+
+    /// <summary>A promoted layer's image was mounted (again): the most recently used of the images.</summary>
+    public void TouchImage(string layerDigest)
+    {
+        if (_images.TryGetValue(layerDigest, out var e)) Volatile.Write(ref e.LastUse, Now);
     }
 
     private static string PinId(CacheFileKind kind, string key) => kind == CacheFileKind.Copy ? "f" + key : "c" + key;
@@ -153,6 +186,12 @@ public sealed class DiskBudget
         lock (_evicting)
         {
             if (Used + bytes <= limit) return true;
+            // Evicted images the kernel held until now (their last container ended) go first: that costs no chunk.
+            if (_heldImages && Images is { } held)
+            {
+                _heldImages = held.FreeHeld();
+                if (Used + bytes <= limit) return true;
+            }
             // Down to 95% of what is left for the new file: the next few additions find room at once.
             var target = limit - bytes - limit / 20;
             var candidates = new List<Entry>(_chunks.Count + _copies.Count);
@@ -183,7 +222,57 @@ public sealed class DiskBudget
                 if (kind == CacheFileKind.Copy) CopyEvicted?.Invoke(e.Key);
                 else ChunkEvicted?.Invoke(e.Key);
             }
+            if (Used + bytes > limit && evictBelow > CacheFileKind.Image && Images is { } images) EvictImages(images, bytes, limit);
             return Used + bytes <= limit;
+        }
+    }
+
+    private bool _heldImages = true; // evicted images may be held (found at start): look once
+
+    /// <summary>
+    /// Room for a new promoted image: older images go (least recently mounted first), no chunk — the layer being promoted
+    /// needs its chunks until its image is built, and other layers' chunks are what their containers read lazily.
+    /// </summary>
+    public bool MakeRoomForImage(long bytes)
+    {
+        var limit = Limit;
+        if (limit <= 0 || Used + bytes <= limit) return true;
+        if (Images is not { } images) return false;
+        lock (_evicting)
+        {
+            if (_heldImages) _heldImages = images.FreeHeld();
+            if (Used + bytes > limit) EvictImages(images, bytes, limit);
+            return Used + bytes <= limit;
+        }
+    }
+
+    /// <summary>Deletes the evicted images nothing holds any more (called now and then: a status or metrics query).</summary>
+    public void FreeHeldImages()
+    {
+        if (!_heldImages || Images is not { } images) return;
+        lock (_evicting) _heldImages = images.FreeHeld();
+    }
+
+    /// <summary>
+    /// Chunks and copies were not enough: promoted images go, least recently mounted first. An image a running container
+    /// still reads frees nothing until it ends (it stays counted, as a TOC is); while one such is held no further image is
+    /// evicted — it would free nothing either, and cost its layer the kernel's speed for no room.
+    /// </summary>
+    private void EvictImages(IImageEviction images, long bytes, long limit)
+    {
+        if (_heldImages) return;
+        var candidates = new List<Entry>(_images.Count);
+        foreach (var (_, e) in _images) if (Volatile.Read(ref e.Pins) == 0) candidates.Add(e);
+        candidates.Sort(static (a, b) => Volatile.Read(ref a.LastUse).CompareTo(Volatile.Read(ref b.LastUse)));
+        foreach (var e in candidates)
+        {
+            if (Used + bytes <= limit) break;
+            var before = Used;
+            if (!images.Evict(e.Key)) continue;
+            Interlocked.Increment(ref _imageEvictions);
+            if (Used < before) continue;
+            _heldImages = true;
+            break;
         }
     }
 

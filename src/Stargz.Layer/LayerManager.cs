@@ -35,13 +35,18 @@ public sealed class LayerManager : IAsyncDisposable
     private sealed record Resolved(RemoteBlobFetcher Blob, ResolvedToc Toc, DateTime At);
 
     /// <summary>A mounted layer: through FUSE (<see cref="Server"/>), or, once <see cref="Promoted"/>, an EROFS image bound at the mountpoint.
-    /// After a promotion the FUSE server stays until the kernel ends its connection (the last overlay made over it is gone).</summary>
+    /// After a promotion the FUSE server stays until the kernel ends its connection (the last overlay made over it is gone);
+    /// after an eviction of the image a new FUSE server serves the mountpoint and the earlier ones go to <see cref="Earlier"/>.</summary>
     private sealed class Mounted(RemoteLayer layer, FuseServer? server, RemoteBlobFetcher blob)
     {
         public RemoteLayer Layer { get; } = layer;
-        public FuseServer? Server { get; } = server;
+        public FuseServer? Server { get; set; } = server;
+        /// <summary>Detached FUSE servers of this mountpoint still serving overlays made before a promotion.</summary>
+        public readonly List<FuseServer> Earlier = [];
         public RemoteBlobFetcher Blob { get; } = blob;
         public volatile bool Promoted;
+        /// <summary>Its image was evicted: a promotion again waits for room, it does not evict another image.</summary>
+        public volatile bool Evicted;
         public volatile string? PromotionError;
     }
 
@@ -83,6 +88,7 @@ public sealed class LayerManager : IAsyncDisposable
             {
                 _promoter = new ErofsPromoter(erofsDir, Cache.Budget, _log);
                 _promoter.ScanAtStart();
+                Cache.Budget.Images = new ImageEviction(this);
             }
             else
             {
@@ -112,6 +118,7 @@ public sealed class LayerManager : IAsyncDisposable
     {
         get
         {
+            Cache.Budget.FreeHeldImages();
             var list = new List<MountedLayerInfo>();
             foreach (var (mp, m) in _mounts)
                 list.Add(new MountedLayerInfo(mp, m.Layer.Reference, m.Layer.Digest, m.Layer.TocDigest, m.Layer.Stats.Snapshot(),
@@ -128,6 +135,9 @@ public sealed class LayerManager : IAsyncDisposable
 
     /// <summary>The FUSE server of the mount (tests and diagnostics), or null.</summary>
     internal FuseServer? ServerOf(string mountpoint) => _mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m) ? m.Server : null;
+
+    /// <summary>Promoted layers' images evicted by this process to make room (their layers went back to lazy FUSE).</summary>
+    public long ImageEvictions => _promoter?.Evicted ?? 0;
 
     /// <summary>Layers promoted to EROFS by this process, promotions that failed, and bytes of the images built.</summary>
     public (long Promoted, long Failures, long Bytes) PromotionCounts => _promoter is { } p ? (p.Promoted, p.Failures, p.Bytes) : (0, 0, 0);
@@ -205,15 +215,9 @@ public sealed class LayerManager : IAsyncDisposable
             layer.FileSystem.PassthroughUsable = () => server.PassthroughUsable;
             var mounted = new Mounted(layer, server, resolved.Blob);
             _mounts[mountpoint] = mounted;
+            AdoptDetached(mountpoint, mounted);
             layer.StartBackgroundWork(prefetchSize);
-            if (_promoter != null)
-            {
-                var promotion = layer.BackgroundWork.ContinueWith(_ => PromoteWhenFetchedAsync(mountpoint, mounted), CancellationToken.None,
-                    TaskContinuationOptions.None, TaskScheduler.Default).Unwrap();
-                _promotions[promotion] = 0;
-                _ = promotion.ContinueWith(t => _promotions.TryRemove(t, out _), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously,
-                    TaskScheduler.Default);
-            }
+            PromoteAfterBackgroundWork(mountpoint, mounted);
             if (server.Adopted)
                 _log.LogInformation("adopted the kept FUSE connection of layer {Digest} of {Reference} at {MountPoint} ({Waited} requests had waited)",
                     digest, reference, mountpoint, server.WaitedRequests);
@@ -225,6 +229,16 @@ public sealed class LayerManager : IAsyncDisposable
         {
             _mounting.TryRemove(mountpoint, out _);
         }
+    }
+
+    private void PromoteAfterBackgroundWork(string mountpoint, Mounted mounted)
+    {
+        if (_promoter == null) return;
+        var promotion = mounted.Layer.BackgroundWork.ContinueWith(_ => PromoteWhenFetchedAsync(mountpoint, mounted), CancellationToken.None,
+            TaskContinuationOptions.None, TaskScheduler.Default).Unwrap();
+        _promotions[promotion] = 0;
+        _ = promotion.ContinueWith(t => _promotions.TryRemove(t, out _), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously,
+            TaskScheduler.Default);
     }
 
     private Task<Resolved> ResolveAsync(ImageReference imageRef, string digest, string[] urls, CancellationToken ct)
@@ -466,7 +480,9 @@ public sealed class LayerManager : IAsyncDisposable
             return false;
         }
         layer.FileSystem.PromotedRoot = dir;
-        _mounts[mountpoint] = new Mounted(layer, null, blob) { Promoted = true };
+        var mounted = new Mounted(layer, null, blob) { Promoted = true };
+        _mounts[mountpoint] = mounted;
+        AdoptDetached(mountpoint, mounted);
         _log.LogInformation("mounted layer {Digest} of {Reference} at {MountPoint} from its EROFS image {Image}",
             layer.Digest, layer.Reference, mountpoint, _promoter.ImagePath(layer.Digest));
         return true;
@@ -486,7 +502,7 @@ public sealed class LayerManager : IAsyncDisposable
             // Let the mount-time burst of other layers' fetches and the container's start settle first.
             await _gate.WaitQuietAsync(_disposed.Token).ConfigureAwait(false);
             var dir = await _promoter.PromoteAsync(m.Layer.Digest, m.Layer.TocDigest, mountpoint, m.Layer.FileSystem, m.Layer.FileSystem.TotalBytes,
-                _disposed.Token).ConfigureAwait(false);
+                !m.Evicted, _disposed.Token).ConfigureAwait(false);
             if (dir == null)
             {
                 m.PromotionError = "promotion failed (see the daemon log)";
@@ -524,16 +540,18 @@ public sealed class LayerManager : IAsyncDisposable
         {
             if (m.Promoted || !_mounts.TryGetValue(mountpoint, out var cur) || cur != m) return false;
             m.Layer.FileSystem.PromotedRoot = dir;
+            // The FUSE connection stays in the fd store under the layer's tag: a restart adopts it for the overlays made before.
+            var tag = DetachedTag(m.Layer);
             try
             {
                 ErofsNative.MountBeneath(dir, mountpoint);
-                m.Server?.Unmount(lazy: true);
+                m.Server?.DetachKeepingConnection(tag);
             }
             catch (IOException e)
             {
                 // An old kernel (< 6.5) or a mount propagation it refuses: detach then bind (a moment without the layer).
                 _log.LogInformation("layer {Digest}: cannot mount the image beneath {MountPoint} ({Error}); detaching FUSE first", m.Layer.Digest, mountpoint, e.Message);
-                m.Server?.Unmount(lazy: true);
+                m.Server?.DetachKeepingConnection(tag);
                 ErofsNative.Bind(dir, mountpoint);
             }
             m.Promoted = true;
@@ -541,6 +559,131 @@ public sealed class LayerManager : IAsyncDisposable
                 m.Layer.Digest, mountpoint);
             return true;
         }
+    }
+
+    /// <summary>
+    /// After a restart: the FUSE connections of this mountpoint's layer that an earlier process had detached when it promoted
+    /// the layer (containers started before the promotion still read through them) are served again, from the image when
+    /// the layer is promoted, else from the cache and the registry.
+    /// </summary>
+    private void AdoptDetached(string mountpoint, Mounted m)
+    {
+        if (_fuse.Connections is not { } store) return;
+        var tag = DetachedTag(m.Layer);
+        foreach (var c in store.TakeDetached(mountpoint, t => t == tag))
+        {
+            try
+            {
+                var server = FuseServer.AdoptDetached(c, m.Layer.FileSystem, _fuse);
+                lock (m) m.Earlier.Add(server);
+                _log.LogInformation("adopted a detached FUSE connection of layer {Digest} at {MountPoint} (containers started before its promotion; {Waited} requests had waited)",
+                    m.Layer.Digest, mountpoint, server.WaitedRequests);
+            }
+            catch (Exception e) when (e is IOException or InvalidOperationException)
+            {
+                _log.LogWarning("layer {Digest}: cannot adopt a detached FUSE connection of {MountPoint}: {Error}", m.Layer.Digest, mountpoint, e.Message);
+            }
+        }
+    }
+
+    /// <summary>What a detached FUSE connection of the layer is kept under in the fd store: its digest and TOC digest.</summary>
+    private static string DetachedTag(RemoteLayer layer) => layer.Digest + " " + layer.TocDigest;
+
+    /// <summary>The disk budget's way to evict a promoted image (<see cref="DiskBudget.Images"/>).</summary>
+    private sealed class ImageEviction(LayerManager manager) : IImageEviction
+    {
+        public bool FreeHeld() => manager._promoter!.FreeHeld();
+        public bool Evict(string layerDigest) => manager.EvictImage(layerDigest);
+    }
+
+    /// <summary>
+    /// Evicts the layer's EROFS image (the disk budget needs its room): the promotion record goes first (new mounts and a
+    /// restart no longer use it), every mount of the layer goes back to lazy FUSE (<see cref="SwitchToFuse"/>), and the
+    /// image is deleted — or, while containers started on it still read it (their overlays hold the kernel's mount and
+    /// so the file), kept and counted until they end. False (record put back) when a mount could not be switched.
+    /// </summary>
+    private bool EvictImage(string digest)
+    {
+        if (_promoter == null || _disposed.IsCancellationRequested) return false;
+        var record = _promoter.Unrecord(digest);
+        var switched = true;
+        foreach (var (mp, m) in _mounts)
+            if (m.Layer.Digest == digest && m.Promoted && !SwitchToFuse(mp, m)) switched = false;
+        if (!switched || _promoter.InUse(digest))
+        {
+            // A mount kept the image (or a promotion of the layer is just binding it): it stays promoted.
+            if (record != null) _promoter.Rerecord(digest, record);
+            _log.LogWarning("layer {Digest}: its EROFS image could not be evicted (a mount of it could not be switched back to FUSE)", digest);
+            return false;
+        }
+        _promoter.FreeOrHold(digest);
+        return true;
+    }
+
+    /// <summary>
+    /// Puts a new FUSE mount of the layer beneath the image's bind at <paramref name="mountpoint"/> and detaches the bind:
+    /// new lookups (new containers' overlays) find the lazy FUSE mount, served from the cache and the registry with every
+    /// chunk verified; overlays made before keep the image they hold. The background fetch starts again and the layer is
+    /// promoted anew once it is complete (when the budget has room for the image).
+    /// </summary>
+    private bool SwitchToFuse(string mountpoint, Mounted m)
+    {
+        var staging = Path.Combine(_promoter!.Directory, "mnt", m.Layer.Digest.Replace(':', '-') + ".fuse");
+        lock (m)
+        {
+            if (!m.Promoted || !_mounts.TryGetValue(mountpoint, out var cur) || cur != m) return true;
+            var promotedRoot = m.Layer.FileSystem.PromotedRoot;
+            // Chunks again (they were dropped at promotion): for the new mount and for connections detached before it.
+            m.Layer.FileSystem.PromotedRoot = null;
+            m.Layer.ChunksDropped();
+            FuseServer? server = null;
+            try
+            {
+                Directory.CreateDirectory(staging);
+                ErofsNative.Detach(staging); // left by a crash
+                server = FuseServer.Mount(staging, m.Layer.FileSystem, _fuse);
+                try
+                {
+                    ErofsNative.MountBeneath(staging, mountpoint);
+                    ErofsNative.Detach(staging); // the clone beneath the bind holds the connection
+                    server.MovedTo(mountpoint);
+                    ErofsNative.Detach(mountpoint); // the image's bind: the FUSE mount beneath it shows
+                }
+                catch (IOException e)
+                {
+                    // An old kernel (< 6.5): detach the image, then bind the FUSE mount (a moment without the layer).
+                    _log.LogInformation("layer {Digest}: cannot mount FUSE beneath {MountPoint} ({Error}); detaching the image first",
+                        m.Layer.Digest, mountpoint, e.Message);
+                    ErofsNative.Detach(mountpoint);
+                    ErofsNative.Bind(staging, mountpoint);
+                    ErofsNative.Detach(staging);
+                    server.MovedTo(mountpoint);
+                }
+            }
+            catch (Exception e) when (e is IOException or TimeoutException or InvalidOperationException)
+            {
+                _log.LogError("layer {Digest}: cannot serve {MountPoint} through FUSE again ({Error}); it stays on its EROFS image",
+                    m.Layer.Digest, mountpoint, e.Message);
+                server?.Unmount();
+                m.Layer.FileSystem.PromotedRoot = promotedRoot;
+                return false;
+            }
+            finally
+            {
+                try { Directory.Delete(staging); } catch (IOException) { }
+            }
+            var fuse = server;
+            m.Layer.FileSystem.PassthroughUsable = () => fuse.PassthroughUsable;
+            if (m.Server != null) m.Earlier.Add(m.Server);
+            m.Server = server;
+            m.Promoted = false;
+            m.Evicted = true;
+        }
+        _promoter.Release(m.Layer.Digest, drop: false);
+        _log.LogInformation("layer {Digest} at {MountPoint}: EROFS image evicted, served lazily through FUSE again", m.Layer.Digest, mountpoint);
+        m.Layer.RestartBackgroundWork();
+        PromoteAfterBackgroundWork(mountpoint, m);
+        return true;
     }
 
     /// <summary>
@@ -569,7 +712,7 @@ public sealed class LayerManager : IAsyncDisposable
         }
         if (_promoter != null)
         {
-            var n = Cache.Budget.SizeOf(CacheFileKind.Toc, _promoter.ImagePath(m.Layer.Digest));
+            var n = Cache.Budget.SizeOf(CacheFileKind.Image, m.Layer.Digest);
             if (n > 0) { bytes += n; files++; }
         }
         return (bytes, files);

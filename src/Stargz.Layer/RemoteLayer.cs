@@ -117,6 +117,19 @@ public sealed class RemoteLayer : IAsyncDisposable
         return digests;
     }
 
+    /// <summary>The layer's chunk files were dropped (it was promoted): it is no longer fully fetched.</summary>
+    internal void ChunksDropped() => Volatile.Write(ref _allFetched, 0);
+
+    /// <summary>
+    /// Starts the background fetch again (no prefetch) after the layer's promoted image was evicted: it fills the cache
+    /// back as room allows, so the layer can be promoted again. Does nothing while an earlier run goes on.
+    /// </summary>
+    internal void RestartBackgroundWork()
+    {
+        if (!_work.IsCompleted || Volatile.Read(ref _disposed) != 0) return;
+        _work = Task.Run(() => RunAsync(0));
+    }
+
     /// <summary>Starts prefetch then background fetch; returns at once (the mount never waits for them).</summary>
     internal void StartBackgroundWork(long? prefetchSizeLabel)
     {

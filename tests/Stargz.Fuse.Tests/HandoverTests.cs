@@ -77,6 +77,13 @@ public sealed class HandoverTests
         Assert.Null(FuseConnectionStore.ParseState("mountpoint=/x\nminor=12\nmax_read=1048576\n")); // protocol too old
         Assert.Null(FuseConnectionStore.ParseState("mountpoint=/x\nminor=40\nmax_read=12\n"));
         Assert.Null(FuseConnectionStore.ParseState("mountpoint=relative\nminor=40\nmax_read=1048576\n"));
+        Assert.Null(ok.Value.Detached);
+        // A connection detached from its mount point (its layer promoted) carries its tag and a name of its own.
+        var detached = FuseConnectionStore.ParseState("mountpoint=/x/fs\nminor=40\npassthrough=0\ndirect_io_allow_mmap=0\nmax_read=1048576\ndetached=sha256:aa sha256:bb\n");
+        Assert.Equal("sha256:aa sha256:bb", detached!.Value.Detached);
+        Assert.NotEqual(FuseConnectionStore.NameOf("/x/fs"), FuseConnectionStore.DetachedNameOf("/x/fs", "sha256:aa sha256:bb"));
+        Assert.NotEqual(FuseConnectionStore.DetachedNameOf("/x/fs", "a"), FuseConnectionStore.DetachedNameOf("/x/fs", "b"));
+        Assert.True(ServiceManagerNotifier.IsValidName(FuseConnectionStore.DetachedNameOf("/x/fs", "sha256:aa sha256:bb")));
         Assert.NotEqual(FuseConnectionStore.NameOf("/a/fs"), FuseConnectionStore.NameOf("/b/fs"));
         Assert.True(ServiceManagerNotifier.IsValidName(FuseConnectionStore.NameOf("/a/fs")));
     }

@@ -8,7 +8,9 @@ namespace Stargz.Fuse.Handover;
 public readonly record struct FuseAgreement(uint ProtocolMinor, bool Passthrough, bool DirectIoAllowMmap, int MaxRead);
 
 /// <summary>A stored connection handed to a new server: its /dev/fuse fds (any of them reads and answers) and the agreement.</summary>
-public sealed record AdoptedConnection(string MountPoint, int[] Fds, FuseAgreement Agreement);
+/// <param name="StoreName">its name in the fd store; <param name="DetachedTag">for a connection detached from its mount
+/// point (<see cref="FuseServer.DetachKeepingConnection"/>), what it was tagged with; null for a mounted one.</param>
+public sealed record AdoptedConnection(string MountPoint, int[] Fds, FuseAgreement Agreement, string? StoreName = null, string? DetachedTag = null);
 
 /// <summary>
 /// Keeps FUSE connections alive when this process ends: every mount's /dev/fuse fds go to the service manager's fd
@@ -23,6 +25,7 @@ public sealed class FuseConnectionStore : IDisposable
     private readonly Action<string>? _log;
     private readonly Lock _lock = new();
     private readonly Dictionary<string, AdoptedConnection> _adoptable = new(StringComparer.Ordinal);
+    private readonly List<AdoptedConnection> _detached = [];
     private long _adopted;
 
     /// <summary>The service manager's notify socket the fds go to.</summary>
@@ -33,7 +36,7 @@ public sealed class FuseConnectionStore : IDisposable
     /// <summary>Connections taken over from an earlier process so far.</summary>
     public long Adopted => Interlocked.Read(ref _adopted);
     /// <summary>Connections passed at start that no mount has taken yet.</summary>
-    public int Unclaimed { get { lock (_lock) return _adoptable.Count; } }
+    public int Unclaimed { get { lock (_lock) return _adoptable.Count + _detached.Count; } }
 
     public FuseConnectionStore(string stateDir, ServiceManagerNotifier notifier, IReadOnlyList<(string Name, int Fd)> passed, Action<string>? log)
     {
@@ -64,6 +67,10 @@ public sealed class FuseConnectionStore : IDisposable
     public static string NameOf(string mountPoint) =>
         Prefix + Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(Path.GetFullPath(mountPoint))))[..24];
 
+    /// <summary>The fd store name of a connection detached from <paramref name="mountPoint"/>, tagged <paramref name="tag"/>.</summary>
+    public static string DetachedNameOf(string mountPoint, string tag) =>
+        Prefix + "d" + Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(Path.GetFullPath(mountPoint) + "\n" + tag)))[..23];
+
     private void Collect(IReadOnlyList<(string Name, int Fd)> passed)
     {
         var byName = new Dictionary<string, List<int>>(StringComparer.Ordinal);
@@ -81,6 +88,16 @@ public sealed class FuseConnectionStore : IDisposable
         foreach (var (name, fds) in byName)
         {
             var state = ReadState(name);
+            if (state is { Detached: { } tag } d)
+            {
+                // No mount point to check: a detached connection lives as long as what was made over it (an overlay).
+                if (string.Equals(DetachedNameOf(d.MountPoint, tag), name, StringComparison.Ordinal))
+                {
+                    _detached.Add(new AdoptedConnection(d.MountPoint, fds.ToArray(), d.Agreement, name, tag));
+                    continue;
+                }
+                state = null;
+            }
             string? why = state == null ? "no agreement file" :
                 !MountInfo.IsFuseMount(state.Value.MountPoint) ? $"{state.Value.MountPoint} is no longer a FUSE mount" :
                 !string.Equals(NameOf(state.Value.MountPoint), name, StringComparison.Ordinal) ? "agreement file names another mount" : null;
@@ -118,14 +135,39 @@ public sealed class FuseConnectionStore : IDisposable
         }
     }
 
-    /// <summary>Stores a connection's fds and agreement (after INIT, so a new process never waits for an INIT that was answered).</summary>
-    internal void Keep(string mountPoint, IReadOnlyList<int> fds, FuseAgreement a)
+    /// <summary>
+    /// Takes the detached connections of <paramref name="mountPoint"/> passed at start whose tag <paramref name="accept"/>
+    /// accepts (e.g. those of the layer now mounted there).
+    /// </summary>
+    public IReadOnlyList<AdoptedConnection> TakeDetached(string mountPoint, Func<string, bool> accept)
     {
-        var name = NameOf(mountPoint);
+        mountPoint = Path.GetFullPath(mountPoint);
+        var taken = new List<AdoptedConnection>();
+        lock (_lock)
+        {
+            for (var i = _detached.Count - 1; i >= 0; i--)
+            {
+                var c = _detached[i];
+                if (c.MountPoint != mountPoint || !accept(c.DetachedTag!)) continue;
+                _detached.RemoveAt(i);
+                taken.Add(c);
+                Interlocked.Increment(ref _adopted);
+            }
+        }
+        return taken;
+    }
+
+    /// <summary>Stores a connection's fds and agreement (after INIT, so a new process never waits for an INIT that was answered).</summary>
+    /// <param name="name">its name in the store (default: the mount point's, <see cref="NameOf"/>).</param>
+    /// <param name="detachedTag">set for a connection detached from its mount point.</param>
+    internal void Keep(string mountPoint, IReadOnlyList<int> fds, FuseAgreement a, string? name = null, string? detachedTag = null)
+    {
+        name ??= NameOf(mountPoint);
         var path = Path.Combine(StateDir, name);
         var tmp = path + ".tmp";
         File.WriteAllText(tmp, string.Create(CultureInfo.InvariantCulture,
-            $"mountpoint={mountPoint}\nminor={a.ProtocolMinor}\npassthrough={(a.Passthrough ? 1 : 0)}\ndirect_io_allow_mmap={(a.DirectIoAllowMmap ? 1 : 0)}\nmax_read={a.MaxRead}\n"));
+            $"mountpoint={mountPoint}\nminor={a.ProtocolMinor}\npassthrough={(a.Passthrough ? 1 : 0)}\ndirect_io_allow_mmap={(a.DirectIoAllowMmap ? 1 : 0)}\nmax_read={a.MaxRead}\n")
+            + (detachedTag != null ? "detached=" + detachedTag + "\n" : ""));
         File.Move(tmp, path, overwrite: true);
         var list = new int[fds.Count];
         for (int i = 0; i < list.Length; i++) list[i] = fds[i];
@@ -133,9 +175,11 @@ public sealed class FuseConnectionStore : IDisposable
     }
 
     /// <summary>The connection was ended on purpose (unmount) or by the kernel: the manager lets go of its fds.</summary>
-    internal void Drop(string mountPoint)
+    internal void Drop(string mountPoint) => DropName(NameOf(mountPoint), mountPoint);
+
+    /// <summary>As <see cref="Drop"/>, by the connection's name in the store.</summary>
+    internal void DropName(string name, string? mountPoint = null)
     {
-        var name = NameOf(mountPoint);
         try { _notifier.RemoveFds(name); }
         catch (IOException e) { _log?.Invoke($"fd store: removing {name} ({mountPoint}): {e.Message}"); }
         Forget(name);
@@ -163,6 +207,16 @@ public sealed class FuseConnectionStore : IDisposable
         {
             left = [.. _adoptable.Values];
             _adoptable.Clear();
+            foreach (var d in _detached)
+            {
+                // Nothing to unmount: ending the connection fails what still reads through it (its layer is gone).
+                _log?.Invoke($"stored detached FUSE connection of {d.MountPoint} ({d.DetachedTag}) was not adopted; ending it");
+                DropName(d.StoreName!, d.MountPoint);
+                foreach (var fd in d.Fds) NotifyNative.Close(fd);
+            }
+            var n = _detached.Count;
+            _detached.Clear();
+            if (n > 0) _log?.Invoke($"{n} detached FUSE connections ended");
         }
         foreach (var c in left)
         {
@@ -181,7 +235,7 @@ public sealed class FuseConnectionStore : IDisposable
         catch (IOException e) { _log?.Invoke($"notify {state}: {e.Message}"); }
     }
 
-    private (string MountPoint, FuseAgreement Agreement)? ReadState(string name)
+    private (string MountPoint, FuseAgreement Agreement, string? Detached)? ReadState(string name)
     {
         string text;
         try { text = File.ReadAllText(Path.Combine(StateDir, name)); }
@@ -189,9 +243,9 @@ public sealed class FuseConnectionStore : IDisposable
         return ParseState(text);
     }
 
-    internal static (string MountPoint, FuseAgreement Agreement)? ParseState(string text)
+    internal static (string MountPoint, FuseAgreement Agreement, string? Detached)? ParseState(string text)
     {
-        string? mp = null;
+        string? mp = null, detached = null;
         uint minor = 0;
         bool pt = false, mmap = false;
         int maxRead = 0;
@@ -208,10 +262,11 @@ public sealed class FuseConnectionStore : IDisposable
                 case "passthrough": pt = v == "1"; break;
                 case "direct_io_allow_mmap": mmap = v == "1"; break;
                 case "max_read": int.TryParse(v, NumberStyles.None, CultureInfo.InvariantCulture, out maxRead); break;
+                case "detached": detached = v.Length > 0 ? v : null; break;
             }
         }
         if (mp is not { Length: > 1 } || mp[0] != '/' || minor < 31 || maxRead < 4096) return null;
-        return (mp, new FuseAgreement(minor, pt, mmap, maxRead));
+        return (mp, new FuseAgreement(minor, pt, mmap, maxRead), detached);
     }
 
     private static bool IsFuseDevice(int fd)

@@ -104,6 +104,29 @@ internal static unsafe class ErofsNative
         throw new IOException($"umount {path}: {Marshal.GetPInvokeErrorMessage(e)}", e);
     }
 
+    /// <summary>
+    /// Whether anything besides this call has <paramref name="path"/> open — a file-backed erofs mount holds its image
+    /// open until its superblock goes (the last overlay or open file on it): a write lease is refused (EAGAIN) while
+    /// any other open exists. Null when the file system takes no leases (nothing can be told then).
+    /// </summary>
+    public static bool? IsOpenElsewhere(string path)
+    {
+        const int O_RDONLY = 0, O_CLOEXEC = 0x80000, F_SETLEASE = 1024, F_WRLCK = 1, F_UNLCK = 2, EAGAIN = 11, EBUSY = 16;
+        var fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) throw Error("open", path);
+        try
+        {
+            if (fcntl(fd, F_SETLEASE, F_WRLCK) == 0)
+            {
+                fcntl(fd, F_SETLEASE, F_UNLCK);
+                return false;
+            }
+            var e = Marshal.GetLastPInvokeError();
+            return e is EAGAIN or EBUSY ? true : null;
+        }
+        finally { close(fd); }
+    }
+
     private static IOException Error(string what, string path)
     {
         var e = Marshal.GetLastPInvokeError();
@@ -136,4 +159,10 @@ internal static unsafe class ErofsNative
 
     [DllImport("libc", SetLastError = true)]
     private static extern int close(int fd);
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int open([MarshalAs(UnmanagedType.LPUTF8Str)] string path, int flags);
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int fcntl(int fd, int cmd, int arg);
 }

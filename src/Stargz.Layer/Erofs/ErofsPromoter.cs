@@ -10,7 +10,9 @@ namespace Stargz.Layer.Erofs;
 /// ROOT/stargz/erofs beside the chunk cache and the stored TOCs: HEX.erofs (the image), HEX.promoted (the record: the
 /// TOC digest the image was checked against and its size; written last, so an image without it is never used) and
 /// mnt/HEX (the one file-backed read-only mount of the image, shared by every snapshot of the layer). Images count in
-/// the disk budget as stored TOCs do (never evicted while recorded; dropped when the layer is released).
+/// the disk budget and are evicted last (<see cref="CacheFileKind.Image"/>): the record goes first, then the image —
+/// deleted at once when nothing holds it, or renamed HEX.evicted-N and still counted while a running container's
+/// overlay (or an open file) keeps the kernel's mount of it alive, until that ends (<see cref="FreeHeld"/>).
 /// </summary>
 public sealed class ErofsPromoter : IDisposable
 {
@@ -19,7 +21,8 @@ public sealed class ErofsPromoter : IDisposable
     private readonly SemaphoreSlim _one = new(1, 1); // one image is built at a time: it is background work
     private readonly ConcurrentDictionary<string, int> _mountRefs = new(StringComparer.Ordinal);
     private readonly object _mountLock = new();
-    private long _promoted, _failures, _bytes;
+    private readonly List<string> _held = []; // evicted images the kernel still holds (guarded by _held)
+    private long _promoted, _failures, _bytes, _evicted;
 
     internal ErofsPromoter(string directory, DiskBudget budget, ILogger log)
     {
@@ -38,6 +41,9 @@ public sealed class ErofsPromoter : IDisposable
 
     /// <summary>Bytes of the images built by this process.</summary>
     public long Bytes => Interlocked.Read(ref _bytes);
+
+    /// <summary>Images evicted by this process to make room (their layers went back to lazy FUSE).</summary>
+    public long Evicted => Interlocked.Read(ref _evicted);
 
     /// <summary>Whether this kernel mounts erofs (/proc/filesystems).</summary>
     public static bool KernelSupportsErofs()
@@ -69,7 +75,14 @@ public sealed class ErofsPromoter : IDisposable
     {
         if (!System.IO.Directory.Exists(Directory)) return;
         foreach (var f in new DirectoryInfo(Directory).EnumerateFiles("*.erofs"))
+            if (DigestOf(f.Name) is { } digest) _budget.Added(CacheFileKind.Image, digest, f.FullName, f.Length, f.LastWriteTimeUtc.Ticks);
+        // Evicted by an earlier run while a container still read them: counted until nothing holds them.
+        foreach (var f in new DirectoryInfo(Directory).EnumerateFiles("*.evicted-*"))
+        {
             _budget.Added(CacheFileKind.Toc, f.FullName, f.FullName, f.Length, f.LastWriteTimeUtc.Ticks);
+            lock (_held) _held.Add(f.FullName);
+        }
+        FreeHeld();
         // Leftovers of a build cut short (a crash): never recorded, never used.
         foreach (var f in new DirectoryInfo(Directory).EnumerateFiles("*.tmp-*"))
             try { f.Delete(); } catch (IOException) { }
@@ -93,7 +106,8 @@ public sealed class ErofsPromoter : IDisposable
         var n = 0;
         foreach (var f in System.IO.Directory.EnumerateFiles(directory))
         {
-            if (!f.EndsWith(".erofs", StringComparison.Ordinal) && !f.EndsWith(".promoted", StringComparison.Ordinal) && !f.Contains(".tmp-", StringComparison.Ordinal))
+            if (!f.EndsWith(".erofs", StringComparison.Ordinal) && !f.EndsWith(".promoted", StringComparison.Ordinal) && !f.Contains(".tmp-", StringComparison.Ordinal)
+                && !f.Contains(".evicted-", StringComparison.Ordinal))
                 continue;
             try
             {
@@ -131,8 +145,10 @@ public sealed class ErofsPromoter : IDisposable
     /// checks it against the TOC (<see cref="ErofsImageCheck"/>), then records it. Returns the image's mount dir, or null
     /// when the promotion failed (logged and counted; the layer stays on FUSE).
     /// </summary>
+    /// <param name="mayEvictImages">older images may make room for this one (not for a layer whose own image was evicted:
+    /// two layers whose images do not both fit would otherwise take turns).</param>
     internal async Task<string?> PromoteAsync(string layerDigest, string tocDigest, string source, LayerFileSystem fs, long uncompressedBytes,
-        CancellationToken ct)
+        bool mayEvictImages, CancellationToken ct)
     {
         await _one.WaitAsync(ct).ConfigureAwait(false);
         var image = ImagePath(layerDigest);
@@ -142,7 +158,8 @@ public sealed class ErofsPromoter : IDisposable
         {
             if (Lookup(layerDigest, tocDigest) != null) return Acquire(layerDigest); // another snapshot of the layer did it
             // The image is about as big as the layer's files; it replaces their chunks, but both exist while it is built.
-            if (!_budget.HasRoom(uncompressedBytes))
+            // Older images make room for it (least recently mounted first): chunks do not, they are being read.
+            if (mayEvictImages ? !_budget.MakeRoomForImage(uncompressedBytes) : !_budget.HasRoom(uncompressedBytes))
                 throw new IOException($"no room in max_disk_mb for a {uncompressedBytes >> 20} MiB image next to the chunks");
             System.IO.Directory.CreateDirectory(Directory);
             var sw = Stopwatch.StartNew();
@@ -159,7 +176,7 @@ public sealed class ErofsPromoter : IDisposable
             }
             var summary = await Task.Run(() => ErofsImageCheck.Verify(fs, mnt, ct), ct).ConfigureAwait(false);
             WriteRecord(layerDigest, tocDigest, size);
-            _budget.Added(CacheFileKind.Toc, image, image, size);
+            _budget.Added(CacheFileKind.Image, layerDigest, image, size);
             lock (_mountLock) _mountRefs[layerDigest] = 1;
             Interlocked.Increment(ref _promoted);
             Interlocked.Add(ref _bytes, size);
@@ -228,6 +245,7 @@ public sealed class ErofsPromoter : IDisposable
         var mnt = MountPath(layerDigest);
         lock (_mountLock)
         {
+            _budget.TouchImage(layerDigest);
             if (_mountRefs.TryGetValue(layerDigest, out var n) && n > 0)
             {
                 _mountRefs[layerDigest] = n + 1;
@@ -267,7 +285,109 @@ public sealed class ErofsPromoter : IDisposable
     {
         var image = ImagePath(layerDigest);
         DeleteQuietly(RecordPath(layerDigest));
-        if (DeleteQuietly(image)) _budget.Removed(CacheFileKind.Toc, image);
+        if (DeleteQuietly(image)) _budget.Removed(CacheFileKind.Image, layerDigest);
+    }
+
+    /// <summary>Whether this process still mounts the layer's image (a mount of the layer is bound to it).</summary>
+    public bool InUse(string layerDigest)
+    {
+        lock (_mountLock) return _mountRefs.TryGetValue(layerDigest, out var n) && n > 0;
+    }
+
+    /// <summary>Removes the layer's promotion record (eviction, first step): new mounts and a restart no longer use the image.
+    /// Returns the record's text, to put back if the eviction cannot go on.</summary>
+    internal string? Unrecord(string layerDigest)
+    {
+        var path = RecordPath(layerDigest);
+        try
+        {
+            var text = File.ReadAllText(path);
+            File.Delete(path);
+            ChunkCache.FsyncDirectory(Directory);
+            return text;
+        }
+        catch (FileNotFoundException) { return null; }
+        catch (DirectoryNotFoundException) { return null; }
+    }
+
+    internal void Rerecord(string layerDigest, string text)
+    {
+        var path = RecordPath(layerDigest);
+        File.WriteAllText(path + ".tmp-" + Environment.ProcessId, text);
+        File.Move(path + ".tmp-" + Environment.ProcessId, path, overwrite: true);
+    }
+
+    /// <summary>
+    /// The last step of an eviction (record gone, no mount of this process on the image): deletes the image when
+    /// nothing holds it, else renames it HEX.evicted-N and keeps counting it until <see cref="FreeHeld"/> finds it free.
+    /// Returns whether its bytes were freed.
+    /// </summary>
+    internal bool FreeOrHold(string layerDigest)
+    {
+        var image = ImagePath(layerDigest);
+        var size = _budget.SizeOf(CacheFileKind.Image, layerDigest);
+        Interlocked.Increment(ref _evicted);
+        if (!File.Exists(image))
+        {
+            _budget.Removed(CacheFileKind.Image, layerDigest);
+            return true;
+        }
+        bool? open;
+        try { open = ErofsNative.IsOpenElsewhere(image); }
+        catch (IOException e)
+        {
+            _log.LogWarning("evicted EROFS image {Image}: cannot tell whether it is still in use ({Error}); deleted", image, e.Message);
+            open = null;
+        }
+        if (open != true)
+        {
+            if (DeleteQuietly(image)) _budget.Removed(CacheFileKind.Image, layerDigest);
+            _log.LogInformation("layer {Digest}: EROFS image evicted to make room, {Size} bytes freed; the layer is served lazily through FUSE",
+                layerDigest, size);
+            return true;
+        }
+        var held = image[..^".erofs".Length] + ".evicted-" + DateTime.UtcNow.Ticks.ToString(CultureInfo.InvariantCulture);
+        try { File.Move(image, held); }
+        catch (IOException e)
+        {
+            _log.LogWarning("evicted EROFS image {Image} cannot be renamed ({Error}); deleted while still in use", image, e.Message);
+            if (DeleteQuietly(image)) _budget.Removed(CacheFileKind.Image, layerDigest);
+            return true;
+        }
+        _budget.Removed(CacheFileKind.Image, layerDigest);
+        _budget.Added(CacheFileKind.Toc, held, held, size);
+        lock (_held) _held.Add(held);
+        _log.LogInformation("layer {Digest}: EROFS image evicted, served lazily through FUSE; its {Size} bytes stay (counted) until the containers that read it end",
+            layerDigest, size);
+        return false;
+    }
+
+    /// <summary>Deletes the evicted images nothing holds any more; true when one is still held.</summary>
+    internal bool FreeHeld()
+    {
+        lock (_held)
+        {
+            for (var i = _held.Count - 1; i >= 0; i--)
+            {
+                var path = _held[i];
+                bool? open;
+                try { open = File.Exists(path) ? ErofsNative.IsOpenElsewhere(path) : false; }
+                catch (IOException) { open = false; }
+                if (open == true) continue;
+                DeleteQuietly(path);
+                _budget.Removed(CacheFileKind.Toc, path);
+                _held.RemoveAt(i);
+                _log.LogInformation("evicted EROFS image {Image} is no longer in use: deleted", path);
+            }
+            return _held.Count > 0;
+        }
+    }
+
+    private static string? DigestOf(string fileName)
+    {
+        var name = fileName.EndsWith(".erofs", StringComparison.Ordinal) ? fileName[..^".erofs".Length] : fileName;
+        var dash = name.IndexOf('-');
+        return dash > 0 ? name[..dash] + ":" + name[(dash + 1)..] : null;
     }
 
     /// <summary>Layer digests that have an image on disk (the start-up sweep).</summary>

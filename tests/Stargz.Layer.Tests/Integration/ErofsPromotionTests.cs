@@ -35,6 +35,17 @@ public class ErofsPromotionTests
         }
     }
 
+    /// <summary>The chunks the image replaced are dropped just after the switch to it.</summary>
+    private static async Task WaitChunksDroppedAsync(LayerRig rig)
+    {
+        var sw = Stopwatch.StartNew();
+        while (ChunkFiles(rig) > 0)
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(60), $"{ChunkFiles(rig)} chunk files left 60 s after the promotion");
+            await Task.Delay(50, Ct);
+        }
+    }
+
     private static int ChunkFiles(LayerRig rig)
     {
         var dir = Path.Combine(rig.Dir.Path, "cache", "chunks");
@@ -106,6 +117,98 @@ public class ErofsPromotionTests
         var image = rig.Manager.Layers.Single(l => l.MountPoint == mp3).ErofsImage!;
         await rig.Manager.ReleaseAsync(mp3, Ct);
         Assert.False(File.Exists(image));
+        Assert.Empty(Mounts.Under(rig.Dir.Path));
+    }
+
+    /// <summary>
+    /// Issue 20's disk rule: under <c>max_disk_mb</c>, when chunks are not enough, a promoted layer's image is evicted. The
+    /// layer goes back to lazy FUSE at the same mountpoint (chunks fetched from the registry again, verified), its record
+    /// is gone (a restart would not bind it), a file opened on the image before (a running container) keeps reading the
+    /// right bytes and keeps the image counted until it is closed, and once there is room the layer is promoted again.
+    /// </summary>
+    [Fact]
+    public async Task UnderBudgetPressureAPromotedImageIsEvictedTheLayerIsServedLazilyThroughFuseAgainAndPromotedAgainWhenThereIsRoom()
+    {
+        RequiresErofs();
+        var tar = OurBuilderLayerTests.RichTar();
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { ChunkSize = 256 << 10, CompressionLevel = 1 }, Ct);
+        await using var rig = await LayerRig.StartAsync(new LayerOptions
+        {
+            PromoteToErofs = true, BackgroundPause = TimeSpan.FromMilliseconds(1), BackgroundQuietPeriod = TimeSpan.Zero,
+            MaxDiskBytes = 256L << 20,
+        });
+        var digest = await rig.PushAsync("erofs/evict", blob, Ct);
+        var labels = rig.Labels("erofs/evict", digest, built.TocDigest);
+        var expected = TreeModel.FromTar(new MemoryStream(tar));
+        var erofsDir = Path.Combine(rig.Dir.Path, "erofs");
+        var want = TestTars.Random(3_500_000, 1);
+        var mp = await rig.MountAsync(labels, Ct);
+        await WaitPromotedAsync(rig, mp);
+        await WaitChunksDroppedAsync(rig);
+        var image = rig.Manager.Layers.Single(l => l.MountPoint == mp).ErofsImage!;
+        var imageBytes = new FileInfo(image).Length;
+        Assert.Single(Directory.GetFiles(erofsDir, "*.promoted"));
+
+        // A container started on the image holds a file of it.
+        await using var held = new FileStream(Path.Combine(mp, "home/user/big.bin"), FileMode.Open, FileAccess.Read);
+        var budget = rig.Manager.Cache.Budget;
+        var used = budget.Used;
+        rig.Proxy.ResetCounts();
+        budget.Limit = used; // full: the next chunk needs room, and only the image can give it
+        Assert.False(budget.MakeRoom(1 << 20)); // evicted, but the open file keeps its bytes on disk: counted still
+
+        Assert.Equal(1, rig.Manager.ImageEvictions);
+        Assert.StartsWith("fuse", FsTypeAt(mp));
+        var info = rig.Manager.Layers.Single(l => l.MountPoint == mp);
+        Assert.False(info.Promoted);
+        Assert.False(info.AllChunksFetched); // status: serving again (its chunks were dropped at the promotion)
+        Assert.Null(info.ErofsImage);
+        Assert.False(File.Exists(image));
+        Assert.Empty(Directory.GetFiles(erofsDir, "*.promoted"));
+        var kept = Assert.Single(Directory.GetFiles(erofsDir, "*.evicted-*"));
+        Assert.Equal(used, budget.Used);
+        // The open file reads the right bytes from the image; the layer's mount reads them lazily from the registry.
+        var got = new byte[want.Length];
+        await held.ReadExactlyAsync(got, Ct);
+        Assert.Equal(want, got);
+        var fused = TreeModel.FromDirectory(mp);
+        Assert.True(TreeModel.Diff(expected, fused) == "", TreeModel.Diff(expected, fused));
+        Assert.True(rig.Proxy.RangeRequests > 0, "the evicted layer's files were not fetched from the registry again");
+        Assert.True(rig.Manager.ServerOf(mp)!.ReadRequests > 0);
+
+        // Closed (the container ended): the kernel lets go of the image and it is deleted, its bytes no longer counted.
+        await held.DisposeAsync();
+        budget.FreeHeldImages();
+        Assert.False(File.Exists(kept));
+        Assert.True(budget.Used <= used - imageBytes, $"used {budget.Used} of {used} before, image {imageBytes}");
+
+        // Room again: the background fetch completes the layer and it is promoted anew.
+        budget.Limit = 256L << 20;
+        await WaitPromotedAsync(rig, mp);
+        Assert.Equal("erofs", FsTypeAt(mp));
+        Assert.True(TreeModel.Diff(expected, TreeModel.FromDirectory(mp)) == "", TreeModel.Diff(expected, TreeModel.FromDirectory(mp)));
+        Assert.Single(Directory.GetFiles(erofsDir, "*.promoted"));
+
+        // Evicted again with nothing holding it: deleted at once, and the room is there.
+        await WaitChunksDroppedAsync(rig);
+        var fusedServer = rig.Manager.ServerOf(mp)!;
+        budget.Limit = budget.Used;
+        Assert.True(budget.MakeRoom(1 << 20));
+        Assert.Equal(2, rig.Manager.ImageEvictions);
+        Assert.StartsWith("fuse", FsTypeAt(mp));
+        Assert.Empty(Directory.GetFiles(erofsDir, "*.erofs"));
+        Assert.Empty(Directory.GetFiles(erofsDir, "*.evicted-*"));
+        Assert.NotSame(fusedServer, rig.Manager.ServerOf(mp));
+
+        // A restart does not bind a missing image: the layer mounts through FUSE.
+        await rig.Manager.UnmountAsync(mp, Ct);
+        await rig.RestartManagerAsync();
+        rig.Manager.Cache.Budget.Limit = 0;
+        var mp2 = await rig.MountAsync(labels, Ct);
+        Assert.StartsWith("fuse", FsTypeAt(mp2));
+        var again = TreeModel.FromDirectory(mp2);
+        Assert.True(TreeModel.Diff(expected, again) == "", TreeModel.Diff(expected, again));
+        await rig.Manager.ReleaseAsync(mp2, Ct);
         Assert.Empty(Mounts.Under(rig.Dir.Path));
     }
 

@@ -55,6 +55,80 @@ public class DiskBudgetTests
         Assert.Equal(100, b.Used); // the TOC stays
     }
 
+    /// <summary>Stands in for the layer manager's side of an image eviction: frees or holds as told, counting like the promoter.</summary>
+    private sealed class Images(DiskBudget b) : IImageEviction
+    {
+        public readonly List<string> Evicted = [];
+        public readonly HashSet<string> InUse = [];
+        private readonly List<(string Key, long Size)> _held = [];
+
+        public bool FreeHeld()
+        {
+            _held.RemoveAll(h =>
+            {
+                if (InUse.Contains(h.Key)) return false;
+                b.Removed(CacheFileKind.Toc, "held/" + h.Key);
+                return true;
+            });
+            return _held.Count > 0;
+        }
+
+        public bool Evict(string digest)
+        {
+            Evicted.Add(digest);
+            var size = b.SizeOf(CacheFileKind.Image, digest);
+            b.Removed(CacheFileKind.Image, digest);
+            if (InUse.Contains(digest))
+            {
+                b.Added(CacheFileKind.Toc, "held/" + digest, "held/" + digest, size);
+                _held.Add((digest, size));
+            }
+            return true;
+        }
+    }
+
+    [Fact]
+    public void PromotedImagesGoLastLeastRecentlyMountedFirstAndAHeldOneStopsFurtherImageEvictionsUntilItIsFreed()
+    {
+        using var dir = new TempDir("budget");
+        var b = new DiskBudget { Limit = 1000 };
+        var images = new Images(b);
+        b.Images = images;
+        long t = 1;
+        b.Added(CacheFileKind.Image, "img-old", "img-old", 300, t++);
+        b.Added(CacheFileKind.Image, "img-mid", "img-mid", 300, t++);
+        b.Added(CacheFileKind.Image, "img-new", "img-new", 300, t++);
+        b.Added(CacheFileKind.Chunk, "read", File(dir, "read", 100), 100, t++);
+        b.TouchImage("img-old"); // mounted again: now the most recent image
+        Assert.Equal(1000, b.Used);
+
+        // Chunks first; then the least recently mounted image (img-mid); it was in use, so it stays counted and no other goes.
+        images.InUse.Add("img-mid");
+        Assert.False(b.MakeRoom(200));
+        Assert.Equal(["img-mid"], images.Evicted);
+        Assert.Equal(900, b.Used);
+        Assert.Equal(1, b.ImageEvictions);
+        Assert.False(b.MakeRoom(200)); // still held: nothing more evicted
+        Assert.Equal(["img-mid"], images.Evicted);
+
+        // Its container ended: freed first, then the next image only if needed.
+        images.InUse.Clear();
+        Assert.True(b.MakeRoom(200));
+        Assert.Equal(600, b.Used);
+        Assert.Equal(["img-mid"], images.Evicted);
+        Assert.True(b.MakeRoom(600));
+        Assert.Equal(["img-mid", "img-new"], images.Evicted);
+        Assert.Equal(300, b.Used);
+
+        // A whole-file copy never pushes an image out; a new image makes room from images only.
+        b.Added(CacheFileKind.Chunk, "read2", File(dir, "read2", 100), 100, t++);
+        Assert.False(b.MakeRoom(800, evictBelow: CacheFileKind.Chunk));
+        Assert.Equal(["img-mid", "img-new"], images.Evicted);
+        Assert.True(b.MakeRoomForImage(650));
+        Assert.Equal(["img-mid", "img-new", "img-old"], images.Evicted);
+        Assert.Equal(100, b.Used); // the read chunk stayed
+    }
+
     [Fact]
     public void AWholeFileCopyMakesRoomOnlyFromBackgroundChunksAndOtherCopiesNeverFromReadChunks()
     {
