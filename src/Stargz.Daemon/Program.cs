@@ -192,6 +192,7 @@ public static class Program
             opt.Address, opt.Root, remote != null ? "on" : "off", metricsEndpoint?.ToString() ?? "off");
 
         connections?.Notify("READY=1");
+        using var memoryTrim = new IdleMemoryTrim(loggerFactory.CreateLogger("stargz.memory"));
 
         // SIGTERM/SIGINT: the host stops accepting, drains in-flight calls (shutdown timeout), then we close the store.
         await app.WaitForShutdownAsync();
