@@ -32,7 +32,6 @@ public sealed record MountedLayerInfo(string MountPoint, string Reference, strin
 /// </summary>
 public sealed class LayerManager : IAsyncDisposable
 {
-    private sealed record Resolved(RemoteBlobFetcher Blob, ResolvedToc Toc, DateTime At);
 
     /// <summary>A mounted layer: through FUSE (<see cref="Server"/>), or, once <see cref="Promoted"/>, an EROFS image bound at the mountpoint.
     /// After a promotion the FUSE server stays until the kernel ends its connection (the last overlay made over it is gone);
@@ -55,7 +54,7 @@ public sealed class LayerManager : IAsyncDisposable
     private readonly FuseMountOptions _fuse;
     private readonly ILogger _log;
     private readonly FetchGate _gate;
-    private readonly ConcurrentDictionary<string, Lazy<Task<Resolved>>> _resolved = new(StringComparer.Ordinal);
+    private readonly TocResolutions _resolutions;
     private readonly ConcurrentDictionary<string, Mounted> _mounts = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, byte> _mounting = new(StringComparer.Ordinal);
     private readonly CancellationTokenSource _disposed = new();
@@ -96,6 +95,7 @@ public sealed class LayerManager : IAsyncDisposable
                 ErofsPromoter.DropAll(erofsDir, _log);
             }
         }
+        _resolutions = new TocResolutions(registry, options, Cache, _tocs, _log, _disposed.Token);
         // With passthrough, bigger files get whole-file copies beside the chunks (CACHE/files) once all their chunks are in.
         if (_fuse.Passthrough && options.CacheDirectory != null && Cache.TmpDirectory != null)
             Files = new AssembledFiles(Path.Combine(options.CacheDirectory, "files"), Cache.TmpDirectory, options.DurableDiskWrites, _log, Cache.Disk,
@@ -134,6 +134,9 @@ public sealed class LayerManager : IAsyncDisposable
     }
 
     /// <summary>The FUSE server of the mount (tests and diagnostics), or null.</summary>
+    /// <summary>The TOC resolution of a layer (started by a mount or ahead of one), or null if none is cached.</summary>
+    internal Task? ResolutionOf(string reference, string digest) => _resolutions.ResolutionOf(reference, digest);
+
     internal FuseServer? ServerOf(string mountpoint) => _mounts.TryGetValue(Path.GetFullPath(mountpoint), out var m) ? m.Server : null;
 
     /// <summary>Promoted layers' images evicted by this process to make room (their layers went back to lazy FUSE).</summary>
@@ -186,8 +189,8 @@ public sealed class LayerManager : IAsyncDisposable
 
         // The image's other layers are resolved at the same time as this one, not after it: containerd prepares them
         // one by one, and over a slow link each would otherwise start its own chain of round trips.
-        ResolveAhead(imageRef, digest, source);
-        var resolved = await ResolveAsync(imageRef, digest, source.Urls, ct).ConfigureAwait(false);
+        _resolutions.ResolveAhead(imageRef, digest, source);
+        var resolved = await _resolutions.ResolveAsync(imageRef, digest, source.Urls, ct).ConfigureAwait(false);
         if (tocDigest != null && !string.Equals(tocDigest, resolved.Toc.TocDigest, StringComparison.Ordinal))
             throw new LayerResolveException($"layer {digest}: TOC digest {resolved.Toc.TocDigest} does not match the label's {tocDigest}", reason: FallbackReasons.BadToc);
 
@@ -239,122 +242,6 @@ public sealed class LayerManager : IAsyncDisposable
         _promotions[promotion] = 0;
         _ = promotion.ContinueWith(t => _promotions.TryRemove(t, out _), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously,
             TaskScheduler.Default);
-    }
-
-    private Task<Resolved> ResolveAsync(ImageReference imageRef, string digest, string[] urls, CancellationToken ct)
-    {
-        // Forget expired TOCs nobody asked for again (they would otherwise stay for the daemon's life).
-        var now = DateTime.UtcNow;
-        foreach (var (k, l) in _resolved)
-            if (l.IsValueCreated && l.Value.IsCompletedSuccessfully && now - l.Value.Result.At > _options.ResolveResultEntryTtl)
-                _resolved.TryRemove(new KeyValuePair<string, Lazy<Task<Resolved>>>(k, l));
-        var key = imageRef.Host + "/" + imageRef.Repository + "@" + digest;
-        while (true)
-        {
-            var lazy = _resolved.GetOrAdd(key, _ => new Lazy<Task<Resolved>>(() => FetchTocAsync(imageRef, digest, urls)));
-            var task = lazy.Value;
-            if (task.IsCompletedSuccessfully && DateTime.UtcNow - task.Result.At > _options.ResolveResultEntryTtl)
-            {
-                _resolved.TryRemove(new KeyValuePair<string, Lazy<Task<Resolved>>>(key, lazy));
-                continue;
-            }
-            if (task.IsFaulted || task.IsCanceled)
-            {
-                // A failed resolution is not kept: the next mount asks the registry again.
-                _resolved.TryRemove(new KeyValuePair<string, Lazy<Task<Resolved>>>(key, lazy));
-                if (task.IsFaulted) return task;
-                continue;
-            }
-            return AwaitResolved(key, lazy, task, ct);
-        }
-    }
-
-    /// <summary>The TOC resolution of a layer (started by a mount or ahead of one), or null if none is cached.</summary>
-    internal Task? ResolutionOf(string reference, string digest)
-    {
-        var r = ImageReference.Parse(reference);
-        return _resolved.TryGetValue(r.Host + "/" + r.Repository + "@" + digest, out var lazy) ? lazy.Value : null;
-    }
-
-    private async Task<Resolved> AwaitResolved(string key, Lazy<Task<Resolved>> lazy, Task<Resolved> task, CancellationToken ct)
-    {
-        try { return await task.WaitAsync(ct).ConfigureAwait(false); }
-        catch (Exception) when (task.IsFaulted)
-        {
-            _resolved.TryRemove(new KeyValuePair<string, Lazy<Task<Resolved>>>(key, lazy));
-            throw;
-        }
-    }
-
-    /// <param name="urls">the layer's URLs (containerd.io/snapshot/remote/urls): tried before the registry.</param>
-    private async Task<Resolved> FetchTocAsync(ImageReference imageRef, string digest, string[] urls)
-    {
-        if (_tocs != null)
-        {
-            var stored = _tocs.TryLoad(digest, out var problem);
-            if (problem != null) _log.LogWarning("{Problem}", problem);
-            if (stored is { } st)
-            {
-                _log.LogInformation("layer {Digest} of {Reference}: TOC {TocDigest} read from {Dir}; the registry is asked on the first missing chunk",
-                    digest, imageRef, st.Toc.TocDigest, _tocs.Directory);
-                return new Resolved(new RemoteBlobFetcher(st.BlobSize, ct => _registry.OpenBlobAsync(imageRef, digest, urls, ct)), st.Toc, DateTime.UtcNow);
-            }
-        }
-        // Not tied to one caller's token: others may be waiting for the same TOC. Bounded by the fetching timeout.
-        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_disposed.Token);
-        timeout.CancelAfter(_options.FetchingTimeout);
-        RemoteBlob blob;
-        try
-        {
-            blob = await _registry.OpenBlobAsync(imageRef, digest, urls, timeout.Token).ConfigureAwait(false);
-        }
-        catch (Exception e) when (e is RegistryException or OperationCanceledException or HttpRequestException or IOException)
-        {
-            throw new LayerResolveException($"layer {digest} of {imageRef}: {e.Message}", e, FallbackReasons.OfRegistryFailure(e));
-        }
-        var fetcher = new RemoteBlobFetcher(blob);
-        // A big TOC over a slow link keeps arriving: bounded by the time without progress, not the total.
-        using var stalled = new ProgressDeadline(_disposed.Token, _options.FetchingTimeout, () => fetcher.ReceivedBytes);
-        try
-        {
-            // The digest policy is applied by the mount; here the TOC is fetched and its digest computed.
-            var toc = await LayerResolver.ResolveAsync(fetcher, digest, null, _options with { AllowNoVerification = true }, stalled.Token)
-                .ConfigureAwait(false);
-            if (_tocs != null && toc.TocJson != null)
-            {
-                try
-                {
-                    Cache.Budget.MakeRoom(toc.TocJson.Length);
-                    _tocs.Save(digest, fetcher.Size, toc.Reader, toc.TocJson);
-                    var tocPath = _tocs.PathFor(digest);
-                    Cache.Budget.Added(CacheFileKind.Toc, tocPath, tocPath, new FileInfo(tocPath).Length);
-                    Cache.Disk.WriteSucceeded();
-                }
-                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-                {
-                    Cache.Disk.WriteFailed($"the TOC of layer {digest} (a restart will fetch it again)", e);
-                }
-            }
-            return new Resolved(fetcher, toc with { TocJson = null }, DateTime.UtcNow);
-        }
-        catch (Exception e) when (e is RegistryException or OperationCanceledException or HttpRequestException or IOException)
-        {
-            throw new LayerResolveException($"layer {digest} of {imageRef}: fetching the TOC failed: {e.Message}", e, FallbackReasons.OfRegistryFailure(e));
-        }
-    }
-
-    private void ResolveAhead(ImageReference imageRef, string digest, LayerSource source)
-    {
-        var all = source.Layers;
-        for (var i = 0; i < all.Length; i++)
-        {
-            var d = all[i];
-            // The label may be cut short; only complete digests are used.
-            if (d == digest || !d.StartsWith("sha256:", StringComparison.Ordinal) || d.Length != 71) continue;
-            // urls.N goes with the N-th digest of the layers label (as rpull and containerd set them).
-            var t = ResolveAsync(imageRef, d, source.LayerUrls[i], _disposed.Token);
-            _ = t.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
-        }
     }
 
     /// <summary>
