@@ -42,7 +42,7 @@ public sealed partial class RegistryClient
     /// <summary>The endpoint pushes go to: the origin (the last endpoint), never a pull-through mirror.</summary>
     private Endpoint PushEndpoint(ImageReference r)
     {
-        var eps = EndpointsFor(r.Host);
+        var eps = _transport.EndpointsFor(r.Host);
         return eps[^1];
     }
 
@@ -57,15 +57,15 @@ public sealed partial class RegistryClient
         _ = repo.WithDigest(digest);
         var ep = PushEndpoint(repo);
         var subject = $"{repo.Name}@{digest}";
-        return await RetryAsync(ep, subject, async (e, tct) =>
+        return await _transport.RetryAsync(ep, subject, async (e, tct) =>
         {
-            using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Head, e.Url(repo.Repository, "blobs", digest)), scope, subject, tct)
+            using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Head, e.Url(repo.Repository, "blobs", digest)), scope, subject, tct)
                 .ConfigureAwait(false);
             if (resp.StatusCode == HttpStatusCode.NotFound) return (long?)null;
             // The redirect answer's Content-Length is its own (empty) body's: the size is at the target.
-            if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
-                return (await SizeAtRedirectAsync(e, new Uri(new Uri(e.Url(repo.Repository, "blobs", digest)), loc), subject, tct).ConfigureAwait(false)).Size;
-            ThrowForStatus(resp, e.Host, subject);
+            if (RegistryTransport.IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
+                return (await _transport.SizeAtRedirectAsync(e, new Uri(new Uri(e.Url(repo.Repository, "blobs", digest)), loc), subject, tct).ConfigureAwait(false)).Size;
+            RegistryTransport.ThrowForStatus(resp, e.Host, subject);
             return resp.Content.Headers.ContentLength ?? -1;
         }, ep.RequestTimeout ?? Blob.FetchingTimeout, failFastOnConnect: false, ct).ConfigureAwait(false);
     }
@@ -123,9 +123,9 @@ public sealed partial class RegistryClient
         var subject = $"{target.Name}@{digest} (mount from {fromRepository})";
         var scope = $"{PushScope(target)} repository:{fromRepository}:pull";
         var url = $"{ep.BaseUrl}/{target.Repository}/blobs/uploads/?mount={Uri.EscapeDataString(digest)}&from={Uri.EscapeDataString(fromRepository)}";
-        return await RetryAsync(ep, subject, async (e, tct) =>
+        return await _transport.RetryAsync(ep, subject, async (e, tct) =>
         {
-            using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Post, url) { Content = Empty() }, scope, subject, tct).ConfigureAwait(false);
+            using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Post, url) { Content = Empty() }, scope, subject, tct).ConfigureAwait(false);
             if (resp.StatusCode == HttpStatusCode.Created) return true;
             if (resp.StatusCode == HttpStatusCode.Accepted)
             {
@@ -158,9 +158,9 @@ public sealed partial class RegistryClient
         var subject = $"{target.Name}:{reference}";
         var scope = PushScope(target);
         var bytes = manifest.ToArray();
-        await RetryAsync(ep, subject, async (e, tct) =>
+        await _transport.RetryAsync(ep, subject, async (e, tct) =>
         {
-            using var resp = await SendAsync(e, () =>
+            using var resp = await _transport.SendAsync(e, () =>
             {
                 var c = new ByteArrayContent(bytes);
                 c.Headers.ContentType = new MediaTypeHeaderValue(mediaType);
@@ -214,11 +214,11 @@ public sealed partial class RegistryClient
         var start = content.Position;
         if (content.Length - start < size)
             throw new ArgumentException($"stream holds {content.Length - start} bytes, blob {digest} is said to be {size}", nameof(content));
-        await RetryAsync(ep, subject, async (e, tct) =>
+        await _transport.RetryAsync(ep, subject, async (e, tct) =>
         {
             var location = await StartUploadAsync(e, repo, scope, subject, tct).ConfigureAwait(false);
             HashingReadStream? body = null;
-            using var resp = await SendAsync(e, () =>
+            using var resp = await _transport.SendAsync(e, () =>
             {
                 content.Position = start;
                 body = new HashingReadStream(content, size);
@@ -245,7 +245,7 @@ public sealed partial class RegistryClient
         var subject = $"{repo.Name}@{expected ?? "(new blob)"}";
         var scope = PushScope(repo);
         var timeout = ep.RequestTimeout ?? Blob.FetchingTimeout;
-        var location = await RetryAsync(ep, subject, (e, tct) => StartUploadAsync(e, repo, scope, subject, tct), timeout, false, ct).ConfigureAwait(false);
+        var location = await _transport.RetryAsync(ep, subject, (e, tct) => StartUploadAsync(e, repo, scope, subject, tct), timeout, false, ct).ConfigureAwait(false);
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         var buf = ArrayPool<byte>.Shared.Rent(o.ChunkSize);
         long offset = 0;
@@ -265,9 +265,9 @@ public sealed partial class RegistryClient
                 hash.AppendData(buf, 0, n);
                 var from = offset;
                 var loc = location;
-                location = await RetryAsync(ep, subject, async (e, tct) =>
+                location = await _transport.RetryAsync(ep, subject, async (e, tct) =>
                 {
-                    using var resp = await SendAsync(e, () =>
+                    using var resp = await _transport.SendAsync(e, () =>
                     {
                         var c = new ByteArrayContent(buf, 0, n);
                         c.Headers.ContentType = new MediaTypeHeaderValue("application/octet-stream");
@@ -290,9 +290,9 @@ public sealed partial class RegistryClient
                 throw new DigestMismatchException($"blob {digest} pushed to {repo.Name} is {offset} bytes, expected {want}", ep.Host, subject);
             subject = $"{repo.Name}@{digest}";
             var final = location;
-            await RetryAsync(ep, subject, async (e, tct) =>
+            await _transport.RetryAsync(ep, subject, async (e, tct) =>
             {
-                using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Put, WithQuery(final, "digest", digest)) { Content = Empty() },
+                using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Put, WithQuery(final, "digest", digest)) { Content = Empty() },
                     scope, subject, tct).ConfigureAwait(false);
                 if (resp.StatusCode != HttpStatusCode.Created) await ThrowUploadErrorAsync(resp, e.Host, subject, tct).ConfigureAwait(false);
                 return true;
@@ -322,7 +322,7 @@ public sealed partial class RegistryClient
 
     private async Task<string> StartUploadAsync(Endpoint e, ImageReference repo, string scope, string subject, CancellationToken ct)
     {
-        using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Post, $"{e.BaseUrl}/{repo.Repository}/blobs/uploads/") { Content = Empty() },
+        using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Post, $"{e.BaseUrl}/{repo.Repository}/blobs/uploads/") { Content = Empty() },
             scope, subject, ct).ConfigureAwait(false);
         if (resp.StatusCode != HttpStatusCode.Accepted) await ThrowUploadErrorAsync(resp, e.Host, subject, ct).ConfigureAwait(false);
         var loc = resp.Headers.Location
@@ -332,7 +332,7 @@ public sealed partial class RegistryClient
 
     private async Task CancelUploadAsync(Endpoint e, string location, string scope, string subject, CancellationToken ct)
     {
-        using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Delete, location), scope, subject, ct).ConfigureAwait(false);
+        using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Delete, location), scope, subject, ct).ConfigureAwait(false);
     }
 
     private static ByteArrayContent Empty()
@@ -348,14 +348,14 @@ public sealed partial class RegistryClient
     private static string WithQuery(string url, string key, string value)
         => url + (url.Contains('?') ? "&" : "?") + key + "=" + Uri.EscapeDataString(value);
 
-    /// <summary>Like <see cref="ThrowForStatus"/>, with the registry's error body (e.g. DIGEST_INVALID) in the message.</summary>
+    /// <summary>Like <see cref="RegistryTransport.ThrowForStatus"/>, with the registry's error body (e.g. DIGEST_INVALID) in the message.</summary>
     private static async Task ThrowUploadErrorAsync(HttpResponseMessage resp, string host, string subject, CancellationToken ct)
     {
         var s = resp.StatusCode;
         if ((int)s is >= 200 and < 300)
             throw new RegistryException($"{host} answered {(int)s} {s} for {subject}, which the protocol does not allow here", s, host, subject);
         if (s is HttpStatusCode.NotFound or HttpStatusCode.Unauthorized or HttpStatusCode.Forbidden || (int)s >= 500 || s == HttpStatusCode.TooManyRequests)
-            ThrowForStatus(resp, host, subject);
+            RegistryTransport.ThrowForStatus(resp, host, subject);
         var body = "";
         try
         {
