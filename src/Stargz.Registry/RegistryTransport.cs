@@ -270,7 +270,7 @@ internal sealed class RegistryTransport : IDisposable
                 }
                 lastProgress = Math.Max(lastProgress, a.LastProgress);
             }
-            var delay = Backoff(attempt, hint);
+            var delay = RetryBackoff.Delay(attempt, hint);
             bool retry;
             if (connection && outage > TimeSpan.Zero)
             {
@@ -297,16 +297,8 @@ internal sealed class RegistryTransport : IDisposable
         }
     }
 
-    public TimeSpan Backoff(int attempt, TimeSpan? hint)
-    {
-        var min = Blob.MinWait.TotalMilliseconds;
-        var maxw = Blob.MaxWait.TotalMilliseconds;
-        var cap = Math.Min(maxw, min * Math.Pow(2, Math.Min(attempt, 30)));
-        // Half fixed, half random: spreads retries of many readers without ever going below min/2.
-        var ms = cap / 2 + Random.Shared.NextDouble() * cap / 2;
-        if (hint is { } h && h.TotalMilliseconds > ms) ms = Math.Min(h.TotalMilliseconds, maxw);
-        return TimeSpan.FromMilliseconds(ms);
-    }
+    /// <summary>min_wait_msec doubling to max_wait_msec, jittered (many readers retrying one host spread out), Retry-After respected.</summary>
+    private Backoff RetryBackoff => new(Blob.MinWait, Blob.MaxWait, Jitter: true);
 
     private static bool IsConnectFailure(HttpRequestException e)
         => e.HttpRequestError == HttpRequestError.ConnectionError
