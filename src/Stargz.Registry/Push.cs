@@ -91,7 +91,7 @@ public sealed partial class RegistryClient
         if (digest is not null)
         {
             _ = repo.WithDigest(digest);
-            if (!digest.StartsWith("sha256:", StringComparison.Ordinal))
+            if (!Digest.Parse(digest).IsSha256)
                 throw new ArgumentException($"only sha256 digests can be pushed, not {digest}", nameof(digest));
             if (options.SkipExisting && await StatBlobAsync(repo, digest, PushScope(repo), ct).ConfigureAwait(false) is long have && (size is null || have < 0 || have == size))
                 return new BlobPushResult(digest, have >= 0 ? have : size ?? -1, BlobPushOutcome.Existed);
@@ -104,7 +104,7 @@ public sealed partial class RegistryClient
     /// <summary>Uploads a blob held in memory (configs, small layers).</summary>
     public async Task<BlobPushResult> PushBlobAsync(ImageReference repo, ReadOnlyMemory<byte> data, BlobPushOptions? options = null, CancellationToken ct = default)
     {
-        var digest = Sha256Digest(data.Span);
+        var digest = Digest.Sha256Of(data.Span).ToString();
         using var ms = new MemoryStream(data.ToArray(), writable: false);
         return await PushBlobAsync(repo, ms, digest, data.Length, options, ct).ConfigureAwait(false);
     }
@@ -150,7 +150,7 @@ public sealed partial class RegistryClient
         if (manifest.Length > Blob.MaxManifestBytes)
             throw new RegistryException($"manifest for {target} is {manifest.Length} bytes, more than the {Blob.MaxManifestBytes} registries accept",
                 host: target.Host, subject: target.ToString());
-        var digest = Sha256Digest(manifest.Span);
+        var digest = Digest.Sha256Of(manifest.Span).ToString();
         var reference = tagOrDigest ?? target.Tag ?? target.Digest ?? digest;
         if (reference.Contains(':') && reference != digest)
             throw new DigestMismatchException($"manifest pushed as {target.Name}@{reference} has digest {digest}", target.Host, target.ToString());
@@ -197,8 +197,8 @@ public sealed partial class RegistryClient
             }
         }
         finally { ArrayPool<byte>.Shared.Return(buf); }
-        var got = "sha256:" + Convert.ToHexStringLower(hash.GetHashAndReset());
-        if (digest.StartsWith("sha256:", StringComparison.Ordinal) && got != digest)
+        var got = Digest.FromSha256(hash).ToString();
+        if (Digest.Parse(digest).IsSha256 && got != digest)
             throw new DigestMismatchException($"blob {digest} of {repo.Name} from {blob.Host} has digest {got}", blob.Host, digest);
         return blob.Size;
     }
@@ -283,7 +283,7 @@ public sealed partial class RegistryClient
                 offset += n;
                 if (n < o.ChunkSize) break;
             }
-            var digest = "sha256:" + Convert.ToHexStringLower(hash.GetHashAndReset());
+            var digest = Digest.FromSha256(hash).ToString();
             if (expected is not null && digest != expected)
                 throw new DigestMismatchException($"blob pushed as {repo.Name}@{expected} has digest {digest}", ep.Host, subject);
             if (size is long want && want != offset)
@@ -382,7 +382,7 @@ public sealed partial class RegistryClient
         {
             _hash.AppendData(data);
             _read += data.Length;
-            if (_read == length) _digest = "sha256:" + Convert.ToHexStringLower(_hash.GetHashAndReset());
+            if (_read == length) _digest = Digest.FromSha256(_hash).ToString();
         }
 
         public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)

@@ -1,4 +1,3 @@
-using System.Security.Cryptography;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 
@@ -47,7 +46,7 @@ public sealed partial class RegistryClient : IDisposable
     public async Task<ResolvedManifest> ResolveAsync(ImageReference reference, Platform? platform = null, CancellationToken ct = default)
     {
         var (bytes, mediaType, host) = await FetchManifestAsync(reference, reference.ManifestReference, ct).ConfigureAwait(false);
-        var digest = Sha256Digest(bytes.Span);
+        var digest = Digest.Sha256Of(bytes.Span).ToString();
         var m = ManifestParser.Parse(bytes.Span, reference.ToString(), host);
         mediaType = ResolveMediaType(mediaType, m);
         string? indexDigest = null;
@@ -67,7 +66,7 @@ public sealed partial class RegistryClient : IDisposable
             indexDigest = digest;
             selected = pick.Platform?.ToPlatform();
             (bytes, mediaType, host) = await FetchManifestAsync(reference, pick.Digest, ct).ConfigureAwait(false);
-            digest = Sha256Digest(bytes.Span);
+            digest = Digest.Sha256Of(bytes.Span).ToString();
             m = ManifestParser.Parse(bytes.Span, reference.ToString(), host);
             mediaType = ResolveMediaType(mediaType, m);
             if (pick.Size != 0 && pick.Size != bytes.Length)
@@ -145,7 +144,7 @@ public sealed partial class RegistryClient : IDisposable
             var bytes = await ReadLimitedAsync(resp, max, ep.Host, subject, a).ConfigureAwait(false);
             if (tagOrDigest.Contains(':'))
             {
-                var got = Sha256Digest(bytes);
+                var got = Digest.Sha256Of(bytes).ToString();
                 if (got != tagOrDigest)
                     throw new DigestMismatchException($"manifest {subject} from {ep.Host} has digest {got}", ep.Host, subject);
             }
@@ -161,7 +160,7 @@ public sealed partial class RegistryClient : IDisposable
             throw new RegistryException($"blob {digest} of {repo.Name} is {blob.Size} bytes, more than the {maxBytes} allowed", host: blob.Host, subject: digest);
         var buf = new byte[blob.Size];
         await blob.ReadAtAsync(0, buf, ct).ConfigureAwait(false);
-        if (digest.StartsWith("sha256:", StringComparison.Ordinal) && Sha256Digest(buf) != digest)
+        if (Digest.Parse(digest) is { IsSha256: true } want && !want.Matches(buf))
             throw new DigestMismatchException($"blob {digest} of {repo.Name} from {blob.Host} does not match its digest", blob.Host, digest);
         return buf;
     }
@@ -238,13 +237,6 @@ public sealed partial class RegistryClient : IDisposable
         if (!string.IsNullOrEmpty(m.MediaType)) return m.MediaType;
         // OCI allows mediaType to be absent: tell index from manifest by shape.
         return m.Manifests is not null ? MediaTypes.OciIndex : MediaTypes.OciManifest;
-    }
-
-    internal static string Sha256Digest(ReadOnlySpan<byte> data)
-    {
-        Span<byte> h = stackalloc byte[32];
-        SHA256.HashData(data, h);
-        return "sha256:" + Convert.ToHexStringLower(h);
     }
 
     private static async Task<byte[]> ReadLimitedAsync(HttpResponseMessage resp, int max, string host, string subject, Attempt a)
