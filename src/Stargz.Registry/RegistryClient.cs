@@ -1,16 +1,19 @@
+using System.Buffers;
+using System.Security.Cryptography;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 
 namespace Stargz.Registry;
 
 /// <summary>
-/// The distribution client: resolves references to manifests and opens blobs for ranged reads; pushes (Push.cs).
+/// The distribution client: resolves references to manifests and opens blobs for ranged reads; pushes (RegistryPusher.cs).
 /// Requests go through its <see cref="RegistryTransport"/> (endpoints, auth, retries, counters).
 /// Thread-safe; keep one per process (it owns a connection pool per endpoint config).
 /// </summary>
-public sealed partial class RegistryClient : IDisposable
+public sealed class RegistryClient : IDisposable
 {
     private readonly RegistryTransport _transport;
+    private readonly RegistryPusher _pusher;
 
     /// <summary>In-flight shared range reads (single-flight), guarded by locking the dictionary itself.</summary>
     internal Dictionary<FlightKey, Flight> Flights { get; } = new();
@@ -33,6 +36,7 @@ public sealed partial class RegistryClient : IDisposable
     {
         _transport = new RegistryTransport(hosts ?? new RegistryHostsConfig(), credentials ?? new StaticCredentialProvider(),
             logger ?? NullLogger.Instance);
+        _pusher = new RegistryPusher(_transport);
     }
 
     internal static string PullScope(ImageReference r) => $"repository:{r.Repository}:pull";
@@ -257,5 +261,75 @@ public sealed partial class RegistryClient : IDisposable
         }
         return ms.ToArray();
     }
+    /// <summary>
+    /// Downloads a whole blob into <paramref name="destination"/> (ranged reads of 8 MiB with the client's retries,
+    /// mirrors and redirects), verifying its sha256 digest. Returns the size.
+    /// </summary>
+    public async Task<long> DownloadBlobAsync(ImageReference repo, string digest, Stream destination, CancellationToken ct = default)
+    {
+        ArgumentNullException.ThrowIfNull(destination);
+        var blob = await OpenBlobAsync(repo, digest, ct).ConfigureAwait(false);
+        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        var buf = ArrayPool<byte>.Shared.Rent(8 << 20);
+        try
+        {
+            for (long off = 0; off < blob.Size;)
+            {
+                var n = (int)Math.Min(8 << 20, blob.Size - off);
+                await blob.ReadAtAsync(off, buf.AsMemory(0, n), ct).ConfigureAwait(false);
+                hash.AppendData(buf, 0, n);
+                await destination.WriteAsync(buf.AsMemory(0, n), ct).ConfigureAwait(false);
+                off += n;
+            }
+        }
+        finally { ArrayPool<byte>.Shared.Return(buf); }
+        var got = Digest.FromSha256(hash).ToString();
+        if (Digest.Parse(digest).IsSha256 && got != digest)
+            throw new DigestMismatchException($"blob {digest} of {repo.Name} from {blob.Host} has digest {got}", blob.Host, digest);
+        return blob.Size;
+    }
+
+    // ---------------------------------------------------------------- push (RegistryPusher.cs)
+
+    /// <summary>HEAD on a blob in <paramref name="repo"/>'s repository: its size, or null when the registry does not have it there.</summary>
+    public Task<long?> StatBlobAsync(ImageReference repo, string digest, CancellationToken ct = default)
+        => _pusher.StatBlobAsync(repo, digest, ct);
+
+    /// <summary>True when the registry has <paramref name="digest"/> in <paramref name="repo"/>'s repository.</summary>
+    public Task<bool> BlobExistsAsync(ImageReference repo, string digest, CancellationToken ct = default)
+        => _pusher.BlobExistsAsync(repo, digest, ct);
+
+    /// <summary>
+    /// Uploads the rest of <paramref name="content"/> as a blob of <paramref name="repo"/>'s repository.
+    /// With a known <paramref name="digest"/> and a seekable stream: one PUT streamed from the stream (re-read on retry).
+    /// Otherwise: PATCH chunks of <see cref="BlobPushOptions.ChunkSize"/> then PUT ?digest= with the digest computed on
+    /// the way. Either way the bytes sent are hashed and must match <paramref name="digest"/> when one is given
+    /// (<see cref="DigestMismatchException"/>); <paramref name="size"/>, when given, must match too.
+    /// </summary>
+    public Task<BlobPushResult> PushBlobAsync(ImageReference repo, Stream content, string? digest = null, long? size = null,
+        BlobPushOptions? options = null, CancellationToken ct = default)
+        => _pusher.PushBlobAsync(repo, content, digest, size, options, ct);
+
+    /// <summary>Uploads a blob held in memory (configs, small layers).</summary>
+    public Task<BlobPushResult> PushBlobAsync(ImageReference repo, ReadOnlyMemory<byte> data, BlobPushOptions? options = null, CancellationToken ct = default)
+        => _pusher.PushBlobAsync(repo, data, options, ct);
+
+    /// <summary>
+    /// Asks the registry to link <paramref name="digest"/> from <paramref name="fromRepository"/> (same registry) into
+    /// <paramref name="target"/>'s repository. True when it did (201); false when it would not (it then opened an upload,
+    /// which is cancelled here) — upload the blob instead.
+    /// </summary>
+    public Task<bool> MountBlobAsync(ImageReference target, string digest, string fromRepository, CancellationToken ct = default)
+        => _pusher.MountBlobAsync(target, digest, fromRepository, ct);
+
+    /// <summary>
+    /// PUTs a manifest (or index) under <paramref name="tagOrDigest"/> (default: the reference's tag, else its digest)
+    /// with <paramref name="mediaType"/> as Content-Type. Returns the manifest's digest (checked against the registry's
+    /// Docker-Content-Digest).
+    /// </summary>
+    public Task<string> PushManifestAsync(ImageReference target, ReadOnlyMemory<byte> manifest, string mediaType, string? tagOrDigest = null,
+        CancellationToken ct = default)
+        => _pusher.PushManifestAsync(target, manifest, mediaType, tagOrDigest, ct);
+
     public void Dispose() => _transport.Dispose();
 }

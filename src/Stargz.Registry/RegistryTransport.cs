@@ -12,7 +12,7 @@ namespace Stargz.Registry;
 /// failover between endpoints, retries with backoff and the stall/outage watch, redirects to storage, the hosts found
 /// not to serve multi-range requests, and the counters. Thread-safe; one per client.
 /// </summary>
-internal sealed class RegistryTransport : IDisposable
+internal sealed class RegistryTransport(RegistryHostsConfig hosts, ICredentialProvider credentials, ILogger logger) : IDisposable
 {
     private readonly ConcurrentDictionary<string, Endpoint> _endpoints = new(StringComparer.Ordinal);
     // Hosts (endpoint or redirect target) found not to support multi-range requests.
@@ -23,16 +23,9 @@ internal sealed class RegistryTransport : IDisposable
     private long _retries;
     private bool _disposed;
 
-    public RegistryTransport(RegistryHostsConfig hosts, ICredentialProvider credentials, ILogger logger)
-    {
-        Hosts = hosts;
-        Credentials = credentials;
-        Logger = logger;
-    }
-
-    public RegistryHostsConfig Hosts { get; }
-    public ICredentialProvider Credentials { get; }
-    public ILogger Logger { get; }
+    public RegistryHostsConfig Hosts { get; } = hosts;
+    public ICredentialProvider Credentials { get; } = credentials;
+    public ILogger Logger { get; } = logger;
     public BlobOptions Blob => Hosts.Blob;
 
     /// <summary>HTTP requests sent (all hosts, including token requests and retries).</summary>

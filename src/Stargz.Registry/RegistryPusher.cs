@@ -34,9 +34,17 @@ public enum BlobPushOutcome
     UploadedChunked,
 }
 
-// Push side of the distribution API: blob HEAD, uploads (monolithic and chunked), cross-repo mounts, manifest PUT.
-public sealed partial class RegistryClient
+/// <summary>
+/// The push side of the distribution API, behind <see cref="RegistryClient"/>'s push methods: blob HEAD, uploads
+/// (monolithic and chunked), cross-repository mounts, manifest PUT. Always to the origin, never a mirror; requests go
+/// through the client's <see cref="RegistryTransport"/>.
+/// </summary>
+internal sealed class RegistryPusher(RegistryTransport transport)
 {
+    private readonly RegistryTransport _transport = transport;
+    private BlobOptions Blob => _transport.Blob;
+    private ILogger Logger => _transport.Logger;
+
     internal static string PushScope(ImageReference r) => $"repository:{r.Repository}:pull,push";
 
     /// <summary>The endpoint pushes go to: the origin (the last endpoint), never a pull-through mirror.</summary>
@@ -48,10 +56,10 @@ public sealed partial class RegistryClient
 
     /// <summary>HEAD on a blob in <paramref name="repo"/>'s repository: its size, or null when the registry does not have it there.</summary>
     public Task<long?> StatBlobAsync(ImageReference repo, string digest, CancellationToken ct = default)
-        => StatBlobAsync(repo, digest, PullScope(repo), ct);
+        => StatBlobAsync(repo, digest, RegistryClient.PullScope(repo), ct);
 
     // The push path asks with the push scope, so a push needs one token, not two.
-    private async Task<long?> StatBlobAsync(ImageReference repo, string digest, string scope, CancellationToken ct)
+    public async Task<long?> StatBlobAsync(ImageReference repo, string digest, string scope, CancellationToken ct)
     {
         ArgumentNullException.ThrowIfNull(repo);
         _ = repo.WithDigest(digest);
@@ -173,34 +181,6 @@ public sealed partial class RegistryClient
         }, ep.RequestTimeout ?? Blob.FetchingTimeout, failFastOnConnect: false, ct).ConfigureAwait(false);
         Logger.LogDebug("pushed manifest {Subject} ({Digest}, {MediaType})", subject, digest, mediaType);
         return digest;
-    }
-
-    /// <summary>
-    /// Downloads a whole blob into <paramref name="destination"/> (ranged reads of 8 MiB with the client's retries,
-    /// mirrors and redirects), verifying its sha256 digest. Returns the size.
-    /// </summary>
-    public async Task<long> DownloadBlobAsync(ImageReference repo, string digest, Stream destination, CancellationToken ct = default)
-    {
-        ArgumentNullException.ThrowIfNull(destination);
-        var blob = await OpenBlobAsync(repo, digest, ct).ConfigureAwait(false);
-        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        var buf = ArrayPool<byte>.Shared.Rent(8 << 20);
-        try
-        {
-            for (long off = 0; off < blob.Size;)
-            {
-                var n = (int)Math.Min(8 << 20, blob.Size - off);
-                await blob.ReadAtAsync(off, buf.AsMemory(0, n), ct).ConfigureAwait(false);
-                hash.AppendData(buf, 0, n);
-                await destination.WriteAsync(buf.AsMemory(0, n), ct).ConfigureAwait(false);
-                off += n;
-            }
-        }
-        finally { ArrayPool<byte>.Shared.Return(buf); }
-        var got = Digest.FromSha256(hash).ToString();
-        if (Digest.Parse(digest).IsSha256 && got != digest)
-            throw new DigestMismatchException($"blob {digest} of {repo.Name} from {blob.Host} has digest {got}", blob.Host, digest);
-        return blob.Size;
     }
 
     // ---------------------------------------------------------------- uploads
