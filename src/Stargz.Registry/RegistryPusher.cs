@@ -197,15 +197,13 @@ internal sealed class RegistryPusher(RegistryTransport transport)
         await _transport.RetryAsync(ep, subject, async (e, tct) =>
         {
             var location = await StartUploadAsync(e, repo, scope, subject, tct).ConfigureAwait(false);
-            HashingReadStream? body = null;
+            HashingContent? body = null;
             using var resp = await _transport.SendAsync(e, () =>
             {
-                content.Position = start;
-                body = new HashingReadStream(content, size);
-                var c = new StreamContent(body, 1 << 16);
-                c.Headers.ContentType = new MediaTypeHeaderValue("application/octet-stream");
-                c.Headers.ContentLength = size;
-                return new HttpRequestMessage(HttpMethod.Put, WithQuery(location, "digest", digest)) { Content = c };
+                body = new HashingContent(content, start, size);
+                body.Headers.ContentType = new MediaTypeHeaderValue("application/octet-stream");
+                body.Headers.ContentLength = size;
+                return new HttpRequestMessage(HttpMethod.Put, WithQuery(location, "digest", digest)) { Content = body };
             }, scope, subject, tct).ConfigureAwait(false);
             var sent = body!.Finish();
             if (sent is not null && sent != digest)
@@ -348,60 +346,45 @@ internal sealed class RegistryPusher(RegistryTransport transport)
         throw new RegistryException($"{host} answered {(int)s} {s} for {subject}{(body.Length > 0 ? ": " + body : "")}", s, host, subject);
     }
 
-    /// <summary>Reads exactly <c>length</c> bytes of an inner stream, hashing them; the request body of a monolithic PUT.</summary>
-    private sealed class HashingReadStream(Stream inner, long length) : Stream
+    /// <summary>
+    /// The request body of a monolithic PUT: <c>size</c> bytes of <c>source</c> from <c>start</c>, hashed as they are
+    /// sent (64 KiB at a time, one pooled buffer). Sent again from <c>start</c> if the handler sends it twice.
+    /// </summary>
+    private sealed class HashingContent(Stream source, long start, long size) : HttpContent
     {
-        private readonly IncrementalHash _hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        private long _read;
         private string? _digest;
 
-        /// <summary>The digest of what was read, when everything was; null if the body was not sent whole.</summary>
+        /// <summary>The digest of what was sent, when everything was; null if the body was not sent whole.</summary>
         public string? Finish() => _digest;
 
-        private void Add(ReadOnlySpan<byte> data)
+        protected override Task SerializeToStreamAsync(Stream stream, TransportContext? context)
+            => SerializeToStreamAsync(stream, context, CancellationToken.None);
+
+        protected override async Task SerializeToStreamAsync(Stream stream, TransportContext? context, CancellationToken cancellationToken)
         {
-            _hash.AppendData(data);
-            _read += data.Length;
-            if (_read == length) _digest = Digest.FromSha256(_hash).ToString();
+            _digest = null;
+            source.Position = start;
+            using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+            var buf = ArrayPool<byte>.Shared.Rent(1 << 16);
+            try
+            {
+                for (var sent = 0L; sent < size;)
+                {
+                    var n = await source.ReadAsync(buf.AsMemory(0, (int)Math.Min(buf.Length, size - sent)), cancellationToken).ConfigureAwait(false);
+                    if (n == 0) throw new EndOfStreamException($"blob stream ended after {sent} of {size} bytes");
+                    hash.AppendData(buf, 0, n);
+                    await stream.WriteAsync(buf.AsMemory(0, n), cancellationToken).ConfigureAwait(false);
+                    sent += n;
+                }
+            }
+            finally { ArrayPool<byte>.Shared.Return(buf); }
+            _digest = Digest.FromSha256(hash).ToString();
         }
 
-        public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+        protected override bool TryComputeLength(out long length)
         {
-            var want = (int)Math.Min(buffer.Length, length - _read);
-            if (want == 0) return 0;
-            var n = await inner.ReadAsync(buffer[..want], cancellationToken).ConfigureAwait(false);
-            if (n == 0) throw new EndOfStreamException($"blob stream ended after {_read} of {length} bytes");
-            Add(buffer.Span[..n]);
-            return n;
-        }
-
-        public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken)
-            => ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
-
-        public override int Read(byte[] buffer, int offset, int count)
-        {
-            var want = (int)Math.Min(count, length - _read);
-            if (want == 0) return 0;
-            var n = inner.Read(buffer, offset, want);
-            if (n == 0) throw new EndOfStreamException($"blob stream ended after {_read} of {length} bytes");
-            Add(buffer.AsSpan(offset, n));
-            return n;
-        }
-
-        public override bool CanRead => true;
-        public override bool CanSeek => false;
-        public override bool CanWrite => false;
-        public override long Length => length;
-        public override long Position { get => _read; set => throw new NotSupportedException(); }
-        public override void Flush() { }
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
-        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
-
-        protected override void Dispose(bool disposing)
-        {
-            if (disposing) _hash.Dispose();
-            base.Dispose(disposing);
+            length = size;
+            return true;
         }
     }
 }
