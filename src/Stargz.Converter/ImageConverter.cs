@@ -554,7 +554,7 @@ public sealed class ImageConverter
         return o;
     }
 
-    internal static string RegistrySha(ReadOnlySpan<byte> data) => "sha256:" + System.Convert.ToHexStringLower(SHA256.HashData(data));
+    internal static string RegistrySha(ReadOnlySpan<byte> data) => Digest.Sha256Of(data).ToString();
 }
 
 /// <summary>Write-through stream that hashes (sha256) and counts what passes.</summary>
@@ -563,7 +563,7 @@ internal sealed class HashingWriteStream(Stream inner) : Stream
     private readonly IncrementalHash _hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
     private long _written;
 
-    public (string Digest, long Size) Finish() => ("sha256:" + System.Convert.ToHexStringLower(_hash.GetHashAndReset()), _written);
+    public (string Digest, long Size) Finish() => (Digest.FromSha256(_hash).ToString(), _written);
 
     public override async ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
     {

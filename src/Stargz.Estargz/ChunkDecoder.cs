@@ -109,12 +109,7 @@ public static class ChunkDecoder
     }
 
     /// <summary>"sha256:" + lowercase hex of the data's sha256.</summary>
-    public static string Sha256Digest(ReadOnlySpan<byte> data)
-    {
-        Span<byte> h = stackalloc byte[32];
-        SHA256.HashData(data, h);
-        return FormatSha256(h);
-    }
+    public static string Sha256Digest(ReadOnlySpan<byte> data) => Digest.Sha256Of(data).ToString();
 
-    public static string FormatSha256(ReadOnlySpan<byte> hash32) => "sha256:" + Convert.ToHexStringLower(hash32);
+    public static string FormatSha256(ReadOnlySpan<byte> hash32) => Digest.FromSha256(hash32).ToString();
 }

@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using Stargz.Estargz;
+using Stargz.Registry;
 
 namespace Stargz.Layer;
 
@@ -11,6 +12,8 @@ namespace Stargz.Layer;
 /// </summary>
 public sealed class RemoteLayer : IAsyncDisposable
 {
+    /// <summary>Between background passes while the registry is away: 1 s doubling to a minute.</summary>
+    private static readonly Backoff RegistryAwayBackoff = new(TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(60));
     private readonly LayerOptions _options;
     private readonly LayerChunk[] _byBlobOffset;
     private Task _work = Task.CompletedTask;
@@ -175,7 +178,7 @@ public sealed class RemoteLayer : IAsyncDisposable
         Interlocked.Exchange(ref Stats.BackgroundTotalBytes, _byBlobOffset[^1].BlobEnd - _byBlobOffset[split].BlobOffset);
         Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Running);
         var next = new StrongBox<int>(split);
-        var backoff = TimeSpan.FromSeconds(1);
+        var outages = 0;
         while (true)
         {
             try
@@ -209,13 +212,12 @@ public sealed class RemoteLayer : IAsyncDisposable
             catch (LayerIOException)
             {
                 // The registry is away: try again later, from where it stopped.
-                try { await Task.Delay(backoff, lifetime).ConfigureAwait(false); }
+                try { await Task.Delay(RegistryAwayBackoff.Delay(outages++), lifetime).ConfigureAwait(false); }
                 catch (OperationCanceledException)
                 {
                     Volatile.Write(ref Stats.BackgroundState, (int)FetchStageState.Failed);
                     return;
                 }
-                backoff = TimeSpan.FromTicks(Math.Min(backoff.Ticks * 2, TimeSpan.FromSeconds(60).Ticks));
             }
         }
     }

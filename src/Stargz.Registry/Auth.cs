@@ -89,13 +89,13 @@ internal sealed class AuthState
 
     /// <param name="image">the image the request is for (credentials may be keyed by image, as CRI's are), or null.</param>
     public async Task<(AuthenticationHeaderValue? header, Task<BearerToken>? used)> GetHeaderAsync(
-        RegistryClient client, Endpoint ep, string scope, ImageReference? image, CancellationToken ct)
+        RegistryTransport transport, Endpoint ep, string scope, ImageReference? image, CancellationToken ct)
     {
         var ch = Challenge;
         if (ch is null) return (null, null);
         if (ch.IsBasic)
         {
-            var cred = await client.Credentials.GetAsync(ep.Host, image, ct).ConfigureAwait(false);
+            var cred = await transport.Credentials.GetAsync(ep.Host, image, ct).ConfigureAwait(false);
             if (cred is null || !cred.HasBasic)
                 throw new UnauthorizedException($"registry {ep.Host} asks for Basic auth and no credentials are configured for it",
                     System.Net.HttpStatusCode.Unauthorized, ep.Host, scope);
@@ -108,7 +108,7 @@ internal sealed class AuthState
             // A cached token needs no credential lookup: the common path of every blob read.
             if (!_tokens.TryGetValue(scope, out var task))
             {
-                var cred = await client.Credentials.GetAsync(ep.Host, image, ct).ConfigureAwait(false);
+                var cred = await transport.Credentials.GetAsync(ep.Host, image, ct).ConfigureAwait(false);
                 // A registry token (CRI's registry_token) is already the bearer token: no token server round trip,
                 // and nothing cached, since it belongs to that image's credentials rather than to the scope.
                 if (cred?.RegistryToken is { Length: > 0 } rt) return (new AuthenticationHeaderValue("Bearer", rt), null);
@@ -116,7 +116,7 @@ internal sealed class AuthState
                 // each caller offers an unstarted task, and only the one whose task went in starts the fetch.
                 var mine = new TaskCompletionSource<BearerToken>(TaskCreationOptions.RunContinuationsAsynchronously);
                 task = _tokens.GetOrAdd(scope, mine.Task);
-                if (ReferenceEquals(task, mine.Task)) _ = CompleteWithTokenAsync(mine, client, ep, ch, scope, cred);
+                if (ReferenceEquals(task, mine.Task)) _ = CompleteWithTokenAsync(mine, transport, ep, ch, scope, cred);
             }
             BearerToken tok;
             try
@@ -133,15 +133,15 @@ internal sealed class AuthState
         }
     }
 
-    private static async Task CompleteWithTokenAsync(TaskCompletionSource<BearerToken> into, RegistryClient client, Endpoint ep,
+    private static async Task CompleteWithTokenAsync(TaskCompletionSource<BearerToken> into, RegistryTransport transport, Endpoint ep,
         AuthChallenge ch, string scope, RegistryCredential? cred)
     {
-        try { into.SetResult(await FetchTokenAsync(client, ep, ch, scope, cred).ConfigureAwait(false)); }
+        try { into.SetResult(await FetchTokenAsync(transport, ep, ch, scope, cred).ConfigureAwait(false)); }
         catch (Exception e) { into.SetException(e); }
     }
 
     // Runs detached from any one caller's token: the result is shared by every request for this scope.
-    private static async Task<BearerToken> FetchTokenAsync(RegistryClient client, Endpoint ep, AuthChallenge ch, string scope, RegistryCredential? cred)
+    private static async Task<BearerToken> FetchTokenAsync(RegistryTransport transport, Endpoint ep, AuthChallenge ch, string scope, RegistryCredential? cred)
     {
         await Task.Yield();
         var realm = ch.Realm ?? throw new UnauthorizedException($"registry {ep.Host} sent a Bearer challenge without realm",
@@ -180,7 +180,7 @@ internal sealed class AuthState
         }
         using (req)
         {
-            client.CountRequest();
+            transport.CountRequest();
             using var resp = await ep.Client.SendAsync(req, HttpCompletionOption.ResponseContentRead, cts.Token).ConfigureAwait(false);
             if (resp.StatusCode is System.Net.HttpStatusCode.Unauthorized or System.Net.HttpStatusCode.Forbidden)
                 throw new UnauthorizedException($"token server {realmUri.Authority} refused {(cred is null ? "anonymous access" : "the credentials")} for {scope} on {ep.Host}: {(int)resp.StatusCode}",

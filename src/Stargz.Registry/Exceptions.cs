@@ -49,3 +49,10 @@ public sealed class DigestMismatchException : RegistryException
     public DigestMismatchException(string message, string? host, string? subject)
         : base(message, null, host, subject) { }
 }
+
+/// <summary>A failure worth retrying (5xx, 429, a short body); surfaces as <see cref="RegistryException"/> when retries run out.</summary>
+public sealed class TransientRegistryException(string message, HttpStatusCode? status, string? host, string? subject, TimeSpan? retryAfter = null)
+    : RegistryException(message, status, host, subject)
+{
+    public TimeSpan? RetryAfter { get; } = retryAfter;
+}

@@ -133,14 +133,9 @@ public sealed partial class ImageReference : IEquatable<ImageReference>
 
     private static void ValidateDigest(string input, string digest)
     {
-        var c = digest.IndexOf(':');
-        if (c <= 0 || c == digest.Length - 1) throw new InvalidReferenceException(input, $"invalid digest \"{digest}\"");
-        var alg = digest[..c];
-        var hex = digest[(c + 1)..];
-        var want = alg switch { "sha256" => 64, "sha512" => 128, _ => -1 };
-        if (want < 0) throw new InvalidReferenceException(input, $"unsupported digest algorithm \"{alg}\"");
-        if (hex.Length != want || !hex.All(char.IsAsciiHexDigitLower))
-            throw new InvalidReferenceException(input, $"digest \"{digest}\" must be {want} lowercase hex characters");
+        // Stargz.Digest: this class's Digest is the reference's digest string.
+        if (!Stargz.Digest.TryParse(digest, out _, out var error))
+            throw new InvalidReferenceException(input, $"invalid digest \"{digest}\": {error}");
     }
 
     [GeneratedRegex(@"^[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*$")]

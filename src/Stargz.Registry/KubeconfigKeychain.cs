@@ -26,9 +26,8 @@ public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
     private readonly string? _path;
     private readonly ILogger _log;
     private readonly TimeSpan _waitForConfig;
-    private readonly TimeSpan _maxBackoff;
-    private TimeSpan FirstBackoff => _maxBackoff < TimeSpan.FromSeconds(1) ? _maxBackoff : TimeSpan.FromSeconds(1);
-    private TimeSpan Doubled(TimeSpan backoff) => TimeSpan.FromTicks(Math.Min(backoff.Ticks * 2, _maxBackoff.Ticks));
+    // Between failed syncs and watches the server ends at once: 1 s doubling to maxBackoff.
+    private readonly Backoff _backoff;
     private readonly CancellationTokenSource _stop = new();
     private readonly TaskCompletionSource _synced = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Lock _lock = new();
@@ -44,7 +43,7 @@ public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
         _path = string.IsNullOrEmpty(kubeconfigPath) ? null : kubeconfigPath;
         _log = logger ?? NullLogger.Instance;
         _waitForConfig = waitForConfig ?? TimeSpan.FromSeconds(10);
-        _maxBackoff = maxBackoff ?? TimeSpan.FromSeconds(30);
+        _backoff = new Backoff(TimeSpan.FromSeconds(1), maxBackoff ?? TimeSpan.FromSeconds(30));
     }
 
     /// <summary>Complete once the first list has been taken in.</summary>
@@ -95,13 +94,13 @@ public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
             }
             using var http = new HttpClient(config.CreateHandler()) { Timeout = Timeout.InfiniteTimeSpan };
             var baseUri = new Uri(config.Server.AbsoluteUri.TrimEnd('/') + "/");
-            var backoff = FirstBackoff;
+            var failures = 0;
             while (!ct.IsCancellationRequested)
             {
                 try
                 {
                     var rv = await ListAsync(http, config, baseUri, ct).ConfigureAwait(false);
-                    backoff = FirstBackoff;
+                    failures = 0;
                     while (rv is not null)
                     {
                         var opened = Stopwatch.GetTimestamp();
@@ -110,20 +109,20 @@ public sealed class KubeconfigKeychain : ICredentialProvider, IAsyncDisposable
                         // (a proxy, an overloaded server) must not be asked again in a tight loop.
                         if (Stopwatch.GetElapsedTime(opened) < QuickWatch)
                         {
-                            _log.LogDebug("kubeconfig keychain: watch on {Server} ended at once; reopening in {Delay} s", config.Server, backoff.TotalSeconds);
-                            await Task.Delay(backoff, ct).ConfigureAwait(false);
-                            backoff = Doubled(backoff);
+                            var delay = _backoff.Delay(failures++);
+                            _log.LogDebug("kubeconfig keychain: watch on {Server} ended at once; reopening in {Delay} s", config.Server, delay.TotalSeconds);
+                            await Task.Delay(delay, ct).ConfigureAwait(false);
                         }
-                        else backoff = FirstBackoff;
+                        else failures = 0;
                     }
                     _log.LogDebug("kubeconfig keychain: watch on {Server} expired; listing again", config.Server);
                 }
                 catch (Exception e) when (!ct.IsCancellationRequested)
                 {
+                    var delay = _backoff.Delay(failures++);
                     _log.LogWarning("kubeconfig keychain: syncing image pull secrets from {Server} ({Kubeconfig}) failed: {Error}; retrying in {Delay} s",
-                        config.Server, config.Source, e.Message, backoff.TotalSeconds);
-                    await Task.Delay(backoff, ct).ConfigureAwait(false);
-                    backoff = Doubled(backoff);
+                        config.Server, config.Source, e.Message, delay.TotalSeconds);
+                    await Task.Delay(delay, ct).ConfigureAwait(false);
                 }
             }
         }

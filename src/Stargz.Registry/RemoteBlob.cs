@@ -1,5 +1,4 @@
 using System.Buffers;
-using System.Globalization;
 using System.Net;
 using System.Net.Http.Headers;
 using Microsoft.Extensions.Logging;
@@ -28,7 +27,8 @@ public readonly record struct BlobRange(long Offset, Memory<byte> Destination)
 /// </summary>
 public sealed class RemoteBlob
 {
-    private readonly RegistryClient _client;
+    private readonly RegistryTransport _transport;
+    private readonly Dictionary<FlightKey, Flight> _flights;
     private readonly ImageReference _repo;
     private readonly IReadOnlyList<Endpoint> _endpoints;
     private readonly string _scope;
@@ -38,10 +38,11 @@ public sealed class RemoteBlob
     private long _requests;
     private long _bytes;
 
-    internal RemoteBlob(RegistryClient client, ImageReference repo, string digest, long size, IReadOnlyList<Endpoint> endpoints,
-        int endpointIndex, string scope, string? redirect)
+    /// <param name="flights">the client's in-flight shared reads: concurrent reads of one range through any of its blobs share one fetch.</param>
+    internal RemoteBlob(RegistryTransport transport, Dictionary<FlightKey, Flight> flights, ImageReference repo, string digest, long size,
+        IReadOnlyList<Endpoint> endpoints, int endpointIndex, string scope, string? redirect)
     {
-        _client = client; _repo = repo; Digest = digest; Size = size; _endpoints = endpoints;
+        _transport = transport; _flights = flights; _repo = repo; Digest = digest; Size = size; _endpoints = endpoints;
         _endpointIndex = endpointIndex; _scope = scope; _redirect = redirect;
         _subject = $"{repo.Name}@{digest}";
     }
@@ -74,7 +75,7 @@ public sealed class RemoteBlob
     private async Task ReadSharedAsync(long offset, Memory<byte> destination, CancellationToken ct)
     {
         var key = new FlightKey(_repo.Name, Digest, offset, destination.Length);
-        var flights = _client.Flights;
+        var flights = _flights;
         Flight f;
         lock (flights)
         {
@@ -114,9 +115,9 @@ public sealed class RemoteBlob
         }
         finally
         {
-            lock (_client.Flights)
+            lock (_flights)
             {
-                _client.Flights.Remove(key);
+                _flights.Remove(key);
                 f.Done = true;
                 if (!ok || f.Refs == 0) ArrayPool<byte>.Shared.Return(buf);
             }
@@ -125,7 +126,7 @@ public sealed class RemoteBlob
 
     private void Release(Flight f)
     {
-        lock (_client.Flights)
+        lock (_flights)
         {
             f.Refs--;
             if (f.Refs == 0 && f.Done && f.Task.IsCompletedSuccessfully) ArrayPool<byte>.Shared.Return(f.Task.Result);
@@ -199,7 +200,7 @@ public sealed class RemoteBlob
     private void CountBytes(long n)
     {
         Interlocked.Add(ref _bytes, n);
-        _client.CountBytes(n);
+        _transport.CountBytes(n);
     }
 
     /// <summary>
@@ -219,11 +220,11 @@ public sealed class RemoteBlob
                 r = await SendPlainAsync(ep, redirect, range, ct).ConfigureAwait(false);
                 a.Progress();
                 if (r.StatusCode is HttpStatusCode.OK or HttpStatusCode.PartialContent) return r;
-                _client.Logger.LogInformation("redirect URL for {Subject} answered {Status}; asking {Host} again", _subject, (int)r.StatusCode, ep.Host);
+                _transport.Logger.LogInformation("redirect URL for {Subject} answered {Status}; asking {Host} again", _subject, (int)r.StatusCode, ep.Host);
             }
             catch (Exception e) when (e is HttpRequestException or IOException)
             {
-                _client.Logger.LogInformation("redirect URL for {Subject} failed ({Error}); asking {Host} again", _subject, e.Message, ep.Host);
+                _transport.Logger.LogInformation("redirect URL for {Subject} failed ({Error}); asking {Host} again", _subject, e.Message, ep.Host);
             }
             catch (OperationCanceledException)
             {
@@ -236,7 +237,7 @@ public sealed class RemoteBlob
             Interlocked.CompareExchange(ref _redirect, null, redirect);
         }
         var url = ep.Url(_repo.Repository, "blobs", Digest);
-        var resp = await _client.SendAsync(ep, () =>
+        var resp = await _transport.SendAsync(ep, () =>
         {
             var m = new HttpRequestMessage(HttpMethod.Get, url);
             m.Headers.Range = range;
@@ -244,7 +245,7 @@ public sealed class RemoteBlob
         }, _scope, _subject, ct, _repo).ConfigureAwait(false);
         a.Progress();
         Interlocked.Increment(ref _requests);
-        if (RegistryClient.IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
+        if (RegistryTransport.IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
         {
             var target = new Uri(new Uri(url), loc).AbsoluteUri;
             resp.Dispose();
@@ -256,7 +257,7 @@ public sealed class RemoteBlob
                 Interlocked.CompareExchange(ref _redirect, null, target);
                 using (resp)
                 {
-                    RegistryClient.ThrowForStatus(resp, new Uri(target).Authority, _subject);
+                    RegistryTransport.ThrowForStatus(resp, new Uri(target).Authority, _subject);
                     throw new TransientRegistryException($"redirect target for {_subject} answered {(int)resp.StatusCode}", resp.StatusCode, ep.Host, _subject);
                 }
             }
@@ -267,7 +268,7 @@ public sealed class RemoteBlob
         {
             if (resp.StatusCode == HttpStatusCode.RequestedRangeNotSatisfiable)
                 throw new RegistryException($"{ep.Host} cannot serve range {range} of {_subject} ({Size} bytes)", resp.StatusCode, ep.Host, _subject);
-            RegistryClient.ThrowForStatus(resp, ep.Host, _subject);
+            RegistryTransport.ThrowForStatus(resp, ep.Host, _subject);
             throw new RegistryException($"{ep.Host} answered {(int)resp.StatusCode} for {_subject}", resp.StatusCode, ep.Host, _subject);
         }
     }
@@ -276,7 +277,7 @@ public sealed class RemoteBlob
     {
         using var req = new HttpRequestMessage(HttpMethod.Get, url);
         req.Headers.Range = range;
-        _client.CountRequest();
+        _transport.CountRequest();
         Interlocked.Increment(ref _requests);
         return await ep.Client.SendAsync(req, HttpCompletionOption.ResponseHeadersRead, ct).ConfigureAwait(false);
     }
@@ -284,7 +285,7 @@ public sealed class RemoteBlob
     /// <summary>Runs a fetch on the current endpoint with retries; on failure falls back to later endpoints and stays there.</summary>
     private async Task RunAsync(Func<Endpoint, Attempt, Task<bool>> op, CancellationToken ct)
     {
-        await _client.OnEndpointsAsync(_endpoints, _endpointIndex, _subject, async (ep, a) =>
+        await _transport.OnEndpointsAsync(_endpoints, _endpointIndex, _subject, async (ep, a) =>
         {
             var idx = IndexOf(ep);
             if (idx != _endpointIndex)
@@ -373,14 +374,14 @@ public sealed class RemoteBlob
                     groups[g++] = new Group { Start = r.Offset, End = r.End, First = i, Count = 1 };
                 }
             }
-            var single = g == 1 || _client.IsSingleRangeHost(CurrentRangeHost());
+            var single = g == 1 || _transport.IsSingleRangeHost(CurrentRangeHost());
             if (!single)
             {
-                var per = Math.Max(1, _client.Blob.MaxRangesPerRequest);
+                var per = Math.Max(1, _transport.Blob.MaxRangesPerRequest);
                 for (var b = 0; b < g; b += per)
                 {
                     var count = Math.Min(per, g - b);
-                    if (count == 1 || _client.IsSingleRangeHost(CurrentRangeHost())) break;
+                    if (count == 1 || _transport.IsSingleRangeHost(CurrentRangeHost())) break;
                     await FetchMultiAsync(ranges, order, new ArraySegment<Group>(groups, b, count), ct).ConfigureAwait(false);
                 }
             }
@@ -447,7 +448,7 @@ public sealed class RemoteBlob
             if (resp.StatusCode == HttpStatusCode.OK)
             {
                 // Whole body for a multi-range request: this host does not do ranges the way we need.
-                _client.MarkSingleRangeHost(rangeHost);
+                _transport.MarkSingleRangeHost(rangeHost);
                 return false;
             }
             await using var body = await resp.Content.ReadAsStreamAsync(tct).ConfigureAwait(false);
@@ -459,7 +460,7 @@ public sealed class RemoteBlob
                     if (p.Name.Equals("boundary", StringComparison.OrdinalIgnoreCase)) boundary = p.Value?.Trim('"');
                 if (string.IsNullOrEmpty(boundary))
                 {
-                    _client.MarkSingleRangeHost(rangeHost);
+                    _transport.MarkSingleRangeHost(rangeHost);
                     return false;
                 }
                 using var reader = new MultipartReader(body, boundary, a);
@@ -477,7 +478,7 @@ public sealed class RemoteBlob
                 var cr = resp.Content.Headers.ContentRange;
                 if (cr?.From is not long from || cr.To is not long to)
                 {
-                    _client.MarkSingleRangeHost(rangeHost);
+                    _transport.MarkSingleRangeHost(rangeHost);
                     return false;
                 }
                 using var reader = new MultipartReader(body, null, a);
@@ -521,99 +522,5 @@ public sealed class RemoteBlob
         var arr = batch.Array!;
         for (var k = gi; k < batch.Count && batch[k].Start <= to; k++)
             if (batch[k].Start >= from && batch[k].End <= end) arr[batch.Offset + k].Done = true;
-    }
-
-    /// <summary>Reads multipart/byteranges parts from a stream with one pooled buffer.</summary>
-    private sealed class MultipartReader : IDisposable
-    {
-        private readonly Stream _s;
-        private readonly string? _boundary;
-        private readonly Attempt _attempt;
-        private byte[] _buf = ArrayPool<byte>.Shared.Rent(65536);
-        private int _start, _end;
-
-        public MultipartReader(Stream s, string? boundary, Attempt attempt) { _s = s; _boundary = boundary; _attempt = attempt; }
-
-        private async ValueTask<bool> FillAsync(CancellationToken ct)
-        {
-            if (_start > 0 && _start == _end) { _start = _end = 0; }
-            if (_end == _buf.Length)
-            {
-                if (_start == 0) throw new FormatException("multipart line longer than 64 KiB");
-                Buffer.BlockCopy(_buf, _start, _buf, 0, _end - _start);
-                _end -= _start; _start = 0;
-            }
-            var n = await _s.ReadAsync(_buf.AsMemory(_end), ct).ConfigureAwait(false);
-            if (n > 0) _attempt.Progress();
-            _end += n;
-            return n > 0;
-        }
-
-        private async ValueTask<string?> ReadLineAsync(CancellationToken ct)
-        {
-            while (true)
-            {
-                var idx = Array.IndexOf(_buf, (byte)'\n', _start, _end - _start);
-                if (idx >= 0)
-                {
-                    var len = idx - _start;
-                    if (len > 0 && _buf[idx - 1] == '\r') len--;
-                    var line = System.Text.Encoding.ASCII.GetString(_buf, _start, len);
-                    _start = idx + 1;
-                    return line;
-                }
-                if (!await FillAsync(ct).ConfigureAwait(false)) return null;
-            }
-        }
-
-        /// <summary>Advances to the next part and returns its Content-Range, or null at the closing boundary.</summary>
-        public async ValueTask<(long From, long To)?> NextPartAsync(CancellationToken ct)
-        {
-            var open = "--" + _boundary;
-            string? line;
-            do
-            {
-                line = await ReadLineAsync(ct).ConfigureAwait(false);
-                if (line is null) throw new IOException("multipart body ended before its closing boundary");
-            } while (line.TrimEnd() != open && line.TrimEnd() != open + "--");
-            if (line.TrimEnd() == open + "--") return null;
-            long? from = null, to = null;
-            while ((line = await ReadLineAsync(ct).ConfigureAwait(false)) is { Length: > 0 })
-            {
-                var colon = line.IndexOf(':');
-                if (colon <= 0 || !line.AsSpan(0, colon).Trim().Equals("Content-Range", StringComparison.OrdinalIgnoreCase)) continue;
-                // bytes FROM-TO/TOTAL
-                var v = line[(colon + 1)..].Trim();
-                if (v.StartsWith("bytes ", StringComparison.OrdinalIgnoreCase)) v = v[6..].Trim();
-                var dash = v.IndexOf('-');
-                var slash = v.IndexOf('/');
-                if (dash > 0 && slash > dash
-                    && long.TryParse(v.AsSpan(0, dash), NumberStyles.None, CultureInfo.InvariantCulture, out var f)
-                    && long.TryParse(v.AsSpan(dash + 1, slash - dash - 1), NumberStyles.None, CultureInfo.InvariantCulture, out var t))
-                {
-                    from = f; to = t;
-                }
-            }
-            if (line is null) throw new IOException("multipart body ended inside part headers");
-            if (from is null || to is null || to < from) throw new FormatException("multipart part without a valid Content-Range");
-            return (from.Value, to.Value);
-        }
-
-        /// <summary>Up to <paramref name="max"/> body bytes from the buffer (refilling it when empty); empty at end of stream.</summary>
-        public async ValueTask<ReadOnlyMemory<byte>> ReadBodyAsync(int max, CancellationToken ct)
-        {
-            if (_start == _end && !await FillAsync(ct).ConfigureAwait(false)) return ReadOnlyMemory<byte>.Empty;
-            var n = Math.Min(max, _end - _start);
-            var m = new ReadOnlyMemory<byte>(_buf, _start, n);
-            _start += n;
-            return m;
-        }
-
-        public void Dispose()
-        {
-            var b = _buf;
-            _buf = [];
-            if (b.Length > 0) ArrayPool<byte>.Shared.Return(b);
-        }
     }
 }

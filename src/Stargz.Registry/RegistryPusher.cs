@@ -34,38 +34,46 @@ public enum BlobPushOutcome
     UploadedChunked,
 }
 
-// Push side of the distribution API: blob HEAD, uploads (monolithic and chunked), cross-repo mounts, manifest PUT.
-public sealed partial class RegistryClient
+/// <summary>
+/// The push side of the distribution API, behind <see cref="RegistryClient"/>'s push methods: blob HEAD, uploads
+/// (monolithic and chunked), cross-repository mounts, manifest PUT. Always to the origin, never a mirror; requests go
+/// through the client's <see cref="RegistryTransport"/>.
+/// </summary>
+internal sealed class RegistryPusher(RegistryTransport transport)
 {
+    private readonly RegistryTransport _transport = transport;
+    private BlobOptions Blob => _transport.Blob;
+    private ILogger Logger => _transport.Logger;
+
     internal static string PushScope(ImageReference r) => $"repository:{r.Repository}:pull,push";
 
     /// <summary>The endpoint pushes go to: the origin (the last endpoint), never a pull-through mirror.</summary>
     private Endpoint PushEndpoint(ImageReference r)
     {
-        var eps = EndpointsFor(r.Host);
+        var eps = _transport.EndpointsFor(r.Host);
         return eps[^1];
     }
 
     /// <summary>HEAD on a blob in <paramref name="repo"/>'s repository: its size, or null when the registry does not have it there.</summary>
     public Task<long?> StatBlobAsync(ImageReference repo, string digest, CancellationToken ct = default)
-        => StatBlobAsync(repo, digest, PullScope(repo), ct);
+        => StatBlobAsync(repo, digest, RegistryClient.PullScope(repo), ct);
 
     // The push path asks with the push scope, so a push needs one token, not two.
-    private async Task<long?> StatBlobAsync(ImageReference repo, string digest, string scope, CancellationToken ct)
+    public async Task<long?> StatBlobAsync(ImageReference repo, string digest, string scope, CancellationToken ct)
     {
         ArgumentNullException.ThrowIfNull(repo);
         _ = repo.WithDigest(digest);
         var ep = PushEndpoint(repo);
         var subject = $"{repo.Name}@{digest}";
-        return await RetryAsync(ep, subject, async (e, tct) =>
+        return await _transport.RetryAsync(ep, subject, async (e, tct) =>
         {
-            using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Head, e.Url(repo.Repository, "blobs", digest)), scope, subject, tct)
+            using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Head, e.Url(repo.Repository, "blobs", digest)), scope, subject, tct)
                 .ConfigureAwait(false);
             if (resp.StatusCode == HttpStatusCode.NotFound) return (long?)null;
             // The redirect answer's Content-Length is its own (empty) body's: the size is at the target.
-            if (IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
-                return (await SizeAtRedirectAsync(e, new Uri(new Uri(e.Url(repo.Repository, "blobs", digest)), loc), subject, tct).ConfigureAwait(false)).Size;
-            ThrowForStatus(resp, e.Host, subject);
+            if (RegistryTransport.IsRedirect(resp.StatusCode) && resp.Headers.Location is { } loc)
+                return (await _transport.SizeAtRedirectAsync(e, new Uri(new Uri(e.Url(repo.Repository, "blobs", digest)), loc), subject, tct).ConfigureAwait(false)).Size;
+            RegistryTransport.ThrowForStatus(resp, e.Host, subject);
             return resp.Content.Headers.ContentLength ?? -1;
         }, ep.RequestTimeout ?? Blob.FetchingTimeout, failFastOnConnect: false, ct).ConfigureAwait(false);
     }
@@ -91,7 +99,7 @@ public sealed partial class RegistryClient
         if (digest is not null)
         {
             _ = repo.WithDigest(digest);
-            if (!digest.StartsWith("sha256:", StringComparison.Ordinal))
+            if (!Digest.Parse(digest).IsSha256)
                 throw new ArgumentException($"only sha256 digests can be pushed, not {digest}", nameof(digest));
             if (options.SkipExisting && await StatBlobAsync(repo, digest, PushScope(repo), ct).ConfigureAwait(false) is long have && (size is null || have < 0 || have == size))
                 return new BlobPushResult(digest, have >= 0 ? have : size ?? -1, BlobPushOutcome.Existed);
@@ -104,7 +112,7 @@ public sealed partial class RegistryClient
     /// <summary>Uploads a blob held in memory (configs, small layers).</summary>
     public async Task<BlobPushResult> PushBlobAsync(ImageReference repo, ReadOnlyMemory<byte> data, BlobPushOptions? options = null, CancellationToken ct = default)
     {
-        var digest = Sha256Digest(data.Span);
+        var digest = Digest.Sha256Of(data.Span).ToString();
         using var ms = new MemoryStream(data.ToArray(), writable: false);
         return await PushBlobAsync(repo, ms, digest, data.Length, options, ct).ConfigureAwait(false);
     }
@@ -123,9 +131,9 @@ public sealed partial class RegistryClient
         var subject = $"{target.Name}@{digest} (mount from {fromRepository})";
         var scope = $"{PushScope(target)} repository:{fromRepository}:pull";
         var url = $"{ep.BaseUrl}/{target.Repository}/blobs/uploads/?mount={Uri.EscapeDataString(digest)}&from={Uri.EscapeDataString(fromRepository)}";
-        return await RetryAsync(ep, subject, async (e, tct) =>
+        return await _transport.RetryAsync(ep, subject, async (e, tct) =>
         {
-            using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Post, url) { Content = Empty() }, scope, subject, tct).ConfigureAwait(false);
+            using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Post, url) { Content = Empty() }, scope, subject, tct).ConfigureAwait(false);
             if (resp.StatusCode == HttpStatusCode.Created) return true;
             if (resp.StatusCode == HttpStatusCode.Accepted)
             {
@@ -150,7 +158,7 @@ public sealed partial class RegistryClient
         if (manifest.Length > Blob.MaxManifestBytes)
             throw new RegistryException($"manifest for {target} is {manifest.Length} bytes, more than the {Blob.MaxManifestBytes} registries accept",
                 host: target.Host, subject: target.ToString());
-        var digest = Sha256Digest(manifest.Span);
+        var digest = Digest.Sha256Of(manifest.Span).ToString();
         var reference = tagOrDigest ?? target.Tag ?? target.Digest ?? digest;
         if (reference.Contains(':') && reference != digest)
             throw new DigestMismatchException($"manifest pushed as {target.Name}@{reference} has digest {digest}", target.Host, target.ToString());
@@ -158,9 +166,9 @@ public sealed partial class RegistryClient
         var subject = $"{target.Name}:{reference}";
         var scope = PushScope(target);
         var bytes = manifest.ToArray();
-        await RetryAsync(ep, subject, async (e, tct) =>
+        await _transport.RetryAsync(ep, subject, async (e, tct) =>
         {
-            using var resp = await SendAsync(e, () =>
+            using var resp = await _transport.SendAsync(e, () =>
             {
                 var c = new ByteArrayContent(bytes);
                 c.Headers.ContentType = new MediaTypeHeaderValue(mediaType);
@@ -175,34 +183,6 @@ public sealed partial class RegistryClient
         return digest;
     }
 
-    /// <summary>
-    /// Downloads a whole blob into <paramref name="destination"/> (ranged reads of 8 MiB with the client's retries,
-    /// mirrors and redirects), verifying its sha256 digest. Returns the size.
-    /// </summary>
-    public async Task<long> DownloadBlobAsync(ImageReference repo, string digest, Stream destination, CancellationToken ct = default)
-    {
-        ArgumentNullException.ThrowIfNull(destination);
-        var blob = await OpenBlobAsync(repo, digest, ct).ConfigureAwait(false);
-        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        var buf = ArrayPool<byte>.Shared.Rent(8 << 20);
-        try
-        {
-            for (long off = 0; off < blob.Size;)
-            {
-                var n = (int)Math.Min(8 << 20, blob.Size - off);
-                await blob.ReadAtAsync(off, buf.AsMemory(0, n), ct).ConfigureAwait(false);
-                hash.AppendData(buf, 0, n);
-                await destination.WriteAsync(buf.AsMemory(0, n), ct).ConfigureAwait(false);
-                off += n;
-            }
-        }
-        finally { ArrayPool<byte>.Shared.Return(buf); }
-        var got = "sha256:" + Convert.ToHexStringLower(hash.GetHashAndReset());
-        if (digest.StartsWith("sha256:", StringComparison.Ordinal) && got != digest)
-            throw new DigestMismatchException($"blob {digest} of {repo.Name} from {blob.Host} has digest {got}", blob.Host, digest);
-        return blob.Size;
-    }
-
     // ---------------------------------------------------------------- uploads
 
     private async Task<BlobPushResult> PushMonolithicAsync(ImageReference repo, Stream content, string digest, long size, BlobPushOptions o,
@@ -214,18 +194,16 @@ public sealed partial class RegistryClient
         var start = content.Position;
         if (content.Length - start < size)
             throw new ArgumentException($"stream holds {content.Length - start} bytes, blob {digest} is said to be {size}", nameof(content));
-        await RetryAsync(ep, subject, async (e, tct) =>
+        await _transport.RetryAsync(ep, subject, async (e, tct) =>
         {
             var location = await StartUploadAsync(e, repo, scope, subject, tct).ConfigureAwait(false);
-            HashingReadStream? body = null;
-            using var resp = await SendAsync(e, () =>
+            HashingContent? body = null;
+            using var resp = await _transport.SendAsync(e, () =>
             {
-                content.Position = start;
-                body = new HashingReadStream(content, size);
-                var c = new StreamContent(body, 1 << 16);
-                c.Headers.ContentType = new MediaTypeHeaderValue("application/octet-stream");
-                c.Headers.ContentLength = size;
-                return new HttpRequestMessage(HttpMethod.Put, WithQuery(location, "digest", digest)) { Content = c };
+                body = new HashingContent(content, start, size);
+                body.Headers.ContentType = new MediaTypeHeaderValue("application/octet-stream");
+                body.Headers.ContentLength = size;
+                return new HttpRequestMessage(HttpMethod.Put, WithQuery(location, "digest", digest)) { Content = body };
             }, scope, subject, tct).ConfigureAwait(false);
             var sent = body!.Finish();
             if (sent is not null && sent != digest)
@@ -245,7 +223,7 @@ public sealed partial class RegistryClient
         var subject = $"{repo.Name}@{expected ?? "(new blob)"}";
         var scope = PushScope(repo);
         var timeout = ep.RequestTimeout ?? Blob.FetchingTimeout;
-        var location = await RetryAsync(ep, subject, (e, tct) => StartUploadAsync(e, repo, scope, subject, tct), timeout, false, ct).ConfigureAwait(false);
+        var location = await _transport.RetryAsync(ep, subject, (e, tct) => StartUploadAsync(e, repo, scope, subject, tct), timeout, false, ct).ConfigureAwait(false);
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         var buf = ArrayPool<byte>.Shared.Rent(o.ChunkSize);
         long offset = 0;
@@ -265,9 +243,9 @@ public sealed partial class RegistryClient
                 hash.AppendData(buf, 0, n);
                 var from = offset;
                 var loc = location;
-                location = await RetryAsync(ep, subject, async (e, tct) =>
+                location = await _transport.RetryAsync(ep, subject, async (e, tct) =>
                 {
-                    using var resp = await SendAsync(e, () =>
+                    using var resp = await _transport.SendAsync(e, () =>
                     {
                         var c = new ByteArrayContent(buf, 0, n);
                         c.Headers.ContentType = new MediaTypeHeaderValue("application/octet-stream");
@@ -283,16 +261,16 @@ public sealed partial class RegistryClient
                 offset += n;
                 if (n < o.ChunkSize) break;
             }
-            var digest = "sha256:" + Convert.ToHexStringLower(hash.GetHashAndReset());
+            var digest = Digest.FromSha256(hash).ToString();
             if (expected is not null && digest != expected)
                 throw new DigestMismatchException($"blob pushed as {repo.Name}@{expected} has digest {digest}", ep.Host, subject);
             if (size is long want && want != offset)
                 throw new DigestMismatchException($"blob {digest} pushed to {repo.Name} is {offset} bytes, expected {want}", ep.Host, subject);
             subject = $"{repo.Name}@{digest}";
             var final = location;
-            await RetryAsync(ep, subject, async (e, tct) =>
+            await _transport.RetryAsync(ep, subject, async (e, tct) =>
             {
-                using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Put, WithQuery(final, "digest", digest)) { Content = Empty() },
+                using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Put, WithQuery(final, "digest", digest)) { Content = Empty() },
                     scope, subject, tct).ConfigureAwait(false);
                 if (resp.StatusCode != HttpStatusCode.Created) await ThrowUploadErrorAsync(resp, e.Host, subject, tct).ConfigureAwait(false);
                 return true;
@@ -322,7 +300,7 @@ public sealed partial class RegistryClient
 
     private async Task<string> StartUploadAsync(Endpoint e, ImageReference repo, string scope, string subject, CancellationToken ct)
     {
-        using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Post, $"{e.BaseUrl}/{repo.Repository}/blobs/uploads/") { Content = Empty() },
+        using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Post, $"{e.BaseUrl}/{repo.Repository}/blobs/uploads/") { Content = Empty() },
             scope, subject, ct).ConfigureAwait(false);
         if (resp.StatusCode != HttpStatusCode.Accepted) await ThrowUploadErrorAsync(resp, e.Host, subject, ct).ConfigureAwait(false);
         var loc = resp.Headers.Location
@@ -332,7 +310,7 @@ public sealed partial class RegistryClient
 
     private async Task CancelUploadAsync(Endpoint e, string location, string scope, string subject, CancellationToken ct)
     {
-        using var resp = await SendAsync(e, () => new HttpRequestMessage(HttpMethod.Delete, location), scope, subject, ct).ConfigureAwait(false);
+        using var resp = await _transport.SendAsync(e, () => new HttpRequestMessage(HttpMethod.Delete, location), scope, subject, ct).ConfigureAwait(false);
     }
 
     private static ByteArrayContent Empty()
@@ -348,14 +326,14 @@ public sealed partial class RegistryClient
     private static string WithQuery(string url, string key, string value)
         => url + (url.Contains('?') ? "&" : "?") + key + "=" + Uri.EscapeDataString(value);
 
-    /// <summary>Like <see cref="ThrowForStatus"/>, with the registry's error body (e.g. DIGEST_INVALID) in the message.</summary>
+    /// <summary>Like <see cref="RegistryTransport.ThrowForStatus"/>, with the registry's error body (e.g. DIGEST_INVALID) in the message.</summary>
     private static async Task ThrowUploadErrorAsync(HttpResponseMessage resp, string host, string subject, CancellationToken ct)
     {
         var s = resp.StatusCode;
         if ((int)s is >= 200 and < 300)
             throw new RegistryException($"{host} answered {(int)s} {s} for {subject}, which the protocol does not allow here", s, host, subject);
         if (s is HttpStatusCode.NotFound or HttpStatusCode.Unauthorized or HttpStatusCode.Forbidden || (int)s >= 500 || s == HttpStatusCode.TooManyRequests)
-            ThrowForStatus(resp, host, subject);
+            RegistryTransport.ThrowForStatus(resp, host, subject);
         var body = "";
         try
         {
@@ -368,60 +346,45 @@ public sealed partial class RegistryClient
         throw new RegistryException($"{host} answered {(int)s} {s} for {subject}{(body.Length > 0 ? ": " + body : "")}", s, host, subject);
     }
 
-    /// <summary>Reads exactly <c>length</c> bytes of an inner stream, hashing them; the request body of a monolithic PUT.</summary>
-    private sealed class HashingReadStream(Stream inner, long length) : Stream
+    /// <summary>
+    /// The request body of a monolithic PUT: <c>size</c> bytes of <c>source</c> from <c>start</c>, hashed as they are
+    /// sent (64 KiB at a time, one pooled buffer). Sent again from <c>start</c> if the handler sends it twice.
+    /// </summary>
+    private sealed class HashingContent(Stream source, long start, long size) : HttpContent
     {
-        private readonly IncrementalHash _hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        private long _read;
         private string? _digest;
 
-        /// <summary>The digest of what was read, when everything was; null if the body was not sent whole.</summary>
+        /// <summary>The digest of what was sent, when everything was; null if the body was not sent whole.</summary>
         public string? Finish() => _digest;
 
-        private void Add(ReadOnlySpan<byte> data)
+        protected override Task SerializeToStreamAsync(Stream stream, TransportContext? context)
+            => SerializeToStreamAsync(stream, context, CancellationToken.None);
+
+        protected override async Task SerializeToStreamAsync(Stream stream, TransportContext? context, CancellationToken cancellationToken)
         {
-            _hash.AppendData(data);
-            _read += data.Length;
-            if (_read == length) _digest = "sha256:" + Convert.ToHexStringLower(_hash.GetHashAndReset());
+            _digest = null;
+            source.Position = start;
+            using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+            var buf = ArrayPool<byte>.Shared.Rent(1 << 16);
+            try
+            {
+                for (var sent = 0L; sent < size;)
+                {
+                    var n = await source.ReadAsync(buf.AsMemory(0, (int)Math.Min(buf.Length, size - sent)), cancellationToken).ConfigureAwait(false);
+                    if (n == 0) throw new EndOfStreamException($"blob stream ended after {sent} of {size} bytes");
+                    hash.AppendData(buf, 0, n);
+                    await stream.WriteAsync(buf.AsMemory(0, n), cancellationToken).ConfigureAwait(false);
+                    sent += n;
+                }
+            }
+            finally { ArrayPool<byte>.Shared.Return(buf); }
+            _digest = Digest.FromSha256(hash).ToString();
         }
 
-        public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+        protected override bool TryComputeLength(out long length)
         {
-            var want = (int)Math.Min(buffer.Length, length - _read);
-            if (want == 0) return 0;
-            var n = await inner.ReadAsync(buffer[..want], cancellationToken).ConfigureAwait(false);
-            if (n == 0) throw new EndOfStreamException($"blob stream ended after {_read} of {length} bytes");
-            Add(buffer.Span[..n]);
-            return n;
-        }
-
-        public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken)
-            => ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
-
-        public override int Read(byte[] buffer, int offset, int count)
-        {
-            var want = (int)Math.Min(count, length - _read);
-            if (want == 0) return 0;
-            var n = inner.Read(buffer, offset, want);
-            if (n == 0) throw new EndOfStreamException($"blob stream ended after {_read} of {length} bytes");
-            Add(buffer.AsSpan(offset, n));
-            return n;
-        }
-
-        public override bool CanRead => true;
-        public override bool CanSeek => false;
-        public override bool CanWrite => false;
-        public override long Length => length;
-        public override long Position { get => _read; set => throw new NotSupportedException(); }
-        public override void Flush() { }
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
-        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
-
-        protected override void Dispose(bool disposing)
-        {
-            if (disposing) _hash.Dispose();
-            base.Dispose(disposing);
+            length = size;
+            return true;
         }
     }
 }
