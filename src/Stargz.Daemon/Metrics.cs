@@ -53,32 +53,26 @@ public sealed class MetricsInterceptor : Interceptor
 
     private static string Op(string method) => method[(method.LastIndexOf('/') + 1)..];
 
-    public override async Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context,
-        UnaryServerMethod<TRequest, TResponse> continuation)
-    {
-        var op = Op(context.Method);
-        var sw = Stopwatch.StartNew();
-        InFlight.Inc();
-        var code = StatusCode.OK;
-        try { return await continuation(request, context); }
-        catch (RpcException e) { code = e.StatusCode; throw; }
-        catch { code = StatusCode.Unknown; throw; }
-        finally
-        {
-            InFlight.Dec();
-            Latency.WithLabels(op).Observe(sw.Elapsed.TotalSeconds);
-            Calls.WithLabels(op, code.ToString()).Inc();
-        }
-    }
+    public override Task<TResponse> UnaryServerHandler<TRequest, TResponse>(TRequest request, ServerCallContext context,
+        UnaryServerMethod<TRequest, TResponse> continuation) =>
+        MeasureAsync(context.Method, () => continuation(request, context));
 
-    public override async Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream,
-        ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation)
+    public override Task ServerStreamingServerHandler<TRequest, TResponse>(TRequest request, IServerStreamWriter<TResponse> responseStream,
+        ServerCallContext context, ServerStreamingServerMethod<TRequest, TResponse> continuation) =>
+        MeasureAsync(context.Method, async () =>
+        {
+            await continuation(request, responseStream, context);
+            return true;
+        });
+
+    /// <summary>One call, counted in flight, timed, and counted by its gRPC code (Unknown for anything not an RpcException).</summary>
+    private static async Task<T> MeasureAsync<T>(string method, Func<Task<T>> call)
     {
-        var op = Op(context.Method);
+        var op = Op(method);
         var sw = Stopwatch.StartNew();
         InFlight.Inc();
         var code = StatusCode.OK;
-        try { await continuation(request, responseStream, context); }
+        try { return await call(); }
         catch (RpcException e) { code = e.StatusCode; throw; }
         catch { code = StatusCode.Unknown; throw; }
         finally

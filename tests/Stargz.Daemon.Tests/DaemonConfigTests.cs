@@ -188,11 +188,14 @@ public class DaemonConfigTests
             var c = new Snapshots.SnapshotsClient(ch);
             await c.PrepareAsync(new PrepareSnapshotRequest { Key = "k" }, cancellationToken: Ct);
             await Client.CodeOf(async () => await c.StatAsync(new StatSnapshotRequest { Key = "missing" }, cancellationToken: Ct));
+            using var list = c.List(new ListSnapshotsRequest(), cancellationToken: Ct); // a server-streaming call
+            while (await list.ResponseStream.MoveNext(Ct)) { }
         }
         using var http = new HttpClient();
         var text = await http.GetStringAsync($"http://127.0.0.1:{port}/metrics", Ct);
         Assert.Contains("stargz_snapshotter_operations_total{operation=\"Prepare\",code=\"OK\"} 1", text);
         Assert.Contains("stargz_snapshotter_operations_total{operation=\"Stat\",code=\"NotFound\"} 1", text);
+        Assert.Contains("stargz_snapshotter_operations_total{operation=\"List\",code=\"OK\"} 1", text);
         Assert.Contains("stargz_snapshotter_operation_duration_seconds_bucket{operation=\"Prepare\"", text);
         Assert.Contains("stargz_snapshotter_remote_snapshots 0", text);
         // The socket is owner-only.
