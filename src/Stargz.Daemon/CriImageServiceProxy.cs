@@ -4,6 +4,7 @@ using Microsoft.Extensions.Logging;
 using Stargz.Cri.V1;
 using Stargz.Protos;
 using Stargz.Registry;
+using Stargz.Snapshotter;
 
 namespace Stargz.Daemon;
 
@@ -12,11 +13,18 @@ namespace Stargz.Daemon;
 /// (kubelet --image-service-endpoint points here), every call forwarded to the backing CRI image service
 /// (<c>[cri_keychain] image_service_path</c>, e.g. containerd's socket). PullImage's AuthConfig is kept in
 /// <see cref="CriKeychain"/> for the image before the pull is forwarded, because the backend's pull is what makes
-/// containerd ask us to mount the image's layers; RemoveImage drops it. Answers and errors come back unchanged.
+/// containerd ask us to mount the image's layers; RemoveImage drops it. Answers and errors come back unchanged. A
+/// request that is not valid protobuf gets InvalidArgument naming the method and message, as on the snapshots service
+/// (<see cref="MalformedRequests"/>, bound by <see cref="BindService"/>; the v1alpha2 binding too).
 /// </summary>
+[BindServiceMethod(typeof(CriImageServiceProxy), nameof(BindService))]
 internal sealed class CriImageServiceProxy(CriBackend backend, CriKeychain keychain, ILogger<CriImageServiceProxy> log)
     : ImageService.ImageServiceBase
 {
+    /// <summary>The generated binding with checking request marshallers (found by Grpc.AspNetCore through the attribute).</summary>
+    public static void BindService(ServiceBinderBase binder, ImageService.ImageServiceBase? service)
+        => ImageService.BindService(MalformedRequests.Wrap(binder), service);
+
     public override async Task<PullImageResponse> PullImage(PullImageRequest request, ServerCallContext context)
     {
         var image = request.Image?.Image ?? "";
@@ -113,6 +121,7 @@ internal class CriImageServiceProxyV1Alpha2(CriBackend backend, CriKeychain keyc
     /// <summary>Binds the v1 handlers under the v1alpha2 service name (ASP.NET Core finds each handler by method name).</summary>
     public static void BindService(ServiceBinderBase binder, CriImageServiceProxyV1Alpha2? service)
     {
+        binder = MalformedRequests.Wrap(binder); // InvalidArgument for a request that is not valid protobuf, as on v1
         binder.AddMethod(Unary<ListImagesRequest, ListImagesResponse>("ListImages"),
             service == null ? null : new UnaryServerMethod<ListImagesRequest, ListImagesResponse>(service.ListImages));
         binder.AddMethod(Unary<ImageStatusRequest, ImageStatusResponse>("ImageStatus"),

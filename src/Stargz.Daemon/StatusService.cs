@@ -91,8 +91,15 @@ public sealed class StatusSource(StargzSnapshotter snapshotter, LazyLayerFileSys
     }
 }
 
-/// <summary>The status API (protos/stargz/status/v1/status.proto), served beside the snapshots service.</summary>
+/// <summary>The status API (protos/stargz/status/v1/status.proto), served beside the snapshots service. A request
+/// that is not valid protobuf gets InvalidArgument naming the method and message, as on the snapshots service
+/// (<see cref="MalformedRequests"/>, bound by <see cref="BindService"/>).</summary>
+[BindServiceMethod(typeof(StatusGrpcService), nameof(BindService))]
 public sealed class StatusGrpcService(StatusSource source) : Stargz.StatusApi.V1.Status.StatusBase
 {
+    /// <summary>The generated binding with checking request marshallers (found by Grpc.AspNetCore through the attribute).</summary>
+    public static void BindService(ServiceBinderBase binder, Stargz.StatusApi.V1.Status.StatusBase? service)
+        => Stargz.StatusApi.V1.Status.BindService(MalformedRequests.Wrap(binder), service);
+
     public override Task<GetStatusResponse> Get(GetStatusRequest request, ServerCallContext context) => source.GetAsync(context.CancellationToken);
 }

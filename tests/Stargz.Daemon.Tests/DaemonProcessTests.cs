@@ -244,6 +244,59 @@ public class DaemonProcessTests
         Assert.Contains("refused a request that is not a valid PrepareSnapshotRequest message", d.Log);
     }
 
+    /// <summary>
+    /// The status API and the CRI image service proxy (v1 and v1alpha2) refuse a request that is not valid protobuf as
+    /// the snapshots service does: InvalidArgument naming the method and the message, a warning in the log, and the
+    /// daemon goes on serving well-formed calls.
+    /// </summary>
+    [Fact]
+    public async Task AMalformedRequestToTheStatusAndCriServicesGetsInvalidArgumentNamingTheMessage()
+    {
+        using var dir = new TempDir("malformed-cri");
+        // [cri_keychain] serves the CRI proxy; its backend is not there (a well-formed call gets Unavailable naming it).
+        var backend = Path.Combine(dir.Path, "no-backend.sock");
+        await using var d = await LocalDaemon.StartAsync($"[cri_keychain]\nenable_keychain = true\nimage_service_path = \"unix://{backend}\"\n");
+        using var ch = Client.Channel(d.Socket);
+        var invoker = ch.CreateCallInvoker();
+        var raw = Marshallers.Create<byte[]>(b => b, b => b);
+        // A tag of wire type 7, which does not exist; field 1, length-delimited, claiming 100 bytes and carrying 3.
+        byte[][] malformed = [[0x0f, 0x01], [0x0a, 100, (byte)'a', (byte)'b', (byte)'c']];
+        (string Service, string Method, string Message)[] calls =
+        [
+            ("stargz.status.v1.Status", "Get", "GetStatusRequest"),
+            ("runtime.v1.ImageService", "PullImage", "PullImageRequest"),
+            ("runtime.v1.ImageService", "ImageStatus", "ImageStatusRequest"),
+            ("runtime.v1alpha2.ImageService", "PullImage", "PullImageRequest"),
+            ("runtime.v1alpha2.ImageService", "ListImages", "ListImagesRequest"),
+        ];
+        foreach (var (service, method, message) in calls)
+            foreach (var body in malformed)
+            {
+                var m = new Method<byte[], byte[]>(MethodType.Unary, service, method, raw, raw);
+                var e = await Assert.ThrowsAsync<RpcException>(async () =>
+                    await invoker.AsyncUnaryCall(m, null, new CallOptions(cancellationToken: Ct), body));
+                Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+                Assert.Contains($"{service}/{method}", e.Status.Detail);
+                Assert.Contains($"not a valid {message} message", e.Status.Detail);
+            }
+
+        // Well-formed calls still reach their handlers: the status API answers, the CRI proxy tries its backend.
+        var status = await new Stargz.StatusApi.V1.Status.StatusClient(ch).GetAsync(new Stargz.StatusApi.V1.GetStatusRequest(), cancellationToken: Ct);
+        Assert.Empty(status.Layers);
+        foreach (var service in new[] { "runtime.v1.ImageService", "runtime.v1alpha2.ImageService" })
+        {
+            var list = new Method<byte[], byte[]>(MethodType.Unary, service, "ListImages", raw, raw);
+            var e = await Assert.ThrowsAsync<RpcException>(async () =>
+                await invoker.AsyncUnaryCall(list, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(30), cancellationToken: Ct), []));
+            Assert.Equal(StatusCode.Unavailable, e.StatusCode);
+            Assert.Contains(backend, e.Status.Detail);
+        }
+        // Stopped first, so that all it wrote has been read.
+        Assert.Equal(0, await d.StopAsync());
+        Assert.Contains("stargz.status.v1.Status/Get: refused a request that is not a valid GetStatusRequest message", d.Log);
+        Assert.Contains("runtime.v1alpha2.ImageService/ListImages: refused a request that is not a valid ListImagesRequest message", d.Log);
+    }
+
     [Fact]
     public async Task SigtermKeepsEverySnapshotForTheNextStart()
     {

@@ -34,6 +34,7 @@ for (var i = 0; i < args.Length; i++)
         case "--no-wait-fetch": opt.WaitFetch = false; break;
         case "--fetch-quiet-s": opt.FetchQuietS = NextInt(); break;
         case "--fetch-timeout-s": opt.FetchTimeoutS = NextInt(); break;
+        case "--promote-timeout-s": opt.PromoteTimeoutS = NextInt(); break;
         case "--idle-s": opt.IdleS = double.Parse(Next(), CultureInfo.InvariantCulture); break;
         case "--out": opt.OutFile = Next(); break;
         // Keeps each daemon's log (at --log-level) in DIR, to see where a pull spends its time.
@@ -125,29 +126,34 @@ await using (var prep = await LocalContainerd.StartAsync())
 var imageBytes = await LayerBytesAsync(registry.Host, repo, "esgz");
 var plainBytes = await LayerBytesAsync(registry.Host, repo, "v1");
 
+// Our daemon promotes a fully fetched layer to an EROFS image by default where the machine can ([erofs] promote not
+// set): the default row then waits for the promotion too before its disk is measured.
+var promotes = ErofsAvailable();
+// A quarter of the image's uncompressed bytes, for the budgeted row.
+var quarterMb = Math.Max(1, (long)Math.Round(uncompressed / 4.0 / 1048576));
+// Fixed indices (--variants), whether or not a row is enabled: 0 full, 1 floor, 2-3 this daemon, 4-5 the reference's,
+// 6 this daemon with a disk budget, 7 this daemon without promotion, 8-9 warm.
+string[]? reference = opt.ReferenceDaemon is null ? null : [opt.ReferenceDaemon];
 var variants = new List<Variant>
 {
     new("full (`ctr pull`, overlayfs)", Kind.Full),
     new("floor: already pulled and unpacked (overlayfs), caches dropped, run only", Kind.Floor),
-    new("lazy (`ctr-remote rpull`), this daemon, default config", Kind.Lazy, ours, "", BackgroundFetch: true),
+    new("lazy (`ctr-remote rpull`), this daemon, default config", Kind.Lazy, ours, "", BackgroundFetch: true, WaitPromotion: promotes),
     new("lazy, this daemon, `no_background_fetch = true`", Kind.Lazy, ours, "no_background_fetch = true\n"),
+    new("lazy, the reference's daemon (stargz-snapshotter 0.12, Go), default config", Kind.Lazy, reference, "", BackgroundFetch: true, Reference: true),
+    new("lazy, the reference's daemon, `no_background_fetch = true`", Kind.Lazy, reference, "no_background_fetch = true\n", Reference: true),
+    new($"lazy, this daemon, `[directory_cache] max_disk_mb = {quarterMb}` (a quarter of the image)", Kind.Lazy, ours,
+        $"[directory_cache]\nmax_disk_mb = {quarterMb}\n", BackgroundFetch: true),
+    new("lazy, this daemon, `[erofs] promote = false`", Kind.Lazy, promotes ? ours : null, "[erofs]\npromote = false\n", BackgroundFetch: true),
+    new("lazy, this daemon, default config, warm daemon (another image pulled and read first)", Kind.Lazy, opt.Warm ? ours : null, "", Warm: true),
+    new("lazy, the reference's daemon, default config, warm daemon", Kind.Lazy, opt.Warm ? reference : null, "", Warm: true, Reference: true),
 };
-var referenceDefault = -1;
-if (opt.ReferenceDaemon is not null)
-{
-    referenceDefault = variants.Count;
-    variants.Add(new("lazy, the reference's daemon (stargz-snapshotter 0.12, Go), default config", Kind.Lazy, [opt.ReferenceDaemon], "", BackgroundFetch: true, Reference: true));
-    variants.Add(new("lazy, the reference's daemon, `no_background_fetch = true`", Kind.Lazy, [opt.ReferenceDaemon], "no_background_fetch = true\n", Reference: true));
-}
-if (opt.Warm)
-{
-    variants.Add(new("lazy, this daemon, default config, warm daemon (another image pulled and read first)", Kind.Lazy, ours, "", Warm: true));
-    if (opt.ReferenceDaemon is not null)
-        variants.Add(new("lazy, the reference's daemon, default config, warm daemon", Kind.Lazy, [opt.ReferenceDaemon], "", Warm: true, Reference: true));
-}
+var referenceDefault = reference is null ? -1 : 4;
+const int ourDefault = 2;
 var results = variants.Select(_ => new List<RunResult>()).ToArray();
 var fdsIdle = new string[variants.Count];
 var fdsAfter = new string[variants.Count];
+var diskAfter = new string[variants.Count];
 string[] tools = [Requires.Command("ctr"), Requires.Command("ctr-remote"), Requires.Command("runc"),
     Requires.Which("containerd-shim-runc-v2") ?? "/usr/bin/containerd-shim-runc-v2", Requires.Command("containerd"), ours[0], ours[^1],
     opt.ReferenceDaemon ?? ours[0]];
@@ -158,6 +164,7 @@ for (var r = 0; r < opt.Runs; r++)
     {
         if (opt.Only is not null && !opt.Only.Contains(v)) continue;
         var variant = variants[v];
+        if (variant.Kind == Kind.Lazy && variant.Command is null) continue; // not enabled in this run
         var res = variant.Kind switch
         {
             Kind.Full => await FullAsync(r),
@@ -217,6 +224,8 @@ async Task<RunResult> LazyAsync(int v, int r)
     res.IdleFds = ProcStats.FdCount(daemon.Pid);
     fdsIdle[v] = ProcStats.FdBreakdown(daemon.Pid, daemon.Root, proxy.Port);
     await using var ctd = await LocalContainerd.StartAsync(stargzSocket: daemon.Socket);
+    // Every lazy row samples its daemon's disk the same way (5 times a second during pull and run, then once a second).
+    await using var disk = new DiskSampler(daemon.Root, TimeSpan.FromMilliseconds(200));
     if (variant.Warm)
     {
         (await ctd.CtrRemoteAsync("image", "rpull", "--plain-http", warmEsgz)).EnsureSuccess("ctr-remote rpull (warm-up image)");
@@ -246,6 +255,10 @@ async Task<RunResult> LazyAsync(int v, int r)
     res.CpuPullToExit = cpu - cpuBefore;
     res.AfterRunFds = ProcStats.FdCount(daemon.Pid);
     fdsAfter[v] = ProcStats.FdBreakdown(daemon.Pid, daemon.Root, proxy.Port);
+    var atExit = DiskUsage.Measure(daemon.Root);
+    res.PeakDiskRun = Math.Max(disk.TakePeak(), atExit.Allocated);
+    disk.Interval = TimeSpan.FromSeconds(1);
+    var diskNow = atExit;
     if (opt.WaitFetch == true && variant.BackgroundFetch)
     {
         // Done when no byte has come from the registry for FetchQuietS (both daemons start their background fetch
@@ -261,7 +274,34 @@ async Task<RunResult> LazyAsync(int v, int r)
         res.FetchedPeakRssMiB = ProcStats.StatusMiB(daemon.Pid, "VmHWM");
         res.FetchedRssMiB = ProcStats.StatusMiB(daemon.Pid, "VmRSS");
         res.FetchedCpuSeconds = ProcStats.CpuSeconds(daemon.Pid);
+        if (variant.WaitPromotion)
+        {
+            // Promotion (mkfs.erofs at idle priority, then a check of every file against the TOC, then the layer's
+            // chunk files are dropped) goes on after the last byte: wait for a `.promoted` record per layer, then for
+            // the disk to settle (the chunk files go after the record is written).
+            var pdeadline = Stopwatch.GetTimestamp() + (long)(opt.PromoteTimeoutS * (double)Stopwatch.Frequency);
+            while ((diskNow = DiskUsage.Measure(daemon.Root)).PromotedMarkers < layers.Count && Stopwatch.GetTimestamp() < pdeadline)
+                await Task.Delay(500);
+            if (diskNow.PromotedMarkers < layers.Count)
+                Console.Error.WriteLine($"warning: {diskNow.PromotedMarkers} of {layers.Count} layers promoted after {opt.PromoteTimeoutS} s; measuring the disk as it is");
+            else
+                res.PromotedSeconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
+            res.PromotedLayers = diskNow.PromotedMarkers;
+            for (var i = 0; i < 60; i++)
+            {
+                await Task.Delay(1000);
+                var next = DiskUsage.Measure(daemon.Root);
+                var same = next.Allocated == diskNow.Allocated;
+                diskNow = next;
+                if (same) break;
+            }
+        }
+        else diskNow = DiskUsage.Measure(daemon.Root);
+        res.DiskBytes = diskNow.Allocated;
+        res.DiskApparentBytes = diskNow.Apparent;
+        res.PeakDiskAll = Math.Max(Math.Max(res.PeakDiskRun, disk.Peak), diskNow.Allocated);
     }
+    diskAfter[v] = DiskUsage.Breakdown(diskNow.ByDir);
     if (opt.LogDir is not null) await File.WriteAllTextAsync(Path.Combine(opt.LogDir, $"run{r + 1}-variant{v}.log"), daemon.Log);
     return res;
 }
@@ -289,6 +329,7 @@ string Report()
     var baseS = M(full, x => x.Seconds);
     var floorS = M(floor, x => x.Seconds);
     var refS = M(referenceDefault, x => x.Seconds);
+    var ourS = M(ourDefault, x => x.Seconds);
     var net = opt.Wan
         ? $"through the forwarder emulating a WAN path: {opt.DelayMs:0.#} ms each way, {opt.Mbit:0.#} Mbit/s each direction"
         : "on loopback (the forwarder only counts)";
@@ -303,37 +344,45 @@ string Report()
         sb.AppendLine($"Image: busybox + libc/libstdc++, openjdk-17-jre-headless ({jreBytes / 1048576.0:F0} MiB), {opt.BulkLayers} layers of {opt.BulkMb} MiB incompressible bulk ({layers.Count} layers; {uncompressed / 1048576.0:F0} MiB uncompressed, {plainBytes / 1048576.0:F0} MiB gzip, {imageBytes / 1048576.0:F0} MiB as eStargz by ctr-remote).");
     sb.AppendLine($"Workload: `{string.Join(' ', command.Select(a => a.Contains(' ', StringComparison.Ordinal) ? $"\"{a}\"" : a))}`. Network: {net}. Median of {opt.Runs} interleaved run(s); fresh containerd, daemon and cache each time.");
     sb.AppendLine();
-    sb.AppendLine("| variant | seconds to container exit | of which the pull | × floor | × reference default | × full pull | bytes from the registry |");
-    sb.AppendLine("|---|---:|---:|---:|---:|---:|---:|");
+    sb.AppendLine("| variant | seconds to container exit | of which the pull | × floor | × reference default | × this daemon default | × full pull | bytes from the registry |");
+    sb.AppendLine("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (var v = 0; v < variants.Count; v++)
     {
         if (results[v].Count == 0) continue;
         var s = M(v, x => x.Seconds);
         var isLazy = variants[v].Kind == Kind.Lazy;
-        sb.AppendLine($"| {variants[v].Name} | {s:F2} | {Val(M(v, x => x.PullSeconds), "F2", "")} | {(v == floor ? "1.00x" : Ratio(s, floorS))} | {(isLazy ? Ratio(s, refS) : "—")} | {Ratio(s, baseS)} | {(variants[v].Kind == Kind.Floor ? "—" : $"{M(v, x => x.Bytes) / 1048576.0:F1} MiB")} |");
+        sb.AppendLine($"| {variants[v].Name} | {s:F2} | {Val(M(v, x => x.PullSeconds), "F2", "")} | {(v == floor ? "1.00x" : Ratio(s, floorS))} | {(isLazy ? Ratio(s, refS) : "—")} | {(isLazy ? Ratio(s, ourS) : "—")} | {Ratio(s, baseS)} | {(variants[v].Kind == Kind.Floor ? "—" : $"{M(v, x => x.Bytes) / 1048576.0:F1} MiB")} |");
     }
     sb.AppendLine();
     sb.AppendLine("Daemons (ratios to the reference's default-config row in brackets):");
     sb.AppendLine();
-    sb.AppendLine("| daemon variant | exec → listening | idle RSS | fds idle / after the run | peak RSS, pull + run | CPU, exec to container exit | of which pull to exit |");
-    sb.AppendLine("|---|---:|---:|---:|---:|---:|---:|");
+    sb.AppendLine("| daemon variant | exec → listening | idle RSS | fds idle / after the run | peak RSS, pull + run | CPU, exec to container exit | of which pull to exit | peak disk, pull + run |");
+    sb.AppendLine("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (var v = 0; v < variants.Count; v++)
     {
         if (results[v].Count == 0 || variants[v].Kind != Kind.Lazy) continue;
-        sb.AppendLine($"| {variants[v].Name} | {VR(v, x => x.ListenMs, "F0", " ms")} | {VR(v, x => x.IdleRssMiB, "F1", " MiB")} | {M(v, x => x.IdleFds):F0} / {M(v, x => x.AfterRunFds):F0} | {VR(v, x => x.PeakRssMiB, "F0", " MiB")} | {VR(v, x => x.CpuSeconds, "F2", " s")} | {VR(v, x => x.CpuPullToExit, "F2", " s")} |");
+        sb.AppendLine($"| {variants[v].Name} | {VR(v, x => x.ListenMs, "F0", " ms")} | {VR(v, x => x.IdleRssMiB, "F1", " MiB")} | {M(v, x => x.IdleFds):F0} / {M(v, x => x.AfterRunFds):F0} | {VR(v, x => x.PeakRssMiB, "F0", " MiB")} | {VR(v, x => x.CpuSeconds, "F2", " s")} | {VR(v, x => x.CpuPullToExit, "F2", " s")} | {VR(v, x => x.PeakDiskRun / 1048576.0, "F1", " MiB")} |");
     }
     if (opt.WaitFetch == true && results.Any(r => r.Any(x => !double.IsNaN(x.FetchedAllSeconds))))
     {
         sb.AppendLine();
-        sb.AppendLine($"After the background fetch (done: no byte from the registry for {opt.FetchQuietS} s; RSS read then):");
+        sb.AppendLine($"After the background fetch (done: no byte from the registry for {opt.FetchQuietS} s; RSS read then). Disk: what the daemon holds under its root, allocated blocks as `du -s` counts them, not crossing into its mounts (chunk files, TOCs, whole-file copies, EROFS images, metadata; the reference's: its httpcache and fscache, snapshotter dirs); × uncompressed: that over the image's {uncompressed / 1048576.0:F1} MiB of uncompressed file bytes.{(promotes ? $" This daemon promotes fully fetched layers to EROFS by default (as shipped: `[erofs] promote` not set, this machine has erofs and mkfs.erofs): its default row waits after the last byte until every layer's `.promoted` record is written and the disk has settled (the layer's chunk files are dropped), and \"promoted at\" is then." : " This machine cannot promote to EROFS (no erofs in the kernel or no mkfs.erofs): this daemon's layers stay on FUSE.")}");
         sb.AppendLine();
-        sb.AppendLine("| daemon variant | last byte at (s from pull start) | bytes from the registry | peak RSS | RSS then | CPU, exec to then |");
-        sb.AppendLine("|---|---:|---:|---:|---:|---:|");
+        sb.AppendLine("| daemon variant | last byte at (s from pull start) | bytes from the registry | disk then | × uncompressed | peak disk | promoted at | peak RSS | RSS then | CPU, exec to then |");
+        sb.AppendLine("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (var v = 0; v < variants.Count; v++)
         {
             if (results[v].Count == 0 || double.IsNaN(M(v, x => x.FetchedAllSeconds))) continue;
-            sb.AppendLine($"| {variants[v].Name} | {VR(v, x => x.FetchedAllSeconds, "F1", "")} | {M(v, x => x.FetchedAllBytes) / 1048576.0:F1} MiB | {VR(v, x => x.FetchedPeakRssMiB, "F0", " MiB")} | {VR(v, x => x.FetchedRssMiB, "F0", " MiB")} | {VR(v, x => x.FetchedCpuSeconds, "F2", " s")} |");
+            sb.AppendLine($"| {variants[v].Name} | {VR(v, x => x.FetchedAllSeconds, "F1", "")} | {M(v, x => x.FetchedAllBytes) / 1048576.0:F1} MiB | {VR(v, x => x.DiskBytes / 1048576.0, "F1", " MiB")} | {Val(M(v, x => x.DiskBytes) / uncompressed, "F3", "")} | {VR(v, x => x.PeakDiskAll / 1048576.0, "F1", " MiB")} | {Val(M(v, x => x.PromotedSeconds), "F1", " s")} | {VR(v, x => x.FetchedPeakRssMiB, "F0", " MiB")} | {VR(v, x => x.FetchedRssMiB, "F0", " MiB")} | {VR(v, x => x.FetchedCpuSeconds, "F2", " s")} |");
         }
+    }
+    sb.AppendLine();
+    sb.AppendLine("Disk of each daemon's last run by directory under its root (allocated; after the background fetch where waited for, else at container exit):");
+    sb.AppendLine();
+    for (var v = 0; v < variants.Count; v++)
+    {
+        if (results[v].Count == 0 || variants[v].Kind != Kind.Lazy) continue;
+        sb.AppendLine($"- {variants[v].Name}: {diskAfter[v]}");
     }
     sb.AppendLine();
     sb.AppendLine("Open fds of each daemon's last run, by kind (idle; after the run):");
@@ -365,6 +414,13 @@ static void ReadBack(IEnumerable<string> files)
     }
 }
 
+// As the daemon decides when [erofs] promote is not set: erofs in the kernel and mkfs.erofs on the PATH.
+static bool ErofsAvailable()
+{
+    var fs = File.Exists("/proc/filesystems") && File.ReadLines("/proc/filesystems").Any(l => l.Trim().EndsWith("erofs", StringComparison.Ordinal));
+    return fs && Requires.Which("mkfs.erofs") is not null;
+}
+
 [DllImport("libc", SetLastError = true)]
 static extern int kill(int pid, int sig);
 
@@ -373,8 +429,10 @@ static extern void sync();
 
 enum Kind { Full, Floor, Lazy }
 
+/// <param name="Command">null: a lazy row not enabled in this run (no reference daemon, no --warm, no promotion here).</param>
+/// <param name="WaitPromotion">with --wait-fetch, also wait for every layer's EROFS promotion before measuring the disk.</param>
 record Variant(string Name, Kind Kind, string[]? Command = null, string? Toml = null, bool BackgroundFetch = false,
-    bool Reference = false, bool Warm = false);
+    bool Reference = false, bool Warm = false, bool WaitPromotion = false);
 
 sealed class RunResult
 {
@@ -383,6 +441,8 @@ sealed class RunResult
     public double PeakRssMiB = double.NaN, CpuSeconds = double.NaN, CpuPullToExit = double.NaN;
     public double FetchedAllSeconds = double.NaN, FetchedAllBytes = double.NaN, FetchedPeakRssMiB = double.NaN,
         FetchedRssMiB = double.NaN, FetchedCpuSeconds = double.NaN;
+    public double PeakDiskRun = double.NaN, DiskBytes = double.NaN, DiskApparentBytes = double.NaN, PeakDiskAll = double.NaN,
+        PromotedSeconds = double.NaN, PromotedLayers = double.NaN;
 
     public override string ToString()
     {
@@ -391,8 +451,12 @@ sealed class RunResult
         if (!double.IsNaN(Bytes)) sb.Append(CultureInfo.InvariantCulture, $", {Bytes / 1048576.0:F1} MiB");
         if (!double.IsNaN(ListenMs))
             sb.Append(CultureInfo.InvariantCulture, $"; listening after {ListenMs:F0} ms, idle RSS {IdleRssMiB:F1} MiB, fds {IdleFds} / {AfterRunFds}, peak RSS {PeakRssMiB:F0} MiB, CPU {CpuSeconds:F2} s ({CpuPullToExit:F2} s pull to exit)");
+        if (!double.IsNaN(PeakDiskRun)) sb.Append(CultureInfo.InvariantCulture, $", peak disk {PeakDiskRun / 1048576.0:F1} MiB");
         if (!double.IsNaN(FetchedAllSeconds))
             sb.Append(CultureInfo.InvariantCulture, $"; everything fetched at {FetchedAllSeconds:F1} s ({FetchedAllBytes / 1048576.0:F1} MiB), peak RSS {FetchedPeakRssMiB:F0} MiB, RSS {FetchedRssMiB:F0} MiB, CPU {FetchedCpuSeconds:F2} s");
+        if (!double.IsNaN(PromotedLayers)) sb.Append(CultureInfo.InvariantCulture, $"; {PromotedLayers} layers promoted at {PromotedSeconds:F1} s");
+        if (!double.IsNaN(DiskBytes))
+            sb.Append(CultureInfo.InvariantCulture, $"; disk {DiskBytes / 1048576.0:F1} MiB ({DiskApparentBytes / 1048576.0:F1} MiB apparent), peak {PeakDiskAll / 1048576.0:F1} MiB");
         return sb.ToString();
     }
 }
@@ -402,11 +466,11 @@ sealed class Options
     public const string Usage = """
         Stargz.Bench.Pull [--image python|large] [--runs N] [--daemon PATH] [--reference-daemon PATH]
           [--wan | --delay-ms D --mbit B] [--data-mb M] [--bulk-layers N] [--bulk-mb M] [--warm]
-          [--wait-fetch | --no-wait-fetch] [--fetch-quiet-s S] [--fetch-timeout-s S] [--idle-s S]
+          [--wait-fetch | --no-wait-fetch] [--fetch-quiet-s S] [--fetch-timeout-s S] [--promote-timeout-s S] [--idle-s S]
           [--variants I,J] [--logs DIR [--log-level L]] [--profile DIR] [--out FILE]
         """;
     public string Image = "python";
-    public int Runs = 3, DataMb = 128, BulkLayers = 3, BulkMb = 128, FetchQuietS = 10, FetchTimeoutS = 900;
+    public int Runs = 3, DataMb = 128, BulkLayers = 3, BulkMb = 128, FetchQuietS = 10, FetchTimeoutS = 900, PromoteTimeoutS = 600;
     public double DelayMs, Mbit, IdleS = 2;
     public string? OurDaemon, ReferenceDaemon, OutFile, LogDir, ProfileDir;
     public string LogLevel = "info";
@@ -427,6 +491,8 @@ sealed class Options
             if (ReferenceDaemon is not null) s.Append(" --reference-daemon PATH");
             if (Wan) s.Append(CultureInfo.InvariantCulture, $" --delay-ms {DelayMs:0.#} --mbit {Mbit:0.#}");
             if (Warm) s.Append(" --warm");
+            if (WaitFetch == true && Image == "python") s.Append(" --wait-fetch");
+            if (WaitFetch == false && Image == "large") s.Append(" --no-wait-fetch");
             if (Only is not null) s.Append(" --variants ").Append(string.Join(',', Only.Order()));
             return s.ToString();
         }
