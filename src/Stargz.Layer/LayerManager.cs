@@ -33,35 +33,18 @@ public sealed record MountedLayerInfo(string MountPoint, string Reference, strin
 public sealed class LayerManager : IAsyncDisposable
 {
 
-    /// <summary>A mounted layer: through FUSE (<see cref="Server"/>), or, once <see cref="Promoted"/>, an EROFS image bound at the mountpoint.
-    /// After a promotion the FUSE server stays until the kernel ends its connection (the last overlay made over it is gone);
-    /// after an eviction of the image a new FUSE server serves the mountpoint and the earlier ones go to <see cref="Earlier"/>.</summary>
-    private sealed class Mounted(RemoteLayer layer, FuseServer? server, RemoteBlobFetcher blob)
-    {
-        public RemoteLayer Layer { get; } = layer;
-        public FuseServer? Server { get; set; } = server;
-        /// <summary>Detached FUSE servers of this mountpoint still serving overlays made before a promotion.</summary>
-        public readonly List<FuseServer> Earlier = [];
-        public RemoteBlobFetcher Blob { get; } = blob;
-        public volatile bool Promoted;
-        /// <summary>Its image was evicted: a promotion again waits for room, it does not evict another image.</summary>
-        public volatile bool Evicted;
-        public volatile string? PromotionError;
-    }
-
     private readonly RegistryClient _registry;
     private readonly LayerOptions _options;
     private readonly FuseMountOptions _fuse;
     private readonly ILogger _log;
     private readonly FetchGate _gate;
     private readonly TocResolutions _resolutions;
-    private readonly ConcurrentDictionary<string, Mounted> _mounts = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, LayerMount> _mounts = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<string, byte> _mounting = new(StringComparer.Ordinal);
     private readonly CancellationTokenSource _disposed = new();
     private readonly TocStore? _tocs;
     private readonly ErofsPromoter? _promoter;
-    // Promotions in flight: disposal waits for them (cancelled) before it unmounts their images.
-    private readonly ConcurrentDictionary<Task, byte> _promotions = new();
+    private readonly LayerPromotions? _promotions;
 
     public LayerManager(RegistryClient registry, LayerOptions options, FuseMountOptions? fuseOptions = null, ILogger? logger = null)
     {
@@ -87,7 +70,8 @@ public sealed class LayerManager : IAsyncDisposable
             {
                 _promoter = new ErofsPromoter(erofsDir, Cache.Budget, _log);
                 _promoter.ScanAtStart();
-                Cache.Budget.Images = new ImageEviction(this);
+                _promotions = new LayerPromotions(_promoter, _mounts, _gate, _fuse, _log, _disposed.Token, DropChunks, RemoveAssembledFilesAsync);
+                Cache.Budget.Images = _promotions;
             }
             else
             {
@@ -203,7 +187,11 @@ public sealed class LayerManager : IAsyncDisposable
             if (_fuse.Connections?.Holds(mountpoint) != true && FuseServer.IsDeadMount(mountpoint)) FuseServer.CleanupDeadMount(mountpoint);
             var layer = new RemoteLayer(reference, digest, resolved.Toc, resolved.Blob, Cache, _gate, _options, Files);
             // A kept FUSE connection is adopted even when the layer was promoted since: containers still read through it.
-            if (_fuse.Connections?.Holds(mountpoint) != true && TryMountPromoted(mountpoint, layer, resolved.Blob)) return;
+            if (_fuse.Connections?.Holds(mountpoint) != true && _promotions?.TryMountPromoted(mountpoint, layer, resolved.Blob) is { } promoted)
+            {
+                AdoptDetached(mountpoint, promoted);
+                return;
+            }
             FuseServer server;
             try
             {
@@ -216,11 +204,11 @@ public sealed class LayerManager : IAsyncDisposable
                 throw;
             }
             layer.FileSystem.PassthroughUsable = () => server.PassthroughUsable;
-            var mounted = new Mounted(layer, server, resolved.Blob);
+            var mounted = new LayerMount(layer, server, resolved.Blob);
             _mounts[mountpoint] = mounted;
             AdoptDetached(mountpoint, mounted);
             layer.StartBackgroundWork(prefetchSize);
-            PromoteAfterBackgroundWork(mountpoint, mounted);
+            _promotions?.PromoteAfterBackgroundWork(mountpoint, mounted);
             if (server.Adopted)
                 _log.LogInformation("adopted the kept FUSE connection of layer {Digest} of {Reference} at {MountPoint} ({Waited} requests had waited)",
                     digest, reference, mountpoint, server.WaitedRequests);
@@ -232,16 +220,6 @@ public sealed class LayerManager : IAsyncDisposable
         {
             _mounting.TryRemove(mountpoint, out _);
         }
-    }
-
-    private void PromoteAfterBackgroundWork(string mountpoint, Mounted mounted)
-    {
-        if (_promoter == null) return;
-        var promotion = mounted.Layer.BackgroundWork.ContinueWith(_ => PromoteWhenFetchedAsync(mountpoint, mounted), CancellationToken.None,
-            TaskContinuationOptions.None, TaskScheduler.Default).Unwrap();
-        _promotions[promotion] = 0;
-        _ = promotion.ContinueWith(t => _promotions.TryRemove(t, out _), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously,
-            TaskScheduler.Default);
     }
 
     /// <summary>
@@ -317,7 +295,7 @@ public sealed class LayerManager : IAsyncDisposable
     /// Deletes the cached chunks of <paramref name="m"/>'s layer that no other mounted layer still reads through FUSE
     /// (a promoted layer reads none). Returns (files removed, chunks of the layer, chunks kept for others).
     /// </summary>
-    private (int Files, int Total, int Kept) DropChunks(Mounted m, string why)
+    private (int Files, int Total, int Kept) DropChunks(LayerMount m, string why)
     {
         var keys = m.Layer.ChunkKeys();
         var total = keys.Count;
@@ -340,123 +318,14 @@ public sealed class LayerManager : IAsyncDisposable
     }
 
     /// <summary>
-    /// A layer with a checked EROFS image for this TOC (promoted earlier, by this or a previous run) is mounted from it:
-    /// the image's one kernel mount is bound at <paramref name="mountpoint"/>. No FUSE, no registry, no background fetch.
-    /// False when there is no usable image (the layer is then mounted through FUSE).
-    /// </summary>
-    private bool TryMountPromoted(string mountpoint, RemoteLayer layer, RemoteBlobFetcher blob)
-    {
-        if (_promoter?.Lookup(layer.Digest, layer.TocDigest) == null) return false;
-        string dir;
-        try { dir = _promoter.Acquire(layer.Digest); }
-        catch (IOException e)
-        {
-            _log.LogWarning("layer {Digest}: its EROFS image cannot be mounted ({Error}); dropped, the layer is served through FUSE", layer.Digest, e.Message);
-            _promoter.Drop(layer.Digest);
-            return false;
-        }
-        try
-        {
-            Directory.CreateDirectory(mountpoint);
-            ErofsNative.Bind(dir, mountpoint);
-        }
-        catch (IOException e)
-        {
-            _promoter.Release(layer.Digest, drop: false);
-            _log.LogWarning("layer {Digest}: cannot bind its EROFS image at {MountPoint} ({Error}); served through FUSE", layer.Digest, mountpoint, e.Message);
-            return false;
-        }
-        layer.FileSystem.PromotedRoot = dir;
-        var mounted = new Mounted(layer, null, blob) { Promoted = true };
-        _mounts[mountpoint] = mounted;
-        AdoptDetached(mountpoint, mounted);
-        _log.LogInformation("mounted layer {Digest} of {Reference} at {MountPoint} from its EROFS image {Image}",
-            layer.Digest, layer.Reference, mountpoint, _promoter.ImagePath(layer.Digest));
-        return true;
-    }
-
-    /// <summary>
-    /// After the background fetch: once every chunk is verified on disk, the layer is promoted (image built from this
-    /// FUSE mount, checked, recorded), every FUSE mount of the layer is switched to the image, and the chunks the image
-    /// replaces are dropped. Never throws (a failure leaves the layer on FUSE).
-    /// </summary>
-    private async Task PromoteWhenFetchedAsync(string mountpoint, Mounted m)
-    {
-        try
-        {
-            if (_promoter == null || _disposed.IsCancellationRequested || !m.Layer.AllChunksFetched) return;
-            if (!_mounts.TryGetValue(mountpoint, out var cur) || cur != m || m.Promoted) return;
-            // Let the mount-time burst of other layers' fetches and the container's start settle first.
-            await _gate.WaitQuietAsync(_disposed.Token).ConfigureAwait(false);
-            var dir = await _promoter.PromoteAsync(m.Layer.Digest, m.Layer.TocDigest, mountpoint, m.Layer.FileSystem, m.Layer.FileSystem.TotalBytes,
-                !m.Evicted, _disposed.Token).ConfigureAwait(false);
-            if (dir == null)
-            {
-                m.PromotionError = "promotion failed (see the daemon log)";
-                return;
-            }
-            var first = true;
-            foreach (var (mp, other) in _mounts)
-            {
-                if (other.Promoted || other.Layer.Digest != m.Layer.Digest || other.Layer.TocDigest != m.Layer.TocDigest) continue;
-                if (!first) _promoter.Acquire(m.Layer.Digest);
-                if (SwitchToImage(mp, other, dir)) first = false;
-                else if (!first) _promoter.Release(m.Layer.Digest, drop: false);
-            }
-            if (first) _promoter.Release(m.Layer.Digest, drop: false); // every mount went away meanwhile
-            var (files, _, kept) = DropChunks(m, "promoted");
-            var assembled = await RemoveAssembledFilesAsync(m, _disposed.Token).ConfigureAwait(false);
-            _log.LogInformation("layer {Digest}: {Files} chunk files and {Assembled} whole-file copies dropped after promotion ({Kept} kept for other layers)",
-                m.Layer.Digest, files, assembled, kept);
-        }
-        catch (OperationCanceledException) when (_disposed.IsCancellationRequested) { }
-        catch (Exception e)
-        {
-            m.PromotionError = e.Message;
-            _log.LogError(e, "layer {Digest}: promotion to EROFS failed", m.Layer.Digest);
-        }
-    }
-
-    /// <summary>
-    /// Puts the image beneath the FUSE mount at <paramref name="mountpoint"/> and detaches the FUSE mount: new lookups
-    /// (new overlays' lowerdirs) find the image, overlays made before keep their FUSE connection until they go.
-    /// </summary>
-    private bool SwitchToImage(string mountpoint, Mounted m, string dir)
-    {
-        lock (m)
-        {
-            if (m.Promoted || !_mounts.TryGetValue(mountpoint, out var cur) || cur != m) return false;
-            m.Layer.FileSystem.PromotedRoot = dir;
-            // The FUSE connection stays in the fd store under the layer's tag: a restart adopts it for the overlays made before.
-            var tag = DetachedTag(m.Layer);
-            try
-            {
-                ErofsNative.MountBeneath(dir, mountpoint);
-                m.Server?.DetachKeepingConnection(tag);
-            }
-            catch (IOException e)
-            {
-                // An old kernel (< 6.5) or a mount propagation it refuses: detach then bind (a moment without the layer).
-                _log.LogInformation("layer {Digest}: cannot mount the image beneath {MountPoint} ({Error}); detaching FUSE first", m.Layer.Digest, mountpoint, e.Message);
-                m.Server?.DetachKeepingConnection(tag);
-                ErofsNative.Bind(dir, mountpoint);
-            }
-            m.Promoted = true;
-            _log.LogInformation("layer {Digest} at {MountPoint} switched to its EROFS image; its FUSE mount stays only for overlays made before",
-                m.Layer.Digest, mountpoint);
-            return true;
-        }
-    }
-
-    /// <summary>
     /// After a restart: the FUSE connections of this mountpoint's layer that an earlier process had detached when it promoted
     /// the layer (containers started before the promotion still read through them) are served again, from the image when
     /// the layer is promoted, else from the cache and the registry.
     /// </summary>
-    private void AdoptDetached(string mountpoint, Mounted m)
+    private void AdoptDetached(string mountpoint, LayerMount m)
     {
         if (_fuse.Connections is not { } store) return;
-        var tag = DetachedTag(m.Layer);
+        var tag = LayerPromotions.DetachedTag(m.Layer);
         foreach (var c in store.TakeDetached(mountpoint, t => t == tag))
         {
             try
@@ -471,106 +340,6 @@ public sealed class LayerManager : IAsyncDisposable
                 _log.LogWarning("layer {Digest}: cannot adopt a detached FUSE connection of {MountPoint}: {Error}", m.Layer.Digest, mountpoint, e.Message);
             }
         }
-    }
-
-    /// <summary>What a detached FUSE connection of the layer is kept under in the fd store: its digest and TOC digest.</summary>
-    private static string DetachedTag(RemoteLayer layer) => layer.Digest + " " + layer.TocDigest;
-
-    /// <summary>The disk budget's way to evict a promoted image (<see cref="DiskBudget.Images"/>).</summary>
-    private sealed class ImageEviction(LayerManager manager) : IImageEviction
-    {
-        public bool FreeHeld() => manager._promoter!.FreeHeld();
-        public bool Evict(string layerDigest) => manager.EvictImage(layerDigest);
-    }
-
-    /// <summary>
-    /// Evicts the layer's EROFS image (the disk budget needs its room): the promotion record goes first (new mounts and a
-    /// restart no longer use it), every mount of the layer goes back to lazy FUSE (<see cref="SwitchToFuse"/>), and the
-    /// image is deleted — or, while containers started on it still read it (their overlays hold the kernel's mount and
-    /// so the file), kept and counted until they end. False (record put back) when a mount could not be switched.
-    /// </summary>
-    private bool EvictImage(string digest)
-    {
-        if (_promoter == null || _disposed.IsCancellationRequested) return false;
-        var record = _promoter.Unrecord(digest);
-        var switched = true;
-        foreach (var (mp, m) in _mounts)
-            if (m.Layer.Digest == digest && m.Promoted && !SwitchToFuse(mp, m)) switched = false;
-        if (!switched || _promoter.InUse(digest))
-        {
-            // A mount kept the image (or a promotion of the layer is just binding it): it stays promoted.
-            if (record != null) _promoter.Rerecord(digest, record);
-            _log.LogWarning("layer {Digest}: its EROFS image could not be evicted (a mount of it could not be switched back to FUSE)", digest);
-            return false;
-        }
-        _promoter.FreeOrHold(digest);
-        return true;
-    }
-
-    /// <summary>
-    /// Puts a new FUSE mount of the layer beneath the image's bind at <paramref name="mountpoint"/> and detaches the bind:
-    /// new lookups (new containers' overlays) find the lazy FUSE mount, served from the cache and the registry with every
-    /// chunk verified; overlays made before keep the image they hold. The background fetch starts again and the layer is
-    /// promoted anew once it is complete (when the budget has room for the image).
-    /// </summary>
-    private bool SwitchToFuse(string mountpoint, Mounted m)
-    {
-        var staging = Path.Combine(_promoter!.Directory, "mnt", m.Layer.Digest.Replace(':', '-') + ".fuse");
-        lock (m)
-        {
-            if (!m.Promoted || !_mounts.TryGetValue(mountpoint, out var cur) || cur != m) return true;
-            var promotedRoot = m.Layer.FileSystem.PromotedRoot;
-            // Chunks again (they were dropped at promotion): for the new mount and for connections detached before it.
-            m.Layer.FileSystem.PromotedRoot = null;
-            m.Layer.ChunksDropped();
-            FuseServer? server = null;
-            try
-            {
-                Directory.CreateDirectory(staging);
-                ErofsNative.Detach(staging); // left by a crash
-                server = FuseServer.Mount(staging, m.Layer.FileSystem, _fuse);
-                try
-                {
-                    ErofsNative.MountBeneath(staging, mountpoint);
-                    ErofsNative.Detach(staging); // the clone beneath the bind holds the connection
-                    server.MovedTo(mountpoint);
-                    ErofsNative.Detach(mountpoint); // the image's bind: the FUSE mount beneath it shows
-                }
-                catch (IOException e)
-                {
-                    // An old kernel (< 6.5): detach the image, then bind the FUSE mount (a moment without the layer).
-                    _log.LogInformation("layer {Digest}: cannot mount FUSE beneath {MountPoint} ({Error}); detaching the image first",
-                        m.Layer.Digest, mountpoint, e.Message);
-                    ErofsNative.Detach(mountpoint);
-                    ErofsNative.Bind(staging, mountpoint);
-                    ErofsNative.Detach(staging);
-                    server.MovedTo(mountpoint);
-                }
-            }
-            catch (Exception e) when (e is IOException or TimeoutException or InvalidOperationException)
-            {
-                _log.LogError("layer {Digest}: cannot serve {MountPoint} through FUSE again ({Error}); it stays on its EROFS image",
-                    m.Layer.Digest, mountpoint, e.Message);
-                server?.Unmount();
-                m.Layer.FileSystem.PromotedRoot = promotedRoot;
-                return false;
-            }
-            finally
-            {
-                try { Directory.Delete(staging); } catch (IOException) { }
-            }
-            var fuse = server;
-            m.Layer.FileSystem.PassthroughUsable = () => fuse.PassthroughUsable;
-            if (m.Server != null) m.Earlier.Add(m.Server);
-            m.Server = server;
-            m.Promoted = false;
-            m.Evicted = true;
-        }
-        _promoter.Release(m.Layer.Digest, drop: false);
-        _log.LogInformation("layer {Digest} at {MountPoint}: EROFS image evicted, served lazily through FUSE again", m.Layer.Digest, mountpoint);
-        m.Layer.RestartBackgroundWork();
-        PromoteAfterBackgroundWork(mountpoint, m);
-        return true;
     }
 
     /// <summary>
@@ -683,7 +452,7 @@ public sealed class LayerManager : IAsyncDisposable
     }
 
     /// <summary>Deletes the whole-file copies of the released layer's files that no mounted layer has.</summary>
-    private async Task<int> RemoveAssembledFilesAsync(Mounted released, CancellationToken ct)
+    private async Task<int> RemoveAssembledFilesAsync(LayerMount released, CancellationToken ct)
     {
         if (Files == null) return 0;
         var digests = released.Layer.FileDigests();
@@ -695,7 +464,7 @@ public sealed class LayerManager : IAsyncDisposable
         return digests.Count == 0 ? 0 : await Files.RemoveAsync(digests, ct).ConfigureAwait(false);
     }
 
-    private async Task StopAsync(Mounted m, string mountpoint)
+    private async Task StopAsync(LayerMount m, string mountpoint)
     {
         await m.Layer.DisposeAsync().ConfigureAwait(false); // fails waiting reads first, so unmount is not busy on them
         if (!m.Promoted)
@@ -727,7 +496,7 @@ public sealed class LayerManager : IAsyncDisposable
             return;
         }
         // PromoteWhenFetchedAsync never throws; cancelled, it removes what it had built.
-        await Task.WhenAll(_promotions.Keys).ConfigureAwait(false);
+        if (_promotions != null) await _promotions.WhenIdleAsync().ConfigureAwait(false);
         foreach (var mp in _mounts.Keys)
             if (_mounts.TryRemove(mp, out var m))
                 await StopAsync(m, mp).ConfigureAwait(false);
