@@ -15,6 +15,19 @@ public class DaemonProcessTests
 
     private static Dictionary<string, string> CrashAt(string point) => new() { [FaultInjection.Variable] = point };
 
+    [Fact]
+    public async Task UnderNohupTheSupervisorStillTakesSighupAsTheUpgradeCommand()
+    {
+        // SIGHUP ignored from the start (nohup): without taking it back, the upgrade never comes and the old daemon runs on.
+        await using var d = await LocalDaemon.StartAsync(supervised: true, underNohup: true);
+        var first = d.ChildPid;
+        Assert.NotEqual(0, first);
+        var next = await d.SignalAndWaitRestartAsync(1, toSupervisor: true, TimeSpan.FromSeconds(30));
+        Assert.NotEqual(first, next);
+        Assert.Contains($"upgrade: the daemon (pid {first}) hands its mounts over", d.Log);
+        Assert.Equal(0, await d.StopAsync());
+    }
+
     private static Snapshots.SnapshotsClient Connect(LocalDaemon d, out IDisposable channel)
     {
         var ch = Client.Channel(d.Socket);

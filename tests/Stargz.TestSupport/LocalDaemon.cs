@@ -20,6 +20,7 @@ public sealed class LocalDaemon : IAsyncDisposable
     private readonly bool _ownsDir;
     private string? _executable;
     private string _logLevel = "debug";
+    private bool _underNohup;
 
     /// <summary>
     /// Runs as `stargz-snapshotter supervise FLAGS`: <see cref="Pid"/> is the supervisor, <see cref="ChildPid"/> the
@@ -50,11 +51,13 @@ public sealed class LocalDaemon : IAsyncDisposable
     }
 
     /// <summary>Starts a daemon in a new dir. <paramref name="configToml"/> is written to config.toml (empty file if null).</summary>
+    /// <param name="underNohup">started through coreutils' <c>nohup</c>: SIGHUP ignored from the start (as any parent
+    /// that ignores it passes it on).</param>
     public static async Task<LocalDaemon> StartAsync(string? configToml = null, IDictionary<string, string>? env = null,
-        string[]? extraArgs = null, bool waitReady = true, string logLevel = "debug", bool supervised = false)
+        string[]? extraArgs = null, bool waitReady = true, string logLevel = "debug", bool supervised = false, bool underNohup = false)
     {
         // Socket paths must stay short (108 bytes), so the dir lives directly under /tmp.
-        var d = new LocalDaemon(new TempDir("sgd"), ownsDir: true) { _logLevel = logLevel, Supervised = supervised };
+        var d = new LocalDaemon(new TempDir("sgd"), ownsDir: true) { _logLevel = logLevel, Supervised = supervised, _underNohup = underNohup };
         await File.WriteAllTextAsync(d.ConfigPath, WithErofsDefault(configToml));
         await d.LaunchAsync(env, extraArgs, waitReady);
         return d;
@@ -93,6 +96,12 @@ public sealed class LocalDaemon : IAsyncDisposable
         var exe = _executable ?? NativeExecutables.Daemon(DllPath());
         var dotnet = Requires.Which("dotnet") ?? Path.Combine(Environment.GetEnvironmentVariable("DOTNET_ROOT") ?? "/usr/share/dotnet", "dotnet");
         var psi = new ProcessStartInfo(exe ?? dotnet) { UseShellExecute = false, RedirectStandardError = true, RedirectStandardOutput = true };
+        if (_underNohup)
+        {
+            // nohup sets SIGHUP to ignored and execs the command: the same pid, SIGHUP ignored from its start.
+            psi.FileName = Requires.Command("nohup");
+            psi.ArgumentList.Add(exe ?? dotnet);
+        }
         if (exe is null) psi.ArgumentList.Add(DllPath());
         if (Supervised) psi.ArgumentList.Add("supervise");
         // A test runner under a service manager (CI in a systemd unit) must not lend it to the daemon: the daemon

@@ -47,6 +47,12 @@ internal static unsafe partial class ProcessNative
     [LibraryImport("libc", EntryPoint = "sigaddset")]
     public static partial int SigAddSet(void* set, int sig);
 
+    /// <summary>signal(2); <see cref="SIG_DFL"/> puts a signal's default action back.</summary>
+    [LibraryImport("libc", EntryPoint = "signal")]
+    public static partial nint Signal(int sig, nint handler);
+
+    public const nint SIG_DFL = 0;
+
     [LibraryImport("libc", EntryPoint = "waitpid", SetLastError = true)]
     public static partial int WaitPid(int pid, int* status, int options);
 

@@ -70,6 +70,10 @@ internal sealed unsafe class Supervisor
             if (sig == ProcessNative.SIGHUP) Interlocked.CompareExchange(ref s._requested, sig, 0);
             else s._requested = sig;
         }
+        // SIGHUP is this process's upgrade command. Started under nohup (or by any parent that ignores it) it arrives
+        // ignored, and the runtime leaves an ignored signal ignored: the upgrade would never come. So it takes the
+        // default action back first, and the registration below then catches it.
+        ProcessNative.Signal(ProcessNative.SIGHUP, ProcessNative.SIG_DFL);
         using var hup = PosixSignalRegistration.Create(PosixSignal.SIGHUP, OnSignal);
         using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal);
         using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal);
