@@ -346,10 +346,13 @@ public class RpullTests
         proxy.Down();
         var image = plain.Replace(rig.Registry.Host, proxy.Host, StringComparison.Ordinal);
         var (file, args) = await StargzCli.CommandAsync();
-        var psi = new System.Diagnostics.ProcessStartInfo(file)
+        // Ctrl-C reaches a foreground command whose SIGINT acts by default; a test runner started in the background
+        // by a non-interactive shell has it ignored, and exec passes that on: env puts the default back.
+        var psi = new System.Diagnostics.ProcessStartInfo(Requires.Command("env"))
         {
             UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true,
         };
+        args.InsertRange(0, ["--default-signal=INT", file]);
         args.AddRange(["image", "rpull", "--address", rig.Containerd.Socket, "--plain-http", image]);
         foreach (var a in args) psi.ArgumentList.Add(a);
         using var p = System.Diagnostics.Process.Start(psi)!;
