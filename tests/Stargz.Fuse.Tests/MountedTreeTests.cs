@@ -190,9 +190,12 @@ public sealed class MountedTreeTests(MountFixture fx) : IClassFixture<MountFixtu
     {
         var ct = TestContext.Current.CancellationToken;
         long cancelledBefore = fx.Fs.CancelledReads, readsBefore = fx.Fs.ReadCalls;
-        using var cat = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo(
-            Stargz.TestSupport.Requires.Command("cat"), fx.Path("block.bin"))
-        { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true })!;
+        // cat with SIGINT's default action, as a foreground command has it (a runner started in the background by a
+        // non-interactive shell ignores SIGINT, and exec would pass that on).
+        var psi = new System.Diagnostics.ProcessStartInfo(Stargz.TestSupport.Requires.Command("env"))
+        { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in new[] { "--default-signal=INT", Stargz.TestSupport.Requires.Command("cat"), fx.Path("block.bin") }) psi.ArgumentList.Add(a);
+        using var cat = System.Diagnostics.Process.Start(psi)!;
         try
         {
             // Wait until the READ is parked in the filesystem, then interrupt the reader like Ctrl-C would.
