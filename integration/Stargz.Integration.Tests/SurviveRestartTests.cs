@@ -28,50 +28,9 @@ public class SurviveRestartTests
         var img = await rig.PushImageAsync("survive/loop", DataSet(), seed: 1701);
         await rig.RpullAsync(img.Estargz);
 
-        // The container hashes the whole set again and again and logs each pass to a host dir.
-        var outDir = rig.Work.Sub("reader-out");
-        await File.WriteAllLinesAsync(Path.Combine(outDir, "expected"), img.Sha256.Select(kv => $"{kv.Value}  {kv.Key}"), ct);
-        const string script = """
-            cd /data
-            n=0
-            while [ ! -e /out/stop ]; do
-              n=$((n+1))
-              if sha256sum -c /out/expected > /out/last 2>&1; then echo "pass $n" >> /out/log
-              else echo "FAIL $n" >> /out/log; cat /out/last >> /out/log; fi
-            done
-            echo "stopped $n" >> /out/log
-            """;
-        (await rig.Containerd.CtrAsync("run", "-d", "--snapshotter", "stargz",
-            "--mount", $"type=bind,src={outDir},dst=/out,options=rbind:rw", img.Estargz, "hasher", "/bin/sh", "-c", script))
-            .EnsureSuccess("ctr run -d hasher");
-        var log = Path.Combine(outDir, "log");
-        int Passes() => File.Exists(log) ? File.ReadAllLines(log).Count(l => l.StartsWith("pass ", StringComparison.Ordinal)) : 0;
-        string Failures() => File.Exists(log) ? string.Join('\n', File.ReadAllLines(log).Where(l => !l.StartsWith("pass ", StringComparison.Ordinal))) : "";
-
-        // Page-cache hits never reach the daemon: drop the kernel's caches all along, so every pass reads through FUSE
-        // (and the kernel forgets inodes, sending FORGETs across restarts).
-        using var stopDropping = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        var dropper = Task.Run(async () =>
-        {
-            while (!stopDropping.IsCancellationRequested)
-            {
-                try { await File.WriteAllTextAsync("/proc/sys/vm/drop_caches", "3", CancellationToken.None); } catch (IOException) { }
-                try { await Task.Delay(300, stopDropping.Token); } catch (OperationCanceledException) { }
-            }
-        }, CancellationToken.None);
-
-        async Task WaitPassesAsync(int atLeast, string after)
-        {
-            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(180);
-            while (Passes() < atLeast)
-            {
-                Assert.True(Failures() == "", $"the reader saw errors {after}:\n{Failures()}\ndaemon log:\n{Tail(rig.Daemon.Log)}");
-                if (DateTime.UtcNow > deadline) throw new TimeoutException($"the reader made {Passes()} passes, not {atLeast}, {after}\n{Tail(rig.Daemon.Log)}");
-                await Task.Delay(200, ct);
-            }
-        }
-
-        await WaitPassesAsync(1, "before any restart");
+        // The container hashes the whole set again and again, every pass through the daemon.
+        await using var reader = await HashingReader.StartAsync(rig, img, "hasher", ct);
+        await reader.WaitPassesAsync(1, "before any restart");
         var mounts = rig.FuseMountIds();
         Assert.Equal(2, mounts.Count);
         var exe = NativeExecutables.Daemon(LocalDaemon.DllPath());
@@ -91,7 +50,7 @@ public class SurviveRestartTests
                 File.Copy(exe, exe + ".upgrade", overwrite: true);
                 File.Move(exe + ".upgrade", exe, overwrite: true);
             }
-            int before = Passes();
+            int before = reader.Passes();
             int pid = await rig.Daemon.SignalAndWaitRestartAsync(signal, toSupervisor);
             if (toSupervisor && exe != null)
                 Assert.Equal(exe, File.ResolveLinkTarget($"/proc/{pid}/exe", false)?.FullName);
@@ -100,21 +59,15 @@ public class SurviveRestartTests
             Assert.Equal(mounts, rig.FuseMountIds());
             Assert.Equal(2, await rig.WaitMetricAsync("stargz_fuse_adopted_mounts", v => v >= 2, TimeSpan.FromSeconds(60)));
             // The reader goes on through the restart: two more full passes, no error.
-            await WaitPassesAsync(before + 2, $"after {what}");
+            await reader.WaitPassesAsync(before + 2, $"after {what}");
             // A new container from the same image starts and reads right bytes.
             var file = $"f{step:00}.bin";
             Assert.Equal(img.Sha256[file], await rig.Sha256InContainerAsync(img.Estargz, $"after-{step}", file));
             Assert.Equal(mounts, rig.FuseMountIds());
         }
 
-        File.WriteAllText(Path.Combine(outDir, "stop"), "");
-        var end = DateTime.UtcNow + TimeSpan.FromSeconds(120);
-        while (!File.ReadAllText(log).Contains("stopped", StringComparison.Ordinal) && DateTime.UtcNow < end) await Task.Delay(200, ct);
-        await stopDropping.CancelAsync();
-        await dropper;
-        Assert.Contains("stopped", File.ReadAllText(log));
-        Assert.Equal("stopped", Regex.Replace(Failures(), @"stopped \d+", "stopped"));
-        Assert.True(Passes() >= 1 + 2 * events.Length);
+        Assert.Equal("stopped", Regex.Replace(await reader.StopAsync(ct), @"stopped \d+", "stopped"));
+        Assert.True(reader.Passes() >= 1 + 2 * events.Length);
 
         // Removing the container and the image ends the mounts and the stored connections.
         (await rig.Containerd.CtrAsync("tasks", "rm", "-f", "hasher")).EnsureSuccess("ctr tasks rm hasher");
@@ -162,9 +115,44 @@ public class SurviveRestartTests
         for (int i = 0; i < 4; i++) set[$"f{i:00}.bin"] = 4096;
         var img = await rig.PushImageAsync("survive/promoted", set, seed: 1702);
         await rig.RpullAsync(img.Estargz);
-        var outDir = rig.Work.Sub("reader-out");
-        await File.WriteAllLinesAsync(Path.Combine(outDir, "expected"), img.Sha256.Select(kv => $"{kv.Value}  {kv.Key}"), ct);
-        const string script = """
+        await using var reader = await HashingReader.StartAsync(rig, img, "early", ct);
+        await reader.WaitPassesAsync(1, "before the promotion");
+        Assert.Equal(2, rig.FuseMountIds().Count);
+        await rig.WaitMetricAsync("stargz_layers_promoted", v => v >= 2, TimeSpan.FromSeconds(240));
+        // Promoted: no FUSE mount left at the mount points; the container reads through the detached connections.
+        Assert.Empty(rig.FuseMountIds());
+        await reader.WaitPassesAsync(reader.Passes() + 2, "after the promotion");
+
+        foreach (var (what, signal) in new[] { ("SIGKILL", SigKill), ("SIGTERM", SigTerm) })
+        {
+            int before = reader.Passes();
+            await rig.Daemon.SignalAndWaitRestartAsync(signal);
+            await rig.WaitContainerdReachesDaemonAsync();
+            Assert.NotNull(await E2eHelpers.WaitLogLineAsync(rig.Daemon, "adopted a detached FUSE connection"));
+            await reader.WaitPassesAsync(before + 2, $"after {what}");
+            // New containers get the images.
+            Assert.Equal(img.Sha256["f01.bin"], await rig.Sha256InContainerAsync(img.Estargz, $"late-{what.ToLowerInvariant()}", "f01.bin"));
+            Assert.Equal(2, await rig.MetricAsync("stargz_layers_promoted"));
+        }
+
+        Assert.Equal("stopped", Regex.Replace(await reader.StopAsync(ct), @"stopped \d+", "stopped"));
+
+        // The container gone, its detached connections end and leave the fd store.
+        (await rig.Containerd.CtrAsync("tasks", "rm", "-f", "early")).EnsureSuccess("ctr tasks rm early");
+        (await rig.Containerd.CtrAsync("containers", "rm", "early")).EnsureSuccess("ctr containers rm early");
+        var gone = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+        while (StoredFuseFds(rig.Daemon.Pid) > 0 && DateTime.UtcNow < gone) await Task.Delay(250, ct);
+        Assert.Equal(0, StoredFuseFds(rig.Daemon.Pid));
+    }
+
+    /// <summary>
+    /// A container that checks the image's /data files against their sha256 again and again and logs each pass to a host
+    /// dir, while the kernel's caches are dropped every 300 ms: page-cache hits never reach the daemon, so every pass
+    /// reads through FUSE (and the kernel forgets inodes, sending FORGETs across restarts).
+    /// </summary>
+    private sealed class HashingReader : IAsyncDisposable
+    {
+        private const string Script = """
             cd /data
             n=0
             while [ ! -e /out/stop ]; do
@@ -174,65 +162,74 @@ public class SurviveRestartTests
             done
             echo "stopped $n" >> /out/log
             """;
-        (await rig.Containerd.CtrAsync("run", "-d", "--snapshotter", "stargz",
-            "--mount", $"type=bind,src={outDir},dst=/out,options=rbind:rw", img.Estargz, "early", "/bin/sh", "-c", script))
-            .EnsureSuccess("ctr run -d early");
-        var log = Path.Combine(outDir, "log");
-        int Passes() => File.Exists(log) ? File.ReadAllLines(log).Count(l => l.StartsWith("pass ", StringComparison.Ordinal)) : 0;
-        string Failures() => File.Exists(log) ? string.Join('\n', File.ReadAllLines(log).Where(l => !l.StartsWith("pass ", StringComparison.Ordinal))) : "";
-        // Every pass reads through the connection, not the page cache.
-        using var stopDropping = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        var dropper = Task.Run(async () =>
+
+        private readonly OutageRig _rig;
+        private readonly string _outDir, _log;
+        private readonly CancellationTokenSource _stopDropping;
+        private readonly Task _dropper;
+
+        private HashingReader(OutageRig rig, string outDir, CancellationToken ct)
         {
-            while (!stopDropping.IsCancellationRequested)
+            _rig = rig;
+            _outDir = outDir;
+            _log = Path.Combine(outDir, "log");
+            _stopDropping = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            var stop = _stopDropping.Token;
+            _dropper = Task.Run(async () =>
             {
-                try { await File.WriteAllTextAsync("/proc/sys/vm/drop_caches", "3", CancellationToken.None); } catch (IOException) { }
-                try { await Task.Delay(300, stopDropping.Token); } catch (OperationCanceledException) { }
-            }
-        }, CancellationToken.None);
-        async Task WaitPassesAsync(int atLeast, string after)
+                while (!stop.IsCancellationRequested)
+                {
+                    try { await File.WriteAllTextAsync("/proc/sys/vm/drop_caches", "3", CancellationToken.None); } catch (IOException) { }
+                    try { await Task.Delay(300, stop); } catch (OperationCanceledException) { }
+                }
+            }, CancellationToken.None);
+        }
+
+        public static async Task<HashingReader> StartAsync(OutageRig rig, TestImage img, string container, CancellationToken ct)
+        {
+            var outDir = rig.Work.Sub(container + "-out");
+            await File.WriteAllLinesAsync(Path.Combine(outDir, "expected"), img.Sha256.Select(kv => $"{kv.Value}  {kv.Key}"), ct);
+            (await rig.Containerd.CtrAsync("run", "-d", "--snapshotter", "stargz",
+                "--mount", $"type=bind,src={outDir},dst=/out,options=rbind:rw", img.Estargz, container, "/bin/sh", "-c", Script))
+                .EnsureSuccess($"ctr run -d {container}");
+            return new HashingReader(rig, outDir, ct);
+        }
+
+        public int Passes() => File.Exists(_log) ? File.ReadAllLines(_log).Count(l => l.StartsWith("pass ", StringComparison.Ordinal)) : 0;
+
+        /// <summary>The log's lines other than passes: failed checks, and "stopped N" once stopped.</summary>
+        public string Failures() => File.Exists(_log) ? string.Join('\n', File.ReadAllLines(_log).Where(l => !l.StartsWith("pass ", StringComparison.Ordinal))) : "";
+
+        public async Task WaitPassesAsync(int atLeast, string after)
         {
             var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(180);
             while (Passes() < atLeast)
             {
-                Assert.True(Failures() == "", $"the reader saw errors {after}:\n{Failures()}\ndaemon log:\n{Tail(rig.Daemon.Log)}");
-                if (DateTime.UtcNow > deadline) throw new TimeoutException($"the reader made {Passes()} passes, not {atLeast}, {after}\n{Tail(rig.Daemon.Log)}");
-                await Task.Delay(200, ct);
+                Assert.True(Failures() == "", $"the reader saw errors {after}:\n{Failures()}\ndaemon log:\n{Tail(_rig.Daemon.Log)}");
+                if (DateTime.UtcNow > deadline) throw new TimeoutException($"the reader made {Passes()} passes, not {atLeast}, {after}\n{Tail(_rig.Daemon.Log)}");
+                await Task.Delay(200, _stopDropping.Token);
             }
         }
 
-        await WaitPassesAsync(1, "before the promotion");
-        Assert.Equal(2, rig.FuseMountIds().Count);
-        await rig.WaitMetricAsync("stargz_layers_promoted", v => v >= 2, TimeSpan.FromSeconds(240));
-        // Promoted: no FUSE mount left at the mount points; the container reads through the detached connections.
-        Assert.Empty(rig.FuseMountIds());
-        await WaitPassesAsync(Passes() + 2, "after the promotion");
-
-        foreach (var (what, signal) in new[] { ("SIGKILL", SigKill), ("SIGTERM", SigTerm) })
+        /// <summary>Ends the loop after its current pass and the cache dropping; returns <see cref="Failures"/>.</summary>
+        public async Task<string> StopAsync(CancellationToken ct)
         {
-            int before = Passes();
-            await rig.Daemon.SignalAndWaitRestartAsync(signal);
-            await rig.WaitContainerdReachesDaemonAsync();
-            Assert.NotNull(await E2eHelpers.WaitLogLineAsync(rig.Daemon, "adopted a detached FUSE connection"));
-            await WaitPassesAsync(before + 2, $"after {what}");
-            // New containers get the images.
-            Assert.Equal(img.Sha256["f01.bin"], await rig.Sha256InContainerAsync(img.Estargz, $"late-{what.ToLowerInvariant()}", "f01.bin"));
-            Assert.Equal(2, await rig.MetricAsync("stargz_layers_promoted"));
+            File.WriteAllText(Path.Combine(_outDir, "stop"), "");
+            var end = DateTime.UtcNow + TimeSpan.FromSeconds(120);
+            while (!(File.Exists(_log) && File.ReadAllText(_log).Contains("stopped", StringComparison.Ordinal)) && DateTime.UtcNow < end)
+                await Task.Delay(200, ct);
+            await DisposeAsync();
+            Assert.Contains("stopped", File.ReadAllText(_log));
+            return Failures();
         }
 
-        File.WriteAllText(Path.Combine(outDir, "stop"), "");
-        var end = DateTime.UtcNow + TimeSpan.FromSeconds(120);
-        while (!File.ReadAllText(log).Contains("stopped", StringComparison.Ordinal) && DateTime.UtcNow < end) await Task.Delay(200, ct);
-        await stopDropping.CancelAsync();
-        await dropper;
-        Assert.Equal("stopped", Regex.Replace(Failures(), @"stopped \d+", "stopped"));
-
-        // The container gone, its detached connections end and leave the fd store.
-        (await rig.Containerd.CtrAsync("tasks", "rm", "-f", "early")).EnsureSuccess("ctr tasks rm early");
-        (await rig.Containerd.CtrAsync("containers", "rm", "early")).EnsureSuccess("ctr containers rm early");
-        var gone = DateTime.UtcNow + TimeSpan.FromSeconds(60);
-        while (StoredFuseFds(rig.Daemon.Pid) > 0 && DateTime.UtcNow < gone) await Task.Delay(250, ct);
-        Assert.Equal(0, StoredFuseFds(rig.Daemon.Pid));
+        public async ValueTask DisposeAsync()
+        {
+            if (_dropper.IsCompleted) return;
+            await _stopDropping.CancelAsync();
+            await _dropper;
+            _stopDropping.Dispose();
+        }
     }
 
     private static int StoredFuseFds(int pid)
