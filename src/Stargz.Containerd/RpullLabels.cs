@@ -26,7 +26,7 @@ public static class RpullLabels
         string? parent = null;
         foreach (var d in diffIds)
         {
-            parent = parent is null ? d : "sha256:" + Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(parent + " " + d)));
+            parent = parent is null ? d : Digest.Sha256Of(Encoding.UTF8.GetBytes(parent + " " + d)).ToString();
             result.Add(parent);
         }
         return result;

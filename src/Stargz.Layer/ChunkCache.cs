@@ -375,6 +375,4 @@ internal static class Digests
 
     /// <summary>The "sha256:" + 64 characters form (hex is checked where the digest is compared).</summary>
     public static bool IsSha256(string digest) => digest.Length == 71 && digest.StartsWith("sha256:", StringComparison.Ordinal);
-
-    public static string Of(ReadOnlySpan<byte> data) => "sha256:" + Convert.ToHexStringLower(SHA256.HashData(data));
 }

@@ -48,7 +48,7 @@ public class ChunkCacheTests
     {
         using var dir = new TempDir("layer-cache");
         var data = BlobBuilder.Random(10_000, 11);
-        var digest = Digests.Of(data);
+        var digest = Digest.Sha256Of(data).ToString();
         using (var c = new ChunkCache(dir.Path, 1 << 20)) c.WriteDisk(digest, data);
         using var cache = new ChunkCache(dir.Path, 1 << 20);
         var path = cache.PathOf(digest);
@@ -95,13 +95,13 @@ public class ChunkCacheTests
         for (var i = 0; i < 20; i++)
         {
             var d = BlobBuilder.Random(30_000, 20 + i);
-            cache.AddMemory(Digests.Of(d), d);
+            cache.AddMemory(Digest.Sha256Of(d).ToString(), d);
         }
         long held = 0;
         for (var i = 0; i < 20; i++)
         {
             var d = BlobBuilder.Random(30_000, 20 + i);
-            if (cache.TryGetMemory(Digests.Of(d), out var got)) { held += got.Length; Assert.Equal(d, got); }
+            if (cache.TryGetMemory(Digest.Sha256Of(d).ToString(), out var got)) { held += got.Length; Assert.Equal(d, got); }
         }
         Assert.InRange(held, 30_000, 100_000);
     }

@@ -112,7 +112,7 @@ internal sealed class BlobBuilder
             var len = (int)Math.Min(chunkSize, content.Length - o);
             var part = content.AsSpan((int)o, len);
             var off = WriteMember(part);
-            chunks.Add(new LayerChunk(o, len, off, _blob.Position - off, 0, Digests.Of(part)));
+            chunks.Add(new LayerChunk(o, len, off, _blob.Position - off, 0, Digest.Sha256Of(part).ToString()));
         }
         Files[name] = (content, chunks.ToArray());
         return this;
@@ -127,7 +127,7 @@ internal sealed class BlobBuilder
         for (long o = 0; o < content.Length; o += chunkSize)
         {
             var len = (int)Math.Min(chunkSize, content.Length - o);
-            chunks.Add(new LayerChunk(o, len, off, blen, o, Digests.Of(content.AsSpan((int)o, len))));
+            chunks.Add(new LayerChunk(o, len, off, blen, o, Digest.Sha256Of(content.AsSpan((int)o, len)).ToString()));
         }
         Files[name] = (content, chunks.ToArray());
         return this;
