@@ -52,22 +52,9 @@ public static class Program
 
         var level = DaemonOptions.ParseLogLevel(opt.LogLevel);
         if (config.Debug && level > LogLevel.Debug) level = LogLevel.Debug;
-        void ConfigureLogging(ILoggingBuilder b)
-        {
-            b.ClearProviders();
-            b.SetMinimumLevel(level);
-            b.AddFilter("Microsoft", level <= LogLevel.Debug ? LogLevel.Information : LogLevel.Warning);
-            b.AddFilter("Grpc", LogLevel.Warning);
-            b.AddJsonConsole(o =>
-            {
-                o.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ";
-                o.UseUtcTimestamp = true;
-                o.IncludeScopes = false;
-            });
-            // Logs go to stderr like the reference's (stdout stays free).
-            b.AddConsole(c => c.LogToStandardErrorThreshold = LogLevel.Trace);
-        }
-        using var loggerFactory = LoggerFactory.Create(ConfigureLogging);
+        // Logs go to stderr like the reference's (stdout stays free); the host logs through the same factory.
+        using var loggerFactory = new JsonLineLoggerFactory(level);
+        void ConfigureLogging(ILoggingBuilder b) => b.Services.AddSingleton<ILoggerFactory>(loggerFactory);
         var log = loggerFactory.CreateLogger("stargz-snapshotter");
         foreach (var w in warnings) log.LogWarning("config: {Warning}", w);
 
