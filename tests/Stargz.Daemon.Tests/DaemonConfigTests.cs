@@ -182,7 +182,7 @@ public class DaemonConfigTests
     {
         var port = LocalRegistry.FreePort();
         await using var d = await LocalDaemon.StartAsync(configToml: $"metrics_address = \"127.0.0.1:{port}\"\nnot_a_key = true\n");
-        Assert.Contains("unknown key \\u0022not_a_key\\u0022", d.Log);
+        Assert.Contains("unknown key \\\"not_a_key\\\"", d.Log); // JSON-escaped in the log line
         using (var ch = Client.Channel(d.Socket))
         {
             var c = new Snapshots.SnapshotsClient(ch);
