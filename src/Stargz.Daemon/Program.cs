@@ -58,6 +58,16 @@ public static class Program
         var log = loggerFactory.CreateLogger("stargz-snapshotter");
         foreach (var w in warnings) log.LogWarning("config: {Warning}", w);
 
+        // The socket first (see ListeningSocket): containerd may dial while the rest starts.
+        var serverOpt = new SnapshotterServerOptions { SocketPath = opt.Address, SocketGroup = opt.SocketGroup };
+        try { serverOpt.Listening = SnapshotterServer.Listen(serverOpt); }
+        catch (Exception e) when (e is IOException or ArgumentException or UnauthorizedAccessException)
+        {
+            log.LogCritical("cannot serve on {Address}: {Error}", opt.Address, e.Message);
+            return 1;
+        }
+        using var listening = serverOpt.Listening;
+
         // [cri_keychain]: CRI ImageService on our socket, proxied to the backing one; its pull credentials feed the layers.
         CriKeychain? criKeychain = null;
         CriBackend? criBackend = null;
@@ -134,7 +144,6 @@ public static class Program
         }
 
         MetricsInterceptor.TrackSnapshotter(snapshotter);
-        var serverOpt = new SnapshotterServerOptions { SocketPath = opt.Address, SocketGroup = opt.SocketGroup };
         var metricsEndpoint = !config.NoPrometheus && config.MetricsAddress.Length > 0 ? ConfigLoader.ParseEndpoint(config.MetricsAddress) : null;
         var app = SnapshotterServer.Build(snapshotter, serverOpt,
             configureBuilder: b =>

@@ -397,6 +397,29 @@ public class SnapshotsApiTests
     }
 
     [Fact]
+    public async Task ACallDialledBeforeTheHostIsBuiltIsAnsweredAndStoppingRemovesTheSocket()
+    {
+        using var dir = new TempDir("sgs");
+        var sock = Path.Combine(dir.Path, "s.sock");
+        var opt = new SnapshotterServerOptions { SocketPath = sock };
+        // The daemon binds first, then opens its root and builds the host: a client may dial in between.
+        opt.Listening = SnapshotterServer.Listen(opt);
+        Assert.Equal((UnixFileMode)0b110_000_000, File.GetUnixFileMode(sock));
+        using var ch = Client.Channel(sock);
+        var c = new Snapshots.SnapshotsClient(ch);
+        var early = c.StatAsync(new StatSnapshotRequest { Key = "missing" }, cancellationToken: Ct).ResponseAsync;
+        await Task.Delay(300, Ct);
+        Assert.False(early.IsCompleted, "answered before anything serves the socket");
+        await using var sn = await StargzSnapshotter.OpenAsync(new SnapshotterOptions { Root = dir.Sub("root") }, null, Ct);
+        await using var app = SnapshotterServer.Build(sn, opt);
+        await SnapshotterServer.StartAsync(app, opt, Ct);
+        var e = await Assert.ThrowsAsync<RpcException>(() => early);
+        Assert.Equal(StatusCode.NotFound, e.StatusCode);
+        await app.StopAsync(Ct);
+        Assert.False(File.Exists(sock), "the socket file outlived the server");
+    }
+
+    [Fact]
     public async Task ConcurrentCommitsToOneNameOrOfOneKey_ExactlyOneWins()
     {
         await using var s = await InProcessSnapshotter.StartAsync();

@@ -9,7 +9,9 @@ namespace Stargz.Bench.Pull;
 /// A snapshotter daemon (ours or the reference's: both take `--address --root --config --log-level`) started for one
 /// measured run, timed from just before exec until its socket accepts a connection. Unlike TestSupport's LocalDaemon
 /// (which waits for a log line, polling every 50 ms), readiness here is the socket alone, probed every millisecond
-/// from a dedicated thread. Dispose SIGTERMs it (then SIGKILL), unmounts what is left under its dir and removes it.
+/// from a dedicated thread: first the connect (listening), then on that connection the server's HTTP/2 SETTINGS frame
+/// in answer to a client preface (serving: a daemon that binds its socket before its host is built, as ours does, is
+/// listening well before it serves). Dispose SIGTERMs it (then SIGKILL), unmounts what is left under its dir and removes it.
 /// </summary>
 public sealed class BenchDaemon : IAsyncDisposable
 {
@@ -24,6 +26,8 @@ public sealed class BenchDaemon : IAsyncDisposable
     public TimeSpan ExecToListening { get; private set; }
     /// <summary>Stopwatch timestamp of the first successful connect.</summary>
     public long ListeningAt { get; private set; }
+    /// <summary>From just before exec until the server's first HTTP/2 frame on the probe's connection.</summary>
+    public TimeSpan ExecToServing { get; private set; }
     public string Log { get { lock (_log) return _log.ToString(); } }
 
     /// <param name="command">the executable, then any arguments before the daemon's own (e.g. dotnet DLL).</param>
@@ -48,12 +52,13 @@ public sealed class BenchDaemon : IAsyncDisposable
             p.BeginOutputReadLine();
             p.BeginErrorReadLine();
             // A thread of its own, so the 1 ms probe cadence does not depend on the thread pool.
-            var probe = new TaskCompletionSource<long>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var probe = new TaskCompletionSource<(long Listening, long Serving)>(TaskCreationOptions.RunContinuationsAsynchronously);
             var thread = new Thread(() => Probe(d.Socket, p, probe, TimeSpan.FromSeconds(60))) { IsBackground = true, Name = "listen-probe" };
             thread.Start();
-            var at = await probe.Task;
+            var (at, serving) = await probe.Task;
             d.ListeningAt = at;
             d.ExecToListening = Stopwatch.GetElapsedTime(started, at);
+            d.ExecToServing = Stopwatch.GetElapsedTime(started, serving);
             return d;
         }
         catch (Exception e) when (e is InvalidOperationException or TimeoutException)
@@ -64,7 +69,10 @@ public sealed class BenchDaemon : IAsyncDisposable
         }
     }
 
-    private static void Probe(string socket, Process p, TaskCompletionSource<long> done, TimeSpan timeout)
+    // The client connection preface and an empty SETTINGS frame (RFC 9113 3.4, 6.5).
+    private static readonly byte[] Http2Preface = [.. "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"u8, 0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+    private static void Probe(string socket, Process p, TaskCompletionSource<(long, long)> done, TimeSpan timeout)
     {
         var deadline = Stopwatch.GetTimestamp() + (long)(timeout.TotalSeconds * Stopwatch.Frequency);
         var endpoint = new UnixDomainSocketEndPoint(socket);
@@ -75,10 +83,26 @@ public sealed class BenchDaemon : IAsyncDisposable
                 try
                 {
                     s.Connect(endpoint);
-                    done.SetResult(Stopwatch.GetTimestamp());
+                    var listening = Stopwatch.GetTimestamp();
+                    s.ReceiveTimeout = (int)timeout.TotalMilliseconds;
+                    s.Send(Http2Preface);
+                    // Any frame header back (9 bytes) means the server reads and answers on the connection.
+                    var header = new byte[9];
+                    for (var got = 0; got < header.Length;)
+                    {
+                        var n = s.Receive(header, got, header.Length - got, SocketFlags.None);
+                        if (n == 0) throw new InvalidOperationException("the daemon closed the probe's connection before answering");
+                        got += n;
+                    }
+                    done.SetResult((listening, Stopwatch.GetTimestamp()));
                     return;
                 }
                 catch (SocketException) { }
+                catch (InvalidOperationException e)
+                {
+                    done.SetException(e);
+                    return;
+                }
             }
             if (p.HasExited)
             {
