@@ -12,7 +12,7 @@ public class IdleMemoryTrimTests
     {
         public long Allocated;
         public readonly List<string> Collections = [];
-        public IdleMemoryTrim Trim() => new(NullLogger.Instance, () => Allocated, Collections.Add);
+        public IdleMemoryTrim Trim(bool afterStartUp = false) => new(NullLogger.Instance, () => Allocated, Collections.Add, afterStartUp);
     }
 
     [Fact]
@@ -69,5 +69,31 @@ public class IdleMemoryTrimTests
         trim.OnTick();
         trim.OnTick();
         Assert.Equal(2, p.Collections.Count);
+    }
+
+    [Fact]
+    public void TheFirstIdlePeriodAfterStartUpIsTrimmedOnceWithoutABurst()
+    {
+        var p = new Process();
+        using var trim = p.Trim(afterStartUp: true);
+        trim.OnTick(); // idle 1
+        Assert.Empty(p.Collections);
+        trim.OnTick(); // idle 2: the host's start-up garbage goes
+        Assert.Equal(["idle after start-up"], p.Collections);
+        for (var round = 0; round < 5; round++)
+        {
+            p.Allocated += 2 * MiB; // short wake-ups, no burst: nothing more
+            trim.OnTick();
+            for (var i = 0; i < 20; i++) trim.OnTick();
+        }
+        Assert.Single(p.Collections);
+
+        // A pull before the daemon first idles: its burst trim (and the pool's) stand for the start-up one.
+        var q = new Process();
+        using var busy = q.Trim(afterStartUp: true);
+        q.Allocated += 64 * MiB;
+        busy.OnTick();
+        for (var i = 0; i < 40; i++) busy.OnTick();
+        Assert.Equal(["idle after a burst", "array pool trimmed"], q.Collections);
     }
 }
