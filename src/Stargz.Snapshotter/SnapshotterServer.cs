@@ -101,7 +101,8 @@ public static class SnapshotterServer
         builder.WebHost.UseShutdownTimeout(TimeSpan.FromSeconds(30));
         configureBuilder?.Invoke(builder);
         var app = builder.Build();
-        app.Lifetime.ApplicationStopped.Register(listening.Dispose);
+        // As Kestrel did with a path it bound: once stopping, new clients are refused (the fd Kestrel drains from is its own).
+        app.Lifetime.ApplicationStopping.Register(listening.Dispose);
         MalformedRequests.Logger = app.Services.GetRequiredService<ILoggerFactory>().CreateLogger<SnapshotsGrpcService>();
         app.MapGrpcService<SnapshotsGrpcService>();
         configureApp?.Invoke(app);
