@@ -397,14 +397,14 @@ internal sealed class ChunkFetcher : IDisposable
             }
             groups.Add((c.BlobOffset, c.BlobEnd, i, i));
         }
-        var buffers = new byte[groups.Count][];
+        var buffers = new FetchBuffer[groups.Count];
         var ranges = new FetchRange[groups.Count];
         long total = 0;
         for (var g = 0; g < groups.Count; g++)
         {
             var len = (int)(groups[g].End - groups[g].Offset);
-            buffers[g] = ArrayPool<byte>.Shared.Rent(len);
-            ranges[g] = new FetchRange(groups[g].Offset, buffers[g].AsMemory(0, len));
+            buffers[g] = FetchBuffer.Rent(len);
+            ranges[g] = new FetchRange(groups[g].Offset, buffers[g].Memory);
             total += len;
         }
         // Bounded by the time without progress, not the total: a slow transfer that moves is never cut.
@@ -437,7 +437,7 @@ internal sealed class ChunkFetcher : IDisposable
                     try
                     {
                         var data = GC.AllocateUninitializedArray<byte>((int)c.Size);
-                        _decoder.Decode(buffers[g].AsSpan((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
+                        _decoder.Decode(buffers[g].Span.Slice((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
                         if (_verify && !Digests.Matches(data, c.Digest!))
                             throw new LayerIOException($"chunk at blob offset {c.BlobOffset} does not match its digest {c.Digest}");
                         if (keepInMemory) _cache.AddMemory(p.Key, data);
@@ -469,7 +469,7 @@ internal sealed class ChunkFetcher : IDisposable
         }
         finally
         {
-            foreach (var b in buffers) ArrayPool<byte>.Shared.Return(b);
+            foreach (var b in buffers) b.Return();
         }
         if (done == null) return;
         // Waiters already have their data (unless sync_add); now make it durable, then let later callers find it in the cache.
@@ -499,11 +499,11 @@ internal sealed class ChunkFetcher : IDisposable
     /// unless a reader joined the chunk's claim: that one gets a copy. The claim is closed (or completed with the copy)
     /// only once the chunk is on disk, so a reader finding it closed finds the file.
     /// </summary>
-    private void StoreOnDiskOnly(List<Pending> pending, List<(long Offset, long End, int First, int Last)> groups, byte[][] buffers)
+    private void StoreOnDiskOnly(List<Pending> pending, List<(long Offset, long End, int First, int Last)> groups, FetchBuffer[] buffers)
     {
         long largest = 1;
         foreach (var p in pending) largest = Math.Max(largest, p.Chunk.Size);
-        var scratch = ArrayPool<byte>.Shared.Rent((int)largest);
+        var scratch = FetchBuffer.Rent((int)largest);
         HashSet<string>? dirs = null;
         List<(Pending P, byte[] Data)>? answers = null; // sync_add: answered once the directories are synced too
         try
@@ -515,10 +515,10 @@ internal sealed class ChunkFetcher : IDisposable
                 {
                     var p = pending[i];
                     var c = p.Chunk;
-                    var data = scratch.AsSpan(0, (int)c.Size);
+                    var data = scratch.Span[..(int)c.Size];
                     try
                     {
-                        _decoder.Decode(buffers[g].AsSpan((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
+                        _decoder.Decode(buffers[g].Span.Slice((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
                         if (_verify && !Digests.Matches(data, c.Digest!))
                             throw new LayerIOException($"chunk at blob offset {c.BlobOffset} does not match its digest {c.Digest}");
                     }
@@ -553,7 +553,7 @@ internal sealed class ChunkFetcher : IDisposable
         }
         finally
         {
-            ArrayPool<byte>.Shared.Return(scratch);
+            scratch.Return();
         }
         if (dirs != null) foreach (var d in dirs) _cache.SyncDirectory(d);
         if (answers != null) foreach (var (p, data) in answers) Complete(p, data);
