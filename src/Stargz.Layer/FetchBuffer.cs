@@ -1,5 +1,5 @@
 using System.Buffers;
-using System.Runtime.InteropServices;
+using Stargz.Registry;
 
 namespace Stargz.Layer;
 
@@ -13,9 +13,6 @@ namespace Stargz.Layer;
 /// </summary>
 internal readonly struct FetchBuffer
 {
-    /// <summary>From this size on, mapped rather than pooled.</summary>
-    internal const int MapFrom = 1 << 20;
-
     private readonly byte[]? _array;
     private readonly MappedMemory? _mapped;
 
@@ -28,7 +25,7 @@ internal readonly struct FetchBuffer
 
     public int Length { get; }
 
-    public static FetchBuffer Rent(int length) => length >= MapFrom
+    public static FetchBuffer Rent(int length) => length >= MappedMemory.UseFrom
         ? new FetchBuffer(null, new MappedMemory(length), length)
         : new FetchBuffer(ArrayPool<byte>.Shared.Rent(length), null, length);
 
@@ -42,47 +39,4 @@ internal readonly struct FetchBuffer
         if (_mapped != null) ((IDisposable)_mapped).Dispose();
         else if (_array != null) ArrayPool<byte>.Shared.Return(_array);
     }
-}
-
-/// <summary>Anonymous private memory from <c>mmap</c>, unmapped on dispose.</summary>
-internal sealed unsafe class MappedMemory : MemoryManager<byte>
-{
-    private nint _address;
-    private readonly int _length;
-
-    public MappedMemory(int length)
-    {
-        _length = length;
-        var p = mmap(0, (nuint)length, 0x1 | 0x2 /* PROT_READ|PROT_WRITE */, 0x02 | 0x20 /* MAP_PRIVATE|MAP_ANONYMOUS */, -1, 0);
-        if (p == -1) throw new OutOfMemoryException($"mmap of {length} bytes failed: errno {Marshal.GetLastPInvokeError()}");
-        _address = p;
-    }
-
-    public override Span<byte> GetSpan()
-    {
-        var p = _address;
-        ObjectDisposedException.ThrowIf(p == 0, this);
-        return new Span<byte>((void*)p, _length);
-    }
-
-    public override MemoryHandle Pin(int elementIndex = 0)
-    {
-        ArgumentOutOfRangeException.ThrowIfNegative(elementIndex);
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(elementIndex, _length);
-        return new MemoryHandle((byte*)_address + elementIndex);
-    }
-
-    public override void Unpin() { }
-
-    protected override void Dispose(bool disposing)
-    {
-        var p = Interlocked.Exchange(ref _address, 0);
-        if (p != 0) munmap(p, (nuint)_length);
-    }
-
-    [DllImport("libc", SetLastError = true)]
-    private static extern nint mmap(nint addr, nuint length, int prot, int flags, int fd, nint offset);
-
-    [DllImport("libc", SetLastError = true)]
-    private static extern int munmap(nint addr, nuint length);
 }

@@ -9,9 +9,21 @@ internal readonly record struct FlightKey(string Repository, string Digest, long
 
 internal sealed class Flight
 {
-    public required Task<byte[]> Task;
+    public required Task<Memory<byte>> Task;
     public int Refs;
     public bool Done;
+    // The fetched bytes: a pooled array, or mapped memory for a big range (see MappedMemory).
+    public byte[]? Array;
+    public MappedMemory? Mapped;
+
+    /// <summary>Under the flights' lock, once the last reader copied out (or the fetch failed).</summary>
+    public void Free()
+    {
+        if (Array != null) ArrayPool<byte>.Shared.Return(Array);
+        ((IDisposable?)Mapped)?.Dispose();
+        Array = null;
+        Mapped = null;
+    }
 }
 
 /// <summary>One byte range of a blob and where its bytes go.</summary>
@@ -94,7 +106,7 @@ public sealed class RemoteBlob
         try
         {
             var buf = await f.Task.WaitAsync(ct).ConfigureAwait(false);
-            buf.AsSpan(0, destination.Length).CopyTo(destination.Span);
+            buf.Span.CopyTo(destination.Span);
         }
         finally
         {
@@ -102,14 +114,18 @@ public sealed class RemoteBlob
         }
     }
 
-    private async Task<byte[]> FetchIntoPooledAsync(FlightKey key, Flight f)
+    private async Task<Memory<byte>> FetchIntoPooledAsync(FlightKey key, Flight f)
     {
         await Task.Yield(); // leave the lock before any I/O
-        var buf = ArrayPool<byte>.Shared.Rent(key.Length);
+        Memory<byte> buf;
+        // A big range (a background batch of megabytes) in mapped memory, unmapped once read: pooled, such arrays
+        // stayed resident, one per thread that had returned one.
+        if (key.Length >= MappedMemory.UseFrom) buf = (f.Mapped = new MappedMemory(key.Length)).Memory;
+        else buf = (f.Array = ArrayPool<byte>.Shared.Rent(key.Length)).AsMemory(0, key.Length);
         var ok = false;
         try
         {
-            await FetchSingleAsync(key.Offset, buf.AsMemory(0, key.Length), CancellationToken.None).ConfigureAwait(false);
+            await FetchSingleAsync(key.Offset, buf, CancellationToken.None).ConfigureAwait(false);
             ok = true;
             return buf;
         }
@@ -119,7 +135,7 @@ public sealed class RemoteBlob
             {
                 _flights.Remove(key);
                 f.Done = true;
-                if (!ok || f.Refs == 0) ArrayPool<byte>.Shared.Return(buf);
+                if (!ok || f.Refs == 0) f.Free();
             }
         }
     }
@@ -129,7 +145,8 @@ public sealed class RemoteBlob
         lock (_flights)
         {
             f.Refs--;
-            if (f.Refs == 0 && f.Done && f.Task.IsCompletedSuccessfully) ArrayPool<byte>.Shared.Return(f.Task.Result);
+            // Done: the fetch has ended and the flight is no longer listed, so no reader can come; a failed one was freed.
+            if (f.Refs == 0 && f.Done) f.Free();
         }
     }
 
