@@ -81,6 +81,17 @@ public sealed class RemoteBlob
         return new ValueTask(ReadSharedAsync(offset, destination, ct));
     }
 
+    /// <summary>
+    /// Like <see cref="ReadAtAsync"/>, but straight into <paramref name="destination"/> and not shared with concurrent
+    /// reads of the same range (cancelled by <paramref name="ct"/>, retried as any read): for a caller that fetches each
+    /// range once already (the layer's single-flight chunk claims), which so saves a buffer of the range's size and a copy.
+    /// </summary>
+    public Task ReadAtUnsharedAsync(long offset, Memory<byte> destination, CancellationToken ct = default)
+    {
+        CheckBounds(offset, destination.Length);
+        return destination.Length == 0 ? Task.CompletedTask : FetchSingleAsync(offset, destination, ct);
+    }
+
     // Concurrent reads of the same range of the same blob in the same repository (= token scope), through
     // any RemoteBlob of this client, share one fetch into a pooled buffer; each caller copies out and the
     // last one out returns the buffer. The shared fetch is bounded by its own timeouts, not by one caller.
