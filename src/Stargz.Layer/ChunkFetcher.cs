@@ -493,7 +493,7 @@ internal sealed class ChunkFetcher : IDisposable
     }
 
     /// <summary>
-    /// The background fetch with a disk cache: each chunk of the fetched ranges is decoded into one pooled buffer,
+    /// The background fetch with a disk cache: each chunk of the fetched ranges is decoded into one scratch buffer,
     /// verified and written to disk, and no array is made for it — a fresh chunk-sized array per chunk would be
     /// large-object-heap garbage that the server GC collects late, and is what made the daemon's peak memory —
     /// unless a reader joined the chunk's claim: that one gets a copy. The claim is closed (or completed with the copy)
