@@ -55,7 +55,9 @@ internal sealed class RemoteBlobFetcher : IRangeFetcher, IBlobSource
         var blob = await BlobAsync(cancellationToken).ConfigureAwait(false);
         if (ranges.Count == 1)
         {
-            await blob.ReadAtAsync(ranges[0].Offset, ranges[0].Destination, cancellationToken).ConfigureAwait(false);
+            // Unshared: the chunk claims already fetch each chunk once, and a shared read costs a second buffer of the
+            // range's size (4 MiB for a background batch) and a copy.
+            await blob.ReadAtUnsharedAsync(ranges[0].Offset, ranges[0].Destination, cancellationToken).ConfigureAwait(false);
             return;
         }
         var list = new BlobRange[ranges.Count];

@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Collections.Concurrent;
 using System.Runtime.InteropServices;
 using System.Security.Cryptography;
@@ -28,7 +29,7 @@ public sealed class ChunkCache : IDisposable
     /// Chunks being loaded or fetched right now, by cache key, across every layer using this cache: a chunk
     /// shared by two layers is fetched once even when both read it at the same moment.
     /// </summary>
-    internal ConcurrentDictionary<string, TaskCompletionSource<byte[]>> Inflight { get; } = new(StringComparer.Ordinal);
+    internal ConcurrentDictionary<string, ChunkClaim> Inflight { get; } = new(StringComparer.Ordinal);
 
     /// <param name="memoryBytes">upper bound of chunk bytes kept in memory.</param>
     /// <param name="memoryEntries">upper bound of chunks kept in memory (<c>max_lru_cache_entry</c>); 0 = bytes only.</param>
@@ -189,6 +190,65 @@ public sealed class ChunkCache : IDisposable
         if (keepInMemory) AddMemory(key, data);
         return data;
     }
+
+    /// <summary>
+    /// Whether the chunk's disk file is there with its full length and, unless this process checked it already, hashes
+    /// to <paramref name="digest"/> (when given) — without keeping its bytes: the background fetch's look at chunks a
+    /// batch finds on disk, which nobody may need in memory. Hashed through a small pooled buffer, so no chunk-sized
+    /// array is made. A wrong or unreadable file is deleted (false); not a read of the chunk, so its use is not recorded.
+    /// </summary>
+    internal async ValueTask<bool> HasOnDiskAsync(string key, string? digest, long size, CancellationToken cancellationToken)
+    {
+        if (_chunkDir == null) return false;
+        var path = PathOf(key);
+        byte[]? buffer = null;
+        try
+        {
+            using var h = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete, FileOptions.Asynchronous);
+            if (RandomAccess.GetLength(h) != size)
+            {
+                Reject(path, key);
+                return false;
+            }
+            if (digest != null && !_trustedOnDisk.ContainsKey(key))
+            {
+                buffer = ArrayPool<byte>.Shared.Rent((int)Math.Min(size, HashBlockBytes));
+                using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+                long read = 0;
+                while (read < size)
+                {
+                    var n = await RandomAccess.ReadAsync(h, buffer.AsMemory(0, (int)Math.Min(buffer.Length, size - read)), read, cancellationToken).ConfigureAwait(false);
+                    if (n == 0) break;
+                    hash.AppendData(buffer, 0, n);
+                    read += n;
+                }
+                Span<byte> sum = stackalloc byte[32];
+                if (read != size || !hash.TryGetHashAndReset(sum, out _) || !Digests.HashMatches(sum, digest))
+                {
+                    Reject(path, key);
+                    return false;
+                }
+                _trustedOnDisk.TryAdd(key, 0);
+            }
+        }
+        catch (FileNotFoundException) { Interlocked.Increment(ref _misses); return false; }
+        catch (DirectoryNotFoundException) { Interlocked.Increment(ref _misses); return false; }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            Disk.ReadFailed($"cached chunk {key}", e);
+            Reject(path, key);
+            return false;
+        }
+        finally
+        {
+            if (buffer != null) ArrayPool<byte>.Shared.Return(buffer);
+        }
+        Interlocked.Increment(ref _diskHits);
+        return true;
+    }
+
+    /// <summary>Read size of <see cref="HasOnDiskAsync"/>'s hashing: few reads per chunk, no chunk-sized buffer.</summary>
+    private const int HashBlockBytes = 64 << 10;
 
     /// <summary>
     /// A read of the chunk's disk file failed outside this cache (spliced by the FUSE bridge): counted and logged like

@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Collections.Concurrent;
+using System.Diagnostics;
 
 namespace Stargz.Layer;
 
@@ -24,7 +25,7 @@ internal sealed class ChunkFetcher : IDisposable
     private readonly string _layerDigest;
     private readonly bool _verify;
     private readonly CancellationTokenSource _lifetime = new();
-    private readonly ConcurrentDictionary<string, TaskCompletionSource<byte[]>> _inflight;
+    private readonly ConcurrentDictionary<string, ChunkClaim> _inflight;
     // The last on-demand window (see NextWindow): where misses walk forward, the window grows.
     private readonly Lock _walkLock = new();
     private long _walkStart, _walkEnd, _walkSize;
@@ -183,10 +184,18 @@ internal sealed class ChunkFetcher : IDisposable
             {
                 if (_inflight.TryGetValue(key, out var running))
                 {
+                    // A caller keeping the bytes joins first; a closed claim (its chunk went to disk with nobody
+                    // waiting for the bytes) is spent: drop it and claim the chunk anew, which loads it from disk.
+                    if (results != null && !running.TryJoin())
+                    {
+                        _inflight.TryRemove(new KeyValuePair<string, ChunkClaim>(key, running));
+                        continue;
+                    }
                     (waits ??= []).Add((i, running.Task));
                     break;
                 }
-                var tcs = new TaskCompletionSource<byte[]>(TaskCreationOptions.RunContinuationsAsynchronously);
+                var tcs = new ChunkClaim();
+                if (results != null) tcs.TryJoin(); // its own claim: it keeps the bytes too
                 if (_inflight.TryAdd(key, tcs))
                 {
                     (claimed ??= []).Add(new Pending(c, key, tcs));
@@ -216,12 +225,13 @@ internal sealed class ChunkFetcher : IDisposable
         foreach (var (index, task) in waits)
         {
             var data = await task.WaitAsync(ct).ConfigureAwait(false);
+            Debug.Assert(results == null || !ReferenceEquals(data, ChunkClaim.NoBytes), "a joined claim completed without bytes");
             if (results != null) results[index] = data;
         }
     }
 
     /// <summary>A claimed chunk; <paramref name="Neighbour"/>: taken along by the on-demand window, asked for by nobody.</summary>
-    private sealed record Pending(LayerChunk Chunk, string Key, TaskCompletionSource<byte[]> Completion, bool Neighbour = false);
+    private sealed record Pending(LayerChunk Chunk, string Key, ChunkClaim Completion, bool Neighbour = false);
 
     /// <summary>
     /// Adds to <paramref name="claimed"/> the chunks wholly inside the aligned <c>chunk_size</c> window around each
@@ -250,7 +260,7 @@ internal sealed class ChunkFetcher : IDisposable
                 if (n.BlobEnd > end || (_verify && n.Digest == null)) continue;
                 var key = KeyOf(n);
                 if (_inflight.ContainsKey(key) || _cache.Contains(key)) continue;
-                var tcs = new TaskCompletionSource<byte[]>(TaskCreationOptions.RunContinuationsAsynchronously);
+                var tcs = new ChunkClaim();
                 if (_inflight.TryAdd(key, tcs)) claimed.Add(new Pending(n, key, tcs, Neighbour: true));
             }
         }
@@ -294,9 +304,33 @@ internal sealed class ChunkFetcher : IDisposable
     private async Task LoadCoreAsync(List<Pending> claimed, FetchPriority priority)
     {
         List<Pending>? toFetch = null;
+        // The background fetch with a disk cache only needs each chunk on disk: one found there is checked without
+        // reading it into an array, unless a reader joined its claim and waits for the bytes.
+        var diskOnly = priority == FetchPriority.Background && _cache.HasDisk;
         foreach (var p in claimed)
         {
             byte[]? data = null;
+            if (diskOnly && !p.Completion.IsJoined)
+            {
+                bool found;
+                try
+                {
+                    found = await _cache.HasOnDiskAsync(p.Key, _verify ? p.Chunk.Digest : null, p.Chunk.Size, _lifetime.Token).ConfigureAwait(false);
+                }
+                catch (OperationCanceledException) { found = false; }
+                if (!found)
+                {
+                    (toFetch ??= []).Add(p);
+                    continue;
+                }
+                if (p.Completion.TryClose())
+                {
+                    Interlocked.Increment(ref _stats.CacheHits);
+                    Complete(p, ChunkClaim.NoBytes);
+                    continue;
+                }
+                // A reader joined meanwhile: it gets the bytes, read below.
+            }
             try
             {
                 data = await _cache.TryGetAsync(p.Key, _verify ? p.Chunk.Digest : null, p.Chunk.Size,
@@ -308,8 +342,7 @@ internal sealed class ChunkFetcher : IDisposable
             if (data != null)
             {
                 Interlocked.Increment(ref _stats.CacheHits);
-                p.Completion.TrySetResult(data);
-                _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
+                Complete(p, data);
             }
             else
             {
@@ -364,14 +397,14 @@ internal sealed class ChunkFetcher : IDisposable
             }
             groups.Add((c.BlobOffset, c.BlobEnd, i, i));
         }
-        var buffers = new byte[groups.Count][];
+        var buffers = new FetchBuffer[groups.Count];
         var ranges = new FetchRange[groups.Count];
         long total = 0;
         for (var g = 0; g < groups.Count; g++)
         {
             var len = (int)(groups[g].End - groups[g].Offset);
-            buffers[g] = ArrayPool<byte>.Shared.Rent(len);
-            ranges[g] = new FetchRange(groups[g].Offset, buffers[g].AsMemory(0, len));
+            buffers[g] = FetchBuffer.Rent(len);
+            ranges[g] = new FetchRange(groups[g].Offset, buffers[g].Memory);
             total += len;
         }
         // Bounded by the time without progress, not the total: a slow transfer that moves is never cut.
@@ -393,7 +426,8 @@ internal sealed class ChunkFetcher : IDisposable
                 _gate.Exit(priority);
             }
             var keepInMemory = priority != FetchPriority.Background || _options.CacheDirectory == null;
-            for (var g = 0; g < groups.Count; g++)
+            if (!keepInMemory) StoreOnDiskOnly(pending, groups, buffers);
+            else for (var g = 0; g < groups.Count; g++)
             {
                 var (offset, _, firstIdx, lastIdx) = groups[g];
                 for (var i = firstIdx; i <= lastIdx; i++)
@@ -403,7 +437,7 @@ internal sealed class ChunkFetcher : IDisposable
                     try
                     {
                         var data = GC.AllocateUninitializedArray<byte>((int)c.Size);
-                        _decoder.Decode(buffers[g].AsSpan((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
+                        _decoder.Decode(buffers[g].Span.Slice((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
                         if (_verify && !Digests.Matches(data, c.Digest!))
                             throw new LayerIOException($"chunk at blob offset {c.BlobOffset} does not match its digest {c.Digest}");
                         if (keepInMemory) _cache.AddMemory(p.Key, data);
@@ -435,7 +469,7 @@ internal sealed class ChunkFetcher : IDisposable
         }
         finally
         {
-            foreach (var b in buffers) ArrayPool<byte>.Shared.Return(b);
+            foreach (var b in buffers) b.Return();
         }
         if (done == null) return;
         // Waiters already have their data (unless sync_add); now make it durable, then let later callers find it in the cache.
@@ -455,7 +489,81 @@ internal sealed class ChunkFetcher : IDisposable
         if (dirs != null) foreach (var d in dirs) _cache.SyncDirectory(d);
         // sync_add: the waiters are answered only now that their chunks are on disk.
         if (_options.SyncAdd) for (var i = 0; i < done.Count; i++) done[i].Completion.TrySetResult(doneData![i]);
-        foreach (var p in done) _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
+        foreach (var p in done) _inflight.TryRemove(new KeyValuePair<string, ChunkClaim>(p.Key, p.Completion));
+    }
+
+    /// <summary>
+    /// The background fetch with a disk cache: each chunk of the fetched ranges is decoded into one scratch buffer,
+    /// verified and written to disk, and no array is made for it — a fresh chunk-sized array per chunk would be
+    /// large-object-heap garbage that the server GC collects late, and is what made the daemon's peak memory —
+    /// unless a reader joined the chunk's claim: that one gets a copy. The claim is closed (or completed with the copy)
+    /// only once the chunk is on disk, so a reader finding it closed finds the file.
+    /// </summary>
+    private void StoreOnDiskOnly(List<Pending> pending, List<(long Offset, long End, int First, int Last)> groups, FetchBuffer[] buffers)
+    {
+        long largest = 1;
+        foreach (var p in pending) largest = Math.Max(largest, p.Chunk.Size);
+        var scratch = FetchBuffer.Rent((int)largest);
+        HashSet<string>? dirs = null;
+        List<(Pending P, byte[] Data)>? answers = null; // sync_add: answered once the directories are synced too
+        try
+        {
+            for (var g = 0; g < groups.Count; g++)
+            {
+                var (offset, _, firstIdx, lastIdx) = groups[g];
+                for (var i = firstIdx; i <= lastIdx; i++)
+                {
+                    var p = pending[i];
+                    var c = p.Chunk;
+                    var data = scratch.Span[..(int)c.Size];
+                    try
+                    {
+                        _decoder.Decode(buffers[g].Span.Slice((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
+                        if (_verify && !Digests.Matches(data, c.Digest!))
+                            throw new LayerIOException($"chunk at blob offset {c.BlobOffset} does not match its digest {c.Digest}");
+                    }
+                    catch (Exception e)
+                    {
+                        Fail(p, e as LayerIOException ?? new LayerIOException($"chunk at blob offset {c.BlobOffset} cannot be decoded: {e.Message}", e));
+                        continue;
+                    }
+                    Interlocked.Increment(ref _stats.ChunksFetched);
+                    // A reader that joined already gets its bytes now, not after the disk write (sync_add: after it).
+                    byte[]? copy = null;
+                    if (p.Completion.IsJoined)
+                    {
+                        copy = data.ToArray();
+                        if (!_options.SyncAdd) p.Completion.TrySetResult(copy);
+                    }
+                    try
+                    {
+                        var dir = _cache.WriteDisk(p.Key, data, background: true);
+                        if (dir != null) (dirs ??= []).Add(dir);
+                    }
+                    catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                    {
+                        _cache.Disk.WriteFailed($"chunk {p.Key}", e);
+                    }
+                    // Closed even when the disk refused the chunk: nobody needs its bytes, a later reader fetches it.
+                    var answer = p.Completion.TryClose() ? ChunkClaim.NoBytes : copy ?? data.ToArray();
+                    if (_options.SyncAdd) (answers ??= []).Add((p, answer));
+                    else Complete(p, answer);
+                }
+            }
+        }
+        finally
+        {
+            scratch.Return();
+        }
+        if (dirs != null) foreach (var d in dirs) _cache.SyncDirectory(d);
+        if (answers != null) foreach (var (p, data) in answers) Complete(p, data);
+    }
+
+    /// <summary>Answers the claim's waiters, then lets later callers find the chunk in the cache instead.</summary>
+    private void Complete(Pending p, byte[] data)
+    {
+        p.Completion.TrySetResult(data);
+        _inflight.TryRemove(new KeyValuePair<string, ChunkClaim>(p.Key, p.Completion));
     }
 
     /// <summary>A fetch failed: when the blob received nothing meanwhile, fetches in the next moment fail at once.</summary>
@@ -488,7 +596,7 @@ internal sealed class ChunkFetcher : IDisposable
         _stats.RecordError(e.Message);
         // The claim goes first: a waiter woken by the failure may read again at once, and must start a new fetch
         // rather than join this failed one (it got a stale EIO after the registry had come back).
-        _inflight.TryRemove(new KeyValuePair<string, TaskCompletionSource<byte[]>>(p.Key, p.Completion));
+        _inflight.TryRemove(new KeyValuePair<string, ChunkClaim>(p.Key, p.Completion));
         p.Completion.TrySetException(e);
         _ = p.Completion.Task.Exception; // observed: a waiter may have gone away (interrupt)
     }

@@ -9,9 +9,21 @@ internal readonly record struct FlightKey(string Repository, string Digest, long
 
 internal sealed class Flight
 {
-    public required Task<byte[]> Task;
+    public required Task<Memory<byte>> Task;
     public int Refs;
     public bool Done;
+    // The fetched bytes: a pooled array, or mapped memory for a big range (see MappedMemory).
+    public byte[]? Array;
+    public MappedMemory? Mapped;
+
+    /// <summary>Under the flights' lock, once the last reader copied out (or the fetch failed).</summary>
+    public void Free()
+    {
+        if (Array != null) ArrayPool<byte>.Shared.Return(Array);
+        ((IDisposable?)Mapped)?.Dispose();
+        Array = null;
+        Mapped = null;
+    }
 }
 
 /// <summary>One byte range of a blob and where its bytes go.</summary>
@@ -69,6 +81,17 @@ public sealed class RemoteBlob
         return new ValueTask(ReadSharedAsync(offset, destination, ct));
     }
 
+    /// <summary>
+    /// Like <see cref="ReadAtAsync"/>, but straight into <paramref name="destination"/> and not shared with concurrent
+    /// reads of the same range (cancelled by <paramref name="ct"/>, retried as any read): for a caller that fetches each
+    /// range once already (the layer's single-flight chunk claims), which so saves a buffer of the range's size and a copy.
+    /// </summary>
+    public Task ReadAtUnsharedAsync(long offset, Memory<byte> destination, CancellationToken ct = default)
+    {
+        CheckBounds(offset, destination.Length);
+        return destination.Length == 0 ? Task.CompletedTask : FetchSingleAsync(offset, destination, ct);
+    }
+
     // Concurrent reads of the same range of the same blob in the same repository (= token scope), through
     // any RemoteBlob of this client, share one fetch into a pooled buffer; each caller copies out and the
     // last one out returns the buffer. The shared fetch is bounded by its own timeouts, not by one caller.
@@ -94,7 +117,7 @@ public sealed class RemoteBlob
         try
         {
             var buf = await f.Task.WaitAsync(ct).ConfigureAwait(false);
-            buf.AsSpan(0, destination.Length).CopyTo(destination.Span);
+            buf.Span.CopyTo(destination.Span);
         }
         finally
         {
@@ -102,14 +125,18 @@ public sealed class RemoteBlob
         }
     }
 
-    private async Task<byte[]> FetchIntoPooledAsync(FlightKey key, Flight f)
+    private async Task<Memory<byte>> FetchIntoPooledAsync(FlightKey key, Flight f)
     {
         await Task.Yield(); // leave the lock before any I/O
-        var buf = ArrayPool<byte>.Shared.Rent(key.Length);
+        Memory<byte> buf;
+        // A big range (a background batch of megabytes) in mapped memory, unmapped once read: pooled, such arrays
+        // stayed resident, one per thread that had returned one.
+        if (key.Length >= MappedMemory.UseFrom) buf = (f.Mapped = new MappedMemory(key.Length)).Memory;
+        else buf = (f.Array = ArrayPool<byte>.Shared.Rent(key.Length)).AsMemory(0, key.Length);
         var ok = false;
         try
         {
-            await FetchSingleAsync(key.Offset, buf.AsMemory(0, key.Length), CancellationToken.None).ConfigureAwait(false);
+            await FetchSingleAsync(key.Offset, buf, CancellationToken.None).ConfigureAwait(false);
             ok = true;
             return buf;
         }
@@ -119,7 +146,7 @@ public sealed class RemoteBlob
             {
                 _flights.Remove(key);
                 f.Done = true;
-                if (!ok || f.Refs == 0) ArrayPool<byte>.Shared.Return(buf);
+                if (!ok || f.Refs == 0) f.Free();
             }
         }
     }
@@ -129,7 +156,8 @@ public sealed class RemoteBlob
         lock (_flights)
         {
             f.Refs--;
-            if (f.Refs == 0 && f.Done && f.Task.IsCompletedSuccessfully) ArrayPool<byte>.Shared.Return(f.Task.Result);
+            // Done: the fetch has ended and the flight is no longer listed, so no reader can come; a failed one was freed.
+            if (f.Refs == 0 && f.Done) f.Free();
         }
     }
 

@@ -192,6 +192,40 @@ public class PlainRegistryTests(SharedRegistry shared) : IClassFixture<SharedReg
     }
 
     [Fact]
+    public async Task Concurrent_identical_reads_of_a_range_of_megabytes_share_one_request_in_mapped_memory()
+    {
+        var (reg, img) = await shared.GetAsync();
+        await using var proxy = await RegistryProxy.StartAsync(reg.BaseUrl);
+        var release = new TaskCompletionSource();
+        proxy.Hook = async (ctx, p) =>
+        {
+            if (ctx.Request.Method == "GET" && ctx.Request.Path.Value!.Contains("/blobs/")) await release.Task;
+            return false;
+        };
+        using var client = new RegistryClient();
+        var blob = await client.OpenBlobAsync(ImageReference.Parse($"{proxy.Host}/{img.Repository}"), img.LayerDigests[0], Ct);
+        // At least MappedMemory.UseFrom: the shared flight's buffer is mapped, and unmapped after the last reader.
+        const int Length = MappedMemory.UseFrom + 4321;
+        var bufs = Enumerable.Range(0, 4).Select(_ => new byte[Length]).ToArray();
+        var reads = bufs.Select(b => blob.ReadAtAsync(100, b, Ct).AsTask()).ToArray();
+        // One more reader that gives up while the flight runs: the others still get their bytes.
+        using var gaveUp = CancellationTokenSource.CreateLinkedTokenSource(Ct);
+        var cancelled = blob.ReadAtAsync(100, new byte[Length], gaveUp.Token).AsTask();
+        await Task.Delay(300, Ct);
+        gaveUp.Cancel();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => cancelled);
+        release.SetResult();
+        await Task.WhenAll(reads);
+        Assert.Equal(1, proxy.BlobGets(img.LayerDigests[0]));
+        foreach (var b in bufs) Assert.Equal(img.Layers[0].AsSpan(100, Length).ToArray(), b);
+        // The flight is over: the same range again is a new request, with the same bytes.
+        var again = new byte[Length];
+        await blob.ReadAtAsync(100, again, Ct);
+        Assert.Equal(2, proxy.BlobGets(img.LayerDigests[0]));
+        Assert.Equal(bufs[0], again);
+    }
+
+    [Fact]
     public async Task Sequential_reads_reuse_one_connection()
     {
         var (reg, img) = await shared.GetAsync();

@@ -169,14 +169,14 @@ internal sealed class FetcherRig : IDisposable
     private readonly bool _ownCache;
 
     public FetcherRig(byte[] blob, LayerOptions? options = null, ChunkCache? cache = null, string layer = "sha256:layer",
-        LayerChunk[]? byBlobOffset = null)
+        LayerChunk[]? byBlobOffset = null, IChunkDecoder? decoder = null)
     {
         options ??= new LayerOptions();
         Blob = new MemoryBlob(blob);
         _ownCache = cache == null;
         Cache = cache ?? new ChunkCache(options.CacheDirectory, options.MemoryCacheBytes, options.DurableDiskWrites, options.EffectiveMemoryEntries);
         Gate = new FetchGate(options.MaxConcurrency, options.BackgroundQuietPeriod);
-        Fetcher = new ChunkFetcher(Blob, new GzipTestDecoder(), Cache, Gate, Stats, layer, options, byBlobOffset);
+        Fetcher = new ChunkFetcher(Blob, decoder ?? new GzipTestDecoder(), Cache, Gate, Stats, layer, options, byBlobOffset);
     }
 
     /// <summary>
