@@ -491,6 +491,7 @@ sealed class Options
             if (ReferenceDaemon is not null) s.Append(" --reference-daemon PATH");
             if (Wan) s.Append(CultureInfo.InvariantCulture, $" --delay-ms {DelayMs:0.#} --mbit {Mbit:0.#}");
             if (Warm) s.Append(" --warm");
+            if (IdleS != 2) s.Append(CultureInfo.InvariantCulture, $" --idle-s {IdleS:0.#}");
             if (WaitFetch == true && Image == "python") s.Append(" --wait-fetch");
             if (WaitFetch == false && Image == "large") s.Append(" --no-wait-fetch");
             if (Only is not null) s.Append(" --variants ").Append(string.Join(',', Only.Order()));
