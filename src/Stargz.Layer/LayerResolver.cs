@@ -50,14 +50,18 @@ internal sealed record ResolvedToc(EstargzReader Reader, string TocDigest, bool 
 
 /// <summary>
 /// Fetches a layer's footer and TOC with as few range requests as possible: one speculative read of the blob's tail
-/// (big enough for the footer and, for most layers, the whole TOC), and a second read only when the TOC starts
-/// before that tail. The TOC digest is checked against the layer annotation; without one the layer is refused
+/// (big enough for the footer and, for most layers, the whole TOC), and a second read, of the TOC's part before the
+/// tail only, when the TOC starts before it. The TOC digest is checked against the layer annotation; without one the layer is refused
 /// unless <c>allow_no_verification</c> is set.
 /// </summary>
 internal static class LayerResolver
 {
-    /// <summary>Bytes read from the blob's end at first. TOCs of typical images compress to a few hundred KiB.</summary>
-    public const int SpeculativeTailBytes = 1 << 20;
+    /// <summary>
+    /// Bytes read from the blob's end at first. Most layers' TOCs compress to tens of KiB (a python stdlib layer's to
+    /// ~150 KiB). Bigger costs every layer's resolve bytes it does not need: all layers of an image resolve at once, and
+    /// over a 200 Mbit/s link five 1 MiB tails took 0.2 s of the pull (a second round trip costs one RTT).
+    /// </summary>
+    public const int SpeculativeTailBytes = 256 << 10;
 
     public static async Task<ResolvedToc> ResolveAsync(IBlobSource blob, string layerDigest, string? expectedTocDigest,
         LayerOptions options, CancellationToken ct, int speculativeTailBytes = SpeculativeTailBytes)
@@ -87,8 +91,11 @@ internal static class LayerResolver
         }
         else
         {
+            // Only the TOC's part before the tail; the rest is in the tail already.
             var buf = new byte[tocLen];
-            await blob.ReadAtAsync(footer.TocOffset, buf, ct).ConfigureAwait(false);
+            var before = (int)(tailStart - footer.TocOffset);
+            await blob.ReadAtAsync(footer.TocOffset, buf.AsMemory(0, Math.Min(before, (int)tocLen)), ct).ConfigureAwait(false);
+            if (before < tocLen) tail.AsSpan(0, (int)tocLen - before).CopyTo(buf.AsSpan(before));
             requests++;
             compressed = buf;
         }

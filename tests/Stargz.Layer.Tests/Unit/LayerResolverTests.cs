@@ -10,11 +10,13 @@ public class LayerResolverTests
     private sealed class CountingSource(byte[] data) : IBlobSource
     {
         public int Reads;
+        public long BytesRead;
         public long Size => data.Length;
 
         public ValueTask ReadAtAsync(long offset, Memory<byte> destination, CancellationToken ct)
         {
             Interlocked.Increment(ref Reads);
+            Interlocked.Add(ref BytesRead, destination.Length);
             data.AsMemory((int)offset, destination.Length).CopyTo(destination);
             return ValueTask.CompletedTask;
         }
@@ -53,6 +55,10 @@ public class LayerResolverTests
         Assert.Equal(2, src.Reads);
         Assert.Equal(2, r.RangeRequests);
         Assert.Equal(built.TocDigest, r.TocDigest);
+        Assert.NotNull(r.Reader.Lookup("d/file-with-a-longish-name-00299"));
+        // The second read is only the TOC's part before the tail: no byte is fetched twice.
+        var footerAndToc = blob.Length - built.TocOffset;
+        Assert.True(src.BytesRead <= Math.Max(512, footerAndToc), $"{src.BytesRead} bytes read for a {footerAndToc}-byte TOC and footer");
     }
 
     [Fact]
