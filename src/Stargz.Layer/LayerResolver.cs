@@ -57,9 +57,9 @@ internal sealed record ResolvedToc(EstargzReader Reader, string TocDigest, bool 
 internal static class LayerResolver
 {
     /// <summary>
-    /// Bytes read from the blob's end at first. Most layers' TOCs compress to tens of KiB (a python stdlib layer's to
-    /// ~150 KiB). Bigger costs every layer's resolve bytes it does not need: all layers of an image resolve at once, and
-    /// over a 200 Mbit/s link five 1 MiB tails took 0.2 s of the pull (a second round trip costs one RTT).
+    /// Bytes read from the blob's end at first: enough for most layers' compressed TOCs. All layers of an image resolve
+    /// at once, so a bigger tail costs every layer bytes it does not need: with 1 MiB, the python bench image's pull
+    /// through a 10 ms / 200 Mbit/s link took 0.50 s against 0.42 s with this (a bigger TOC costs one more round trip).
     /// </summary>
     public const int SpeculativeTailBytes = 256 << 10;
 
@@ -93,8 +93,8 @@ internal static class LayerResolver
         {
             // Only the TOC's part before the tail; the rest is in the tail already.
             var buf = new byte[tocLen];
-            var before = (int)(tailStart - footer.TocOffset);
-            await blob.ReadAtAsync(footer.TocOffset, buf.AsMemory(0, Math.Min(before, (int)tocLen)), ct).ConfigureAwait(false);
+            var before = (int)Math.Min(tocLen, tailStart - footer.TocOffset);
+            await blob.ReadAtAsync(footer.TocOffset, buf.AsMemory(0, before), ct).ConfigureAwait(false);
             if (before < tocLen) tail.AsSpan(0, (int)tocLen - before).CopyTo(buf.AsSpan(before));
             requests++;
             compressed = buf;
