@@ -433,23 +433,13 @@ internal sealed class ChunkFetcher : IDisposable
                 for (var i = firstIdx; i <= lastIdx; i++)
                 {
                     var p = pending[i];
-                    var c = p.Chunk;
-                    try
-                    {
-                        var data = GC.AllocateUninitializedArray<byte>((int)c.Size);
-                        _decoder.Decode(buffers[g].Span.Slice((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
-                        if (_verify && !Digests.Matches(data, c.Digest!))
-                            throw new LayerIOException($"chunk at blob offset {c.BlobOffset} does not match its digest {c.Digest}");
-                        if (keepInMemory) _cache.AddMemory(p.Key, data);
-                        Interlocked.Increment(ref _stats.ChunksFetched);
-                        if (!_options.SyncAdd) p.Completion.TrySetResult(data);
-                        (done ??= []).Add(p);
-                        (doneData ??= []).Add(data);
-                    }
-                    catch (Exception e)
-                    {
-                        Fail(p, e as LayerIOException ?? new LayerIOException($"chunk at blob offset {c.BlobOffset} cannot be decoded: {e.Message}", e));
-                    }
+                    var data = GC.AllocateUninitializedArray<byte>((int)p.Chunk.Size);
+                    if (!DecodeVerified(p, buffers[g].Span, offset, data)) continue;
+                    _cache.AddMemory(p.Key, data);
+                    Interlocked.Increment(ref _stats.ChunksFetched);
+                    if (!_options.SyncAdd) p.Completion.TrySetResult(data);
+                    (done ??= []).Add(p);
+                    (doneData ??= []).Add(data);
                 }
             }
         }
@@ -516,17 +506,7 @@ internal sealed class ChunkFetcher : IDisposable
                     var p = pending[i];
                     var c = p.Chunk;
                     var data = scratch.Span[..(int)c.Size];
-                    try
-                    {
-                        _decoder.Decode(buffers[g].Span.Slice((int)(c.BlobOffset - offset), (int)c.BlobLength), c.InnerOffset, data);
-                        if (_verify && !Digests.Matches(data, c.Digest!))
-                            throw new LayerIOException($"chunk at blob offset {c.BlobOffset} does not match its digest {c.Digest}");
-                    }
-                    catch (Exception e)
-                    {
-                        Fail(p, e as LayerIOException ?? new LayerIOException($"chunk at blob offset {c.BlobOffset} cannot be decoded: {e.Message}", e));
-                        continue;
-                    }
+                    if (!DecodeVerified(p, buffers[g].Span, offset, data)) continue;
                     Interlocked.Increment(ref _stats.ChunksFetched);
                     // A reader that joined already gets its bytes now, not after the disk write (sync_add: after it).
                     byte[]? copy = null;
@@ -557,6 +537,27 @@ internal sealed class ChunkFetcher : IDisposable
         }
         if (dirs != null) foreach (var d in dirs) _cache.SyncDirectory(d);
         if (answers != null) foreach (var (p, data) in answers) Complete(p, data);
+    }
+
+    /// <summary>
+    /// Decodes <paramref name="p"/>'s chunk from the fetched range that starts at blob offset <paramref name="rangeOffset"/>
+    /// into <paramref name="data"/> and checks its digest; on failure fails the claim (EIO) and returns false.
+    /// </summary>
+    private bool DecodeVerified(Pending p, ReadOnlySpan<byte> range, long rangeOffset, Span<byte> data)
+    {
+        var c = p.Chunk;
+        try
+        {
+            _decoder.Decode(range.Slice((int)(c.BlobOffset - rangeOffset), (int)c.BlobLength), c.InnerOffset, data);
+            if (_verify && !Digests.Matches(data, c.Digest!))
+                throw new LayerIOException($"chunk at blob offset {c.BlobOffset} does not match its digest {c.Digest}");
+            return true;
+        }
+        catch (Exception e)
+        {
+            Fail(p, e as LayerIOException ?? new LayerIOException($"chunk at blob offset {c.BlobOffset} cannot be decoded: {e.Message}", e));
+            return false;
+        }
     }
 
     /// <summary>Answers the claim's waiters, then lets later callers find the chunk in the cache instead.</summary>
