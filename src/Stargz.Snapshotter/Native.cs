@@ -2,10 +2,24 @@ using System.Runtime.InteropServices;
 
 namespace Stargz.Snapshotter;
 
-/// <summary>The few Linux calls the store needs: umount2, syncfs, fsync of directories, lstat for disk usage.</summary>
+/// <summary>
+/// The few Linux calls the store and its server need: umount2, syncfs, fsync of directories, lstat for disk usage,
+/// and for the socket umask and a close-on-exec duplicate of its fd.
+/// </summary>
 internal static class Native
 {
     public const int MNT_DETACH = 2;
+
+    [DllImport("libc", EntryPoint = "umask")]
+    public static extern int Umask(int mask);
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int fcntl(int fd, int cmd, int arg);
+
+    private const int F_DUPFD_CLOEXEC = 1030;
+
+    /// <summary>A close-on-exec duplicate of <paramref name="fd"/> numbered 3 or above; -1 and errno on failure.</summary>
+    public static int DuplicateFd(int fd) => fcntl(fd, F_DUPFD_CLOEXEC, 3);
 
     [DllImport("libc", SetLastError = true)]
     private static extern int umount2(string target, int flags);

@@ -43,7 +43,7 @@ public sealed class ListeningSocket : IDisposable
     /// <summary>A duplicate of the listening fd, for Kestrel's <c>ListenHandle</c> (which owns and closes what it gets).</summary>
     internal ulong DuplicateHandle()
     {
-        var fd = fcntl((int)_socket.Handle, 1030 /* F_DUPFD_CLOEXEC */, 3);
+        var fd = Native.DuplicateFd((int)_socket.Handle);
         if (fd < 0) throw new IOException($"dup of the socket {Path}: errno {Marshal.GetLastPInvokeError()}");
         return (ulong)fd;
     }
@@ -57,9 +57,6 @@ public sealed class ListeningSocket : IDisposable
             try { File.Delete(Path); } catch (IOException) { } catch (UnauthorizedAccessException) { }
         }
     }
-
-    [DllImport("libc", SetLastError = true)]
-    private static extern int fcntl(int fd, int cmd, int arg);
 }
 
 /// <summary>
@@ -127,15 +124,18 @@ public static class SnapshotterServer
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         try
         {
-            var old = umask(0b000_111_111);
+            var old = Native.Umask(0b000_111_111);
             try { socket.Bind(new UnixDomainSocketEndPoint(path)); }
-            finally { umask(old); }
+            finally { Native.Umask(old); }
             socket.Listen(512);
             var listening = new ListeningSocket(socket, path);
             try
             {
-                if (gid is int g && chown(path, -1, g) != 0)
-                    throw new IOException($"chown socket {path} to group {opt.SocketGroup}: errno {Marshal.GetLastPInvokeError()}");
+                if (gid is int g)
+                {
+                    try { Native.Chown(path, -1, g); }
+                    catch (IOException e) { throw new IOException($"socket {path} to group {opt.SocketGroup}: {e.Message}", e); }
+                }
                 File.SetUnixFileMode(path, gid == null ? (UnixFileMode)0b110_000_000 : (UnixFileMode)0b110_110_000);
             }
             catch
@@ -154,8 +154,6 @@ public static class SnapshotterServer
 
     /// <summary>Starts serving on the socket <see cref="Build"/> bound.</summary>
     public static Task StartAsync(WebApplication app, SnapshotterServerOptions opt, CancellationToken ct) => app.StartAsync(ct);
-
-    public static Task RemoveStaleSocketAsync(string path, CancellationToken ct) => Task.Run(() => RemoveStaleSocket(path), ct);
 
     private static void RemoveStaleSocket(string path)
     {
@@ -183,10 +181,4 @@ public static class SnapshotterServer
         }
         throw new ArgumentException($"socket group {group} does not exist in /etc/group");
     }
-
-    [DllImport("libc", SetLastError = true)]
-    private static extern int chown(string path, int owner, int group);
-
-    [DllImport("libc")]
-    private static extern int umask(int mask);
 }
