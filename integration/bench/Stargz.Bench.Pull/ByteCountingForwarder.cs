@@ -56,6 +56,13 @@ public sealed class ByteCountingForwarder : IAsyncDisposable
     public long LastToClientsTimestamp => Interlocked.Read(ref _lastToClients);
     public void Reset() => Interlocked.Exchange(ref _toClients, 0);
 
+    /// <summary>
+    /// When set (`--trace-requests`), each HTTP request line a client sends (with its Range header) and the status line
+    /// of each response are passed here with the connection's number, as they go through (loopback path only).
+    /// </summary>
+    public Action<int, string>? Trace { get; set; }
+    private int _connections;
+
     private async Task AcceptAsync()
     {
         try
@@ -82,7 +89,8 @@ public sealed class ByteCountingForwarder : IAsyncDisposable
             var us = upstream.GetStream();
             if (_down is null || _up is null)
             {
-                await Task.WhenAll(PumpAsync(cs, us, count: false, c.Client, upstream.Client), PumpAsync(us, cs, count: true, upstream.Client, c.Client));
+                var id = Interlocked.Increment(ref _connections);
+                await Task.WhenAll(PumpAsync(cs, us, count: false, c.Client, upstream.Client, id), PumpAsync(us, cs, count: true, upstream.Client, c.Client, id));
                 return;
             }
             using var conn = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token);
@@ -99,7 +107,7 @@ public sealed class ByteCountingForwarder : IAsyncDisposable
         Interlocked.Exchange(ref _lastToClients, Stopwatch.GetTimestamp());
     }
 
-    private async Task PumpAsync(Stream from, Stream to, bool count, Socket fromSocket, Socket toSocket)
+    private async Task PumpAsync(Stream from, Stream to, bool count, Socket fromSocket, Socket toSocket, int id)
     {
         var buf = new byte[64 * 1024];
         try
@@ -107,6 +115,7 @@ public sealed class ByteCountingForwarder : IAsyncDisposable
             int n;
             while ((n = await from.ReadAsync(buf, _stop.Token)) > 0)
             {
+                if (Trace is { } trace) TraceHeads(trace, id, buf.AsSpan(0, n), request: !count);
                 await to.WriteAsync(buf.AsMemory(0, n), _stop.Token);
                 if (count) Counted(n);
             }
@@ -117,6 +126,28 @@ public sealed class ByteCountingForwarder : IAsyncDisposable
             // One side went away: close both so the other pump ends too.
             fromSocket.Close();
             toSocket.Close();
+        }
+    }
+
+    // Request lines (and their Range header) of what a client sent, or response status lines: headers are scanned only
+    // where a read holds them whole, which is enough for a trace.
+    private static void TraceHeads(Action<int, string> trace, int id, ReadOnlySpan<byte> data, bool request)
+    {
+        var text = System.Text.Encoding.Latin1.GetString(data);
+        var at = 0;
+        while ((at = text.IndexOf(request ? "GET " : "HTTP/1.1 ", at, StringComparison.Ordinal)) >= 0)
+        {
+            var eol = text.IndexOf('\r', at);
+            var line = eol < 0 ? text[at..] : text[at..eol];
+            if (request)
+            {
+                var end = text.IndexOf("\r\n\r\n", at, StringComparison.Ordinal);
+                var head = end < 0 ? text[at..] : text[at..end];
+                var r = head.IndexOf("\nRange: ", StringComparison.OrdinalIgnoreCase);
+                if (r >= 0) line += " " + head[(r + 1)..].Split('\r')[0];
+            }
+            trace(id, (request ? "> " : "< ") + line);
+            at += 4;
         }
     }
 

@@ -42,6 +42,8 @@ for (var i = 0; i < args.Length; i++)
         case "--log-level": opt.LogLevel = Next(); break;
         // perf record -g of each lazy variant's daemon from pull start to container exit, into DIR.
         case "--profile": opt.ProfileDir = Directory.CreateDirectory(Next()).FullName; break;
+        // Each registry request of the measured pulls and runs, with time from pull start, into FILE (loopback only).
+        case "--trace-requests": opt.TraceFile = Path.GetFullPath(Next()); break;
         // Only some variants (0-based, in table order).
         case "--variants": opt.Only = [.. Next().Split(',').Select(x => int.Parse(x, CultureInfo.InvariantCulture))]; break;
         case "-h" or "--help": Console.WriteLine(Options.Usage); return 0;
@@ -74,6 +76,11 @@ await using var proxy = opt.Wan
     ? ByteCountingForwarder.Start(registry.Port, TimeSpan.FromMilliseconds(opt.DelayMs), (long)(opt.Mbit * 1e6))
     : ByteCountingForwarder.Start(registry.Port);
 var host = $"127.0.0.1:{proxy.Port}";
+// --trace-requests: one line per registry request and response, in ms from the measured pull's start.
+using var trace = opt.TraceFile is null ? null : TextWriter.Synchronized(new StreamWriter(opt.TraceFile) { AutoFlush = true });
+var traceFrom = Stopwatch.GetTimestamp();
+if (trace is not null) proxy.Trace = (id, line) => trace.WriteLine($"{Stopwatch.GetElapsedTime(traceFrom).TotalMilliseconds,8:F1} c{id} {line}");
+void Mark(string what) => trace?.WriteLine($"{Stopwatch.GetElapsedTime(traceFrom).TotalMilliseconds,8:F1} === {what}");
 using var work = new TempDir("bench-pull");
 var repo = opt.Image == "python" ? "bench/python" : "bench/large";
 var layers = opt.Image == "python"
@@ -238,10 +245,14 @@ async Task<RunResult> LazyAsync(int v, int r)
         ["record", "-q", "-g", "-F", "999", "-p", daemon.Pid.ToString(CultureInfo.InvariantCulture), "-o", Path.Combine(opt.ProfileDir, $"run{r + 1}-variant{v}.data")])
         { RedirectStandardError = true });
     var start = Stopwatch.GetTimestamp();
+    traceFrom = start;
+    Mark($"round {r + 1}, {variant.Name}: pull");
     (await ctd.CtrRemoteAsync("image", "rpull", "--plain-http", esgz)).EnsureSuccess("ctr-remote rpull");
     res.PullSeconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
+    Mark("run");
     (await ctd.CtrAsync(["run", "--rm", "--snapshotter", "stargz", esgz, $"lazy-{r}", .. command])).EnsureSuccess("ctr run (lazy)");
     res.Seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
+    Mark("exited");
     if (perf is not null)
     {
         kill(perf.Id, 2); // SIGINT: perf writes its file and exits
@@ -467,12 +478,12 @@ sealed class Options
         Stargz.Bench.Pull [--image python|large] [--runs N] [--daemon PATH] [--reference-daemon PATH]
           [--wan | --delay-ms D --mbit B] [--data-mb M] [--bulk-layers N] [--bulk-mb M] [--warm]
           [--wait-fetch | --no-wait-fetch] [--fetch-quiet-s S] [--fetch-timeout-s S] [--promote-timeout-s S] [--idle-s S]
-          [--variants I,J] [--logs DIR [--log-level L]] [--profile DIR] [--out FILE]
+          [--variants I,J] [--logs DIR [--log-level L]] [--profile DIR] [--trace-requests FILE] [--out FILE]
         """;
     public string Image = "python";
     public int Runs = 3, DataMb = 128, BulkLayers = 3, BulkMb = 128, FetchQuietS = 10, FetchTimeoutS = 900, PromoteTimeoutS = 600;
     public double DelayMs, Mbit, IdleS = 2;
-    public string? OurDaemon, ReferenceDaemon, OutFile, LogDir, ProfileDir;
+    public string? OurDaemon, ReferenceDaemon, OutFile, LogDir, ProfileDir, TraceFile;
     public string LogLevel = "info";
     public bool Warm;
     public bool? WaitFetch;
