@@ -29,6 +29,12 @@ internal sealed class ChunkFetcher : IDisposable
     // The last on-demand window (see NextWindow): where misses walk forward, the window grows.
     private readonly Lock _walkLock = new();
     private long _walkStart, _walkEnd, _walkSize;
+    // On-demand misses seen in each aligned region of OnDemandWindowMaxBytes (saturating), under _walkLock.
+    private byte[]? _regionMisses;
+    // The miss that makes a region this dense brings the whole region (see NextWindow).
+    private const int DenseRegionMisses = 2;
+    // How long on-demand fetches of this layer take (Stopwatch ticks, smoothed; 0: none yet).
+    private long _onDemandFetchTicks;
     private readonly ConcurrentDictionary<Task, byte> _loads = new();
 
     /// <summary>Every chunk of the layer by blob offset, for the on-demand window (null: no window).</summary>
@@ -270,22 +276,50 @@ internal sealed class ChunkFetcher : IDisposable
     /// The blob range an on-demand miss of <paramref name="c"/> brings: the aligned <c>chunk_size</c> window around it,
     /// or, while misses walk forward through the blob (each at or just past the end of the previous window), a window
     /// twice the previous one reaching forward, up to <see cref="LayerOptions.OnDemandWindowMaxBytes"/>, as the kernel's
-    /// readahead grows. A workload that opens file after file in blob order then needs ever fewer round trips, while a
-    /// scattered one fetches no more than the fixed window.
+    /// readahead grows. A workload that opens file after file in blob order then needs ever fewer round trips.
+    /// Scattered misses that keep landing in one aligned region of that bound (a language runtime importing modules
+    /// stored side by side, in another order) bring the whole region at the second such miss, where round trips are
+    /// slow enough for it (<see cref="LayerOptions.OnDemandRegionMinLatency"/>): a traced python start made ~40 serial
+    /// requests within 5 such regions. A region with one miss costs no more than the fixed window.
     /// </summary>
     private (long Start, long End) NextWindow(in LayerChunk c)
     {
         var unit = _options.OnDemandWindowBytes;
+        var bound = Math.Max(unit, _options.OnDemandWindowMaxBytes);
         var start = c.BlobOffset - c.BlobOffset % unit;
         var alignedEnd = (c.BlobEnd + unit - 1) / unit * unit;
         lock (_walkLock)
         {
             var forward = _walkEnd > 0 && c.BlobOffset >= _walkStart && c.BlobOffset < _walkEnd + unit;
-            var size = forward ? Math.Min(_walkSize * 2, Math.Max(unit, _options.OnDemandWindowMaxBytes)) : unit;
+            var dense = bound > unit && CountRegionMiss(c.BlobOffset / bound) == DenseRegionMisses
+                && Stopwatch.GetElapsedTime(0, Volatile.Read(ref _onDemandFetchTicks)) >= _options.OnDemandRegionMinLatency;
+            long size;
+            if (!forward && dense)
+            {
+                start = c.BlobOffset / bound * bound;
+                size = bound;
+            }
+            else size = forward ? Math.Min(_walkSize * 2, bound) : unit;
             var end = Math.Max(alignedEnd, start + size);
             (_walkStart, _walkEnd, _walkSize) = (start, end, size);
             return (start, end);
         }
+    }
+
+    private void NoteOnDemandFetchTime(long ticks)
+    {
+        var old = Volatile.Read(ref _onDemandFetchTicks);
+        Volatile.Write(ref _onDemandFetchTicks, old == 0 ? ticks : (3 * old + ticks) / 4);
+    }
+
+    /// <summary>Counts an on-demand miss in region <paramref name="region"/>; returns the region's count (saturating).</summary>
+    private int CountRegionMiss(long region)
+    {
+        _regionMisses ??= new byte[_blob.Size / Math.Max(1, _options.OnDemandWindowMaxBytes) + 1];
+        if ((ulong)region >= (ulong)_regionMisses.Length) return 0;
+        ref var n = ref _regionMisses[region];
+        if (n < byte.MaxValue) n++;
+        return n;
     }
 
     private async Task LoadAsync(List<Pending> claimed, FetchPriority priority)
@@ -418,7 +452,11 @@ internal sealed class ChunkFetcher : IDisposable
             {
                 Interlocked.Increment(ref _stats.FetchCalls);
                 Interlocked.Add(ref _stats.RangeRequests, groups.Count);
+                var fetchStart = Stopwatch.GetTimestamp();
                 await _blob.FetchAsync(ranges, timeout.Token).ConfigureAwait(false);
+                // Only window-sized fetches measure the round trip: a long range's time is mostly its transfer.
+                if (priority == FetchPriority.OnDemand && total <= 4 * Math.Max(_options.OnDemandWindowBytes, 16_384))
+                    NoteOnDemandFetchTime(Stopwatch.GetTimestamp() - fetchStart);
                 _stats.AddFetched(priority, total);
             }
             finally
@@ -427,19 +465,25 @@ internal sealed class ChunkFetcher : IDisposable
             }
             var keepInMemory = priority != FetchPriority.Background || _options.CacheDirectory == null;
             if (!keepInMemory) StoreOnDiskOnly(pending, groups, buffers);
-            else for (var g = 0; g < groups.Count; g++)
+            else
             {
-                var (offset, _, firstIdx, lastIdx) = groups[g];
-                for (var i = firstIdx; i <= lastIdx; i++)
+                // The chunks readers asked for first: neighbours the on-demand window took along must not delay them.
+                for (var pass = 0; pass < 2; pass++)
+                for (var g = 0; g < groups.Count; g++)
                 {
-                    var p = pending[i];
-                    var data = GC.AllocateUninitializedArray<byte>((int)p.Chunk.Size);
-                    if (!DecodeVerified(p, buffers[g].Span, offset, data)) continue;
-                    _cache.AddMemory(p.Key, data);
-                    Interlocked.Increment(ref _stats.ChunksFetched);
-                    if (!_options.SyncAdd) p.Completion.TrySetResult(data);
-                    (done ??= []).Add(p);
-                    (doneData ??= []).Add(data);
+                    var (offset, _, firstIdx, lastIdx) = groups[g];
+                    for (var i = firstIdx; i <= lastIdx; i++)
+                    {
+                        var p = pending[i];
+                        if (p.Neighbour != (pass == 1)) continue;
+                        var data = GC.AllocateUninitializedArray<byte>((int)p.Chunk.Size);
+                        if (!DecodeVerified(p, buffers[g].Span, offset, data)) continue;
+                        _cache.AddMemory(p.Key, data);
+                        Interlocked.Increment(ref _stats.ChunksFetched);
+                        if (!_options.SyncAdd) p.Completion.TrySetResult(data);
+                        (done ??= []).Add(p);
+                        (doneData ??= []).Add(data);
+                    }
                 }
             }
         }

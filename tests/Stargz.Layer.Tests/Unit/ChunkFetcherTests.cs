@@ -426,4 +426,64 @@ public class ChunkFetcherTests
         var last = rig.Blob.Log[^1];
         Assert.True(last.Offset <= f10.BlobOffset && last.Length <= 2 * Window, $"jump back fetched {last.Length} bytes at {last.Offset}");
     }
+    [Fact]
+    public async Task TheSecondScatteredMissInARegionBringsTheWholeRegionWhereRoundTripsAreSlow()
+    {
+        const long Window = 4_096, Region = 32_768;
+        var (blob, b) = SmallFiles();
+        var all = b.ByBlobOffset();
+        // Region 1 of the blob: a first miss at its start, a second one further in, past the first one's window.
+        var inRegion = all.Where(c => c.BlobOffset >= Region && c.BlobEnd <= 2 * Region).ToArray();
+        var first = inRegion[0];
+        var firstWindowEnd = (first.BlobEnd + Window - 1) / Window * Window;
+        var second = inRegion.First(c => c.BlobOffset >= firstWindowEnd + Window);
+        var later = inRegion.Where(c => c.BlobOffset > second.BlobEnd + Window).ToArray();
+        Assert.NotEmpty(later);
+
+        // A registry 30 ms away: the second miss brings the region, whose other files then cost no request.
+        using (var slow = Rig(TimeSpan.FromMilliseconds(30)))
+        {
+            await Read(slow, first);
+            Assert.Equal(1, slow.Blob.Calls);
+            Assert.True(slow.Blob.Log[^1].Length <= 2 * Window, $"a first miss fetched {slow.Blob.Log[^1].Length} bytes");
+            await Read(slow, second);
+            Assert.Equal(2, slow.Blob.Calls);
+            var (offset, length) = slow.Blob.Log[^1];
+            Assert.True(offset + length >= inRegion[^1].BlobEnd, $"the second miss fetched {offset}+{length}; the region's last chunk ends at {inRegion[^1].BlobEnd}");
+            Assert.True(offset + length <= 2 * Region + Window, $"the second miss fetched past its region: {offset}+{length}");
+            foreach (var c in later) await Read(slow, c);
+            Assert.Equal(2, slow.Blob.Calls);
+            // A miss in the next region is that region's first: only its window.
+            await Read(slow, all.First(c => c.BlobOffset >= 2 * Region + Window));
+            Assert.Equal(3, slow.Blob.Calls);
+            Assert.True(slow.Blob.Log[^1].Length <= 2 * Window, $"a first miss in the next region fetched {slow.Blob.Log[^1].Length} bytes");
+        }
+
+        // A registry that answers at once (loopback): decoding and storing the region costs more than the round trips
+        // it saves, so every miss brings only its window.
+        using (var fast = Rig(TimeSpan.Zero))
+        {
+            await Read(fast, first);
+            await Read(fast, second);
+            Assert.True(fast.Blob.Log[^1].Length <= 2 * Window, $"the second miss fetched {fast.Blob.Log[^1].Length} bytes");
+            await Read(fast, later[^1]);
+            Assert.Equal(3, fast.Blob.Calls);
+        }
+
+        FetcherRig Rig(TimeSpan delay)
+        {
+            var rig = new FetcherRig(blob, new LayerOptions { OnDemandWindowBytes = Window, OnDemandWindowMaxBytes = Region },
+                byBlobOffset: all);
+            rig.Blob.Delay = delay;
+            return rig;
+        }
+        async Task Read(FetcherRig rig, LayerChunk c)
+        {
+            var (content, chunks) = b.Files.Values.First(f => f.Chunks[0] == c);
+            var buf = new byte[content.Length];
+            Assert.Equal(content.Length, await rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct));
+            Assert.Equal(content, buf);
+            await rig.Fetcher.DrainAsync();
+        }
+    }
 }
