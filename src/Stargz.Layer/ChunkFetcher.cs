@@ -291,7 +291,7 @@ internal sealed class ChunkFetcher : IDisposable
         lock (_walkLock)
         {
             var forward = _walkEnd > 0 && c.BlobOffset >= _walkStart && c.BlobOffset < _walkEnd + unit;
-            var dense = bound > unit && CountRegionMiss(c.BlobOffset / bound) == DenseRegionMisses
+            var dense = bound > unit && CountRegionMiss(c.BlobOffset / bound, bound) == DenseRegionMisses
                 && Stopwatch.GetElapsedTime(0, Volatile.Read(ref _onDemandFetchTicks)) >= _options.OnDemandRegionMinLatency;
             long size;
             if (!forward && dense)
@@ -312,10 +312,13 @@ internal sealed class ChunkFetcher : IDisposable
         Volatile.Write(ref _onDemandFetchTicks, old == 0 ? ticks : (3 * old + ticks) / 4);
     }
 
-    /// <summary>Counts an on-demand miss in region <paramref name="region"/>; returns the region's count (saturating).</summary>
-    private int CountRegionMiss(long region)
+    /// <summary>
+    /// Counts an on-demand miss in region <paramref name="region"/> (of <paramref name="regionBytes"/> each); returns the
+    /// region's count (saturating).
+    /// </summary>
+    private int CountRegionMiss(long region, long regionBytes)
     {
-        _regionMisses ??= new byte[_blob.Size / Math.Max(1, _options.OnDemandWindowMaxBytes) + 1];
+        _regionMisses ??= new byte[_blob.Size / regionBytes + 1];
         if ((ulong)region >= (ulong)_regionMisses.Length) return 0;
         ref var n = ref _regionMisses[region];
         if (n < byte.MaxValue) n++;
@@ -455,7 +458,7 @@ internal sealed class ChunkFetcher : IDisposable
                 var fetchStart = Stopwatch.GetTimestamp();
                 await _blob.FetchAsync(ranges, timeout.Token).ConfigureAwait(false);
                 // Only window-sized fetches measure the round trip: a long range's time is mostly its transfer.
-                if (priority == FetchPriority.OnDemand && total <= 4 * Math.Max(_options.OnDemandWindowBytes, 16_384))
+                if (priority == FetchPriority.OnDemand && total <= 4 * _options.OnDemandWindowBytes)
                     NoteOnDemandFetchTime(Stopwatch.GetTimestamp() - fetchStart);
                 _stats.AddFetched(priority, total);
             }
