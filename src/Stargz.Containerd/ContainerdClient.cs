@@ -121,24 +121,6 @@ public sealed class ContainerdClient : IDisposable
 
     // ------------------------------------------------------------------ content
 
-    /// <summary>The content store's record of <paramref name="digest"/>, or null when containerd does not have it.</summary>
-    public async Task<ContentApi.Info?> ContentInfoAsync(string digest, CancellationToken ct)
-    {
-        try
-        {
-            var r = await Content.InfoAsync(new ContentApi.InfoRequest { Digest = digest }, Options(ct)).ConfigureAwait(false);
-            return r.Info;
-        }
-        catch (RpcException e) when (e.StatusCode == StatusCode.NotFound)
-        {
-            return null;
-        }
-        catch (RpcException e)
-        {
-            throw Wrap($"content info {digest}", e);
-        }
-    }
-
     /// <summary>Sets labels on existing content, leaving its other labels alone (field paths <c>labels.KEY</c>).</summary>
     public Task UpdateContentLabelsAsync(string digest, IReadOnlyDictionary<string, string> labels, CancellationToken ct)
     {

@@ -265,17 +265,18 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
     /// when the content exists already, only its labels are set. A ref locked by another writer (a concurrent pull of
     /// the same blob) is waited for, bounded.
     /// </summary>
+    /// <remarks>
+    /// Existing content is found by opening the writer, never by a content Info first: containerd's writer adds
+    /// content it already has to the caller's lease in the same transaction, whereas after an Info the content may
+    /// belong to nothing (another pull's lease just ended) and its garbage collector may take it before the labels
+    /// are set (seen as "update labels of content ...: NotFound").
+    /// </remarks>
     private async Task WithIngestAsync(string kind, string digest, long size, IReadOnlyDictionary<string, string> labels,
         Func<ContentIngest, Task> write, CancellationToken ct)
     {
         var ingestRef = $"{kind}-{digest}";
         for (var attempt = 1; ; attempt++)
         {
-            if (await containerd.ContentInfoAsync(digest, ct).ConfigureAwait(false) is not null)
-            {
-                await containerd.UpdateContentLabelsAsync(digest, labels, ct).ConfigureAwait(false);
-                return;
-            }
             ContentIngest? ingest;
             try
             {
@@ -287,14 +288,19 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
                 await Task.Delay(TimeSpan.FromMilliseconds(500), ct).ConfigureAwait(false);
                 continue;
             }
-            if (ingest is null) continue; // appeared meanwhile: set the labels above
+            if (ingest is null)
+            {
+                // containerd has it, now held by this pull's lease.
+                await containerd.UpdateContentLabelsAsync(digest, labels, ct).ConfigureAwait(false);
+                return;
+            }
             await using (ingest.ConfigureAwait(false))
             {
                 try
                 {
                     await write(ingest).ConfigureAwait(false);
                     if (!await ingest.CommitAsync(labels, ct).ConfigureAwait(false))
-                        continue; // committed by someone else meanwhile: set the labels above
+                        continue; // committed by someone else meanwhile: the next open finds it and sets the labels
                     _log.LogDebug("stored {Kind} {Digest} ({Size} bytes) in containerd's content store", kind, digest, size);
                     return;
                 }
