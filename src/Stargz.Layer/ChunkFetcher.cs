@@ -467,11 +467,13 @@ internal sealed class ChunkFetcher : IDisposable
                 _gate.Exit(priority);
             }
             var keepInMemory = priority != FetchPriority.Background || _options.CacheDirectory == null;
-            if (!keepInMemory) StoreOnDiskOnly(pending, groups, buffers);
+            if (!keepInMemory) StoreOnDiskOnly(pending, groups, buffers, neighboursOnly: false);
             else
             {
                 // The chunks readers asked for first: neighbours the on-demand window took along must not delay them.
-                for (var pass = 0; pass < 2; pass++)
+                // With a disk cache the neighbours then go to disk only, as the background fetch's chunks do.
+                var neighboursToDisk = _cache.HasDisk;
+                for (var pass = 0; pass < (neighboursToDisk ? 1 : 2); pass++)
                 for (var g = 0; g < groups.Count; g++)
                 {
                     var (offset, _, firstIdx, lastIdx) = groups[g];
@@ -488,6 +490,7 @@ internal sealed class ChunkFetcher : IDisposable
                         (doneData ??= []).Add(data);
                     }
                 }
+                if (neighboursToDisk) StoreOnDiskOnly(pending, groups, buffers, neighboursOnly: true);
             }
         }
         catch (OperationCanceledException) when (_lifetime.IsCancellationRequested)
@@ -530,61 +533,109 @@ internal sealed class ChunkFetcher : IDisposable
     }
 
     /// <summary>
-    /// The background fetch with a disk cache: each chunk of the fetched ranges is decoded into one scratch buffer,
-    /// verified and written to disk, and no array is made for it — a fresh chunk-sized array per chunk would be
-    /// large-object-heap garbage that the server GC collects late, and is what made the daemon's peak memory —
-    /// unless a reader joined the chunk's claim: that one gets a copy. The claim is closed (or completed with the copy)
-    /// only once the chunk is on disk, so a reader finding it closed finds the file.
+    /// The background fetch with a disk cache, and the neighbours an on-demand fetch took along
+    /// (<paramref name="neighboursOnly"/>): the chunks of the fetched ranges are decoded into one scratch area (mapped
+    /// memory when big, unmapped after), verified and written to disk, and no array is made for them — a fresh
+    /// chunk-sized array per chunk would be large-object-heap garbage that the server GC collects late, and is what made
+    /// the daemon's peak memory; a region fetch takes ~60 neighbours along — unless a reader joined a chunk's claim:
+    /// that one gets a copy as soon as its chunk is decoded, before the disk writes (or, joining meanwhile, before the
+    /// next write), so no reader waits on the disk. A claim is closed (or completed with the copy) only once its chunk
+    /// is on disk, so a reader finding it closed finds the file. These writes never evict: nobody asked for the chunks.
     /// </summary>
-    private void StoreOnDiskOnly(List<Pending> pending, List<(long Offset, long End, int First, int Last)> groups, FetchBuffer[] buffers)
+    private void StoreOnDiskOnly(List<Pending> pending, List<(long Offset, long End, int First, int Last)> groups, FetchBuffer[] buffers,
+        bool neighboursOnly)
     {
-        long largest = 1;
-        foreach (var p in pending) largest = Math.Max(largest, p.Chunk.Size);
-        var scratch = FetchBuffer.Rent((int)largest);
+        // Decoded and written a batch at a time, in fetch order. The background fetch's batch is one chunk (its area
+        // the largest chunk, as its batches are big and seldom waited for); the neighbours' batch is all of them, up
+        // to StoreAreaBytes.
+        long largest = -1, total = 0;
+        foreach (var p in pending)
+        {
+            if (neighboursOnly && !p.Neighbour) continue;
+            largest = Math.Max(largest, p.Chunk.Size);
+            total += p.Chunk.Size;
+        }
+        if (largest < 0) return; // none to store
+        var area = FetchBuffer.Rent((int)Math.Max(largest, neighboursOnly ? Math.Min(total, StoreAreaBytes) : 1));
+        var batch = new List<(int Index, int At, byte[]? Copy)>();
         HashSet<string>? dirs = null;
         List<(Pending P, byte[] Data)>? answers = null; // sync_add: answered once the directories are synced too
         try
         {
+            var used = 0;
             for (var g = 0; g < groups.Count; g++)
             {
                 var (offset, _, firstIdx, lastIdx) = groups[g];
                 for (var i = firstIdx; i <= lastIdx; i++)
                 {
                     var p = pending[i];
-                    var c = p.Chunk;
-                    var data = scratch.Span[..(int)c.Size];
-                    if (!DecodeVerified(p, buffers[g].Span, offset, data)) continue;
+                    if (neighboursOnly && !p.Neighbour) continue;
+                    var size = (int)p.Chunk.Size;
+                    if (used + size > area.Length)
+                    {
+                        WriteBatch();
+                        used = 0;
+                    }
+                    if (!DecodeVerified(p, buffers[g].Span, offset, area.Span.Slice(used, size))) continue;
                     Interlocked.Increment(ref _stats.ChunksFetched);
-                    // A reader that joined already gets its bytes now, not after the disk write (sync_add: after it).
-                    byte[]? copy = null;
-                    if (p.Completion.IsJoined)
-                    {
-                        copy = data.ToArray();
-                        if (!_options.SyncAdd) p.Completion.TrySetResult(copy);
-                    }
-                    try
-                    {
-                        var dir = _cache.WriteDisk(p.Key, data, background: true);
-                        if (dir != null) (dirs ??= []).Add(dir);
-                    }
-                    catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-                    {
-                        _cache.Disk.WriteFailed($"chunk {p.Key}", e);
-                    }
-                    // Closed even when the disk refused the chunk: nobody needs its bytes, a later reader fetches it.
-                    var answer = p.Completion.TryClose() ? ChunkClaim.NoBytes : copy ?? data.ToArray();
-                    if (_options.SyncAdd) (answers ??= []).Add((p, answer));
-                    else Complete(p, answer);
+                    batch.Add((i, used, null));
+                    used += size;
                 }
             }
+            WriteBatch();
         }
         finally
         {
-            scratch.Return();
+            area.Return();
         }
         if (dirs != null) foreach (var d in dirs) _cache.SyncDirectory(d);
         if (answers != null) foreach (var (p, data) in answers) Complete(p, data);
+
+        void WriteBatch()
+        {
+            for (var k = 0; k < batch.Count; k++)
+            {
+                // Readers that joined by now get their bytes before this write (sync_add: only after the disk).
+                if (!_options.SyncAdd) AnswerJoined(k);
+                var (i, at, copy) = batch[k];
+                var p = pending[i];
+                var data = area.Span.Slice(at, (int)p.Chunk.Size);
+                try
+                {
+                    var dir = _cache.WriteDisk(p.Key, data, background: true);
+                    if (dir != null) (dirs ??= []).Add(dir);
+                }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    _cache.Disk.WriteFailed($"chunk {p.Key}", e);
+                }
+                // Closed even when the disk refused the chunk: nobody needs its bytes, a later reader fetches it.
+                var answer = p.Completion.TryClose() ? ChunkClaim.NoBytes : copy ?? data.ToArray();
+                if (_options.SyncAdd) (answers ??= []).Add((p, answer));
+                else Complete(p, answer);
+            }
+            batch.Clear();
+        }
+
+        void AnswerJoined(int from)
+        {
+            for (var k = from; k < batch.Count; k++)
+            {
+                var (i, at, copy) = batch[k];
+                var p = pending[i];
+                if (copy != null || !p.Completion.IsJoined) continue;
+                copy = area.Span.Slice(at, (int)p.Chunk.Size).ToArray();
+                p.Completion.TrySetResult(copy);
+                batch[k] = (i, at, copy);
+            }
+        }
     }
+
+    /// <summary>
+    /// The most decoded bytes of an on-demand fetch's neighbours held before they are written (a 1 MiB region of a
+    /// runtime's library decodes to ~3 MiB); more are written in parts.
+    /// </summary>
+    private const int StoreAreaBytes = 8 << 20;
 
     /// <summary>
     /// Decodes <paramref name="p"/>'s chunk from the fetched range that starts at blob offset <paramref name="rangeOffset"/>

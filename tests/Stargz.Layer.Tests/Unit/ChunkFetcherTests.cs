@@ -349,6 +349,51 @@ public class ChunkFetcherTests
     }
 
     [Fact]
+    public async Task WithADiskCacheTheWindowsNeighboursGoToDiskOnlyAndAReaderWaitingForOneGetsItsBytes()
+    {
+        const long Window = 16_384;
+        using var dir = new TempDir("window-disk");
+        var (blob, b) = SmallFiles();
+        var all = b.ByBlobOffset();
+        using var rig = new FetcherRig(blob, new LayerOptions { OnDemandWindowBytes = Window, CacheDirectory = dir.Path }, byBlobOffset: all);
+        var (c20, ch20) = b.Files["f20"];
+        long start = ch20[0].BlobOffset / Window * Window, end = (ch20[0].BlobEnd + Window - 1) / Window * Window;
+        var inside = all.Where(x => x.BlobOffset >= start && x.BlobEnd <= end && x != ch20[0]).ToArray();
+        Assert.True(inside.Length >= 4, $"{inside.Length} neighbours in the window");
+        var (joinedName, (cj, chj)) = b.Files.First(f => f.Value.Chunks[0] == inside[^1]);
+
+        // The registry holds the fetch until a reader of one of the neighbours has joined it.
+        rig.Blob.GoDown();
+        var asked = new byte[c20.Length];
+        var first = rig.Fetcher.ReadAsync(ch20, c20.Length, 0, asked, Ct).AsTask();
+        var joinedBytes = new byte[cj.Length];
+        var joined = rig.Fetcher.ReadAsync(chj, cj.Length, 0, joinedBytes, Ct).AsTask();
+        rig.Blob.ComeBack();
+        Assert.Equal(c20.Length, await first);
+        Assert.Equal(cj.Length, await joined);
+        Assert.Equal(c20, asked);
+        Assert.True(cj.AsSpan().SequenceEqual(joinedBytes), joinedName);
+        await rig.Fetcher.DrainAsync();
+        Assert.Equal(1, rig.Blob.Calls);
+
+        // The chunk asked for is in memory; the neighbours nobody asked for are on disk only, and read right from there.
+        Assert.True(rig.Cache.TryGetMemory(ch20[0].Digest!, out _));
+        foreach (var n in inside)
+        {
+            Assert.True(rig.Cache.IsTrusted(n.Digest!), $"neighbour at {n.BlobOffset} not on disk");
+            if (n != inside[^1]) Assert.False(rig.Cache.TryGetMemory(n.Digest!, out _), $"neighbour at {n.BlobOffset} kept in memory");
+        }
+        foreach (var (name, (fc, fch)) in b.Files)
+        {
+            if (!inside.Contains(fch[0])) continue;
+            var fb = new byte[fc.Length];
+            Assert.Equal(fc.Length, await rig.Fetcher.ReadAsync(fch, fc.Length, 0, fb, Ct));
+            Assert.True(fc.AsSpan().SequenceEqual(fb), name);
+        }
+        Assert.Equal(1, rig.Blob.Calls);
+    }
+
+    [Fact]
     public async Task WithoutAWindowAMissFetchesOnlyTheChunksAskedFor()
     {
         var (blob, b) = SmallFiles();
