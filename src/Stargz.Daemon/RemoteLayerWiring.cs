@@ -103,7 +103,7 @@ public static class RemoteLayerWiring
             FetchingTimeout = TimeSpan.FromSeconds(ReadTimeoutSec(config.Blob)),
             PrefetchChunkSize = config.Blob.PrefetchChunkSize,
             OnDemandWindowBytes = config.Blob.ChunkSize,
-            // Misses walking forward through a blob double the window up to this (a slow link's round trips).
+            // Misses walking forward through a blob double the window up to this; scattered misses bring such a region.
             OnDemandWindowMaxBytes = 1L << 20,
             // The reference's background task manager waits 5 s after its last mount, check or prefetch.
             BackgroundQuietPeriod = TimeSpan.FromSeconds(5),

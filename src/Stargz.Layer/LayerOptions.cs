@@ -78,18 +78,10 @@ public sealed record LayerOptions
 
     /// <summary>
     /// Bound of the on-demand window while misses walk forward through the blob (each doubles it, from
-    /// <see cref="OnDemandWindowBytes"/>); 0 or less than the window: the window never grows.
+    /// <see cref="OnDemandWindowBytes"/>), and, with a disk cache, the size of the aligned regions that the second
+    /// scattered miss in one brings whole and keeps compressed; 0 or less than the window: neither.
     /// </summary>
     public long OnDemandWindowMaxBytes { get; init; }
-
-    /// <summary>
-    /// Scattered on-demand misses landing in one aligned region of <see cref="OnDemandWindowMaxBytes"/> bring the whole
-    /// region at the second miss, but only while the layer's window-sized on-demand fetches take at least this long
-    /// (smoothed): a round trip must be worth more than decoding and storing the region's other chunks. Measured on the
-    /// python image (2 cores): through 10 ms each way the region fetch took its time to exit to 0.84x; on loopback,
-    /// where a fetch takes ~6 ms, it cost 1.14x and 1.7x the CPU.
-    /// </summary>
-    public TimeSpan OnDemandRegionMinLatency { get; init; } = TimeSpan.FromMilliseconds(15);
 
     /// <summary>
     /// <c>[directory_cache] max_disk_mb</c> in bytes (0: unbounded): the disk cache (chunks, TOCs, whole-file copies)
