@@ -471,19 +471,32 @@ public class ChunkFetcherTests
         var last = rig.Blob.Log[^1];
         Assert.True(last.Offset <= f10.BlobOffset && last.Length <= 2 * Window, $"jump back fetched {last.Length} bytes at {last.Offset}");
     }
+
+    /// <summary>
+    /// Region 1 of <see cref="SmallFiles"/> (regions of 32 KiB, windows of 4 KiB): its chunks, a first miss at its start,
+    /// a second one further in past the first one's window, and the chunks after the second one's window.
+    /// </summary>
+    private static (LayerChunk[] InRegion, LayerChunk First, LayerChunk Second, LayerChunk[] Later) RegionMisses(LayerChunk[] all)
+    {
+        var inRegion = all.Where(c => c.BlobOffset >= RegionBytes && c.BlobEnd <= 2 * RegionBytes).ToArray();
+        var first = inRegion[0];
+        var firstWindowEnd = (first.BlobEnd + RegionWindow - 1) / RegionWindow * RegionWindow;
+        var second = inRegion.First(c => c.BlobOffset >= firstWindowEnd + RegionWindow);
+        var later = inRegion.Where(c => c.BlobOffset > second.BlobEnd + RegionWindow).ToArray();
+        Assert.True(later.Length >= 2, $"{later.Length} chunks later in the region");
+        return (inRegion, first, second, later);
+    }
+
+    private const long RegionWindow = 4_096, RegionBytes = 32_768;
+
     [Fact]
     public async Task WithADiskCacheARegionIsKeptCompressedAndOnlyWhatIsAskedForIsDecoded()
     {
-        const long Window = 4_096, Region = 32_768;
+        const long Window = RegionWindow, Region = RegionBytes;
         using var dir = new TempDir("regions");
         var (blob, b) = SmallFiles();
         var all = b.ByBlobOffset();
-        var inRegion = all.Where(c => c.BlobOffset >= Region && c.BlobEnd <= 2 * Region).ToArray();
-        var first = inRegion[0];
-        var firstWindowEnd = (first.BlobEnd + Window - 1) / Window * Window;
-        var second = inRegion.First(c => c.BlobOffset >= firstWindowEnd + Window);
-        var later = inRegion.Where(c => c.BlobOffset > second.BlobEnd + Window).ToArray();
-        Assert.True(later.Length >= 2, $"{later.Length} chunks later in the region");
+        var (inRegion, first, second, later) = RegionMisses(all);
         using var rig = new FetcherRig(blob, new LayerOptions
         {
             OnDemandWindowBytes = Window, OnDemandWindowMaxBytes = Region, CacheDirectory = dir.Path,
@@ -522,17 +535,11 @@ public class ChunkFetcherTests
     [Fact]
     public async Task TheSecondScatteredMissInARegionBringsTheWholeRegionWhereThereIsADiskCache()
     {
-        const long Window = 4_096, Region = 32_768;
+        const long Window = RegionWindow, Region = RegionBytes;
         using var dir = new TempDir("regions");
         var (blob, b) = SmallFiles();
         var all = b.ByBlobOffset();
-        // Region 1 of the blob: a first miss at its start, a second one further in, past the first one's window.
-        var inRegion = all.Where(c => c.BlobOffset >= Region && c.BlobEnd <= 2 * Region).ToArray();
-        var first = inRegion[0];
-        var firstWindowEnd = (first.BlobEnd + Window - 1) / Window * Window;
-        var second = inRegion.First(c => c.BlobOffset >= firstWindowEnd + Window);
-        var later = inRegion.Where(c => c.BlobOffset > second.BlobEnd + Window).ToArray();
-        Assert.NotEmpty(later);
+        var (inRegion, first, second, later) = RegionMisses(all);
 
         // The second miss brings the region, whose other files then cost no request.
         using (var slow = Rig(dir.Path))
