@@ -7,8 +7,8 @@ namespace Stargz.Layer;
 /// kept as they came from the registry, unverified, in unlinked files of the cache's tmp directory: the page cache holds
 /// them, not the daemon's heap. A later miss whose range lies inside one is read from there and decoded and verified
 /// like any fetched range, without a round trip; the region's other chunks are never decoded unless asked for. At most
-/// <see cref="MaxRegions"/> per layer (1 MiB each by default), the least recently used dropped first; gone with the
-/// layer's unmount or a daemon restart (the files have no name).
+/// <see cref="MaxRegions"/> per layer (1 MiB each by default), the least recently used dropped first; all dropped once
+/// the layer has every chunk on disk, and gone with the layer's unmount or a daemon restart (the files have no name).
 /// </summary>
 internal sealed class CompressedRegions(string directory) : IDisposable
 {
@@ -99,13 +99,22 @@ internal sealed class CompressedRegions(string directory) : IDisposable
         }
     }
 
+    /// <summary>Drops every kept region (the layer has all its chunks on disk; later regions may still be kept).</summary>
+    public void Clear()
+    {
+        lock (_lock)
+        {
+            foreach (var r in _regions) r.File.Dispose();
+            _regions.Clear();
+        }
+    }
+
     public void Dispose()
     {
         lock (_lock)
         {
             _disposed = true;
-            foreach (var r in _regions) r.File.Dispose();
-            _regions.Clear();
+            Clear();
         }
     }
 }

@@ -234,6 +234,7 @@ public sealed class RemoteLayer : IAsyncDisposable
         if (Fetcher.FirstMissingOnDisk(_byBlobOffset) >= 0) return false;
         Volatile.Write(ref _checkedAtEvictions, evictions);
         Volatile.Write(ref _allFetched, 1);
+        Fetcher.DropRegions(); // their chunks are on disk now: the files and fds go
         return true;
     }
 

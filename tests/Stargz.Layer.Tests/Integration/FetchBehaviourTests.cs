@@ -200,6 +200,57 @@ public class FetchBehaviourTests
     }
 
     [Fact]
+    public async Task ARegionKeptForScatteredMissesIsHeldOnlyUntilTheLayerIsFullyFetched()
+    {
+        var files = new Dictionary<string, byte[]>();
+        for (var i = 0; i < 60; i++) files[$"m{i:D2}.py"] = TestTars.Random(2_000, 300 + i);
+        var tar = TestTars.Write(w => { foreach (var (n, d) in files) TestTars.File(w, n, d); });
+        var (blob, built) = await LayerRig.BuildAsync(tar, new BuildOptions { CompressionLevel = 1 }, Ct);
+        // The background fetch waits for 2 s without on-demand reads, so the region is looked at before it starts.
+        await using var rig = await LayerRig.StartAsync(new LayerOptions
+        {
+            OnDemandWindowBytes = 4_096, OnDemandWindowMaxBytes = 65_536,
+            BackgroundQuietPeriod = TimeSpan.FromSeconds(2), BackgroundPause = TimeSpan.FromMilliseconds(1),
+        });
+        var digest = await rig.PushAsync("regions/layer", blob, Ct);
+        var mp = await rig.MountAsync(rig.Labels("regions/layer", digest, built.TocDigest), Ct);
+
+        // Two scattered misses in the blob's first 64 KiB (~2.6 KiB a file): the second brings the region and keeps it.
+        Assert.Equal(files["m01.py"], await File.ReadAllBytesAsync(Path.Combine(mp, "m01.py"), Ct));
+        Assert.Equal(files["m12.py"], await File.ReadAllBytesAsync(Path.Combine(mp, "m12.py"), Ct));
+        var sw = Stopwatch.StartNew();
+        while (RegionFiles() == 0 && sw.Elapsed < TimeSpan.FromSeconds(5)) await Task.Delay(10, Ct);
+        Assert.Equal(1, RegionFiles());
+        rig.Proxy.ResetCounts();
+        Assert.Equal(files["m07.py"], await File.ReadAllBytesAsync(Path.Combine(mp, "m07.py"), Ct));
+        Assert.Equal(0, rig.Proxy.RangeRequests);
+
+        // Fully fetched, every chunk is on disk: the region's file and fd go.
+        var layer = rig.Manager.GetLayer(mp)!;
+        await layer.BackgroundWork.WaitAsync(TimeSpan.FromSeconds(60), Ct);
+        Assert.True(layer.AllChunksFetched);
+        Assert.Equal(0, RegionFiles());
+        foreach (var (n, d) in files) Assert.Equal(d, await File.ReadAllBytesAsync(Path.Combine(mp, n), Ct));
+
+        // This process's open fds on this rig's kept regions (unlinked files: "…/region-… (deleted)"; other tests run
+        // beside this one).
+        int RegionFiles()
+        {
+            var n = 0;
+            foreach (var fd in Directory.EnumerateFileSystemEntries("/proc/self/fd"))
+            {
+                try
+                {
+                    if (new FileInfo(fd).LinkTarget is { } target && target.StartsWith(rig.Dir.Path, StringComparison.Ordinal)
+                        && target.Contains("/region-", StringComparison.Ordinal)) n++;
+                }
+                catch (IOException) { } // closed meanwhile
+            }
+            return n;
+        }
+    }
+
+    [Fact]
     public async Task PrioritizedFilesArePrefetchedAndTheBackgroundFetchGetsTheRest()
     {
         var tar = ManyFilesTar(out var files);

@@ -309,6 +309,18 @@ public class ChunkFetcherTests
         return (b.Build(), b);
     }
 
+    /// <summary>Reads every file of <paramref name="b"/> whose first chunk is one of <paramref name="chunks"/>, checking its bytes.</summary>
+    private static async Task ReadFilesStartingIn(FetcherRig rig, BlobBuilder b, LayerChunk[] chunks)
+    {
+        foreach (var (name, (fc, fch)) in b.Files)
+        {
+            if (!chunks.Contains(fch[0])) continue;
+            var fb = new byte[fc.Length];
+            Assert.Equal(fc.Length, await rig.Fetcher.ReadAsync(fch, fc.Length, 0, fb, Ct));
+            Assert.True(fc.AsSpan().SequenceEqual(fb), name);
+        }
+    }
+
     [Fact]
     public async Task AnOnDemandMissBringsTheUncachedChunksOfItsChunkSizeWindowInTheSameRange()
     {
@@ -332,13 +344,7 @@ public class ChunkFetcherTests
         Assert.Equal(1, rig.Stats.Snapshot().CacheMisses); // the neighbours were nobody's miss
 
         // Their files are then read without asking the registry again, and each is right.
-        foreach (var (name, (fc, fch)) in b.Files)
-        {
-            if (!inside.Contains(fch[0])) continue;
-            var fb = new byte[fc.Length];
-            Assert.Equal(fc.Length, await rig.Fetcher.ReadAsync(fch, fc.Length, 0, fb, Ct));
-            Assert.True(fc.AsSpan().SequenceEqual(fb), name);
-        }
+        await ReadFilesStartingIn(rig, b, inside);
         Assert.Equal(1, rig.Blob.Calls);
 
         // A chunk that straddles the window's end was not taken; reading it is a new request.
@@ -383,13 +389,7 @@ public class ChunkFetcherTests
             Assert.True(rig.Cache.IsTrusted(n.Digest!), $"neighbour at {n.BlobOffset} not on disk");
             if (n != inside[^1]) Assert.False(rig.Cache.TryGetMemory(n.Digest!, out _), $"neighbour at {n.BlobOffset} kept in memory");
         }
-        foreach (var (name, (fc, fch)) in b.Files)
-        {
-            if (!inside.Contains(fch[0])) continue;
-            var fb = new byte[fc.Length];
-            Assert.Equal(fc.Length, await rig.Fetcher.ReadAsync(fch, fc.Length, 0, fb, Ct));
-            Assert.True(fc.AsSpan().SequenceEqual(fb), name);
-        }
+        await ReadFilesStartingIn(rig, b, inside);
         Assert.Equal(1, rig.Blob.Calls);
     }
 
@@ -522,6 +522,12 @@ public class ChunkFetcherTests
         Assert.Equal(fetched, rig.Stats.Snapshot().FetchedBytes);
         await rig.Fetcher.DrainAsync();
         foreach (var c in later) Assert.True(rig.Cache.IsTrusted(c.Digest!), $"chunk at {c.BlobOffset} was read but not stored");
+
+        // Dropped (the layer has every chunk on disk then), the region answers nothing more: a miss in it asks the registry.
+        rig.Fetcher.DropRegions();
+        var unread = inRegion.First(c => !rig.Cache.IsTrusted(c.Digest!) && !rig.Cache.TryGetMemory(c.Digest!, out _));
+        await Read(unread);
+        Assert.Equal(3, rig.Blob.Calls);
 
         async Task Read(LayerChunk c)
         {
