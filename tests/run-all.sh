@@ -32,7 +32,14 @@ python3 - "$results" "$conformance_rc" <<'PY'
 import sys, glob, json, xml.etree.ElementTree as ET
 p = f = s = 0
 for trx in glob.glob(sys.argv[1] + "/**/*.trx", recursive=True):
-    c = ET.parse(trx).getroot().find(".//{*}ResultSummary/{*}Counters")
+    try:
+        c = ET.parse(trx).getroot().find(".//{*}ResultSummary/{*}Counters")
+    except ET.ParseError as e:
+        # A report cut short (its writer failed, e.g. on a control character in a failure message): its project's run
+        # failed (rc says so); counted as one failure rather than losing the summary.
+        print(f"{trx}: unreadable report ({e}): counted as 1 failed", file=sys.stderr)
+        f += 1
+        continue
     if c is None: continue
     p += int(c.get("passed", 0)); f += int(c.get("failed", 0)) + int(c.get("error", 0))
     s += int(c.get("notExecuted", 0))

@@ -9,8 +9,31 @@ public sealed record ProcessResult(int ExitCode, string StdOut, string StdErr)
     public ProcessResult EnsureSuccess(string what)
     {
         if (ExitCode != 0)
-            throw new InvalidOperationException($"{what} exited {ExitCode}\nstdout: {StdOut}\nstderr: {StdErr}");
+            throw new InvalidOperationException($"{what} exited {ExitCode}\nstdout: {Printable(StdOut)}\nstderr: {Printable(StdErr)}");
         return this;
+    }
+
+    /// <summary>
+    /// <paramref name="text"/> without control characters other than line breaks and tabs (a tool's progress bars and
+    /// colours): in a failure message they would cut the test report short, its XML writer refusing them.
+    /// </summary>
+    public static string Printable(string text)
+    {
+        var sb = new System.Text.StringBuilder(text.Length);
+        for (var i = 0; i < text.Length; i++)
+        {
+            var ch = text[i];
+            if (ch == '\u001b' && i + 1 < text.Length && text[i + 1] == '[')
+            {
+                // An ANSI sequence: ESC [ parameters final-letter.
+                i += 2;
+                while (i < text.Length && !char.IsAsciiLetter(text[i])) i++;
+                continue;
+            }
+            if (char.IsControl(ch) && ch is not ('\n' or '\r' or '\t')) continue;
+            sb.Append(ch);
+        }
+        return sb.ToString();
     }
 }
 
