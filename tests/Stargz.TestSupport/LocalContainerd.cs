@@ -163,13 +163,14 @@ public sealed class LocalContainerd : IAsyncDisposable
             // of a blob with "unexpected EOF" (containerd/containerd#5734, cause unknown). This is the fixture's push
             // with the reference's tools, not what a test checks: pushed again once; a second failure fails the test
             // with both errors and the end of containerd's log.
-            Console.Error.WriteLine($"ctr push {dst} failed ({push.StdErr.Trim()}); pushing again once");
+            Console.Error.WriteLine($"ctr push {dst} failed ({ProcessResult.Printable(push.StdErr).Trim()}); pushing again once");
             var again = await CtrAsync("image", "push", "--plain-http", dst);
             if (again.ExitCode != 0)
             {
                 var log = ReadLog();
-                throw new InvalidOperationException($"ctr push {dst} failed twice\nfirst: {push.StdErr}\nsecond: {again.StdErr}\n" +
-                    $"containerd's log, last 4000 characters:\n{log[Math.Max(0, log.Length - 4000)..]}");
+                throw new InvalidOperationException($"ctr push {dst} failed twice\nfirst: {ProcessResult.Printable(push.StdErr)}\n" +
+                    $"second: {ProcessResult.Printable(again.StdErr)}\n" +
+                    $"containerd's log, last 4000 characters:\n{ProcessResult.Printable(log[Math.Max(0, log.Length - 4000)..])}");
             }
             push = again;
         }
