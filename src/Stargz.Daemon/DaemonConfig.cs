@@ -55,8 +55,9 @@ public sealed class DaemonConfig
     public sealed class DirectoryCacheConfig
     {
         public long MaxLruCacheEntry { get; set; } = 10;
-        /// <summary>max_lru_cache_bytes (ours): bytes of chunks kept in memory at most, beside the entry count.</summary>
-        public long MaxLruCacheBytes { get; set; } = 16L << 20;
+        /// <summary>max_lru_cache_bytes (ours): bytes of chunks kept in memory at most, beside the entry count; 0 = the
+        /// layer's default (4 MiB, <see cref="Stargz.Layer.LayerOptions.DefaultMemoryCacheBytes"/>).</summary>
+        public long MaxLruCacheBytes { get; set; }
         public long MaxCacheFds { get; set; } = 10;
         public bool SyncAdd { get; set; }
         public bool Direct { get; set; } = true;

@@ -9,9 +9,17 @@ public sealed record LayerOptions
     /// <summary>Where chunks are cached on disk (the daemon's root + "/stargz/chunks"); null = memory only.</summary>
     public string? CacheDirectory { get; init; }
 
-    /// <summary>Upper bound of decompressed chunk bytes kept in memory. Small by default: the kernel's page cache keeps
-    /// what containers read, so the memory cache only bridges a fetch and the READs right after it.</summary>
-    public long MemoryCacheBytes { get; init; } = DefaultMemoryCacheBytes;
+    /// <summary>Upper bound of decompressed chunk bytes kept in memory; 0 or unset = the default for where chunks live.
+    /// Small with a disk cache (<see cref="DefaultMemoryCacheBytes"/>): the kernel's page cache keeps what containers
+    /// read and the disk cache has every fetched chunk, so the memory cache only bridges a fetch and the READs right
+    /// after it. Without one (<see cref="MemoryOnlyCacheBytes"/>) it is the only cache.</summary>
+    public long MemoryCacheBytes
+    {
+        get => _memoryCacheBytes > 0 ? _memoryCacheBytes : CacheDirectory != null ? DefaultMemoryCacheBytes : MemoryOnlyCacheBytes;
+        init => _memoryCacheBytes = value;
+    }
+
+    private readonly long _memoryCacheBytes;
 
     /// <summary><c>[directory_cache] max_lru_cache_entry</c>: upper bound of chunks kept in memory (reference default 10).</summary>
     public int MemoryCacheEntries { get; init; } = DefaultMemoryCacheEntries;
@@ -27,7 +35,15 @@ public sealed record LayerOptions
     /// <summary>The entry bound in force: none without a disk cache, where memory is the only cache (tests, benchmarks).</summary>
     internal int EffectiveMemoryEntries => CacheDirectory != null ? MemoryCacheEntries : 0;
 
-    public const long DefaultMemoryCacheBytes = 16L << 20;
+    /// <summary>
+    /// The memory cache's size with a disk cache: one 4 MiB chunk (the reference's chunk size). Measured on the python
+    /// image (5 interleaved runs, loopback): peak RSS during pull and run 52 MiB against 56 with 16 MiB, time and CPU
+    /// the same, no byte more from the registry; a READ after a chunk left memory reads it back from the disk cache.
+    /// </summary>
+    public const long DefaultMemoryCacheBytes = 4L << 20;
+
+    /// <summary>The memory cache's size without a disk cache (tests, benchmarks of the layer alone).</summary>
+    public const long MemoryOnlyCacheBytes = 16L << 20;
     public const int DefaultMemoryCacheEntries = 10;
 
     /// <summary>
@@ -126,7 +142,7 @@ public sealed record LayerOptions
 
     /// <summary>
     /// A copy where zero or negative values (an unset config key) become the reference defaults: fetching timeout
-    /// 300 s, prefetch timeout 10 s, resolve TTL 120 s, max_concurrency 2, memory cache 10 chunks / 16 MiB, max_cache_fds 10.
+    /// 300 s, prefetch timeout 10 s, resolve TTL 120 s, max_concurrency 2, memory cache 10 chunks / 4 MiB (16 MiB without a disk cache), max_cache_fds 10.
     /// </summary>
     public LayerOptions Normalized() => this with
     {
@@ -135,7 +151,6 @@ public sealed record LayerOptions
         ResolveResultEntryTtl = ResolveResultEntryTtl > TimeSpan.Zero ? ResolveResultEntryTtl : TimeSpan.FromSeconds(120),
         MaxConcurrency = MaxConcurrency > 0 ? MaxConcurrency : 2,
         MaxCacheFds = MaxCacheFds > 0 ? MaxCacheFds : DefaultMaxCacheFds,
-        MemoryCacheBytes = MemoryCacheBytes > 0 ? MemoryCacheBytes : DefaultMemoryCacheBytes,
         MemoryCacheEntries = MemoryCacheEntries > 0 ? MemoryCacheEntries : DefaultMemoryCacheEntries,
         PrefetchSize = Math.Max(0, PrefetchSize),
         MergeGapBytes = Math.Max(0, MergeGapBytes),

@@ -274,6 +274,31 @@ public class ChunkFetcherTests
     }
 
     [Fact]
+    public async Task WithADiskCacheMemoryKeepsOneChunkOfTheReferencesSizeAndTheRestIsReadBackFromDisk()
+    {
+        // The defaults: 4 MiB beside a disk cache, which has every fetched chunk (and the kernel's page cache what
+        // containers read); 16 MiB where memory is the only cache; a configured size wins either way.
+        Assert.Equal(4L << 20, new LayerOptions { CacheDirectory = "/cache" }.Normalized().MemoryCacheBytes);
+        Assert.Equal(16L << 20, new LayerOptions().Normalized().MemoryCacheBytes);
+        Assert.Equal(1L << 20, new LayerOptions { CacheDirectory = "/cache", MemoryCacheBytes = 1 << 20 }.Normalized().MemoryCacheBytes);
+
+        using var dir = new TempDir("memory-default");
+        var b = new BlobBuilder().AddFile("f", BlobBuilder.Random(12 << 20, 31), 1 << 20);
+        var blob = b.Build();
+        var (content, chunks) = b.Files["f"];
+        using var rig = new FetcherRig(blob, new LayerOptions { CacheDirectory = dir.Path });
+        Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 128 << 10, Ct));
+        await rig.Fetcher.DrainAsync();
+        long inMemory = 0;
+        foreach (var c in chunks) if (rig.Cache.TryPeekMemory(rig.Fetcher.KeyOf(c), out var data)) inMemory += data.Length;
+        Assert.InRange(inMemory, 1, 4L << 20); // 12 MiB were read
+        // Read again: what left memory comes back from the disk cache, not from the registry.
+        var calls = rig.Blob.Calls;
+        Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 128 << 10, Ct));
+        Assert.Equal(calls, rig.Blob.Calls);
+    }
+
+    [Fact]
     public async Task ACachedReadAllocatesNothing()
     {
         var (blob, b) = TwoFiles();
