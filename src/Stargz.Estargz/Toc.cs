@@ -121,19 +121,13 @@ public sealed class Toc
                 hasType = true;
             }
             else if (r.ValueTextEquals("size"u8)) { Next(ref r); e.Size = ReadLong(ref r, e, "size"); }
-            else if (r.ValueTextEquals("modtime"u8))
-            {
-                Next(ref r);
-                var s = ReadString(ref r, limits, e, "modtime");
-                if (!string.IsNullOrEmpty(s) && DateTimeOffset.TryParse(s, CultureInfo.InvariantCulture, DateTimeStyles.AdjustToUniversal, out var mt))
-                    e.ModTime = mt;
-            }
+            else if (r.ValueTextEquals("modtime"u8)) { Next(ref r); ReadModTime(ref r, limits, e); }
             else if (r.ValueTextEquals("linkName"u8)) { Next(ref r); e.LinkName = ReadString(ref r, limits, e, "linkName"); }
             else if (r.ValueTextEquals("mode"u8)) { Next(ref r); e.Mode = ReadLong(ref r, e, "mode"); }
             else if (r.ValueTextEquals("uid"u8)) { Next(ref r); e.Uid = ReadInt(ref r, e, "uid"); }
             else if (r.ValueTextEquals("gid"u8)) { Next(ref r); e.Gid = ReadInt(ref r, e, "gid"); }
-            else if (r.ValueTextEquals("userName"u8)) { Next(ref r); e.UserName = ReadString(ref r, limits, e, "userName"); }
-            else if (r.ValueTextEquals("groupName"u8)) { Next(ref r); e.GroupName = ReadString(ref r, limits, e, "groupName"); }
+            else if (r.ValueTextEquals("userName"u8)) { Next(ref r); e.UserName = ReadOwnerName(ref r, limits, e, "userName"); }
+            else if (r.ValueTextEquals("groupName"u8)) { Next(ref r); e.GroupName = ReadOwnerName(ref r, limits, e, "groupName"); }
             else if (r.ValueTextEquals("offset"u8)) { Next(ref r); e.Offset = ReadLong(ref r, e, "offset"); }
             else if (r.ValueTextEquals("innerOffset"u8)) { Next(ref r); e.InnerOffset = ReadLong(ref r, e, "innerOffset"); }
             else if (r.ValueTextEquals("devMajor"u8)) { Next(ref r); e.DevMajor = ReadInt(ref r, e, "devMajor"); }
@@ -141,7 +135,14 @@ public sealed class Toc
             else if (r.ValueTextEquals("digest"u8)) { Next(ref r); e.Digest = ReadString(ref r, limits, e, "digest"); }
             else if (r.ValueTextEquals("chunkOffset"u8)) { Next(ref r); e.ChunkOffset = ReadLong(ref r, e, "chunkOffset"); }
             else if (r.ValueTextEquals("chunkSize"u8)) { Next(ref r); e.ChunkSize = ReadLong(ref r, e, "chunkSize"); }
-            else if (r.ValueTextEquals("chunkDigest"u8)) { Next(ref r); e.ChunkDigest = ReadString(ref r, limits, e, "chunkDigest"); }
+            else if (r.ValueTextEquals("chunkDigest"u8))
+            {
+                Next(ref r);
+                // A file of one chunk has the same digest twice (the writers put "digest" first): one string for both.
+                e.ChunkDigest = e.Digest != null && r.TokenType == JsonTokenType.String && r.ValueTextEquals(e.Digest)
+                    ? e.Digest
+                    : ReadString(ref r, limits, e, "chunkDigest");
+            }
             else if (r.ValueTextEquals("xattrs"u8))
             {
                 Next(ref r);
@@ -183,6 +184,36 @@ public sealed class Toc
         if (System.Text.Encoding.UTF8.GetByteCount(s) > limits.MaxNameLength)
             throw new TocValidationException($"{field} is longer than {limits.MaxNameLength} bytes", e.Name.Length > 0 ? e.Name : null);
         return s;
+    }
+
+    /// <summary>
+    /// The entry's modification time, parsed from the JSON text without a string in between (every entry has one, and
+    /// the string was garbage as soon as parsed). An unparsable time is ignored, as before.
+    /// </summary>
+    private static void ReadModTime(ref Utf8JsonReader r, TocLimits limits, TocEntry e)
+    {
+        if (r.TokenType == JsonTokenType.String && !r.HasValueSequence && !r.ValueIsEscaped && r.ValueSpan.Length <= 64)
+        {
+            Span<char> text = stackalloc char[64];
+            var n = System.Text.Encoding.UTF8.GetChars(r.ValueSpan, text);
+            if (n > 0 && DateTimeOffset.TryParse(text[..n], CultureInfo.InvariantCulture, DateTimeStyles.AdjustToUniversal, out var t))
+                e.ModTime = t;
+            return;
+        }
+        var s = ReadString(ref r, limits, e, "modtime");
+        if (!string.IsNullOrEmpty(s) && DateTimeOffset.TryParse(s, CultureInfo.InvariantCulture, DateTimeStyles.AdjustToUniversal, out var mt))
+            e.ModTime = mt;
+    }
+
+    /// <summary>An owner's name; the usual ones ("root", empty) shared instead of a string per entry kept with the tree.</summary>
+    private static string? ReadOwnerName(ref Utf8JsonReader r, TocLimits limits, TocEntry e, string field)
+    {
+        if (r.TokenType == JsonTokenType.String)
+        {
+            if (r.ValueTextEquals("root"u8)) return "root";
+            if (r.ValueTextEquals(""u8)) return "";
+        }
+        return ReadString(ref r, limits, e, field);
     }
 
     private static long ReadLong(ref Utf8JsonReader r, TocEntry e, string field)

@@ -26,6 +26,10 @@ public sealed class TocTree
     /// ".." components, NUL bytes.</summary>
     public static string CleanName(string name)
     {
+        // Names as the writers make them ("usr/lib/x", "usr/lib/" for a directory) need no new string: one per entry
+        // of every TOC, and the split and join below made a string per component besides.
+        if (IsClean(name)) return name;
+        if (name.Length > 1 && name[^1] == '/' && IsClean(name.AsSpan(0, name.Length - 1))) return name[..^1];
         if (name.Contains('\0')) throw new TocValidationException("name contains a NUL byte", name);
         if (name.StartsWith('/') && name.AsSpan().TrimStart('/').TrimStart('.').Length != 0)
             throw new TocValidationException("absolute name", name);
@@ -39,6 +43,25 @@ public sealed class TocTree
             parts[n++] = parts[i];
         }
         return string.Join('/', parts, 0, n);
+    }
+
+    /// <summary>Whether <paramref name="name"/> is already clean: components of 1 to 255 characters, none "." or "..",
+    /// joined by single slashes, no NUL. Anything else takes the slow path, which cleans or refuses it.</summary>
+    private static bool IsClean(ReadOnlySpan<char> name)
+    {
+        var start = 0;
+        for (var i = 0; i <= name.Length; i++)
+        {
+            if (i < name.Length && name[i] != '/')
+            {
+                if (name[i] == '\0') return false;
+                continue;
+            }
+            var part = name[start..i];
+            if (part.Length == 0 || part.Length > 255 || part is "." or "..") return name.Length == 0;
+            start = i + 1;
+        }
+        return true;
     }
 
     /// <summary>Looks a path up ("a/b", "/a/b", "./a/b"); null if absent. Follows no symlinks.</summary>

@@ -116,6 +116,48 @@ public class HostileInputTests
         { "long component", "{\"version\":1,\"entries\":[{\"name\":\"" + new string('n', 300) + "\",\"type\":\"dir\"}]}" },
     };
 
+    [Fact]
+    public void ACleanNameIsKeptAsItIsAndADecoratedOneIsCleanedOrRefused()
+    {
+        var clean = "usr/lib/python3.11/json/__init__.py";
+        Assert.Same(clean, TocTree.CleanName(clean));
+        Assert.Equal("usr/lib", TocTree.CleanName("usr/lib/"));
+        Assert.Equal("a/b", TocTree.CleanName("./a//b/"));
+        Assert.Equal("a/b", TocTree.CleanName("a/./b"));
+        Assert.Equal("a.b/..c/.d", TocTree.CleanName("a.b/..c/.d"));
+        Assert.Equal("", TocTree.CleanName("./"));
+        Assert.Equal("", TocTree.CleanName("/"));
+        Assert.Equal("", TocTree.CleanName(""));
+        Assert.Throws<TocValidationException>(() => TocTree.CleanName("a/../b"));
+        Assert.Throws<TocValidationException>(() => TocTree.CleanName("a/../"));
+        Assert.Throws<TocValidationException>(() => TocTree.CleanName("a/b\0"));
+        Assert.Throws<TocValidationException>(() => TocTree.CleanName(new string('n', 256)));
+        Assert.Equal(new string('n', 255), TocTree.CleanName(new string('n', 255)));
+    }
+
+    [Fact]
+    public void TimesOwnersAndDigestsAreReadAsWrittenAndAWrongTypeIsRefused()
+    {
+        var toc = Toc.Parse(Encoding.UTF8.GetBytes("""
+            {"version":1,"entries":[
+              {"name":"a","type":"reg","modtime":"2024-03-01T10:20:30Z","userName":"root","groupName":""},
+              {"name":"b","type":"reg","modtime":"not a time","userName":"alice","groupName":"sta\u0066f"},
+              {"name":"c","type":"reg","modtime":"2024-03-01T12:20:30+02:00","userName":null},
+              {"name":"d","type":"reg","digest":"sha256:aa","chunkDigest":"sha256:aa"},
+              {"name":"e","type":"reg","digest":"sha256:aa","chunkDigest":"sha256:bb"}]}
+            """));
+        Assert.Equal(new DateTimeOffset(2024, 3, 1, 10, 20, 30, TimeSpan.Zero), toc.Entries[0].ModTime);
+        Assert.Equal(("root", ""), (toc.Entries[0].UserName, toc.Entries[0].GroupName));
+        Assert.Null(toc.Entries[1].ModTime);
+        Assert.Equal(("alice", "staff"), (toc.Entries[1].UserName, toc.Entries[1].GroupName));
+        Assert.Equal(new DateTimeOffset(2024, 3, 1, 10, 20, 30, TimeSpan.Zero), toc.Entries[2].ModTime);
+        Assert.Null(toc.Entries[2].UserName);
+        Assert.Same(toc.Entries[3].Digest, toc.Entries[3].ChunkDigest); // one chunk: one string
+        Assert.Equal(("sha256:aa", "sha256:bb"), (toc.Entries[4].Digest, toc.Entries[4].ChunkDigest));
+        Assert.Throws<TocValidationException>(() => Toc.Parse("""{"version":1,"entries":[{"name":"a","type":"reg","modtime":5}]}"""u8));
+        Assert.Throws<TocValidationException>(() => Toc.Parse("""{"version":1,"entries":[{"name":"a","type":"reg","userName":5}]}"""u8));
+    }
+
     [Theory]
     [MemberData(nameof(HostileTocs))]
     public async Task HostileToc_IsRejectedWithTheEntryName(string what, string json)
