@@ -313,6 +313,8 @@ public class CriKeychainTests
                     await daemon.RestartAsync(env: env);
                     Assert.True(await E2eHelpers.WaitLogLineAsync(daemon, "1 image pull secret(s) from") != null,
                         "the daemon did not list the image pull secret:\n" + daemon.Log);
+                    // Restarted under the running containerd (seen in CI: the pull's Prepare refused by its backoff).
+                    await E2eHelpers.WaitContainerdReachesDaemonAsync(ctd, daemon, "k8s.io");
                 }
                 if (keychain)
                 {
@@ -323,6 +325,7 @@ public class CriKeychainTests
                     // Logged just before "serving containerd snapshots API", but through the other output stream: wait for it.
                     Assert.True(await E2eHelpers.WaitLogLineAsync(daemon, "serving CRI ImageService on") != null,
                         "no CRI ImageService in the daemon log:\n" + daemon.Log);
+                    await E2eHelpers.WaitContainerdReachesDaemonAsync(ctd, daemon, "k8s.io");
                 }
                 return rig;
             }

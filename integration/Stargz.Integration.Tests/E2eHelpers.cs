@@ -9,6 +9,25 @@ namespace Stargz.Integration.Tests;
 /// <summary>Helpers shared by the content, fallback, duplicate, label, cleanup and CRI tests.</summary>
 internal static class E2eHelpers
 {
+    /// <summary>
+    /// Waits (bounded) until containerd reaches the daemon again after a restart under it: its proxy client answers
+    /// "connection refused" for a while (gRPC reconnect backoff after the dials it made while the daemon was down)
+    /// although the socket is up. Returns the snapshot list of <paramref name="ns"/> that got through.
+    /// </summary>
+    public static async Task<string> WaitContainerdReachesDaemonAsync(LocalContainerd ctd, LocalDaemon daemon, string ns = "default",
+        TimeSpan? timeout = null)
+    {
+        var deadline = DateTime.UtcNow + (timeout ?? TimeSpan.FromSeconds(60));
+        while (true)
+        {
+            var r = await ctd.CtrInNamespaceAsync(ns, "snapshots", "--snapshotter", "stargz", "ls");
+            if (r.ExitCode == 0) return r.StdOut;
+            if (DateTime.UtcNow > deadline)
+                throw new TimeoutException($"containerd did not reach the restarted daemon: {r.StdErr}\ndaemon log:\n{daemon.Log}");
+            await Task.Delay(250);
+        }
+    }
+
     /// <summary>Builds NAME:v1 from <paramref name="layers"/> and pushes it as a plain gzip image; returns its reference.</summary>
     public static async Task<string> PushPlainAsync(E2eRig rig, string name, IReadOnlyList<string> layers)
     {

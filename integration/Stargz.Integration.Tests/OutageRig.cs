@@ -160,23 +160,9 @@ public sealed class OutageRig : IAsyncDisposable
             .Select(l => l.Split(' ', 2, StringSplitOptions.TrimEntries)).ToDictionary(f => f[1], f => f[0]);
     }
 
-    /// <summary>
-    /// Waits (bounded) until containerd reaches our daemon again: after a restart its proxy client may answer
-    /// "connection refused" for a while (gRPC reconnect backoff) although the socket is up.
-    /// </summary>
-    public async Task<string> WaitContainerdReachesDaemonAsync(TimeSpan? timeout = null)
-    {
-        var deadline = DateTime.UtcNow + (timeout ?? TimeSpan.FromSeconds(60));
-        ProcessResult last;
-        while (true)
-        {
-            last = await Containerd.CtrAsync("snapshots", "--snapshotter", "stargz", "ls");
-            if (last.ExitCode == 0) return last.StdOut;
-            if (DateTime.UtcNow > deadline)
-                throw new TimeoutException($"containerd did not reach the restarted daemon: {last.StdErr}\ndaemon log:\n{Daemon.Log}");
-            await Task.Delay(500);
-        }
-    }
+    /// <summary>Waits (bounded) until containerd reaches our daemon again (<see cref="E2eHelpers.WaitContainerdReachesDaemonAsync"/>).</summary>
+    public Task<string> WaitContainerdReachesDaemonAsync(TimeSpan? timeout = null) =>
+        E2eHelpers.WaitContainerdReachesDaemonAsync(Containerd, Daemon, timeout: timeout);
 
     /// <summary>Committed snapshots as `ctr snapshots --snapshotter stargz ls` lists them: "KEY PARENT".</summary>
     public async Task<SortedSet<string>> CommittedSnapshotsAsync()

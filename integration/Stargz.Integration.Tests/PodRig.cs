@@ -168,17 +168,7 @@ public sealed class PodRig : IAsyncDisposable
         await WaitContainerdReachesDaemonAsync();
     }
 
-    private async Task WaitContainerdReachesDaemonAsync()
-    {
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
-        while (true)
-        {
-            var r = await Containerd.CtrInNamespaceAsync("k8s.io", "snapshots", "--snapshotter", "stargz", "ls");
-            if (r.ExitCode == 0) break;
-            if (DateTime.UtcNow > deadline) throw new TimeoutException($"containerd did not reach the restarted daemon: {r.StdErr}\n{Daemon.Log}");
-            await Task.Delay(250);
-        }
-    }
+    private Task WaitContainerdReachesDaemonAsync() => E2eHelpers.WaitContainerdReachesDaemonAsync(Containerd, Daemon, "k8s.io");
 
     /// <summary>kubelet's PullImage through its image endpoint (the daemon's socket when the keychain is on).</summary>
     public async Task<string> PullAsync(string image, bool withAuth = true, CancellationToken ct = default)
