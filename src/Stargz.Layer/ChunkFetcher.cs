@@ -840,10 +840,10 @@ internal sealed class ChunkFetcher : IDisposable
         }
     }
 
-    /// <summary>Unmount: cancels prefetch, background fetch and fetches in flight (their waiters get EIO).</summary>
     /// <summary>Drops the compressed regions kept for on-demand misses: every chunk of the layer is on disk now.</summary>
     internal void DropRegions() => _regions?.Clear();
 
+    /// <summary>Unmount: cancels prefetch, background fetch and fetches in flight (their waiters get EIO).</summary>
     public void Dispose()
     {
         // Cancelled, not disposed: fetches still finishing read the token.
