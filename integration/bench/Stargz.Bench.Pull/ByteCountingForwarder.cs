@@ -94,9 +94,10 @@ public sealed class ByteCountingForwarder : IAsyncDisposable
                 return;
             }
             using var conn = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token);
+            var shapedId = Interlocked.Increment(ref _connections);
             await Task.WhenAll(
-                ShapedPumpAsync(cs, us, _up, acceptedAt + _handshakeTicks, count: false, c.Client, upstream.Client, conn),
-                ShapedPumpAsync(us, cs, _down, 0, count: true, upstream.Client, c.Client, conn));
+                ShapedPumpAsync(cs, us, _up, acceptedAt + _handshakeTicks, count: false, c.Client, upstream.Client, conn, shapedId),
+                ShapedPumpAsync(us, cs, _down, 0, count: true, upstream.Client, c.Client, conn, shapedId));
         }
         catch (Exception e) when (e is IOException or SocketException or OperationCanceledException) { }
     }
@@ -158,11 +159,11 @@ public sealed class ByteCountingForwarder : IAsyncDisposable
     /// delivery time and queues it; the writer sends each when due, in order. <paramref name="notBefore"/>: no byte is
     /// sent before this timestamp (plus the delay).</summary>
     private async Task ShapedPumpAsync(Stream from, Stream to, Link link, long notBefore, bool count, Socket fromSocket, Socket toSocket,
-        CancellationTokenSource conn)
+        CancellationTokenSource conn, int id)
     {
         var line = Channel.CreateBounded<Chunk>(new BoundedChannelOptions(MaxChunksInFlight) { SingleReader = true, SingleWriter = true });
         var ct = conn.Token;
-        var writer = WriteDueAsync(line.Reader, to, count, fromSocket, toSocket, conn);
+        var writer = WriteDueAsync(line.Reader, to, count, fromSocket, toSocket, conn, id);
         try
         {
             while (true)
@@ -202,7 +203,7 @@ public sealed class ByteCountingForwarder : IAsyncDisposable
     }
 
     private async Task WriteDueAsync(ChannelReader<Chunk> line, Stream to, bool count, Socket fromSocket, Socket toSocket,
-        CancellationTokenSource conn)
+        CancellationTokenSource conn, int id)
     {
         var ct = conn.Token;
         try
@@ -219,6 +220,8 @@ public sealed class ByteCountingForwarder : IAsyncDisposable
                             toSocket.Shutdown(SocketShutdown.Send);
                             return;
                         }
+                        // Traced as the other side receives it, after the link's delay.
+                        if (Trace is { } trace) TraceHeads(trace, id, chunk.Buffer.AsSpan(0, chunk.Length), request: !count);
                         await to.WriteAsync(chunk.Buffer.AsMemory(0, chunk.Length), ct);
                         if (count) Counted(chunk.Length);
                     }
