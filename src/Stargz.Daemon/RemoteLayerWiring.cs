@@ -105,6 +105,8 @@ public static class RemoteLayerWiring
             OnDemandWindowBytes = config.Blob.ChunkSize,
             // Misses walking forward through a blob double the window up to this; scattered misses bring such a region.
             OnDemandWindowMaxBytes = 1L << 20,
+            // A miss in a file brings the rest of it up to this (a JRE's libjvm.so is ~8 MB compressed).
+            OnDemandFileBytes = 16L << 20,
             // The reference's background task manager waits 5 s after its last mount, check or prefetch.
             BackgroundQuietPeriod = TimeSpan.FromSeconds(5),
             ResolveResultEntryTtl = TimeSpan.FromSeconds(config.ResolveResultEntryTtlSec),

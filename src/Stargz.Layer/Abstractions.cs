@@ -26,7 +26,12 @@ internal interface IRangeFetcher
     /// <summary>Bytes received from the registry so far, by any request of this blob (progress, for timeouts).</summary>
     long ReceivedBytes { get; }
 
-    Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken);
+    /// <summary>
+    /// Fills each range's destination. For a single range, <paramref name="arrived"/> (if given) is called as its bytes
+    /// come with how many leading bytes of the destination hold them by then (it may start from 0 again when a
+    /// transfer is retried); for several ranges it is not called.
+    /// </summary>
+    Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken, Action<int>? arrived = null);
 }
 
 /// <summary>Decompresses one chunk: <paramref name="compressed"/> is the member, the chunk starts at <paramref name="innerOffset"/>.</summary>

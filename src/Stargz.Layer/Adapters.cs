@@ -50,14 +50,14 @@ internal sealed class RemoteBlobFetcher : IRangeFetcher, IBlobSource
         }
     }
 
-    public async Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken)
+    public async Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken, Action<int>? arrived = null)
     {
         var blob = await BlobAsync(cancellationToken).ConfigureAwait(false);
         if (ranges.Count == 1)
         {
             // Unshared: the chunk claims already fetch each chunk once, and a shared read costs a second buffer of the
             // range's size (4 MiB for a background batch) and a copy.
-            await blob.ReadAtUnsharedAsync(ranges[0].Offset, ranges[0].Destination, cancellationToken).ConfigureAwait(false);
+            await blob.ReadAtUnsharedAsync(ranges[0].Offset, ranges[0].Destination, cancellationToken, arrived).ConfigureAwait(false);
             return;
         }
         var list = new BlobRange[ranges.Count];

@@ -102,6 +102,16 @@ public sealed record LayerOptions
     public long OnDemandWindowMaxBytes { get; init; }
 
     /// <summary>
+    /// An on-demand miss in a file of several chunks also brings the file's other uncached chunks when they span at most
+    /// this many blob bytes (0, or <see cref="NoBackgroundFetch"/>: never): those after the chunks asked for in the
+    /// same range, then those before. A runtime that maps a big library or archive faults through its chunks in no
+    /// order, one round trip each; the rest of the file then streams while it works, and a fault on a chunk still
+    /// coming waits only until that chunk is in. (The background fetch would bring these bytes a few seconds later;
+    /// without it only what is read is fetched.)
+    /// </summary>
+    public long OnDemandFileBytes { get; init; }
+
+    /// <summary>
     /// <c>[directory_cache] max_disk_mb</c> in bytes (0: unbounded): the disk cache (chunks, TOCs, whole-file copies)
     /// stays within it, plus one background batch (see <see cref="DiskBudget"/>).
     /// </summary>
@@ -157,6 +167,7 @@ public sealed record LayerOptions
         PrefetchSize = Math.Max(0, PrefetchSize),
         MergeGapBytes = Math.Max(0, MergeGapBytes),
         OnDemandWindowBytes = Math.Max(0, OnDemandWindowBytes),
+        OnDemandFileBytes = Math.Max(0, OnDemandFileBytes),
         BackgroundPause = BackgroundPause > TimeSpan.Zero ? BackgroundPause : TimeSpan.Zero,
         BackgroundQuietPeriod = BackgroundQuietPeriod > TimeSpan.Zero ? BackgroundQuietPeriod : TimeSpan.Zero,
     };

@@ -85,11 +85,14 @@ public sealed class RemoteBlob
     /// Like <see cref="ReadAtAsync"/>, but straight into <paramref name="destination"/> and not shared with concurrent
     /// reads of the same range (cancelled by <paramref name="ct"/>, retried as any read): for a caller that fetches each
     /// range once already (the layer's single-flight chunk claims), which so saves a buffer of the range's size and a copy.
+    /// <paramref name="arrived"/>, if given, is called as the body comes with how many leading bytes of
+    /// <paramref name="destination"/> hold the range's bytes by then (from 0 again when an attempt is retried; bytes
+    /// written again are the same bytes), so the caller can use the front of a big range before its end arrives.
     /// </summary>
-    public Task ReadAtUnsharedAsync(long offset, Memory<byte> destination, CancellationToken ct = default)
+    public Task ReadAtUnsharedAsync(long offset, Memory<byte> destination, CancellationToken ct = default, Action<int>? arrived = null)
     {
         CheckBounds(offset, destination.Length);
-        return destination.Length == 0 ? Task.CompletedTask : FetchSingleAsync(offset, destination, ct);
+        return destination.Length == 0 ? Task.CompletedTask : FetchSingleAsync(offset, destination, ct, arrived);
     }
 
     // Concurrent reads of the same range of the same blob in the same repository (= token scope), through
@@ -168,7 +171,7 @@ public sealed class RemoteBlob
     }
 
     /// <summary>One single-range GET with retries, redirect reuse and endpoint fallback.</summary>
-    private Task FetchSingleAsync(long offset, Memory<byte> dest, CancellationToken ct)
+    private Task FetchSingleAsync(long offset, Memory<byte> dest, CancellationToken ct, Action<int>? arrived = null)
     {
         return RunAsync(async (ep, a) =>
         {
@@ -187,7 +190,7 @@ public sealed class RemoteBlob
                     throw new RegistryException($"{ep.Host} answered range {cr} for {offset}-{offset + dest.Length - 1} of {_subject}",
                         resp.StatusCode, ep.Host, _subject);
             }
-            await ReadExactlyAsync(body, dest, ep.Host, a).ConfigureAwait(false);
+            await ReadExactlyAsync(body, dest, ep.Host, a, arrived).ConfigureAwait(false);
             return true;
         }, ct);
     }
@@ -210,7 +213,7 @@ public sealed class RemoteBlob
         finally { ArrayPool<byte>.Shared.Return(buf); }
     }
 
-    private async ValueTask ReadExactlyAsync(Stream s, Memory<byte> dest, string host, Attempt a)
+    private async ValueTask ReadExactlyAsync(Stream s, Memory<byte> dest, string host, Attempt a, Action<int>? arrived = null)
     {
         var ct = a.Token;
         var got = 0;
@@ -222,6 +225,7 @@ public sealed class RemoteBlob
             a.Progress();
             got += r;
             CountBytes(r);
+            arrived?.Invoke(got);
         }
     }
 

@@ -192,6 +192,28 @@ public class PlainRegistryTests(SharedRegistry shared) : IClassFixture<SharedReg
     }
 
     [Fact]
+    public async Task An_unshared_read_reports_its_leading_bytes_as_they_arrive()
+    {
+        var (reg, img) = await shared.GetAsync();
+        using var client = new RegistryClient();
+        var blob = await client.OpenBlobAsync(ImageReference.Parse($"{reg.Host}/{img.Repository}"), img.LayerDigests[0], Ct);
+        const int Length = MappedMemory.UseFrom + 4321;
+        var expected = img.Layers[0].AsSpan(100, Length).ToArray();
+        var buf = new byte[Length];
+        var reported = new List<int>();
+        // Each report: the count only grows, and that many leading bytes are already the range's bytes.
+        await blob.ReadAtUnsharedAsync(100, buf, Ct, n =>
+        {
+            if (reported.Count > 0) Assert.True(n > reported[^1], $"{n} after {reported[^1]}");
+            Assert.True(buf.AsSpan(0, n).SequenceEqual(expected.AsSpan(0, n)), $"first {n} bytes");
+            reported.Add(n);
+        });
+        Assert.Equal(Length, reported[^1]);
+        Assert.True(reported.Count >= 2, "a range of megabytes reported only once it had all come");
+        Assert.Equal(expected, buf);
+    }
+
+    [Fact]
     public async Task Concurrent_identical_reads_of_a_range_of_megabytes_share_one_request_in_mapped_memory()
     {
         var (reg, img) = await shared.GetAsync();

@@ -418,6 +418,113 @@ public class ChunkFetcherTests
         Assert.Equal(1, rig.Blob.Calls);
     }
 
+    /// <summary>A blob with one file of eight 4 KiB chunks between two small files.</summary>
+    private static (byte[] Blob, BlobBuilder B) OneBigFile()
+    {
+        var b = new BlobBuilder { Stored = true };
+        b.AddFile("head", BlobBuilder.Random(3_000, 1), 50_000);
+        b.AddFile("big", BlobBuilder.Random(8 * 4096, 2), 4096);
+        b.AddFile("tail", BlobBuilder.Random(3_000, 3), 50_000);
+        return (b.Build(), b);
+    }
+
+    private static Task<int> ReadChunkOf(FetcherRig rig, LayerChunk[] chunks, byte[] content, int index, byte[] into) =>
+        rig.Fetcher.ReadAsync(chunks, content.Length, chunks[index].FileOffset, into.AsMemory(0, (int)chunks[index].Size), Ct).AsTask();
+
+    [Fact]
+    public async Task AMissInAFileBringsTheRestOfItAndAReaderOfAChunkStillComingGetsItOnceItIsIn()
+    {
+        using var dir = new TempDir("file-rest");
+        var (blob, b) = OneBigFile();
+        var (content, chunks) = b.Files["big"];
+        using var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 1 << 20, CacheDirectory = dir.Path });
+
+        // A miss in chunk 2: its chunk with the chunks after it in one range, then the ones before it. The registry
+        // sends the first range up to the end of chunk 4 and holds the rest; readers of chunks 4 and 7 joined meanwhile.
+        rig.Blob.HoldAfterBytes = (int)(chunks[4].BlobEnd - chunks[2].BlobOffset);
+        rig.Blob.GoDown();
+        var two = new byte[4096];
+        var read2 = ReadChunkOf(rig, chunks, content, 2, two);
+        var four = new byte[4096];
+        var seven = new byte[4096];
+        var read4 = ReadChunkOf(rig, chunks, content, 4, four);
+        var read7 = ReadChunkOf(rig, chunks, content, 7, seven);
+        rig.Blob.ComeBack();
+        await rig.Blob.Holding.WaitAsync(TimeSpan.FromSeconds(10), Ct);
+        Assert.Equal(4096, await read2.WaitAsync(TimeSpan.FromSeconds(10), Ct));
+        Assert.Equal(4096, await read4.WaitAsync(TimeSpan.FromSeconds(10), Ct));
+        Assert.True(content.AsSpan(2 * 4096, 4096).SequenceEqual(two), "chunk 2");
+        Assert.True(content.AsSpan(4 * 4096, 4096).SequenceEqual(four), "chunk 4");
+        await Task.Delay(100, Ct);
+        Assert.False(read7.IsCompleted, "chunk 7 answered before its bytes came");
+        rig.Blob.ReleaseHeld();
+        Assert.Equal(4096, await read7.WaitAsync(TimeSpan.FromSeconds(10), Ct));
+        Assert.True(content.AsSpan(7 * 4096, 4096).SequenceEqual(seven), "chunk 7");
+        await rig.Fetcher.DrainAsync();
+
+        Assert.Equal(2, rig.Blob.Calls);
+        Assert.Equal((chunks[2].BlobOffset, (int)(chunks[7].BlobEnd - chunks[2].BlobOffset)), rig.Blob.Log[0]);
+        Assert.Equal((chunks[0].BlobOffset, (int)(chunks[1].BlobEnd - chunks[0].BlobOffset)), rig.Blob.Log[1]);
+        // Each chunk decoded once, the other files not touched, and the whole file now read without the registry.
+        Assert.Equal(chunks.Length, rig.Stats.Snapshot().ChunksFetched);
+        foreach (var c in chunks) Assert.True(rig.Cache.IsTrusted(c.Digest!), $"chunk at {c.FileOffset} not on disk");
+        Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 8192, Ct));
+        Assert.Equal(2, rig.Blob.Calls);
+    }
+
+    [Fact]
+    public async Task AFileWhoseRestIsOverTheBoundIsFetchedAsAskedUntilTheRestIsWithinIt()
+    {
+        var (blob, b) = OneBigFile();
+        var (content, chunks) = b.Files["big"];
+        var buf = new byte[4096];
+        // A bound of five chunks: after chunk 0, seven are left; after chunk 3, six; at chunk 6 the other five come too
+        // (7 after it, 1-2 and 4-5 before it, one range as the cached chunk 3 between them is a small gap).
+        using (var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 5 * chunks[0].BlobLength }))
+        {
+            Assert.Equal(4096, await ReadChunkOf(rig, chunks, content, 0, buf));
+            Assert.Equal(4096, await ReadChunkOf(rig, chunks, content, 3, buf));
+            Assert.Equal(2, rig.Blob.Calls);
+            Assert.Equal(2, rig.Stats.Snapshot().ChunksFetched);
+            Assert.Equal(4096, await ReadChunkOf(rig, chunks, content, 6, buf));
+            await rig.Fetcher.DrainAsync();
+            Assert.Equal(4, rig.Blob.Calls);
+            Assert.Equal((chunks[6].BlobOffset, (int)(chunks[7].BlobEnd - chunks[6].BlobOffset)), rig.Blob.Log[2]);
+            Assert.Equal(chunks.Length, rig.Stats.Snapshot().ChunksFetched);
+            Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 8192, Ct));
+            Assert.Equal(4, rig.Blob.Calls);
+        }
+
+        // Without the background fetch only what is read is fetched.
+        using (var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 1 << 20, NoBackgroundFetch = true }))
+        {
+            Assert.Equal(4096, await ReadChunkOf(rig, chunks, content, 2, buf));
+            await rig.Fetcher.DrainAsync();
+            Assert.Equal(1, rig.Blob.Calls);
+            Assert.Equal(1, rig.Stats.Snapshot().ChunksFetched);
+        }
+    }
+
+    [Fact]
+    public async Task WhenTheRegistryStopsAnsweringAMissAndTheReadersOfTheRestOfItsFileFailAndNothingMoreIsAsked()
+    {
+        var (blob, b) = OneBigFile();
+        var (content, chunks) = b.Files["big"];
+        // The miss in chunk 2 fails (EIO) within the timeout, and so do readers that joined chunks of the rest after and
+        // before it; the part before is not asked for. Back again, the file reads right.
+        using var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 1 << 20, FetchingTimeout = TimeSpan.FromMilliseconds(300) });
+        rig.Blob.GoDown();
+        var asked = ReadChunkOf(rig, chunks, content, 2, new byte[4096]);
+        var after = ReadChunkOf(rig, chunks, content, 6, new byte[4096]);
+        var before = ReadChunkOf(rig, chunks, content, 1, new byte[4096]);
+        await Assert.ThrowsAsync<LayerIOException>(() => asked.WaitAsync(TimeSpan.FromSeconds(10), Ct));
+        await Assert.ThrowsAsync<LayerIOException>(() => after.WaitAsync(TimeSpan.FromSeconds(10), Ct));
+        await Assert.ThrowsAsync<LayerIOException>(() => before.WaitAsync(TimeSpan.FromSeconds(10), Ct));
+        Assert.Equal(1, rig.Blob.Calls);
+        rig.Blob.ComeBack();
+        Assert.Equal(content, await rig.ReadAllAsync(chunks, content.Length, 8192, Ct));
+    }
+
     [Fact]
     public async Task WithoutAWindowAMissFetchesOnlyTheChunksAskedFor()
     {

@@ -36,7 +36,20 @@ internal sealed class MemoryBlob : IRangeFetcher
 
     public void ComeBack() { lock (_lock) _open.TrySetResult(); }
 
-    public async Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken)
+    /// <summary>
+    /// When set, a single-range fetch delivers its first <see cref="HoldAfterBytes"/> bytes (reporting them as arrived),
+    /// then waits for <see cref="ReleaseHeld"/> before the rest: a big range whose tail is still on the wire.
+    /// </summary>
+    public int HoldAfterBytes;
+    private readonly TaskCompletionSource _held = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly TaskCompletionSource _holding = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    /// <summary>Completes when a fetch has delivered its first <see cref="HoldAfterBytes"/> bytes and waits.</summary>
+    public Task Holding => _holding.Task;
+
+    public void ReleaseHeld() => _held.TrySetResult();
+
+    public async Task FetchAsync(IReadOnlyList<FetchRange> ranges, CancellationToken cancellationToken, Action<int>? arrived = null)
     {
         Interlocked.Increment(ref Calls);
         Interlocked.Add(ref Ranges, ranges.Count);
@@ -50,12 +63,27 @@ internal sealed class MemoryBlob : IRangeFetcher
             await Task.Delay(DribbleStep, cancellationToken);
             Interlocked.Increment(ref _received);
         }
+        if (ranges.Count == 1 && HoldAfterBytes > 0 && HoldAfterBytes < ranges[0].Destination.Length)
+        {
+            var r = ranges[0];
+            if (r.Offset + r.Destination.Length > Bytes.Length) throw new IOException("range beyond blob");
+            Bytes.AsMemory((int)r.Offset, HoldAfterBytes).CopyTo(r.Destination);
+            Interlocked.Add(ref _received, HoldAfterBytes);
+            arrived?.Invoke(HoldAfterBytes);
+            _holding.TrySetResult();
+            await _held.Task.WaitAsync(cancellationToken);
+            Bytes.AsMemory((int)r.Offset + HoldAfterBytes, r.Destination.Length - HoldAfterBytes).CopyTo(r.Destination[HoldAfterBytes..]);
+            Interlocked.Add(ref _received, r.Destination.Length - HoldAfterBytes);
+            arrived?.Invoke(r.Destination.Length);
+            return;
+        }
         foreach (var r in ranges)
         {
             if (r.Offset + r.Destination.Length > Bytes.Length) throw new IOException("range beyond blob");
             Bytes.AsMemory((int)r.Offset, r.Destination.Length).CopyTo(r.Destination);
             Interlocked.Add(ref _received, r.Destination.Length);
         }
+        if (ranges.Count == 1) arrived?.Invoke(ranges[0].Destination.Length);
     }
 }
 
