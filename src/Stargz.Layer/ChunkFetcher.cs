@@ -55,7 +55,7 @@ internal sealed class ChunkFetcher : IDisposable
         _verify = !options.DisableVerification;
         _inflight = cache.Inflight;
         if (byBlobOffset != null && options.OnDemandWindowMaxBytes > options.OnDemandWindowBytes && cache.TmpDirectory is { } tmp)
-            _regions = new CompressedRegions(tmp);
+            _regions = new CompressedRegions(tmp, cache.Budget);
         Interlocked.Exchange(ref _stats.BlobSize, blob.Size);
     }
 

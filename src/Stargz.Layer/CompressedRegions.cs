@@ -9,14 +9,16 @@ namespace Stargz.Layer;
 /// like any fetched range, without a round trip; the region's other chunks are never decoded unless asked for. At most
 /// <see cref="MaxRegions"/> per layer (1 MiB each by default), the least recently used dropped first; all dropped once
 /// the layer has every chunk on disk, and gone with the layer's unmount or a daemon restart (the files have no name).
+/// They count in the disk budget while kept (as <see cref="CacheFileKind.Toc"/>: never evicted by it); a region is
+/// kept only where the budget has room for it or can make some from chunks nobody read and whole-file copies.
 /// </summary>
-internal sealed class CompressedRegions(string directory) : IDisposable
+internal sealed class CompressedRegions(string directory, DiskBudget? budget = null) : IDisposable
 {
     internal const int MaxRegions = 8;
 
     private readonly Lock _lock = new();
     // Most recently used last.
-    private readonly List<(long Start, long End, SafeFileHandle File)> _regions = [];
+    private readonly List<(long Start, long End, SafeFileHandle File, string Key)> _regions = [];
     private bool _disposed;
 
     /// <summary>True when [<paramref name="start"/>, <paramref name="end"/>) lies inside a kept region.</summary>
@@ -63,6 +65,8 @@ internal sealed class CompressedRegions(string directory) : IDisposable
     /// <summary>Keeps <paramref name="bytes"/>, the blob from <paramref name="start"/> (a failed write keeps nothing).</summary>
     public void Add(long start, ReadOnlySpan<byte> bytes)
     {
+        // Only read chunks stand in its way: a region is an aid, they are what readers came back for.
+        if (budget != null && !budget.MakeRoom(bytes.Length, evictBelow: CacheFileKind.Chunk)) return;
         SafeFileHandle file;
         var path = Path.Combine(directory, "region-" + Guid.NewGuid().ToString("N"));
         try
@@ -92,10 +96,11 @@ internal sealed class CompressedRegions(string directory) : IDisposable
             }
             if (_regions.Count >= MaxRegions)
             {
-                _regions[0].File.Dispose();
+                Drop(_regions[0]);
                 _regions.RemoveAt(0);
             }
-            _regions.Add((start, start + bytes.Length, file));
+            _regions.Add((start, start + bytes.Length, file, path));
+            budget?.Added(CacheFileKind.Toc, path, path, bytes.Length);
         }
     }
 
@@ -104,9 +109,15 @@ internal sealed class CompressedRegions(string directory) : IDisposable
     {
         lock (_lock)
         {
-            foreach (var r in _regions) r.File.Dispose();
+            foreach (var r in _regions) Drop(r);
             _regions.Clear();
         }
+    }
+
+    private void Drop((long Start, long End, SafeFileHandle File, string Key) r)
+    {
+        r.File.Dispose();
+        budget?.Removed(CacheFileKind.Toc, r.Key);
     }
 
     public void Dispose()

@@ -16,7 +16,10 @@ public enum CacheFileKind
     /// <see cref="DiskBudget.Images"/>, which puts the layer back on lazy FUSE.
     /// </summary>
     Image = 3,
-    /// <summary>A stored TOC (or an evicted image the kernel still holds): counted, never evicted.</summary>
+    /// <summary>
+    /// A stored TOC (or an evicted image the kernel still holds, or a compressed region an on-demand miss keeps until its
+    /// layer drops it): counted, never evicted.
+    /// </summary>
     Toc = 4,
 }
 

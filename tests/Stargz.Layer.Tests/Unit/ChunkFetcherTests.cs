@@ -671,6 +671,55 @@ public class ChunkFetcherTests
     }
 
     [Fact]
+    public async Task AKeptRegionCountsInTheDiskBudgetAndIsNotKeptWhereOnlyReadChunksCouldMakeRoomForIt()
+    {
+        const long Window = RegionWindow, Region = RegionBytes;
+        var (blob, b) = SmallFiles();
+        var all = b.ByBlobOffset();
+        var (inRegion, first, second, later) = RegionMisses(all);
+        var options = new LayerOptions { OnDemandWindowBytes = Window, OnDemandWindowMaxBytes = Region };
+
+        // Unbounded: the region's bytes are counted while it is kept, and no longer once it is dropped.
+        using (var dir = new TempDir("regions-budget"))
+        using (var rig = new FetcherRig(blob, options with { CacheDirectory = dir.Path }, byBlobOffset: all))
+        {
+            await Read(rig, first);
+            await rig.Fetcher.DrainAsync();
+            var beforeRegion = rig.Cache.Budget.Used;
+            await Read(rig, second);
+            await rig.Fetcher.DrainAsync();
+            var (_, regionLength) = rig.Blob.Log[^1];
+            Assert.Equal(beforeRegion + second.Size + regionLength, rig.Cache.Budget.Used);
+            rig.Fetcher.DropRegions();
+            Assert.Equal(beforeRegion + second.Size, rig.Cache.Budget.Used);
+        }
+
+        // A budget full of chunks that were read: the region is not kept (the miss is answered all the same), so the
+        // next miss in it asks the registry again.
+        using (var dir = new TempDir("regions-full"))
+        using (var rig = new FetcherRig(blob, options with { CacheDirectory = dir.Path }, byBlobOffset: all))
+        {
+            await Read(rig, first);
+            await rig.Fetcher.DrainAsync();
+            rig.Cache.Budget.Limit = rig.Cache.Budget.Used + 2 * second.Size;
+            await Read(rig, second);
+            await rig.Fetcher.DrainAsync();
+            Assert.Equal(2, rig.Blob.Calls);
+            Assert.True(rig.Cache.Budget.Used <= rig.Cache.Budget.Limit, $"{rig.Cache.Budget.Used} over {rig.Cache.Budget.Limit}");
+            await Read(rig, later[0]);
+            Assert.Equal(3, rig.Blob.Calls);
+        }
+
+        async Task Read(FetcherRig rig, LayerChunk c)
+        {
+            var (content, chunks) = b.Files.Values.First(f => f.Chunks[0] == c);
+            var buf = new byte[content.Length];
+            Assert.Equal(content.Length, await rig.Fetcher.ReadAsync(chunks, content.Length, 0, buf, Ct));
+            Assert.Equal(content, buf);
+        }
+    }
+
+    [Fact]
     public async Task TheSecondScatteredMissInARegionBringsTheWholeRegionWhereThereIsADiskCache()
     {
         const long Window = RegionWindow, Region = RegionBytes;
