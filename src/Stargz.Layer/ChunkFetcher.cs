@@ -217,7 +217,8 @@ internal sealed class ChunkFetcher : IDisposable
         {
             List<(long Start, long End)>? wholeRegions = null;
             List<Pending>? restAfter = null, restBefore = null;
-            if (priority == FetchPriority.OnDemand && _options.OnDemandFileBytes > 0 && !_options.NoBackgroundFetch && chunks.Length > 1)
+            if (priority == FetchPriority.OnDemand && _options.OnDemandFileBytes > 0 && !_options.NoBackgroundFetch && chunks.Length > 1
+                && _cache.HasDisk)
                 (restAfter, restBefore) = ClaimFileRest(chunks, claimed);
             if (priority == FetchPriority.OnDemand && _options.OnDemandWindowBytes > 0 && _byBlobOffset != null)
                 wholeRegions = ClaimWindowNeighbours(claimed);
@@ -300,19 +301,22 @@ internal sealed class ChunkFetcher : IDisposable
     /// chunks asked for), claims the file's other chunks that are neither cached nor being fetched, as neighbours, when
     /// they span at most <see cref="LayerOptions.OnDemandFileBytes"/> blob bytes: those after the chunks asked for, then
     /// those before them. Null when there are none or they span more (a later miss asks again: the rest shrinks as it is
-    /// read).
+    /// read), and when the disk cache has no room for them as the background fetch would find it (the rest goes to disk
+    /// as the background fetch's chunks do, without evicting anything).
     /// </summary>
     private (List<Pending>? After, List<Pending>? Before) ClaimFileRest(LayerChunk[] chunks, List<Pending> claimed)
     {
-        long askedEnd = 0, bytes = 0;
+        long askedEnd = 0, bytes = 0, decoded = 0;
         foreach (var p in claimed) askedEnd = Math.Max(askedEnd, p.Chunk.BlobEnd);
         foreach (ref readonly var c in chunks.AsSpan())
         {
             if (_verify && c.Digest == null) return (null, null);
             var key = KeyOf(c);
-            if (!_inflight.ContainsKey(key) && !_cache.Contains(key)) bytes += c.BlobLength;
+            if (_inflight.ContainsKey(key) || _cache.Contains(key)) continue;
+            bytes += c.BlobLength;
+            decoded += c.Size;
         }
-        if (bytes == 0 || bytes > _options.OnDemandFileBytes) return (null, null);
+        if (bytes == 0 || bytes > _options.OnDemandFileBytes || !_cache.MayAddInBackground(decoded)) return (null, null);
         List<Pending>? after = null, before = null;
         foreach (ref readonly var c in chunks.AsSpan())
         {

@@ -480,7 +480,8 @@ public class ChunkFetcherTests
         var buf = new byte[4096];
         // A bound of five chunks: after chunk 0, seven are left; after chunk 3, six; at chunk 6 the other five come too
         // (7 after it, 1-2 and 4-5 before it, one range as the cached chunk 3 between them is a small gap).
-        using (var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 5 * chunks[0].BlobLength }))
+        using (var dir = new TempDir("file-rest-bound"))
+        using (var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 5 * chunks[0].BlobLength, CacheDirectory = dir.Path }))
         {
             Assert.Equal(4096, await ReadChunkOf(rig, chunks, content, 0, buf));
             Assert.Equal(4096, await ReadChunkOf(rig, chunks, content, 3, buf));
@@ -495,8 +496,21 @@ public class ChunkFetcherTests
             Assert.Equal(4, rig.Blob.Calls);
         }
 
-        // Without the background fetch only what is read is fetched.
-        using (var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 1 << 20, NoBackgroundFetch = true }))
+        // Without the background fetch only what is read is fetched; so too where the disk budget has no room for the
+        // rest (it goes to disk as background-fetched chunks do, which never evict), and without a disk cache.
+        using (var dir = new TempDir("file-rest-nobg"))
+        using (var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 1 << 20, NoBackgroundFetch = true, CacheDirectory = dir.Path }))
+            await OnlyTheChunkAsked(rig);
+        using (var dir = new TempDir("file-rest-budget"))
+        using (var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 1 << 20, CacheDirectory = dir.Path }))
+        {
+            rig.Cache.Budget.Limit = 6 * 4096;
+            await OnlyTheChunkAsked(rig);
+        }
+        using (var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 1 << 20 }))
+            await OnlyTheChunkAsked(rig);
+
+        async Task OnlyTheChunkAsked(FetcherRig rig)
         {
             Assert.Equal(4096, await ReadChunkOf(rig, chunks, content, 2, buf));
             await rig.Fetcher.DrainAsync();
@@ -512,7 +526,11 @@ public class ChunkFetcherTests
         var (content, chunks) = b.Files["big"];
         // The miss in chunk 2 fails (EIO) within the timeout, and so do readers that joined chunks of the rest after and
         // before it; the part before is not asked for. Back again, the file reads right.
-        using var rig = new FetcherRig(blob, new LayerOptions { OnDemandFileBytes = 1 << 20, FetchingTimeout = TimeSpan.FromMilliseconds(300) });
+        using var dir = new TempDir("file-rest-down");
+        using var rig = new FetcherRig(blob, new LayerOptions
+        {
+            OnDemandFileBytes = 1 << 20, CacheDirectory = dir.Path, FetchingTimeout = TimeSpan.FromMilliseconds(300),
+        });
         rig.Blob.GoDown();
         var asked = ReadChunkOf(rig, chunks, content, 2, new byte[4096]);
         var after = ReadChunkOf(rig, chunks, content, 6, new byte[4096]);
