@@ -308,24 +308,25 @@ internal sealed class ChunkFetcher : IDisposable
     {
         long askedEnd = 0, bytes = 0, decoded = 0;
         foreach (var p in claimed) askedEnd = Math.Max(askedEnd, p.Chunk.BlobEnd);
-        foreach (ref readonly var c in chunks.AsSpan())
+        List<(int Index, string Key)>? rest = null;
+        for (var i = 0; i < chunks.Length; i++)
         {
+            ref readonly var c = ref chunks[i];
             if (_verify && c.Digest == null) return (null, null);
             var key = KeyOf(c);
             if (_inflight.ContainsKey(key) || _cache.Contains(key)) continue;
+            (rest ??= []).Add((i, key));
             bytes += c.BlobLength;
             decoded += c.Size;
         }
-        if (bytes == 0 || bytes > _options.OnDemandFileBytes || !_cache.MayAddInBackground(decoded)) return (null, null);
+        if (rest == null || bytes > _options.OnDemandFileBytes || !_cache.MayAddInBackground(decoded)) return (null, null);
         List<Pending>? after = null, before = null;
-        foreach (ref readonly var c in chunks.AsSpan())
+        foreach (var (i, key) in rest)
         {
-            var key = KeyOf(c);
-            if (_inflight.ContainsKey(key) || _cache.Contains(key)) continue;
             var tcs = new ChunkClaim();
-            if (!_inflight.TryAdd(key, tcs)) continue;
-            var p = new Pending(c, key, tcs, Neighbour: true);
-            if (c.BlobOffset >= askedEnd) (after ??= []).Add(p);
+            if (!_inflight.TryAdd(key, tcs)) continue; // claimed meanwhile by another reader
+            var p = new Pending(chunks[i], key, tcs, Neighbour: true);
+            if (p.Chunk.BlobOffset >= askedEnd) (after ??= []).Add(p);
             else (before ??= []).Add(p);
         }
         return (after, before);
@@ -569,11 +570,7 @@ internal sealed class ChunkFetcher : IDisposable
                     {
                         var p = pending[i];
                         if (p.Neighbour != (pass == 1) || early?.Answered[i] == true) continue;
-                        var data = GC.AllocateUninitializedArray<byte>((int)p.Chunk.Size);
-                        if (!DecodeVerified(p, buffers[g].Span, offset, data)) continue;
-                        _cache.AddMemory(p.Key, data);
-                        Interlocked.Increment(ref _stats.ChunksFetched);
-                        if (!_options.SyncAdd) p.Completion.TrySetResult(data);
+                        if (DecodeToMemory(p, buffers[g].Span, offset) is not { } data) continue;
                         (done ??= []).Add(p);
                         (doneData ??= []).Add(data);
                     }
@@ -779,11 +776,7 @@ internal sealed class ChunkFetcher : IDisposable
                     var p = pending[_next];
                     if (p.Neighbour && !p.Completion.IsJoined) continue;
                     Answered[_next] = true;
-                    var data = GC.AllocateUninitializedArray<byte>((int)p.Chunk.Size);
-                    if (!fetcher.DecodeVerified(p, buffer.Span, group.Offset, data)) continue;
-                    fetcher._cache.AddMemory(p.Key, data);
-                    Interlocked.Increment(ref fetcher._stats.ChunksFetched);
-                    p.Completion.TrySetResult(data);
+                    if (fetcher.DecodeToMemory(p, buffer.Span, group.Offset) is not { } data) continue;
                     done.Add(p);
                     doneData.Add(data);
                 }
@@ -821,6 +814,21 @@ internal sealed class ChunkFetcher : IDisposable
             Fail(p, e as LayerIOException ?? new LayerIOException($"chunk at blob offset {c.BlobOffset} cannot be decoded: {e.Message}", e));
             return false;
         }
+    }
+
+    /// <summary>
+    /// Decodes and verifies <paramref name="p"/>'s chunk from the range at <paramref name="rangeOffset"/> into a fresh
+    /// array, keeps it in the memory cache and answers the claim's waiters (with sync_add, not yet: after the disk).
+    /// Null when the chunk failed (its claim failed with EIO). The claim stays in flight until the caller wrote it.
+    /// </summary>
+    private byte[]? DecodeToMemory(Pending p, ReadOnlySpan<byte> range, long rangeOffset)
+    {
+        var data = GC.AllocateUninitializedArray<byte>((int)p.Chunk.Size);
+        if (!DecodeVerified(p, range, rangeOffset, data)) return null;
+        _cache.AddMemory(p.Key, data);
+        Interlocked.Increment(ref _stats.ChunksFetched);
+        if (!_options.SyncAdd) p.Completion.TrySetResult(data);
+        return data;
     }
 
     /// <summary>Answers the claim's waiters, then lets later callers find the chunk in the cache instead.</summary>

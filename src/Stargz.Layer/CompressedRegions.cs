@@ -12,7 +12,7 @@ namespace Stargz.Layer;
 /// They count in the disk budget while kept (as <see cref="CacheFileKind.Toc"/>: never evicted by it); a region is
 /// kept only where the budget has room for it or can make some from chunks nobody read and whole-file copies.
 /// </summary>
-internal sealed class CompressedRegions(string directory, DiskBudget? budget = null) : IDisposable
+internal sealed class CompressedRegions(string directory, DiskBudget budget) : IDisposable
 {
     internal const int MaxRegions = 8;
 
@@ -66,7 +66,7 @@ internal sealed class CompressedRegions(string directory, DiskBudget? budget = n
     public void Add(long start, ReadOnlySpan<byte> bytes)
     {
         // Only read chunks stand in its way: a region is an aid, they are what readers came back for.
-        if (budget != null && !budget.MakeRoom(bytes.Length, evictBelow: CacheFileKind.Chunk)) return;
+        if (!budget.MakeRoom(bytes.Length, evictBelow: CacheFileKind.Chunk)) return;
         SafeFileHandle file;
         var path = Path.Combine(directory, "region-" + Guid.NewGuid().ToString("N"));
         try
@@ -100,7 +100,7 @@ internal sealed class CompressedRegions(string directory, DiskBudget? budget = n
                 _regions.RemoveAt(0);
             }
             _regions.Add((start, start + bytes.Length, file, path));
-            budget?.Added(CacheFileKind.Toc, path, path, bytes.Length);
+            budget.Added(CacheFileKind.Toc, path, path, bytes.Length);
         }
     }
 
@@ -117,7 +117,7 @@ internal sealed class CompressedRegions(string directory, DiskBudget? budget = n
     private void Drop((long Start, long End, SafeFileHandle File, string Key) r)
     {
         r.File.Dispose();
-        budget?.Removed(CacheFileKind.Toc, r.Key);
+        budget.Removed(CacheFileKind.Toc, r.Key);
     }
 
     public void Dispose()

@@ -104,10 +104,11 @@ public sealed record LayerOptions
     /// <summary>
     /// An on-demand miss in a file of several chunks also brings the file's other uncached chunks when they span at most
     /// this many blob bytes and the disk cache has room for them (without a disk cache, with 0, or with
-    /// <see cref="NoBackgroundFetch"/>: never): those after the chunks asked for in the same range, then those before. A runtime that maps a big library or archive faults through its chunks in no
-    /// order, one round trip each; the rest of the file then streams while it works, and a fault on a chunk still
-    /// coming waits only until that chunk is in. (The background fetch would bring these bytes a few seconds later;
-    /// without it only what is read is fetched.)
+    /// <see cref="NoBackgroundFetch"/>: never): those after the chunks asked for in the same range, then those before.
+    /// A runtime that maps a big library or archive faults through its chunks in no order, one round trip each; the
+    /// rest of the file then streams while it works, and a fault on a chunk still coming waits only until that chunk
+    /// is in. (The background fetch would bring these bytes a few seconds later; without it only what is read is
+    /// fetched.)
     /// </summary>
     public long OnDemandFileBytes { get; init; }
 
