@@ -96,3 +96,48 @@ public static class ProcStats
         return map;
     }
 }
+
+/// <summary>
+/// Samples a process's RSS (/proc/PID/status) and keeps the split of the largest sample: VmHWM says how high the
+/// RSS went, not what it was made of (the executable's mapped pages, anonymous memory: GC heap, buffers, stacks).
+/// </summary>
+public sealed class RssSampler : IAsyncDisposable
+{
+    private readonly int _pid;
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Task _loop;
+    private readonly Lock _gate = new();
+    private (double Rss, double Anon, double File) _largest = (0, double.NaN, double.NaN);
+
+    public RssSampler(int pid, TimeSpan interval)
+    {
+        _pid = pid;
+        _loop = Task.Run(() => LoopAsync(interval));
+    }
+
+    /// <summary>The largest sample so far: RSS, of which anonymous and file-backed, in MiB.</summary>
+    public (double Rss, double Anon, double File) Largest { get { lock (_gate) return _largest; } }
+
+    private async Task LoopAsync(TimeSpan interval)
+    {
+        while (!_stop.IsCancellationRequested)
+        {
+            try
+            {
+                var rss = ProcStats.StatusMiB(_pid, "VmRSS");
+                var anon = ProcStats.StatusMiB(_pid, "RssAnon");
+                var file = ProcStats.StatusMiB(_pid, "RssFile");
+                lock (_gate) if (rss > _largest.Rss) _largest = (rss, anon, file);
+            }
+            catch (IOException) { return; } // the process is gone
+            try { await Task.Delay(interval, _stop.Token); } catch (OperationCanceledException) { }
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await _stop.CancelAsync();
+        await _loop;
+        _stop.Dispose();
+    }
+}
