@@ -103,33 +103,36 @@ public sealed class EstargzReader
     }
 
     /// <summary>Decompresses a TOC: gzip member holding a tar whose first entry is stargz.index.json, or a zstd frame of JSON.</summary>
-    public static byte[] DecodeToc(ReadOnlySpan<byte> compressedToc, BlobCompression compression, TocLimits? limits = null)
+    public static unsafe byte[] DecodeToc(ReadOnlySpan<byte> compressedToc, BlobCompression compression, TocLimits? limits = null)
     {
         limits ??= TocLimits.Default;
-        var copy = compressedToc.ToArray();
-        try
+        // Read in place: a copy of the compressed TOC (hundreds of KiB for a runtime's layer) was large-object garbage.
+        fixed (byte* p = compressedToc)
         {
-            using var ms = new MemoryStream(copy, writable: false);
-            if (compression == BlobCompression.Gzip)
+            try
             {
-                using var gz = new GZipStream(ms, CompressionMode.Decompress);
-                using var tar = new TarReader(gz);
-                var entry = tar.GetNextEntry(copyData: false) ?? throw new EstargzFormatException("TOC member holds no tar entry");
-                if (entry.Name != LayerLabels.TocTarName)
-                    throw new EstargzFormatException($"TOC tar entry is named \"{entry.Name}\", expected {LayerLabels.TocTarName}");
-                if (entry.Length > limits.MaxTocJsonBytes)
-                    throw new TocValidationException($"TOC JSON is {entry.Length} bytes, more than the limit {limits.MaxTocJsonBytes}");
-                var json = new byte[entry.Length];
-                var ds = entry.DataStream ?? throw new EstargzFormatException("TOC tar entry has no data");
-                ds.ReadExactly(json);
-                return json;
+                using var ms = new UnmanagedMemoryStream(p, compressedToc.Length);
+                if (compression == BlobCompression.Gzip)
+                {
+                    using var gz = new GZipStream(ms, CompressionMode.Decompress);
+                    using var tar = new TarReader(gz);
+                    var entry = tar.GetNextEntry(copyData: false) ?? throw new EstargzFormatException("TOC member holds no tar entry");
+                    if (entry.Name != LayerLabels.TocTarName)
+                        throw new EstargzFormatException($"TOC tar entry is named \"{entry.Name}\", expected {LayerLabels.TocTarName}");
+                    if (entry.Length > limits.MaxTocJsonBytes)
+                        throw new TocValidationException($"TOC JSON is {entry.Length} bytes, more than the limit {limits.MaxTocJsonBytes}");
+                    var json = new byte[entry.Length];
+                    var ds = entry.DataStream ?? throw new EstargzFormatException("TOC tar entry has no data");
+                    ds.ReadExactly(json);
+                    return json;
+                }
+                using var z = new DecompressionStream(ms);
+                return ReadBounded(z, limits.MaxTocJsonBytes);
             }
-            using var z = new DecompressionStream(ms);
-            return ReadBounded(z, limits.MaxTocJsonBytes);
-        }
-        catch (Exception e) when (e is InvalidDataException or FormatException or IOException or ArgumentException or OverflowException or ZstdException)
-        {
-            throw new EstargzFormatException($"cannot decompress the {compression} TOC: {e.Message}", e);
+            catch (Exception e) when (e is InvalidDataException or FormatException or IOException or ArgumentException or OverflowException or ZstdException)
+            {
+                throw new EstargzFormatException($"cannot decompress the {compression} TOC: {e.Message}", e);
+            }
         }
     }
 

@@ -93,4 +93,23 @@ public class RandomAccessTests
         Assert.Same(reader.Lookup("x"), reader.Lookup("x/y")!.Parent);
         Assert.Equal(["y"], reader.Lookup("x")!.Children!.Keys);
     }
+    [Fact]
+    public async Task DecodeToc_ReadsTheCompressedTocInPlace()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        // A TOC that compresses poorly (random hex): ~1 MiB of JSON, ~half of it compressed.
+        var json = Encoding.ASCII.GetBytes($$"""{"version":1,"entries":[],"filler":"{{Convert.ToHexString(RandomNumberGenerator.GetBytes(512 * 1024))}}"}""");
+        var blob = Blobs.WithToc([], json);
+        var footer = await EstargzReader.ReadFooterAsync(new ByteArrayBlobSource(blob), ct);
+        var compressed = blob.AsMemory((int)footer.TocOffset, blob.Length - (int)footer.TocOffset - footer.FooterSize);
+        Assert.True(compressed.Length > 256 * 1024, $"compressed TOC of {compressed.Length} bytes");
+        Assert.Equal(json, EstargzReader.DecodeToc(compressed.Span, footer.Compression)); // warm-up: pools, statics
+
+        var before = GC.GetAllocatedBytesForCurrentThread();
+        var decoded = EstargzReader.DecodeToc(compressed.Span, footer.Compression);
+        var allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+        Assert.Equal(json, decoded);
+        // The JSON's array and the decompressors' small buffers; no copy of the compressed TOC.
+        Assert.True(allocated < json.Length + compressed.Length / 2, $"{allocated} bytes allocated for {json.Length} bytes of JSON from {compressed.Length} compressed");
+    }
 }
