@@ -108,6 +108,7 @@ public sealed class RssSampler : IAsyncDisposable
     private readonly Task _loop;
     private readonly Lock _gate = new();
     private (double Rss, double Anon, double File) _largest = (0, double.NaN, double.NaN);
+    private int _disposed;
 
     public RssSampler(int pid, TimeSpan interval)
     {
@@ -134,8 +135,10 @@ public sealed class RssSampler : IAsyncDisposable
         }
     }
 
+    /// <summary>Stops sampling (again: nothing).</summary>
     public async ValueTask DisposeAsync()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0) return;
         await _stop.CancelAsync();
         await _loop;
         _stop.Dispose();

@@ -245,7 +245,7 @@ async Task<RunResult> LazyAsync(int v, int r)
     using var perf = opt.ProfileDir is null ? null : Process.Start(new ProcessStartInfo("perf",
         ["record", "-q", "-g", "-F", "999", "-p", daemon.Pid.ToString(CultureInfo.InvariantCulture), "-o", Path.Combine(opt.ProfileDir, $"run{r + 1}-variant{v}.data")])
         { RedirectStandardError = true });
-    var rssSampler = new RssSampler(daemon.Pid, TimeSpan.FromMilliseconds(20));
+    await using var rssSampler = new RssSampler(daemon.Pid, TimeSpan.FromMilliseconds(20));
     var start = Stopwatch.GetTimestamp();
     traceFrom = start;
     Mark($"round {r + 1}, {variant.Name}: pull");
@@ -263,7 +263,7 @@ async Task<RunResult> LazyAsync(int v, int r)
     // Background fetches go on after the container exits: count what had arrived by then.
     res.Bytes = proxy.BytesToClients;
     res.PeakRssMiB = ProcStats.StatusMiB(daemon.Pid, "VmHWM");
-    await rssSampler.DisposeAsync();
+    await rssSampler.DisposeAsync(); // stops sampling: what follows is not pull + run
     (_, res.PeakAnonMiB, res.PeakFileMiB) = rssSampler.Largest;
     var cpu = ProcStats.CpuSeconds(daemon.Pid);
     res.CpuSeconds = cpu;
