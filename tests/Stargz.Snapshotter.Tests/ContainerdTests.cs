@@ -190,15 +190,20 @@ public class ContainerdLongKeyTests
         var key = "long-" + new string('k', 100_000);
         // containerd passes on only labels under containerd.io/snapshot/ (and snapshot.ref).
         var labels = Enumerable.Range(0, 10_000).ToDictionary(i => $"containerd.io/snapshot/test.label-{i:D5}", i => "value-" + i);
+        // containerd's GC (which the Remove below starts) collects snapshots that no lease or GC root holds. A lease
+        // cannot hold these (containerd keeps leased keys as bolt keys, which refuse over 32 KiB): a GC-root label
+        // does, and containerd keeps it to itself.
+        var gcRoot = new KeyValuePair<string, string>("containerd.io/gc.root", DateTime.UtcNow.ToString("o"));
         var req = new PrepareSnapshotRequest { Snapshotter = "stargz", Key = key };
         req.Labels.Add(labels);
+        req.Labels.Add(gcRoot.Key, gcRoot.Value);
         var prep = await c.PrepareAsync(req, ns, cancellationToken: Ct);
         var dir = prep.Mounts.Single().Source;
         await File.WriteAllTextAsync(Path.Combine(dir, "f.txt"), "through containerd", Ct);
 
         var info = (await c.StatAsync(new StatSnapshotRequest { Snapshotter = "stargz", Key = key }, ns, cancellationToken: Ct)).Info;
         Assert.Equal(key, info.Name);
-        Assert.Equal(labels, info.Labels.ToDictionary());
+        Assert.Equal(new Dictionary<string, string>(labels) { [gcRoot.Key] = gcRoot.Value }, info.Labels.ToDictionary());
         // In our store, under containerd's namespaced form of the key, with every label.
         var ours = (await Client.ListAll(sn.Client, Ct)).Single();
         Assert.EndsWith("/" + key, ours.Name);
@@ -207,7 +212,9 @@ public class ContainerdLongKeyTests
         // containerd itself keeps the name of a snapshot with a parent as a bolt key in the parent's record, and bolt
         // refuses keys over 32 KiB ("key too large", before containerd asks us): children's names stay under that.
         var name = "committed-" + new string('c', 30_000);
-        await c.CommitAsync(new CommitSnapshotRequest { Snapshotter = "stargz", Name = name, Key = key }, ns, cancellationToken: Ct);
+        var commit = new CommitSnapshotRequest { Snapshotter = "stargz", Name = name, Key = key };
+        commit.Labels.Add(gcRoot.Key, gcRoot.Value);
+        await c.CommitAsync(commit, ns, cancellationToken: Ct);
         var viewKey = "view-" + new string('v', 30_000);
         var view = (await c.ViewAsync(new ViewSnapshotRequest { Snapshotter = "stargz", Key = viewKey, Parent = name }, ns, cancellationToken: Ct)).Mounts.Single();
         Assert.Equal("through containerd", await File.ReadAllTextAsync(Path.Combine(view.Source, "f.txt"), Ct));
