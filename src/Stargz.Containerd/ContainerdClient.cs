@@ -116,6 +116,22 @@ public sealed class ContainerdClient : IDisposable
         return resp.Lease.Id;
     }
 
+    /// <summary>
+    /// Puts snapshot <paramref name="key"/> of <paramref name="snapshotter"/> under this client's lease (when it has one),
+    /// whether or not it exists yet: from then on containerd's GC keeps it. A snapshot found by Stat is otherwise
+    /// collectable until something refers to it (say, left over by a failed pull, whose lease just went).
+    /// </summary>
+    public Task HoldSnapshotAsync(string snapshotter, string key, CancellationToken ct)
+    {
+        if (LeaseId is not { } lease) return Task.CompletedTask;
+        var req = new LeasesApi.AddResourceRequest
+        {
+            Id = lease,
+            Resource = new LeasesApi.Resource { Id = key, Type = "snapshots/" + snapshotter },
+        };
+        return CallAsync($"add snapshot {key} to lease {lease}", async () => await Leases.AddResourceAsync(req, Options(ct)).ConfigureAwait(false));
+    }
+
     public Task DeleteLeaseAsync(string id, CancellationToken ct) =>
         CallAsync($"delete lease {id}", async () => await Leases.DeleteAsync(new LeasesApi.DeleteRequest { Id = id }, Options(ct)).ConfigureAwait(false));
 

@@ -177,6 +177,8 @@ public sealed class ImagePuller(RegistryClient registry, ContainerdClient contai
         var sn = options.Snapshotter;
         void Stage(LayerPullStage s, long bytes = 0) => options.LayerProgress?.Report(new LayerPullProgress(i, layer.Digest, layer.Size, s, bytes));
         Stage(LayerPullStage.Preparing);
+        // Held first, then looked at: a snapshot that is there now stays there for the layers above it.
+        await containerd.HoldSnapshotAsync(sn, chainId, ct).ConfigureAwait(false);
         if (await containerd.StatSnapshotAsync(sn, chainId, ct).ConfigureAwait(false) is not null)
         {
             Stage(LayerPullStage.Existing, layer.Size);
