@@ -5,7 +5,7 @@ namespace Stargz.Daemon.Tests;
 
 /// <summary>
 /// The native daemon is built with the methods of src/Stargz.Daemon/hot-methods.order placed first, together: that is
-/// what keeps most of its code out of memory (the kernel maps an executable's code in 64 KiB folios).
+/// what keeps most of its code out of memory (the kernel maps an executable's code in folios of 64 KiB and more).
 /// </summary>
 public class HotMethodOrderTests
 {

@@ -86,9 +86,9 @@ echo "large image, pull + run + background fetch ..."
 bench --image large --bulk-layers 3 --bulk-mb 128 --runs 1 --wait-fetch
 echo 0 >"$tracing/events/$group/enable"
 
-python3 - "$work/names" "$group" "$tracing/uprobe_profile" "$out" <<'PY'
+python3 - "$work/names" "$tracing/uprobe_profile" "$out" <<'PY'
 import sys
-names, group, profile, out = sys.argv[1:]
+names, profile, out = sys.argv[1:]
 name = dict(line.rstrip("\n").split("\t") for line in open(names))
 ran = set()
 for line in open(profile):
